@@ -1,1 +1,57 @@
-//! stub
+//! The FerryMQ engine: topic trie and matching, sessions, subscriptions (plain and shared),
+//! QoS 0/1/2 flows, retained messages, wills, and the timers behind them.
+//!
+//! Must not depend on: sockets, files, an async runtime, or a clock. Time comes in as [`Time`]
+//! with every call, so every timer (will delay, session expiry, message expiry) is tested
+//! deterministically. The driver (the server crate, or an embedding program) feeds decoded
+//! packets in and carries [`Action`]s out.
+//!
+//! Invariants a change must keep:
+//! - A QoS 1/2 message accepted for a session stays in that session (in flight or pending)
+//!   until it is acknowledged, expires, or the session ends; the only bounded loss is the
+//!   per-session pending limit, which is counted in [`Stats`].
+//! - At most one connection is attached to a session; a new one takes the session over.
+//! - Every subscription in the trie belongs to a live session, and vice versa.
+//!
+//! Durability seam: all session state lives in [`session::Session`] and the retained store;
+//! the durability work records their changes where they are mutated (see `docs/architecture.md`).
+
+mod broker;
+mod config;
+mod message;
+mod retained;
+mod routing;
+pub mod session;
+mod subscribe;
+mod trie;
+
+pub use broker::{Action, Broker, ConnectOutcome, Delivery, Outbox, Stats};
+pub use config::BrokerConfig;
+pub use message::Message;
+pub use retained::RetainedStore;
+pub use trie::{Matches, SharedGroup, SubEntry, SubscriptionTree};
+
+/// Milliseconds on the driver's monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Time(pub u64);
+
+impl Time {
+    pub fn plus_secs(self, secs: u32) -> Time {
+        Time(self.0.saturating_add(u64::from(secs) * 1000))
+    }
+
+    pub fn plus_millis(self, ms: u64) -> Time {
+        Time(self.0.saturating_add(ms))
+    }
+}
+
+/// A network connection, numbered by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// A session, numbered by the engine; a client id gets a new one when its session is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u64);
+
+/// Session expiry value meaning "never expires".
+pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;

@@ -241,7 +241,7 @@ impl Properties {
     }
 
     /// Length of the block including its length prefix.
-    pub(crate) fn encoded_len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         let body = self.body_len();
         varint_len(body as u32) + body
     }

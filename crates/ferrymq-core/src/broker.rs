@@ -1,0 +1,548 @@
+//! The broker state machine: connections in, actions out.
+//!
+//! ```text
+//!  driver ──connect()──▶ ┌────────┐ ──Action::Send/Deliver/Close──▶ driver (per ConnId)
+//!         ──packet()───▶ │ Broker │
+//!         ──closed()───▶ │        │ ◀── tick(now): will delays, session expiry
+//!                        └────────┘
+//! ```
+//! A connection is attached after [`Broker::connect`] accepts it and detached by
+//! [`Broker::closed`], a protocol violation, a takeover, or [`Broker::shutdown`]. After a
+//! `Close` action the engine has forgotten the connection; later calls for it are ignored.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use ferrymq_mqtt::{
+    ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    Will,
+};
+
+use crate::session::{Pending, Session};
+use crate::{
+    BrokerConfig, ConnId, Message, RetainedStore, SessionId, SubscriptionTree, Time,
+    SESSION_NEVER_EXPIRES,
+};
+
+/// What the driver must do for one connection.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Send a control packet.
+    Send(Packet),
+    /// Send an application message.
+    Deliver(Delivery),
+    /// Flush what is queued, then close the connection.
+    Close,
+}
+
+/// An application message for one subscriber. The driver turns it into a PUBLISH (adding an
+/// outbound topic alias if it wants) with [`Delivery::to_publish`].
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub packet_id: Option<u16>,
+    pub dup: bool,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub expiry_remaining: Option<u32>,
+}
+
+impl Delivery {
+    pub fn to_publish(&self) -> Publish {
+        let m = &self.message;
+        let mut properties = m.properties.clone();
+        properties.message_expiry_interval = self.expiry_remaining;
+        properties.subscription_identifiers = self.subscription_ids.clone();
+        Publish {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: m.topic.to_string(),
+            packet_id: self.packet_id,
+            properties,
+            payload: m.payload.clone(),
+        }
+    }
+}
+
+/// Actions produced by one or more calls, in order, tagged with their connection.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub actions: Vec<(ConnId, Action)>,
+}
+
+impl Outbox {
+    pub(crate) fn push(&mut self, conn: ConnId, action: Action) {
+        self.actions.push((conn, action));
+    }
+}
+
+/// What the driver needs to know about an accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectOutcome {
+    pub accepted: bool,
+    pub version: ProtocolVersion,
+    /// Keep alive the driver enforces (1.5× of it), in seconds; 0 = none.
+    pub keep_alive: u16,
+    /// Largest packet the client accepts.
+    pub client_max_packet_size: u32,
+    /// How many outbound topic aliases the client accepts.
+    pub client_topic_alias_maximum: u16,
+}
+
+/// Plain counters, summed by the driver at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub messages_received: [u64; 3],
+    pub messages_sent: [u64; 3],
+    pub payload_bytes_received: u64,
+    pub payload_bytes_sent: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_expired: u64,
+    pub dropped_too_large: u64,
+    pub dropped_no_subscribers: u64,
+    pub connects_refused: u64,
+    pub protocol_errors: u64,
+}
+
+/// Per-connection state that ends with the connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub session: SessionId,
+    pub version: ProtocolVersion,
+    pub will: Option<Will>,
+    pub topic_aliases: HashMap<u16, Arc<str>>,
+    pub client_max_packet_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Will(SessionId),
+    SessionExpiry(SessionId),
+}
+
+/// The engine. See the module docs for the call protocol.
+#[derive(Debug)]
+pub struct Broker {
+    pub(crate) config: BrokerConfig,
+    pub(crate) conns: HashMap<ConnId, Conn>,
+    pub(crate) sessions: HashMap<SessionId, Session>,
+    pub(crate) by_client_id: HashMap<Arc<str>, SessionId>,
+    pub(crate) subs: SubscriptionTree,
+    pub(crate) retained: RetainedStore,
+    pub(crate) stats: Stats,
+    timers: BinaryHeap<Reverse<(Time, Timer)>>,
+    next_session: u64,
+    next_assigned_id: u64,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig) -> Broker {
+        Broker {
+            config,
+            conns: HashMap::new(),
+            sessions: HashMap::new(),
+            by_client_id: HashMap::new(),
+            subs: SubscriptionTree::default(),
+            retained: RetainedStore::default(),
+            stats: Stats::default(),
+            timers: BinaryHeap::new(),
+            next_session: 1,
+            next_assigned_id: 1,
+        }
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Replaces the limits; they apply to connections made from now on.
+    pub fn set_config(&mut self, config: BrokerConfig) {
+        self.config = config;
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Handles a CONNECT on a new connection. A refused connection gets its CONNACK and a
+    /// `Close`; an accepted one gets CONNACK, then any redelivered and queued messages.
+    pub fn connect(&mut self, conn: ConnId, c: Connect, now: Time, out: &mut Outbox) -> ConnectOutcome {
+        let v5 = c.version == ProtocolVersion::V5;
+        let mut outcome = ConnectOutcome {
+            accepted: false,
+            version: c.version,
+            keep_alive: c.keep_alive,
+            client_max_packet_size: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            client_topic_alias_maximum: c.properties.topic_alias_maximum.unwrap_or(0),
+        };
+        if let Err(reason) = self.check_connect(&c) {
+            self.stats.connects_refused += 1;
+            let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+            out.push(conn, Action::Send(Packet::ConnAck(ack)));
+            out.push(conn, Action::Close);
+            return outcome;
+        }
+        let mut props = Properties::default();
+        let client_id: Arc<str> = if c.client_id.is_empty() {
+            let id = format!("ferrymq-{}", self.next_assigned_id);
+            self.next_assigned_id += 1;
+            if v5 {
+                props.assigned_client_identifier = Some(id.clone());
+            }
+            id.into()
+        } else {
+            c.client_id.as_str().into()
+        };
+        let expiry = self.granted_expiry(&c, &mut props);
+        // Take over a live connection on the same client id.
+        if let Some(old) = self.by_client_id.get(&client_id).and_then(|s| self.sessions[s].conn) {
+            self.kill(old, Some(ReasonCode::SessionTakenOver), now, out);
+        }
+        let existing = self.by_client_id.get(&client_id).copied();
+        let session_id = match existing {
+            Some(id) if !c.clean_start => id,
+            _ => {
+                if let Some(old) = existing {
+                    self.end_session(old, now, out);
+                }
+                self.new_session(client_id.clone(), c.version)
+            }
+        };
+        let session_present = existing == Some(session_id);
+        if v5 {
+            props.receive_maximum = Some(self.config.receive_maximum);
+            props.maximum_packet_size = Some(self.config.max_packet_size);
+            props.topic_alias_maximum = Some(self.config.topic_alias_maximum);
+        }
+        let max_ka = self.config.max_keep_alive;
+        if max_ka > 0 && (c.keep_alive == 0 || c.keep_alive > max_ka) && v5 {
+            props.server_keep_alive = Some(max_ka);
+            outcome.keep_alive = max_ka;
+        }
+        let window = usize::from(c.properties.receive_maximum.unwrap_or(u16::MAX))
+            .min(usize::from(self.config.max_inflight))
+            .clamp(1, 65_000);
+        let session = self.sessions.get_mut(&session_id).expect("session exists");
+        session.conn = Some(conn);
+        session.version = c.version;
+        session.expiry_interval = expiry;
+        session.disconnected_at = None;
+        session.window = window;
+        // Reconnecting in time cancels a delayed will (MQTT-3.1.3-9).
+        session.pending_will = None;
+        self.conns.insert(
+            conn,
+            Conn {
+                session: session_id,
+                version: c.version,
+                will: c.will,
+                topic_aliases: HashMap::new(),
+                client_max_packet_size: outcome.client_max_packet_size,
+            },
+        );
+        let ack = ConnAck { session_present, reason: ReasonCode::Success, properties: props };
+        out.push(conn, Action::Send(Packet::ConnAck(ack)));
+        self.resume_session(session_id, now, out);
+        outcome.accepted = true;
+        outcome
+    }
+
+    fn check_connect(&self, c: &Connect) -> Result<(), ReasonCode> {
+        if c.properties.authentication_method.is_some() {
+            return Err(ReasonCode::BadAuthenticationMethod);
+        }
+        if c.client_id.is_empty() && !c.clean_start && c.version == ProtocolVersion::V311 {
+            return Err(ReasonCode::ClientIdentifierNotValid);
+        }
+        if c.username.is_none() && !self.config.allow_anonymous {
+            return Err(ReasonCode::NotAuthorized);
+        }
+        if let Some(w) = &c.will {
+            if w.topic.split('/').count() > self.config.max_topic_levels
+                || w.topic.starts_with("$SYS")
+            {
+                return Err(ReasonCode::TopicNameInvalid);
+            }
+            if w.properties.payload_format_indicator == Some(1)
+                && ferrymq_mqtt::validate_utf8(&w.payload).is_err()
+            {
+                return Err(ReasonCode::PayloadFormatInvalid);
+            }
+        }
+        Ok(())
+    }
+
+    fn granted_expiry(&self, c: &Connect, props: &mut Properties) -> u32 {
+        let asked = match c.version {
+            ProtocolVersion::V311 if c.clean_start => 0,
+            ProtocolVersion::V311 => SESSION_NEVER_EXPIRES,
+            ProtocolVersion::V5 => c.properties.session_expiry_interval.unwrap_or(0),
+        };
+        let granted = asked.min(self.config.max_session_expiry);
+        if granted != asked && c.version == ProtocolVersion::V5 {
+            props.session_expiry_interval = Some(granted);
+        }
+        granted
+    }
+
+    fn new_session(&mut self, client_id: Arc<str>, version: ProtocolVersion) -> SessionId {
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        self.sessions.insert(id, Session::new(id, client_id.clone(), version));
+        self.by_client_id.insert(client_id, id);
+        id
+    }
+
+    /// Removes a session, its subscriptions, and publishes its pending will.
+    pub(crate) fn end_session(&mut self, id: SessionId, now: Time, out: &mut Outbox) {
+        let Some(mut s) = self.sessions.remove(&id) else { return };
+        if self.by_client_id.get(&s.client_id) == Some(&id) {
+            self.by_client_id.remove(&s.client_id);
+        }
+        for sub in s.subscriptions.values() {
+            self.subs.remove(&sub.filter, sub.group.as_deref(), id);
+        }
+        if let Some((will, _)) = s.pending_will.take() {
+            self.publish_will(will, id, now, out);
+        }
+    }
+
+    /// The network connection closed without a DISCONNECT (or the driver gave up on it).
+    /// The will is published, subject to its delay.
+    pub fn closed(&mut self, conn: ConnId, now: Time, out: &mut Outbox) {
+        self.detach(conn, true, now, out);
+    }
+
+    /// Ends a connection for a protocol violation: DISCONNECT with `reason` (5.0 only), close,
+    /// publish the will.
+    pub fn kill(&mut self, conn: ConnId, reason: Option<ReasonCode>, now: Time, out: &mut Outbox) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if let (Some(reason), ProtocolVersion::V5) = (reason, c.version) {
+            out.push(conn, Action::Send(Packet::Disconnect(Disconnect::new(reason))));
+        }
+        if reason.is_some_and(|r| r != ReasonCode::SessionTakenOver) {
+            self.stats.protocol_errors += 1;
+        }
+        out.push(conn, Action::Close);
+        self.detach(conn, true, now, out);
+    }
+
+    /// Disconnects every client because the server is stopping (5.0 clients get 0x8B).
+    pub fn shutdown(&mut self, now: Time, out: &mut Outbox) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            if self.conns[&conn].version == ProtocolVersion::V5 {
+                let d = Disconnect::new(ReasonCode::ServerShuttingDown);
+                out.push(conn, Action::Send(Packet::Disconnect(d)));
+            }
+            out.push(conn, Action::Close);
+            self.detach(conn, false, now, out);
+        }
+    }
+
+    /// Detaches a connection from its session; ends the session if it does not outlive it.
+    pub(crate) fn detach(&mut self, conn: ConnId, with_will: bool, now: Time, out: &mut Outbox) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        let sid = c.session;
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        s.conn = None;
+        s.disconnected_at = Some(now);
+        let expiry = s.expiry_interval;
+        if let (true, Some(will)) = (with_will, c.will) {
+            let delay = will.properties.will_delay_interval.unwrap_or(0).min(expiry);
+            if delay == 0 {
+                self.publish_will(will, sid, now, out);
+            } else {
+                let due = now.plus_secs(delay);
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.pending_will = Some((will, due));
+                }
+                self.timers.push(Reverse((due, Timer::Will(sid))));
+            }
+        }
+        self.redistribute_shared(sid, now, out);
+        if expiry == 0 {
+            self.end_session(sid, now, out);
+        } else if expiry != SESSION_NEVER_EXPIRES {
+            self.timers.push(Reverse((now.plus_secs(expiry), Timer::SessionExpiry(sid))));
+        }
+    }
+
+    fn publish_will(&mut self, will: Will, sid: SessionId, now: Time, out: &mut Outbox) {
+        let publish = Publish {
+            dup: false,
+            qos: will.qos,
+            retain: will.retain,
+            topic: will.topic,
+            packet_id: None,
+            properties: will.properties,
+            payload: will.payload,
+        };
+        let topic: Arc<str> = publish.topic.as_str().into();
+        let mut msg = Message::from_publish(publish, topic, Some(sid), now);
+        msg.properties.will_delay_interval = None;
+        self.publish(msg, now, out);
+    }
+
+    /// The earliest time [`Broker::tick`] has work to do.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Fires due timers: delayed wills and session expiry.
+    pub fn tick(&mut self, now: Time, out: &mut Outbox) {
+        while let Some(Reverse((due, timer))) = self.timers.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Will(sid) => {
+                    let Some(s) = self.sessions.get_mut(&sid) else { continue };
+                    if s.pending_will.as_ref().is_some_and(|(_, at)| *at <= now) {
+                        let (will, _) = s.pending_will.take().expect("checked");
+                        self.publish_will(will, sid, now, out);
+                    }
+                }
+                Timer::SessionExpiry(sid) => {
+                    let Some(s) = self.sessions.get(&sid) else { continue };
+                    let expired = s.conn.is_none()
+                        && s.disconnected_at
+                            .is_some_and(|at| at.plus_secs(s.expiry_interval) <= now);
+                    if expired {
+                        self.end_session(sid, now, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one packet from an attached connection.
+    pub fn packet(&mut self, conn: ConnId, packet: Packet, now: Time, out: &mut Outbox) {
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        match packet {
+            Packet::Publish(p) => self.on_publish(conn, p, now, out),
+            Packet::PubAck(r) => self.on_puback(conn, r, now, out),
+            Packet::PubRec(r) => self.on_pubrec(conn, r, now, out),
+            Packet::PubRel(r) => self.on_pubrel(conn, r, out),
+            Packet::PubComp(r) => self.on_pubcomp(conn, r, now, out),
+            Packet::Subscribe(s) => self.on_subscribe(conn, s, now, out),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(conn, u, out),
+            Packet::PingReq => out.push(conn, Action::Send(Packet::PingResp)),
+            Packet::Disconnect(d) => self.on_disconnect(conn, d, now, out),
+            // A second CONNECT (MQTT-3.1.0-2), AUTH without an auth method, or a server-only
+            // packet from a client.
+            _ => self.kill(conn, Some(ReasonCode::ProtocolError), now, out),
+        }
+    }
+
+    fn on_disconnect(&mut self, conn: ConnId, d: Disconnect, now: Time, out: &mut Outbox) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let sid = c.session;
+        if let Some(new_expiry) = d.properties.session_expiry_interval {
+            let s = &self.sessions[&sid];
+            // Setting a non-zero expiry at DISCONNECT after connecting with 0 is a protocol
+            // error (MQTT-3.14.2-2).
+            if s.expiry_interval == 0 && new_expiry != 0 {
+                self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
+                return;
+            }
+            let granted = new_expiry.min(self.config.max_session_expiry);
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.expiry_interval = granted;
+            }
+        }
+        let with_will = d.reason == ReasonCode::DisconnectWithWill;
+        out.push(conn, Action::Close);
+        self.detach(conn, with_will, now, out);
+    }
+
+    /// Resends in-flight messages (DUP) and fills the window from the pending queue.
+    fn resume_session(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(conn) = s.conn else { return };
+        for pid in s.inflight_in_order() {
+            let f = &s.inflight[&pid];
+            let action = match f.state {
+                crate::session::OutState::AwaitPubComp => Action::Send(Packet::PubRel(
+                    ferrymq_mqtt::PubResp::new(pid, ReasonCode::Success),
+                )),
+                _ => Action::Deliver(Delivery {
+                    message: f.pending.message.clone(),
+                    qos: f.pending.qos,
+                    packet_id: Some(pid),
+                    dup: true,
+                    retain: f.pending.retain,
+                    subscription_ids: f.pending.subscription_ids.clone(),
+                    expiry_remaining: f.pending.message.expiry_remaining(now),
+                }),
+            };
+            out.push(conn, action);
+        }
+        self.fill_window(sid, now, out);
+    }
+
+    /// Moves pending messages into flight while the client's receive window allows.
+    pub(crate) fn fill_window(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(conn) = s.conn else { return };
+        while s.has_window() {
+            let Some(p) = s.pending.pop_front() else { break };
+            if p.message.is_expired(now) {
+                self.stats.dropped_expired += 1;
+                continue;
+            }
+            let d = Delivery {
+                message: p.message.clone(),
+                qos: p.qos,
+                packet_id: None,
+                dup: false,
+                retain: p.retain,
+                subscription_ids: p.subscription_ids.clone(),
+                expiry_remaining: p.message.expiry_remaining(now),
+            };
+            let pid = s.start_flight(p);
+            self.stats.messages_sent[d.qos as usize] += 1;
+            self.stats.payload_bytes_sent += d.message.payload.len() as u64;
+            out.push(conn, Action::Deliver(Delivery { packet_id: Some(pid), ..d }));
+        }
+    }
+
+    /// Queue of messages waiting for a session, for tests and admin views.
+    pub fn session_pending(&self, client_id: &str) -> Option<(usize, usize)> {
+        let s = &self.sessions[self.by_client_id.get(client_id)?];
+        Some((s.inflight.len(), s.pending.len()))
+    }
+
+    pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending) -> bool {
+        let limit = self.config.max_queued_messages;
+        let Some(s) = self.sessions.get_mut(&sid) else { return false };
+        if s.pending.len() >= limit {
+            self.stats.dropped_queue_full += 1;
+            return false;
+        }
+        s.pending.push_back(p);
+        true
+    }
+}

@@ -1,0 +1,47 @@
+//! Engine settings. Plain data; the server validates and fills them from its config file.
+
+/// Limits and switches the engine enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Largest keep alive a client may use, in seconds; a 5.0 client asking for more (or for 0)
+    /// is told this value as Server Keep Alive. 0 = no cap.
+    pub max_keep_alive: u16,
+    /// How many QoS 2 publishes a client may have awaiting PUBREL (our Receive Maximum).
+    pub receive_maximum: u16,
+    /// Largest packet accepted from clients, in bytes.
+    pub max_packet_size: u32,
+    /// Most outbound QoS 1/2 messages in flight per session, whatever the client allows.
+    pub max_inflight: u16,
+    /// Most QoS 1/2 messages queued per session beyond those in flight.
+    pub max_queued_messages: usize,
+    /// Most inbound topic aliases per connection (our Topic Alias Maximum).
+    pub topic_alias_maximum: u16,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Most subscriptions per session.
+    pub max_subscriptions_per_client: usize,
+    /// Largest session expiry interval granted, in seconds.
+    pub max_session_expiry: u32,
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: bool,
+    /// Topic filters no subscriber may use (a requested filter covered by one is refused).
+    pub deny_subscribe: Vec<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_keep_alive: 65_535,
+            receive_maximum: 1024,
+            max_packet_size: 1024 * 1024,
+            max_inflight: 1024,
+            max_queued_messages: 10_000,
+            topic_alias_maximum: 64,
+            max_topic_levels: 32,
+            max_subscriptions_per_client: 1024,
+            max_session_expiry: u32::MAX,
+            allow_anonymous: true,
+            deny_subscribe: Vec::new(),
+        }
+    }
+}

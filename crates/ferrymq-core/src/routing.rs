@@ -1,0 +1,298 @@
+//! Publishing: inbound PUBLISH and its QoS flow, routing to subscribers, outbound acks, and
+//! handing unacknowledged shared-subscription messages to another group member.
+
+use std::sync::Arc;
+
+use ferrymq_mqtt::{Packet, ProtocolVersion, PubResp, Publish, QoS, ReasonCode};
+
+use crate::broker::{Action, Delivery, Outbox};
+use crate::session::{OutState, Pending, SharedOrigin};
+use crate::{Broker, ConnId, Message, SessionId, Time};
+
+/// One routing target after overlapping subscriptions are merged.
+struct Target {
+    session: SessionId,
+    qos: QoS,
+    retain_as_published: bool,
+    ids: Vec<u32>,
+    shared: Option<SharedOrigin>,
+}
+
+impl Broker {
+    pub(crate) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now: Time, out: &mut Outbox) {
+        let c = self.conns.get_mut(&conn).expect("attached");
+        let (sid, version) = (c.session, c.version);
+        let v5 = version == ProtocolVersion::V5;
+        // A client never sends subscription identifiers (MQTT-3.3.4-6).
+        if !p.properties.subscription_identifiers.is_empty() {
+            return self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
+        }
+        let topic: Arc<str> = match p.properties.topic_alias {
+            Some(alias) if alias > self.config.topic_alias_maximum => {
+                return self.kill(conn, Some(ReasonCode::TopicAliasInvalid), now, out);
+            }
+            Some(alias) if p.topic.is_empty() => match c.topic_aliases.get(&alias) {
+                Some(t) => t.clone(),
+                None => return self.kill(conn, Some(ReasonCode::ProtocolError), now, out),
+            },
+            Some(alias) => {
+                let t: Arc<str> = p.topic.as_str().into();
+                c.topic_aliases.insert(alias, t.clone());
+                t
+            }
+            None => p.topic.as_str().into(),
+        };
+        if topic.split('/').count() > self.config.max_topic_levels {
+            return self.kill(conn, Some(ReasonCode::TopicNameInvalid), now, out);
+        }
+        let refusal = if p.properties.payload_format_indicator == Some(1)
+            && ferrymq_mqtt::validate_utf8(&p.payload).is_err()
+        {
+            Some(ReasonCode::PayloadFormatInvalid)
+        } else if topic.starts_with("$SYS") {
+            Some(ReasonCode::NotAuthorized)
+        } else {
+            None
+        };
+        let qos = p.qos;
+        let pid = p.packet_id.unwrap_or(0);
+        if qos == QoS::ExactlyOnce {
+            let s = self.sessions.get_mut(&sid).expect("session of attached conn");
+            if s.inbound_qos2.contains(&pid) {
+                // A resend of a publish we already routed: acknowledge, do not route again.
+                out.push(conn, Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))));
+                return;
+            }
+            if s.inbound_qos2.len() >= usize::from(self.config.receive_maximum) {
+                return self.kill(conn, Some(ReasonCode::ReceiveMaximumExceeded), now, out);
+            }
+        }
+        if let Some(reason) = refusal {
+            match (qos, v5) {
+                (QoS::AtLeastOnce, true) => {
+                    out.push(conn, Action::Send(Packet::PubAck(PubResp::new(pid, reason))));
+                }
+                (QoS::ExactlyOnce, true) => {
+                    out.push(conn, Action::Send(Packet::PubRec(PubResp::new(pid, reason))));
+                }
+                (QoS::AtMostOnce, _) => {}
+                // 3.1.1 has no negative acks: drop the connection instead.
+                (_, false) => self.kill(conn, None, now, out),
+            }
+            return;
+        }
+        self.stats.messages_received[qos as usize] += 1;
+        self.stats.payload_bytes_received += p.payload.len() as u64;
+        p.dup = false;
+        let msg = Message::from_publish(p, topic, Some(sid), now);
+        self.publish(msg, now, out);
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                out.push(conn, Action::Send(Packet::PubAck(PubResp::new(pid, ReasonCode::Success))));
+            }
+            QoS::ExactlyOnce => {
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.inbound_qos2.insert(pid);
+                }
+                out.push(conn, Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))));
+            }
+        }
+    }
+
+    pub(crate) fn on_pubrel(&mut self, conn: ConnId, r: PubResp, out: &mut Outbox) {
+        let sid = self.conns[&conn].session;
+        let known = self.sessions.get_mut(&sid).is_some_and(|s| s.inbound_qos2.remove(&r.packet_id));
+        let reason = if known { ReasonCode::Success } else { ReasonCode::PacketIdentifierNotFound };
+        out.push(conn, Action::Send(Packet::PubComp(PubResp::new(r.packet_id, reason))));
+    }
+
+    pub(crate) fn on_puback(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
+        let sid = self.conns[&conn].session;
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        if s.inflight.get(&r.packet_id).is_some_and(|f| f.state == OutState::AwaitPubAck) {
+            s.inflight.remove(&r.packet_id);
+            self.fill_window(sid, now, out);
+        }
+    }
+
+    pub(crate) fn on_pubrec(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
+        let sid = self.conns[&conn].session;
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let pid = r.packet_id;
+        match s.inflight.get_mut(&pid) {
+            Some(f) if f.state == OutState::AwaitPubRec && r.reason.is_error() => {
+                // The receiver refused it: the flow ends here (MQTT-4.3.3).
+                s.inflight.remove(&pid);
+                self.fill_window(sid, now, out);
+            }
+            Some(f) if f.state != OutState::AwaitPubAck => {
+                f.state = OutState::AwaitPubComp;
+                out.push(conn, Action::Send(Packet::PubRel(PubResp::new(pid, ReasonCode::Success))));
+            }
+            _ => {
+                let reason = ReasonCode::PacketIdentifierNotFound;
+                out.push(conn, Action::Send(Packet::PubRel(PubResp::new(pid, reason))));
+            }
+        }
+    }
+
+    pub(crate) fn on_pubcomp(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
+        let sid = self.conns[&conn].session;
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        if s.inflight.get(&r.packet_id).is_some_and(|f| f.state == OutState::AwaitPubComp) {
+            s.inflight.remove(&r.packet_id);
+            self.fill_window(sid, now, out);
+        }
+    }
+
+    /// Publishes a message: stores it if retained, then routes it to every matching session.
+    /// Also the entry point for in-process publishers (`$SYS`, wills, embedding programs).
+    pub fn publish(&mut self, msg: Message, now: Time, out: &mut Outbox) {
+        let msg = Arc::new(msg);
+        if msg.retain {
+            self.retained.set(msg.clone());
+        }
+        let targets = self.targets(&msg);
+        if targets.is_empty() {
+            self.stats.dropped_no_subscribers += 1;
+        }
+        for t in targets {
+            let retain = msg.retain && t.retain_as_published;
+            let p = Pending { message: msg.clone(), qos: t.qos, retain, subscription_ids: t.ids, shared: t.shared };
+            self.deliver(t.session, p, now, out);
+        }
+    }
+
+    /// Matching sessions, one entry per session for plain subscriptions (highest QoS, every
+    /// identifier: MQTT-3.3.4-2, MQTT-3.3.4-3), plus one member per shared group.
+    fn targets(&self, msg: &Message) -> Vec<Target> {
+        let matches = self.subs.matches(&msg.topic);
+        let mut plain = matches.plain;
+        plain.retain(|e| !(e.options.no_local && msg.publisher == Some(e.session)));
+        plain.sort_unstable_by_key(|e| e.session);
+        let mut targets: Vec<Target> = Vec::with_capacity(plain.len() + matches.shared.len());
+        for e in plain {
+            let qos = msg.qos.min(e.options.qos);
+            match targets.last_mut() {
+                Some(t) if t.session == e.session => {
+                    t.qos = t.qos.max(qos);
+                    t.retain_as_published |= e.options.retain_as_published;
+                    t.ids.extend(e.identifier);
+                }
+                _ => targets.push(Target {
+                    session: e.session,
+                    qos,
+                    retain_as_published: e.options.retain_as_published,
+                    ids: e.identifier.into_iter().collect(),
+                    shared: None,
+                }),
+            }
+        }
+        let sessions = &self.sessions;
+        for group in matches.shared {
+            let connected = |s: SessionId| sessions.get(&s).is_some_and(|s| s.is_connected());
+            let Some(e) = group.pick(connected) else { continue };
+            let filter = self
+                .sessions
+                .get(&e.session)
+                .and_then(|s| {
+                    s.subscriptions.values().find(|sub| sub.group.as_deref() == Some(&*group.name))
+                })
+                .map(|sub| sub.filter.as_str())
+                .unwrap_or_default();
+            targets.push(Target {
+                session: e.session,
+                qos: msg.qos.min(e.options.qos),
+                retain_as_published: false,
+                ids: e.identifier.into_iter().collect(),
+                shared: Some(SharedOrigin { filter: filter.into(), group: group.name.as_ref().into() }),
+            });
+        }
+        targets
+    }
+
+    /// Hands one message to one session: sent now if connected and the window allows,
+    /// otherwise queued (QoS 1/2 only).
+    pub(crate) fn deliver(&mut self, sid: SessionId, p: Pending, now: Time, out: &mut Outbox) {
+        if p.message.is_expired(now) {
+            self.stats.dropped_expired += 1;
+            return;
+        }
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let conn = s.conn;
+        if let Some(conn) = conn {
+            let max = self.conns.get(&conn).map_or(u32::MAX, |c| c.client_max_packet_size);
+            // Too large for this client: discard as if sent (MQTT-3.1.2-25).
+            if p.message.wire_size(p.subscription_ids.len()) > max as usize {
+                self.stats.dropped_too_large += 1;
+                return;
+            }
+        }
+        match (conn, p.qos) {
+            (Some(conn), QoS::AtMostOnce) => {
+                self.stats.messages_sent[0] += 1;
+                self.stats.payload_bytes_sent += p.message.payload.len() as u64;
+                let d = Delivery {
+                    expiry_remaining: p.message.expiry_remaining(now),
+                    message: p.message,
+                    qos: QoS::AtMostOnce,
+                    packet_id: None,
+                    dup: false,
+                    retain: p.retain,
+                    subscription_ids: p.subscription_ids,
+                };
+                out.push(conn, Action::Deliver(d));
+            }
+            (None, QoS::AtMostOnce) => {}
+            (Some(_), _) if s.has_window() && s.pending.is_empty() => {
+                self.enqueue(sid, p);
+                self.fill_window(sid, now, out);
+            }
+            _ => {
+                self.enqueue(sid, p);
+            }
+        }
+    }
+
+    /// When a shared-group member goes away, its unacknowledged messages from that group go
+    /// to another connected member (those awaiting PUBCOMP were already received and stay).
+    pub(crate) fn redistribute_shared(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
+        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let mut moved: Vec<Pending> = Vec::new();
+        let shared_pids: Vec<u16> = s
+            .inflight_in_order()
+            .into_iter()
+            .filter(|pid| {
+                let f = &s.inflight[pid];
+                f.pending.shared.is_some() && f.state != OutState::AwaitPubComp
+            })
+            .collect();
+        for pid in shared_pids {
+            if let Some(f) = s.inflight.remove(&pid) {
+                moved.push(f.pending);
+            }
+        }
+        let (shared, keep): (Vec<Pending>, Vec<Pending>) =
+            s.pending.drain(..).partition(|p| p.shared.is_some());
+        s.pending.extend(keep);
+        moved.extend(shared);
+        for p in moved {
+            let origin = p.shared.clone().expect("only shared messages are moved");
+            let sessions = &self.sessions;
+            let other = self.subs.shared_group(&origin.filter, &origin.group).and_then(|g| {
+                g.pick(|m| m != sid && sessions.get(&m).is_some_and(|s| s.is_connected()))
+            });
+            match other {
+                Some(e) if e.session != sid => {
+                    let qos = p.message.qos.min(e.options.qos);
+                    self.deliver(e.session, Pending { qos, ..p }, now, out);
+                }
+                // Nobody else is there: keep it for this member's return.
+                _ => {
+                    self.enqueue(sid, p);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Session state: subscriptions, outbound QoS 1/2 state, inbound QoS 2 ids, pending will.
+//!
+//! Everything here outlives a connection and is what the durability layer persists.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use ferrymq_mqtt::{PacketId, ProtocolVersion, QoS, SubscriptionOptions, Will};
+
+use crate::{ConnId, Message, SessionId, Time};
+
+/// One subscription of a session, keyed by the filter exactly as the client sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The filter without any `$share/{group}/` prefix.
+    pub filter: String,
+    /// The shared-subscription group, if any.
+    pub group: Option<String>,
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+/// The shared group a delivery came through, so it can be handed to another member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedOrigin {
+    pub filter: Arc<str>,
+    pub group: Arc<str>,
+}
+
+/// A message accepted for a session, not yet sent.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub message: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub shared: Option<SharedOrigin>,
+}
+
+/// Where an outbound QoS 1/2 message is in its flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitPubAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitPubRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitPubComp,
+}
+
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub pending: Pending,
+    pub state: OutState,
+    /// Send order, so redelivery after a reconnect keeps it (MQTT-4.6.0-1).
+    pub seq: u64,
+}
+
+/// Session state that survives disconnection.
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub client_id: Arc<str>,
+    pub version: ProtocolVersion,
+    pub conn: Option<ConnId>,
+    /// Seconds the session lives after disconnection; `u32::MAX` = forever.
+    pub expiry_interval: u32,
+    pub disconnected_at: Option<Time>,
+    pub subscriptions: HashMap<String, Subscription>,
+    pub inflight: HashMap<PacketId, InFlight>,
+    pub pending: VecDeque<Pending>,
+    /// Inbound QoS 2 packet ids received and not yet released (exactly once).
+    pub inbound_qos2: HashSet<PacketId>,
+    /// How many outbound QoS 1/2 messages may be in flight now.
+    pub window: usize,
+    /// A will waiting for its delay, with the time it is due.
+    pub pending_will: Option<(Will, Time)>,
+    next_pid: PacketId,
+    next_seq: u64,
+}
+
+impl Session {
+    pub fn new(id: SessionId, client_id: Arc<str>, version: ProtocolVersion) -> Session {
+        Session {
+            id,
+            client_id,
+            version,
+            conn: None,
+            expiry_interval: 0,
+            disconnected_at: None,
+            subscriptions: HashMap::new(),
+            inflight: HashMap::new(),
+            pending: VecDeque::new(),
+            inbound_qos2: HashSet::new(),
+            window: 1,
+            pending_will: None,
+            next_pid: 1,
+            next_seq: 0,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    pub fn has_window(&self) -> bool {
+        self.inflight.len() < self.window
+    }
+
+    /// Records `pending` as in flight under a fresh packet id.
+    pub fn start_flight(&mut self, pending: Pending) -> PacketId {
+        let pid = self.free_packet_id();
+        let state = match pending.qos {
+            QoS::ExactlyOnce => OutState::AwaitPubRec,
+            _ => OutState::AwaitPubAck,
+        };
+        self.next_seq += 1;
+        self.inflight.insert(pid, InFlight { pending, state, seq: self.next_seq });
+        pid
+    }
+
+    fn free_packet_id(&mut self) -> PacketId {
+        // The window is capped below 65,535, so a free id always exists.
+        loop {
+            let pid = self.next_pid;
+            self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+            if !self.inflight.contains_key(&pid) {
+                return pid;
+            }
+        }
+    }
+
+    /// In-flight packet ids in the order they were first sent.
+    pub fn inflight_in_order(&self) -> Vec<PacketId> {
+        let mut ids: Vec<(u64, PacketId)> =
+            self.inflight.iter().map(|(pid, f)| (f.seq, *pid)).collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|(_, pid)| pid).collect()
+    }
+}

@@ -1,0 +1,137 @@
+//! SUBSCRIBE and UNSUBSCRIBE: validation, the deny list, retained-message replay.
+
+use ferrymq_mqtt::topic::{matches, parse_shared, valid_topic_filter};
+use ferrymq_mqtt::{
+    Packet, Properties, ProtocolVersion, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    SubscriptionOptions, UnsubAck, Unsubscribe,
+};
+
+use crate::broker::{Action, Outbox};
+use crate::session::{Pending, Subscription};
+use crate::{Broker, ConnId, SessionId, SubEntry, Time};
+
+impl Broker {
+    pub(crate) fn on_subscribe(&mut self, conn: ConnId, s: Subscribe, now: Time, out: &mut Outbox) {
+        let c = &self.conns[&conn];
+        let (sid, version) = (c.session, c.version);
+        let identifier = s.properties.subscription_identifiers.first().copied();
+        // No Local on a shared subscription is a protocol error (MQTT-3.8.3-4).
+        if s.filters.iter().any(|(f, o)| o.no_local && f.starts_with("$share/")) {
+            return self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
+        }
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut replay = Vec::new();
+        for (filter, options) in s.filters {
+            match self.add_subscription(sid, &filter, options, identifier) {
+                Ok(existed) => {
+                    reasons.push(match options.qos {
+                        QoS::AtMostOnce => ReasonCode::Success,
+                        QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+                        QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+                    });
+                    let wanted = match options.retain_handling {
+                        RetainHandling::SendAtSubscribe => true,
+                        RetainHandling::SendIfNew => !existed,
+                        RetainHandling::DoNotSend => false,
+                    };
+                    // Shared subscriptions get no retained messages (MQTT-4.8.2).
+                    if wanted && !filter.starts_with("$share/") {
+                        replay.push((filter, options));
+                    }
+                }
+                Err(reason) => reasons.push(reason),
+            }
+        }
+        let _ = version;
+        let ack = SubAck { packet_id: s.packet_id, reasons, properties: Properties::default() };
+        out.push(conn, Action::Send(Packet::SubAck(ack)));
+        for (filter, options) in replay {
+            self.replay_retained(sid, &filter, options, identifier, now, out);
+        }
+    }
+
+    /// Adds one subscription; `Ok(true)` when it replaced an existing one.
+    fn add_subscription(
+        &mut self,
+        sid: SessionId,
+        raw: &str,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> Result<bool, ReasonCode> {
+        let (group, filter) = match parse_shared(raw) {
+            Ok(Some(sh)) => (Some(sh.group.to_string()), sh.filter.to_string()),
+            Ok(None) => (None, raw.to_string()),
+            Err(_) => return Err(ReasonCode::TopicFilterInvalid),
+        };
+        if !valid_topic_filter(&filter) || filter.split('/').count() > self.config.max_topic_levels {
+            return Err(ReasonCode::TopicFilterInvalid);
+        }
+        if self.is_denied(&filter) {
+            return Err(ReasonCode::NotAuthorized);
+        }
+        let s = self.sessions.get_mut(&sid).expect("session of attached conn");
+        let existed = s.subscriptions.contains_key(raw);
+        if !existed && s.subscriptions.len() >= self.config.max_subscriptions_per_client {
+            return Err(ReasonCode::QuotaExceeded);
+        }
+        let sub = Subscription { filter: filter.clone(), group: group.clone(), options, identifier };
+        s.subscriptions.insert(raw.to_string(), sub);
+        self.subs.insert(&filter, group.as_deref(), SubEntry { session: sid, options, identifier });
+        Ok(existed)
+    }
+
+    /// A requested filter is denied when a deny-list filter covers it, reading the
+    /// requested filter's wildcards literally (deny `secret/#` covers `secret/+/x`).
+    fn is_denied(&self, filter: &str) -> bool {
+        self.config.deny_subscribe.iter().any(|d| d == filter || matches(d, filter))
+    }
+
+    fn replay_retained(
+        &mut self,
+        sid: SessionId,
+        filter: &str,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+        now: Time,
+        out: &mut Outbox,
+    ) {
+        for msg in self.retained.matching(filter) {
+            if msg.is_expired(now) {
+                continue;
+            }
+            let p = Pending {
+                qos: msg.qos.min(options.qos),
+                message: msg,
+                // Retained messages sent on subscribe keep RETAIN=1 (MQTT-3.3.1-8).
+                retain: true,
+                subscription_ids: identifier.into_iter().collect(),
+                shared: None,
+            };
+            self.deliver(sid, p, now, out);
+        }
+    }
+
+    pub(crate) fn on_unsubscribe(&mut self, conn: ConnId, u: Unsubscribe, out: &mut Outbox) {
+        let c = &self.conns[&conn];
+        let (sid, version) = (c.session, c.version);
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for raw in &u.filters {
+            let removed = self
+                .sessions
+                .get_mut(&sid)
+                .and_then(|s| s.subscriptions.remove(raw.as_str()));
+            match removed {
+                Some(sub) => {
+                    self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                    reasons.push(ReasonCode::Success);
+                }
+                None => reasons.push(ReasonCode::NoSubscriptionExisted),
+            }
+        }
+        if version == ProtocolVersion::V311 {
+            reasons.clear();
+        }
+        let ack = UnsubAck { packet_id: u.packet_id, reasons, properties: Properties::default() };
+        out.push(conn, Action::Send(Packet::UnsubAck(ack)));
+    }
+}

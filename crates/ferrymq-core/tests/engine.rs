@@ -1,0 +1,509 @@
+//! Deterministic engine tests with a virtual clock: no sockets, no sleeping.
+
+use bytes::Bytes;
+use ferrymq_core::*;
+use ferrymq_mqtt::*;
+
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const V3: ProtocolVersion = ProtocolVersion::V311;
+
+struct Harness {
+    broker: Broker,
+    now: Time,
+    out: Outbox,
+}
+
+fn connect_packet(id: &str, v: ProtocolVersion, clean: bool) -> Connect {
+    Connect {
+        version: v,
+        client_id: id.into(),
+        clean_start: clean,
+        keep_alive: 30,
+        username: None,
+        password: None,
+        will: None,
+        properties: Properties::default(),
+    }
+}
+
+fn publish(topic: &str, payload: &str, qos: QoS, pid: u16) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: (qos != QoS::AtMostOnce).then_some(pid),
+        properties: Properties::default(),
+        payload: Bytes::from(payload.to_string()),
+    }
+}
+
+fn sub(filter: &str, qos: QoS) -> (String, SubscriptionOptions) {
+    (filter.into(), SubscriptionOptions { qos, ..Default::default() })
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(BrokerConfig::default())
+    }
+
+    fn with(config: BrokerConfig) -> Self {
+        Harness { broker: Broker::new(config), now: Time(1_000), out: Outbox::default() }
+    }
+
+    fn connect(&mut self, conn: u64, c: Connect) -> ConnAck {
+        self.broker.connect(ConnId(conn), c, self.now, &mut self.out);
+        let mut actions = self.take(conn);
+        let first = actions.remove(0);
+        // Keep what follows the CONNACK (redeliveries) for the test to read.
+        self.out.actions.extend(actions.into_iter().map(|a| (ConnId(conn), a)));
+        match first {
+            Action::Send(Packet::ConnAck(a)) => a,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    fn connect_simple(&mut self, conn: u64, id: &str, v: ProtocolVersion) {
+        let ack = self.connect(conn, connect_packet(id, v, true));
+        assert_eq!(ack.reason, ReasonCode::Success);
+    }
+
+    fn packet(&mut self, conn: u64, p: Packet) {
+        self.broker.packet(ConnId(conn), p, self.now, &mut self.out);
+    }
+
+    fn subscribe(&mut self, conn: u64, filters: Vec<(String, SubscriptionOptions)>) -> Vec<ReasonCode> {
+        self.subscribe_with(conn, filters, Properties::default())
+    }
+
+    fn subscribe_with(
+        &mut self,
+        conn: u64,
+        filters: Vec<(String, SubscriptionOptions)>,
+        properties: Properties,
+    ) -> Vec<ReasonCode> {
+        self.packet(conn, Packet::Subscribe(Subscribe { packet_id: 1, filters, properties }));
+        let acts = self.take(conn);
+        match acts.first() {
+            Some(Action::Send(Packet::SubAck(a))) => a.reasons.clone(),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Takes every action queued for `conn`, keeping the others.
+    fn take(&mut self, conn: u64) -> Vec<Action> {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            self.out.actions.drain(..).partition(|(c, _)| *c == ConnId(conn));
+        self.out.actions = rest;
+        mine.into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn deliveries(&mut self, conn: u64) -> Vec<Delivery> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|a| if let Action::Deliver(d) = a { Some(d) } else { None })
+            .collect()
+    }
+
+    fn payloads(&mut self, conn: u64) -> Vec<String> {
+        self.deliveries(conn)
+            .iter()
+            .map(|d| String::from_utf8(d.message.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now = Time(self.now.0 + secs * 1000);
+        self.broker.tick(self.now, &mut self.out);
+    }
+}
+
+#[test]
+fn qos0_routes_by_wildcard_and_hides_dollar_topics() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "sub", V5);
+    h.connect_simple(2, "pub", V3);
+    h.subscribe(1, vec![sub("a/+/c", QoS::AtMostOnce), sub("#", QoS::AtMostOnce)]);
+    h.packet(2, Packet::Publish(publish("a/b/c", "x", QoS::AtMostOnce, 0)));
+    h.packet(2, Packet::Publish(publish("$SYS/foo", "hidden", QoS::AtMostOnce, 0)));
+    h.packet(2, Packet::Publish(publish("q", "y", QoS::AtMostOnce, 0)));
+    // Overlapping subscriptions deliver once (MQTT-3.3.5-1); `#` does not match `$SYS`.
+    assert_eq!(h.payloads(1), vec!["x", "y"]);
+}
+
+#[test]
+fn qos1_flow_and_receive_maximum_window() {
+    let mut h = Harness::new();
+    let mut c = connect_packet("sub", V5, true);
+    c.properties.receive_maximum = Some(2);
+    h.connect(1, c);
+    h.connect_simple(2, "pub", V5);
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    for i in 1..=5 {
+        h.packet(2, Packet::Publish(publish("t", &i.to_string(), QoS::AtLeastOnce, i)));
+    }
+    let acks = h.take(2);
+    assert_eq!(acks.len(), 5, "every publish is acknowledged");
+    let first = h.deliveries(1);
+    assert_eq!(first.len(), 2, "window of 2");
+    assert!(first.iter().all(|d| d.qos == QoS::AtLeastOnce && d.packet_id.is_some()));
+    h.packet(1, Packet::PubAck(PubResp::new(first[0].packet_id.unwrap(), ReasonCode::Success)));
+    assert_eq!(h.payloads(1), vec!["3"]);
+    assert_eq!(h.broker.session_pending("sub"), Some((2, 2)));
+}
+
+#[test]
+fn qos2_inbound_is_exactly_once() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "sub", V5);
+    h.connect_simple(2, "pub", V5);
+    h.subscribe(1, vec![sub("t", QoS::ExactlyOnce)]);
+    h.packet(2, Packet::Publish(publish("t", "once", QoS::ExactlyOnce, 9)));
+    let mut dup = publish("t", "once", QoS::ExactlyOnce, 9);
+    dup.dup = true;
+    h.packet(2, Packet::Publish(dup));
+    let acks = h.take(2);
+    assert_eq!(acks.len(), 2);
+    assert!(acks.iter().all(|a| matches!(a, Action::Send(Packet::PubRec(r)) if r.packet_id == 9)));
+    let d = h.deliveries(1);
+    assert_eq!(d.len(), 1, "resent PUBLISH is not routed again");
+    h.packet(2, Packet::PubRel(PubResp::new(9, ReasonCode::Success)));
+    assert!(matches!(&h.take(2)[..], [Action::Send(Packet::PubComp(r))] if r.reason == ReasonCode::Success));
+    // Outbound QoS 2: PUBREC -> PUBREL -> PUBCOMP.
+    let pid = d[0].packet_id.unwrap();
+    h.packet(1, Packet::PubRec(PubResp::new(pid, ReasonCode::Success)));
+    assert!(matches!(&h.take(1)[..], [Action::Send(Packet::PubRel(r))] if r.packet_id == pid));
+    h.packet(1, Packet::PubComp(PubResp::new(pid, ReasonCode::Success)));
+    assert_eq!(h.broker.session_pending("sub"), Some((0, 0)));
+}
+
+#[test]
+fn inbound_receive_maximum_exceeded_disconnects_with_0x93() {
+    let mut h = Harness::with(BrokerConfig { receive_maximum: 2, ..Default::default() });
+    h.connect_simple(1, "pub", V5);
+    for pid in 1..=3 {
+        h.packet(1, Packet::Publish(publish("t", "x", QoS::ExactlyOnce, pid)));
+    }
+    let acts = h.take(1);
+    assert!(acts.iter().any(|a| matches!(a, Action::Send(Packet::Disconnect(d)) if d.reason == ReasonCode::ReceiveMaximumExceeded)));
+    assert!(matches!(acts.last(), Some(Action::Close)));
+}
+
+#[test]
+fn persistent_session_queues_offline_and_redelivers_with_dup() {
+    let mut h = Harness::new();
+    let mut c = connect_packet("dev", V5, true);
+    c.properties.session_expiry_interval = Some(3600);
+    h.connect(1, c.clone());
+    h.connect_simple(2, "pub", V5);
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    h.packet(2, Packet::Publish(publish("t", "a", QoS::AtLeastOnce, 1)));
+    assert_eq!(h.payloads(1), vec!["a"]); // not acked
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    h.packet(2, Packet::Publish(publish("t", "b", QoS::AtLeastOnce, 2)));
+    h.packet(2, Packet::Publish(publish("t", "c0", QoS::AtMostOnce, 0)));
+    c.clean_start = false;
+    let ack = h.connect(3, c);
+    assert!(ack.session_present);
+    let d = h.deliveries(3);
+    let got: Vec<(String, bool)> = d
+        .iter()
+        .map(|d| (String::from_utf8(d.message.payload.to_vec()).unwrap(), d.dup))
+        .collect();
+    assert_eq!(got, vec![("a".into(), true), ("b".into(), false)], "QoS 0 is not queued offline");
+}
+
+#[test]
+fn clean_start_discards_the_session() {
+    let mut h = Harness::new();
+    let mut c = connect_packet("dev", V3, false);
+    h.connect(1, c.clone());
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    c.clean_start = true;
+    let ack = h.connect(2, c);
+    assert!(!ack.session_present);
+    assert_eq!(h.broker.subscription_count(), 0);
+}
+
+#[test]
+fn takeover_disconnects_the_old_connection_with_0x8e() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "same", V5);
+    h.connect(2, connect_packet("same", V5, false));
+    let old = h.take(1);
+    assert!(matches!(&old[..], [Action::Send(Packet::Disconnect(d)), Action::Close] if d.reason == ReasonCode::SessionTakenOver));
+    assert_eq!(h.broker.connection_count(), 1);
+    // The old connection is forgotten: its late close changes nothing.
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    assert_eq!(h.broker.connection_count(), 1);
+}
+
+#[test]
+fn retained_set_clear_and_retain_handling() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "pub", V5);
+    let mut p = publish("r/1", "v1", QoS::AtLeastOnce, 1);
+    p.retain = true;
+    h.packet(1, Packet::Publish(p.clone()));
+    h.connect_simple(2, "s", V5);
+    let opts = |rh| SubscriptionOptions { qos: QoS::AtLeastOnce, retain_handling: rh, ..Default::default() };
+    h.packet(2, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("r/+".into(), opts(RetainHandling::SendAtSubscribe))], properties: Properties::default() }));
+    let acts = h.take(2);
+    assert!(matches!(acts[0], Action::Send(Packet::SubAck(_))), "SUBACK precedes retained messages");
+    assert!(matches!(&acts[1], Action::Deliver(d) if d.retain && &*d.message.topic == "r/1"));
+    // Retain handling 1: not sent again for an existing subscription.
+    h.packet(2, Packet::Subscribe(Subscribe { packet_id: 2, filters: vec![("r/+".into(), opts(RetainHandling::SendIfNew))], properties: Properties::default() }));
+    assert_eq!(h.deliveries(2).len(), 0);
+    // Retain handling 2: never sent.
+    h.packet(2, Packet::Subscribe(Subscribe { packet_id: 3, filters: vec![("r/#".into(), opts(RetainHandling::DoNotSend))], properties: Properties::default() }));
+    assert_eq!(h.deliveries(2).len(), 0);
+    // Live messages have RETAIN cleared unless retain-as-published.
+    p.payload = Bytes::from_static(b"v2");
+    h.packet(1, Packet::Publish(p.clone()));
+    assert!(h.deliveries(2).iter().all(|d| !d.retain));
+    // An empty retained payload clears it.
+    p.payload = Bytes::new();
+    h.packet(1, Packet::Publish(p));
+    assert_eq!(h.broker.retained_count(), 0);
+}
+
+#[test]
+fn retain_as_published_keeps_the_flag() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "s", V5);
+    let o = SubscriptionOptions { qos: QoS::AtMostOnce, retain_as_published: true, ..Default::default() };
+    h.subscribe(1, vec![("t".into(), o)]);
+    let mut p = publish("t", "x", QoS::AtMostOnce, 0);
+    p.retain = true;
+    h.packet(1, Packet::Publish(p));
+    assert!(h.deliveries(1)[0].retain);
+}
+
+fn will_connect(id: &str, delay: Option<u32>, expiry: u32) -> Connect {
+    let mut c = connect_packet(id, V5, true);
+    c.properties.session_expiry_interval = Some(expiry);
+    c.will = Some(Will {
+        topic: "wills".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties { will_delay_interval: delay, ..Default::default() },
+    });
+    c
+}
+
+#[test]
+fn will_is_published_on_abnormal_close_only() {
+    let mut h = Harness::new();
+    h.connect_simple(9, "watch", V5);
+    h.subscribe(9, vec![sub("wills", QoS::AtLeastOnce)]);
+    h.connect(1, will_connect("a", None, 0));
+    h.packet(1, Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
+    assert!(h.payloads(9).is_empty(), "normal DISCONNECT discards the will");
+    h.connect(2, will_connect("b", None, 0));
+    h.broker.closed(ConnId(2), h.now, &mut h.out);
+    assert_eq!(h.payloads(9), vec!["gone"]);
+    h.connect(3, will_connect("c", None, 0));
+    h.packet(3, Packet::Disconnect(Disconnect::new(ReasonCode::DisconnectWithWill)));
+    assert_eq!(h.payloads(9), vec!["gone"], "0x04 sends the will");
+}
+
+#[test]
+fn will_delay_is_cancelled_by_reconnect_and_capped_by_session_expiry() {
+    let mut h = Harness::new();
+    h.connect_simple(9, "watch", V5);
+    h.subscribe(9, vec![sub("wills", QoS::AtLeastOnce)]);
+    // Delay 10 s, session 100 s: reconnect at 5 s cancels.
+    h.connect(1, will_connect("a", Some(10), 100));
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    h.advance(5);
+    let mut again = will_connect("a", Some(10), 100);
+    again.clean_start = false;
+    h.connect(2, again);
+    h.advance(20);
+    assert!(h.payloads(9).is_empty());
+    // Delay 60 s, session 5 s: sent when the session ends at 5 s.
+    h.connect(3, will_connect("b", Some(60), 5));
+    h.broker.closed(ConnId(3), h.now, &mut h.out);
+    h.advance(4);
+    assert!(h.payloads(9).is_empty());
+    h.advance(1);
+    assert_eq!(h.payloads(9), vec!["gone"]);
+    assert_eq!(h.broker.session_pending("b"), None, "session ended");
+}
+
+#[test]
+fn session_expiry_removes_session_and_subscriptions() {
+    let mut h = Harness::new();
+    let mut c = connect_packet("dev", V5, true);
+    c.properties.session_expiry_interval = Some(10);
+    h.connect(1, c);
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    h.advance(9);
+    assert_eq!(h.broker.session_count(), 1);
+    h.advance(1);
+    assert_eq!(h.broker.session_count(), 0);
+    assert_eq!(h.broker.subscription_count(), 0);
+}
+
+#[test]
+fn shared_subscription_distributes_evenly_and_redistributes_on_leave() {
+    let mut h = Harness::new();
+    for (conn, id) in [(1, "w1"), (2, "w2"), (3, "w3")] {
+        h.connect_simple(conn, id, V5);
+        h.subscribe(conn, vec![sub("$share/g/jobs/#", QoS::AtLeastOnce)]);
+    }
+    h.connect_simple(9, "pub", V5);
+    for i in 0..30 {
+        h.packet(9, Packet::Publish(publish("jobs/x", &i.to_string(), QoS::AtLeastOnce, i + 1)));
+    }
+    let counts: Vec<usize> = (1..=3).map(|c| h.deliveries(c).len()).collect();
+    assert_eq!(counts, vec![10, 10, 10]);
+    // w1 leaves with 10 unacknowledged: they move to w2 and w3.
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    let moved = h.deliveries(2).len() + h.deliveries(3).len();
+    assert_eq!(moved, 10);
+}
+
+#[test]
+fn subscription_identifiers_and_highest_qos_on_overlap() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "s", V5);
+    h.subscribe_with(1, vec![sub("a/#", QoS::AtMostOnce)], Properties { subscription_identifiers: vec![7], ..Default::default() });
+    h.subscribe_with(1, vec![sub("a/+", QoS::AtLeastOnce)], Properties { subscription_identifiers: vec![9], ..Default::default() });
+    h.connect_simple(2, "p", V5);
+    h.packet(2, Packet::Publish(publish("a/b", "x", QoS::ExactlyOnce, 1)));
+    let d = h.deliveries(1);
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].qos, QoS::AtLeastOnce);
+    let mut ids = d[0].subscription_ids.clone();
+    ids.sort();
+    assert_eq!(ids, vec![7, 9]);
+}
+
+#[test]
+fn no_local_skips_own_messages() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "me", V5);
+    let o = SubscriptionOptions { no_local: true, ..Default::default() };
+    h.subscribe(1, vec![("t".into(), o)]);
+    h.packet(1, Packet::Publish(publish("t", "mine", QoS::AtMostOnce, 0)));
+    assert!(h.deliveries(1).is_empty());
+    h.connect_simple(2, "other", V5);
+    h.packet(2, Packet::Publish(publish("t", "theirs", QoS::AtMostOnce, 0)));
+    assert_eq!(h.payloads(1), vec!["theirs"]);
+}
+
+#[test]
+fn message_expiry_is_decremented_and_expired_messages_dropped() {
+    let mut h = Harness::new();
+    let mut c = connect_packet("dev", V5, true);
+    c.properties.session_expiry_interval = Some(3600);
+    h.connect(1, c.clone());
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    h.connect_simple(2, "p", V5);
+    for (payload, secs) in [("short", 5), ("long", 60)] {
+        let mut p = publish("t", payload, QoS::AtLeastOnce, 1);
+        p.properties.message_expiry_interval = Some(secs);
+        h.packet(2, Packet::Publish(p));
+    }
+    h.advance(10);
+    c.clean_start = false;
+    h.connect(3, c);
+    let d = h.deliveries(3);
+    assert_eq!(d.len(), 1);
+    assert_eq!(&d[0].message.payload[..], b"long");
+    assert_eq!(d[0].expiry_remaining, Some(50));
+}
+
+#[test]
+fn inbound_topic_alias_is_resolved_and_bad_alias_refused() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "s", V5);
+    h.subscribe(1, vec![sub("long/topic/name", QoS::AtMostOnce)]);
+    h.connect_simple(2, "p", V5);
+    let mut p = publish("long/topic/name", "1", QoS::AtMostOnce, 0);
+    p.properties.topic_alias = Some(3);
+    h.packet(2, Packet::Publish(p.clone()));
+    p.topic.clear();
+    p.payload = Bytes::from_static(b"2");
+    h.packet(2, Packet::Publish(p.clone()));
+    assert_eq!(h.payloads(1), vec!["1", "2"]);
+    p.properties.topic_alias = Some(500);
+    h.packet(2, Packet::Publish(p));
+    let acts = h.take(2);
+    assert!(matches!(&acts[0], Action::Send(Packet::Disconnect(d)) if d.reason == ReasonCode::TopicAliasInvalid));
+}
+
+#[test]
+fn oversized_messages_are_not_sent_to_small_clients() {
+    let mut h = Harness::new();
+    let mut c = connect_packet("small", V5, true);
+    c.properties.maximum_packet_size = Some(64);
+    h.connect(1, c);
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    h.connect_simple(2, "p", V5);
+    h.packet(2, Packet::Publish(publish("t", &"x".repeat(100), QoS::AtLeastOnce, 1)));
+    h.packet(2, Packet::Publish(publish("t", "fits", QoS::AtLeastOnce, 2)));
+    assert_eq!(h.payloads(1), vec!["fits"]);
+    assert_eq!(h.broker.stats().dropped_too_large, 1);
+}
+
+#[test]
+fn deny_list_refuses_covered_filters() {
+    let mut h = Harness::with(BrokerConfig { deny_subscribe: vec!["secret/#".into()], ..Default::default() });
+    h.connect_simple(1, "v5", V5);
+    let r = h.subscribe(1, vec![sub("secret/+/x", QoS::AtMostOnce), sub("open/#", QoS::AtLeastOnce)]);
+    assert_eq!(r, vec![ReasonCode::NotAuthorized, ReasonCode::GrantedQoS1]);
+    h.connect_simple(2, "v3", V3);
+    let r = h.subscribe(2, vec![sub("secret/#", QoS::AtMostOnce), sub("a/#/b", QoS::AtMostOnce)]);
+    // The codec writes any failure as 0x80 for 3.1.1.
+    assert!(r.iter().all(|r| r.is_error()));
+}
+
+#[test]
+fn invalid_payload_format_is_refused_with_0x99() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "p", V5);
+    let mut p = publish("t", "", QoS::AtLeastOnce, 4);
+    p.payload = Bytes::from_static(&[0xFF, 0xFE]);
+    p.properties.payload_format_indicator = Some(1);
+    h.packet(1, Packet::Publish(p));
+    assert!(matches!(&h.take(1)[..], [Action::Send(Packet::PubAck(a))] if a.reason == ReasonCode::PayloadFormatInvalid));
+}
+
+#[test]
+fn assigned_client_identifier_for_empty_id() {
+    let mut h = Harness::new();
+    let ack = h.connect(1, connect_packet("", V5, true));
+    assert!(ack.properties.assigned_client_identifier.is_some());
+    let ack = h.connect(2, connect_packet("", V3, false));
+    assert_eq!(ack.reason, ReasonCode::ClientIdentifierNotValid);
+}
+
+#[test]
+fn anonymous_refused_when_disallowed() {
+    let mut h = Harness::with(BrokerConfig { allow_anonymous: false, ..Default::default() });
+    let ack = h.connect(1, connect_packet("x", V5, true));
+    assert_eq!(ack.reason, ReasonCode::NotAuthorized);
+}
+
+#[test]
+fn server_keep_alive_caps_the_client() {
+    let mut h = Harness::with(BrokerConfig { max_keep_alive: 20, ..Default::default() });
+    let ack = h.connect(1, connect_packet("x", V5, true));
+    assert_eq!(ack.properties.server_keep_alive, Some(20));
+}
+
+#[test]
+fn shutdown_sends_0x8b_to_v5_clients() {
+    let mut h = Harness::new();
+    h.connect_simple(1, "a", V5);
+    h.connect_simple(2, "b", V3);
+    h.broker.shutdown(h.now, &mut h.out);
+    assert!(matches!(&h.take(1)[..], [Action::Send(Packet::Disconnect(d)), Action::Close] if d.reason == ReasonCode::ServerShuttingDown));
+    assert!(matches!(&h.take(2)[..], [Action::Close]));
+}
