@@ -1,1 +1,245 @@
-//! stub
+//! A small async MQTT client on the FerryMQ codec, for the `ferrymq pub`/`sub` commands and
+//! the benchmark. It speaks both 3.1.1 and 5.0 and exposes packets directly: callers that want
+//! pipelining use [`Client::send`] and [`Client::recv`]; the helpers wait for each ack.
+//!
+//! Not a general-purpose client: no automatic reconnect, no offline buffering.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ferrymq_mqtt::{
+    decode, encode, ConnAck, Connect, DecodeError, Disconnect, EncodeError, Limits, Packet,
+    Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode, SubAck, Subscribe,
+    SubscriptionOptions, Will,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("network error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad packet from server: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("cannot encode packet: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("connection refused: {0:?}")]
+    Refused(ReasonCode),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("server disconnected us: {0:?}")]
+    Disconnected(ReasonCode),
+    #[error("unexpected {0} packet")]
+    Unexpected(&'static str),
+    #[error("timed out waiting for the server")]
+    Timeout,
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    pub addr: String,
+    pub version: ProtocolVersion,
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub username: Option<String>,
+    pub password: Option<Bytes>,
+    pub will: Option<Will>,
+    pub properties: Properties,
+    pub timeout: Duration,
+}
+
+impl ConnectOptions {
+    pub fn new(addr: impl Into<String>, client_id: impl Into<String>) -> Self {
+        ConnectOptions {
+            addr: addr.into(),
+            version: ProtocolVersion::V5,
+            client_id: client_id.into(),
+            clean_start: true,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            properties: Properties::default(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A connected client.
+pub struct Client {
+    stream: TcpStream,
+    version: ProtocolVersion,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    next_pid: u16,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects and waits for CONNACK; a refusal is an error.
+    pub async fn connect(opts: ConnectOptions) -> Result<(Client, ConnAck), ClientError> {
+        let stream = tokio::time::timeout(opts.timeout, TcpStream::connect(&opts.addr))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        stream.set_nodelay(true)?;
+        let mut c = Client {
+            stream,
+            version: opts.version,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            next_pid: 1,
+            timeout: opts.timeout,
+        };
+        let connect = Connect {
+            version: opts.version,
+            client_id: opts.client_id,
+            clean_start: opts.clean_start,
+            keep_alive: opts.keep_alive,
+            username: opts.username,
+            password: opts.password,
+            will: opts.will,
+            properties: opts.properties,
+        };
+        c.send(&Packet::Connect(Box::new(connect))).await?;
+        match c.recv_timeout().await? {
+            Packet::ConnAck(ack) if ack.reason == ReasonCode::Success => Ok((c, ack)),
+            Packet::ConnAck(ack) => Err(ClientError::Refused(ack.reason)),
+            other => Err(ClientError::Unexpected(other.name())),
+        }
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// A fresh packet identifier.
+    pub fn next_packet_id(&mut self) -> u16 {
+        let pid = self.next_pid;
+        self.next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+        pid
+    }
+
+    /// Queues a packet without writing it; [`Client::flush`] writes everything queued at once.
+    pub fn queue(&mut self, p: &Packet) -> Result<(), ClientError> {
+        encode(p, self.version, &mut self.wbuf)?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn send(&mut self, p: &Packet) -> Result<(), ClientError> {
+        self.queue(p)?;
+        self.flush().await
+    }
+
+    /// The next packet from the server. DISCONNECT from the server is an error.
+    pub async fn recv(&mut self) -> Result<Packet, ClientError> {
+        loop {
+            if let Some(p) = decode(&mut self.rbuf, self.version, &Limits::default())? {
+                if let Packet::Disconnect(d) = &p {
+                    return Err(ClientError::Disconnected(d.reason));
+                }
+                return Ok(p);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(64 * 1024);
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    async fn recv_timeout(&mut self) -> Result<Packet, ClientError> {
+        tokio::time::timeout(self.timeout, self.recv()).await.map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub async fn subscribe(
+        &mut self,
+        filters: Vec<(String, SubscriptionOptions)>,
+        properties: Properties,
+    ) -> Result<SubAck, ClientError> {
+        let packet_id = self.next_packet_id();
+        self.send(&Packet::Subscribe(Subscribe { packet_id, filters, properties })).await?;
+        loop {
+            match self.recv_timeout().await? {
+                Packet::SubAck(a) if a.packet_id == packet_id => return Ok(a),
+                Packet::Publish(_) => continue,
+                other => return Err(ClientError::Unexpected(other.name())),
+            }
+        }
+    }
+
+    /// Publishes and, for QoS 1/2, waits for the flow to finish. Returns the ack's reason.
+    pub async fn publish(&mut self, mut p: Publish) -> Result<ReasonCode, ClientError> {
+        if p.qos != QoS::AtMostOnce && p.packet_id.is_none() {
+            p.packet_id = Some(self.next_packet_id());
+        }
+        let pid = p.packet_id.unwrap_or(0);
+        let qos = p.qos;
+        self.send(&Packet::Publish(p)).await?;
+        match qos {
+            QoS::AtMostOnce => Ok(ReasonCode::Success),
+            QoS::AtLeastOnce => loop {
+                match self.recv_timeout().await? {
+                    Packet::PubAck(a) if a.packet_id == pid => return Ok(a.reason),
+                    Packet::Publish(_) => continue,
+                    other => return Err(ClientError::Unexpected(other.name())),
+                }
+            },
+            QoS::ExactlyOnce => {
+                loop {
+                    match self.recv_timeout().await? {
+                        Packet::PubRec(r) if r.packet_id == pid => {
+                            if r.reason.is_error() {
+                                return Ok(r.reason);
+                            }
+                            break;
+                        }
+                        Packet::Publish(_) => continue,
+                        other => return Err(ClientError::Unexpected(other.name())),
+                    }
+                }
+                self.send(&Packet::PubRel(PubResp::new(pid, ReasonCode::Success))).await?;
+                loop {
+                    match self.recv_timeout().await? {
+                        Packet::PubComp(c) if c.packet_id == pid => return Ok(c.reason),
+                        Packet::Publish(_) => continue,
+                        other => return Err(ClientError::Unexpected(other.name())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acknowledges a received QoS 1/2 publish (PUBACK, or PUBREC and later PUBCOMP).
+    pub fn queue_ack(&mut self, p: &Publish) -> Result<(), ClientError> {
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => self.queue(&Packet::PubAck(PubResp::new(id, ReasonCode::Success))),
+            (QoS::ExactlyOnce, Some(id)) => self.queue(&Packet::PubRec(PubResp::new(id, ReasonCode::Success))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers a PUBREL with PUBCOMP.
+    pub fn queue_pubcomp(&mut self, id: u16) -> Result<(), ClientError> {
+        self.queue(&Packet::PubComp(PubResp::new(id, ReasonCode::Success)))
+    }
+
+    /// Sends DISCONNECT (normal) and closes.
+    pub async fn disconnect(mut self) -> Result<(), ClientError> {
+        self.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await?;
+        self.stream.shutdown().await?;
+        Ok(())
+    }
+}

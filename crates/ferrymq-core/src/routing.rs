@@ -85,7 +85,9 @@ impl Broker {
         self.stats.payload_bytes_received += p.payload.len() as u64;
         p.dup = false;
         let msg = Message::from_publish(p, topic, Some(sid), now);
-        self.publish(msg, now, out);
+        if self.publish(msg, now, out) == 0 {
+            self.stats.dropped_no_subscribers += 1;
+        }
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -148,20 +150,20 @@ impl Broker {
 
     /// Publishes a message: stores it if retained, then routes it to every matching session.
     /// Also the entry point for in-process publishers (`$SYS`, wills, embedding programs).
-    pub fn publish(&mut self, msg: Message, now: Time, out: &mut Outbox) {
+    /// Returns how many sessions it was routed to.
+    pub fn publish(&mut self, msg: Message, now: Time, out: &mut Outbox) -> usize {
         let msg = Arc::new(msg);
         if msg.retain {
             self.retained.set(msg.clone());
         }
         let targets = self.targets(&msg);
-        if targets.is_empty() {
-            self.stats.dropped_no_subscribers += 1;
-        }
+        let routed = targets.len();
         for t in targets {
             let retain = msg.retain && t.retain_as_published;
             let p = Pending { message: msg.clone(), qos: t.qos, retain, subscription_ids: t.ids, shared: t.shared };
             self.deliver(t.session, p, now, out);
         }
+        routed
     }
 
     /// Matching sessions, one entry per session for plain subscriptions (highest QoS, every

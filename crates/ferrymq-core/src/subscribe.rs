@@ -12,8 +12,7 @@ use crate::{Broker, ConnId, SessionId, SubEntry, Time};
 
 impl Broker {
     pub(crate) fn on_subscribe(&mut self, conn: ConnId, s: Subscribe, now: Time, out: &mut Outbox) {
-        let c = &self.conns[&conn];
-        let (sid, version) = (c.session, c.version);
+        let sid = self.conns[&conn].session;
         let identifier = s.properties.subscription_identifiers.first().copied();
         // No Local on a shared subscription is a protocol error (MQTT-3.8.3-4).
         if s.filters.iter().any(|(f, o)| o.no_local && f.starts_with("$share/")) {
@@ -42,7 +41,6 @@ impl Broker {
                 Err(reason) => reasons.push(reason),
             }
         }
-        let _ = version;
         let ack = SubAck { packet_id: s.packet_id, reasons, properties: Properties::default() };
         out.push(conn, Action::Send(Packet::SubAck(ack)));
         for (filter, options) in replay {

@@ -1,1 +1,158 @@
-//! stub
+//! The FerryMQ network server: TCP listener, one task per connection, the router task that
+//! owns the engine, admin HTTP, and the configuration file.
+//!
+//! Must not depend on: packet bytes (it uses the codec) or routing rules (the engine owns
+//! them). Listeners stay thin: accept, read, decode, hand to the router, write what comes back.
+//!
+//! Invariants:
+//! - Every channel is bounded: connection → router (`ROUTER_QUEUE` batches; a full queue makes
+//!   readers wait, which pushes back on publishers through TCP), router → connection (bytes
+//!   bounded by `limits.max_outbound_bytes`, then the slow-consumer policy applies).
+//! - Only the router task touches the engine.
+
+mod admin;
+pub mod config;
+mod connection;
+mod error;
+pub mod metrics;
+mod router;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrymq_core::{Broker, ConnId};
+use ferrymq_mqtt::Limits;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+pub use error::ServerError;
+
+use crate::metrics::NetMetrics;
+use crate::router::{Router, RouterSettings, ToRouter};
+
+/// Batches waiting for the router before readers are made to wait.
+const ROUTER_QUEUE: usize = 4096;
+
+/// A running server.
+pub struct Server {
+    mqtt_addr: SocketAddr,
+    http_addr: SocketAddr,
+    router: mpsc::Sender<ToRouter>,
+    stop_accepting: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    router_task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
+    pub async fn start(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let net = Arc::new(NetMetrics::default());
+        let broker = Broker::new(config.broker_config());
+        let settings = RouterSettings {
+            max_outbound_bytes: config.limits.max_outbound_bytes,
+            slow_consumer: config.limits.slow_consumer,
+            sys_interval: Duration::from_secs(config.sys.interval_secs),
+        };
+        let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+        let router_task = tokio::spawn(Router::new(broker, net.clone(), settings).run(rx));
+
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        };
+        let mqtt = bind(config.listeners.mqtt).await?;
+        let http = bind(config.listeners.http).await?;
+        let mqtt_addr = mqtt.local_addr().map_err(|source| ServerError::Bind { addr: config.listeners.mqtt, source })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::Bind { addr: config.listeners.http, source })?;
+        let (stop_accepting, stop_rx) = watch::channel(false);
+
+        let accept = tokio::spawn(accept_loop(mqtt, tx.clone(), net.clone(), config.clone(), stop_rx.clone()));
+        let state = admin::AdminState { router: tx.clone(), net };
+        let mut stop_http = stop_rx;
+        let admin = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_http.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = axum::serve(http, admin::app(state)).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "admin HTTP server failed");
+            }
+        });
+        tracing::info!(mqtt = %mqtt_addr, http = %http_addr, "ferrymq listening");
+        Ok(Server { mqtt_addr, http_addr, router: tx, stop_accepting, tasks: vec![accept, admin], router_task })
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops accepting, sends 5.0 clients DISCONNECT 0x8B, lets writers flush, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop_accepting.send(true);
+        let (done, wait) = oneshot::channel();
+        if self.router.send(ToRouter::Shutdown(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+        // Writers flush their last DISCONNECT; give them a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.router_task).await;
+        tracing::info!("ferrymq stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: mpsc::Sender<ToRouter>,
+    net: Arc<NetMetrics>,
+    config: Config,
+    mut stop: watch::Receiver<bool>,
+) {
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+    let limits = Limits { max_packet_size: config.mqtt.max_packet_size as usize };
+    let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
+    let max_connections = config.limits.max_connections as u64;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        NetMetrics::add(&net.connections_accepted, 1);
+        let open = net.connections_open.fetch_add(1, Relaxed) + 1;
+        let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
+        tracing::debug!(conn = conn.0, %peer, "accepted");
+        let ctx = connection::ConnContext {
+            conn,
+            router: router.clone(),
+            net: net.clone(),
+            limits,
+            connect_timeout,
+            over_limit: open > max_connections,
+        };
+        let net = net.clone();
+        tokio::spawn(async move {
+            let (rd, wr) = stream.into_split();
+            connection::run(rd, wr, ctx).await;
+            net.connections_open.fetch_sub(1, Relaxed);
+        });
+    }
+}

@@ -1,1 +1,127 @@
-fn main() {}
+//! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), and `check-config`.
+
+mod cli_client;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferrymq_server::config::LogFormat;
+use ferrymq_server::{Config, Server};
+
+#[derive(Parser)]
+#[command(name = "ferrymq", version, about = "FerryMQ: an MQTT 3.1.1/5.0 broker with work queues")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker. Without a config file it uses the embedded defaults.
+    Serve(ServeArgs),
+    /// Publish messages (in the spirit of mosquitto_pub).
+    #[command(disable_help_flag = true)]
+    Pub(cli_client::PubArgs),
+    /// Subscribe and print messages (in the spirit of mosquitto_sub).
+    #[command(disable_help_flag = true)]
+    Sub(cli_client::SubArgs),
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, short = 'c', env = "FERRYMQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// MQTT listener address, e.g. 0.0.0.0:1883.
+    #[arg(long, env = "FERRYMQ_MQTT")]
+    mqtt: Option<std::net::SocketAddr>,
+    /// Admin HTTP listener address.
+    #[arg(long, env = "FERRYMQ_HTTP")]
+    http: Option<std::net::SocketAddr>,
+    /// Data directory.
+    #[arg(long, env = "FERRYMQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
+    #[arg(long, env = "FERRYMQ_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, env = "FERRYMQ_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Pub(args) => runtime()?.block_on(cli_client::publish(args)),
+        Command::Sub(args) => runtime()?.block_on(cli_client::subscribe(args)),
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            println!("{} is valid.\n\n{config:#?}", file.display());
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.mqtt {
+        config.listeners.mqtt = a;
+    }
+    if let Some(a) = args.http {
+        config.listeners.http = a;
+    }
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.log_level {
+        config.log.level = l;
+    }
+    if let Some(f) = args.log_format.as_deref() {
+        config.log.format = if f == "json" { LogFormat::Json } else { LogFormat::Text };
+    }
+    config.validate()?;
+    init_logging(&config)?;
+    runtime()?.block_on(async move {
+        let server = Server::start(config).await?;
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .with_context(|| format!("invalid config value for `log.level`: {:?}", config.log.level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The configuration file: plain data, validated in one place. Every option has a default, so
+//! an empty file (or none) is a complete configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ferrymq_core::BrokerConfig;
+use serde::Deserialize;
+
+use crate::ServerError;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where durable state will live.
+    pub data_dir: PathBuf,
+    pub listeners: Listeners,
+    pub mqtt: Mqtt,
+    pub limits: Limits,
+    pub sys: Sys,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    /// MQTT over TCP.
+    pub mqtt: SocketAddr,
+    /// Admin HTTP: `/health`, `/metrics`.
+    pub http: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    pub max_keep_alive: u16,
+    pub receive_maximum: u16,
+    pub max_packet_size: u32,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub topic_alias_maximum: u16,
+    pub max_topic_levels: usize,
+    pub max_subscriptions_per_client: usize,
+    pub max_session_expiry: u32,
+    /// Unset: allowed only when every listener is on a loopback address.
+    pub allow_anonymous: Option<bool>,
+    pub deny_subscribe: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumer {
+    /// Drop QoS 0 messages for a connection whose outbound buffer is full.
+    Drop,
+    /// Disconnect it.
+    Disconnect,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub connect_timeout_secs: u64,
+    /// Bytes queued for one connection beyond which the slow-consumer policy applies.
+    pub max_outbound_bytes: usize,
+    pub slow_consumer: SlowConsumer,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sys {
+    /// Seconds between `$SYS/` updates; 0 turns them off.
+    pub interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// A `tracing` filter: `info`, `debug`, `ferrymq_server=debug,info`, ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            listeners: Listeners::default(),
+            mqtt: Mqtt::default(),
+            limits: Limits::default(),
+            sys: Sys::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        let b = BrokerConfig::default();
+        Mqtt {
+            max_keep_alive: b.max_keep_alive,
+            receive_maximum: b.receive_maximum,
+            max_packet_size: b.max_packet_size,
+            max_inflight: b.max_inflight,
+            max_queued_messages: b.max_queued_messages,
+            topic_alias_maximum: b.topic_alias_maximum,
+            max_topic_levels: b.max_topic_levels,
+            max_subscriptions_per_client: b.max_subscriptions_per_client,
+            max_session_expiry: b.max_session_expiry,
+            allow_anonymous: None,
+            deny_subscribe: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            connect_timeout_secs: 10,
+            max_outbound_bytes: 8 * 1024 * 1024,
+            slow_consumer: SlowConsumer::Drop,
+        }
+    }
+}
+
+impl Default for Sys {
+    fn default() -> Self {
+        Sys { interval_secs: 10 }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ServerError {
+    ServerError::Config { key: key.into(), message: message.into() }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ServerError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ServerError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ServerError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ServerError::ConfigSyntax(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let m = &self.mqtt;
+        if m.receive_maximum == 0 {
+            return Err(invalid("mqtt.receive_maximum", "must be at least 1"));
+        }
+        if m.max_packet_size < 64 || m.max_packet_size > 268_435_460 {
+            return Err(invalid("mqtt.max_packet_size", "must be between 64 and 268435460 bytes"));
+        }
+        if m.max_inflight == 0 || m.max_inflight > 65_000 {
+            return Err(invalid("mqtt.max_inflight", "must be between 1 and 65000"));
+        }
+        if m.max_topic_levels == 0 {
+            return Err(invalid("mqtt.max_topic_levels", "must be at least 1"));
+        }
+        if m.max_subscriptions_per_client == 0 {
+            return Err(invalid("mqtt.max_subscriptions_per_client", "must be at least 1"));
+        }
+        for (i, f) in m.deny_subscribe.iter().enumerate() {
+            if !ferrymq_mqtt::topic::valid_topic_filter(f) {
+                return Err(invalid(&format!("mqtt.deny_subscribe[{i}]"), format!("{f:?} is not a valid topic filter")));
+            }
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if self.limits.connect_timeout_secs == 0 {
+            return Err(invalid("limits.connect_timeout_secs", "must be at least 1"));
+        }
+        if self.limits.max_outbound_bytes < 1024 {
+            return Err(invalid("limits.max_outbound_bytes", "must be at least 1024"));
+        }
+        if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
+            return Err(invalid("listeners.http", "must differ from listeners.mqtt"));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Whether clients without a user name are let in: as configured, or, when unset, only
+    /// when the MQTT listener is on a loopback address.
+    pub fn allow_anonymous(&self) -> bool {
+        self.mqtt.allow_anonymous.unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
+    }
+
+    /// The engine's part of the configuration.
+    pub fn broker_config(&self) -> BrokerConfig {
+        let m = &self.mqtt;
+        BrokerConfig {
+            max_keep_alive: m.max_keep_alive,
+            receive_maximum: m.receive_maximum,
+            max_packet_size: m.max_packet_size,
+            max_inflight: m.max_inflight,
+            max_queued_messages: m.max_queued_messages,
+            topic_alias_maximum: m.topic_alias_maximum,
+            max_topic_levels: m.max_topic_levels,
+            max_subscriptions_per_client: m.max_subscriptions_per_client,
+            max_session_expiry: m.max_session_expiry,
+            allow_anonymous: self.allow_anonymous(),
+            deny_subscribe: m.deny_subscribe.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::parse("[mqtt]\nmax_keepalive = 5\n").unwrap_err().to_string();
+        assert!(err.contains("max_keepalive"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = Config::parse("[mqtt]\nreceive_maximum = 0\n").unwrap_err().to_string();
+        assert!(err.contains("mqtt.receive_maximum"), "{err}");
+        let err = Config::parse("[mqtt]\ndeny_subscribe = [\"a/#/b\"]\n").unwrap_err().to_string();
+        assert!(err.contains("mqtt.deny_subscribe[0]"), "{err}");
+        let err = Config::parse("[limits]\nslow_consumer = \"explode\"\n").unwrap_err().to_string();
+        assert!(err.contains("slow_consumer") || err.contains("explode"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_defaults_to_loopback_only() {
+        assert!(Config::default().allow_anonymous());
+        let c = Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n").unwrap();
+        assert!(!c.allow_anonymous());
+        let c = Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n[mqtt]\nallow_anonymous = true\n").unwrap();
+        assert!(c.allow_anonymous());
+    }
+}

@@ -1,0 +1,284 @@
+//! One task per connection: a reader that decodes and forwards whole batches to the router, and
+//! a writer that encodes everything queued for it into one buffer and writes it with one call.
+//!
+//! ```text
+//!  socket ─read─▶ decode ─Vec<Packet>─▶ router ─Outbound queue + notify─▶ encode ─write─▶ socket
+//! ```
+//! Until CONNECT is accepted the reader handles the connection alone: a bad first packet gets a
+//! CONNACK (when its version is known) or a plain close, and never reaches the engine.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferrymq_core::{Action, ConnId, ConnectOutcome};
+use ferrymq_mqtt::{
+    decode, encode, ConnAck, DecodeError, Limits, Packet, Properties, ProtocolVersion, ReasonCode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::metrics::NetMetrics;
+use crate::router::{Outbound, ToRouter};
+
+/// Read buffer growth step, and the most kept around by an idle connection.
+const READ_CHUNK: usize = 8 * 1024;
+const MAX_IDLE_BUFFER: usize = 64 * 1024;
+
+pub(crate) struct ConnContext {
+    pub conn: ConnId,
+    pub router: mpsc::Sender<ToRouter>,
+    pub net: Arc<NetMetrics>,
+    pub limits: Limits,
+    pub connect_timeout: Duration,
+    /// The connection limit is reached: answer CONNECT with Server Busy.
+    pub over_limit: bool,
+}
+
+/// Why the reader stopped.
+enum ReadEnd {
+    /// EOF or an I/O error: the router must be told.
+    Gone,
+    /// We asked the router to end it; the writer will close.
+    Ending,
+}
+
+pub(crate) async fn run<R, W>(mut rd: R, mut wr: W, ctx: ConnContext)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let Some((outcome, outbound)) = handshake(&mut rd, &mut wr, &mut buf, &ctx).await else {
+        return;
+    };
+    let conn = ctx.conn;
+    let router = ctx.router.clone();
+    let writer = write_loop(wr, outbound, outcome, ctx.net.clone());
+    let reader = read_loop(rd, buf, outcome, &ctx);
+    tokio::pin!(writer);
+    tokio::pin!(reader);
+    let tell_router = tokio::select! {
+        end = &mut reader => match end {
+            ReadEnd::Gone => true,
+            ReadEnd::Ending => {
+                // Let the writer flush the DISCONNECT, but not forever.
+                !matches!(tokio::time::timeout(Duration::from_secs(5), &mut writer).await, Ok(true))
+            }
+        },
+        closed_by_router = &mut writer => !closed_by_router,
+    };
+    if tell_router {
+        let _ = router.send(ToRouter::Closed { conn }).await;
+    }
+}
+
+/// Reads the CONNECT and hands it to the router. `None` when the connection ends here.
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    ctx: &ConnContext,
+) -> Option<(ConnectOutcome, Arc<Outbound>)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + ctx.connect_timeout;
+    let first = loop {
+        match decode(buf, ProtocolVersion::V5, &ctx.limits) {
+            Ok(Some(p)) => break p,
+            Ok(None) => {}
+            Err(e) => {
+                NetMetrics::add(&ctx.net.malformed_packets, 1);
+                tracing::info!(conn = ctx.conn.0, error = %e, "bad first packet");
+                if let DecodeError::UnsupportedProtocol { level } = e {
+                    // A 3.x client understands a 3.1.1 CONNACK; a 5.0+ one a 5.0 CONNACK.
+                    let v = if level < 5 { ProtocolVersion::V311 } else { ProtocolVersion::V5 };
+                    refuse(wr, v, ReasonCode::UnsupportedProtocolVersion).await;
+                }
+                return None;
+            }
+        }
+        let read = tokio::time::timeout_at(deadline, read_some(rd, buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => NetMetrics::add(&ctx.net.bytes_received, n as u64),
+            Ok(_) => return None,
+            Err(_) => {
+                tracing::debug!(conn = ctx.conn.0, "no CONNECT within the connect timeout");
+                return None;
+            }
+        }
+    };
+    let Packet::Connect(connect) = first else {
+        // The first packet must be CONNECT (MQTT-3.1.0-1).
+        NetMetrics::add(&ctx.net.malformed_packets, 1);
+        tracing::info!(conn = ctx.conn.0, packet = first.name(), "first packet is not CONNECT");
+        return None;
+    };
+    if ctx.over_limit {
+        NetMetrics::add(&ctx.net.connections_refused, 1);
+        refuse(wr, connect.version, ReasonCode::ServerBusy).await;
+        return None;
+    }
+    let outbound = Arc::new(Outbound::default());
+    let (reply, outcome) = oneshot::channel();
+    let msg = ToRouter::Connect { conn: ctx.conn, connect, outbound: outbound.clone(), reply };
+    ctx.router.send(msg).await.ok()?;
+    let outcome = outcome.await.ok()?;
+    Some((outcome, outbound))
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, v: ProtocolVersion, reason: ReasonCode) {
+    let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+    let mut out = BytesMut::new();
+    if encode(&Packet::ConnAck(ack), v, &mut out).is_ok() {
+        let _ = wr.write_all(&out).await;
+        let _ = wr.shutdown().await;
+    }
+}
+
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+    rd.read_buf(buf).await
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
+    mut buf: BytesMut,
+    outcome: ConnectOutcome,
+    ctx: &ConnContext,
+) -> ReadEnd {
+    if !outcome.accepted {
+        // The writer sends the refusal and closes.
+        return ReadEnd::Ending;
+    }
+    let conn = ctx.conn;
+    let version = outcome.version;
+    // Keep alive: close after 1.5 times the interval without a packet (MQTT-3.1.2-22).
+    let keep_alive = (outcome.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(outcome.keep_alive) * 1500));
+    let mut packets = Vec::new();
+    loop {
+        loop {
+            match decode(&mut buf, version, &ctx.limits) {
+                Ok(Some(p)) => packets.push(p),
+                Ok(None) => break,
+                Err(e) => {
+                    NetMetrics::add(&ctx.net.malformed_packets, 1);
+                    tracing::info!(conn = conn.0, error = %e, "closing connection: bad packet");
+                    if !packets.is_empty() {
+                        let batch = std::mem::take(&mut packets);
+                        let _ = ctx.router.send(ToRouter::Packets { conn, packets: batch }).await;
+                    }
+                    let reason = e.reason_code();
+                    let _ = ctx.router.send(ToRouter::Violation { conn, reason }).await;
+                    return ReadEnd::Ending;
+                }
+            }
+        }
+        if !packets.is_empty() {
+            let batch = std::mem::replace(&mut packets, Vec::with_capacity(8));
+            if ctx.router.send(ToRouter::Packets { conn, packets: batch }).await.is_err() {
+                return ReadEnd::Gone;
+            }
+        }
+        if buf.is_empty() && buf.capacity() > MAX_IDLE_BUFFER {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        let read = match keep_alive {
+            Some(ka) => match tokio::time::timeout(ka, read_some(&mut rd, &mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    NetMetrics::add(&ctx.net.keep_alive_timeouts, 1);
+                    tracing::info!(conn = conn.0, "keep alive timeout");
+                    let reason = ReasonCode::KeepAliveTimeout;
+                    let _ = ctx.router.send(ToRouter::Violation { conn, reason }).await;
+                    return ReadEnd::Ending;
+                }
+            },
+            None => read_some(&mut rd, &mut buf).await,
+        };
+        match read {
+            Ok(0) | Err(_) => return ReadEnd::Gone,
+            Ok(n) => NetMetrics::add(&ctx.net.bytes_received, n as u64),
+        }
+    }
+}
+
+/// Outbound topic aliases (5.0): the first sends of a topic carry it and an alias, later ones
+/// only the alias, up to the client's Topic Alias Maximum. When all are used, topics go in full.
+struct AliasMap {
+    max: u16,
+    map: HashMap<Arc<str>, u16>,
+}
+
+/// Writes until the router closes the connection (true) or the socket fails (false).
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    outbound: Arc<Outbound>,
+    outcome: ConnectOutcome,
+    net: Arc<NetMetrics>,
+) -> bool {
+    let version = outcome.version;
+    let mut aliases = AliasMap { max: outcome.client_topic_alias_maximum, map: HashMap::new() };
+    let mut actions = Vec::new();
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        outbound.take(&mut actions);
+        if actions.is_empty() {
+            outbound.notify.notified().await;
+            continue;
+        }
+        let mut close = false;
+        for action in actions.drain(..) {
+            let packet = match action {
+                Action::Send(p) => p,
+                Action::Deliver(d) => {
+                    let mut p = d.to_publish();
+                    if version == ProtocolVersion::V5 && aliases.max > 0 {
+                        apply_alias(&mut aliases, &d.message.topic, &mut p);
+                    }
+                    Packet::Publish(p)
+                }
+                Action::Close => {
+                    close = true;
+                    break;
+                }
+            };
+            if let Err(e) = encode(&packet, version, &mut out) {
+                tracing::warn!(error = %e, packet = packet.name(), "cannot encode outbound packet");
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return false;
+            }
+            NetMetrics::add(&net.bytes_sent, out.len() as u64);
+            out.clear();
+            if out.capacity() > MAX_IDLE_BUFFER {
+                out = BytesMut::with_capacity(READ_CHUNK);
+            }
+        }
+        if close {
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+            return true;
+        }
+    }
+}
+
+fn apply_alias(aliases: &mut AliasMap, topic: &Arc<str>, p: &mut ferrymq_mqtt::Publish) {
+    if let Some(&alias) = aliases.map.get(topic) {
+        p.topic.clear();
+        p.properties.topic_alias = Some(alias);
+    } else if aliases.map.len() < usize::from(aliases.max) {
+        let alias = aliases.map.len() as u16 + 1;
+        aliases.map.insert(topic.clone(), alias);
+        p.properties.topic_alias = Some(alias);
+    }
+}

@@ -1,0 +1,19 @@
+//! Errors of the server crate.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ConfigRead { path: PathBuf, source: std::io::Error },
+    /// The configuration file is not valid TOML for our schema.
+    #[error("invalid config: {0}")]
+    ConfigSyntax(String),
+    /// A configuration value is out of range; `key` is its dotted path.
+    #[error("invalid config value for `{key}`: {message}")]
+    Config { key: String, message: String },
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+}

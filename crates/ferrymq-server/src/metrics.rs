@@ -1,0 +1,109 @@
+//! Counters kept by the network layer, and the Prometheus text exposition.
+//!
+//! The engine keeps its own plain counters ([`ferrymq_core::Stats`]); the router copies them
+//! out on request, and this module renders both. No per-message locking or allocation.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use ferrymq_core::Stats;
+
+/// Counters updated by connection tasks.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub dropped_slow_consumer: AtomicU64,
+    pub disconnected_slow_consumer: AtomicU64,
+    pub malformed_packets: AtomicU64,
+    pub keep_alive_timeouts: AtomicU64,
+}
+
+impl NetMetrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}
+
+/// What the router reports when asked.
+#[derive(Debug, Clone, Default)]
+pub struct EngineSnapshot {
+    pub stats: Stats,
+    pub connections: usize,
+    pub sessions: usize,
+    pub subscriptions: usize,
+    pub retained: usize,
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+/// Renders the Prometheus text format (version 0.0.4).
+pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
+    let mut o = String::with_capacity(4096);
+    let s = &e.stats;
+    let g = |c: &AtomicU64| c.load(Relaxed);
+    metric(&mut o, "ferrymq_connections", "gauge", "Connections attached to a session.", &[("", e.connections as u64)]);
+    metric(&mut o, "ferrymq_connections_open", "gauge", "Open TCP connections, including those not yet past CONNECT.", &[("", g(&net.connections_open))]);
+    metric(&mut o, "ferrymq_connections_accepted_total", "counter", "TCP connections accepted.", &[("", g(&net.connections_accepted))]);
+    metric(&mut o, "ferrymq_connections_refused_total", "counter", "Connections refused (limit reached or CONNECT refused).", &[("", g(&net.connections_refused) + s.connects_refused)]);
+    metric(&mut o, "ferrymq_sessions", "gauge", "Sessions, connected or not.", &[("", e.sessions as u64)]);
+    metric(&mut o, "ferrymq_subscriptions", "gauge", "Subscriptions, shared memberships included.", &[("", e.subscriptions as u64)]);
+    metric(&mut o, "ferrymq_retained_messages", "gauge", "Retained messages stored.", &[("", e.retained as u64)]);
+    metric(
+        &mut o,
+        "ferrymq_messages_received_total",
+        "counter",
+        "PUBLISH packets accepted from clients, by QoS.",
+        &[("qos=\"0\"", s.messages_received[0]), ("qos=\"1\"", s.messages_received[1]), ("qos=\"2\"", s.messages_received[2])],
+    );
+    metric(
+        &mut o,
+        "ferrymq_messages_sent_total",
+        "counter",
+        "Messages delivered to subscribers, by QoS (redeliveries not counted).",
+        &[("qos=\"0\"", s.messages_sent[0]), ("qos=\"1\"", s.messages_sent[1]), ("qos=\"2\"", s.messages_sent[2])],
+    );
+    metric(&mut o, "ferrymq_payload_bytes_received_total", "counter", "Payload bytes of accepted PUBLISH packets.", &[("", s.payload_bytes_received)]);
+    metric(&mut o, "ferrymq_payload_bytes_sent_total", "counter", "Payload bytes of delivered messages.", &[("", s.payload_bytes_sent)]);
+    metric(&mut o, "ferrymq_bytes_received_total", "counter", "Bytes read from MQTT connections.", &[("", g(&net.bytes_received))]);
+    metric(&mut o, "ferrymq_bytes_sent_total", "counter", "Bytes written to MQTT connections.", &[("", g(&net.bytes_sent))]);
+    metric(
+        &mut o,
+        "ferrymq_messages_dropped_total",
+        "counter",
+        "Messages not delivered, by reason.",
+        &[
+            ("reason=\"queue_full\"", s.dropped_queue_full),
+            ("reason=\"expired\"", s.dropped_expired),
+            ("reason=\"packet_too_large\"", s.dropped_too_large),
+            ("reason=\"no_subscribers\"", s.dropped_no_subscribers),
+            ("reason=\"slow_consumer\"", g(&net.dropped_slow_consumer)),
+        ],
+    );
+    metric(
+        &mut o,
+        "ferrymq_disconnects_total",
+        "counter",
+        "Connections closed by the server, by reason.",
+        &[
+            ("reason=\"protocol_error\"", s.protocol_errors),
+            ("reason=\"malformed_packet\"", g(&net.malformed_packets)),
+            ("reason=\"keep_alive_timeout\"", g(&net.keep_alive_timeouts)),
+            ("reason=\"slow_consumer\"", g(&net.disconnected_slow_consumer)),
+        ],
+    );
+    o
+}

@@ -1,0 +1,255 @@
+//! The router task: owns the engine, takes batches from connection tasks, hands actions back.
+//!
+//! One task owns the [`Broker`], so the engine needs no locks. Connection tasks send whole read
+//! batches ([`ToRouter::Packets`]); the router drains everything waiting, runs it through the
+//! engine, appends the resulting actions to each connection's [`Outbound`] queue, and wakes
+//! each touched connection once per batch.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrymq_core::{Action, Broker, ConnId, ConnectOutcome, Message, Outbox, Time};
+use ferrymq_mqtt::{Connect, Packet, QoS, ReasonCode};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::config::SlowConsumer;
+use crate::metrics::{EngineSnapshot, NetMetrics};
+
+/// Messages from connection tasks (and the admin side) to the router.
+pub(crate) enum ToRouter {
+    Connect {
+        conn: ConnId,
+        connect: Box<Connect>,
+        outbound: Arc<Outbound>,
+        reply: oneshot::Sender<ConnectOutcome>,
+    },
+    Packets { conn: ConnId, packets: Vec<Packet> },
+    /// The peer went away, or the writer failed.
+    Closed { conn: ConnId },
+    /// The connection broke a rule the network layer detects (malformed packet, keep alive).
+    Violation { conn: ConnId, reason: ReasonCode },
+    Snapshot(oneshot::Sender<EngineSnapshot>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A connection's outbound queue: the router appends, the writer takes everything at once.
+#[derive(Debug, Default)]
+pub(crate) struct Outbound {
+    queue: Mutex<OutQueue>,
+    pub(crate) notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct OutQueue {
+    actions: Vec<Action>,
+    bytes: usize,
+}
+
+impl Outbound {
+    /// Takes every queued action.
+    pub(crate) fn take(&self, into: &mut Vec<Action>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut q.actions, into);
+        q.bytes = 0;
+    }
+
+    /// Appends an action. A QoS 0 delivery to a connection with `limit` bytes already queued
+    /// is refused (returns false): a slow reader must not grow our memory.
+    fn push(&self, action: Action, limit: usize) -> bool {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Action::Deliver(d) = &action {
+            if d.qos == QoS::AtMostOnce && q.bytes >= limit {
+                return false;
+            }
+            q.bytes += d.message.payload.len() + d.message.topic.len() + 16;
+        }
+        q.actions.push(action);
+        true
+    }
+}
+
+pub(crate) struct RouterSettings {
+    pub max_outbound_bytes: usize,
+    pub slow_consumer: SlowConsumer,
+    pub sys_interval: Duration,
+}
+
+pub(crate) struct Router {
+    broker: Broker,
+    conns: HashMap<ConnId, Arc<Outbound>>,
+    net: Arc<NetMetrics>,
+    settings: RouterSettings,
+    started: Instant,
+    out: Outbox,
+    touched: Vec<ConnId>,
+}
+
+impl Router {
+    pub(crate) fn new(broker: Broker, net: Arc<NetMetrics>, settings: RouterSettings) -> Router {
+        Router {
+            broker,
+            conns: HashMap::new(),
+            net,
+            settings,
+            started: Instant::now(),
+            out: Outbox::default(),
+            touched: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Time {
+        Time(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// Runs until a `Shutdown` arrives or every sender is gone.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>) {
+        let mut batch = Vec::with_capacity(256);
+        let mut next_sys = Instant::now();
+        loop {
+            let deadline = self.next_wakeup(next_sys);
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            let now = self.now();
+            let mut shutdown = None;
+            for msg in batch.drain(..) {
+                match msg {
+                    ToRouter::Shutdown(done) => shutdown = Some(done),
+                    other => self.handle(other, now),
+                }
+            }
+            self.broker.tick(now, &mut self.out);
+            if !self.settings.sys_interval.is_zero() && Instant::now() >= next_sys {
+                self.publish_sys(now);
+                next_sys = Instant::now() + self.settings.sys_interval;
+            }
+            if let Some(done) = shutdown {
+                self.broker.shutdown(now, &mut self.out);
+                self.dispatch();
+                let _ = done.send(());
+                return;
+            }
+            self.dispatch();
+        }
+    }
+
+    fn next_wakeup(&self, next_sys: Instant) -> Instant {
+        let mut at = Instant::now() + Duration::from_secs(1);
+        if !self.settings.sys_interval.is_zero() {
+            at = at.min(next_sys);
+        }
+        if let Some(t) = self.broker.next_deadline() {
+            let wait = Duration::from_millis(t.0.saturating_sub(self.now().0));
+            at = at.min(Instant::now() + wait);
+        }
+        at
+    }
+
+    fn handle(&mut self, msg: ToRouter, now: Time) {
+        match msg {
+            ToRouter::Connect { conn, connect, outbound, reply } => {
+                self.conns.insert(conn, outbound);
+                let outcome = self.broker.connect(conn, *connect, now, &mut self.out);
+                let _ = reply.send(outcome);
+            }
+            ToRouter::Packets { conn, packets } => {
+                for p in packets {
+                    self.broker.packet(conn, p, now, &mut self.out);
+                }
+            }
+            ToRouter::Closed { conn } => {
+                self.conns.remove(&conn);
+                self.broker.closed(conn, now, &mut self.out);
+            }
+            ToRouter::Violation { conn, reason } => {
+                self.broker.kill(conn, Some(reason), now, &mut self.out);
+            }
+            ToRouter::Snapshot(reply) => {
+                let _ = reply.send(EngineSnapshot {
+                    stats: self.broker.stats().clone(),
+                    connections: self.broker.connection_count(),
+                    sessions: self.broker.session_count(),
+                    subscriptions: self.broker.subscription_count(),
+                    retained: self.broker.retained_count(),
+                });
+            }
+            ToRouter::Shutdown(_) => unreachable!("handled by run"),
+        }
+    }
+
+    /// Appends every action to its connection's queue, then wakes each connection once.
+    fn dispatch(&mut self) {
+        let limit = self.settings.max_outbound_bytes;
+        let mut actions = std::mem::take(&mut self.out.actions);
+        let mut slow: Vec<ConnId> = Vec::new();
+        for (conn, action) in actions.drain(..) {
+            let closing = matches!(action, Action::Close);
+            let Some(outbound) = self.conns.get(&conn) else { continue };
+            if outbound.push(action, limit) {
+                if self.touched.last() != Some(&conn) {
+                    self.touched.push(conn);
+                }
+            } else {
+                NetMetrics::add(&self.net.dropped_slow_consumer, 1);
+                if self.settings.slow_consumer == SlowConsumer::Disconnect && !slow.contains(&conn) {
+                    slow.push(conn);
+                }
+            }
+            if closing {
+                // The writer closes after flushing; the engine has already forgotten it.
+                if let Some(o) = self.conns.remove(&conn) {
+                    o.notify.notify_one();
+                }
+            }
+        }
+        self.out.actions = actions;
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        for conn in self.touched.drain(..) {
+            if let Some(o) = self.conns.get(&conn) {
+                o.notify.notify_one();
+            }
+        }
+        if !slow.is_empty() {
+            let now = self.now();
+            for conn in slow {
+                NetMetrics::add(&self.net.disconnected_slow_consumer, 1);
+                tracing::warn!(conn = conn.0, "disconnecting slow consumer");
+                self.broker.kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
+            }
+            self.dispatch();
+        }
+    }
+
+    /// Publishes the `$SYS/broker/...` topics as retained messages.
+    fn publish_sys(&mut self, now: Time) {
+        let s = self.broker.stats().clone();
+        let n = &self.net;
+        let topics: [(&str, String); 11] = [
+            ("$SYS/broker/version", format!("ferrymq {}", env!("CARGO_PKG_VERSION"))),
+            ("$SYS/broker/uptime", format!("{} seconds", self.started.elapsed().as_secs())),
+            ("$SYS/broker/clients/connected", self.broker.connection_count().to_string()),
+            ("$SYS/broker/clients/total", self.broker.session_count().to_string()),
+            ("$SYS/broker/messages/received", s.messages_received.iter().sum::<u64>().to_string()),
+            ("$SYS/broker/messages/sent", s.messages_sent.iter().sum::<u64>().to_string()),
+            ("$SYS/broker/bytes/received", n.bytes_received.load(Relaxed).to_string()),
+            ("$SYS/broker/bytes/sent", n.bytes_sent.load(Relaxed).to_string()),
+            ("$SYS/broker/subscriptions/count", self.broker.subscription_count().to_string()),
+            ("$SYS/broker/retained messages/count", self.broker.retained_count().to_string()),
+            ("$SYS/broker/messages/dropped", (s.dropped_queue_full + s.dropped_expired + s.dropped_too_large).to_string()),
+        ];
+        for (topic, value) in topics {
+            let mut m = Message::new(topic, Bytes::from(value), now);
+            m.retain = true;
+            self.broker.publish(m, now, &mut self.out);
+        }
+    }
+}
