@@ -1,0 +1,30 @@
+//! `/health` and `/metrics` answer over HTTP and count what happened.
+
+use crate::common::*;
+use rumqttc::QoS;
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let server = start().await;
+    let (status, body) = http_get(&server, "/health").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"status\":\"ok\""), "{body}");
+
+    let mut sub = v4(v4_options(&server, "m-sub")).await;
+    sub.client.subscribe("m/#", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let p = v4(v4_options(&server, "m-pub")).await;
+    for _ in 0..5 {
+        p.client.publish("m/x", QoS::AtLeastOnce, false, "12345").await.unwrap();
+    }
+    for _ in 0..5 {
+        next(&mut sub.rx).await;
+    }
+    assert_eq!(metric(&server, "ferrymq_messages_received_total{qos=\"1\"}").await, 5);
+    assert_eq!(metric(&server, "ferrymq_messages_sent_total{qos=\"1\"}").await, 5);
+    assert_eq!(metric(&server, "ferrymq_connections ").await, 2);
+    assert_eq!(metric(&server, "ferrymq_subscriptions").await, 1);
+    assert!(metric(&server, "ferrymq_bytes_received_total").await > 25);
+    let (status, _) = http_get(&server, "/nope").await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,249 @@
+//! Shared helpers: start a server, drive rumqttc clients, speak raw MQTT.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ferrymq_mqtt::{decode, encode, Limits, Packet, ProtocolVersion};
+use ferrymq_server::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.listeners.mqtt = "127.0.0.1:0".parse().unwrap();
+    c.listeners.http = "127.0.0.1:0".parse().unwrap();
+    c.sys.interval_secs = 0;
+    c
+}
+
+pub async fn start() -> Server {
+    start_with(test_config()).await
+}
+
+pub async fn start_with(c: Config) -> Server {
+    Server::start(c).await.expect("server starts")
+}
+
+/// A received publish, whichever rumqttc version produced it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Got {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// A rumqttc 3.1.1 client whose event loop runs in a task; publishes arrive on `rx`.
+pub struct V4 {
+    pub client: rumqttc::AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<Got>,
+}
+
+pub fn v4_options(server: &Server, id: &str) -> rumqttc::MqttOptions {
+    let a = server.mqtt_addr();
+    let mut o = rumqttc::MqttOptions::new(id, a.ip().to_string(), a.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+pub async fn v4(opts: rumqttc::MqttOptions) -> V4 {
+    let (client, mut ev) = rumqttc::AsyncClient::new(opts, 1000);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ctx, mut connected) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match ev.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send(Got {
+                        topic: p.topic.clone(),
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        user_properties: vec![],
+                    });
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    let _ = ctx.send(a.code == rumqttc::ConnectReturnCode::Success);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let ok = tokio::time::timeout(WAIT, connected.recv()).await.expect("CONNACK in time");
+    assert_eq!(ok, Some(true), "connection accepted");
+    V4 { client, rx }
+}
+
+/// A rumqttc 5.0 client; publishes and disconnect reasons arrive on channels.
+pub struct V5 {
+    pub client: rumqttc::v5::AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<Got>,
+    /// DISCONNECT reason codes sent by the server.
+    #[allow(dead_code)]
+    pub disconnects: mpsc::UnboundedReceiver<u8>,
+}
+
+pub fn v5_options(server: &Server, id: &str) -> rumqttc::v5::MqttOptions {
+    let a = server.mqtt_addr();
+    let mut o = rumqttc::v5::MqttOptions::new(id, a.ip().to_string(), a.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+pub async fn v5(opts: rumqttc::v5::MqttOptions) -> V5 {
+    use rumqttc::v5::mqttbytes::v5::Packet as P;
+    use rumqttc::v5::Event;
+    let (client, mut ev) = rumqttc::v5::AsyncClient::new(opts, 1000);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (dtx, disconnects) = mpsc::unbounded_channel();
+    let (ctx, mut connected) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(P::Publish(p))) => {
+                    let user_properties = p.properties.as_ref().map(|pr| pr.user_properties.clone()).unwrap_or_default();
+                    let _ = tx.send(Got {
+                        topic: String::from_utf8(p.topic.to_vec()).unwrap(),
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        user_properties,
+                    });
+                }
+                Ok(Event::Incoming(P::ConnAck(a))) => {
+                    let _ = ctx.send(a.code as u8);
+                }
+                Ok(Event::Incoming(P::Disconnect(d))) => {
+                    let _ = dtx.send(d.reason_code as u8);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    let code = tokio::time::timeout(WAIT, connected.recv()).await.expect("CONNACK in time");
+    assert_eq!(code, Some(0), "connection accepted");
+    V5 { client, rx, disconnects }
+}
+
+/// Receives the next publish or fails after [`WAIT`].
+pub async fn next(rx: &mut mpsc::UnboundedReceiver<Got>) -> Got {
+    tokio::time::timeout(WAIT, rx.recv()).await.expect("message in time").expect("client alive")
+}
+
+/// Asserts nothing arrives within `d`.
+pub async fn nothing(rx: &mut mpsc::UnboundedReceiver<Got>, d: Duration) {
+    if let Ok(Some(g)) = tokio::time::timeout(d, rx.recv()).await {
+        panic!("unexpected message {g:?}");
+    }
+}
+
+/// A raw MQTT connection for hostile or precise input.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub version: ProtocolVersion,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(server: &Server, version: ProtocolVersion) -> Raw {
+        let stream = TcpStream::connect(server.mqtt_addr()).await.unwrap();
+        Raw { stream, version, buf: BytesMut::new() }
+    }
+
+    pub fn from_stream(stream: TcpStream, version: ProtocolVersion) -> Raw {
+        Raw { stream, version, buf: BytesMut::new() }
+    }
+
+    pub async fn send(&mut self, p: &Packet) {
+        let mut out = BytesMut::new();
+        encode(p, self.version, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(b).await
+    }
+
+    /// The next packet, or `None` when the server closed the connection.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(p) = decode(&mut self.buf, self.version, &Limits::default()).unwrap() {
+                    return Some(p);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("server answers or closes in time")
+    }
+
+    /// Reads until the server closes; returns the packets seen.
+    pub async fn until_closed(&mut self) -> Vec<Packet> {
+        let mut seen = Vec::new();
+        while let Some(p) = self.recv().await {
+            seen.push(p);
+        }
+        seen
+    }
+}
+
+pub fn connect_packet(id: &str, version: ProtocolVersion) -> Packet {
+    Packet::Connect(Box::new(ferrymq_mqtt::Connect {
+        version,
+        client_id: id.into(),
+        clean_start: true,
+        keep_alive: 30,
+        username: None,
+        password: None,
+        will: None,
+        properties: Default::default(),
+    }))
+}
+
+/// Fetches an admin HTTP path with a minimal HTTP/1.1 request.
+pub async fn http_get(server: &Server, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(server.http_addr()).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    let status = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Reads one metric's value from `/metrics` (first sample whose line starts with `name`).
+pub async fn metric(server: &Server, name: &str) -> u64 {
+    let (_, body) = http_get(server, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing in:\n{body}"))
+}
+
+/// Polls `f` until it returns true or [`WAIT`] passes.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

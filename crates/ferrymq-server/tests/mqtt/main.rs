@@ -1,0 +1,20 @@
+//! Integration tests over real sockets: a real `ferrymq` server (in-process, bound to loopback
+//! port 0) and real MQTT clients (rumqttc for 3.1.1 and 5.0; raw sockets for hostile input).
+//! One behaviour per module.
+
+mod common;
+
+mod admin_http;
+mod connect_churn;
+mod emoji_end_to_end;
+mod keep_alive;
+mod limits;
+mod malformed_burst;
+mod qos_flows;
+mod retained;
+mod session_resume;
+mod shared_subscription;
+mod shutdown;
+mod sys_topics;
+mod takeover;
+mod will;
