@@ -295,7 +295,10 @@ impl Broker {
         let asked = match c.version {
             ProtocolVersion::V311 if c.clean_start => 0,
             ProtocolVersion::V311 => SESSION_NEVER_EXPIRES,
-            ProtocolVersion::V5 => c.properties.session_expiry_interval.unwrap_or(0),
+            ProtocolVersion::V5 => c
+                .properties
+                .session_expiry_interval
+                .unwrap_or(self.config.default_session_expiry),
         };
         let granted = asked.min(self.config.max_session_expiry);
         if granted != asked && c.version == ProtocolVersion::V5 {

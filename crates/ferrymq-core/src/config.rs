@@ -26,6 +26,11 @@ pub struct BrokerConfig {
     pub allow_anonymous: bool,
     /// Topic filters no subscriber may use (a requested filter covered by one is refused).
     pub deny_subscribe: Vec<String>,
+    /// The SUBACK reason a 5.0 client gets for a denied filter (3.1.1 always gets 0x80).
+    pub deny_subscribe_reason: ferrymq_mqtt::ReasonCode,
+    /// Session expiry granted to a 5.0 client whose CONNECT has none. MQTT 5 says 0
+    /// (§3.1.2.11.2); some test suites assume sessions outlive such connections.
+    pub default_session_expiry: u32,
 }
 
 impl Default for BrokerConfig {
@@ -42,6 +47,8 @@ impl Default for BrokerConfig {
             max_session_expiry: u32::MAX,
             allow_anonymous: true,
             deny_subscribe: Vec::new(),
+            deny_subscribe_reason: ferrymq_mqtt::ReasonCode::NotAuthorized,
+            default_session_expiry: 0,
         }
     }
 }

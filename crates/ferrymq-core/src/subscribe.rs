@@ -65,7 +65,7 @@ impl Broker {
             return Err(ReasonCode::TopicFilterInvalid);
         }
         if self.is_denied(&filter) {
-            return Err(ReasonCode::NotAuthorized);
+            return Err(self.config.deny_subscribe_reason);
         }
         let s = self.sessions.get_mut(&sid).expect("session of attached conn");
         let existed = s.subscriptions.contains_key(raw);

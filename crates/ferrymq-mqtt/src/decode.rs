@@ -299,7 +299,12 @@ fn decode_suback(r: &mut Reader, v: ProtocolVersion) -> Result<SubAck, DecodeErr
     let properties = props(r, v, Ctx::SubAck)?;
     let mut reasons = Vec::with_capacity(r.remaining());
     while r.remaining() > 0 {
-        reasons.push(reason(r.u8()?)?);
+        let code = r.u8()?;
+        // 3.1.1 knows only granted QoS 0-2 and 0x80 (spec 3.9.3).
+        if v == ProtocolVersion::V311 && !matches!(code, 0 | 1 | 2 | 0x80) {
+            return Err(DecodeError::Malformed("SUBACK return code"));
+        }
+        reasons.push(reason(code)?);
     }
     Ok(SubAck { packet_id, reasons, properties })
 }

@@ -45,6 +45,18 @@ pub struct Mqtt {
     /// Unset: allowed only when every listener is on a loopback address.
     pub allow_anonymous: Option<bool>,
     pub deny_subscribe: Vec<String>,
+    pub deny_subscribe_reason: DenyReason,
+    pub default_session_expiry: u32,
+}
+
+/// SUBACK reason for a denied subscription (5.0 clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    /// 0x87 Not authorized.
+    NotAuthorized,
+    /// 0x80 Unspecified error.
+    UnspecifiedError,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -125,6 +137,8 @@ impl Default for Mqtt {
             max_session_expiry: b.max_session_expiry,
             allow_anonymous: None,
             deny_subscribe: Vec::new(),
+            deny_subscribe_reason: DenyReason::NotAuthorized,
+            default_session_expiry: b.default_session_expiry,
         }
     }
 }
@@ -236,6 +250,11 @@ impl Config {
             max_session_expiry: m.max_session_expiry,
             allow_anonymous: self.allow_anonymous(),
             deny_subscribe: m.deny_subscribe.clone(),
+            deny_subscribe_reason: match m.deny_subscribe_reason {
+                DenyReason::NotAuthorized => ferrymq_mqtt::ReasonCode::NotAuthorized,
+                DenyReason::UnspecifiedError => ferrymq_mqtt::ReasonCode::UnspecifiedError,
+            },
+            default_session_expiry: m.default_session_expiry,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `ferrymq pub` and `ferrymq sub`: flags follow mosquitto_pub and mosquitto_sub.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -283,6 +283,11 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
 
 fn print_message(p: &Publish, verbose: bool, show_properties: bool) {
     let payload = String::from_utf8_lossy(&p.payload);
+    let mut out = std::io::stdout().lock();
+    // Write errors (a closed pipe) end nothing: the subscriber keeps acknowledging.
+    macro_rules! println {
+        ($($t:tt)*) => {{ let _ = writeln!(out, $($t)*); }};
+    }
     if verbose {
         println!("{} {}", p.topic, payload);
     } else {

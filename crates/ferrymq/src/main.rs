@@ -2,6 +2,7 @@
 
 mod cli_client;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -63,7 +64,8 @@ fn main() -> anyhow::Result<()> {
         Command::Sub(args) => runtime()?.block_on(cli_client::subscribe(args)),
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
-            println!("{} is valid.\n\n{config:#?}", file.display());
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{} is valid.\n\n{config:#?}", file.display());
             Ok(())
         }
     }
