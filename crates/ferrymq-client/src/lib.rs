@@ -160,7 +160,9 @@ impl Client {
     }
 
     async fn recv_timeout(&mut self) -> Result<Packet, ClientError> {
-        tokio::time::timeout(self.timeout, self.recv()).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(self.timeout, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     /// Subscribes and waits for the SUBACK.
@@ -170,7 +172,12 @@ impl Client {
         properties: Properties,
     ) -> Result<SubAck, ClientError> {
         let packet_id = self.next_packet_id();
-        self.send(&Packet::Subscribe(Subscribe { packet_id, filters, properties })).await?;
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id,
+            filters,
+            properties,
+        }))
+        .await?;
         loop {
             match self.recv_timeout().await? {
                 Packet::SubAck(a) if a.packet_id == packet_id => return Ok(a),
@@ -210,7 +217,8 @@ impl Client {
                         other => return Err(ClientError::Unexpected(other.name())),
                     }
                 }
-                self.send(&Packet::PubRel(PubResp::new(pid, ReasonCode::Success))).await?;
+                self.send(&Packet::PubRel(PubResp::new(pid, ReasonCode::Success)))
+                    .await?;
                 loop {
                     match self.recv_timeout().await? {
                         Packet::PubComp(c) if c.packet_id == pid => return Ok(c.reason),
@@ -225,8 +233,12 @@ impl Client {
     /// Acknowledges a received QoS 1/2 publish (PUBACK, or PUBREC and later PUBCOMP).
     pub fn queue_ack(&mut self, p: &Publish) -> Result<(), ClientError> {
         match (p.qos, p.packet_id) {
-            (QoS::AtLeastOnce, Some(id)) => self.queue(&Packet::PubAck(PubResp::new(id, ReasonCode::Success))),
-            (QoS::ExactlyOnce, Some(id)) => self.queue(&Packet::PubRec(PubResp::new(id, ReasonCode::Success))),
+            (QoS::AtLeastOnce, Some(id)) => {
+                self.queue(&Packet::PubAck(PubResp::new(id, ReasonCode::Success)))
+            }
+            (QoS::ExactlyOnce, Some(id)) => {
+                self.queue(&Packet::PubRec(PubResp::new(id, ReasonCode::Success)))
+            }
             _ => Ok(()),
         }
     }
@@ -238,7 +250,8 @@ impl Client {
 
     /// Sends DISCONNECT (normal) and closes.
     pub async fn disconnect(mut self) -> Result<(), ClientError> {
-        self.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success))).await?;
+        self.send(&Packet::Disconnect(Disconnect::new(ReasonCode::Success)))
+            .await?;
         self.stream.shutdown().await?;
         Ok(())
     }

@@ -26,6 +26,9 @@ use crate::{
 };
 
 /// What the driver must do for one connection.
+// `Send` is large because properties live inline in packets; boxing it would allocate per
+// PUBACK. The performance work revisits the packet layout as a whole.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Action {
     /// Send a control packet.
@@ -185,7 +188,13 @@ impl Broker {
 
     /// Handles a CONNECT on a new connection. A refused connection gets its CONNACK and a
     /// `Close`; an accepted one gets CONNACK, then any redelivered and queued messages.
-    pub fn connect(&mut self, conn: ConnId, c: Connect, now: Time, out: &mut Outbox) -> ConnectOutcome {
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        c: Connect,
+        now: Time,
+        out: &mut Outbox,
+    ) -> ConnectOutcome {
         let v5 = c.version == ProtocolVersion::V5;
         let mut outcome = ConnectOutcome {
             accepted: false,
@@ -196,7 +205,11 @@ impl Broker {
         };
         if let Err(reason) = self.check_connect(&c) {
             self.stats.connects_refused += 1;
-            let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+            let ack = ConnAck {
+                session_present: false,
+                reason,
+                properties: Properties::default(),
+            };
             out.push(conn, Action::Send(Packet::ConnAck(ack)));
             out.push(conn, Action::Close);
             return outcome;
@@ -214,7 +227,11 @@ impl Broker {
         };
         let expiry = self.granted_expiry(&c, &mut props);
         // Take over a live connection on the same client id.
-        if let Some(old) = self.by_client_id.get(&client_id).and_then(|s| self.sessions[s].conn) {
+        if let Some(old) = self
+            .by_client_id
+            .get(&client_id)
+            .and_then(|s| self.sessions[s].conn)
+        {
             self.kill(old, Some(ReasonCode::SessionTakenOver), now, out);
         }
         let existing = self.by_client_id.get(&client_id).copied();
@@ -259,7 +276,11 @@ impl Broker {
                 client_max_packet_size: outcome.client_max_packet_size,
             },
         );
-        let ack = ConnAck { session_present, reason: ReasonCode::Success, properties: props };
+        let ack = ConnAck {
+            session_present,
+            reason: ReasonCode::Success,
+            properties: props,
+        };
         out.push(conn, Action::Send(Packet::ConnAck(ack)));
         self.resume_session(session_id, now, out);
         outcome.accepted = true;
@@ -310,14 +331,17 @@ impl Broker {
     fn new_session(&mut self, client_id: Arc<str>, version: ProtocolVersion) -> SessionId {
         let id = SessionId(self.next_session);
         self.next_session += 1;
-        self.sessions.insert(id, Session::new(id, client_id.clone(), version));
+        self.sessions
+            .insert(id, Session::new(id, client_id.clone(), version));
         self.by_client_id.insert(client_id, id);
         id
     }
 
     /// Removes a session, its subscriptions, and publishes its pending will.
     pub(crate) fn end_session(&mut self, id: SessionId, now: Time, out: &mut Outbox) {
-        let Some(mut s) = self.sessions.remove(&id) else { return };
+        let Some(mut s) = self.sessions.remove(&id) else {
+            return;
+        };
         if self.by_client_id.get(&s.client_id) == Some(&id) {
             self.by_client_id.remove(&s.client_id);
         }
@@ -338,9 +362,14 @@ impl Broker {
     /// Ends a connection for a protocol violation: DISCONNECT with `reason` (5.0 only), close,
     /// publish the will.
     pub fn kill(&mut self, conn: ConnId, reason: Option<ReasonCode>, now: Time, out: &mut Outbox) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         if let (Some(reason), ProtocolVersion::V5) = (reason, c.version) {
-            out.push(conn, Action::Send(Packet::Disconnect(Disconnect::new(reason))));
+            out.push(
+                conn,
+                Action::Send(Packet::Disconnect(Disconnect::new(reason))),
+            );
         }
         if reason.is_some_and(|r| r != ReasonCode::SessionTakenOver) {
             self.stats.protocol_errors += 1;
@@ -364,9 +393,13 @@ impl Broker {
 
     /// Detaches a connection from its session; ends the session if it does not outlive it.
     pub(crate) fn detach(&mut self, conn: ConnId, with_will: bool, now: Time, out: &mut Outbox) {
-        let Some(c) = self.conns.remove(&conn) else { return };
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
         let sid = c.session;
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         s.conn = None;
         s.disconnected_at = Some(now);
         let expiry = s.expiry_interval;
@@ -386,7 +419,8 @@ impl Broker {
         if expiry == 0 {
             self.end_session(sid, now, out);
         } else if expiry != SESSION_NEVER_EXPIRES {
-            self.timers.push(Reverse((now.plus_secs(expiry), Timer::SessionExpiry(sid))));
+            self.timers
+                .push(Reverse((now.plus_secs(expiry), Timer::SessionExpiry(sid))));
         }
     }
 
@@ -420,14 +454,18 @@ impl Broker {
             self.timers.pop();
             match timer {
                 Timer::Will(sid) => {
-                    let Some(s) = self.sessions.get_mut(&sid) else { continue };
+                    let Some(s) = self.sessions.get_mut(&sid) else {
+                        continue;
+                    };
                     if s.pending_will.as_ref().is_some_and(|(_, at)| *at <= now) {
                         let (will, _) = s.pending_will.take().expect("checked");
                         self.publish_will(will, sid, now, out);
                     }
                 }
                 Timer::SessionExpiry(sid) => {
-                    let Some(s) = self.sessions.get(&sid) else { continue };
+                    let Some(s) = self.sessions.get(&sid) else {
+                        continue;
+                    };
                     let expired = s.conn.is_none()
                         && s.disconnected_at
                             .is_some_and(|at| at.plus_secs(s.expiry_interval) <= now);
@@ -461,7 +499,9 @@ impl Broker {
     }
 
     fn on_disconnect(&mut self, conn: ConnId, d: Disconnect, now: Time, out: &mut Outbox) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let sid = c.session;
         if let Some(new_expiry) = d.properties.session_expiry_interval {
             let s = &self.sessions[&sid];
@@ -483,7 +523,9 @@ impl Broker {
 
     /// Resends in-flight messages (DUP) and fills the window from the pending queue.
     fn resume_session(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let Some(conn) = s.conn else { return };
         for pid in s.inflight_in_order() {
             let f = &s.inflight[&pid];
@@ -508,10 +550,14 @@ impl Broker {
 
     /// Moves pending messages into flight while the client's receive window allows.
     pub(crate) fn fill_window(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let Some(conn) = s.conn else { return };
         while s.has_window() {
-            let Some(p) = s.pending.pop_front() else { break };
+            let Some(p) = s.pending.pop_front() else {
+                break;
+            };
             if p.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
                 continue;
@@ -528,7 +574,13 @@ impl Broker {
             let pid = s.start_flight(p);
             self.stats.messages_sent[d.qos as usize] += 1;
             self.stats.payload_bytes_sent += d.message.payload.len() as u64;
-            out.push(conn, Action::Deliver(Delivery { packet_id: Some(pid), ..d }));
+            out.push(
+                conn,
+                Action::Deliver(Delivery {
+                    packet_id: Some(pid),
+                    ..d
+                }),
+            );
         }
     }
 
@@ -540,7 +592,9 @@ impl Broker {
 
     pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending) -> bool {
         let limit = self.config.max_queued_messages;
-        let Some(s) = self.sessions.get_mut(&sid) else { return false };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return false;
+        };
         if s.pending.len() >= limit {
             self.stats.dropped_queue_full += 1;
             return false;

@@ -40,7 +40,12 @@ impl Message {
     }
 
     /// Builds a message from a client's PUBLISH whose topic alias is already resolved.
-    pub fn from_publish(p: Publish, topic: Arc<str>, publisher: Option<SessionId>, now: Time) -> Message {
+    pub fn from_publish(
+        p: Publish,
+        topic: Arc<str>,
+        publisher: Option<SessionId>,
+        now: Time,
+    ) -> Message {
         let mut properties = p.properties;
         properties.topic_alias = None;
         properties.subscription_identifiers.clear();

@@ -75,7 +75,9 @@ fn clear(node: &mut Node, levels: &[&str]) -> bool {
     let Some((first, rest)) = levels.split_first() else {
         return node.message.take().is_some();
     };
-    let Some(child) = node.children.get_mut(*first) else { return false };
+    let Some(child) = node.children.get_mut(*first) else {
+        return false;
+    };
     let removed = clear(child, rest);
     if child.is_empty() {
         node.children.remove(*first);
@@ -122,17 +124,26 @@ fn all(node: &Node, out: &mut Vec<Arc<Message>>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::{Message, Time};
     use ferrymq_mqtt::topic::matches;
 
     fn msg(topic: &str, payload: &str) -> Arc<Message> {
-        Arc::new(Message::new(topic, payload.as_bytes().to_vec().into(), Time(0)))
+        Arc::new(Message::new(
+            topic,
+            payload.as_bytes().to_vec().into(),
+            Time(0),
+        ))
     }
 
     fn topics(r: &RetainedStore, filter: &str) -> Vec<String> {
-        let mut v: Vec<String> = r.matching(filter).iter().map(|m| m.topic.to_string()).collect();
+        let mut v: Vec<String> = r
+            .matching(filter)
+            .iter()
+            .map(|m| m.topic.to_string())
+            .collect();
         v.sort();
         v
     }

@@ -57,10 +57,16 @@ impl Broker {
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
         if qos == QoS::ExactlyOnce {
-            let s = self.sessions.get_mut(&sid).expect("session of attached conn");
+            let s = self
+                .sessions
+                .get_mut(&sid)
+                .expect("session of attached conn");
             if s.inbound_qos2.contains(&pid) {
                 // A resend of a publish we already routed: acknowledge, do not route again.
-                out.push(conn, Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))));
+                out.push(
+                    conn,
+                    Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))),
+                );
                 return;
             }
             if s.inbound_qos2.len() >= usize::from(self.config.receive_maximum) {
@@ -70,10 +76,16 @@ impl Broker {
         if let Some(reason) = refusal {
             match (qos, v5) {
                 (QoS::AtLeastOnce, true) => {
-                    out.push(conn, Action::Send(Packet::PubAck(PubResp::new(pid, reason))));
+                    out.push(
+                        conn,
+                        Action::Send(Packet::PubAck(PubResp::new(pid, reason))),
+                    );
                 }
                 (QoS::ExactlyOnce, true) => {
-                    out.push(conn, Action::Send(Packet::PubRec(PubResp::new(pid, reason))));
+                    out.push(
+                        conn,
+                        Action::Send(Packet::PubRec(PubResp::new(pid, reason))),
+                    );
                 }
                 (QoS::AtMostOnce, _) => {}
                 // 3.1.1 has no negative acks: drop the connection instead.
@@ -91,28 +103,49 @@ impl Broker {
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                out.push(conn, Action::Send(Packet::PubAck(PubResp::new(pid, ReasonCode::Success))));
+                out.push(
+                    conn,
+                    Action::Send(Packet::PubAck(PubResp::new(pid, ReasonCode::Success))),
+                );
             }
             QoS::ExactlyOnce => {
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     s.inbound_qos2.insert(pid);
                 }
-                out.push(conn, Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))));
+                out.push(
+                    conn,
+                    Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))),
+                );
             }
         }
     }
 
     pub(crate) fn on_pubrel(&mut self, conn: ConnId, r: PubResp, out: &mut Outbox) {
         let sid = self.conns[&conn].session;
-        let known = self.sessions.get_mut(&sid).is_some_and(|s| s.inbound_qos2.remove(&r.packet_id));
-        let reason = if known { ReasonCode::Success } else { ReasonCode::PacketIdentifierNotFound };
-        out.push(conn, Action::Send(Packet::PubComp(PubResp::new(r.packet_id, reason))));
+        let known = self
+            .sessions
+            .get_mut(&sid)
+            .is_some_and(|s| s.inbound_qos2.remove(&r.packet_id));
+        let reason = if known {
+            ReasonCode::Success
+        } else {
+            ReasonCode::PacketIdentifierNotFound
+        };
+        out.push(
+            conn,
+            Action::Send(Packet::PubComp(PubResp::new(r.packet_id, reason))),
+        );
     }
 
     pub(crate) fn on_puback(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
         let sid = self.conns[&conn].session;
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
-        if s.inflight.get(&r.packet_id).is_some_and(|f| f.state == OutState::AwaitPubAck) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if s.inflight
+            .get(&r.packet_id)
+            .is_some_and(|f| f.state == OutState::AwaitPubAck)
+        {
             s.inflight.remove(&r.packet_id);
             self.fill_window(sid, now, out);
         }
@@ -120,7 +153,9 @@ impl Broker {
 
     pub(crate) fn on_pubrec(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
         let sid = self.conns[&conn].session;
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let pid = r.packet_id;
         match s.inflight.get_mut(&pid) {
             Some(f) if f.state == OutState::AwaitPubRec && r.reason.is_error() => {
@@ -130,19 +165,30 @@ impl Broker {
             }
             Some(f) if f.state != OutState::AwaitPubAck => {
                 f.state = OutState::AwaitPubComp;
-                out.push(conn, Action::Send(Packet::PubRel(PubResp::new(pid, ReasonCode::Success))));
+                out.push(
+                    conn,
+                    Action::Send(Packet::PubRel(PubResp::new(pid, ReasonCode::Success))),
+                );
             }
             _ => {
                 let reason = ReasonCode::PacketIdentifierNotFound;
-                out.push(conn, Action::Send(Packet::PubRel(PubResp::new(pid, reason))));
+                out.push(
+                    conn,
+                    Action::Send(Packet::PubRel(PubResp::new(pid, reason))),
+                );
             }
         }
     }
 
     pub(crate) fn on_pubcomp(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
         let sid = self.conns[&conn].session;
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
-        if s.inflight.get(&r.packet_id).is_some_and(|f| f.state == OutState::AwaitPubComp) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        if s.inflight
+            .get(&r.packet_id)
+            .is_some_and(|f| f.state == OutState::AwaitPubComp)
+        {
             s.inflight.remove(&r.packet_id);
             self.fill_window(sid, now, out);
         }
@@ -160,7 +206,13 @@ impl Broker {
         let routed = targets.len();
         for t in targets {
             let retain = msg.retain && t.retain_as_published;
-            let p = Pending { message: msg.clone(), qos: t.qos, retain, subscription_ids: t.ids, shared: t.shared };
+            let p = Pending {
+                message: msg.clone(),
+                qos: t.qos,
+                retain,
+                subscription_ids: t.ids,
+                shared: t.shared,
+            };
             self.deliver(t.session, p, now, out);
         }
         routed
@@ -194,12 +246,16 @@ impl Broker {
         let sessions = &self.sessions;
         for group in matches.shared {
             let connected = |s: SessionId| sessions.get(&s).is_some_and(|s| s.is_connected());
-            let Some(e) = group.pick(connected) else { continue };
+            let Some(e) = group.pick(connected) else {
+                continue;
+            };
             let filter = self
                 .sessions
                 .get(&e.session)
                 .and_then(|s| {
-                    s.subscriptions.values().find(|sub| sub.group.as_deref() == Some(&*group.name))
+                    s.subscriptions
+                        .values()
+                        .find(|sub| sub.group.as_deref() == Some(&*group.name))
                 })
                 .map(|sub| sub.filter.as_str())
                 .unwrap_or_default();
@@ -208,7 +264,10 @@ impl Broker {
                 qos: msg.qos.min(e.options.qos),
                 retain_as_published: false,
                 ids: e.identifier.into_iter().collect(),
-                shared: Some(SharedOrigin { filter: filter.into(), group: group.name.as_ref().into() }),
+                shared: Some(SharedOrigin {
+                    filter: filter.into(),
+                    group: group.name.as_ref().into(),
+                }),
             });
         }
         targets
@@ -221,10 +280,15 @@ impl Broker {
             self.stats.dropped_expired += 1;
             return;
         }
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let conn = s.conn;
         if let Some(conn) = conn {
-            let max = self.conns.get(&conn).map_or(u32::MAX, |c| c.client_max_packet_size);
+            let max = self
+                .conns
+                .get(&conn)
+                .map_or(u32::MAX, |c| c.client_max_packet_size);
             // Too large for this client: discard as if sent (MQTT-3.1.2-25).
             if p.message.wire_size(p.subscription_ids.len()) > max as usize {
                 self.stats.dropped_too_large += 1;
@@ -260,7 +324,9 @@ impl Broker {
     /// When a shared-group member goes away, its unacknowledged messages from that group go
     /// to another connected member (those awaiting PUBCOMP were already received and stay).
     pub(crate) fn redistribute_shared(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
-        let Some(s) = self.sessions.get_mut(&sid) else { return };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let mut moved: Vec<Pending> = Vec::new();
         let shared_pids: Vec<u16> = s
             .inflight_in_order()
@@ -282,9 +348,12 @@ impl Broker {
         for p in moved {
             let origin = p.shared.clone().expect("only shared messages are moved");
             let sessions = &self.sessions;
-            let other = self.subs.shared_group(&origin.filter, &origin.group).and_then(|g| {
-                g.pick(|m| m != sid && sessions.get(&m).is_some_and(|s| s.is_connected()))
-            });
+            let other = self
+                .subs
+                .shared_group(&origin.filter, &origin.group)
+                .and_then(|g| {
+                    g.pick(|m| m != sid && sessions.get(&m).is_some_and(|s| s.is_connected()))
+                });
             match other {
                 Some(e) if e.session != sid => {
                     let qos = p.message.qos.min(e.options.qos);

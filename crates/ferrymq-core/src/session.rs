@@ -115,7 +115,14 @@ impl Session {
             _ => OutState::AwaitPubAck,
         };
         self.next_seq += 1;
-        self.inflight.insert(pid, InFlight { pending, state, seq: self.next_seq });
+        self.inflight.insert(
+            pid,
+            InFlight {
+                pending,
+                state,
+                seq: self.next_seq,
+            },
+        );
         pid
     }
 

@@ -15,7 +15,10 @@ impl Broker {
         let sid = self.conns[&conn].session;
         let identifier = s.properties.subscription_identifiers.first().copied();
         // No Local on a shared subscription is a protocol error (MQTT-3.8.3-4).
-        if s.filters.iter().any(|(f, o)| o.no_local && f.starts_with("$share/")) {
+        if s.filters
+            .iter()
+            .any(|(f, o)| o.no_local && f.starts_with("$share/"))
+        {
             return self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
         }
         let mut reasons = Vec::with_capacity(s.filters.len());
@@ -41,7 +44,11 @@ impl Broker {
                 Err(reason) => reasons.push(reason),
             }
         }
-        let ack = SubAck { packet_id: s.packet_id, reasons, properties: Properties::default() };
+        let ack = SubAck {
+            packet_id: s.packet_id,
+            reasons,
+            properties: Properties::default(),
+        };
         out.push(conn, Action::Send(Packet::SubAck(ack)));
         for (filter, options) in replay {
             self.replay_retained(sid, &filter, options, identifier, now, out);
@@ -61,27 +68,47 @@ impl Broker {
             Ok(None) => (None, raw.to_string()),
             Err(_) => return Err(ReasonCode::TopicFilterInvalid),
         };
-        if !valid_topic_filter(&filter) || filter.split('/').count() > self.config.max_topic_levels {
+        if !valid_topic_filter(&filter) || filter.split('/').count() > self.config.max_topic_levels
+        {
             return Err(ReasonCode::TopicFilterInvalid);
         }
         if self.is_denied(&filter) {
             return Err(self.config.deny_subscribe_reason);
         }
-        let s = self.sessions.get_mut(&sid).expect("session of attached conn");
+        let s = self
+            .sessions
+            .get_mut(&sid)
+            .expect("session of attached conn");
         let existed = s.subscriptions.contains_key(raw);
         if !existed && s.subscriptions.len() >= self.config.max_subscriptions_per_client {
             return Err(ReasonCode::QuotaExceeded);
         }
-        let sub = Subscription { filter: filter.clone(), group: group.clone(), options, identifier };
+        let sub = Subscription {
+            filter: filter.clone(),
+            group: group.clone(),
+            options,
+            identifier,
+        };
         s.subscriptions.insert(raw.to_string(), sub);
-        self.subs.insert(&filter, group.as_deref(), SubEntry { session: sid, options, identifier });
+        self.subs.insert(
+            &filter,
+            group.as_deref(),
+            SubEntry {
+                session: sid,
+                options,
+                identifier,
+            },
+        );
         Ok(existed)
     }
 
     /// A requested filter is denied when a deny-list filter covers it, reading the
     /// requested filter's wildcards literally (deny `secret/#` covers `secret/+/x`).
     fn is_denied(&self, filter: &str) -> bool {
-        self.config.deny_subscribe.iter().any(|d| d == filter || matches(d, filter))
+        self.config
+            .deny_subscribe
+            .iter()
+            .any(|d| d == filter || matches(d, filter))
     }
 
     fn replay_retained(
@@ -129,7 +156,11 @@ impl Broker {
         if version == ProtocolVersion::V311 {
             reasons.clear();
         }
-        let ack = UnsubAck { packet_id: u.packet_id, reasons, properties: Properties::default() };
+        let ack = UnsubAck {
+            packet_id: u.packet_id,
+            reasons,
+            properties: Properties::default(),
+        };
         out.push(conn, Action::Send(Packet::UnsubAck(ack)));
     }
 }

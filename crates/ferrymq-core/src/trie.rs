@@ -114,7 +114,10 @@ impl SubscriptionTree {
                 let idx = match pos {
                     Some(i) => i,
                     None => {
-                        node.shared.push(SharedGroup { name: g.into(), ..Default::default() });
+                        node.shared.push(SharedGroup {
+                            name: g.into(),
+                            ..Default::default()
+                        });
                         node.shared.len() - 1
                     }
                 };
@@ -183,8 +186,14 @@ fn remove_at(node: &mut Node, levels: &[&str], group: Option<&str>, session: Ses
     };
     let removed = match *first {
         "+" | "#" => {
-            let slot = if *first == "+" { &mut node.plus } else { &mut node.hash };
-            let Some(child) = slot.as_deref_mut() else { return false };
+            let slot = if *first == "+" {
+                &mut node.plus
+            } else {
+                &mut node.hash
+            };
+            let Some(child) = slot.as_deref_mut() else {
+                return false;
+            };
             let removed = remove_at(child, rest, group, session);
             if child.is_empty() {
                 *slot = None;
@@ -192,7 +201,9 @@ fn remove_at(node: &mut Node, levels: &[&str], group: Option<&str>, session: Ses
             removed
         }
         level => {
-            let Some(child) = node.children.get_mut(level) else { return false };
+            let Some(child) = node.children.get_mut(level) else {
+                return false;
+            };
             let removed = remove_at(child, rest, group, session);
             if child.is_empty() {
                 node.children.remove(level);
@@ -238,13 +249,18 @@ fn collect<'a>(node: &'a Node, levels: &[&str], dollar_first: bool, out: &mut Ma
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use ferrymq_mqtt::topic::matches;
     use proptest::prelude::*;
 
     fn entry(s: u64) -> SubEntry {
-        SubEntry { session: SessionId(s), options: Default::default(), identifier: None }
+        SubEntry {
+            session: SessionId(s),
+            options: Default::default(),
+            identifier: None,
+        }
     }
 
     fn sessions(t: &SubscriptionTree, topic: &str) -> Vec<u64> {
@@ -285,11 +301,23 @@ mod tests {
             t.insert("jobs/#", Some("w"), entry(s));
         }
         let picks: Vec<u64> = (0..6)
-            .map(|_| t.matches("jobs/1").shared[0].pick(|_| true).unwrap().session.0)
+            .map(|_| {
+                t.matches("jobs/1").shared[0]
+                    .pick(|_| true)
+                    .unwrap()
+                    .session
+                    .0
+            })
             .collect();
         assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
         let only2: Vec<u64> = (0..3)
-            .map(|_| t.matches("jobs/1").shared[0].pick(|s| s.0 == 2).unwrap().session.0)
+            .map(|_| {
+                t.matches("jobs/1").shared[0]
+                    .pick(|s| s.0 == 2)
+                    .unwrap()
+                    .session
+                    .0
+            })
             .collect();
         assert_eq!(only2, vec![2, 2, 2]);
     }

@@ -1,5 +1,7 @@
 //! Deterministic engine tests with a virtual clock: no sockets, no sleeping.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use ferrymq_core::*;
 use ferrymq_mqtt::*;
@@ -39,7 +41,13 @@ fn publish(topic: &str, payload: &str, qos: QoS, pid: u16) -> Publish {
 }
 
 fn sub(filter: &str, qos: QoS) -> (String, SubscriptionOptions) {
-    (filter.into(), SubscriptionOptions { qos, ..Default::default() })
+    (
+        filter.into(),
+        SubscriptionOptions {
+            qos,
+            ..Default::default()
+        },
+    )
 }
 
 impl Harness {
@@ -48,15 +56,22 @@ impl Harness {
     }
 
     fn with(config: BrokerConfig) -> Self {
-        Harness { broker: Broker::new(config), now: Time(1_000), out: Outbox::default() }
+        Harness {
+            broker: Broker::new(config),
+            now: Time(1_000),
+            out: Outbox::default(),
+        }
     }
 
     fn connect(&mut self, conn: u64, c: Connect) -> ConnAck {
-        self.broker.connect(ConnId(conn), c, self.now, &mut self.out);
+        self.broker
+            .connect(ConnId(conn), c, self.now, &mut self.out);
         let mut actions = self.take(conn);
         let first = actions.remove(0);
         // Keep what follows the CONNACK (redeliveries) for the test to read.
-        self.out.actions.extend(actions.into_iter().map(|a| (ConnId(conn), a)));
+        self.out
+            .actions
+            .extend(actions.into_iter().map(|a| (ConnId(conn), a)));
         match first {
             Action::Send(Packet::ConnAck(a)) => a,
             other => panic!("expected CONNACK, got {other:?}"),
@@ -72,7 +87,11 @@ impl Harness {
         self.broker.packet(ConnId(conn), p, self.now, &mut self.out);
     }
 
-    fn subscribe(&mut self, conn: u64, filters: Vec<(String, SubscriptionOptions)>) -> Vec<ReasonCode> {
+    fn subscribe(
+        &mut self,
+        conn: u64,
+        filters: Vec<(String, SubscriptionOptions)>,
+    ) -> Vec<ReasonCode> {
         self.subscribe_with(conn, filters, Properties::default())
     }
 
@@ -82,7 +101,14 @@ impl Harness {
         filters: Vec<(String, SubscriptionOptions)>,
         properties: Properties,
     ) -> Vec<ReasonCode> {
-        self.packet(conn, Packet::Subscribe(Subscribe { packet_id: 1, filters, properties }));
+        self.packet(
+            conn,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters,
+                properties,
+            }),
+        );
         let acts = self.take(conn);
         match acts.first() {
             Some(Action::Send(Packet::SubAck(a))) => a.reasons.clone(),
@@ -92,8 +118,11 @@ impl Harness {
 
     /// Takes every action queued for `conn`, keeping the others.
     fn take(&mut self, conn: u64) -> Vec<Action> {
-        let (mine, rest): (Vec<_>, Vec<_>) =
-            self.out.actions.drain(..).partition(|(c, _)| *c == ConnId(conn));
+        let (mine, rest): (Vec<_>, Vec<_>) = self
+            .out
+            .actions
+            .drain(..)
+            .partition(|(c, _)| *c == ConnId(conn));
         self.out.actions = rest;
         mine.into_iter().map(|(_, a)| a).collect()
     }
@@ -101,7 +130,13 @@ impl Harness {
     fn deliveries(&mut self, conn: u64) -> Vec<Delivery> {
         self.take(conn)
             .into_iter()
-            .filter_map(|a| if let Action::Deliver(d) = a { Some(d) } else { None })
+            .filter_map(|a| {
+                if let Action::Deliver(d) = a {
+                    Some(d)
+                } else {
+                    None
+                }
+            })
             .collect()
     }
 
@@ -123,9 +158,18 @@ fn qos0_routes_by_wildcard_and_hides_dollar_topics() {
     let mut h = Harness::new();
     h.connect_simple(1, "sub", V5);
     h.connect_simple(2, "pub", V3);
-    h.subscribe(1, vec![sub("a/+/c", QoS::AtMostOnce), sub("#", QoS::AtMostOnce)]);
-    h.packet(2, Packet::Publish(publish("a/b/c", "x", QoS::AtMostOnce, 0)));
-    h.packet(2, Packet::Publish(publish("$SYS/foo", "hidden", QoS::AtMostOnce, 0)));
+    h.subscribe(
+        1,
+        vec![sub("a/+/c", QoS::AtMostOnce), sub("#", QoS::AtMostOnce)],
+    );
+    h.packet(
+        2,
+        Packet::Publish(publish("a/b/c", "x", QoS::AtMostOnce, 0)),
+    );
+    h.packet(
+        2,
+        Packet::Publish(publish("$SYS/foo", "hidden", QoS::AtMostOnce, 0)),
+    );
     h.packet(2, Packet::Publish(publish("q", "y", QoS::AtMostOnce, 0)));
     // Overlapping subscriptions deliver once (MQTT-3.3.5-1); `#` does not match `$SYS`.
     assert_eq!(h.payloads(1), vec!["x", "y"]);
@@ -140,14 +184,25 @@ fn qos1_flow_and_receive_maximum_window() {
     h.connect_simple(2, "pub", V5);
     h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
     for i in 1..=5 {
-        h.packet(2, Packet::Publish(publish("t", &i.to_string(), QoS::AtLeastOnce, i)));
+        h.packet(
+            2,
+            Packet::Publish(publish("t", &i.to_string(), QoS::AtLeastOnce, i)),
+        );
     }
     let acks = h.take(2);
     assert_eq!(acks.len(), 5, "every publish is acknowledged");
     let first = h.deliveries(1);
     assert_eq!(first.len(), 2, "window of 2");
-    assert!(first.iter().all(|d| d.qos == QoS::AtLeastOnce && d.packet_id.is_some()));
-    h.packet(1, Packet::PubAck(PubResp::new(first[0].packet_id.unwrap(), ReasonCode::Success)));
+    assert!(first
+        .iter()
+        .all(|d| d.qos == QoS::AtLeastOnce && d.packet_id.is_some()));
+    h.packet(
+        1,
+        Packet::PubAck(PubResp::new(
+            first[0].packet_id.unwrap(),
+            ReasonCode::Success,
+        )),
+    );
     assert_eq!(h.payloads(1), vec!["3"]);
     assert_eq!(h.broker.session_pending("sub"), Some((2, 2)));
 }
@@ -158,17 +213,24 @@ fn qos2_inbound_is_exactly_once() {
     h.connect_simple(1, "sub", V5);
     h.connect_simple(2, "pub", V5);
     h.subscribe(1, vec![sub("t", QoS::ExactlyOnce)]);
-    h.packet(2, Packet::Publish(publish("t", "once", QoS::ExactlyOnce, 9)));
+    h.packet(
+        2,
+        Packet::Publish(publish("t", "once", QoS::ExactlyOnce, 9)),
+    );
     let mut dup = publish("t", "once", QoS::ExactlyOnce, 9);
     dup.dup = true;
     h.packet(2, Packet::Publish(dup));
     let acks = h.take(2);
     assert_eq!(acks.len(), 2);
-    assert!(acks.iter().all(|a| matches!(a, Action::Send(Packet::PubRec(r)) if r.packet_id == 9)));
+    assert!(acks
+        .iter()
+        .all(|a| matches!(a, Action::Send(Packet::PubRec(r)) if r.packet_id == 9)));
     let d = h.deliveries(1);
     assert_eq!(d.len(), 1, "resent PUBLISH is not routed again");
     h.packet(2, Packet::PubRel(PubResp::new(9, ReasonCode::Success)));
-    assert!(matches!(&h.take(2)[..], [Action::Send(Packet::PubComp(r))] if r.reason == ReasonCode::Success));
+    assert!(
+        matches!(&h.take(2)[..], [Action::Send(Packet::PubComp(r))] if r.reason == ReasonCode::Success)
+    );
     // Outbound QoS 2: PUBREC -> PUBREL -> PUBCOMP.
     let pid = d[0].packet_id.unwrap();
     h.packet(1, Packet::PubRec(PubResp::new(pid, ReasonCode::Success)));
@@ -179,7 +241,10 @@ fn qos2_inbound_is_exactly_once() {
 
 #[test]
 fn inbound_receive_maximum_exceeded_disconnects_with_0x93() {
-    let mut h = Harness::with(BrokerConfig { receive_maximum: 2, ..Default::default() });
+    let mut h = Harness::with(BrokerConfig {
+        receive_maximum: 2,
+        ..Default::default()
+    });
     h.connect_simple(1, "pub", V5);
     for pid in 1..=3 {
         h.packet(1, Packet::Publish(publish("t", "x", QoS::ExactlyOnce, pid)));
@@ -208,9 +273,18 @@ fn persistent_session_queues_offline_and_redelivers_with_dup() {
     let d = h.deliveries(3);
     let got: Vec<(String, bool)> = d
         .iter()
-        .map(|d| (String::from_utf8(d.message.payload.to_vec()).unwrap(), d.dup))
+        .map(|d| {
+            (
+                String::from_utf8(d.message.payload.to_vec()).unwrap(),
+                d.dup,
+            )
+        })
         .collect();
-    assert_eq!(got, vec![("a".into(), true), ("b".into(), false)], "QoS 0 is not queued offline");
+    assert_eq!(
+        got,
+        vec![("a".into(), true), ("b".into(), false)],
+        "QoS 0 is not queued offline"
+    );
 }
 
 #[test]
@@ -232,7 +306,9 @@ fn takeover_disconnects_the_old_connection_with_0x8e() {
     h.connect_simple(1, "same", V5);
     h.connect(2, connect_packet("same", V5, false));
     let old = h.take(1);
-    assert!(matches!(&old[..], [Action::Send(Packet::Disconnect(d)), Action::Close] if d.reason == ReasonCode::SessionTakenOver));
+    assert!(
+        matches!(&old[..], [Action::Send(Packet::Disconnect(d)), Action::Close] if d.reason == ReasonCode::SessionTakenOver)
+    );
     assert_eq!(h.broker.connection_count(), 1);
     // The old connection is forgotten: its late close changes nothing.
     h.broker.closed(ConnId(1), h.now, &mut h.out);
@@ -247,16 +323,44 @@ fn retained_set_clear_and_retain_handling() {
     p.retain = true;
     h.packet(1, Packet::Publish(p.clone()));
     h.connect_simple(2, "s", V5);
-    let opts = |rh| SubscriptionOptions { qos: QoS::AtLeastOnce, retain_handling: rh, ..Default::default() };
-    h.packet(2, Packet::Subscribe(Subscribe { packet_id: 1, filters: vec![("r/+".into(), opts(RetainHandling::SendAtSubscribe))], properties: Properties::default() }));
+    let opts = |rh| SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        retain_handling: rh,
+        ..Default::default()
+    };
+    h.packet(
+        2,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![("r/+".into(), opts(RetainHandling::SendAtSubscribe))],
+            properties: Properties::default(),
+        }),
+    );
     let acts = h.take(2);
-    assert!(matches!(acts[0], Action::Send(Packet::SubAck(_))), "SUBACK precedes retained messages");
+    assert!(
+        matches!(acts[0], Action::Send(Packet::SubAck(_))),
+        "SUBACK precedes retained messages"
+    );
     assert!(matches!(&acts[1], Action::Deliver(d) if d.retain && &*d.message.topic == "r/1"));
     // Retain handling 1: not sent again for an existing subscription.
-    h.packet(2, Packet::Subscribe(Subscribe { packet_id: 2, filters: vec![("r/+".into(), opts(RetainHandling::SendIfNew))], properties: Properties::default() }));
+    h.packet(
+        2,
+        Packet::Subscribe(Subscribe {
+            packet_id: 2,
+            filters: vec![("r/+".into(), opts(RetainHandling::SendIfNew))],
+            properties: Properties::default(),
+        }),
+    );
     assert_eq!(h.deliveries(2).len(), 0);
     // Retain handling 2: never sent.
-    h.packet(2, Packet::Subscribe(Subscribe { packet_id: 3, filters: vec![("r/#".into(), opts(RetainHandling::DoNotSend))], properties: Properties::default() }));
+    h.packet(
+        2,
+        Packet::Subscribe(Subscribe {
+            packet_id: 3,
+            filters: vec![("r/#".into(), opts(RetainHandling::DoNotSend))],
+            properties: Properties::default(),
+        }),
+    );
     assert_eq!(h.deliveries(2).len(), 0);
     // Live messages have RETAIN cleared unless retain-as-published.
     p.payload = Bytes::from_static(b"v2");
@@ -272,7 +376,11 @@ fn retained_set_clear_and_retain_handling() {
 fn retain_as_published_keeps_the_flag() {
     let mut h = Harness::new();
     h.connect_simple(1, "s", V5);
-    let o = SubscriptionOptions { qos: QoS::AtMostOnce, retain_as_published: true, ..Default::default() };
+    let o = SubscriptionOptions {
+        qos: QoS::AtMostOnce,
+        retain_as_published: true,
+        ..Default::default()
+    };
     h.subscribe(1, vec![("t".into(), o)]);
     let mut p = publish("t", "x", QoS::AtMostOnce, 0);
     p.retain = true;
@@ -288,7 +396,10 @@ fn will_connect(id: &str, delay: Option<u32>, expiry: u32) -> Connect {
         payload: Bytes::from_static(b"gone"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties { will_delay_interval: delay, ..Default::default() },
+        properties: Properties {
+            will_delay_interval: delay,
+            ..Default::default()
+        },
     });
     c
 }
@@ -300,12 +411,18 @@ fn will_is_published_on_abnormal_close_only() {
     h.subscribe(9, vec![sub("wills", QoS::AtLeastOnce)]);
     h.connect(1, will_connect("a", None, 0));
     h.packet(1, Packet::Disconnect(Disconnect::new(ReasonCode::Success)));
-    assert!(h.payloads(9).is_empty(), "normal DISCONNECT discards the will");
+    assert!(
+        h.payloads(9).is_empty(),
+        "normal DISCONNECT discards the will"
+    );
     h.connect(2, will_connect("b", None, 0));
     h.broker.closed(ConnId(2), h.now, &mut h.out);
     assert_eq!(h.payloads(9), vec!["gone"]);
     h.connect(3, will_connect("c", None, 0));
-    h.packet(3, Packet::Disconnect(Disconnect::new(ReasonCode::DisconnectWithWill)));
+    h.packet(
+        3,
+        Packet::Disconnect(Disconnect::new(ReasonCode::DisconnectWithWill)),
+    );
     assert_eq!(h.payloads(9), vec!["gone"], "0x04 sends the will");
 }
 
@@ -357,7 +474,10 @@ fn shared_subscription_distributes_evenly_and_redistributes_on_leave() {
     }
     h.connect_simple(9, "pub", V5);
     for i in 0..30 {
-        h.packet(9, Packet::Publish(publish("jobs/x", &i.to_string(), QoS::AtLeastOnce, i + 1)));
+        h.packet(
+            9,
+            Packet::Publish(publish("jobs/x", &i.to_string(), QoS::AtLeastOnce, i + 1)),
+        );
     }
     let counts: Vec<usize> = (1..=3).map(|c| h.deliveries(c).len()).collect();
     assert_eq!(counts, vec![10, 10, 10]);
@@ -371,8 +491,22 @@ fn shared_subscription_distributes_evenly_and_redistributes_on_leave() {
 fn subscription_identifiers_and_highest_qos_on_overlap() {
     let mut h = Harness::new();
     h.connect_simple(1, "s", V5);
-    h.subscribe_with(1, vec![sub("a/#", QoS::AtMostOnce)], Properties { subscription_identifiers: vec![7], ..Default::default() });
-    h.subscribe_with(1, vec![sub("a/+", QoS::AtLeastOnce)], Properties { subscription_identifiers: vec![9], ..Default::default() });
+    h.subscribe_with(
+        1,
+        vec![sub("a/#", QoS::AtMostOnce)],
+        Properties {
+            subscription_identifiers: vec![7],
+            ..Default::default()
+        },
+    );
+    h.subscribe_with(
+        1,
+        vec![sub("a/+", QoS::AtLeastOnce)],
+        Properties {
+            subscription_identifiers: vec![9],
+            ..Default::default()
+        },
+    );
     h.connect_simple(2, "p", V5);
     h.packet(2, Packet::Publish(publish("a/b", "x", QoS::ExactlyOnce, 1)));
     let d = h.deliveries(1);
@@ -387,12 +521,18 @@ fn subscription_identifiers_and_highest_qos_on_overlap() {
 fn no_local_skips_own_messages() {
     let mut h = Harness::new();
     h.connect_simple(1, "me", V5);
-    let o = SubscriptionOptions { no_local: true, ..Default::default() };
+    let o = SubscriptionOptions {
+        no_local: true,
+        ..Default::default()
+    };
     h.subscribe(1, vec![("t".into(), o)]);
     h.packet(1, Packet::Publish(publish("t", "mine", QoS::AtMostOnce, 0)));
     assert!(h.deliveries(1).is_empty());
     h.connect_simple(2, "other", V5);
-    h.packet(2, Packet::Publish(publish("t", "theirs", QoS::AtMostOnce, 0)));
+    h.packet(
+        2,
+        Packet::Publish(publish("t", "theirs", QoS::AtMostOnce, 0)),
+    );
     assert_eq!(h.payloads(1), vec!["theirs"]);
 }
 
@@ -435,7 +575,9 @@ fn inbound_topic_alias_is_resolved_and_bad_alias_refused() {
     p.properties.topic_alias = Some(500);
     h.packet(2, Packet::Publish(p));
     let acts = h.take(2);
-    assert!(matches!(&acts[0], Action::Send(Packet::Disconnect(d)) if d.reason == ReasonCode::TopicAliasInvalid));
+    assert!(
+        matches!(&acts[0], Action::Send(Packet::Disconnect(d)) if d.reason == ReasonCode::TopicAliasInvalid)
+    );
 }
 
 #[test]
@@ -446,20 +588,41 @@ fn oversized_messages_are_not_sent_to_small_clients() {
     h.connect(1, c);
     h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
     h.connect_simple(2, "p", V5);
-    h.packet(2, Packet::Publish(publish("t", &"x".repeat(100), QoS::AtLeastOnce, 1)));
-    h.packet(2, Packet::Publish(publish("t", "fits", QoS::AtLeastOnce, 2)));
+    h.packet(
+        2,
+        Packet::Publish(publish("t", &"x".repeat(100), QoS::AtLeastOnce, 1)),
+    );
+    h.packet(
+        2,
+        Packet::Publish(publish("t", "fits", QoS::AtLeastOnce, 2)),
+    );
     assert_eq!(h.payloads(1), vec!["fits"]);
     assert_eq!(h.broker.stats().dropped_too_large, 1);
 }
 
 #[test]
 fn deny_list_refuses_covered_filters() {
-    let mut h = Harness::with(BrokerConfig { deny_subscribe: vec!["secret/#".into()], ..Default::default() });
+    let mut h = Harness::with(BrokerConfig {
+        deny_subscribe: vec!["secret/#".into()],
+        ..Default::default()
+    });
     h.connect_simple(1, "v5", V5);
-    let r = h.subscribe(1, vec![sub("secret/+/x", QoS::AtMostOnce), sub("open/#", QoS::AtLeastOnce)]);
+    let r = h.subscribe(
+        1,
+        vec![
+            sub("secret/+/x", QoS::AtMostOnce),
+            sub("open/#", QoS::AtLeastOnce),
+        ],
+    );
     assert_eq!(r, vec![ReasonCode::NotAuthorized, ReasonCode::GrantedQoS1]);
     h.connect_simple(2, "v3", V3);
-    let r = h.subscribe(2, vec![sub("secret/#", QoS::AtMostOnce), sub("a/#/b", QoS::AtMostOnce)]);
+    let r = h.subscribe(
+        2,
+        vec![
+            sub("secret/#", QoS::AtMostOnce),
+            sub("a/#/b", QoS::AtMostOnce),
+        ],
+    );
     // The codec writes any failure as 0x80 for 3.1.1.
     assert!(r.iter().all(|r| r.is_error()));
 }
@@ -472,7 +635,9 @@ fn invalid_payload_format_is_refused_with_0x99() {
     p.payload = Bytes::from_static(&[0xFF, 0xFE]);
     p.properties.payload_format_indicator = Some(1);
     h.packet(1, Packet::Publish(p));
-    assert!(matches!(&h.take(1)[..], [Action::Send(Packet::PubAck(a))] if a.reason == ReasonCode::PayloadFormatInvalid));
+    assert!(
+        matches!(&h.take(1)[..], [Action::Send(Packet::PubAck(a))] if a.reason == ReasonCode::PayloadFormatInvalid)
+    );
 }
 
 #[test]
@@ -486,14 +651,20 @@ fn assigned_client_identifier_for_empty_id() {
 
 #[test]
 fn anonymous_refused_when_disallowed() {
-    let mut h = Harness::with(BrokerConfig { allow_anonymous: false, ..Default::default() });
+    let mut h = Harness::with(BrokerConfig {
+        allow_anonymous: false,
+        ..Default::default()
+    });
     let ack = h.connect(1, connect_packet("x", V5, true));
     assert_eq!(ack.reason, ReasonCode::NotAuthorized);
 }
 
 #[test]
 fn server_keep_alive_caps_the_client() {
-    let mut h = Harness::with(BrokerConfig { max_keep_alive: 20, ..Default::default() });
+    let mut h = Harness::with(BrokerConfig {
+        max_keep_alive: 20,
+        ..Default::default()
+    });
     let ack = h.connect(1, connect_packet("x", V5, true));
     assert_eq!(ack.properties.server_keep_alive, Some(20));
 }
@@ -504,6 +675,8 @@ fn shutdown_sends_0x8b_to_v5_clients() {
     h.connect_simple(1, "a", V5);
     h.connect_simple(2, "b", V3);
     h.broker.shutdown(h.now, &mut h.out);
-    assert!(matches!(&h.take(1)[..], [Action::Send(Packet::Disconnect(d)), Action::Close] if d.reason == ReasonCode::ServerShuttingDown));
+    assert!(
+        matches!(&h.take(1)[..], [Action::Send(Packet::Disconnect(d)), Action::Close] if d.reason == ReasonCode::ServerShuttingDown)
+    );
     assert!(matches!(&h.take(2)[..], [Action::Close]));
 }

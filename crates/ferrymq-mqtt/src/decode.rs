@@ -19,7 +19,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_packet_size: 268_435_460 }
+        Limits {
+            max_packet_size: 268_435_460,
+        }
     }
 }
 
@@ -41,7 +43,10 @@ pub fn decode(
     };
     let total = 1 + len_bytes + remaining as usize;
     if total > limits.max_packet_size {
-        return Err(DecodeError::PacketTooLarge { size: total, max: limits.max_packet_size });
+        return Err(DecodeError::PacketTooLarge {
+            size: total,
+            max: limits.max_packet_size,
+        });
     }
     if buf.len() < total {
         return Ok(None);
@@ -110,7 +115,11 @@ fn decode_body(header: u8, r: &mut Reader, v: ProtocolVersion) -> Result<Packet,
         }
         12 | 13 => {
             expect_flags(header, 0)?;
-            Ok(if kind == 12 { Packet::PingReq } else { Packet::PingResp })
+            Ok(if kind == 12 {
+                Packet::PingReq
+            } else {
+                Packet::PingResp
+            })
         }
         14 => {
             expect_flags(header, 0)?;
@@ -164,7 +173,9 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let has_password = flags & 0x40 != 0;
     let has_username = flags & 0x80 != 0;
     if !will_flag && (will_qos != 0 || will_retain) {
-        return Err(DecodeError::Malformed("will QoS or retain set without a will"));
+        return Err(DecodeError::Malformed(
+            "will QoS or retain set without a will",
+        ));
     }
     let will_qos = QoS::from_u8(will_qos).ok_or(DecodeError::Malformed("will QoS 3"))?;
     if version == ProtocolVersion::V311 && has_password && !has_username {
@@ -180,13 +191,36 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
             return Err(DecodeError::TopicNameInvalid);
         }
         let payload = r.binary()?;
-        Some(Will { topic, payload, qos: will_qos, retain: will_retain, properties })
+        Some(Will {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+            properties,
+        })
     } else {
         None
     };
-    let username = if has_username { Some(r.string()?) } else { None };
-    let password = if has_password { Some(r.binary()?) } else { None };
-    Ok(Connect { version, client_id, clean_start, keep_alive, username, password, will, properties })
+    let username = if has_username {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let password = if has_password {
+        Some(r.binary()?)
+    } else {
+        None
+    };
+    Ok(Connect {
+        version,
+        client_id,
+        clean_start,
+        keep_alive,
+        username,
+        password,
+        will,
+        properties,
+    })
 }
 
 fn decode_connack(r: &mut Reader, v: ProtocolVersion) -> Result<ConnAck, DecodeError> {
@@ -208,7 +242,11 @@ fn decode_connack(r: &mut Reader, v: ProtocolVersion) -> Result<ConnAck, DecodeE
         },
     };
     let properties = props(r, v, Ctx::ConnAck)?;
-    Ok(ConnAck { session_present: flags & 1 != 0, reason, properties })
+    Ok(ConnAck {
+        session_present: flags & 1 != 0,
+        reason,
+        properties,
+    })
 }
 
 fn decode_publish(header: u8, r: &mut Reader, v: ProtocolVersion) -> Result<Publish, DecodeError> {
@@ -219,7 +257,11 @@ fn decode_publish(header: u8, r: &mut Reader, v: ProtocolVersion) -> Result<Publ
         return Err(DecodeError::Malformed("DUP set on a QoS 0 PUBLISH"));
     }
     let topic = r.string()?;
-    let packet_id = if qos == QoS::AtMostOnce { None } else { Some(packet_id(r)?) };
+    let packet_id = if qos == QoS::AtMostOnce {
+        None
+    } else {
+        Some(packet_id(r)?)
+    };
     let properties = props(r, v, Ctx::Publish)?;
     if topic.is_empty() {
         if properties.topic_alias.is_none() {
@@ -229,13 +271,25 @@ fn decode_publish(header: u8, r: &mut Reader, v: ProtocolVersion) -> Result<Publ
         return Err(DecodeError::TopicNameInvalid);
     }
     let payload = r.rest();
-    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
+    Ok(Publish {
+        dup,
+        qos,
+        retain,
+        topic,
+        packet_id,
+        properties,
+        payload,
+    })
 }
 
 fn decode_pub_resp(r: &mut Reader, v: ProtocolVersion) -> Result<PubResp, DecodeError> {
     let packet_id = packet_id(r)?;
     let (reason, properties) = reason_and_props(r, v, Ctx::PubResp)?;
-    Ok(PubResp { packet_id, reason, properties })
+    Ok(PubResp {
+        packet_id,
+        reason,
+        properties,
+    })
 }
 
 /// Reason code and properties that 5.0 lets a sender omit when they are Success and empty.
@@ -248,8 +302,11 @@ fn reason_and_props(
         return Ok((ReasonCode::Success, Properties::default()));
     }
     let code = reason(r.u8()?)?;
-    let properties =
-        if r.remaining() == 0 { Properties::default() } else { Properties::decode(r, ctx)? };
+    let properties = if r.remaining() == 0 {
+        Properties::default()
+    } else {
+        Properties::decode(r, ctx)?
+    };
     Ok((code, properties))
 }
 
@@ -266,7 +323,10 @@ fn decode_subscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Subscribe, Dec
                 if opts & 0xFC != 0 {
                     return Err(DecodeError::Malformed("subscription options reserved bits"));
                 }
-                SubscriptionOptions { qos, ..Default::default() }
+                SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                }
             }
             ProtocolVersion::V5 => {
                 if opts & 0xC0 != 0 {
@@ -291,7 +351,11 @@ fn decode_subscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Subscribe, Dec
     if filters.is_empty() {
         return Err(DecodeError::Protocol("SUBSCRIBE without topic filters"));
     }
-    Ok(Subscribe { packet_id, filters, properties })
+    Ok(Subscribe {
+        packet_id,
+        filters,
+        properties,
+    })
 }
 
 fn decode_suback(r: &mut Reader, v: ProtocolVersion) -> Result<SubAck, DecodeError> {
@@ -306,7 +370,11 @@ fn decode_suback(r: &mut Reader, v: ProtocolVersion) -> Result<SubAck, DecodeErr
         }
         reasons.push(reason(code)?);
     }
-    Ok(SubAck { packet_id, reasons, properties })
+    Ok(SubAck {
+        packet_id,
+        reasons,
+        properties,
+    })
 }
 
 fn decode_unsubscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Unsubscribe, DecodeError> {
@@ -319,7 +387,11 @@ fn decode_unsubscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Unsubscribe,
     if filters.is_empty() {
         return Err(DecodeError::Protocol("UNSUBSCRIBE without topic filters"));
     }
-    Ok(Unsubscribe { packet_id, filters, properties })
+    Ok(Unsubscribe {
+        packet_id,
+        filters,
+        properties,
+    })
 }
 
 fn decode_unsuback(r: &mut Reader, v: ProtocolVersion) -> Result<UnsubAck, DecodeError> {
@@ -331,10 +403,16 @@ fn decode_unsuback(r: &mut Reader, v: ProtocolVersion) -> Result<UnsubAck, Decod
             reasons.push(reason(r.u8()?)?);
         }
     }
-    Ok(UnsubAck { packet_id, reasons, properties })
+    Ok(UnsubAck {
+        packet_id,
+        reasons,
+        properties,
+    })
 }
 
 /// Validates a payload marked as UTF-8 character data (payload format indicator 1).
 pub fn validate_utf8(raw: &[u8]) -> Result<(), DecodeError> {
-    std::str::from_utf8(raw).map(|_| ()).map_err(|_| DecodeError::InvalidUtf8)
+    std::str::from_utf8(raw)
+        .map(|_| ())
+        .map_err(|_| DecodeError::InvalidUtf8)
 }

@@ -102,7 +102,11 @@ pub fn encoded_len(p: &Packet, v: ProtocolVersion) -> usize {
 }
 
 /// Appends the encoding of `packet` for a connection speaking `version` to `out`.
-pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode(
+    packet: &Packet,
+    version: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
     let v = version;
     let rem = remaining_len(packet, v);
     if rem > VARINT_MAX as usize {
@@ -152,7 +156,11 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> 
             out.put_u8(0x20);
             put_varint(out, rem as u32);
             out.put_u8(u8::from(c.session_present));
-            out.put_u8(if v == V5 { c.reason.as_u8() } else { c.reason.v3_connack_code() });
+            out.put_u8(if v == V5 {
+                c.reason.as_u8()
+            } else {
+                c.reason.v3_connack_code()
+            });
             put_props(out, v, &c.properties)?;
         }
         Packet::Publish(p) => {
@@ -207,7 +215,11 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> 
             put_props(out, v, &s.properties)?;
             for r in &s.reasons {
                 // 3.1.1 knows only granted QoS 0-2 and 0x80 failure.
-                let code = if v != V5 && r.is_error() { 0x80 } else { r.as_u8() };
+                let code = if v != V5 && r.is_error() {
+                    0x80
+                } else {
+                    r.as_u8()
+                };
                 out.put_u8(code);
             }
         }
@@ -254,12 +266,7 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> 
     Ok(())
 }
 
-fn put_resp(
-    out: &mut BytesMut,
-    header: u8,
-    rem: usize,
-    r: &PubResp,
-) -> Result<(), EncodeError> {
+fn put_resp(out: &mut BytesMut, header: u8, rem: usize, r: &PubResp) -> Result<(), EncodeError> {
     out.put_u8(header);
     put_varint(out, rem as u32);
     out.put_u16(r.packet_id);

@@ -27,5 +27,5 @@ pub use decode::{decode, validate_utf8, Limits};
 pub use encode::{encode, encoded_len};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
-pub use properties::{PropertyContext, Properties};
+pub use properties::{Properties, PropertyContext};
 pub use reason::ReasonCode;

@@ -146,7 +146,11 @@ pub struct PubResp {
 
 impl PubResp {
     pub fn new(packet_id: PacketId, reason: ReasonCode) -> Self {
-        PubResp { packet_id, reason, properties: Properties::default() }
+        PubResp {
+            packet_id,
+            reason,
+            properties: Properties::default(),
+        }
     }
 }
 
@@ -208,7 +212,10 @@ pub struct Disconnect {
 
 impl Disconnect {
     pub fn new(reason: ReasonCode) -> Self {
-        Disconnect { reason, properties: Properties::default() }
+        Disconnect {
+            reason,
+            properties: Properties::default(),
+        }
     }
 }
 

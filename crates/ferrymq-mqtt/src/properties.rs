@@ -93,7 +93,10 @@ fn allowed(id: u8) -> Option<u16> {
 
 fn set_once<T>(slot: &mut Option<T>, id: u8, value: T) -> Result<(), DecodeError> {
     if slot.is_some() {
-        return Err(DecodeError::BadProperty { id, problem: "is duplicated" });
+        return Err(DecodeError::BadProperty {
+            id,
+            problem: "is duplicated",
+        });
     }
     *slot = Some(value);
     Ok(())
@@ -102,7 +105,10 @@ fn set_once<T>(slot: &mut Option<T>, id: u8, value: T) -> Result<(), DecodeError
 fn flag(r: &mut Reader, id: u8) -> Result<u8, DecodeError> {
     let v = r.u8()?;
     if v > 1 {
-        return Err(DecodeError::BadProperty { id, problem: "must be 0 or 1" });
+        return Err(DecodeError::BadProperty {
+            id,
+            problem: "must be 0 or 1",
+        });
     }
     Ok(v)
 }
@@ -110,7 +116,10 @@ fn flag(r: &mut Reader, id: u8) -> Result<u8, DecodeError> {
 fn nonzero_u16(r: &mut Reader, id: u8) -> Result<u16, DecodeError> {
     let v = r.u16()?;
     if v == 0 {
-        return Err(DecodeError::BadProperty { id, problem: "must not be 0" });
+        return Err(DecodeError::BadProperty {
+            id,
+            problem: "must not be 0",
+        });
     }
     Ok(v)
 }
@@ -127,18 +136,31 @@ impl Properties {
         let mut p = Properties::default();
         while r.remaining() > 0 {
             let id = r.varint()?;
-            let id = u8::try_from(id)
-                .map_err(|_| DecodeError::BadProperty { id: 0xFF, problem: "is unknown" })?;
-            let mask = allowed(id).ok_or(DecodeError::BadProperty { id, problem: "is unknown" })?;
+            let id = u8::try_from(id).map_err(|_| DecodeError::BadProperty {
+                id: 0xFF,
+                problem: "is unknown",
+            })?;
+            let mask = allowed(id).ok_or(DecodeError::BadProperty {
+                id,
+                problem: "is unknown",
+            })?;
             if mask & ctx.bit() == 0 {
-                return Err(DecodeError::BadProperty { id, problem: "is not allowed here" });
+                return Err(DecodeError::BadProperty {
+                    id,
+                    problem: "is not allowed here",
+                });
             }
             p.read_one(&mut r, id, ctx)?;
         }
         Ok(p)
     }
 
-    fn read_one(&mut self, r: &mut Reader, id: u8, ctx: PropertyContext) -> Result<(), DecodeError> {
+    fn read_one(
+        &mut self,
+        r: &mut Reader,
+        id: u8,
+        ctx: PropertyContext,
+    ) -> Result<(), DecodeError> {
         match id {
             0x01 => set_once(&mut self.payload_format_indicator, id, flag(r, id)?),
             0x02 => set_once(&mut self.message_expiry_interval, id, r.u32()?),
@@ -146,7 +168,10 @@ impl Properties {
             0x08 => {
                 let topic = r.string()?;
                 if !crate::topic::valid_topic_name(&topic) {
-                    return Err(DecodeError::BadProperty { id, problem: "is not a valid topic" });
+                    return Err(DecodeError::BadProperty {
+                        id,
+                        problem: "is not a valid topic",
+                    });
                 }
                 set_once(&mut self.response_topic, id, topic)
             }
@@ -154,10 +179,16 @@ impl Properties {
             0x0B => {
                 let v = r.varint()?;
                 if v == 0 {
-                    return Err(DecodeError::BadProperty { id, problem: "must not be 0" });
+                    return Err(DecodeError::BadProperty {
+                        id,
+                        problem: "must not be 0",
+                    });
                 }
                 if ctx == C::Subscribe && !self.subscription_identifiers.is_empty() {
-                    return Err(DecodeError::BadProperty { id, problem: "is duplicated" });
+                    return Err(DecodeError::BadProperty {
+                        id,
+                        problem: "is duplicated",
+                    });
                 }
                 self.subscription_identifiers.push(v);
                 Ok(())
@@ -187,14 +218,24 @@ impl Properties {
             0x27 => {
                 let v = r.u32()?;
                 if v == 0 {
-                    return Err(DecodeError::BadProperty { id, problem: "must not be 0" });
+                    return Err(DecodeError::BadProperty {
+                        id,
+                        problem: "must not be 0",
+                    });
                 }
                 set_once(&mut self.maximum_packet_size, id, v)
             }
             0x28 => set_once(&mut self.wildcard_subscription_available, id, flag(r, id)?),
-            0x29 => set_once(&mut self.subscription_identifier_available, id, flag(r, id)?),
+            0x29 => set_once(
+                &mut self.subscription_identifier_available,
+                id,
+                flag(r, id)?,
+            ),
             0x2A => set_once(&mut self.shared_subscription_available, id, flag(r, id)?),
-            _ => Err(DecodeError::BadProperty { id, problem: "is unknown" }),
+            _ => Err(DecodeError::BadProperty {
+                id,
+                problem: "is unknown",
+            }),
         }
     }
 

@@ -118,7 +118,10 @@ impl ReasonCode {
             Success => 0,
             UnsupportedProtocolVersion => 1,
             ClientIdentifierNotValid => 2,
-            ServerUnavailable | ServerBusy | ServerShuttingDown | QuotaExceeded
+            ServerUnavailable
+            | ServerBusy
+            | ServerShuttingDown
+            | QuotaExceeded
             | ConnectionRateExceeded => 3,
             BadUserNameOrPassword | BadAuthenticationMethod => 4,
             _ => 5,

@@ -53,7 +53,10 @@ pub fn parse_shared(filter: &str) -> Result<Option<SharedFilter<'_>>, InvalidSha
     if group.is_empty() || group.contains(['+', '#']) || !valid_topic_filter(inner) {
         return Err(InvalidShare);
     }
-    Ok(Some(SharedFilter { group, filter: inner }))
+    Ok(Some(SharedFilter {
+        group,
+        filter: inner,
+    }))
 }
 
 /// Reference matcher: whether `topic` matches `filter`. The broker uses a trie; this is the
@@ -77,12 +80,15 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn filter_syntax_4_7_1() {
-        for ok in ["a", "#", "+", "a/#", "a/+/b", "/", "+/+", "a//b", "$SYS/#", "😀/+"] {
+        for ok in [
+            "a", "#", "+", "a/#", "a/+/b", "/", "+/+", "a//b", "$SYS/#", "😀/+",
+        ] {
             assert!(valid_topic_filter(ok), "{ok}");
         }
         for bad in ["", "a#", "a/#/b", "a+", "a/b+/c", "#/a", "++"] {
@@ -101,7 +107,10 @@ mod tests {
     #[test]
     fn matching_4_7() {
         assert!(matches("sport/tennis/player1/#", "sport/tennis/player1"));
-        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1/ranking"));
+        assert!(matches(
+            "sport/tennis/player1/#",
+            "sport/tennis/player1/ranking"
+        ));
         assert!(matches("sport/#", "sport"));
         assert!(matches("sport/+", "sport/"));
         assert!(!matches("sport/+", "sport"));

@@ -1,6 +1,8 @@
 //! Property-based round trips: every packet we can encode decodes to itself, in both versions,
 //! and decoding a prefix never yields a packet.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::{Bytes, BytesMut};
 use ferrymq_mqtt::*;
 use proptest::collection::vec;
@@ -21,7 +23,11 @@ fn bin() -> impl Strategy<Value = Bytes> {
 }
 
 fn qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
+    prop_oneof![
+        Just(QoS::AtMostOnce),
+        Just(QoS::AtLeastOnce),
+        Just(QoS::ExactlyOnce)
+    ]
 }
 
 fn user_props() -> impl Strategy<Value = Vec<(String, String)>> {
@@ -73,8 +79,22 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
             Just(Properties::default()).boxed()
         }
     };
-    let reason = move || if v5 { reason_code().boxed() } else { Just(ReasonCode::Success).boxed() };
-    let publish = (qos(), any::<bool>(), any::<bool>(), topic(), 1u16.., props(publish_props().boxed()), bin())
+    let reason = move || {
+        if v5 {
+            reason_code().boxed()
+        } else {
+            Just(ReasonCode::Success).boxed()
+        }
+    };
+    let publish = (
+        qos(),
+        any::<bool>(),
+        any::<bool>(),
+        topic(),
+        1u16..,
+        props(publish_props().boxed()),
+        bin(),
+    )
         .prop_map(|(qos, dup, retain, topic, id, properties, payload)| {
             Packet::Publish(Publish {
                 dup: dup && qos != QoS::AtMostOnce,
@@ -93,49 +113,68 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         option::of(text()),
         option::of(bin()),
         option::of((topic(), bin(), qos(), any::<bool>())),
-        props((option::of(any::<u32>()), option::of(1u16..), user_props())
-            .prop_map(|(se, rm, up)| Properties {
-                session_expiry_interval: se,
-                receive_maximum: rm,
-                user_properties: up,
-                ..Default::default()
-            })
-            .boxed()),
+        props(
+            (option::of(any::<u32>()), option::of(1u16..), user_props())
+                .prop_map(|(se, rm, up)| Properties {
+                    session_expiry_interval: se,
+                    receive_maximum: rm,
+                    user_properties: up,
+                    ..Default::default()
+                })
+                .boxed(),
+        ),
     )
-        .prop_map(move |(client_id, clean_start, keep_alive, username, password, will, properties)| {
-            let username = if v5 || password.is_none() { username } else { username.or(Some("u".into())) };
-            Packet::Connect(Box::new(Connect {
-                version: v,
-                client_id,
-                clean_start,
-                keep_alive,
-                username,
-                password,
-                will: will.map(|(topic, payload, qos, retain)| Will {
-                    topic,
-                    payload,
-                    qos,
-                    retain,
-                    properties: Properties::default(),
-                }),
+        .prop_map(
+            move |(client_id, clean_start, keep_alive, username, password, will, properties)| {
+                let username = if v5 || password.is_none() {
+                    username
+                } else {
+                    username.or(Some("u".into()))
+                };
+                Packet::Connect(Box::new(Connect {
+                    version: v,
+                    client_id,
+                    clean_start,
+                    keep_alive,
+                    username,
+                    password,
+                    will: will.map(|(topic, payload, qos, retain)| Will {
+                        topic,
+                        payload,
+                        qos,
+                        retain,
+                        properties: Properties::default(),
+                    }),
+                    properties,
+                }))
+            },
+        );
+    let resp = (1u16.., reason(), props(ack_props().boxed()), 0u8..4).prop_map(
+        |(id, reason, properties, kind)| {
+            let r = PubResp {
+                packet_id: id,
+                reason,
                 properties,
-            }))
-        });
-    let resp = (1u16.., reason(), props(ack_props().boxed()), 0u8..4).prop_map(|(id, reason, properties, kind)| {
-        let r = PubResp { packet_id: id, reason, properties };
-        match kind {
-            0 => Packet::PubAck(r),
-            1 => Packet::PubRec(r),
-            2 => Packet::PubRel(r),
-            _ => Packet::PubComp(r),
-        }
-    });
+            };
+            match kind {
+                0 => Packet::PubAck(r),
+                1 => Packet::PubRec(r),
+                2 => Packet::PubRel(r),
+                _ => Packet::PubComp(r),
+            }
+        },
+    );
     let subscribe = (
         1u16..,
         vec((topic(), qos(), any::<bool>(), any::<bool>(), 0u8..3), 1..4),
-        props(option::of(1u32..268_435_455)
-            .prop_map(|id| Properties { subscription_identifiers: id.into_iter().collect(), ..Default::default() })
-            .boxed()),
+        props(
+            option::of(1u32..268_435_455)
+                .prop_map(|id| Properties {
+                    subscription_identifiers: id.into_iter().collect(),
+                    ..Default::default()
+                })
+                .boxed(),
+        ),
     )
         .prop_map(move |(packet_id, fs, properties)| {
             let filters = fs
@@ -146,31 +185,104 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                             qos,
                             no_local: nl,
                             retain_as_published: rap,
-                            retain_handling: [RetainHandling::SendAtSubscribe, RetainHandling::SendIfNew, RetainHandling::DoNotSend][rh as usize],
+                            retain_handling: [
+                                RetainHandling::SendAtSubscribe,
+                                RetainHandling::SendIfNew,
+                                RetainHandling::DoNotSend,
+                            ][rh as usize],
                         }
                     } else {
-                        SubscriptionOptions { qos, ..Default::default() }
+                        SubscriptionOptions {
+                            qos,
+                            ..Default::default()
+                        }
                     };
                     (f, o)
                 })
                 .collect();
-            Packet::Subscribe(Subscribe { packet_id, filters, properties })
+            Packet::Subscribe(Subscribe {
+                packet_id,
+                filters,
+                properties,
+            })
         });
-    let suback = (1u16.., vec(prop_oneof![Just(ReasonCode::Success), Just(ReasonCode::GrantedQoS1), Just(ReasonCode::GrantedQoS2), Just(ReasonCode::UnspecifiedError)], 1..4), props(ack_props().boxed()))
-        .prop_map(|(packet_id, reasons, properties)| Packet::SubAck(SubAck { packet_id, reasons, properties }));
-    let unsubscribe = (1u16.., vec(topic(), 1..4), props(user_props().prop_map(|up| Properties { user_properties: up, ..Default::default() }).boxed()))
-        .prop_map(|(packet_id, filters, properties)| Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties }));
-    let unsuback = (1u16.., vec(reason_code(), 1..4), props(ack_props().boxed())).prop_map(move |(packet_id, reasons, properties)| {
-        Packet::UnsubAck(UnsubAck { packet_id, reasons: if v5 { reasons } else { vec![] }, properties })
-    });
-    let connack = (any::<bool>(), prop_oneof![Just(ReasonCode::Success), Just(ReasonCode::NotAuthorized), Just(ReasonCode::ServerUnavailable)], props(
-        (option::of(text()), option::of(any::<u16>()), option::of(1u16..)).prop_map(|(aci, ska, rm)| Properties {
-            assigned_client_identifier: aci,
-            server_keep_alive: ska,
-            receive_maximum: rm,
-            ..Default::default()
-        }).boxed()))
-        .prop_map(|(session_present, reason, properties)| Packet::ConnAck(ConnAck { session_present, reason, properties }));
+    let suback = (
+        1u16..,
+        vec(
+            prop_oneof![
+                Just(ReasonCode::Success),
+                Just(ReasonCode::GrantedQoS1),
+                Just(ReasonCode::GrantedQoS2),
+                Just(ReasonCode::UnspecifiedError)
+            ],
+            1..4,
+        ),
+        props(ack_props().boxed()),
+    )
+        .prop_map(|(packet_id, reasons, properties)| {
+            Packet::SubAck(SubAck {
+                packet_id,
+                reasons,
+                properties,
+            })
+        });
+    let unsubscribe = (
+        1u16..,
+        vec(topic(), 1..4),
+        props(
+            user_props()
+                .prop_map(|up| Properties {
+                    user_properties: up,
+                    ..Default::default()
+                })
+                .boxed(),
+        ),
+    )
+        .prop_map(|(packet_id, filters, properties)| {
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id,
+                filters,
+                properties,
+            })
+        });
+    let unsuback = (1u16.., vec(reason_code(), 1..4), props(ack_props().boxed())).prop_map(
+        move |(packet_id, reasons, properties)| {
+            Packet::UnsubAck(UnsubAck {
+                packet_id,
+                reasons: if v5 { reasons } else { vec![] },
+                properties,
+            })
+        },
+    );
+    let connack = (
+        any::<bool>(),
+        prop_oneof![
+            Just(ReasonCode::Success),
+            Just(ReasonCode::NotAuthorized),
+            Just(ReasonCode::ServerUnavailable)
+        ],
+        props(
+            (
+                option::of(text()),
+                option::of(any::<u16>()),
+                option::of(1u16..),
+            )
+                .prop_map(|(aci, ska, rm)| Properties {
+                    assigned_client_identifier: aci,
+                    server_keep_alive: ska,
+                    receive_maximum: rm,
+                    ..Default::default()
+                })
+                .boxed(),
+        ),
+    )
+        .prop_map(|(session_present, reason, properties)| {
+            Packet::ConnAck(ConnAck {
+                session_present,
+                reason,
+                properties,
+            })
+        });
     let disconnect = (reason(), props(ack_props().boxed()))
         .prop_map(|(reason, properties)| Packet::Disconnect(Disconnect { reason, properties }));
     prop_oneof![
@@ -197,10 +309,16 @@ fn roundtrip(p: &Packet, v: ProtocolVersion) {
     // Every strict prefix needs more bytes and consumes nothing.
     for cut in 0..whole.len() {
         let mut part = BytesMut::from(&whole[..cut]);
-        assert_eq!(decode(&mut part, v, &Limits::default()), Ok(None), "prefix {cut}");
+        assert_eq!(
+            decode(&mut part, v, &Limits::default()),
+            Ok(None),
+            "prefix {cut}"
+        );
         assert_eq!(part.len(), cut);
     }
-    let decoded = decode(&mut buf, v, &Limits::default()).expect("decode").expect("whole packet");
+    let decoded = decode(&mut buf, v, &Limits::default())
+        .expect("decode")
+        .expect("whole packet");
     assert!(buf.is_empty());
     assert_eq!(&decoded, p);
 }

@@ -1,5 +1,7 @@
 //! One test per normative statement the decoder enforces, named after its spec section.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::BytesMut;
 use ferrymq_mqtt::*;
 
@@ -30,9 +32,15 @@ fn mqtt_1_5_5_varint_longer_than_four_bytes_is_malformed() {
 #[test]
 fn mqtt_1_5_4_strings_reject_nul_and_bad_utf8() {
     // PUBLISH QoS 0, topic "a\0"
-    assert_eq!(dec(&[0x30, 4, 0, 2, b'a', 0], V3), Err(DecodeError::InvalidUtf8));
+    assert_eq!(
+        dec(&[0x30, 4, 0, 2, b'a', 0], V3),
+        Err(DecodeError::InvalidUtf8)
+    );
     // A lone surrogate encoded as UTF-8 (ED A0 80) is not valid UTF-8.
-    assert_eq!(dec(&[0x30, 5, 0, 3, 0xED, 0xA0, 0x80], V3), Err(DecodeError::InvalidUtf8));
+    assert_eq!(
+        dec(&[0x30, 5, 0, 3, 0xED, 0xA0, 0x80], V3),
+        Err(DecodeError::InvalidUtf8)
+    );
 }
 
 #[test]
@@ -55,25 +63,43 @@ fn four_byte_utf8_topics_are_accepted() {
 #[test]
 fn mqtt_2_1_3_reserved_flags_are_malformed() {
     // SUBSCRIBE must have flags 0010.
-    assert!(matches!(dec(&[0x80, 6, 0, 1, 0, 1, b'a', 0], V3), Err(DecodeError::Malformed(_))));
+    assert!(matches!(
+        dec(&[0x80, 6, 0, 1, 0, 1, b'a', 0], V3),
+        Err(DecodeError::Malformed(_))
+    ));
     // PINGREQ with flags.
-    assert!(matches!(dec(&[0xC1, 0], V3), Err(DecodeError::Malformed(_))));
+    assert!(matches!(
+        dec(&[0xC1, 0], V3),
+        Err(DecodeError::Malformed(_))
+    ));
 }
 
 #[test]
 fn mqtt_3_3_1_2_dup_on_qos0_is_malformed() {
-    assert!(matches!(dec(&[0x38, 3, 0, 1, b'a'], V3), Err(DecodeError::Malformed(_))));
+    assert!(matches!(
+        dec(&[0x38, 3, 0, 1, b'a'], V3),
+        Err(DecodeError::Malformed(_))
+    ));
 }
 
 #[test]
 fn mqtt_3_3_1_4_qos_3_is_malformed() {
-    assert!(matches!(dec(&[0x36, 5, 0, 1, b'a', 0, 1], V3), Err(DecodeError::Malformed(_))));
+    assert!(matches!(
+        dec(&[0x36, 5, 0, 1, b'a', 0, 1], V3),
+        Err(DecodeError::Malformed(_))
+    ));
 }
 
 #[test]
 fn mqtt_3_3_2_2_wildcards_in_topic_name_are_invalid() {
-    assert_eq!(dec(&[0x30, 3, 0, 1, b'#'], V3), Err(DecodeError::TopicNameInvalid));
-    assert_eq!(dec(&[0x30, 5, 0, 3, b'a', b'/', b'+'], V3), Err(DecodeError::TopicNameInvalid));
+    assert_eq!(
+        dec(&[0x30, 3, 0, 1, b'#'], V3),
+        Err(DecodeError::TopicNameInvalid)
+    );
+    assert_eq!(
+        dec(&[0x30, 5, 0, 3, b'a', b'/', b'+'], V3),
+        Err(DecodeError::TopicNameInvalid)
+    );
 }
 
 #[test]
@@ -109,18 +135,27 @@ fn mqtt_3_1_2_11_will_qos_without_will_flag() {
 
 #[test]
 fn mqtt_3_8_3_3_subscribe_needs_a_filter() {
-    assert!(matches!(dec(&[0x82, 2, 0, 1], V3), Err(DecodeError::Protocol(_))));
+    assert!(matches!(
+        dec(&[0x82, 2, 0, 1], V3),
+        Err(DecodeError::Protocol(_))
+    ));
 }
 
 #[test]
 fn mqtt_3_8_3_4_retain_handling_3_is_malformed() {
     // SUBSCRIBE id 1, no props, "a", options 0x30
-    assert!(matches!(dec(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30], V5), Err(DecodeError::Malformed(_))));
+    assert!(matches!(
+        dec(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x30], V5),
+        Err(DecodeError::Malformed(_))
+    ));
 }
 
 #[test]
 fn mqtt_3_8_3_1_v311_reserved_option_bits_are_malformed() {
-    assert!(matches!(dec(&[0x82, 6, 0, 1, 0, 1, b'a', 0x04], V3), Err(DecodeError::Malformed(_))));
+    assert!(matches!(
+        dec(&[0x82, 6, 0, 1, 0, 1, b'a', 0x04], V3),
+        Err(DecodeError::Malformed(_))
+    ));
 }
 
 #[test]
@@ -148,7 +183,11 @@ fn mqtt_2_2_2_user_properties_repeat_and_keep_order() {
         topic: "t".into(),
         packet_id: Some(7),
         properties: Properties {
-            user_properties: vec![("k".into(), "2".into()), ("k".into(), "1".into()), ("a".into(), "".into())],
+            user_properties: vec![
+                ("k".into(), "2".into()),
+                ("k".into(), "1".into()),
+                ("a".into(), "".into()),
+            ],
             ..Default::default()
         },
         payload: Default::default(),
@@ -162,14 +201,24 @@ fn mqtt_2_2_2_user_properties_repeat_and_keep_order() {
 fn packet_too_large_is_refused_before_buffering() {
     // Declares 2,000,000 bytes but sends only the header: refused at once.
     let mut buf = BytesMut::from(&[0x30u8, 0x80, 0x89, 0x7A][..]);
-    let err = decode(&mut buf, V5, &Limits { max_packet_size: 1024 }).unwrap_err();
+    let err = decode(
+        &mut buf,
+        V5,
+        &Limits {
+            max_packet_size: 1024,
+        },
+    )
+    .unwrap_err();
     assert!(matches!(err, DecodeError::PacketTooLarge { .. }));
     assert_eq!(err.reason_code(), ReasonCode::PacketTooLarge);
 }
 
 #[test]
 fn mqtt_3_3_2_3_4_empty_topic_needs_alias() {
-    assert!(matches!(dec(&[0x30, 3, 0, 0, 0], V5), Err(DecodeError::Protocol(_))));
+    assert!(matches!(
+        dec(&[0x30, 3, 0, 0, 0], V5),
+        Err(DecodeError::Protocol(_))
+    ));
     // With alias 1: accepted.
     let p = dec(&[0x30, 6, 0, 0, 3, 0x23, 0, 1], V5).unwrap().unwrap();
     let Packet::Publish(p) = p else { panic!() };
@@ -196,15 +245,24 @@ fn payload_is_zero_copy() {
     encode(&p, V3, &mut buf).unwrap();
     let base = buf.as_ptr() as usize;
     let end = base + buf.len();
-    let Some(Packet::Publish(d)) = decode(&mut buf, V3, &Limits::default()).unwrap() else { panic!() };
+    let Some(Packet::Publish(d)) = decode(&mut buf, V3, &Limits::default()).unwrap() else {
+        panic!()
+    };
     let at = d.payload.as_ptr() as usize;
-    assert!(at >= base && at < end, "payload must point into the read buffer");
+    assert!(
+        at >= base && at < end,
+        "payload must point into the read buffer"
+    );
 }
 
 #[test]
 fn v5_short_acks_decode_as_success() {
-    let Some(Packet::PubAck(a)) = dec(&[0x40, 2, 0, 9], V5).unwrap() else { panic!() };
+    let Some(Packet::PubAck(a)) = dec(&[0x40, 2, 0, 9], V5).unwrap() else {
+        panic!()
+    };
     assert_eq!((a.packet_id, a.reason), (9, ReasonCode::Success));
-    let Some(Packet::Disconnect(d)) = dec(&[0xE0, 0], V5).unwrap() else { panic!() };
+    let Some(Packet::Disconnect(d)) = dec(&[0xE0, 0], V5).unwrap() else {
+        panic!()
+    };
     assert_eq!(d.reason, ReasonCode::Success);
 }

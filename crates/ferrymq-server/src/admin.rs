@@ -27,7 +27,10 @@ pub(crate) fn app(state: AdminState) -> axum::Router {
 async fn snapshot(state: &AdminState) -> Option<crate::metrics::EngineSnapshot> {
     let (tx, rx) = oneshot::channel();
     state.router.send(ToRouter::Snapshot(tx)).await.ok()?;
-    tokio::time::timeout(std::time::Duration::from_secs(5), rx).await.ok()?.ok()
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+        .await
+        .ok()?
+        .ok()
 }
 
 /// 200 when the router answers, 503 when it does not.
@@ -37,9 +40,16 @@ async fn health(State(state): State<AdminState>) -> impl IntoResponse {
         Some(s) => (
             StatusCode::OK,
             json,
-            format!("{{\"status\":\"ok\",\"connections\":{},\"sessions\":{}}}", s.connections, s.sessions),
+            format!(
+                "{{\"status\":\"ok\",\"connections\":{},\"sessions\":{}}}",
+                s.connections, s.sessions
+            ),
         ),
-        None => (StatusCode::SERVICE_UNAVAILABLE, json, "{\"status\":\"unavailable\"}".to_string()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json,
+            "{\"status\":\"unavailable\"}".to_string(),
+        ),
     }
 }
 

@@ -162,12 +162,18 @@ impl Default for Sys {
 
 impl Default for Log {
     fn default() -> Self {
-        Log { level: "info".into(), format: LogFormat::Text }
+        Log {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
     }
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ServerError {
-    ServerError::Config { key: key.into(), message: message.into() }
+    ServerError::Config {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 impl Config {
@@ -195,7 +201,10 @@ impl Config {
             return Err(invalid("mqtt.receive_maximum", "must be at least 1"));
         }
         if m.max_packet_size < 64 || m.max_packet_size > 268_435_460 {
-            return Err(invalid("mqtt.max_packet_size", "must be between 64 and 268435460 bytes"));
+            return Err(invalid(
+                "mqtt.max_packet_size",
+                "must be between 64 and 268435460 bytes",
+            ));
         }
         if m.max_inflight == 0 || m.max_inflight > 65_000 {
             return Err(invalid("mqtt.max_inflight", "must be between 1 and 65000"));
@@ -204,11 +213,17 @@ impl Config {
             return Err(invalid("mqtt.max_topic_levels", "must be at least 1"));
         }
         if m.max_subscriptions_per_client == 0 {
-            return Err(invalid("mqtt.max_subscriptions_per_client", "must be at least 1"));
+            return Err(invalid(
+                "mqtt.max_subscriptions_per_client",
+                "must be at least 1",
+            ));
         }
         for (i, f) in m.deny_subscribe.iter().enumerate() {
             if !ferrymq_mqtt::topic::valid_topic_filter(f) {
-                return Err(invalid(&format!("mqtt.deny_subscribe[{i}]"), format!("{f:?} is not a valid topic filter")));
+                return Err(invalid(
+                    &format!("mqtt.deny_subscribe[{i}]"),
+                    format!("{f:?} is not a valid topic filter"),
+                ));
             }
         }
         if self.limits.max_connections == 0 {
@@ -218,7 +233,10 @@ impl Config {
             return Err(invalid("limits.connect_timeout_secs", "must be at least 1"));
         }
         if self.limits.max_outbound_bytes < 1024 {
-            return Err(invalid("limits.max_outbound_bytes", "must be at least 1024"));
+            return Err(invalid(
+                "limits.max_outbound_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
             return Err(invalid("listeners.http", "must differ from listeners.mqtt"));
@@ -232,7 +250,9 @@ impl Config {
     /// Whether clients without a user name are let in: as configured, or, when unset, only
     /// when the MQTT listener is on a loopback address.
     pub fn allow_anonymous(&self) -> bool {
-        self.mqtt.allow_anonymous.unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
+        self.mqtt
+            .allow_anonymous
+            .unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
     }
 
     /// The engine's part of the configuration.
@@ -260,6 +280,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -270,18 +291,29 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = Config::parse("[mqtt]\nmax_keepalive = 5\n").unwrap_err().to_string();
+        let err = Config::parse("[mqtt]\nmax_keepalive = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_keepalive"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_their_key() {
-        let err = Config::parse("[mqtt]\nreceive_maximum = 0\n").unwrap_err().to_string();
+        let err = Config::parse("[mqtt]\nreceive_maximum = 0\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mqtt.receive_maximum"), "{err}");
-        let err = Config::parse("[mqtt]\ndeny_subscribe = [\"a/#/b\"]\n").unwrap_err().to_string();
+        let err = Config::parse("[mqtt]\ndeny_subscribe = [\"a/#/b\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mqtt.deny_subscribe[0]"), "{err}");
-        let err = Config::parse("[limits]\nslow_consumer = \"explode\"\n").unwrap_err().to_string();
-        assert!(err.contains("slow_consumer") || err.contains("explode"), "{err}");
+        let err = Config::parse("[limits]\nslow_consumer = \"explode\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("slow_consumer") || err.contains("explode"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -289,7 +321,9 @@ mod tests {
         assert!(Config::default().allow_anonymous());
         let c = Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n").unwrap();
         assert!(!c.allow_anonymous());
-        let c = Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n[mqtt]\nallow_anonymous = true\n").unwrap();
+        let c =
+            Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n[mqtt]\nallow_anonymous = true\n")
+                .unwrap();
         assert!(c.allow_anonymous());
     }
 }

@@ -96,7 +96,11 @@ where
                 tracing::info!(conn = ctx.conn.0, error = %e, "bad first packet");
                 if let DecodeError::UnsupportedProtocol { level } = e {
                     // A 3.x client understands a 3.1.1 CONNACK; a 5.0+ one a 5.0 CONNACK.
-                    let v = if level < 5 { ProtocolVersion::V311 } else { ProtocolVersion::V5 };
+                    let v = if level < 5 {
+                        ProtocolVersion::V311
+                    } else {
+                        ProtocolVersion::V5
+                    };
                     refuse(wr, v, ReasonCode::UnsupportedProtocolVersion).await;
                 }
                 return None;
@@ -115,7 +119,11 @@ where
     let Packet::Connect(connect) = first else {
         // The first packet must be CONNECT (MQTT-3.1.0-1).
         NetMetrics::add(&ctx.net.malformed_packets, 1);
-        tracing::info!(conn = ctx.conn.0, packet = first.name(), "first packet is not CONNECT");
+        tracing::info!(
+            conn = ctx.conn.0,
+            packet = first.name(),
+            "first packet is not CONNECT"
+        );
         return None;
     };
     if ctx.over_limit {
@@ -125,14 +133,23 @@ where
     }
     let outbound = Arc::new(Outbound::default());
     let (reply, outcome) = oneshot::channel();
-    let msg = ToRouter::Connect { conn: ctx.conn, connect, outbound: outbound.clone(), reply };
+    let msg = ToRouter::Connect {
+        conn: ctx.conn,
+        connect,
+        outbound: outbound.clone(),
+        reply,
+    };
     ctx.router.send(msg).await.ok()?;
     let outcome = outcome.await.ok()?;
     Some((outcome, outbound))
 }
 
 async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, v: ProtocolVersion, reason: ReasonCode) {
-    let ack = ConnAck { session_present: false, reason, properties: Properties::default() };
+    let ack = ConnAck {
+        session_present: false,
+        reason,
+        properties: Properties::default(),
+    };
     let mut out = BytesMut::new();
     if encode(&Packet::ConnAck(ack), v, &mut out).is_ok() {
         let _ = wr.write_all(&out).await;
@@ -173,7 +190,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     tracing::info!(conn = conn.0, error = %e, "closing connection: bad packet");
                     if !packets.is_empty() {
                         let batch = std::mem::take(&mut packets);
-                        let _ = ctx.router.send(ToRouter::Packets { conn, packets: batch }).await;
+                        let _ = ctx
+                            .router
+                            .send(ToRouter::Packets {
+                                conn,
+                                packets: batch,
+                            })
+                            .await;
                     }
                     let reason = e.reason_code();
                     let _ = ctx.router.send(ToRouter::Violation { conn, reason }).await;
@@ -183,7 +206,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         if !packets.is_empty() {
             let batch = std::mem::replace(&mut packets, Vec::with_capacity(8));
-            if ctx.router.send(ToRouter::Packets { conn, packets: batch }).await.is_err() {
+            if ctx
+                .router
+                .send(ToRouter::Packets {
+                    conn,
+                    packets: batch,
+                })
+                .await
+                .is_err()
+            {
                 return ReadEnd::Gone;
             }
         }
@@ -225,7 +256,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     net: Arc<NetMetrics>,
 ) -> bool {
     let version = outcome.version;
-    let mut aliases = AliasMap { max: outcome.client_topic_alias_maximum, map: HashMap::new() };
+    let mut aliases = AliasMap {
+        max: outcome.client_topic_alias_maximum,
+        map: HashMap::new(),
+    };
     let mut actions = Vec::new();
     let mut out = BytesMut::with_capacity(READ_CHUNK);
     loop {

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 pub enum ServerError {
     /// The configuration file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    ConfigRead { path: PathBuf, source: std::io::Error },
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// The configuration file is not valid TOML for our schema.
     #[error("invalid config: {0}")]
     ConfigSyntax(String),
@@ -15,5 +18,8 @@ pub enum ServerError {
     Config { key: String, message: String },
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }

@@ -62,27 +62,54 @@ impl Server {
         let router_task = tokio::spawn(Router::new(broker, net.clone(), settings).run(rx));
 
         let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
         };
         let mqtt = bind(config.listeners.mqtt).await?;
         let http = bind(config.listeners.http).await?;
-        let mqtt_addr = mqtt.local_addr().map_err(|source| ServerError::Bind { addr: config.listeners.mqtt, source })?;
-        let http_addr = http.local_addr().map_err(|source| ServerError::Bind { addr: config.listeners.http, source })?;
+        let mqtt_addr = mqtt.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listeners.mqtt,
+            source,
+        })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listeners.http,
+            source,
+        })?;
         let (stop_accepting, stop_rx) = watch::channel(false);
 
-        let accept = tokio::spawn(accept_loop(mqtt, tx.clone(), net.clone(), config.clone(), stop_rx.clone()));
-        let state = admin::AdminState { router: tx.clone(), net };
+        let accept = tokio::spawn(accept_loop(
+            mqtt,
+            tx.clone(),
+            net.clone(),
+            config.clone(),
+            stop_rx.clone(),
+        ));
+        let state = admin::AdminState {
+            router: tx.clone(),
+            net,
+        };
         let mut stop_http = stop_rx;
         let admin = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop_http.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = axum::serve(http, admin::app(state)).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(http, admin::app(state))
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "admin HTTP server failed");
             }
         });
         tracing::info!(mqtt = %mqtt_addr, http = %http_addr, "ferrymq listening");
-        Ok(Server { mqtt_addr, http_addr, router: tx, stop_accepting, tasks: vec![accept, admin], router_task })
+        Ok(Server {
+            mqtt_addr,
+            http_addr,
+            router: tx,
+            stop_accepting,
+            tasks: vec![accept, admin],
+            router_task,
+        })
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
@@ -118,7 +145,9 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-    let limits = Limits { max_packet_size: config.mqtt.max_packet_size as usize };
+    let limits = Limits {
+        max_packet_size: config.mqtt.max_packet_size as usize,
+    };
     let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
     let max_connections = config.limits.max_connections as u64;
     loop {

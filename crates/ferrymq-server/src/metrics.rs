@@ -55,31 +55,105 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
     let mut o = String::with_capacity(4096);
     let s = &e.stats;
     let g = |c: &AtomicU64| c.load(Relaxed);
-    metric(&mut o, "ferrymq_connections", "gauge", "Connections attached to a session.", &[("", e.connections as u64)]);
-    metric(&mut o, "ferrymq_connections_open", "gauge", "Open TCP connections, including those not yet past CONNECT.", &[("", g(&net.connections_open))]);
-    metric(&mut o, "ferrymq_connections_accepted_total", "counter", "TCP connections accepted.", &[("", g(&net.connections_accepted))]);
-    metric(&mut o, "ferrymq_connections_refused_total", "counter", "Connections refused (limit reached or CONNECT refused).", &[("", g(&net.connections_refused) + s.connects_refused)]);
-    metric(&mut o, "ferrymq_sessions", "gauge", "Sessions, connected or not.", &[("", e.sessions as u64)]);
-    metric(&mut o, "ferrymq_subscriptions", "gauge", "Subscriptions, shared memberships included.", &[("", e.subscriptions as u64)]);
-    metric(&mut o, "ferrymq_retained_messages", "gauge", "Retained messages stored.", &[("", e.retained as u64)]);
+    metric(
+        &mut o,
+        "ferrymq_connections",
+        "gauge",
+        "Connections attached to a session.",
+        &[("", e.connections as u64)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_connections_open",
+        "gauge",
+        "Open TCP connections, including those not yet past CONNECT.",
+        &[("", g(&net.connections_open))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_connections_accepted_total",
+        "counter",
+        "TCP connections accepted.",
+        &[("", g(&net.connections_accepted))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_connections_refused_total",
+        "counter",
+        "Connections refused (limit reached or CONNECT refused).",
+        &[("", g(&net.connections_refused) + s.connects_refused)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_sessions",
+        "gauge",
+        "Sessions, connected or not.",
+        &[("", e.sessions as u64)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_subscriptions",
+        "gauge",
+        "Subscriptions, shared memberships included.",
+        &[("", e.subscriptions as u64)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_retained_messages",
+        "gauge",
+        "Retained messages stored.",
+        &[("", e.retained as u64)],
+    );
     metric(
         &mut o,
         "ferrymq_messages_received_total",
         "counter",
         "PUBLISH packets accepted from clients, by QoS.",
-        &[("qos=\"0\"", s.messages_received[0]), ("qos=\"1\"", s.messages_received[1]), ("qos=\"2\"", s.messages_received[2])],
+        &[
+            ("qos=\"0\"", s.messages_received[0]),
+            ("qos=\"1\"", s.messages_received[1]),
+            ("qos=\"2\"", s.messages_received[2]),
+        ],
     );
     metric(
         &mut o,
         "ferrymq_messages_sent_total",
         "counter",
         "Messages delivered to subscribers, by QoS (redeliveries not counted).",
-        &[("qos=\"0\"", s.messages_sent[0]), ("qos=\"1\"", s.messages_sent[1]), ("qos=\"2\"", s.messages_sent[2])],
+        &[
+            ("qos=\"0\"", s.messages_sent[0]),
+            ("qos=\"1\"", s.messages_sent[1]),
+            ("qos=\"2\"", s.messages_sent[2]),
+        ],
     );
-    metric(&mut o, "ferrymq_payload_bytes_received_total", "counter", "Payload bytes of accepted PUBLISH packets.", &[("", s.payload_bytes_received)]);
-    metric(&mut o, "ferrymq_payload_bytes_sent_total", "counter", "Payload bytes of delivered messages.", &[("", s.payload_bytes_sent)]);
-    metric(&mut o, "ferrymq_bytes_received_total", "counter", "Bytes read from MQTT connections.", &[("", g(&net.bytes_received))]);
-    metric(&mut o, "ferrymq_bytes_sent_total", "counter", "Bytes written to MQTT connections.", &[("", g(&net.bytes_sent))]);
+    metric(
+        &mut o,
+        "ferrymq_payload_bytes_received_total",
+        "counter",
+        "Payload bytes of accepted PUBLISH packets.",
+        &[("", s.payload_bytes_received)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_payload_bytes_sent_total",
+        "counter",
+        "Payload bytes of delivered messages.",
+        &[("", s.payload_bytes_sent)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_bytes_received_total",
+        "counter",
+        "Bytes read from MQTT connections.",
+        &[("", g(&net.bytes_received))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_bytes_sent_total",
+        "counter",
+        "Bytes written to MQTT connections.",
+        &[("", g(&net.bytes_sent))],
+    );
     metric(
         &mut o,
         "ferrymq_messages_dropped_total",
@@ -102,7 +176,10 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
             ("reason=\"protocol_error\"", s.protocol_errors),
             ("reason=\"malformed_packet\"", g(&net.malformed_packets)),
             ("reason=\"keep_alive_timeout\"", g(&net.keep_alive_timeouts)),
-            ("reason=\"slow_consumer\"", g(&net.disconnected_slow_consumer)),
+            (
+                "reason=\"slow_consumer\"",
+                g(&net.disconnected_slow_consumer),
+            ),
         ],
     );
     o

@@ -26,11 +26,19 @@ pub(crate) enum ToRouter {
         outbound: Arc<Outbound>,
         reply: oneshot::Sender<ConnectOutcome>,
     },
-    Packets { conn: ConnId, packets: Vec<Packet> },
+    Packets {
+        conn: ConnId,
+        packets: Vec<Packet>,
+    },
     /// The peer went away, or the writer failed.
-    Closed { conn: ConnId },
+    Closed {
+        conn: ConnId,
+    },
     /// The connection broke a rule the network layer detects (malformed packet, keep alive).
-    Violation { conn: ConnId, reason: ReasonCode },
+    Violation {
+        conn: ConnId,
+        reason: ReasonCode,
+    },
     Snapshot(oneshot::Sender<EngineSnapshot>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -155,7 +163,12 @@ impl Router {
 
     fn handle(&mut self, msg: ToRouter, now: Time) {
         match msg {
-            ToRouter::Connect { conn, connect, outbound, reply } => {
+            ToRouter::Connect {
+                conn,
+                connect,
+                outbound,
+                reply,
+            } => {
                 self.conns.insert(conn, outbound);
                 let outcome = self.broker.connect(conn, *connect, now, &mut self.out);
                 let _ = reply.send(outcome);
@@ -192,14 +205,17 @@ impl Router {
         let mut slow: Vec<ConnId> = Vec::new();
         for (conn, action) in actions.drain(..) {
             let closing = matches!(action, Action::Close);
-            let Some(outbound) = self.conns.get(&conn) else { continue };
+            let Some(outbound) = self.conns.get(&conn) else {
+                continue;
+            };
             if outbound.push(action, limit) {
                 if self.touched.last() != Some(&conn) {
                     self.touched.push(conn);
                 }
             } else {
                 NetMetrics::add(&self.net.dropped_slow_consumer, 1);
-                if self.settings.slow_consumer == SlowConsumer::Disconnect && !slow.contains(&conn) {
+                if self.settings.slow_consumer == SlowConsumer::Disconnect && !slow.contains(&conn)
+                {
                     slow.push(conn);
                 }
             }
@@ -223,7 +239,8 @@ impl Router {
             for conn in slow {
                 NetMetrics::add(&self.net.disconnected_slow_consumer, 1);
                 tracing::warn!(conn = conn.0, "disconnecting slow consumer");
-                self.broker.kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
+                self.broker
+                    .kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
             }
             self.dispatch();
         }
@@ -234,17 +251,50 @@ impl Router {
         let s = self.broker.stats().clone();
         let n = &self.net;
         let topics: [(&str, String); 11] = [
-            ("$SYS/broker/version", format!("ferrymq {}", env!("CARGO_PKG_VERSION"))),
-            ("$SYS/broker/uptime", format!("{} seconds", self.started.elapsed().as_secs())),
-            ("$SYS/broker/clients/connected", self.broker.connection_count().to_string()),
-            ("$SYS/broker/clients/total", self.broker.session_count().to_string()),
-            ("$SYS/broker/messages/received", s.messages_received.iter().sum::<u64>().to_string()),
-            ("$SYS/broker/messages/sent", s.messages_sent.iter().sum::<u64>().to_string()),
-            ("$SYS/broker/bytes/received", n.bytes_received.load(Relaxed).to_string()),
-            ("$SYS/broker/bytes/sent", n.bytes_sent.load(Relaxed).to_string()),
-            ("$SYS/broker/subscriptions/count", self.broker.subscription_count().to_string()),
-            ("$SYS/broker/retained messages/count", self.broker.retained_count().to_string()),
-            ("$SYS/broker/messages/dropped", (s.dropped_queue_full + s.dropped_expired + s.dropped_too_large).to_string()),
+            (
+                "$SYS/broker/version",
+                format!("ferrymq {}", env!("CARGO_PKG_VERSION")),
+            ),
+            (
+                "$SYS/broker/uptime",
+                format!("{} seconds", self.started.elapsed().as_secs()),
+            ),
+            (
+                "$SYS/broker/clients/connected",
+                self.broker.connection_count().to_string(),
+            ),
+            (
+                "$SYS/broker/clients/total",
+                self.broker.session_count().to_string(),
+            ),
+            (
+                "$SYS/broker/messages/received",
+                s.messages_received.iter().sum::<u64>().to_string(),
+            ),
+            (
+                "$SYS/broker/messages/sent",
+                s.messages_sent.iter().sum::<u64>().to_string(),
+            ),
+            (
+                "$SYS/broker/bytes/received",
+                n.bytes_received.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/bytes/sent",
+                n.bytes_sent.load(Relaxed).to_string(),
+            ),
+            (
+                "$SYS/broker/subscriptions/count",
+                self.broker.subscription_count().to_string(),
+            ),
+            (
+                "$SYS/broker/retained messages/count",
+                self.broker.retained_count().to_string(),
+            ),
+            (
+                "$SYS/broker/messages/dropped",
+                (s.dropped_queue_full + s.dropped_expired + s.dropped_too_large).to_string(),
+            ),
         ];
         for (topic, value) in topics {
             let mut m = Message::new(topic, Bytes::from(value), now);

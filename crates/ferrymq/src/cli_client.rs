@@ -54,13 +54,19 @@ fn qos(q: u8) -> anyhow::Result<QoS> {
 fn user_props(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     list.iter()
         .map(|kv| {
-            let (k, v) = kv.split_once('=').with_context(|| format!("user property {kv:?} is not KEY=VALUE"))?;
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("user property {kv:?} is not KEY=VALUE"))?;
             Ok((k.to_string(), v.to_string()))
         })
         .collect()
 }
 
-fn options(c: &ConnArgs, clean_start: bool, properties: Properties) -> anyhow::Result<ConnectOptions> {
+fn options(
+    c: &ConnArgs,
+    clean_start: bool,
+    properties: Properties,
+) -> anyhow::Result<ConnectOptions> {
     let mut o = ConnectOptions::new(format!("{}:{}", c.host, c.port), c.id.clone());
     o.version = version(&c.version)?;
     o.username = c.username.clone();
@@ -126,9 +132,15 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     let payloads: Vec<Bytes> = if let Some(m) = &a.message {
         vec![Bytes::from(m.clone())]
     } else if let Some(f) = &a.file {
-        vec![Bytes::from(std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?)]
+        vec![Bytes::from(
+            std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
+        )]
     } else if a.stdin_lines {
-        std::io::stdin().lock().lines().map(|l| l.map(Bytes::from)).collect::<Result<_, _>>()?
+        std::io::stdin()
+            .lock()
+            .lines()
+            .map(|l| l.map(Bytes::from))
+            .collect::<Result<_, _>>()?
     } else if a.null {
         vec![Bytes::new()]
     } else {
@@ -230,7 +242,10 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
         retain_handling,
     };
     let filters = a.topics.iter().map(|t| (t.clone(), o)).collect();
-    let sp = Properties { subscription_identifiers: a.subscription_id.into_iter().collect(), ..Default::default() };
+    let sp = Properties {
+        subscription_identifiers: a.subscription_id.into_iter().collect(),
+        ..Default::default()
+    };
     let ack = client.subscribe(filters, sp).await?;
     for (t, r) in a.topics.iter().zip(&ack.reasons) {
         if r.is_error() {

@@ -11,7 +11,11 @@ use ferrymq_server::config::LogFormat;
 use ferrymq_server::{Config, Server};
 
 #[derive(Parser)]
-#[command(name = "ferrymq", version, about = "FerryMQ: an MQTT 3.1.1/5.0 broker with work queues")]
+#[command(
+    name = "ferrymq",
+    version,
+    about = "FerryMQ: an MQTT 3.1.1/5.0 broker with work queues"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,14 +69,20 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = writeln!(std::io::stdout(), "{} is valid.\n\n{config:#?}", file.display());
+            let _ = writeln!(
+                std::io::stdout(),
+                "{} is valid.\n\n{config:#?}",
+                file.display()
+            );
             Ok(())
         }
     }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -93,7 +103,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.log.level = l;
     }
     if let Some(f) = args.log_format.as_deref() {
-        config.log.format = if f == "json" { LogFormat::Json } else { LogFormat::Text };
+        config.log.format = if f == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
     }
     config.validate()?;
     init_logging(&config)?;
@@ -107,9 +121,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .with_context(|| format!("invalid config value for `log.level`: {:?}", config.log.level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).with_context(|| {
+        format!(
+            "invalid config value for `log.level`: {:?}",
+            config.log.level
+        )
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -15,13 +15,22 @@ async fn health_and_metrics() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let p = v4(v4_options(&server, "m-pub")).await;
     for _ in 0..5 {
-        p.client.publish("m/x", QoS::AtLeastOnce, false, "12345").await.unwrap();
+        p.client
+            .publish("m/x", QoS::AtLeastOnce, false, "12345")
+            .await
+            .unwrap();
     }
     for _ in 0..5 {
         next(&mut sub.rx).await;
     }
-    assert_eq!(metric(&server, "ferrymq_messages_received_total{qos=\"1\"}").await, 5);
-    assert_eq!(metric(&server, "ferrymq_messages_sent_total{qos=\"1\"}").await, 5);
+    assert_eq!(
+        metric(&server, "ferrymq_messages_received_total{qos=\"1\"}").await,
+        5
+    );
+    assert_eq!(
+        metric(&server, "ferrymq_messages_sent_total{qos=\"1\"}").await,
+        5
+    );
     assert_eq!(metric(&server, "ferrymq_connections ").await, 2);
     assert_eq!(metric(&server, "ferrymq_subscriptions").await, 1);
     assert!(metric(&server, "ferrymq_bytes_received_total").await > 25);

@@ -74,7 +74,9 @@ pub async fn v4(opts: rumqttc::MqttOptions) -> V4 {
             }
         }
     });
-    let ok = tokio::time::timeout(WAIT, connected.recv()).await.expect("CONNACK in time");
+    let ok = tokio::time::timeout(WAIT, connected.recv())
+        .await
+        .expect("CONNACK in time");
     assert_eq!(ok, Some(true), "connection accepted");
     V4 { client, rx }
 }
@@ -106,7 +108,11 @@ pub async fn v5(opts: rumqttc::v5::MqttOptions) -> V5 {
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(P::Publish(p))) => {
-                    let user_properties = p.properties.as_ref().map(|pr| pr.user_properties.clone()).unwrap_or_default();
+                    let user_properties = p
+                        .properties
+                        .as_ref()
+                        .map(|pr| pr.user_properties.clone())
+                        .unwrap_or_default();
                     let _ = tx.send(Got {
                         topic: String::from_utf8(p.topic.to_vec()).unwrap(),
                         payload: p.payload,
@@ -126,14 +132,23 @@ pub async fn v5(opts: rumqttc::v5::MqttOptions) -> V5 {
             }
         }
     });
-    let code = tokio::time::timeout(WAIT, connected.recv()).await.expect("CONNACK in time");
+    let code = tokio::time::timeout(WAIT, connected.recv())
+        .await
+        .expect("CONNACK in time");
     assert_eq!(code, Some(0), "connection accepted");
-    V5 { client, rx, disconnects }
+    V5 {
+        client,
+        rx,
+        disconnects,
+    }
 }
 
 /// Receives the next publish or fails after [`WAIT`].
 pub async fn next(rx: &mut mpsc::UnboundedReceiver<Got>) -> Got {
-    tokio::time::timeout(WAIT, rx.recv()).await.expect("message in time").expect("client alive")
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("message in time")
+        .expect("client alive")
 }
 
 /// Asserts nothing arrives within `d`.
@@ -153,11 +168,19 @@ pub struct Raw {
 impl Raw {
     pub async fn connect(server: &Server, version: ProtocolVersion) -> Raw {
         let stream = TcpStream::connect(server.mqtt_addr()).await.unwrap();
-        Raw { stream, version, buf: BytesMut::new() }
+        Raw {
+            stream,
+            version,
+            buf: BytesMut::new(),
+        }
     }
 
     pub fn from_stream(stream: TcpStream, version: ProtocolVersion) -> Raw {
-        Raw { stream, version, buf: BytesMut::new() }
+        Raw {
+            stream,
+            version,
+            buf: BytesMut::new(),
+        }
     }
 
     pub async fn send(&mut self, p: &Packet) {
@@ -217,8 +240,15 @@ pub async fn http_get(server: &Server, path: &str) -> (u16, String) {
     s.write_all(req.as_bytes()).await.unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
-    let status = body.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = body
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 

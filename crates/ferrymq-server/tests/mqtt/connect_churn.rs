@@ -16,8 +16,13 @@ fn rss_kib() -> u64 {
 
 async fn cycles(server: &ferrymq_server::Server, n: usize) {
     for i in 0..n {
-        let mut o = ConnectOptions::new(server.mqtt_addr().to_string(), format!("churn-{}", i % 50));
-        o.version = if i % 2 == 0 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+        let mut o =
+            ConnectOptions::new(server.mqtt_addr().to_string(), format!("churn-{}", i % 50));
+        o.version = if i % 2 == 0 {
+            ProtocolVersion::V5
+        } else {
+            ProtocolVersion::V311
+        };
         let (c, _) = Client::connect(o).await.expect("connect");
         if i % 3 == 0 {
             drop(c); // vanish without DISCONNECT
@@ -32,18 +37,41 @@ async fn thousand_connect_cycles_leave_nothing_behind() {
     let server = start().await;
     // Warm up allocator pools and the runtime first so growth is measured, not first use.
     cycles(&server, 200).await;
-    eventually("warm-up connections closed", || async { metric(&server, "ferrymq_connections_open").await == 0 }).await;
-    let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    eventually("warm-up connections closed", || async {
+        metric(&server, "ferrymq_connections_open").await == 0
+    })
+    .await;
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     let rss_before = rss_kib();
 
     cycles(&server, 1000).await;
 
-    eventually("all connections closed", || async { metric(&server, "ferrymq_connections_open").await == 0 }).await;
+    eventually("all connections closed", || async {
+        metric(&server, "ferrymq_connections_open").await == 0
+    })
+    .await;
     assert_eq!(metric(&server, "ferrymq_connections ").await, 0);
-    assert_eq!(metric(&server, "ferrymq_sessions").await, 0, "clean sessions end with their connection");
-    let tasks_after = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-    assert!(tasks_after <= tasks_before, "tasks leaked: {tasks_before} -> {tasks_after}");
+    assert_eq!(
+        metric(&server, "ferrymq_sessions").await,
+        0,
+        "clean sessions end with their connection"
+    );
+    let tasks_after = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        tasks_after <= tasks_before,
+        "tasks leaked: {tasks_before} -> {tasks_after}"
+    );
     let grown = rss_kib().saturating_sub(rss_before);
-    assert!(grown < 8 * 1024, "RSS grew by {grown} KiB over 1,000 cycles");
-    assert_eq!(metric(&server, "ferrymq_connections_accepted_total").await, 1200);
+    assert!(
+        grown < 8 * 1024,
+        "RSS grew by {grown} KiB over 1,000 cycles"
+    );
+    assert_eq!(
+        metric(&server, "ferrymq_connections_accepted_total").await,
+        1200
+    );
 }

@@ -7,10 +7,22 @@ use rumqttc::QoS;
 async fn emoji_topics_and_payloads_round_trip_v311() {
     let server = start().await;
     let mut sub = v4(v4_options(&server, "emoji-sub")).await;
-    sub.client.subscribe("home/😀/+", QoS::AtLeastOnce).await.unwrap();
+    sub.client
+        .subscribe("home/😀/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let publisher = v4(v4_options(&server, "emoji-pub")).await;
-    publisher.client.publish("home/😀/🌡️", QoS::AtLeastOnce, false, "21.5°C 🔥".as_bytes()).await.unwrap();
+    publisher
+        .client
+        .publish(
+            "home/😀/🌡️",
+            QoS::AtLeastOnce,
+            false,
+            "21.5°C 🔥".as_bytes(),
+        )
+        .await
+        .unwrap();
     let got = next(&mut sub.rx).await;
     assert_eq!(got.topic, "home/😀/🌡️");
     assert_eq!(&got.payload[..], "21.5°C 🔥".as_bytes());
@@ -20,16 +32,29 @@ async fn emoji_topics_and_payloads_round_trip_v311() {
 async fn emoji_topics_and_user_properties_round_trip_v5() {
     let server = start().await;
     let mut sub = v5(v5_options(&server, "emoji-sub5")).await;
-    sub.client.subscribe("🚀/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce).await.unwrap();
+    sub.client
+        .subscribe("🚀/#", rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let publisher = v5(v5_options(&server, "emoji-pub5")).await;
     let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-        user_properties: vec![("😀".into(), "🎉".into()), ("k".into(), "1".into()), ("k".into(), "2".into())],
+        user_properties: vec![
+            ("😀".into(), "🎉".into()),
+            ("k".into(), "1".into()),
+            ("k".into(), "2".into()),
+        ],
         ..Default::default()
     };
     publisher
         .client
-        .publish_with_properties("🚀/launch", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "𝄞 music", props)
+        .publish_with_properties(
+            "🚀/launch",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            "𝄞 music",
+            props,
+        )
         .await
         .unwrap();
     let got = next(&mut sub.rx).await;
@@ -38,6 +63,10 @@ async fn emoji_topics_and_user_properties_round_trip_v5() {
     // User properties pass through unchanged and in order.
     assert_eq!(
         got.user_properties,
-        vec![("😀".to_string(), "🎉".to_string()), ("k".into(), "1".into()), ("k".into(), "2".into())]
+        vec![
+            ("😀".to_string(), "🎉".to_string()),
+            ("k".into(), "1".into()),
+            ("k".into(), "2".into())
+        ]
     );
 }

@@ -9,15 +9,23 @@ use ferrymq_mqtt::{Packet, ProtocolVersion, ReasonCode};
 async fn silent_client_is_disconnected_after_one_and_a_half_keep_alives() {
     let server = start().await;
     let mut raw = Raw::connect(&server, ProtocolVersion::V5).await;
-    let Packet::Connect(mut c) = connect_packet("sleepy", ProtocolVersion::V5) else { unreachable!() };
+    let Packet::Connect(mut c) = connect_packet("sleepy", ProtocolVersion::V5) else {
+        unreachable!()
+    };
     c.keep_alive = 1;
     raw.send(&Packet::Connect(c)).await;
     assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));
     let started = Instant::now();
     let seen = raw.until_closed().await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1400), "closed too early: {waited:?}");
-    assert!(waited < Duration::from_secs(4), "closed too late: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "closed too late: {waited:?}"
+    );
     assert!(
         matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason == ReasonCode::KeepAliveTimeout),
         "{seen:?}"
@@ -28,7 +36,9 @@ async fn silent_client_is_disconnected_after_one_and_a_half_keep_alives() {
 async fn pings_keep_the_connection_alive() {
     let server = start().await;
     let mut raw = Raw::connect(&server, ProtocolVersion::V311).await;
-    let Packet::Connect(mut c) = connect_packet("pinger", ProtocolVersion::V311) else { unreachable!() };
+    let Packet::Connect(mut c) = connect_packet("pinger", ProtocolVersion::V311) else {
+        unreachable!()
+    };
     c.keep_alive = 1;
     raw.send(&Packet::Connect(c)).await;
     assert!(matches!(raw.recv().await, Some(Packet::ConnAck(_))));

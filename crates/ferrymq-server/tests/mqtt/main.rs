@@ -2,6 +2,8 @@
 //! port 0) and real MQTT clients (rumqttc for 3.1.1 and 5.0; raw sockets for hostile input).
 //! One behaviour per module.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 mod admin_http;
@@ -17,4 +19,5 @@ mod shared_subscription;
 mod shutdown;
 mod sys_topics;
 mod takeover;
+mod topic_alias;
 mod will;

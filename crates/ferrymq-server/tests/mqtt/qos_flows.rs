@@ -13,15 +13,28 @@ async fn qos_levels_round_trip_v311() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let p = v4(v4_options(&server, "q-pub")).await;
     for i in 0..50u32 {
-        p.client.publish("q/2", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec()).await.unwrap();
+        p.client
+            .publish("q/2", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
     }
-    p.client.publish("q/1", QoS::ExactlyOnce, false, "down").await.unwrap();
+    p.client
+        .publish("q/1", QoS::ExactlyOnce, false, "down")
+        .await
+        .unwrap();
     for i in 0..50u32 {
         let g = next(&mut sub.rx).await;
-        assert_eq!((g.topic.as_str(), g.qos, &g.payload[..]), ("q/2", 2, &i.to_be_bytes()[..]));
+        assert_eq!(
+            (g.topic.as_str(), g.qos, &g.payload[..]),
+            ("q/2", 2, &i.to_be_bytes()[..])
+        );
     }
     let g = next(&mut sub.rx).await;
-    assert_eq!((g.topic.as_str(), g.qos), ("q/1", 1), "QoS 2 publish downgraded to the subscription's QoS 1");
+    assert_eq!(
+        (g.topic.as_str(), g.qos),
+        ("q/1", 1),
+        "QoS 2 publish downgraded to the subscription's QoS 1"
+    );
 }
 
 #[tokio::test]
@@ -32,8 +45,14 @@ async fn qos_levels_round_trip_v5() {
     sub.client.subscribe("q5/#", Q5::ExactlyOnce).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let p = v5(v5_options(&server, "q5-pub")).await;
-    for (i, q) in [Q5::AtMostOnce, Q5::AtLeastOnce, Q5::ExactlyOnce].into_iter().enumerate() {
-        p.client.publish(format!("q5/{i}"), q, false, vec![i as u8]).await.unwrap();
+    for (i, q) in [Q5::AtMostOnce, Q5::AtLeastOnce, Q5::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        p.client
+            .publish(format!("q5/{i}"), q, false, vec![i as u8])
+            .await
+            .unwrap();
     }
     let mut got = vec![];
     for _ in 0..3 {
@@ -41,6 +60,13 @@ async fn qos_levels_round_trip_v5() {
         got.push((g.topic, g.qos));
     }
     got.sort();
-    assert_eq!(got, vec![("q5/0".to_string(), 0), ("q5/1".into(), 1), ("q5/2".into(), 2)]);
+    assert_eq!(
+        got,
+        vec![
+            ("q5/0".to_string(), 0),
+            ("q5/1".into(), 1),
+            ("q5/2".into(), 2)
+        ]
+    );
     nothing(&mut sub.rx, std::time::Duration::from_millis(300)).await;
 }

@@ -11,15 +11,25 @@ async fn shared_group_members_split_the_stream() {
     let mut members = Vec::new();
     for i in 0..3 {
         let m = v4(v4_options(&server, &format!("worker-{i}"))).await;
-        m.client.subscribe("$share/workers/tasks/+", QoS::AtLeastOnce).await.unwrap();
+        m.client
+            .subscribe("$share/workers/tasks/+", QoS::AtLeastOnce)
+            .await
+            .unwrap();
         members.push(m);
     }
     let mut plain = v4(v4_options(&server, "observer")).await;
-    plain.client.subscribe("tasks/+", QoS::AtLeastOnce).await.unwrap();
+    plain
+        .client
+        .subscribe("tasks/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let p = v4(v4_options(&server, "producer")).await;
     for i in 0..60 {
-        p.client.publish(format!("tasks/{i}"), QoS::AtLeastOnce, false, "job").await.unwrap();
+        p.client
+            .publish(format!("tasks/{i}"), QoS::AtLeastOnce, false, "job")
+            .await
+            .unwrap();
     }
     for _ in 0..60 {
         next(&mut plain.rx).await;
@@ -27,11 +37,19 @@ async fn shared_group_members_split_the_stream() {
     let mut counts = Vec::new();
     for m in &mut members {
         let mut n = 0;
-        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), m.rx.recv()).await {
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), m.rx.recv()).await
+        {
             n += 1;
         }
         counts.push(n);
     }
-    assert_eq!(counts.iter().sum::<usize>(), 60, "each message to exactly one member: {counts:?}");
-    assert!(counts.iter().all(|&n| n == 20), "even distribution: {counts:?}");
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        60,
+        "each message to exactly one member: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|&n| n == 20),
+        "even distribution: {counts:?}"
+    );
 }

@@ -13,7 +13,10 @@ async fn sys_topics_are_published_and_not_matched_by_hash() {
     let mut all = v4(v4_options(&server, "hash")).await;
     all.client.subscribe("#", QoS::AtMostOnce).await.unwrap();
     let mut sys = v4(v4_options(&server, "sys")).await;
-    sys.client.subscribe("$SYS/broker/#", QoS::AtMostOnce).await.unwrap();
+    sys.client
+        .subscribe("$SYS/broker/#", QoS::AtMostOnce)
+        .await
+        .unwrap();
     // The retained values replayed on subscribe may predate our clients; the periodic
     // refresh brings them up to date.
     let mut topics = std::collections::BTreeMap::new();
@@ -23,8 +26,19 @@ async fn sys_topics_are_published_and_not_matched_by_hash() {
     }
     assert!(topics["$SYS/broker/version"].starts_with("ferrymq "));
     assert_eq!(topics["$SYS/broker/clients/connected"], "2");
-    for key in ["uptime", "messages/received", "messages/sent", "bytes/received", "bytes/sent", "subscriptions/count", "retained messages/count"] {
-        assert!(topics.contains_key(&format!("$SYS/broker/{key}")), "missing {key}");
+    for key in [
+        "uptime",
+        "messages/received",
+        "messages/sent",
+        "bytes/received",
+        "bytes/sent",
+        "subscriptions/count",
+        "retained messages/count",
+    ] {
+        assert!(
+            topics.contains_key(&format!("$SYS/broker/{key}")),
+            "missing {key}"
+        );
     }
     nothing(&mut all.rx, Duration::from_millis(1500)).await;
 }

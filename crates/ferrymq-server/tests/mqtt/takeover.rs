@@ -8,15 +8,28 @@ use ferrymq_mqtt::{Packet, ProtocolVersion, ReasonCode};
 async fn old_connection_gets_session_taken_over() {
     let server = start().await;
     let mut first = Raw::connect(&server, ProtocolVersion::V5).await;
-    first.send(&connect_packet("dup-id", ProtocolVersion::V5)).await;
+    first
+        .send(&connect_packet("dup-id", ProtocolVersion::V5))
+        .await;
     assert!(matches!(first.recv().await, Some(Packet::ConnAck(_))));
     let mut second = Raw::connect(&server, ProtocolVersion::V5).await;
-    second.send(&connect_packet("dup-id", ProtocolVersion::V5)).await;
-    assert!(matches!(second.recv().await, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success));
+    second
+        .send(&connect_packet("dup-id", ProtocolVersion::V5))
+        .await;
+    assert!(
+        matches!(second.recv().await, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success)
+    );
     let seen = first.until_closed().await;
-    assert!(matches!(&seen[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::SessionTakenOver), "{seen:?}");
+    assert!(
+        matches!(&seen[..], [Packet::Disconnect(d)] if d.reason == ReasonCode::SessionTakenOver),
+        "{seen:?}"
+    );
     second.send(&Packet::PingReq).await;
-    assert_eq!(second.recv().await, Some(Packet::PingResp), "the new connection lives on");
+    assert_eq!(
+        second.recv().await,
+        Some(Packet::PingResp),
+        "the new connection lives on"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,12 +39,19 @@ async fn concurrent_takeovers_leave_exactly_one_connection() {
     let mut tasks = Vec::new();
     for i in 0..40 {
         tasks.push(tokio::spawn(async move {
-            let version = if i % 2 == 0 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+            let version = if i % 2 == 0 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             let mut raw = Raw::from_stream(stream, version);
             raw.send(&connect_packet("contested", version)).await;
             let ack = raw.recv().await;
-            assert!(matches!(&ack, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success), "{ack:?}");
+            assert!(
+                matches!(&ack, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success),
+                "{ack:?}"
+            );
             raw
         }));
     }
@@ -39,7 +59,10 @@ async fn concurrent_takeovers_leave_exactly_one_connection() {
     for t in tasks {
         conns.push(t.await.unwrap());
     }
-    eventually("one connection left", || async { metric(&server, "ferrymq_connections ").await == 1 }).await;
+    eventually("one connection left", || async {
+        metric(&server, "ferrymq_connections ").await == 1
+    })
+    .await;
     assert_eq!(metric(&server, "ferrymq_sessions").await, 1);
     // Exactly one socket is still open and answers a ping.
     let mut alive = 0;
