@@ -1,5 +1,6 @@
 //! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), and `check-config`.
 
+mod bench;
 mod cli_client;
 
 use std::io::Write;
@@ -31,6 +32,8 @@ enum Command {
     /// Subscribe and print messages (in the spirit of mosquitto_sub).
     #[command(disable_help_flag = true)]
     Sub(cli_client::SubArgs),
+    /// Benchmark a broker (this one or any other MQTT broker) and verify every message.
+    Bench(bench::BenchArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
         /// The TOML file to check.
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Pub(args) => runtime()?.block_on(cli_client::publish(args)),
         Command::Sub(args) => runtime()?.block_on(cli_client::subscribe(args)),
+        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             // A closed pipe (`| head`) is not an error worth a panic.

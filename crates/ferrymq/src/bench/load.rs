@@ -1,0 +1,585 @@
+//! The load itself: raw MQTT over our codec, so the generator costs little next to the broker.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ferrymq_mqtt::{
+    decode, encode, Connect, Limits, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS,
+    ReasonCode, Subscribe, SubscriptionOptions,
+};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Barrier, Notify};
+
+use super::report::{Connections, Latency, Report};
+use super::{ConnArgs, Target};
+
+/// Bytes of the stamp at the start of every payload: publisher (4), sequence (8), send time (8).
+pub const STAMP: usize = 20;
+const TOPIC_ROOT: &str = "ferrymq-bench";
+
+pub struct Plan {
+    pub publishers: usize,
+    pub subscribers: usize,
+    pub qos: QoS,
+    pub payload: usize,
+    pub messages: u64,
+    pub inflight: usize,
+    /// Total messages per second across publishers, when paced.
+    pub rate: Option<u64>,
+}
+
+fn clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Shared progress, for QoS 0 pacing and for knowing when to stop.
+struct Progress {
+    published: AtomicU64,
+    received: AtomicU64,
+    stop: AtomicBool,
+    wake: Notify,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Progress {
+    fn error(&self, e: String) {
+        if let Ok(mut v) = self.errors.lock() {
+            if v.len() < 10 {
+                v.push(e);
+            }
+        }
+        self.stop.store(true, Relaxed);
+        self.wake.notify_waiters();
+    }
+}
+
+/// A minimal MQTT connection.
+struct Conn {
+    stream: TcpStream,
+    version: ProtocolVersion,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+}
+
+impl Conn {
+    async fn open(t: &Target, id: String, keep_alive: u16) -> anyhow::Result<Conn> {
+        let stream = tokio::time::timeout(t.timeout, TcpStream::connect(&t.addr)).await??;
+        stream.set_nodelay(true)?;
+        let mut c = Conn {
+            stream,
+            version: t.version,
+            rbuf: BytesMut::with_capacity(64 * 1024),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+        };
+        let connect = Connect {
+            version: t.version,
+            client_id: id,
+            clean_start: true,
+            keep_alive,
+            username: None,
+            password: None,
+            will: None,
+            properties: Properties::default(),
+        };
+        c.queue(&Packet::Connect(Box::new(connect)))?;
+        c.flush().await?;
+        match tokio::time::timeout(t.timeout, c.next()).await?? {
+            Packet::ConnAck(a) if a.reason == ReasonCode::Success => Ok(c),
+            other => anyhow::bail!("connect refused: {other:?}"),
+        }
+    }
+
+    fn queue(&mut self, p: &Packet) -> anyhow::Result<()> {
+        encode(p, self.version, &mut self.wbuf)?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    fn try_decode(&mut self) -> anyhow::Result<Option<Packet>> {
+        Ok(decode(&mut self.rbuf, self.version, &Limits::default())?)
+    }
+
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
+            self.rbuf.reserve(64 * 1024);
+        }
+        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            anyhow::bail!("broker closed the connection");
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            if let Some(p) = self.try_decode()? {
+                return Ok(p);
+            }
+            self.fill().await?;
+        }
+    }
+}
+
+pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<Report> {
+    let plan = Arc::new(plan);
+    let progress = Arc::new(Progress {
+        published: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        wake: Notify::new(),
+        errors: Mutex::new(Vec::new()),
+    });
+    let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
+    let topic = format!("{TOPIC_ROOT}/{run_id}");
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let ready = Arc::new(Barrier::new(plan.subscribers + plan.publishers + 1));
+
+    let mut subs = Vec::new();
+    for s in 0..plan.subscribers {
+        let conn = Conn::open(t, format!("bench-{run_id}-s{s}"), 60).await?;
+        let (plan, progress, ready, hist) =
+            (plan.clone(), progress.clone(), ready.clone(), hist.clone());
+        let filter = format!("{topic}/#");
+        subs.push(tokio::spawn(async move {
+            subscriber(conn, filter, &plan, &progress, &ready, s == 0, &hist).await
+        }));
+    }
+    let mut pubs = Vec::new();
+    for p in 0..plan.publishers {
+        let conn = Conn::open(t, format!("bench-{run_id}-p{p}"), 60).await?;
+        let (plan, progress, ready) = (plan.clone(), progress.clone(), ready.clone());
+        let topic = format!("{topic}/{p}");
+        pubs.push(tokio::spawn(async move {
+            publisher(conn, p as u32, topic, &plan, &progress, &ready).await
+        }));
+    }
+    ready.wait().await;
+    let started = Instant::now();
+    let deadline = started + t.timeout;
+    let expected_total = plan.messages * plan.publishers as u64 * plan.subscribers as u64;
+    // Wait until everything arrived, or nothing moved for a while, or the deadline.
+    let mut last = (0, Instant::now());
+    let mut timed_out = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let got = progress.received.load(Relaxed);
+        if got >= expected_total || progress.stop.load(Relaxed) {
+            break;
+        }
+        let all_published = pubs.iter().all(|h| h.is_finished());
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if all_published && last.1.elapsed() > Duration::from_secs(2) {
+            break; // The rest is not coming.
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            break;
+        }
+    }
+    let elapsed = if last.0 == progress.received.load(Relaxed)
+        && !timed_out
+        && progress.received.load(Relaxed) < expected_total
+    {
+        last.1 - started
+    } else {
+        started.elapsed()
+    };
+    progress.stop.store(true, Relaxed);
+    progress.wake.notify_waiters();
+    let mut published = 0;
+    for h in pubs {
+        match tokio::time::timeout(Duration::from_secs(5), h).await {
+            Ok(Ok(Ok(n))) => published += n,
+            Ok(Ok(Err(e))) => progress.error(format!("publisher: {e}")),
+            _ => {}
+        }
+    }
+    let mut tally = Tally::default();
+    for h in subs {
+        match tokio::time::timeout(Duration::from_secs(5), h).await {
+            Ok(Ok(Ok(t))) => tally.add(&t),
+            Ok(Ok(Err(e))) => progress.error(format!("subscriber: {e}")),
+            _ => {}
+        }
+    }
+    let expected = published * plan.subscribers as u64;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let h = hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?;
+    let latency_us = (plan.rate.is_some() && !h.is_empty()).then(|| Latency {
+        p50: h.value_at_quantile(0.5) / 1000,
+        p90: h.value_at_quantile(0.9) / 1000,
+        p99: h.value_at_quantile(0.99) / 1000,
+        p999: h.value_at_quantile(0.999) / 1000,
+        max: h.max() / 1000,
+    });
+    let errors = progress
+        .errors
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    Ok(Report {
+        scenario: scenario.into(),
+        publishers: plan.publishers,
+        subscribers: plan.subscribers,
+        qos: plan.qos as u8,
+        payload: plan.payload,
+        published,
+        expected,
+        received: tally.unique,
+        lost: expected.saturating_sub(tally.unique),
+        duplicates: tally.duplicates,
+        reordered: tally.reordered,
+        elapsed_secs: secs,
+        deliveries_per_sec: tally.unique as f64 / secs,
+        latency_us,
+        protocol_errors: errors,
+        timed_out,
+        ..Default::default()
+    })
+}
+
+async fn publisher(
+    mut c: Conn,
+    id: u32,
+    topic: String,
+    plan: &Plan,
+    progress: &Progress,
+    ready: &Barrier,
+) -> anyhow::Result<u64> {
+    ready.wait().await;
+    let started = Instant::now();
+    let per_pub_rate = plan.rate.map(|r| r as f64 / plan.publishers as f64);
+    let filler = Bytes::from(vec![b'x'; plan.payload - STAMP]);
+    let mut inflight = 0usize;
+    let mut acked = 0u64;
+    let mut seq = 0u64;
+    let mut next_pid: u16 = 1;
+    let subs = plan.subscribers as u64;
+    while !progress.stop.load(Relaxed) {
+        // Send what the window (and the pace) allows.
+        while seq < plan.messages && !progress.stop.load(Relaxed) {
+            if plan.qos != QoS::AtMostOnce && inflight >= plan.inflight {
+                break;
+            }
+            if plan.qos == QoS::AtMostOnce && plan.rate.is_none() {
+                let ahead = progress.published.load(Relaxed) * subs;
+                if ahead > progress.received.load(Relaxed) + (plan.inflight as u64 * subs) {
+                    break;
+                }
+            }
+            if let Some(r) = per_pub_rate {
+                let due = started + Duration::from_secs_f64(seq as f64 / r);
+                if Instant::now() < due {
+                    break;
+                }
+            }
+            let mut payload = BytesMut::with_capacity(plan.payload);
+            payload.put_u32(id);
+            payload.put_u64(seq);
+            payload.put_u64(clock());
+            payload.extend_from_slice(&filler);
+            let packet_id = (plan.qos != QoS::AtMostOnce).then(|| {
+                let pid = next_pid;
+                next_pid = if pid == u16::MAX { 1 } else { pid + 1 };
+                pid
+            });
+            c.queue(&Packet::Publish(Publish {
+                dup: false,
+                qos: plan.qos,
+                retain: false,
+                topic: topic.clone(),
+                packet_id,
+                properties: Properties::default(),
+                payload: payload.freeze(),
+            }))?;
+            seq += 1;
+            if plan.qos == QoS::AtMostOnce {
+                progress.published.fetch_add(1, Relaxed);
+                acked += 1;
+            } else {
+                inflight += 1;
+            }
+            if c.wbuf.len() >= 64 * 1024 {
+                break;
+            }
+        }
+        c.flush().await?;
+        if seq >= plan.messages && inflight == 0 {
+            break;
+        }
+        // Harvest acks; block only when there is nothing else to do.
+        let must_wait =
+            seq >= plan.messages || (plan.qos != QoS::AtMostOnce && inflight >= plan.inflight);
+        if plan.qos == QoS::AtMostOnce {
+            if seq < plan.messages {
+                if let Some(r) = per_pub_rate {
+                    let due = started + Duration::from_secs_f64(seq as f64 / r);
+                    tokio::time::sleep_until(due.into()).await;
+                } else {
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(5), progress.wake.notified())
+                            .await;
+                }
+            }
+            continue;
+        }
+        if must_wait {
+            tokio::select! {
+                r = c.fill() => r?,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        } else {
+            match c.stream.try_read_buf(&mut c.rbuf) {
+                Ok(0) => anyhow::bail!("broker closed the connection"),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some(r) = per_pub_rate {
+                        let due = started + Duration::from_secs_f64(seq as f64 / r);
+                        tokio::select! {
+                            r = c.fill() => r?,
+                            _ = tokio::time::sleep_until(due.into()) => {}
+                        }
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        while let Some(p) = c.try_decode()? {
+            match p {
+                Packet::PubAck(a) if plan.qos == QoS::AtLeastOnce => {
+                    if a.reason.is_error() {
+                        anyhow::bail!("PUBACK {:?}", a.reason);
+                    }
+                    inflight -= 1;
+                    acked += 1;
+                    progress.published.fetch_add(1, Relaxed);
+                }
+                Packet::PubRec(r) if plan.qos == QoS::ExactlyOnce => {
+                    c.queue(&Packet::PubRel(PubResp::new(
+                        r.packet_id,
+                        ReasonCode::Success,
+                    )))?;
+                }
+                Packet::PubComp(_) if plan.qos == QoS::ExactlyOnce => {
+                    inflight -= 1;
+                    acked += 1;
+                    progress.published.fetch_add(1, Relaxed);
+                }
+                other => anyhow::bail!("publisher got unexpected {}", other.name()),
+            }
+        }
+    }
+    Ok(acked)
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Tally {
+    unique: u64,
+    duplicates: u64,
+    reordered: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: &Tally) {
+        self.unique += o.unique;
+        self.duplicates += o.duplicates;
+        self.reordered += o.reordered;
+    }
+}
+
+async fn subscriber(
+    mut c: Conn,
+    filter: String,
+    plan: &Plan,
+    progress: &Progress,
+    ready: &Barrier,
+    record_latency: bool,
+    hist: &Mutex<Histogram<u64>>,
+) -> anyhow::Result<Tally> {
+    let options = SubscriptionOptions {
+        qos: plan.qos,
+        ..Default::default()
+    };
+    c.queue(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        filters: vec![(filter, options)],
+        properties: Properties::default(),
+    }))?;
+    c.flush().await?;
+    match c.next().await? {
+        Packet::SubAck(a) if a.reasons.iter().all(|r| !r.is_error()) => {}
+        other => anyhow::bail!("subscribe refused: {other:?}"),
+    }
+    ready.wait().await;
+    let words = (plan.messages as usize).div_ceil(64);
+    let mut seen: Vec<Vec<u64>> = vec![vec![0u64; words]; plan.publishers];
+    let mut highest: Vec<Option<u64>> = vec![None; plan.publishers];
+    let mut tally = Tally::default();
+    let mut local_hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let expected = plan.messages * plan.publishers as u64;
+    while tally.unique < expected && !progress.stop.load(Relaxed) {
+        tokio::select! {
+            r = c.fill() => r?,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+        }
+        let before = tally.unique;
+        while let Some(p) = c.try_decode()? {
+            let publish = match p {
+                Packet::Publish(p) => p,
+                Packet::PubRel(r) => {
+                    c.queue(&Packet::PubComp(PubResp::new(
+                        r.packet_id,
+                        ReasonCode::Success,
+                    )))?;
+                    continue;
+                }
+                other => anyhow::bail!("subscriber got unexpected {}", other.name()),
+            };
+            match (publish.qos, publish.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => {
+                    c.queue(&Packet::PubAck(PubResp::new(id, ReasonCode::Success)))?
+                }
+                (QoS::ExactlyOnce, Some(id)) => {
+                    c.queue(&Packet::PubRec(PubResp::new(id, ReasonCode::Success)))?
+                }
+                _ => {}
+            }
+            let b = &publish.payload;
+            if b.len() < STAMP {
+                anyhow::bail!("payload of {} bytes has no stamp", b.len());
+            }
+            let pid = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            let seq = u64::from_be_bytes(b[4..12].try_into().unwrap_or_default());
+            let sent = u64::from_be_bytes(b[12..20].try_into().unwrap_or_default());
+            if pid >= plan.publishers || seq >= plan.messages {
+                anyhow::bail!("stamp out of range: publisher {pid} sequence {seq}");
+            }
+            let (w, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+            if seen[pid][w] & bit != 0 {
+                tally.duplicates += 1;
+                continue;
+            }
+            seen[pid][w] |= bit;
+            tally.unique += 1;
+            if highest[pid].is_some_and(|h| seq < h) {
+                tally.reordered += 1;
+            }
+            highest[pid] = Some(highest[pid].map_or(seq, |h| h.max(seq)));
+            if record_latency {
+                let _ = local_hist.record(clock().saturating_sub(sent).max(1));
+            }
+        }
+        c.flush().await?;
+        let got = tally.unique - before;
+        if got > 0 {
+            progress.received.fetch_add(got, Relaxed);
+            progress.wake.notify_waiters();
+        }
+    }
+    if record_latency {
+        if let Ok(mut h) = hist.lock() {
+            let _ = h.add(&local_hist);
+        }
+    }
+    Ok(tally)
+}
+
+/// Opens many idle connections and reports the broker's memory per connection.
+pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> {
+    let rss_before = a.broker_pid.and_then(rss_kb);
+    let mut hosts = vec![t.addr.clone()];
+    let port = t.addr.rsplit(':').next().unwrap_or("1883").to_string();
+    hosts.extend(a.extra_hosts.iter().map(|h| format!("{h}:{port}")));
+    let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
+    let mut held = Vec::with_capacity(a.connections);
+    let mut failed = 0;
+    let deadline = Instant::now() + t.timeout;
+    for chunk in (0..a.connections).collect::<Vec<_>>().chunks(256) {
+        let mut tasks = Vec::with_capacity(chunk.len());
+        for &i in chunk {
+            let target = Target {
+                addr: hosts[i % hosts.len()].clone(),
+                version: t.version,
+                timeout: t.timeout,
+            };
+            let id = format!("idle-{run_id}-{i}");
+            let ka = a.keep_alive;
+            tasks.push(tokio::spawn(
+                async move { Conn::open(&target, id, ka).await },
+            ));
+        }
+        for task in tasks {
+            match task.await {
+                Ok(Ok(c)) => held.push(c),
+                _ => failed += 1,
+            }
+        }
+        if Instant::now() > deadline {
+            failed += a.connections - held.len() - failed;
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(a.hold)).await;
+    let rss_after = a.broker_pid.and_then(rss_kb);
+    // Still alive? A PINGREQ on a sample must be answered.
+    let mut dead = 0;
+    for c in held.iter_mut().step_by(97) {
+        let alive = async {
+            c.queue(&Packet::PingReq)?;
+            c.flush().await?;
+            anyhow::Ok(matches!(c.next().await?, Packet::PingResp))
+        };
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(5), alive).await,
+            Ok(Ok(true))
+        ) {
+            dead += 1;
+        }
+    }
+    let held_n = held.len() - dead;
+    drop(held);
+    let per = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if held_n > 0 => Some(a.saturating_sub(b) as f64 / held_n as f64),
+        _ => None,
+    };
+    Ok(Report {
+        scenario: "connections".into(),
+        connections: Some(Connections {
+            requested: a.connections,
+            held: held_n,
+            failed: failed + dead,
+            broker_rss_before_kb: rss_before,
+            broker_rss_after_kb: rss_after,
+            kb_per_connection: per,
+        }),
+        ..Default::default()
+    })
+}
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

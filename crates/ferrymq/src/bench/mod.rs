@@ -1,0 +1,181 @@
+//! `ferrymq bench`: load generator and verifier for any MQTT broker.
+//!
+//! Every scenario counts every message and checks it: publishers stamp each payload with
+//! (publisher, sequence, send time); subscribers record what arrived in a bitset per publisher,
+//! so loss, duplicates and reordering are exact. A QoS 1/2 loss or a protocol error makes the
+//! command exit non-zero. Every run is bounded by `--timeout`.
+
+mod load;
+mod report;
+
+use std::time::Duration;
+
+use anyhow::bail;
+use ferrymq_mqtt::{ProtocolVersion, QoS};
+
+pub use report::Report;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Broker host.
+    #[arg(long, global = true, default_value = "127.0.0.1")]
+    host: String,
+    /// Broker port.
+    #[arg(long, global = true, default_value_t = 1883)]
+    port: u16,
+    /// Protocol version, 3 (3.1.1) or 5.
+    #[arg(long = "protocol-version", global = true, default_value = "3")]
+    version: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, global = true, default_value_t = 60)]
+    timeout: u64,
+    /// A label for the report (e.g. the broker's name).
+    #[arg(long, global = true, default_value = "broker")]
+    label: String,
+}
+
+#[derive(clap::Subcommand)]
+enum Scenario {
+    /// P publishers to S subscribers, all on one topic tree.
+    Throughput(Flow),
+    /// One publisher to many subscribers (default 100).
+    Fanout(Flow),
+    /// Many publishers (default 50) to one subscriber.
+    Fanin(Flow),
+    /// End-to-end latency at a paced rate, from timestamps in the payload.
+    Latency(LatencyArgs),
+    /// Hold idle connections and measure the broker's memory per connection.
+    Connections(ConnArgs),
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Flow {
+    /// Publishers (default depends on the scenario: 1, or 50 for fanin).
+    #[arg(short = 'P', long)]
+    publishers: Option<usize>,
+    /// Subscribers (default 1, or 100 for fanout).
+    #[arg(short = 'S', long)]
+    subscribers: Option<usize>,
+    /// QoS of publishes and subscriptions.
+    #[arg(short = 'q', long, default_value_t = 0)]
+    qos: u8,
+    /// Payload size in bytes (at least 20: the stamp).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Messages per publisher (default: 200,000 in total, split over the publishers).
+    #[arg(short = 'n', long)]
+    messages: Option<u64>,
+    /// QoS 1/2: unacknowledged publishes per publisher. QoS 0: how far publishers may run
+    /// ahead of the slowest subscriber, in messages.
+    #[arg(long, default_value_t = 256)]
+    inflight: usize,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct LatencyArgs {
+    /// Messages per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[arg(short = 'q', long, default_value_t = 0)]
+    qos: u8,
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ConnArgs {
+    /// Connections to open.
+    #[arg(short = 'c', long, default_value_t = 10_000)]
+    connections: usize,
+    /// Keep alive of each connection, in seconds.
+    #[arg(long, default_value_t = 300)]
+    keep_alive: u16,
+    /// Seconds to hold them once all are open.
+    #[arg(long, default_value_t = 3)]
+    hold: u64,
+    /// PID of the broker, to read its resident memory from /proc.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Connect to these extra loopback addresses too (spreads ports past ~28K per address).
+    #[arg(long, value_delimiter = ',')]
+    extra_hosts: Vec<String>,
+}
+
+pub(crate) struct Target {
+    pub addr: String,
+    pub version: ProtocolVersion,
+    pub timeout: Duration,
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let version = match a.version.as_str() {
+        "3" | "311" => ProtocolVersion::V311,
+        "5" => ProtocolVersion::V5,
+        v => bail!("unknown protocol version {v:?}: use 3 or 5"),
+    };
+    let target = Target {
+        addr: format!("{}:{}", a.host, a.port),
+        version,
+        timeout: Duration::from_secs(a.timeout),
+    };
+    let qos = |q: u8| QoS::from_u8(q).ok_or_else(|| anyhow::anyhow!("QoS must be 0, 1 or 2"));
+    let mut report = match a.scenario {
+        Scenario::Throughput(f) => flow(&target, "throughput", f, 1, 1, qos).await?,
+        Scenario::Fanout(f) => flow(&target, "fanout", f, 1, 100, qos).await?,
+        Scenario::Fanin(f) => flow(&target, "fanin", f, 50, 1, qos).await?,
+        Scenario::Latency(l) => {
+            let plan = load::Plan {
+                publishers: 1,
+                subscribers: 1,
+                qos: qos(l.qos)?,
+                payload: l.payload.max(load::STAMP),
+                messages: l.rate * l.duration,
+                inflight: 65_000,
+                rate: Some(l.rate),
+            };
+            load::run_flow(&target, "latency", plan).await?
+        }
+        Scenario::Connections(c) => load::run_connections(&target, c).await?,
+    };
+    report.label = a.label;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if let Some(problem) = report.failure() {
+        bail!("{problem}");
+    }
+    Ok(())
+}
+
+async fn flow(
+    target: &Target,
+    name: &str,
+    f: Flow,
+    default_pubs: usize,
+    default_subs: usize,
+    qos: impl Fn(u8) -> anyhow::Result<QoS>,
+) -> anyhow::Result<Report> {
+    let publishers = f.publishers.unwrap_or(default_pubs).max(1);
+    let subscribers = f.subscribers.unwrap_or(default_subs).max(1);
+    let messages = f.messages.unwrap_or((200_000 / publishers as u64).max(1));
+    let plan = load::Plan {
+        publishers,
+        subscribers,
+        qos: qos(f.qos)?,
+        payload: f.payload.max(load::STAMP),
+        messages,
+        inflight: f.inflight.clamp(1, 65_000),
+        rate: None,
+    };
+    load::run_flow(target, name, plan).await
+}

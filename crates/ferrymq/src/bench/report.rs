@@ -1,0 +1,132 @@
+//! What a benchmark run found, as a table or JSON.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub label: String,
+    pub scenario: String,
+    pub publishers: usize,
+    pub subscribers: usize,
+    pub qos: u8,
+    pub payload: usize,
+    /// Messages published (acknowledged, for QoS 1/2).
+    pub published: u64,
+    /// Deliveries expected: published × subscribers.
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+    pub elapsed_secs: f64,
+    /// Deliveries per second (received / elapsed).
+    pub deliveries_per_sec: f64,
+    /// Latency percentiles in microseconds, when measured.
+    pub latency_us: Option<Latency>,
+    /// Connections scenario: how many were held, and the broker's memory.
+    pub connections: Option<Connections>,
+    pub protocol_errors: Vec<String>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Connections {
+    pub requested: usize,
+    pub held: usize,
+    pub failed: usize,
+    pub broker_rss_before_kb: Option<u64>,
+    pub broker_rss_after_kb: Option<u64>,
+    pub kb_per_connection: Option<f64>,
+}
+
+impl Report {
+    /// Why this run must fail the command, if it must.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(e) = self.protocol_errors.first() {
+            return Some(format!("protocol error: {e}"));
+        }
+        if self.qos > 0 && self.lost > 0 {
+            return Some(format!("{} QoS {} messages lost", self.lost, self.qos));
+        }
+        if self.qos == 2 && self.duplicates > 0 {
+            return Some(format!("{} QoS 2 messages duplicated", self.duplicates));
+        }
+        if let Some(c) = &self.connections {
+            if c.failed > 0 {
+                return Some(format!(
+                    "{} of {} connections failed",
+                    c.failed, c.requested
+                ));
+            }
+        }
+        None
+    }
+
+    pub fn table(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "{} / {}", self.label, self.scenario);
+        if let Some(c) = &self.connections {
+            let _ = writeln!(
+                o,
+                "  connections held     {} of {} ({} failed)",
+                c.held, c.requested, c.failed
+            );
+            if let (Some(b), Some(a)) = (c.broker_rss_before_kb, c.broker_rss_after_kb) {
+                let _ = writeln!(o, "  broker RSS           {b} KiB -> {a} KiB");
+            }
+            if let Some(k) = c.kb_per_connection {
+                let _ = writeln!(o, "  per connection       {k:.2} KiB");
+            }
+            return o;
+        }
+        let _ = writeln!(
+            o,
+            "  {} pub -> {} sub, QoS {}, {} B payload",
+            self.publishers, self.subscribers, self.qos, self.payload
+        );
+        let _ = writeln!(o, "  published            {}", self.published);
+        let _ = writeln!(
+            o,
+            "  received             {} of {}",
+            self.received, self.expected
+        );
+        let _ = writeln!(
+            o,
+            "  lost / dup / reorder {} / {} / {}",
+            self.lost, self.duplicates, self.reordered
+        );
+        let _ = writeln!(
+            o,
+            "  elapsed              {:.3} s{}",
+            self.elapsed_secs,
+            if self.timed_out { " (timed out)" } else { "" }
+        );
+        let _ = writeln!(
+            o,
+            "  throughput           {:.0} deliveries/s",
+            self.deliveries_per_sec
+        );
+        if let Some(l) = &self.latency_us {
+            let _ = writeln!(
+                o,
+                "  latency µs           p50 {} p90 {} p99 {} p99.9 {} max {}",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        }
+        for e in &self.protocol_errors {
+            let _ = writeln!(o, "  PROTOCOL ERROR       {e}");
+        }
+        o
+    }
+}
