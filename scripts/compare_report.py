@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Turns compare-peers.sh measurements (JSON lines) into a Markdown table with medians and
+FerryMQ/peer ratios. For latency and memory, lower is better, so the ratio is peer/FerryMQ:
+in every column a ratio above 1 means FerryMQ leads."""
+import json
+import statistics
+import sys
+from collections import OrderedDict, defaultdict
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+values = defaultdict(list)  # (name, broker, metric) -> [values]
+names, brokers = OrderedDict(), OrderedDict()
+for r in rows:
+    names[r["name"]] = True
+    brokers[r["broker"]] = True
+    res = r["result"]
+    if res.get("failed") or res.get("protocol_errors"):
+        values[(r["name"], r["broker"], "failed")].append(1)
+        continue
+    if res.get("connections"):
+        c = res["connections"]
+        if c.get("kb_per_connection") is not None:
+            values[(r["name"], r["broker"], "kb")].append(c["kb_per_connection"])
+        values[(r["name"], r["broker"], "held")].append(c["held"])
+    elif res.get("latency_us"):
+        for q in ("p50", "p99", "p999"):
+            values[(r["name"], r["broker"], q)].append(res["latency_us"][q])
+    else:
+        values[(r["name"], r["broker"], "rate")].append(res["deliveries_per_sec"])
+        values[(r["name"], r["broker"], "lost")].append(res["lost"])
+
+
+def med(name, broker, metric):
+    v = values.get((name, broker, metric))
+    return statistics.median(v) if v else None
+
+
+def fmt_rate(x):
+    return "—" if x is None else (f"{x/1e6:.2f}M" if x >= 1e6 else f"{x/1e3:.0f}K")
+
+
+peers = [b for b in brokers if b != "ferrymq"]
+header = ["scenario"] + list(brokers) + [f"ferrymq/{p}" for p in peers]
+print("| " + " | ".join(header) + " |")
+print("|" + "---|" * len(header))
+for name in names:
+    cells, ratios = [name], []
+    if any(med(name, b, "rate") is not None for b in brokers):
+        for b in brokers:
+            v, lost = med(name, b, "rate"), med(name, b, "lost")
+            cells.append(("failed" if med(name, b, "failed") else fmt_rate(v)) + (f" ({int(lost)} lost)" if lost else ""))
+        f = med(name, "ferrymq", "rate")
+        for p in peers:
+            pv = med(name, p, "rate")
+            ratios.append(f"{f/pv:.2f}×" if f and pv else "—")
+    elif any(med(name, b, "p99") is not None for b in brokers):
+        for b in brokers:
+            p50, p99, p999 = (med(name, b, q) for q in ("p50", "p99", "p999"))
+            cells.append("—" if p50 is None else f"{p50:.0f} / {p99:.0f} / {p999:.0f} µs")
+        f = med(name, "ferrymq", "p99")
+        for p in peers:
+            pv = med(name, p, "p99")
+            ratios.append(f"{pv/f:.2f}× (p99)" if f and pv else "—")
+    else:
+        for b in brokers:
+            kb, held = med(name, b, "kb"), med(name, b, "held")
+            cells.append("—" if kb is None else f"{kb:.2f} KB/conn ({int(held)} held)")
+        f = med(name, "ferrymq", "kb")
+        for p in peers:
+            pv = med(name, p, "kb")
+            ratios.append(f"{pv/f:.2f}×" if f and pv else "—")
+    print("| " + " | ".join(cells + ratios) + " |")
+print()
+print("Rates are deliveries per second (medians); latency p50 / p99 / p99.9; ratios above 1× mean FerryMQ leads.")
