@@ -11,7 +11,13 @@
 //! `Close` action the engine has forgotten the connection; later calls for it are ignored.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+// Integer-keyed maps use FxHash (keys are ours); string-keyed ones keep SipHash, whose random
+// keys resist collision attacks through client-chosen ids.
+use std::collections::HashMap as SipHashMap;
+
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use ferrymq_mqtt::{
@@ -53,11 +59,34 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// The properties this delivery goes out with: the message's own when nothing changes
+    /// (no copy), else a copy with the remaining expiry and this subscriber's identifiers.
+    pub fn properties(&self) -> std::borrow::Cow<'_, Properties> {
+        let m = &self.message.properties;
+        if m.message_expiry_interval == self.expiry_remaining && self.subscription_ids.is_empty() {
+            return std::borrow::Cow::Borrowed(m);
+        }
+        let mut p = m.clone();
+        if p.message_expiry_interval != self.expiry_remaining {
+            p.message_expiry_interval = self.expiry_remaining;
+        }
+        if !self.subscription_ids.is_empty() {
+            p.subscription_identifiers = self.subscription_ids.clone();
+        }
+        std::borrow::Cow::Owned(p)
+    }
+
+    /// An owned PUBLISH for this delivery (the writer encodes from parts instead).
     pub fn to_publish(&self) -> Publish {
         let m = &self.message;
         let mut properties = m.properties.clone();
-        properties.message_expiry_interval = self.expiry_remaining;
-        properties.subscription_identifiers = self.subscription_ids.clone();
+        // Writing to an empty block allocates one; only write what is there to write.
+        if properties.message_expiry_interval != self.expiry_remaining {
+            properties.message_expiry_interval = self.expiry_remaining;
+        }
+        if !self.subscription_ids.is_empty() {
+            properties.subscription_identifiers = self.subscription_ids.clone();
+        }
         Publish {
             dup: self.dup,
             qos: self.qos,
@@ -132,7 +161,7 @@ pub struct Broker {
     pub(crate) config: BrokerConfig,
     pub(crate) conns: HashMap<ConnId, Conn>,
     pub(crate) sessions: HashMap<SessionId, Session>,
-    pub(crate) by_client_id: HashMap<Arc<str>, SessionId>,
+    pub(crate) by_client_id: SipHashMap<Arc<str>, SessionId>,
     pub(crate) subs: SubscriptionTree,
     pub(crate) retained: RetainedStore,
     pub(crate) stats: Stats,
@@ -145,9 +174,9 @@ impl Broker {
     pub fn new(config: BrokerConfig) -> Broker {
         Broker {
             config,
-            conns: HashMap::new(),
-            sessions: HashMap::new(),
-            by_client_id: HashMap::new(),
+            conns: HashMap::default(),
+            sessions: HashMap::default(),
+            by_client_id: SipHashMap::new(),
             subs: SubscriptionTree::default(),
             retained: RetainedStore::default(),
             stats: Stats::default(),
@@ -272,7 +301,7 @@ impl Broker {
                 session: session_id,
                 version: c.version,
                 will: c.will,
-                topic_aliases: HashMap::new(),
+                topic_aliases: HashMap::default(),
                 client_max_packet_size: outcome.client_max_packet_size,
             },
         );
@@ -436,7 +465,9 @@ impl Broker {
         };
         let topic: Arc<str> = publish.topic.as_str().into();
         let mut msg = Message::from_publish(publish, topic, Some(sid), now);
-        msg.properties.will_delay_interval = None;
+        if msg.properties.will_delay_interval.is_some() {
+            msg.properties.will_delay_interval = None;
+        }
         self.publish(msg, now, out);
     }
 

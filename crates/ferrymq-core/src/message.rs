@@ -47,8 +47,10 @@ impl Message {
         now: Time,
     ) -> Message {
         let mut properties = p.properties;
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
+        if !properties.is_empty() {
+            properties.topic_alias = None;
+            properties.subscription_identifiers.clear();
+        }
         let expires_at = properties.message_expiry_interval.map(|s| now.plus_secs(s));
         Message {
             topic,

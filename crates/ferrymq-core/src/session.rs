@@ -2,7 +2,9 @@
 //!
 //! Everything here outlives a connection and is what the durability layer persists.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap as SipHashMap, VecDeque};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 use ferrymq_mqtt::{PacketId, ProtocolVersion, QoS, SubscriptionOptions, Will};
@@ -66,7 +68,7 @@ pub struct Session {
     /// Seconds the session lives after disconnection; `u32::MAX` = forever.
     pub expiry_interval: u32,
     pub disconnected_at: Option<Time>,
-    pub subscriptions: HashMap<String, Subscription>,
+    pub subscriptions: SipHashMap<String, Subscription>,
     pub inflight: HashMap<PacketId, InFlight>,
     pub pending: VecDeque<Pending>,
     /// Inbound QoS 2 packet ids received and not yet released (exactly once).
@@ -88,10 +90,10 @@ impl Session {
             conn: None,
             expiry_interval: 0,
             disconnected_at: None,
-            subscriptions: HashMap::new(),
-            inflight: HashMap::new(),
+            subscriptions: SipHashMap::new(),
+            inflight: HashMap::default(),
             pending: VecDeque::new(),
-            inbound_qos2: HashSet::new(),
+            inbound_qos2: HashSet::default(),
             window: 1,
             pending_will: None,
             next_pid: 1,

@@ -148,9 +148,20 @@ impl SubscriptionTree {
     /// filters beginning with a wildcard (MQTT-4.7.2-1).
     pub fn matches(&self, topic: &str) -> Matches<'_> {
         let mut out = Matches::default();
-        let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
-        collect(&self.root, &levels, dollar, &mut out);
+        // Levels on the stack: no allocation per publish for topics of up to 64 levels.
+        let mut stack = [""; 64];
+        let mut n = 0;
+        for level in topic.split('/') {
+            if n == stack.len() {
+                let levels: Vec<&str> = topic.split('/').collect();
+                collect(&self.root, &levels, dollar, &mut out);
+                return out;
+            }
+            stack[n] = level;
+            n += 1;
+        }
+        collect(&self.root, &stack[..n], dollar, &mut out);
         out
     }
 

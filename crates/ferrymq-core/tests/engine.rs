@@ -396,10 +396,11 @@ fn will_connect(id: &str, delay: Option<u32>, expiry: u32) -> Connect {
         payload: Bytes::from_static(b"gone"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Properties {
+        properties: PropertyValues {
             will_delay_interval: delay,
             ..Default::default()
-        },
+        }
+        .into(),
     });
     c
 }
@@ -494,18 +495,20 @@ fn subscription_identifiers_and_highest_qos_on_overlap() {
     h.subscribe_with(
         1,
         vec![sub("a/#", QoS::AtMostOnce)],
-        Properties {
+        PropertyValues {
             subscription_identifiers: vec![7],
             ..Default::default()
-        },
+        }
+        .into(),
     );
     h.subscribe_with(
         1,
         vec![sub("a/+", QoS::AtLeastOnce)],
-        Properties {
+        PropertyValues {
             subscription_identifiers: vec![9],
             ..Default::default()
-        },
+        }
+        .into(),
     );
     h.connect_simple(2, "p", V5);
     h.packet(2, Packet::Publish(publish("a/b", "x", QoS::ExactlyOnce, 1)));

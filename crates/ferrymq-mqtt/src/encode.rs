@@ -88,10 +88,70 @@ fn remaining_len(p: &Packet, v: ProtocolVersion) -> usize {
 }
 
 fn publish_remaining_len(p: &Publish, v: ProtocolVersion) -> usize {
+    view_remaining_len(&PublishView::of(p), v)
+}
+
+fn view_remaining_len(p: &PublishView<'_>, v: ProtocolVersion) -> usize {
     2 + p.topic.len()
         + if p.packet_id.is_some() { 2 } else { 0 }
-        + props_len(v, &p.properties)
+        + props_len(v, p.properties)
         + p.payload.len()
+}
+
+/// A PUBLISH made of borrowed parts, so a message shared by many subscribers is encoded
+/// without first being copied into an owned [`Publish`].
+#[derive(Debug, Clone, Copy)]
+pub struct PublishView<'a> {
+    pub dup: bool,
+    pub qos: crate::QoS,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: Option<u16>,
+    pub properties: &'a Properties,
+    pub payload: &'a [u8],
+}
+
+impl<'a> PublishView<'a> {
+    pub fn of(p: &'a Publish) -> Self {
+        PublishView {
+            dup: p.dup,
+            qos: p.qos,
+            retain: p.retain,
+            topic: &p.topic,
+            packet_id: p.packet_id,
+            properties: &p.properties,
+            payload: &p.payload,
+        }
+    }
+}
+
+/// Appends the encoding of a PUBLISH given by parts.
+pub fn encode_publish(
+    p: &PublishView<'_>,
+    v: ProtocolVersion,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let rem = view_remaining_len(p, v);
+    if rem > VARINT_MAX as usize {
+        return Err(EncodeError::TooLarge(rem));
+    }
+    out.reserve(1 + varint_len(rem as u32) + rem);
+    let mut h = 0x30 | (p.qos.as_u8() << 1);
+    if p.dup {
+        h |= 0x08;
+    }
+    if p.retain {
+        h |= 0x01;
+    }
+    out.put_u8(h);
+    put_varint(out, rem as u32);
+    put_str(out, p.topic)?;
+    if p.qos.as_u8() > 0 {
+        out.put_u16(p.packet_id.ok_or(EncodeError::MissingPacketId)?);
+    }
+    put_props(out, v, p.properties)?;
+    out.put_slice(p.payload);
+    Ok(())
 }
 
 /// Size of the whole encoded packet, fixed header included. Used to honour a peer's
@@ -164,21 +224,8 @@ pub fn encode(
             put_props(out, v, &c.properties)?;
         }
         Packet::Publish(p) => {
-            let mut h = 0x30 | (p.qos.as_u8() << 1);
-            if p.dup {
-                h |= 0x08;
-            }
-            if p.retain {
-                h |= 0x01;
-            }
-            out.put_u8(h);
-            put_varint(out, rem as u32);
-            put_str(out, &p.topic)?;
-            if p.qos.as_u8() > 0 {
-                out.put_u16(p.packet_id.ok_or(EncodeError::MissingPacketId)?);
-            }
-            put_props(out, v, &p.properties)?;
-            out.put_slice(&p.payload);
+            // Written by `encode_publish`, which reserves and checks on its own.
+            return encode_publish(&PublishView::of(p), v, out);
         }
         Packet::PubAck(r) => put_resp(out, 0x40, rem, r)?,
         Packet::PubRec(r) => put_resp(out, 0x50, rem, r)?,

@@ -24,8 +24,8 @@ mod reason;
 pub mod topic;
 
 pub use decode::{decode, validate_utf8, Limits};
-pub use encode::{encode, encoded_len};
+pub use encode::{encode, encode_publish, encoded_len, PublishView};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;
-pub use properties::{Properties, PropertyContext};
+pub use properties::{Properties, PropertyContext, PropertyValues};
 pub use reason::ReasonCode;

@@ -28,9 +28,9 @@ impl PropertyContext {
     }
 }
 
-/// Properties of any packet. Absent properties are `None` or empty.
+/// The values of a property block. Absent properties are `None` or empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Properties {
+pub struct PropertyValues {
     pub payload_format_indicator: Option<u8>,
     pub message_expiry_interval: Option<u32>,
     pub content_type: Option<String>,
@@ -60,6 +60,84 @@ pub struct Properties {
     pub wildcard_subscription_available: Option<u8>,
     pub subscription_identifier_available: Option<u8>,
     pub shared_subscription_available: Option<u8>,
+}
+
+/// An empty block, for reads of a [`Properties`] that has none.
+static EMPTY: PropertyValues = PropertyValues {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_identifiers: Vec::new(),
+    session_expiry_interval: None,
+    assigned_client_identifier: None,
+    server_keep_alive: None,
+    authentication_method: None,
+    authentication_data: None,
+    request_problem_information: None,
+    will_delay_interval: None,
+    request_response_information: None,
+    response_information: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user_properties: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_subscription_available: None,
+    subscription_identifier_available: None,
+    shared_subscription_available: None,
+};
+
+/// Properties of any packet: a pointer, null when there are none.
+///
+/// Most packets on the hot path carry no properties, and the values take ~380 bytes; keeping
+/// them behind one pointer keeps `Packet` small, so moving packets through queues is cheap.
+/// Reads go through `Deref`; a write through `DerefMut` allocates the block on first use, so
+/// guard writes to an empty block with [`Properties::is_empty`] on hot paths.
+#[derive(Clone, Default)]
+pub struct Properties(Option<Box<PropertyValues>>);
+
+impl std::ops::Deref for Properties {
+    type Target = PropertyValues;
+
+    fn deref(&self) -> &PropertyValues {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut PropertyValues {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl From<PropertyValues> for Properties {
+    fn from(v: PropertyValues) -> Properties {
+        if v == EMPTY {
+            Properties(None)
+        } else {
+            Properties(Some(Box::new(v)))
+        }
+    }
+}
+
+impl PartialEq for Properties {
+    fn eq(&self, other: &Properties) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Properties {}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 use PropertyContext as C;
@@ -126,14 +204,17 @@ fn nonzero_u16(r: &mut Reader, id: u8) -> Result<u16, DecodeError> {
 
 impl Properties {
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        self.0.as_deref().is_none_or(|v| *v == EMPTY)
     }
 
     /// Reads a length-prefixed property block.
     pub(crate) fn decode(r: &mut Reader, ctx: PropertyContext) -> Result<Properties, DecodeError> {
         let len = r.varint()? as usize;
+        if len == 0 {
+            return Ok(Properties::default());
+        }
         let mut r = Reader::new(r.take(len)?);
-        let mut p = Properties::default();
+        let mut p = PropertyValues::default();
         while r.remaining() > 0 {
             let id = r.varint()?;
             let id = u8::try_from(id).map_err(|_| DecodeError::BadProperty {
@@ -152,9 +233,11 @@ impl Properties {
             }
             p.read_one(&mut r, id, ctx)?;
         }
-        Ok(p)
+        Ok(p.into())
     }
+}
 
+impl PropertyValues {
     fn read_one(
         &mut self,
         r: &mut Reader,

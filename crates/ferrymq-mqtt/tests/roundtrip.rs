@@ -45,24 +45,30 @@ fn publish_props() -> impl Strategy<Value = Properties> {
         option::of(1u16..),
         user_props(),
     )
-        .prop_map(|(pfi, exp, ct, rt, cd, ids, alias, up)| Properties {
-            payload_format_indicator: pfi,
-            message_expiry_interval: exp,
-            content_type: ct,
-            response_topic: rt,
-            correlation_data: cd,
-            subscription_identifiers: ids,
-            topic_alias: alias,
-            user_properties: up,
-            ..Default::default()
+        .prop_map(|(pfi, exp, ct, rt, cd, ids, alias, up)| {
+            PropertyValues {
+                payload_format_indicator: pfi,
+                message_expiry_interval: exp,
+                content_type: ct,
+                response_topic: rt,
+                correlation_data: cd,
+                subscription_identifiers: ids,
+                topic_alias: alias,
+                user_properties: up,
+                ..Default::default()
+            }
+            .into()
         })
 }
 
 fn ack_props() -> impl Strategy<Value = Properties> {
-    (option::of(text()), user_props()).prop_map(|(rs, up)| Properties {
-        reason_string: rs,
-        user_properties: up,
-        ..Default::default()
+    (option::of(text()), user_props()).prop_map(|(rs, up)| {
+        PropertyValues {
+            reason_string: rs,
+            user_properties: up,
+            ..Default::default()
+        }
+        .into()
     })
 }
 
@@ -115,11 +121,14 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         option::of((topic(), bin(), qos(), any::<bool>())),
         props(
             (option::of(any::<u32>()), option::of(1u16..), user_props())
-                .prop_map(|(se, rm, up)| Properties {
-                    session_expiry_interval: se,
-                    receive_maximum: rm,
-                    user_properties: up,
-                    ..Default::default()
+                .prop_map(|(se, rm, up)| {
+                    PropertyValues {
+                        session_expiry_interval: se,
+                        receive_maximum: rm,
+                        user_properties: up,
+                        ..Default::default()
+                    }
+                    .into()
                 })
                 .boxed(),
         ),
@@ -169,9 +178,12 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         vec((topic(), qos(), any::<bool>(), any::<bool>(), 0u8..3), 1..4),
         props(
             option::of(1u32..268_435_455)
-                .prop_map(|id| Properties {
-                    subscription_identifiers: id.into_iter().collect(),
-                    ..Default::default()
+                .prop_map(|id| {
+                    PropertyValues {
+                        subscription_identifiers: id.into_iter().collect(),
+                        ..Default::default()
+                    }
+                    .into()
                 })
                 .boxed(),
         ),
@@ -231,9 +243,12 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
         vec(topic(), 1..4),
         props(
             user_props()
-                .prop_map(|up| Properties {
-                    user_properties: up,
-                    ..Default::default()
+                .prop_map(|up| {
+                    PropertyValues {
+                        user_properties: up,
+                        ..Default::default()
+                    }
+                    .into()
                 })
                 .boxed(),
         ),
@@ -267,11 +282,14 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                 option::of(any::<u16>()),
                 option::of(1u16..),
             )
-                .prop_map(|(aci, ska, rm)| Properties {
-                    assigned_client_identifier: aci,
-                    server_keep_alive: ska,
-                    receive_maximum: rm,
-                    ..Default::default()
+                .prop_map(|(aci, ska, rm)| {
+                    PropertyValues {
+                        assigned_client_identifier: aci,
+                        server_keep_alive: ska,
+                        receive_maximum: rm,
+                        ..Default::default()
+                    }
+                    .into()
                 })
                 .boxed(),
         ),

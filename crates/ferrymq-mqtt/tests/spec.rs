@@ -182,14 +182,15 @@ fn mqtt_2_2_2_user_properties_repeat_and_keep_order() {
         retain: false,
         topic: "t".into(),
         packet_id: Some(7),
-        properties: Properties {
+        properties: PropertyValues {
             user_properties: vec![
                 ("k".into(), "2".into()),
                 ("k".into(), "1".into()),
                 ("a".into(), "".into()),
             ],
             ..Default::default()
-        },
+        }
+        .into(),
         payload: Default::default(),
     });
     let mut buf = BytesMut::new();

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferrymq_core::{Action, ConnId, ConnectOutcome};
+use ferrymq_core::{Action, ConnId, ConnectOutcome, Delivery};
 use ferrymq_mqtt::{
-    decode, encode, ConnAck, DecodeError, Limits, Packet, Properties, ProtocolVersion, ReasonCode,
+    decode, encode, encode_publish, ConnAck, DecodeError, Limits, Packet, Properties,
+    ProtocolVersion, PublishView, ReasonCode,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -273,11 +274,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let packet = match action {
                 Action::Send(p) => p,
                 Action::Deliver(d) => {
-                    let mut p = d.to_publish();
-                    if version == ProtocolVersion::V5 && aliases.max > 0 {
-                        apply_alias(&mut aliases, &d.message.topic, &mut p);
+                    if let Err(e) = encode_delivery(&d, version, &mut aliases, &mut out) {
+                        tracing::warn!(error = %e, "cannot encode outbound PUBLISH");
                     }
-                    Packet::Publish(p)
+                    continue;
                 }
                 Action::Close => {
                     close = true;
@@ -306,13 +306,42 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-fn apply_alias(aliases: &mut AliasMap, topic: &Arc<str>, p: &mut ferrymq_mqtt::Publish) {
-    if let Some(&alias) = aliases.map.get(topic) {
-        p.topic.clear();
-        p.properties.topic_alias = Some(alias);
-    } else if aliases.map.len() < usize::from(aliases.max) {
-        let alias = aliases.map.len() as u16 + 1;
-        aliases.map.insert(topic.clone(), alias);
-        p.properties.topic_alias = Some(alias);
+/// Encodes a delivery straight from the shared message: no copy of topic or payload into an
+/// owned packet, and the message's own properties when nothing about them changes.
+fn encode_delivery(
+    d: &Delivery,
+    version: ProtocolVersion,
+    aliases: &mut AliasMap,
+    out: &mut BytesMut,
+) -> Result<(), ferrymq_mqtt::EncodeError> {
+    let m = &d.message;
+    let mut properties = d.properties();
+    let mut topic: &str = &m.topic;
+    if version == ProtocolVersion::V5 && aliases.max > 0 {
+        let alias = match aliases.map.get(&m.topic) {
+            Some(&alias) => {
+                topic = "";
+                Some(alias)
+            }
+            None if aliases.map.len() < usize::from(aliases.max) => {
+                let alias = aliases.map.len() as u16 + 1;
+                aliases.map.insert(m.topic.clone(), alias);
+                Some(alias)
+            }
+            None => None,
+        };
+        if alias.is_some() {
+            properties.to_mut().topic_alias = alias;
+        }
     }
+    let view = PublishView {
+        dup: d.dup,
+        qos: d.qos,
+        retain: d.retain,
+        topic,
+        packet_id: d.packet_id,
+        properties: &properties,
+        payload: &m.payload,
+    };
+    encode_publish(&view, version, out)
 }

@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use ferrymq_client::{Client, ConnectOptions};
 use ferrymq_mqtt::{
-    Packet, Properties, ProtocolVersion, Publish, QoS, RetainHandling, SubscriptionOptions,
+    Packet, Properties, PropertyValues, ProtocolVersion, Publish, QoS, RetainHandling,
+    SubscriptionOptions,
 };
 
 #[derive(clap::Args, Clone)]
@@ -242,10 +243,11 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
         retain_handling,
     };
     let filters = a.topics.iter().map(|t| (t.clone(), o)).collect();
-    let sp = Properties {
+    let sp = PropertyValues {
         subscription_identifiers: a.subscription_id.into_iter().collect(),
         ..Default::default()
-    };
+    }
+    .into();
     let ack = client.subscribe(filters, sp).await?;
     for (t, r) in a.topics.iter().zip(&ack.reasons) {
         if r.is_error() {

@@ -1,5 +1,10 @@
 //! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), and `check-config`.
 
+// mimalloc: fewer cycles per allocation than glibc malloc on the publish path (see
+// docs/performance.md), and it returns freed memory to the OS promptly.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod cli_client;
 
