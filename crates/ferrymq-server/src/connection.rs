@@ -17,15 +17,20 @@ use ferrymq_mqtt::{
     decode, encode, encode_publish, ConnAck, DecodeError, Limits, Packet, Properties,
     ProtocolVersion, PublishView, ReasonCode,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::metrics::NetMetrics;
 use crate::router::{Outbound, ToRouter};
 
-/// Read buffer growth step, and the most kept around by an idle connection.
-const READ_CHUNK: usize = 8 * 1024;
+/// Smallest and largest read reservation. A connection starts small (a CONNECT fits) and
+/// doubles its reservation while reads fill it, so idle connections never touch a big buffer
+/// and busy ones read 64 KiB per syscall.
+const MIN_READ: usize = 512;
+const MAX_READ: usize = 64 * 1024;
+/// Largest write buffer kept between batches.
 const MAX_IDLE_BUFFER: usize = 64 * 1024;
 
 pub(crate) struct ConnContext {
@@ -46,12 +51,11 @@ enum ReadEnd {
     Ending,
 }
 
-pub(crate) async fn run<R, W>(mut rd: R, mut wr: W, ctx: ConnContext)
+pub(crate) async fn run<W>(mut rd: OwnedReadHalf, mut wr: W, ctx: ConnContext)
 where
-    R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
     let Some((outcome, outbound)) = handshake(&mut rd, &mut wr, &mut buf, &ctx).await else {
         return;
     };
@@ -77,14 +81,13 @@ where
 }
 
 /// Reads the CONNECT and hands it to the router. `None` when the connection ends here.
-async fn handshake<R, W>(
-    rd: &mut R,
+async fn handshake<W>(
+    rd: &mut OwnedReadHalf,
     wr: &mut W,
     buf: &mut BytesMut,
     ctx: &ConnContext,
 ) -> Option<(ConnectOutcome, Arc<Outbound>)>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + ctx.connect_timeout;
@@ -107,7 +110,8 @@ where
                 return None;
             }
         }
-        let read = tokio::time::timeout_at(deadline, read_some(rd, buf)).await;
+        let mut chunk = MIN_READ;
+        let read = tokio::time::timeout_at(deadline, read_some(rd, buf, &mut chunk)).await;
         match read {
             Ok(Ok(n)) if n > 0 => NetMetrics::add(&ctx.net.bytes_received, n as u64),
             Ok(_) => return None,
@@ -158,15 +162,31 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, v: ProtocolVersion, reason: R
     }
 }
 
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_CHUNK);
+/// Waits for data, then reads it. The buffer is only allocated once the socket is readable,
+/// so an idle connection holds no read buffer (the caller frees it when it empties).
+/// `chunk` is the connection's current reservation size, adapted to its traffic.
+async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut, chunk: &mut usize) -> std::io::Result<usize> {
+    loop {
+        rd.readable().await?;
+        if buf.capacity() - buf.len() < *chunk / 2 {
+            buf.reserve(*chunk);
+        }
+        let room = buf.capacity() - buf.len();
+        match rd.try_read_buf(buf) {
+            Ok(n) => {
+                if n == room {
+                    *chunk = (*chunk * 2).min(MAX_READ);
+                }
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
-    rd.read_buf(buf).await
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
-    mut rd: R,
+async fn read_loop(
+    mut rd: OwnedReadHalf,
     mut buf: BytesMut,
     outcome: ConnectOutcome,
     ctx: &ConnContext,
@@ -181,6 +201,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let keep_alive = (outcome.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(outcome.keep_alive) * 1500));
     let mut packets = Vec::new();
+    let mut chunk = MIN_READ;
     loop {
         loop {
             match decode(&mut buf, version, &ctx.limits) {
@@ -206,7 +227,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         if !packets.is_empty() {
-            let batch = std::mem::replace(&mut packets, Vec::with_capacity(8));
+            let batch = std::mem::take(&mut packets);
             if ctx
                 .router
                 .send(ToRouter::Packets {
@@ -219,11 +240,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return ReadEnd::Gone;
             }
         }
-        if buf.is_empty() && buf.capacity() > MAX_IDLE_BUFFER {
-            buf = BytesMut::with_capacity(READ_CHUNK);
+        if buf.is_empty() && buf.capacity() > 0 {
+            // Nothing pending: give the buffer back while we wait, so idle connections stay
+            // lean. `chunk` remembers the size a busy connection needs.
+            buf = BytesMut::new();
         }
         let read = match keep_alive {
-            Some(ka) => match tokio::time::timeout(ka, read_some(&mut rd, &mut buf)).await {
+            Some(ka) => match tokio::time::timeout(ka, read_some(&mut rd, &mut buf, &mut chunk)).await {
                 Ok(r) => r,
                 Err(_) => {
                     NetMetrics::add(&ctx.net.keep_alive_timeouts, 1);
@@ -233,7 +256,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return ReadEnd::Ending;
                 }
             },
-            None => read_some(&mut rd, &mut buf).await,
+            None => read_some(&mut rd, &mut buf, &mut chunk).await,
         };
         match read {
             Ok(0) | Err(_) => return ReadEnd::Gone,
@@ -262,10 +285,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         map: HashMap::new(),
     };
     let mut actions = Vec::new();
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::new();
     loop {
         outbound.take(&mut actions);
         if actions.is_empty() {
+            // Idle: hold no buffers while waiting.
+            if actions.capacity() > 0 || out.capacity() > 0 {
+                actions = Vec::new();
+                out = BytesMut::new();
+            }
             outbound.notify.notified().await;
             continue;
         }
@@ -295,7 +323,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             NetMetrics::add(&net.bytes_sent, out.len() as u64);
             out.clear();
             if out.capacity() > MAX_IDLE_BUFFER {
-                out = BytesMut::with_capacity(READ_CHUNK);
+                out = BytesMut::new();
             }
         }
         if close {
@@ -345,3 +373,4 @@ fn encode_delivery(
     };
     encode_publish(&view, version, out)
 }
+

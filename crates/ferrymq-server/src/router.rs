@@ -60,6 +60,9 @@ impl Outbound {
     /// Takes every queued action.
     pub(crate) fn take(&self, into: &mut Vec<Action>) {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.actions.is_empty() {
+            return;
+        }
         std::mem::swap(&mut q.actions, into);
         q.bytes = 0;
     }

@@ -2,6 +2,7 @@
 
 // mimalloc: fewer cycles per allocation than glibc malloc on the publish path (see
 // docs/performance.md), and it returns freed memory to the OS promptly.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
