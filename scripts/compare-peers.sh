@@ -8,11 +8,13 @@
 #   --quick  smaller message counts and no connections scenario (about 2 minutes)
 #   --pin    broker on CPU 0, load generator on CPU 1 (taskset)
 #   --reps N repetitions per scenario, median reported (default 3)
-#   --out F  also write every measurement as JSON
+#   --out F  also write every measurement as JSON lines
+#   --ratios-json F  write medians and FerryMQ/peer ratios as JSON
+#   --brokers "ferrymq mosquitto"  which brokers to run (default: all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0; PIN=0; REPS=3; OUT=""; BROKERS="ferrymq mosquitto nats"
+QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS="ferrymq mosquitto nats"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -20,6 +22,7 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --brokers) BROKERS=$2; shift ;;
+    --ratios-json) RATIOS=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -43,14 +46,16 @@ cleanup() { [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null; wait 2>/dev/
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-PORT=41883
+# Ports below the ephemeral range (32768+), which 10K client connections would otherwise
+# occupy and make the next broker's bind fail.
+PORT=11883
 BROKER_CPU=(); LOAD_CPU=()
 if [ "$PIN" = 1 ]; then BROKER_CPU=(taskset -c 0); LOAD_CPU=(taskset -c 1); fi
 
 start_broker() {
   case "$1" in
     ferrymq)
-      "${BROKER_CPU[@]}" "$BIN" serve --mqtt 127.0.0.1:$PORT --http 127.0.0.1:48080 \
+      "${BROKER_CPU[@]}" "$BIN" serve --mqtt 127.0.0.1:$PORT --http 127.0.0.1:18080 \
         --data-dir "$WORK/ferrymq" --log-level warn >"$WORK/ferrymq.log" 2>&1 &
       ;;
     mosquitto)
@@ -59,7 +64,7 @@ start_broker() {
       ;;
     nats)
       mkdir -p "$WORK/js"
-      printf 'server_name: bench\nlisten: 127.0.0.1:44222\njetstream { store_dir: "%s/js" }\nmqtt { listen: 127.0.0.1:%s }\n' "$WORK" $PORT >"$WORK/nats.conf"
+      printf 'server_name: bench\nlisten: 127.0.0.1:14222\njetstream { store_dir: "%s/js" }\nmqtt { listen: 127.0.0.1:%s }\n' "$WORK" $PORT >"$WORK/nats.conf"
       "${BROKER_CPU[@]}" nats-server -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
       ;;
   esac
@@ -105,8 +110,12 @@ for broker in $BROKERS; do
     reps=$REPS
     case "$name" in connections*) reps=1 ;; esac
     for rep in $(seq 1 "$reps"); do
-      # A fresh broker per connections run, so its memory baseline is clean.
-      start_broker "$broker"
+      # A fresh broker per run, so memory baselines are clean and one run cannot slow the next.
+      if ! start_broker "$broker"; then
+        echo "{\"name\":\"$name\",\"broker\":\"$broker\",\"rep\":$rep,\"result\":{\"failed\":true,\"error\":\"did not start\"}}" >>"$RESULTS"
+        stop_broker
+        continue
+      fi
       extra=()
       case "$name" in connections*) extra=(--broker-pid "$BROKER_PID") ;; esac
       # shellcheck disable=SC2086
@@ -121,4 +130,4 @@ for broker in $BROKERS; do
 done
 
 [ -n "$OUT" ] && cp "$RESULTS" "$OUT"
-python3 scripts/compare_report.py "$RESULTS"
+python3 scripts/compare_report.py "$RESULTS" ${RATIOS:+--ratios-json "$RATIOS"}

@@ -7,7 +7,13 @@ import statistics
 import sys
 from collections import OrderedDict, defaultdict
 
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+import argparse
+
+ap = argparse.ArgumentParser()
+ap.add_argument("results")
+ap.add_argument("--ratios-json", help="also write medians and FerryMQ/peer ratios here")
+args = ap.parse_args()
+rows = [json.loads(l) for l in open(args.results) if l.strip()]
 values = defaultdict(list)  # (name, broker, metric) -> [values]
 names, brokers = OrderedDict(), OrderedDict()
 for r in rows:
@@ -40,6 +46,7 @@ def fmt_rate(x):
 
 
 peers = [b for b in brokers if b != "ferrymq"]
+summary = {"ratios": {}, "medians": {}}
 header = ["scenario"] + list(brokers) + [f"ferrymq/{p}" for p in peers]
 print("| " + " | ".join(header) + " |")
 print("|" + "---|" * len(header))
@@ -53,6 +60,9 @@ for name in names:
         for p in peers:
             pv = med(name, p, "rate")
             ratios.append(f"{f/pv:.2f}×" if f and pv else "—")
+            if f and pv:
+                summary["ratios"].setdefault(p, {})[name] = round(f / pv, 3)
+        summary["medians"][name] = {b: med(name, b, "rate") for b in brokers}
     elif any(med(name, b, "p99") is not None for b in brokers):
         for b in brokers:
             p50, p99, p999 = (med(name, b, q) for q in ("p50", "p99", "p999"))
@@ -61,6 +71,9 @@ for name in names:
         for p in peers:
             pv = med(name, p, "p99")
             ratios.append(f"{pv/f:.2f}× (p99)" if f and pv else "—")
+            if f and pv:
+                summary["ratios"].setdefault(p, {})[name] = round(pv / f, 3)
+        summary["medians"][name] = {b: {q: med(name, b, q) for q in ("p50", "p99", "p999")} for b in brokers}
     else:
         for b in brokers:
             kb, held = med(name, b, "kb"), med(name, b, "held")
@@ -69,6 +82,12 @@ for name in names:
         for p in peers:
             pv = med(name, p, "kb")
             ratios.append(f"{pv/f:.2f}×" if f and pv else "—")
+            if f and pv:
+                summary["ratios"].setdefault(p, {})[name] = round(pv / f, 3)
+        summary["medians"][name] = {b: med(name, b, "kb") for b in brokers}
     print("| " + " | ".join(cells + ratios) + " |")
 print()
+if args.ratios_json:
+    with open(args.ratios_json, "w") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
 print("Rates are deliveries per second (medians); latency p50 / p99 / p99.9; ratios above 1× mean FerryMQ leads.")

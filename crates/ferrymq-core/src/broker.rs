@@ -103,6 +103,8 @@ impl Delivery {
 #[derive(Debug, Default)]
 pub struct Outbox {
     pub actions: Vec<(ConnId, Action)>,
+    /// Connections the engine ended for breaking a rule, with the reason, for the driver's log.
+    pub violations: Vec<(ConnId, ReasonCode)>,
 }
 
 impl Outbox {
@@ -400,8 +402,9 @@ impl Broker {
                 Action::Send(Packet::Disconnect(Disconnect::new(reason))),
             );
         }
-        if reason.is_some_and(|r| r != ReasonCode::SessionTakenOver) {
+        if let Some(r) = reason.filter(|r| *r != ReasonCode::SessionTakenOver) {
             self.stats.protocol_errors += 1;
+            out.violations.push((conn, r));
         }
         out.push(conn, Action::Close);
         self.detach(conn, true, now, out);

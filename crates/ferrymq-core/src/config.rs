@@ -40,7 +40,7 @@ impl Default for BrokerConfig {
             receive_maximum: 1024,
             max_packet_size: 1024 * 1024,
             max_inflight: 1024,
-            max_queued_messages: 10_000,
+            max_queued_messages: 100_000,
             topic_alias_maximum: 64,
             max_topic_levels: 32,
             max_subscriptions_per_client: 1024,

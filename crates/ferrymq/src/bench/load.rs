@@ -68,7 +68,15 @@ struct Conn {
 
 impl Conn {
     async fn open(t: &Target, id: String, keep_alive: u16) -> anyhow::Result<Conn> {
-        let stream = tokio::time::timeout(t.timeout, TcpStream::connect(&t.addr)).await??;
+        let stream = match t.source {
+            None => tokio::time::timeout(t.timeout, TcpStream::connect(&t.addr)).await??,
+            Some(ip) => {
+                let remote: std::net::SocketAddr = t.addr.parse()?;
+                let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                tokio::time::timeout(t.timeout, socket.connect(remote)).await??
+            }
+        };
         stream.set_nodelay(true)?;
         let mut c = Conn {
             stream,
@@ -504,9 +512,8 @@ async fn subscriber(
 /// Opens many idle connections and reports the broker's memory per connection.
 pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> {
     let rss_before = a.broker_pid.and_then(rss_kb);
-    let mut hosts = vec![t.addr.clone()];
-    let port = t.addr.rsplit(':').next().unwrap_or("1883").to_string();
-    hosts.extend(a.extra_hosts.iter().map(|h| format!("{h}:{port}")));
+    let sources: Vec<Option<std::net::IpAddr>> =
+        if a.source_addrs.is_empty() { vec![None] } else { a.source_addrs.iter().copied().map(Some).collect() };
     let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
     let mut held = Vec::with_capacity(a.connections);
     let mut failed = 0;
@@ -515,9 +522,10 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
         let mut tasks = Vec::with_capacity(chunk.len());
         for &i in chunk {
             let target = Target {
-                addr: hosts[i % hosts.len()].clone(),
+                addr: t.addr.clone(),
                 version: t.version,
                 timeout: t.timeout,
+                source: sources[i % sources.len()],
             };
             let id = format!("idle-{run_id}-{i}");
             let ka = a.keep_alive;

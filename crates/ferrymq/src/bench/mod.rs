@@ -104,15 +104,19 @@ pub struct ConnArgs {
     /// PID of the broker, to read its resident memory from /proc.
     #[arg(long)]
     broker_pid: Option<u32>,
-    /// Connect to these extra loopback addresses too (spreads ports past ~28K per address).
+    /// Bind client sockets to these local addresses in turn (e.g. 127.0.0.2,127.0.0.3): each
+    /// source address has its own ~28K ephemeral ports, so more than that many connections
+    /// to one broker address need several.
     #[arg(long, value_delimiter = ',')]
-    extra_hosts: Vec<String>,
+    source_addrs: Vec<std::net::IpAddr>,
 }
 
 pub(crate) struct Target {
     pub addr: String,
     pub version: ProtocolVersion,
     pub timeout: Duration,
+    /// Local address to connect from, if not the kernel's choice.
+    pub source: Option<std::net::IpAddr>,
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
