@@ -5,8 +5,12 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferrymq_core::{Broker, BrokerConfig, ConnId, Message, Outbox, SessionId, SubEntry, SubscriptionTree, Time};
-use ferrymq_mqtt::{Connect, Packet, Properties, ProtocolVersion, QoS, Subscribe, SubscriptionOptions};
+use ferrymq_core::{
+    Broker, BrokerConfig, ConnId, Message, Outbox, SessionId, SubEntry, SubscriptionTree, Time,
+};
+use ferrymq_mqtt::{
+    Connect, Packet, Properties, ProtocolVersion, QoS, Subscribe, SubscriptionOptions,
+};
 
 /// 100K filters over a device tree: exact topics, `+` in the middle, `#` at the end.
 fn big_tree() -> SubscriptionTree {
@@ -14,14 +18,26 @@ fn big_tree() -> SubscriptionTree {
     let mut n = 0u64;
     for site in 0..100 {
         for device in 0..300 {
-            let e = |s| SubEntry { session: SessionId(s), options: Default::default(), identifier: None };
+            let e = |s| SubEntry {
+                session: SessionId(s),
+                options: Default::default(),
+                identifier: None,
+            };
             t.insert(&format!("site/{site}/device/{device}/temp"), None, e(n));
             t.insert(&format!("site/{site}/device/+/status"), None, e(n + 1));
             t.insert(&format!("site/{site}/device/{device}/#"), None, e(n + 2));
             n += 3;
         }
     }
-    t.insert("#", None, SubEntry { session: SessionId(n), options: Default::default(), identifier: None });
+    t.insert(
+        "#",
+        None,
+        SubEntry {
+            session: SessionId(n),
+            options: Default::default(),
+            identifier: None,
+        },
+    );
     t
 }
 
@@ -55,8 +71,15 @@ fn fanout(c: &mut Criterion) {
             properties: Properties::default(),
         };
         broker.connect(ConnId(i), connect, now, &mut out);
-        let options = SubscriptionOptions { qos: QoS::AtMostOnce, ..Default::default() };
-        let s = Subscribe { packet_id: 1, filters: vec![("fan/+".into(), options)], properties: Properties::default() };
+        let options = SubscriptionOptions {
+            qos: QoS::AtMostOnce,
+            ..Default::default()
+        };
+        let s = Subscribe {
+            packet_id: 1,
+            filters: vec![("fan/+".into(), options)],
+            properties: Properties::default(),
+        };
         broker.packet(ConnId(i), Packet::Subscribe(s), now, &mut out);
     }
     out.actions.clear();

@@ -4,7 +4,9 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ferrymq_mqtt::{decode, encode, Limits, Packet, Properties, PropertyValues, ProtocolVersion, Publish, QoS};
+use ferrymq_mqtt::{
+    decode, encode, Limits, Packet, Properties, PropertyValues, ProtocolVersion, Publish, QoS,
+};
 
 fn publish(props: bool) -> Packet {
     let properties: Properties = if props {

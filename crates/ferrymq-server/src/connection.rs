@@ -165,7 +165,11 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, v: ProtocolVersion, reason: R
 /// Waits for data, then reads it. The buffer is only allocated once the socket is readable,
 /// so an idle connection holds no read buffer (the caller frees it when it empties).
 /// `chunk` is the connection's current reservation size, adapted to its traffic.
-async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut, chunk: &mut usize) -> std::io::Result<usize> {
+async fn read_some(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    chunk: &mut usize,
+) -> std::io::Result<usize> {
     loop {
         rd.readable().await?;
         if buf.capacity() - buf.len() < *chunk / 2 {
@@ -246,16 +250,18 @@ async fn read_loop(
             buf = BytesMut::new();
         }
         let read = match keep_alive {
-            Some(ka) => match tokio::time::timeout(ka, read_some(&mut rd, &mut buf, &mut chunk)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    NetMetrics::add(&ctx.net.keep_alive_timeouts, 1);
-                    tracing::info!(conn = conn.0, "keep alive timeout");
-                    let reason = ReasonCode::KeepAliveTimeout;
-                    let _ = ctx.router.send(ToRouter::Violation { conn, reason }).await;
-                    return ReadEnd::Ending;
+            Some(ka) => {
+                match tokio::time::timeout(ka, read_some(&mut rd, &mut buf, &mut chunk)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        NetMetrics::add(&ctx.net.keep_alive_timeouts, 1);
+                        tracing::info!(conn = conn.0, "keep alive timeout");
+                        let reason = ReasonCode::KeepAliveTimeout;
+                        let _ = ctx.router.send(ToRouter::Violation { conn, reason }).await;
+                        return ReadEnd::Ending;
+                    }
                 }
-            },
+            }
             None => read_some(&mut rd, &mut buf, &mut chunk).await,
         };
         match read {
@@ -373,4 +379,3 @@ fn encode_delivery(
     };
     encode_publish(&view, version, out)
 }
-

@@ -204,7 +204,11 @@ impl Router {
     /// Appends every action to its connection's queue, then wakes each connection once.
     fn dispatch(&mut self) {
         for (conn, reason) in self.out.violations.drain(..) {
-            tracing::info!(conn = conn.0, ?reason, "closing connection: protocol violation");
+            tracing::info!(
+                conn = conn.0,
+                ?reason,
+                "closing connection: protocol violation"
+            );
         }
         let limit = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);

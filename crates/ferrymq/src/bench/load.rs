@@ -72,7 +72,11 @@ impl Conn {
             None => tokio::time::timeout(t.timeout, TcpStream::connect(&t.addr)).await??,
             Some(ip) => {
                 let remote: std::net::SocketAddr = t.addr.parse()?;
-                let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
                 socket.bind(std::net::SocketAddr::new(ip, 0))?;
                 tokio::time::timeout(t.timeout, socket.connect(remote)).await??
             }
@@ -512,8 +516,11 @@ async fn subscriber(
 /// Opens many idle connections and reports the broker's memory per connection.
 pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> {
     let rss_before = a.broker_pid.and_then(rss_kb);
-    let sources: Vec<Option<std::net::IpAddr>> =
-        if a.source_addrs.is_empty() { vec![None] } else { a.source_addrs.iter().copied().map(Some).collect() };
+    let sources: Vec<Option<std::net::IpAddr>> = if a.source_addrs.is_empty() {
+        vec![None]
+    } else {
+        a.source_addrs.iter().copied().map(Some).collect()
+    };
     let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
     let mut held = Vec::with_capacity(a.connections);
     let mut failed = 0;

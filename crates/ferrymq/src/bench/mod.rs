@@ -129,6 +129,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         addr: format!("{}:{}", a.host, a.port),
         version,
         timeout: Duration::from_secs(a.timeout),
+        source: None,
     };
     let qos = |q: u8| QoS::from_u8(q).ok_or_else(|| anyhow::anyhow!("QoS must be 0, 1 or 2"));
     let mut report = match a.scenario {
