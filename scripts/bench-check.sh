@@ -14,10 +14,14 @@ if [ "$UPDATE" = 1 ]; then
   python3 - "$OUT" <<'PY'
 import json, sys, datetime
 run = json.load(open(sys.argv[1]))
+# Latency is checked against absolute targets instead: mosquitto's p99 here swings between
+# ~0.7 ms and ~25 ms from run to run, which makes it no yardstick.
+ratios = {k: v for k, v in run["ratios"]["mosquitto"].items() if not k.startswith("latency")}
 base = {"created": datetime.date.today().isoformat(),
         "command": "scripts/bench-check.sh --update",
         "yardstick": "mosquitto", "tolerance": 0.10,
-        "ratios": run["ratios"]["mosquitto"], "medians": run["medians"]}
+        "latency_targets_us": {"p99": 1000, "p999": 5000},
+        "ratios": ratios, "medians": run["medians"]}
 json.dump(base, open("bench/baseline.json", "w"), indent=2, ensure_ascii=False)
 print("bench/baseline.json updated")
 PY
@@ -25,7 +29,8 @@ PY
 fi
 python3 - "$OUT" <<'PY'
 import json, sys
-run = json.load(open(sys.argv[1]))["ratios"]["mosquitto"]
+full = json.load(open(sys.argv[1]))
+run = full["ratios"]["mosquitto"]
 base = json.load(open("bench/baseline.json"))
 tol = base.get("tolerance", 0.10)
 bad = 0
@@ -36,6 +41,16 @@ for name, ref in base["ratios"].items():
     verdict = "ok" if now >= ref * (1 - tol) else "REGRESSION"
     bad += verdict != "ok"
     print(f"{verdict:10} {name}: ferrymq/mosquitto {now:.2f}× (baseline {ref:.2f}×, floor {ref*(1-tol):.2f}×)")
-print(f"bench-check: {len(base['ratios']) - bad} passed, {bad} failed")
+checks = len(base["ratios"])
+for name, m in full["medians"].items():
+    if not name.startswith("latency"):
+        continue
+    for q, limit in base.get("latency_targets_us", {}).items():
+        checks += 1
+        got = m["ferrymq"][q]
+        verdict = "ok" if got is not None and got < limit else "REGRESSION"
+        bad += verdict != "ok"
+        print(f"{verdict:10} {name} {q}: {got} µs (target < {limit} µs)")
+print(f"bench-check: {checks - bad} passed, {bad} failed")
 sys.exit(1 if bad else 0)
 PY

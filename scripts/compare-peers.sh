@@ -86,10 +86,10 @@ stop_broker() {
 # name | bench arguments
 if [ "$QUICK" = 1 ]; then
   SCENARIOS=(
-    "qos0 1→1|throughput -n 200000 --inflight 5000"
-    "qos1 1→1 (256 in flight)|throughput -q 1 -n 100000 --inflight 256"
-    "fanout 1→100|fanout -n 5000 --inflight 2000"
-    "fanin 50→1|fanin -n 2000 --inflight 5000"
+    "qos0 1→1|throughput -n 500000 --inflight 5000"
+    "qos1 1→1 (256 in flight)|throughput -q 1 -n 200000 --inflight 256"
+    "fanout 1→100|fanout -n 10000 --inflight 2000"
+    "fanin 50→1|fanin -n 6000 --inflight 5000"
     "latency 10K/s|latency --rate 10000 --duration 3"
   )
 else
