@@ -282,7 +282,9 @@ impl Broker {
             props.topic_alias_maximum = Some(self.config.topic_alias_maximum);
         }
         let max_ka = self.config.max_keep_alive;
-        if max_ka > 0 && (c.keep_alive == 0 || c.keep_alive > max_ka) && v5 {
+        // 0 and 65,535 (the largest value MQTT can carry) both mean "no cap".
+        let capped = max_ka > 0 && max_ka < u16::MAX;
+        if capped && (c.keep_alive == 0 || c.keep_alive > max_ka) && v5 {
             props.server_keep_alive = Some(max_ka);
             outcome.keep_alive = max_ka;
         }

@@ -4,7 +4,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
     /// Largest keep alive a client may use, in seconds; a 5.0 client asking for more (or for 0)
-    /// is told this value as Server Keep Alive. 0 = no cap.
+    /// is told this value as Server Keep Alive. 0 or 65,535 = no cap.
     pub max_keep_alive: u16,
     /// How many QoS 2 publishes a client may have awaiting PUBREL (our Receive Maximum).
     pub receive_maximum: u16,
