@@ -1,0 +1,36 @@
+//! Errors of the store.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// An I/O call failed; `path` is the file or directory involved.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A sealed (not the last) segment holds a bad batch: that is corruption, not a torn
+    /// write, and is not repaired silently.
+    #[error("corrupt batch in {path} at byte {position}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: &'static str,
+    },
+    /// A record or batch is larger than the format or the segment size allows.
+    #[error("batch of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: u64, max: u64 },
+    /// An offset outside the log was asked for.
+    #[error("offset {0} is not in the log")]
+    OffsetOutOfRange(u64),
+}
+
+pub(crate) fn io(
+    op: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}

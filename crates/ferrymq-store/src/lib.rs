@@ -1,0 +1,32 @@
+//! FerryMQ's durable log: an append-only sequence of opaque records, each with a logical
+//! [`Offset`], stored in segment files of bounded size.
+//!
+//! Owns: the on-disk format, recovery after a crash, the sparse index, and reclaiming
+//! segments. Must not depend on: MQTT, sockets, the engine. Records are bytes to it.
+//! Durability policy (group commit, intervals) is the caller's: the log offers `append` and
+//! `sync`, and says what each guarantees.
+//!
+//! On-disk format (a `DataChange:` commit must accompany any change to it):
+//! ```text
+//! segment file  {base offset:020}.log  = batch*
+//! batch         = magic 0xFB | version 1 | flags u16 (0) | body length u32
+//!                 | crc32c(first 8 header bytes, then body) u32 | body
+//! body          = base offset u64 | record count u32 | (record length u32 | record bytes)*
+//! ```
+//! All integers are big-endian. Invariants a change must keep:
+//! - Offsets are dense: each batch starts where the previous one ended.
+//! - A batch is valid only if its header, length and CRC all check; recovery keeps the longest
+//!   valid prefix of the last segment and truncates the rest (a torn write).
+//! - The sparse index (first offset of a batch → file position, every 64 KiB) is an
+//!   optimisation only, built while scanning or appending; it is not yet stored on disk.
+
+mod error;
+mod log;
+mod segment;
+
+pub use error::StoreError;
+pub use log::{Log, LogConfig, Recovery};
+
+/// A record's position in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Offset(pub u64);
