@@ -22,6 +22,12 @@ pub enum StoreError {
     /// A record or batch is larger than the format or the segment size allows.
     #[error("batch of {size} bytes exceeds the limit of {max}")]
     TooLarge { size: u64, max: u64 },
+    /// The commit thread has stopped; nothing more can be appended.
+    #[error("the log's commit thread has stopped")]
+    Stopped,
+    /// fdatasync failed: the records of that group are not durable.
+    #[error("fsync failed: {0}")]
+    SyncFailed(String),
     /// An offset outside the log was asked for.
     #[error("offset {0} is not in the log")]
     OffsetOutOfRange(u64),

@@ -20,10 +20,12 @@
 //! - The sparse index (first offset of a batch → file position, every 64 KiB) is an
 //!   optimisation only, built while scanning or appending; it is not yet stored on disk.
 
+mod commit;
 mod error;
 mod log;
 mod segment;
 
+pub use commit::{CommitStats, Done, FsyncPolicy, GroupCommit};
 pub use error::StoreError;
 pub use log::{Log, LogConfig, Recovery};
 
