@@ -29,7 +29,7 @@ pub use broker::{Action, Broker, ConnectOutcome, Delivery, Outbox, Stats};
 pub use config::BrokerConfig;
 pub use message::Message;
 pub use retained::RetainedStore;
-pub use trie::{Matches, SharedGroup, SubEntry, SubscriptionTree};
+pub use trie::{Lookup, Matches, SharedGroup, SubEntry, SubscriptionTree};
 
 /// Milliseconds on the driver's monotonic clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -221,12 +221,14 @@ impl Broker {
     /// Matching sessions, one entry per session for plain subscriptions (highest QoS, every
     /// identifier: MQTT-3.3.4-2, MQTT-3.3.4-3), plus one member per shared group.
     fn targets(&self, msg: &Message) -> Vec<Target> {
-        let matches = self.subs.matches(&msg.topic);
-        let mut plain = matches.plain;
-        plain.retain(|e| !(e.options.no_local && msg.publisher == Some(e.session)));
-        plain.sort_unstable_by_key(|e| e.session);
-        let mut targets: Vec<Target> = Vec::with_capacity(plain.len() + matches.shared.len());
-        for e in plain {
+        let matches = self.subs.lookup(&msg.topic);
+        let mut targets: Vec<Target> =
+            Vec::with_capacity(matches.plain.len() + matches.shared.len());
+        // `plain` is sorted by session, so one session's overlapping subscriptions are adjacent.
+        for e in matches.plain.iter() {
+            if e.options.no_local && msg.publisher == Some(e.session) {
+                continue;
+            }
             let qos = msg.qos.min(e.options.qos);
             match targets.last_mut() {
                 Some(t) if t.session == e.session => {
