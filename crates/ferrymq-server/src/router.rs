@@ -67,17 +67,22 @@ impl Outbound {
         q.bytes = 0;
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutQueue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl OutQueue {
     /// Appends an action. A QoS 0 delivery to a connection with `limit` bytes already queued
     /// is refused (returns false): a slow reader must not grow our memory.
-    fn push(&self, action: Action, limit: usize) -> bool {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+    fn push(&mut self, action: Action, limit: usize) -> bool {
         if let Action::Deliver(d) = &action {
-            if d.qos == QoS::AtMostOnce && q.bytes >= limit {
+            if d.qos == QoS::AtMostOnce && self.bytes >= limit {
                 return false;
             }
-            q.bytes += d.message.payload.len() + d.message.topic.len() + 16;
+            self.bytes += d.message.payload.len() + d.message.topic.len() + 16;
         }
-        q.actions.push(action);
+        self.actions.push(action);
         true
     }
 }
@@ -96,6 +101,8 @@ pub(crate) struct Router {
     started: Instant,
     out: Outbox,
     touched: Vec<ConnId>,
+    /// Connections closed in the current dispatch, kept until their last wake-up.
+    closing: HashMap<ConnId, Arc<Outbound>>,
 }
 
 impl Router {
@@ -108,6 +115,7 @@ impl Router {
             started: Instant::now(),
             out: Outbox::default(),
             touched: Vec::new(),
+            closing: HashMap::new(),
         }
     }
 
@@ -213,17 +221,28 @@ impl Router {
         let limit = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();
-        for (conn, action) in actions.drain(..) {
-            let closing = matches!(action, Action::Close);
-            let Some(outbound) = self.conns.get(&conn) else {
+        let mut run = actions.drain(..).peekable();
+        // Consecutive actions for one connection go in under one lock.
+        while let Some((conn, first)) = run.next() {
+            let Some(outbound) = self.conns.get(&conn).cloned() else {
+                while run.next_if(|(c, _)| *c == conn).is_some() {}
                 continue;
             };
-            if outbound.push(action, limit) {
-                if self.touched.last() != Some(&conn) {
-                    self.touched.push(conn);
+            let mut closing = false;
+            let mut dropped = 0;
+            {
+                let mut q = outbound.lock();
+                let rest = std::iter::from_fn(|| run.next_if(|(c, _)| *c == conn).map(|(_, a)| a));
+                for action in std::iter::once(first).chain(rest) {
+                    closing |= matches!(action, Action::Close);
+                    if !q.push(action, limit) {
+                        dropped += 1;
+                    }
                 }
-            } else {
-                NetMetrics::add(&self.net.dropped_slow_consumer, 1);
+            }
+            self.touched.push(conn);
+            if dropped > 0 {
+                NetMetrics::add(&self.net.dropped_slow_consumer, dropped);
                 if self.settings.slow_consumer == SlowConsumer::Disconnect && !slow.contains(&conn)
                 {
                     slow.push(conn);
@@ -232,18 +251,22 @@ impl Router {
             if closing {
                 // The writer closes after flushing; the engine has already forgotten it.
                 if let Some(o) = self.conns.remove(&conn) {
-                    o.notify.notify_one();
+                    self.closing.insert(conn, o);
                 }
             }
         }
+        drop(run);
         self.out.actions = actions;
         self.touched.sort_unstable();
         self.touched.dedup();
         for conn in self.touched.drain(..) {
-            if let Some(o) = self.conns.get(&conn) {
+            // Closed connections are gone from `conns` but still need their final wake-up;
+            // `closed` keeps their handles until then.
+            if let Some(o) = self.conns.get(&conn).or_else(|| self.closing.get(&conn)) {
                 o.notify.notify_one();
             }
         }
+        self.closing.clear();
         if !slow.is_empty() {
             let now = self.now();
             for conn in slow {
