@@ -13,7 +13,7 @@ use ferrymq_mqtt::{
     SubscriptionOptions, Will,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,9 @@ pub struct ConnectOptions {
     pub will: Option<Will>,
     pub properties: Properties,
     pub timeout: Duration,
+    /// Local address to connect from (each has its own ephemeral ports); `None` lets the
+    /// kernel choose.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl ConnectOptions {
@@ -64,6 +67,7 @@ impl ConnectOptions {
             will: None,
             properties: Properties::default(),
             timeout: Duration::from_secs(10),
+            source: None,
         }
     }
 }
@@ -81,7 +85,27 @@ pub struct Client {
 impl Client {
     /// Connects and waits for CONNACK; a refusal is an error.
     pub async fn connect(opts: ConnectOptions) -> Result<(Client, ConnAck), ClientError> {
-        let stream = tokio::time::timeout(opts.timeout, TcpStream::connect(&opts.addr))
+        let connecting = async {
+            match opts.source {
+                None => TcpStream::connect(&opts.addr).await,
+                Some(ip) => {
+                    let remote = tokio::net::lookup_host(&opts.addr)
+                        .await?
+                        .next()
+                        .ok_or_else(|| {
+                            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                        })?;
+                    let socket = if ip.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(remote).await
+                }
+            }
+        };
+        let stream = tokio::time::timeout(opts.timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout)??;
         stream.set_nodelay(true)?;
@@ -141,21 +165,50 @@ impl Client {
         self.flush().await
     }
 
+    /// Bytes queued by [`Client::queue`] and not yet flushed.
+    pub fn queued_bytes(&self) -> usize {
+        self.wbuf.len()
+    }
+
+    /// The next packet already received, without waiting. DISCONNECT from the server is an error.
+    pub fn try_recv(&mut self) -> Result<Option<Packet>, ClientError> {
+        match decode(&mut self.rbuf, self.version, &Limits::default())? {
+            Some(Packet::Disconnect(d)) => Err(ClientError::Disconnected(d.reason)),
+            other => Ok(other),
+        }
+    }
+
+    /// Waits for more bytes from the server.
+    pub async fn fill(&mut self) -> Result<(), ClientError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(64 * 1024);
+        }
+        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Reads whatever has arrived without waiting; `false` when nothing had.
+    pub fn try_fill(&mut self) -> Result<bool, ClientError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(64 * 1024);
+        }
+        match self.stream.try_read_buf(&mut self.rbuf) {
+            Ok(0) => Err(ClientError::Closed),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The next packet from the server. DISCONNECT from the server is an error.
     pub async fn recv(&mut self) -> Result<Packet, ClientError> {
         loop {
-            if let Some(p) = decode(&mut self.rbuf, self.version, &Limits::default())? {
-                if let Packet::Disconnect(d) = &p {
-                    return Err(ClientError::Disconnected(d.reason));
-                }
+            if let Some(p) = self.try_recv()? {
                 return Ok(p);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                self.rbuf.reserve(64 * 1024);
-            }
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-                return Err(ClientError::Closed);
-            }
+            self.fill().await?;
         }
     }
 

@@ -1,17 +1,16 @@
-//! The load itself: raw MQTT over our codec, so the generator costs little next to the broker.
+//! The load itself: raw MQTT through `ferrymq-client` (our codec, packets exposed, no
+//! per-message tasks), so the generator costs little next to the broker.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use ferrymq_client::{Client, ConnectOptions};
 use ferrymq_mqtt::{
-    decode, encode, Connect, Limits, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS,
-    ReasonCode, Subscribe, SubscriptionOptions,
+    Packet, Properties, PubResp, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions,
 };
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Barrier, Notify};
 
 use super::report::{Connections, Latency, Report};
@@ -58,89 +57,15 @@ impl Progress {
     }
 }
 
-/// A minimal MQTT connection.
-struct Conn {
-    stream: TcpStream,
-    version: ProtocolVersion,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-}
-
-impl Conn {
-    async fn open(t: &Target, id: String, keep_alive: u16) -> anyhow::Result<Conn> {
-        let stream = match t.source {
-            None => tokio::time::timeout(t.timeout, TcpStream::connect(&t.addr)).await??,
-            Some(ip) => {
-                let remote: std::net::SocketAddr = t.addr.parse()?;
-                let socket = if ip.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                socket.bind(std::net::SocketAddr::new(ip, 0))?;
-                tokio::time::timeout(t.timeout, socket.connect(remote)).await??
-            }
-        };
-        stream.set_nodelay(true)?;
-        let mut c = Conn {
-            stream,
-            version: t.version,
-            rbuf: BytesMut::with_capacity(64 * 1024),
-            wbuf: BytesMut::with_capacity(64 * 1024),
-        };
-        let connect = Connect {
-            version: t.version,
-            client_id: id,
-            clean_start: true,
-            keep_alive,
-            username: None,
-            password: None,
-            will: None,
-            properties: Properties::default(),
-        };
-        c.queue(&Packet::Connect(Box::new(connect)))?;
-        c.flush().await?;
-        match tokio::time::timeout(t.timeout, c.next()).await?? {
-            Packet::ConnAck(a) if a.reason == ReasonCode::Success => Ok(c),
-            other => anyhow::bail!("connect refused: {other:?}"),
-        }
-    }
-
-    fn queue(&mut self, p: &Packet) -> anyhow::Result<()> {
-        encode(p, self.version, &mut self.wbuf)?;
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> anyhow::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
-        }
-        Ok(())
-    }
-
-    fn try_decode(&mut self) -> anyhow::Result<Option<Packet>> {
-        Ok(decode(&mut self.rbuf, self.version, &Limits::default())?)
-    }
-
-    async fn fill(&mut self) -> anyhow::Result<()> {
-        if self.rbuf.capacity() - self.rbuf.len() < 16 * 1024 {
-            self.rbuf.reserve(64 * 1024);
-        }
-        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-            anyhow::bail!("broker closed the connection");
-        }
-        Ok(())
-    }
-
-    async fn next(&mut self) -> anyhow::Result<Packet> {
-        loop {
-            if let Some(p) = self.try_decode()? {
-                return Ok(p);
-            }
-            self.fill().await?;
-        }
-    }
+/// Opens a bench connection with the project's client (clean start, no properties).
+async fn open(t: &Target, id: String, keep_alive: u16) -> anyhow::Result<Client> {
+    let mut o = ConnectOptions::new(t.addr.clone(), id);
+    o.version = t.version;
+    o.keep_alive = keep_alive;
+    o.timeout = t.timeout;
+    o.source = t.source;
+    let (client, _) = Client::connect(o).await?;
+    Ok(client)
 }
 
 pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<Report> {
@@ -161,7 +86,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
 
     let mut subs = Vec::new();
     for s in 0..plan.subscribers {
-        let conn = Conn::open(t, format!("bench-{run_id}-s{s}"), 60).await?;
+        let conn = open(t, format!("bench-{run_id}-s{s}"), 60).await?;
         let (plan, progress, ready, hist) =
             (plan.clone(), progress.clone(), ready.clone(), hist.clone());
         let filter = format!("{topic}/#");
@@ -171,7 +96,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
     }
     let mut pubs = Vec::new();
     for p in 0..plan.publishers {
-        let conn = Conn::open(t, format!("bench-{run_id}-p{p}"), 60).await?;
+        let conn = open(t, format!("bench-{run_id}-p{p}"), 60).await?;
         let (plan, progress, ready) = (plan.clone(), progress.clone(), ready.clone());
         let topic = format!("{topic}/{p}");
         pubs.push(tokio::spawn(async move {
@@ -267,7 +192,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
 }
 
 async fn publisher(
-    mut c: Conn,
+    mut c: Client,
     id: u32,
     topic: String,
     plan: &Plan,
@@ -327,7 +252,7 @@ async fn publisher(
             } else {
                 inflight += 1;
             }
-            if c.wbuf.len() >= 64 * 1024 {
+            if c.queued_bytes() >= 64 * 1024 {
                 break;
             }
         }
@@ -357,22 +282,17 @@ async fn publisher(
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         } else {
-            match c.stream.try_read_buf(&mut c.rbuf) {
-                Ok(0) => anyhow::bail!("broker closed the connection"),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Some(r) = per_pub_rate {
-                        let due = started + Duration::from_secs_f64(seq as f64 / r);
-                        tokio::select! {
-                            r = c.fill() => r?,
-                            _ = tokio::time::sleep_until(due.into()) => {}
-                        }
+            if !c.try_fill()? {
+                if let Some(r) = per_pub_rate {
+                    let due = started + Duration::from_secs_f64(seq as f64 / r);
+                    tokio::select! {
+                        r = c.fill() => r?,
+                        _ = tokio::time::sleep_until(due.into()) => {}
                     }
                 }
-                Err(e) => return Err(e.into()),
             }
         }
-        while let Some(p) = c.try_decode()? {
+        while let Some(p) = c.try_recv()? {
             match p {
                 Packet::PubAck(a) if plan.qos == QoS::AtLeastOnce => {
                     if a.reason.is_error() {
@@ -417,7 +337,7 @@ impl Tally {
 }
 
 async fn subscriber(
-    mut c: Conn,
+    mut c: Client,
     filter: String,
     plan: &Plan,
     progress: &Progress,
@@ -435,7 +355,7 @@ async fn subscriber(
         properties: Properties::default(),
     }))?;
     c.flush().await?;
-    match c.next().await? {
+    match c.recv().await? {
         Packet::SubAck(a) if a.reasons.iter().all(|r| !r.is_error()) => {}
         other => anyhow::bail!("subscribe refused: {other:?}"),
     }
@@ -452,7 +372,7 @@ async fn subscriber(
             _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
         }
         let before = tally.unique;
-        while let Some(p) = c.try_decode()? {
+        while let Some(p) = c.try_recv()? {
             let publish = match p {
                 Packet::Publish(p) => p,
                 Packet::PubRel(r) => {
@@ -536,9 +456,7 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
             };
             let id = format!("idle-{run_id}-{i}");
             let ka = a.keep_alive;
-            tasks.push(tokio::spawn(
-                async move { Conn::open(&target, id, ka).await },
-            ));
+            tasks.push(tokio::spawn(async move { open(&target, id, ka).await }));
         }
         for task in tasks {
             match task.await {
@@ -559,7 +477,7 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
         let alive = async {
             c.queue(&Packet::PingReq)?;
             c.flush().await?;
-            anyhow::Ok(matches!(c.next().await?, Packet::PingResp))
+            anyhow::Ok(matches!(c.recv().await?, Packet::PingResp))
         };
         if !matches!(
             tokio::time::timeout(Duration::from_secs(5), alive).await,
