@@ -25,6 +25,7 @@ use ferrymq_mqtt::{
     Will,
 };
 
+use crate::journal::{Journal, Tag};
 use crate::session::{Pending, Session};
 use crate::{
     BrokerConfig, ConnId, Message, RetainedStore, SessionId, SubscriptionTree, Time,
@@ -103,6 +104,9 @@ impl Delivery {
 #[derive(Debug, Default)]
 pub struct Outbox {
     pub actions: Vec<(ConnId, Action)>,
+    /// Journal records (when journaling is on). None of `actions` may reach a client before
+    /// these are durable.
+    pub journal: Vec<bytes::Bytes>,
     /// Connections the engine ended for breaking a rule, with the reason, for the driver's log.
     pub violations: Vec<(ConnId, ReasonCode)>,
 }
@@ -152,7 +156,7 @@ pub(crate) struct Conn {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
+pub(crate) enum Timer {
     Will(SessionId),
     SessionExpiry(SessionId),
 }
@@ -167,9 +171,11 @@ pub struct Broker {
     pub(crate) subs: SubscriptionTree,
     pub(crate) retained: RetainedStore,
     pub(crate) stats: Stats,
-    timers: BinaryHeap<Reverse<(Time, Timer)>>,
-    next_session: u64,
+    pub(crate) timers: BinaryHeap<Reverse<(Time, Timer)>>,
+    pub(crate) next_session: u64,
+    pub(crate) next_message_id: u64,
     next_assigned_id: u64,
+    pub(crate) journal: Option<Journal>,
 }
 
 impl Broker {
@@ -184,7 +190,9 @@ impl Broker {
             stats: Stats::default(),
             timers: BinaryHeap::new(),
             next_session: 1,
+            next_message_id: 1,
             next_assigned_id: 1,
+            journal: None,
         }
     }
 
@@ -315,6 +323,7 @@ impl Broker {
             properties: props,
         };
         out.push(conn, Action::Send(Packet::ConnAck(ack)));
+        self.journal_connect(session_id, out);
         self.resume_session(session_id, now, out);
         outcome.accepted = true;
         outcome
@@ -381,6 +390,7 @@ impl Broker {
         for sub in s.subscriptions.values() {
             self.subs.remove(&sub.filter, sub.group.as_deref(), id);
         }
+        self.journal_session_end(&s, out);
         if let Some((will, _)) = s.pending_will.take() {
             self.publish_will(will, id, now, out);
         }
@@ -449,6 +459,8 @@ impl Broker {
                 self.timers.push(Reverse((due, Timer::Will(sid))));
             }
         }
+        self.journal_session(sid, out);
+        self.journal_will(sid, out);
         self.redistribute_shared(sid, now, out);
         if expiry == 0 {
             self.end_session(sid, now, out);
@@ -495,6 +507,7 @@ impl Broker {
                     };
                     if s.pending_will.as_ref().is_some_and(|(_, at)| *at <= now) {
                         let (will, _) = s.pending_will.take().expect("checked");
+                        self.journal_will_done(sid, out);
                         self.publish_will(will, sid, now, out);
                     }
                 }
@@ -590,12 +603,16 @@ impl Broker {
             return;
         };
         let Some(conn) = s.conn else { return };
+        let mut journal = self.journal.as_mut().filter(|_| s.journaled);
         while s.has_window() {
             let Some(p) = s.pending.pop_front() else {
                 break;
             };
             if p.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
+                if let Some(j) = journal.as_deref_mut() {
+                    j.session_event(out, Tag::PopPending, sid);
+                }
                 continue;
             }
             let d = Delivery {
@@ -608,6 +625,9 @@ impl Broker {
                 expiry_remaining: p.message.expiry_remaining(now),
             };
             let pid = s.start_flight(p);
+            if let Some(j) = journal.as_deref_mut() {
+                j.pid_event(out, Tag::Flight, sid, pid);
+            }
             self.stats.messages_sent[d.qos as usize] += 1;
             self.stats.payload_bytes_sent += d.message.payload.len() as u64;
             out.push(
@@ -626,7 +646,7 @@ impl Broker {
         Some((s.inflight.len(), s.pending.len()))
     }
 
-    pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending) -> bool {
+    pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending, out: &mut Outbox) -> bool {
         let limit = self.config.max_queued_messages;
         let Some(s) = self.sessions.get_mut(&sid) else {
             return false;
@@ -634,6 +654,9 @@ impl Broker {
         if s.pending.len() >= limit {
             self.stats.dropped_queue_full += 1;
             return false;
+        }
+        if let Some(j) = self.journal.as_mut().filter(|_| s.journaled) {
+            j.enqueue(out, sid, &p);
         }
         s.pending.push_back(p);
         true

@@ -13,11 +13,14 @@
 //! - At most one connection is attached to a session; a new one takes the session over.
 //! - Every subscription in the trie belongs to a live session, and vice versa.
 //!
-//! Durability seam: all session state lives in [`session::Session`] and the retained store;
-//! the durability work records their changes where they are mutated (see `docs/architecture.md`).
+//! Durability: all session state lives in [`session::Session`] and the retained store; with
+//! journaling on, every change to durable state is also emitted as a record in
+//! [`Outbox::journal`] where it is made (see `journal.rs`), and [`Broker::restore`] rebuilds
+//! the state from those records.
 
 mod broker;
 mod config;
+mod journal;
 mod message;
 mod retained;
 mod routing;
@@ -27,6 +30,7 @@ mod trie;
 
 pub use broker::{Action, Broker, ConnectOutcome, Delivery, Outbox, Stats};
 pub use config::BrokerConfig;
+pub use journal::{JournalError, RestoreReport};
 pub use message::Message;
 pub use retained::RetainedStore;
 pub use trie::{Lookup, Matches, SharedGroup, SubEntry, SubscriptionTree};

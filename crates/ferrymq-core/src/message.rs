@@ -1,5 +1,6 @@
 //! An application message as the engine routes it: decoded once, shared by every subscriber.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -22,6 +23,44 @@ pub struct Message {
     /// The session that published it, for No Local.
     pub publisher: Option<SessionId>,
     pub received_at: Time,
+    /// Engine-assigned number, unique across restarts; 0 until [`crate::Broker::publish`].
+    pub id: u64,
+    /// Which journal generation holds this message's record (see `journal.rs`).
+    pub(crate) journaled: JournalMark,
+}
+
+/// The journal generation whose log holds a message's record; 0 = none. Atomic because the
+/// message is shared (`Arc`) with connection writers, though only the engine touches it.
+#[derive(Default)]
+pub(crate) struct JournalMark(AtomicU64);
+
+impl JournalMark {
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+    pub(crate) fn set(&self, generation: u64) {
+        self.0.store(generation, Relaxed)
+    }
+}
+
+impl Clone for JournalMark {
+    fn clone(&self) -> Self {
+        JournalMark(AtomicU64::new(self.get()))
+    }
+}
+
+// Bookkeeping, not part of the message's value.
+impl PartialEq for JournalMark {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for JournalMark {}
+
+impl std::fmt::Debug for JournalMark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.get())
+    }
 }
 
 impl Message {
@@ -36,6 +75,8 @@ impl Message {
             expires_at: None,
             publisher: None,
             received_at: now,
+            id: 0,
+            journaled: JournalMark::default(),
         }
     }
 
@@ -61,6 +102,8 @@ impl Message {
             expires_at,
             publisher,
             received_at: now,
+            id: 0,
+            journaled: JournalMark::default(),
         }
     }
 

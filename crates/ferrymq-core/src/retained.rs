@@ -53,6 +53,13 @@ impl RetainedStore {
         }
     }
 
+    /// Every retained message (checkpoints, admin views).
+    pub fn all(&self) -> Vec<Arc<Message>> {
+        let mut out = Vec::with_capacity(self.count);
+        all(&self.root, &mut out);
+        out
+    }
+
     /// The retained message of one topic.
     pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
         let mut node = &self.root;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ferrymq_mqtt::{Packet, ProtocolVersion, PubResp, Publish, QoS, ReasonCode};
 
 use crate::broker::{Action, Delivery, Outbox};
+use crate::journal::Tag;
 use crate::session::{OutState, Pending, SharedOrigin};
 use crate::{Broker, ConnId, Message, SessionId, Time};
 
@@ -112,6 +113,9 @@ impl Broker {
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     s.inbound_qos2.insert(pid);
                 }
+                if let Some(j) = self.journal_for(sid) {
+                    j.pid_event(out, Tag::Qos2In, sid, pid);
+                }
                 out.push(
                     conn,
                     Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))),
@@ -126,6 +130,11 @@ impl Broker {
             .sessions
             .get_mut(&sid)
             .is_some_and(|s| s.inbound_qos2.remove(&r.packet_id));
+        if known {
+            if let Some(j) = self.journal_for(sid) {
+                j.pid_event(out, Tag::Qos2Done, sid, r.packet_id);
+            }
+        }
         let reason = if known {
             ReasonCode::Success
         } else {
@@ -147,6 +156,9 @@ impl Broker {
             .is_some_and(|f| f.state == OutState::AwaitPubAck)
         {
             s.inflight.remove(&r.packet_id);
+            if let Some(j) = self.journal_for(sid) {
+                j.pid_event(out, Tag::Acked, sid, r.packet_id);
+            }
             self.fill_window(sid, now, out);
         }
     }
@@ -161,10 +173,19 @@ impl Broker {
             Some(f) if f.state == OutState::AwaitPubRec && r.reason.is_error() => {
                 // The receiver refused it: the flow ends here (MQTT-4.3.3).
                 s.inflight.remove(&pid);
+                if let Some(j) = self.journal_for(sid) {
+                    j.pid_event(out, Tag::Acked, sid, pid);
+                }
                 self.fill_window(sid, now, out);
             }
             Some(f) if f.state != OutState::AwaitPubAck => {
+                let first = f.state == OutState::AwaitPubRec;
                 f.state = OutState::AwaitPubComp;
+                if first {
+                    if let Some(j) = self.journal_for(sid) {
+                        j.pid_event(out, Tag::PubRec, sid, pid);
+                    }
+                }
                 out.push(
                     conn,
                     Action::Send(Packet::PubRel(PubResp::new(pid, ReasonCode::Success))),
@@ -190,6 +211,9 @@ impl Broker {
             .is_some_and(|f| f.state == OutState::AwaitPubComp)
         {
             s.inflight.remove(&r.packet_id);
+            if let Some(j) = self.journal_for(sid) {
+                j.pid_event(out, Tag::Acked, sid, r.packet_id);
+            }
             self.fill_window(sid, now, out);
         }
     }
@@ -197,10 +221,13 @@ impl Broker {
     /// Publishes a message: stores it if retained, then routes it to every matching session.
     /// Also the entry point for in-process publishers (`$SYS`, wills, embedding programs).
     /// Returns how many sessions it was routed to.
-    pub fn publish(&mut self, msg: Message, now: Time, out: &mut Outbox) -> usize {
+    pub fn publish(&mut self, mut msg: Message, now: Time, out: &mut Outbox) -> usize {
+        msg.id = self.next_message_id;
+        self.next_message_id += 1;
         let msg = Arc::new(msg);
         if msg.retain {
             self.retained.set(msg.clone());
+            self.journal_retain(&msg, out);
         }
         let targets = self.targets(&msg);
         let routed = targets.len();
@@ -314,11 +341,11 @@ impl Broker {
             }
             (None, QoS::AtMostOnce) => {}
             (Some(_), _) if s.has_window() && s.pending.is_empty() => {
-                self.enqueue(sid, p);
+                self.enqueue(sid, p, out);
                 self.fill_window(sid, now, out);
             }
             _ => {
-                self.enqueue(sid, p);
+                self.enqueue(sid, p, out);
             }
         }
     }
@@ -329,24 +356,13 @@ impl Broker {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
-        let mut moved: Vec<Pending> = Vec::new();
-        let shared_pids: Vec<u16> = s
-            .inflight_in_order()
-            .into_iter()
-            .filter(|pid| {
-                let f = &s.inflight[pid];
-                f.pending.shared.is_some() && f.state != OutState::AwaitPubComp
-            })
-            .collect();
-        for pid in shared_pids {
-            if let Some(f) = s.inflight.remove(&pid) {
-                moved.push(f.pending);
-            }
+        let moved = s.take_shared();
+        if moved.is_empty() {
+            return;
         }
-        let (shared, keep): (Vec<Pending>, Vec<Pending>) =
-            s.pending.drain(..).partition(|p| p.shared.is_some());
-        s.pending.extend(keep);
-        moved.extend(shared);
+        if let Some(j) = self.journal_for(sid) {
+            j.session_event(out, Tag::TakeShared, sid);
+        }
         for p in moved {
             let origin = p.shared.clone().expect("only shared messages are moved");
             let sessions = &self.sessions;
@@ -363,7 +379,7 @@ impl Broker {
                 }
                 // Nobody else is there: keep it for this member's return.
                 _ => {
-                    self.enqueue(sid, p);
+                    self.enqueue(sid, p, out);
                 }
             }
         }

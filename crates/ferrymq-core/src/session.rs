@@ -77,6 +77,8 @@ pub struct Session {
     pub window: usize,
     /// A will waiting for its delay, with the time it is due.
     pub pending_will: Option<(Will, Time)>,
+    /// Whether the journal holds this session (it is durable and journaling is on).
+    pub journaled: bool,
     next_pid: PacketId,
     next_seq: u64,
 }
@@ -96,6 +98,7 @@ impl Session {
             inbound_qos2: HashSet::default(),
             window: 1,
             pending_will: None,
+            journaled: false,
             next_pid: 1,
             next_seq: 0,
         }
@@ -126,6 +129,43 @@ impl Session {
             },
         );
         pid
+    }
+
+    /// Puts `pending` in flight under a known packet id (journal replay).
+    pub(crate) fn restore_flight(&mut self, pid: PacketId, pending: Pending) {
+        let state = match pending.qos {
+            QoS::ExactlyOnce => OutState::AwaitPubRec,
+            _ => OutState::AwaitPubAck,
+        };
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.inflight.insert(
+            pid,
+            InFlight {
+                pending,
+                state,
+                seq,
+            },
+        );
+    }
+
+    /// Removes every shared-subscription message that can still go to another group member:
+    /// queued ones, and in-flight ones not yet received (PUBCOMP-pending ones stay), in order.
+    pub(crate) fn take_shared(&mut self) -> Vec<Pending> {
+        let mut moved: Vec<Pending> = Vec::new();
+        for pid in self.inflight_in_order() {
+            let f = &self.inflight[&pid];
+            if f.pending.shared.is_some() && f.state != OutState::AwaitPubComp {
+                if let Some(f) = self.inflight.remove(&pid) {
+                    moved.push(f.pending);
+                }
+            }
+        }
+        let (shared, keep): (Vec<Pending>, Vec<Pending>) =
+            self.pending.drain(..).partition(|p| p.shared.is_some());
+        self.pending.extend(keep);
+        moved.extend(shared);
+        moved
     }
 
     fn free_packet_id(&mut self) -> PacketId {

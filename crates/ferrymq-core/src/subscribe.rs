@@ -26,6 +26,7 @@ impl Broker {
         for (filter, options) in s.filters {
             match self.add_subscription(sid, &filter, options, identifier) {
                 Ok(existed) => {
+                    self.journal_subscribe(sid, &filter, out);
                     reasons.push(match options.qos {
                         QoS::AtMostOnce => ReasonCode::Success,
                         QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
@@ -148,6 +149,7 @@ impl Broker {
             match removed {
                 Some(sub) => {
                     self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                    self.journal_unsubscribe(sid, raw, out);
                     reasons.push(ReasonCode::Success);
                 }
                 None => reasons.push(ReasonCode::NoSubscriptionExisted),

@@ -683,3 +683,155 @@ fn shutdown_sends_0x8b_to_v5_clients() {
     );
     assert!(matches!(&h.take(2)[..], [Action::Close]));
 }
+
+/// Replaces the harness's engine with one rebuilt from the journal records it emitted.
+fn restart_from_journal(h: &mut Harness, log: &mut Vec<Bytes>) -> RestoreReport {
+    log.append(&mut h.out.journal);
+    let mut broker = Broker::new(BrokerConfig::default());
+    let report = broker
+        .restore(log.iter().map(|b| b.as_ref()), h.now)
+        .unwrap();
+    broker.enable_journal();
+    h.broker = broker;
+    h.out = Outbox::default();
+    report
+}
+
+#[test]
+fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessions() {
+    let mut h = Harness::new();
+    h.broker.enable_journal();
+    let mut log = Vec::new();
+    // Durable subscriber with an identifier, No Local and a QoS 1 and a QoS 2 filter.
+    let mut c = connect_packet("dev", V5, true);
+    c.properties.session_expiry_interval = Some(600);
+    h.connect(1, c);
+    let props: Properties = PropertyValues {
+        subscription_identifiers: vec![7],
+        ..Default::default()
+    }
+    .into();
+    let mut opts = sub("a/#", QoS::ExactlyOnce);
+    opts.1.no_local = true;
+    h.subscribe_with(1, vec![opts, sub("gone", QoS::AtLeastOnce)], props);
+    h.packet(
+        1,
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 2,
+            filters: vec!["gone".into()],
+            properties: Properties::default(),
+        }),
+    );
+    // A clean (expiry 0) subscriber: nothing of it survives.
+    h.connect_simple(2, "clean", V5);
+    h.subscribe(2, vec![sub("a/#", QoS::AtLeastOnce)]);
+    // Retained: one set, one set then cleared; a QoS 1 message queued while offline.
+    h.connect_simple(3, "pub", V5);
+    let mut r = publish("a/r", "kept", QoS::AtLeastOnce, 1);
+    r.retain = true;
+    h.packet(3, Packet::Publish(r));
+    let mut r2 = publish("b/r", "x", QoS::AtMostOnce, 0);
+    r2.retain = true;
+    h.packet(3, Packet::Publish(r2.clone()));
+    r2.payload = Bytes::new();
+    h.packet(3, Packet::Publish(r2));
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    h.packet(
+        3,
+        Packet::Publish(publish("a/q", "queued", QoS::AtLeastOnce, 2)),
+    );
+    // A will with a 30 s delay waiting when the process dies.
+    h.connect(4, will_connect("w", Some(30), 600));
+    h.broker.closed(ConnId(4), h.now, &mut h.out);
+    h.out.actions.clear();
+
+    h.advance(10);
+    let report = restart_from_journal(&mut h, &mut log);
+    assert_eq!(
+        report.sessions, 2,
+        "dev and w, not the clean ones: {report:?}"
+    );
+    assert_eq!(report.retained, 1);
+    // "kept" was sent to dev and never acknowledged; "queued" arrived while dev was away.
+    assert_eq!(report.queued, 2);
+    assert_eq!(report.pending_wills, 1);
+    assert_eq!(report.skipped, 0);
+
+    // The will fires 30 s after its disconnect, not 30 s after the restart.
+    h.connect_simple(9, "watch", V5);
+    h.subscribe(9, vec![sub("wills", QoS::AtLeastOnce)]);
+    h.advance(19);
+    assert!(h.payloads(9).is_empty());
+    h.advance(1);
+    assert_eq!(h.payloads(9), vec!["gone"]);
+
+    // The durable session resumes with its queue and subscriptions (id, No Local, QoS 2).
+    let mut again = connect_packet("dev", V5, false);
+    again.properties.session_expiry_interval = Some(600);
+    let ack = h.connect(1, again);
+    assert!(ack.session_present);
+    let d = h.deliveries(1);
+    assert_eq!(d.len(), 2);
+    assert_eq!(&d[0].message.payload[..], b"kept");
+    assert!(
+        d[0].dup,
+        "resent in flight message keeps its packet id and says DUP"
+    );
+    assert_eq!(&d[1].message.payload[..], b"queued");
+    assert_eq!(d[1].subscription_ids, vec![7]);
+    for d in &d {
+        h.packet(
+            1,
+            Packet::PubAck(PubResp::new(d.packet_id.unwrap(), ReasonCode::Success)),
+        );
+    }
+    h.packet(
+        1,
+        Packet::Publish(publish("a/own", "mine", QoS::AtMostOnce, 0)),
+    );
+    assert!(h.payloads(1).is_empty(), "No Local survived");
+    h.connect_simple(5, "pub2", V5);
+    h.packet(
+        5,
+        Packet::Publish(publish("gone", "x", QoS::AtLeastOnce, 1)),
+    );
+    h.packet(
+        5,
+        Packet::Publish(publish("a/z", "two", QoS::ExactlyOnce, 2)),
+    );
+    let d = h.deliveries(1);
+    assert_eq!(d.len(), 1, "unsubscribed filter stays gone");
+    assert_eq!(d[0].qos, QoS::ExactlyOnce);
+    // Retained survived, the cleared one did not.
+    h.connect_simple(6, "late", V5);
+    h.packet(
+        6,
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            filters: vec![sub("+/r", QoS::AtLeastOnce)],
+            properties: Properties::default(),
+        }),
+    );
+    assert_eq!(h.payloads(6), vec!["kept"]);
+
+    // A second restart after a checkpoint with the old log dropped gives the same state.
+    let begin = h.broker.checkpoint(&mut h.out).unwrap();
+    log.clear();
+    h.out.journal.drain(..begin);
+    h.out.actions.clear();
+    let report = restart_from_journal(&mut h, &mut log);
+    assert_eq!(report.retained, 1);
+    assert_eq!(report.sessions, 2, "dev and w: {report:?}");
+    assert_eq!(report.pending_wills, 0, "the will was published");
+    assert_eq!(report.queued, 1, "the QoS 2 message still awaits PUBREC");
+    // Session expiry counts from the disconnect: w left 30 s ago; dev was connected, so the
+    // restart disconnected it.
+    h.advance(569);
+    assert_eq!(h.broker.session_count(), 2);
+    h.advance(1);
+    assert_eq!(h.broker.session_count(), 1);
+    h.advance(29);
+    assert_eq!(h.broker.session_count(), 1);
+    h.advance(1);
+    assert_eq!(h.broker.session_count(), 0);
+}

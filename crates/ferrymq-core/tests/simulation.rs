@@ -2,7 +2,10 @@
 //! and clock jumps, run through the engine with a virtual clock. Invariants checked:
 //! - no acknowledged QoS 1/2 message is lost for a persistent session (each is delivered at
 //!   least once once the subscriber finally stays and acks everything);
-//! - no QoS 2 message reaches a subscriber twice as a new delivery (exactly once).
+//! - no QoS 2 message reaches a subscriber twice as a new delivery (exactly once);
+//! - both hold across crashes: journaling is on, and at random steps the broker is replaced by
+//!   one rebuilt from the journal alone (every connection lost), sometimes after a checkpoint
+//!   with the log before it thrown away.
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,6 +52,12 @@ struct Sim {
     publisher: u64,
     accepted: BTreeSet<u64>,
     next_msg: u64,
+    /// Every journal record so far, as the driver's log would hold them.
+    log: Vec<Bytes>,
+    crashes: u64,
+    /// QoS 2 publishes the publisher has a PUBREC for and has not released yet: on a new
+    /// connection it resends them (DUP), and the broker must not route them again.
+    unreleased: Vec<(u16, u64)>,
 }
 
 fn connect_packet(id: &str, clean: bool) -> Connect {
@@ -69,14 +78,22 @@ fn connect_packet(id: &str, clean: bool) -> Connect {
     }
 }
 
+fn sim_config() -> BrokerConfig {
+    BrokerConfig {
+        max_queued_messages: 1_000_000,
+        ..Default::default()
+    }
+}
+
 impl Sim {
     fn new() -> Sim {
-        let config = BrokerConfig {
-            max_queued_messages: 1_000_000,
-            ..Default::default()
-        };
+        let mut broker = Broker::new(sim_config());
+        broker.enable_journal();
         let mut sim = Sim {
-            broker: Broker::new(config),
+            broker,
+            log: Vec::new(),
+            crashes: 0,
+            unreleased: Vec::new(),
             now: Time(0),
             out: Outbox::default(),
             next_conn: 1,
@@ -148,13 +165,75 @@ impl Sim {
         self.pump();
     }
 
+    /// The process dies: only the journal survives. A new engine is rebuilt from it, every
+    /// client reconnects (subscribers keep their QoS 2 receive state, as a client library
+    /// does, and forget unacknowledged deliveries, which the broker resends).
+    fn crash(&mut self) {
+        self.pump();
+        let mut broker = Broker::new(sim_config());
+        let report = broker
+            .restore(self.log.iter().map(|b| b.as_ref()), self.now)
+            .expect("the journal replays");
+        assert_eq!(report.skipped, 0, "replay named unknown state: {report:?}");
+        broker.enable_journal();
+        self.broker = broker;
+        self.out = Outbox::default();
+        self.crashes += 1;
+        for s in &mut self.subs {
+            s.conn = None;
+            s.unacked.clear();
+        }
+        self.publisher = self.open("publisher", false);
+        for (pid, msg) in std::mem::take(&mut self.unreleased) {
+            let again = self.publish_packet(QoS::ExactlyOnce, pid, msg, true);
+            self.broker
+                .packet(ConnId(self.publisher), again, self.now, &mut self.out);
+        }
+        self.release_all();
+    }
+
+    fn publish_packet(&self, qos: QoS, pid: u16, msg: u64, dup: bool) -> Packet {
+        Packet::Publish(Publish {
+            dup,
+            qos,
+            retain: false,
+            topic: format!("t/{}", msg % 7),
+            packet_id: Some(pid),
+            properties: Properties::default(),
+            payload: Bytes::copy_from_slice(&msg.to_be_bytes()),
+        })
+    }
+
+    fn release_all(&mut self) {
+        for (pid, _) in std::mem::take(&mut self.unreleased) {
+            let rel = Packet::PubRel(PubResp::new(pid, ReasonCode::Success));
+            self.broker
+                .packet(ConnId(self.publisher), rel, self.now, &mut self.out);
+        }
+        self.pump();
+    }
+
+    /// A checkpoint. The log before it may be reclaimed, or kept (replay starts afresh at the
+    /// checkpoint either way).
+    fn checkpoint(&mut self, reclaim: bool) {
+        self.pump();
+        let begin = self.broker.checkpoint(&mut self.out).unwrap();
+        if reclaim {
+            self.log.clear();
+            self.out.journal.drain(..begin);
+        }
+        self.log.append(&mut self.out.journal);
+    }
+
     /// Hands every queued action to its client.
     fn pump(&mut self) {
+        self.log.append(&mut self.out.journal);
         while !self.out.actions.is_empty() {
             let actions = std::mem::take(&mut self.out.actions);
             for (conn, action) in actions {
                 self.client_receives(conn.0, action);
             }
+            self.log.append(&mut self.out.journal);
         }
     }
 
@@ -195,31 +274,21 @@ impl Sim {
         }
     }
 
-    fn publish(&mut self, qos: QoS) {
+    fn publish(&mut self, qos: QoS, defer_release: bool) {
         let msg = self.next_msg;
         self.next_msg += 1;
-        let p = Publish {
-            dup: false,
-            qos,
-            retain: false,
-            topic: format!("t/{}", msg % 7),
-            packet_id: Some((msg % 60_000) as u16 + 1),
-            properties: Properties::default(),
-            payload: Bytes::copy_from_slice(&msg.to_be_bytes()),
-        };
-        self.broker.packet(
-            ConnId(self.publisher),
-            Packet::Publish(p),
-            self.now,
-            &mut self.out,
-        );
+        let pid = (msg % 60_000) as u16 + 1;
+        let p = self.publish_packet(qos, pid, msg, false);
+        self.broker
+            .packet(ConnId(self.publisher), p, self.now, &mut self.out);
         let acked = self.out.actions.iter().any(|(c, a)| {
             c.0 == self.publisher && matches!(a, Action::Send(Packet::PubAck(r) | Packet::PubRec(r)) if !r.reason.is_error())
         });
-        if qos == QoS::ExactlyOnce {
-            let rel = Packet::PubRel(PubResp::new((msg % 60_000) as u16 + 1, ReasonCode::Success));
-            self.broker
-                .packet(ConnId(self.publisher), rel, self.now, &mut self.out);
+        if qos == QoS::ExactlyOnce && acked {
+            self.unreleased.push((pid, msg));
+            if !defer_release {
+                self.release_all();
+            }
         }
         if acked {
             self.accepted.insert(msg);
@@ -259,12 +328,20 @@ fn run(seed: u64, steps: usize) {
     let mut sim = Sim::new();
     for _ in 0..steps {
         let i = rng.below(sim.subs.len() as u64) as usize;
+        match rng.below(50) {
+            0 => sim.crash(),
+            1 => sim.checkpoint(rng.below(2) == 0),
+            _ => {}
+        }
         match rng.below(100) {
-            0..=44 => sim.publish(if rng.below(2) == 0 {
-                QoS::AtLeastOnce
-            } else {
-                QoS::ExactlyOnce
-            }),
+            0..=44 => {
+                let qos = if rng.below(2) == 0 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::ExactlyOnce
+                };
+                sim.publish(qos, rng.below(2) == 0)
+            }
             45..=69 => sim.ack_some(i, &mut rng, false),
             70..=79 => {
                 if let Some(conn) = sim.subs[i].conn.take() {
@@ -317,6 +394,7 @@ fn run(seed: u64, steps: usize) {
             s.id
         );
     }
+    assert!(sim.crashes > 0, "seed {seed}: no crash happened");
     assert!(
         sim.accepted.len() > steps / 4,
         "the run published too little to prove anything"
