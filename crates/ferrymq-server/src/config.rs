@@ -12,13 +12,58 @@ use crate::ServerError;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Where durable state will live.
+    /// Where durable state lives (the log is in `{data_dir}/log`).
     pub data_dir: PathBuf,
+    pub storage: Storage,
     pub listeners: Listeners,
     pub mqtt: Mqtt,
     pub limits: Limits,
     pub sys: Sys,
     pub log: Log,
+}
+
+/// Durability: what is written, when it is synced, how much disk it may use.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    /// false: a pure in-memory broker; nothing survives a restart.
+    pub persistence: bool,
+    /// When an acknowledged QoS 1/2 message is on disk: see [`Fsync`].
+    pub fsync: Fsync,
+    /// Milliseconds between syncs with `fsync = "interval"`.
+    pub fsync_interval_ms: u64,
+    /// A log segment is sealed and a new one started at this size.
+    pub segment_bytes: u64,
+    /// Retention: once this many bytes were written since the last checkpoint (and at least
+    /// twice that checkpoint's size), the live state is checkpointed and older segments
+    /// deleted. Disk use stays near the live state plus this plus one segment.
+    pub compact_after_bytes: u64,
+}
+
+/// When an acknowledged message is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// fdatasync before acknowledging (group commit: one sync covers every waiting writer).
+    /// Survives power loss.
+    Always,
+    /// Written to the OS before acknowledging, synced every `fsync_interval_ms`. Survives a
+    /// process crash; a power loss can lose the last interval.
+    Interval,
+    /// Written to the OS before acknowledging; the OS syncs when it likes.
+    Os,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            persistence: true,
+            fsync: Fsync::Always,
+            fsync_interval_ms: 10,
+            segment_bytes: 64 * 1024 * 1024,
+            compact_after_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -104,6 +149,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./data"),
+            storage: Storage::default(),
             listeners: Listeners::default(),
             mqtt: Mqtt::default(),
             limits: Limits::default(),
@@ -241,6 +287,28 @@ impl Config {
         if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
             return Err(invalid("listeners.http", "must differ from listeners.mqtt"));
         }
+        let st = &self.storage;
+        if st.persistence && self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if st.fsync_interval_ms == 0 || st.fsync_interval_ms > 60_000 {
+            return Err(invalid(
+                "storage.fsync_interval_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+        if st.segment_bytes < 64 * 1024 || st.segment_bytes > 1 << 32 {
+            return Err(invalid(
+                "storage.segment_bytes",
+                "must be between 65536 and 4294967296",
+            ));
+        }
+        if st.compact_after_bytes < 64 * 1024 {
+            return Err(invalid(
+                "storage.compact_after_bytes",
+                "must be at least 65536",
+            ));
+        }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -314,6 +382,23 @@ mod tests {
             err.contains("slow_consumer") || err.contains("explode"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn storage_options_parse_and_are_checked() {
+        let c = Config::parse("[storage]\nfsync = \"interval\"\nfsync_interval_ms = 5\n").unwrap();
+        assert_eq!(c.storage.fsync, Fsync::Interval);
+        assert!(c.storage.persistence, "persistence is on by default");
+        let c = Config::parse("[storage]\npersistence = false\n").unwrap();
+        assert!(!c.storage.persistence);
+        let err = Config::parse("[storage]\nsegment_bytes = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.segment_bytes"), "{err}");
+        let err = Config::parse("[storage]\nfsync = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sometimes"), "{err}");
     }
 
     #[test]

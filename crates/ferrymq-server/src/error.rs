@@ -22,4 +22,10 @@ pub enum ServerError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The data directory could not be opened or locked.
+    #[error("data directory {path}: {message}")]
+    DataDir { path: PathBuf, message: String },
+    /// The log could not be opened or replayed.
+    #[error("recovering from {path} failed: {message}")]
+    Recovery { path: PathBuf, message: String },
 }

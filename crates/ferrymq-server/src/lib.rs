@@ -15,6 +15,7 @@ pub mod config;
 mod connection;
 mod error;
 pub mod metrics;
+mod persist;
 mod router;
 
 use std::net::SocketAddr;
@@ -30,8 +31,10 @@ use tokio::task::JoinHandle;
 
 pub use config::Config;
 pub use error::ServerError;
+pub use persist::Recovered;
 
 use crate::metrics::NetMetrics;
+use crate::persist::Persistence;
 use crate::router::{Router, RouterSettings, ToRouter};
 
 /// Batches waiting for the router before readers are made to wait.
@@ -45,6 +48,8 @@ pub struct Server {
     stop_accepting: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     router_task: JoinHandle<()>,
+    recovered: Option<Recovered>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl Server {
@@ -52,14 +57,56 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
         let net = Arc::new(NetMetrics::default());
-        let broker = Broker::new(config.broker_config());
+        let mut broker = Broker::new(config.broker_config());
+        let epoch_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let settings = RouterSettings {
             max_outbound_bytes: config.limits.max_outbound_bytes,
             slow_consumer: config.limits.slow_consumer,
             sys_interval: Duration::from_secs(config.sys.interval_secs),
+            epoch_ms,
         };
+        let (persistence, recovered) = if config.storage.persistence {
+            let now = ferrymq_core::Time(epoch_ms);
+            let data_dir = config.data_dir.clone();
+            let storage = config.storage.clone();
+            // Replaying a long log is blocking work.
+            let (p, r, b) = tokio::task::spawn_blocking(move || {
+                Persistence::open(&data_dir, &storage, &mut broker, now)
+                    .map(|(p, r)| (p, r, broker))
+            })
+            .await
+            .map_err(|e| ServerError::Recovery {
+                path: config.data_dir.clone(),
+                message: e.to_string(),
+            })??;
+            broker = b;
+            let rep = &r.report;
+            tracing::info!(
+                data_dir = %config.data_dir.display(),
+                sessions = rep.sessions,
+                subscriptions = rep.subscriptions,
+                retained = rep.retained,
+                queued = rep.queued,
+                inbound_qos2 = rep.inbound_qos2,
+                pending_wills = rep.pending_wills,
+                records = rep.records,
+                log_bytes = r.log_bytes,
+                truncated_bytes = r.truncated_bytes,
+                took_ms = r.millis as u64,
+                fsync = ?config.storage.fsync,
+                "recovered durable state"
+            );
+            (Some(p), Some(r))
+        } else {
+            tracing::info!("persistence is off: nothing will survive a restart");
+            (None, None)
+        };
+        let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
-        let router_task = tokio::spawn(Router::new(broker, net.clone(), settings).run(rx));
+        let router = Router::new(broker, net.clone(), settings, persistence, fatal_tx);
+        let router_task = tokio::spawn(router.run(rx));
 
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -109,7 +156,27 @@ impl Server {
             stop_accepting,
             tasks: vec![accept, admin],
             router_task,
+            recovered,
+            fatal,
         })
+    }
+
+    /// What was recovered from the data directory at start (None without persistence).
+    pub fn recovered(&self) -> Option<&Recovered> {
+        self.recovered.as_ref()
+    }
+
+    /// Resolves if the server stops on its own (the log failed), with the reason.
+    pub async fn failed(&self) -> String {
+        let mut fatal = self.fatal.clone();
+        let reason = match fatal.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {

@@ -36,6 +36,10 @@ pub struct EngineSnapshot {
     pub sessions: usize,
     pub subscriptions: usize,
     pub retained: usize,
+    /// Bytes of log segments on disk (0 without persistence).
+    pub storage_disk_bytes: u64,
+    /// Actions waiting for their journal records to be durable.
+    pub storage_held_actions: usize,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
@@ -103,6 +107,20 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
         "gauge",
         "Retained messages stored.",
         &[("", e.retained as u64)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_storage_disk_bytes",
+        "gauge",
+        "Bytes of log segments on disk.",
+        &[("", e.storage_disk_bytes)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_storage_held_actions",
+        "gauge",
+        "Packets waiting for their journal records to be durable before they are sent.",
+        &[("", e.storage_held_actions as u64)],
     );
     metric(
         &mut o,

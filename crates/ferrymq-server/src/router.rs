@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
+use crate::persist::Persistence;
 
 /// Messages from connection tasks (and the admin side) to the router.
 pub(crate) enum ToRouter {
@@ -91,6 +92,9 @@ pub(crate) struct RouterSettings {
     pub max_outbound_bytes: usize,
     pub slow_consumer: SlowConsumer,
     pub sys_interval: Duration,
+    /// Wall-clock milliseconds at `started`: engine time is wall-clock based so that times
+    /// in the journal (expiry, will delays) mean the same after a restart.
+    pub epoch_ms: u64,
 }
 
 pub(crate) struct Router {
@@ -103,11 +107,22 @@ pub(crate) struct Router {
     touched: Vec<ConnId>,
     /// Connections closed in the current dispatch, kept until their last wake-up.
     closing: HashMap<ConnId, Arc<Outbound>>,
+    persist: Option<Persistence>,
+    /// Set when the router stops on its own (the log failed).
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Router {
-    pub(crate) fn new(broker: Broker, net: Arc<NetMetrics>, settings: RouterSettings) -> Router {
+    pub(crate) fn new(
+        broker: Broker,
+        net: Arc<NetMetrics>,
+        settings: RouterSettings,
+        persist: Option<Persistence>,
+        fatal: tokio::sync::watch::Sender<Option<String>>,
+    ) -> Router {
         Router {
+            persist,
+            fatal,
             broker,
             conns: HashMap::new(),
             net,
@@ -120,21 +135,29 @@ impl Router {
     }
 
     fn now(&self) -> Time {
-        Time(self.started.elapsed().as_millis() as u64)
+        Time(self.settings.epoch_ms + self.started.elapsed().as_millis() as u64)
     }
 
     /// Runs until a `Shutdown` arrives or every sender is gone.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>) {
         let mut batch = Vec::with_capacity(256);
         let mut next_sys = Instant::now();
+        let durable = self.persist.as_ref().map(|p| p.durable.clone());
         loop {
             let deadline = self.next_wakeup(next_sys);
+            let stored = async {
+                match &durable {
+                    Some(d) => d.notify.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => {
                     if n == 0 {
                         return;
                     }
                 }
+                _ = stored => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
             let now = self.now();
@@ -152,12 +175,36 @@ impl Router {
             }
             if let Some(done) = shutdown {
                 self.broker.shutdown(now, &mut self.out);
+                if let Some(mut p) = self.persist.take() {
+                    p.after_step(&mut self.broker, &mut self.out);
+                    p.finish(&mut self.out);
+                }
                 self.dispatch();
                 let _ = done.send(());
                 return;
             }
+            if let Err(e) = self.store() {
+                tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
+                self.persist = None;
+                self.out.actions.clear();
+                self.broker.shutdown(now, &mut self.out);
+                self.out.journal.clear();
+                self.dispatch();
+                let _ = self.fatal.send(Some(e));
+                return;
+            }
             self.dispatch();
         }
+    }
+
+    /// Hands this step's journal records to the log and holds back what must wait for them;
+    /// puts back into `out` every held action that is now durable, oldest first.
+    fn store(&mut self) -> Result<(), String> {
+        let Some(p) = self.persist.as_mut() else {
+            return Ok(());
+        };
+        p.after_step(&mut self.broker, &mut self.out);
+        p.release(&mut self.out)
     }
 
     fn next_wakeup(&self, next_sys: Instant) -> Instant {
@@ -203,6 +250,8 @@ impl Router {
                     sessions: self.broker.session_count(),
                     subscriptions: self.broker.subscription_count(),
                     retained: self.broker.retained_count(),
+                    storage_disk_bytes: self.persist.as_ref().map_or(0, |p| p.disk_bytes()),
+                    storage_held_actions: self.persist.as_ref().map_or(0, |p| p.held_actions()),
                 });
             }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),

@@ -13,6 +13,9 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryS
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::{Log, Offset, StoreError};
@@ -32,9 +35,13 @@ pub enum FsyncPolicy {
 /// Called once with the offset of the first record, or the error that stopped the log.
 pub type Done = Box<dyn FnOnce(Result<Offset, StoreError>) + Send>;
 
-struct Request {
-    records: Vec<Bytes>,
-    done: Done,
+enum Request {
+    Append {
+        records: Vec<Bytes>,
+        done: Done,
+    },
+    /// Delete sealed segments wholly below this offset (after the appends queued before it).
+    Reclaim(Offset),
 }
 
 /// Counters of the commit thread, for metrics.
@@ -49,19 +56,36 @@ pub struct CommitStats {
 pub struct GroupCommit {
     tx: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<(Log, CommitStats)>>,
+    disk_bytes: Arc<AtomicU64>,
 }
 
 impl GroupCommit {
     /// Starts the commit thread, which takes ownership of `log`.
     pub fn start(log: Log, policy: FsyncPolicy, queue_depth: usize) -> GroupCommit {
         let (tx, rx) = sync_channel(queue_depth.max(1));
+        let disk_bytes = Arc::new(AtomicU64::new(log.disk_bytes()));
+        let shared = disk_bytes.clone();
         let thread = std::thread::Builder::new()
             .name("ferrymq-commit".into())
-            .spawn(move || run(log, policy, rx))
+            .spawn(move || run(log, policy, rx, &shared))
             .ok();
         GroupCommit {
             tx: Some(tx),
             thread,
+            disk_bytes,
+        }
+    }
+
+    /// Bytes of segment data on disk, as of the last write or reclaim.
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_bytes.load(Relaxed)
+    }
+
+    /// Deletes sealed segments whose records are all below `offset`, after every append
+    /// queued before this call. Blocks while the queue is full.
+    pub fn reclaim_before(&self, offset: Offset) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Request::Reclaim(offset));
         }
     }
 
@@ -72,8 +96,10 @@ impl GroupCommit {
             done(Err(StoreError::Stopped));
             return;
         };
-        if let Err(e) = tx.send(Request { records, done }) {
-            (e.0.done)(Err(StoreError::Stopped));
+        if let Err(e) = tx.send(Request::Append { records, done }) {
+            if let Request::Append { done, .. } = e.0 {
+                done(Err(StoreError::Stopped));
+            }
         }
     }
 
@@ -82,9 +108,12 @@ impl GroupCommit {
         let Some(tx) = &self.tx else {
             return Err((records, done));
         };
-        match tx.try_send(Request { records, done }) {
+        match tx.try_send(Request::Append { records, done }) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => Err((r.records, r.done)),
+            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => match r {
+                Request::Append { records, done } => Err((records, done)),
+                Request::Reclaim(_) => unreachable!("only appends are sent here"),
+            },
         }
     }
 
@@ -104,7 +133,12 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run(mut log: Log, policy: FsyncPolicy, rx: Receiver<Request>) -> (Log, CommitStats) {
+fn run(
+    mut log: Log,
+    policy: FsyncPolicy,
+    rx: Receiver<Request>,
+    disk_bytes: &AtomicU64,
+) -> (Log, CommitStats) {
     let mut stats = CommitStats::default();
     let mut waiting: Vec<(Offset, Done)> = Vec::new();
     let mut last_sync = Instant::now();
@@ -127,33 +161,42 @@ fn run(mut log: Log, policy: FsyncPolicy, rx: Receiver<Request>) -> (Log, Commit
                 Err(_) => break,
             },
         };
-        let mut batch: Vec<Request> = first.into_iter().collect();
-        // Everything already waiting joins this group.
-        while batch.len() < 4096 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        let mut batch: Vec<(Vec<Bytes>, Done)> = Vec::new();
+        let mut reclaim = None;
+        // Everything already waiting joins this group, up to a reclaim request, which runs
+        // after the group is written and synced.
+        let mut next = first;
+        while let Some(r) = next.take() {
+            match r {
+                Request::Append { records, done } => batch.push((records, done)),
+                Request::Reclaim(offset) => {
+                    reclaim = Some(offset);
+                    break;
+                }
+            }
+            if batch.len() < 4096 {
+                next = rx.try_recv().ok();
             }
         }
         // The whole group goes out as one batch: one write, one frame, one checksum.
         stats.appends += batch.len() as u64;
         let refs: Vec<&[u8]> = batch
             .iter()
-            .flat_map(|r| r.records.iter().map(|b| b.as_ref()))
+            .flat_map(|(records, _)| records.iter().map(|b| b.as_ref()))
             .collect();
-        let counts: Vec<u64> = batch.iter().map(|r| r.records.len() as u64).collect();
+        let counts: Vec<u64> = batch.iter().map(|(r, _)| r.len() as u64).collect();
         match log.append(&refs) {
             Ok(base) => {
                 let mut next = base.0;
-                for (req, n) in batch.into_iter().zip(counts) {
-                    waiting.push((Offset(next), req.done));
+                for ((_, done), n) in batch.into_iter().zip(counts) {
+                    waiting.push((Offset(next), done));
                     next += n;
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
-                for req in batch {
-                    (req.done)(Err(StoreError::SyncFailed(msg.clone())));
+                for (_, done) in batch {
+                    done(Err(StoreError::SyncFailed(msg.clone())));
                 }
             }
         }
@@ -181,7 +224,19 @@ fn run(mut log: Log, policy: FsyncPolicy, rx: Receiver<Request>) -> (Log, Commit
         for (offset, done) in waiting.drain(..) {
             done(Ok(offset));
         }
+        if let Some(offset) = reclaim {
+            if let Err(e) = log.reclaim_before(offset) {
+                tracing_free_warn(&e);
+            }
+        }
+        disk_bytes.store(log.disk_bytes(), Relaxed);
     }
     let _ = log.sync();
     (log, stats)
+}
+
+/// A failed reclaim leaves files behind (disk use, not data, is at stake); the next reclaim
+/// retries. The store has no logging dependency, so it goes to stderr.
+fn tracing_free_warn(e: &StoreError) {
+    eprintln!("ferrymq-store: reclaiming segments failed: {e}");
 }

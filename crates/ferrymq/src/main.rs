@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferrymq_server::config::LogFormat;
+use ferrymq_server::config::{Fsync, LogFormat};
 use ferrymq_server::{Config, Server};
 
 #[derive(Parser)]
@@ -61,6 +61,12 @@ struct ServeArgs {
     /// Data directory.
     #[arg(long, env = "FERRYMQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Run without persistence (a pure in-memory broker; nothing survives a restart).
+    #[arg(long, env = "FERRYMQ_IN_MEMORY")]
+    in_memory: bool,
+    /// When acknowledged messages are on disk: always (fdatasync, group commit), interval, os.
+    #[arg(long, env = "FERRYMQ_FSYNC", value_parser = ["always", "interval", "os"])]
+    fsync: Option<String>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "FERRYMQ_LOG_LEVEL")]
     log_level: Option<String>,
@@ -109,6 +115,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
+    if args.in_memory {
+        config.storage.persistence = false;
+    }
+    match args.fsync.as_deref() {
+        Some("always") => config.storage.fsync = Fsync::Always,
+        Some("interval") => config.storage.fsync = Fsync::Interval,
+        Some("os") => config.storage.fsync = Fsync::Os,
+        _ => {}
+    }
     if let Some(l) = args.log_level {
         config.log.level = l;
     }
@@ -123,10 +138,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(&config)?;
     runtime()?.block_on(async move {
         let server = Server::start(config).await?;
-        wait_for_signal().await?;
+        let failure = tokio::select! {
+            r = wait_for_signal() => { r?; None }
+            reason = server.failed() => Some(reason),
+        };
         tracing::info!("shutting down");
         server.shutdown().await;
-        Ok(())
+        match failure {
+            Some(reason) => Err(anyhow::anyhow!("stopped: storage failed: {reason}")),
+            None => Ok(()),
+        }
     })
 }
 

@@ -11,11 +11,25 @@ use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// A fresh, empty data directory for one server, under cargo's scratch space.
+pub fn fresh_data_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("ferrymq-it-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Loopback, ephemeral ports, no `$SYS`, and persistence on (the default) in a fresh data
+/// directory, so every integration test also runs through the durable path.
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.listeners.mqtt = "127.0.0.1:0".parse().unwrap();
     c.listeners.http = "127.0.0.1:0".parse().unwrap();
     c.sys.interval_secs = 0;
+    c.data_dir = fresh_data_dir();
     c
 }
 
