@@ -1,0 +1,421 @@
+//! Crash test: a real `ferrymq serve` process is killed with SIGKILL at random moments while a
+//! QoS 1 publisher, a QoS 2 publisher and a persistent-session subscriber run against it, and
+//! restarted on the same data directory each time. At the end:
+//! - every QoS 1 message whose PUBACK reached its publisher was delivered at least once;
+//! - every QoS 2 message whose PUBCOMP reached its publisher was delivered exactly once, and
+//!   no QoS 2 message was delivered twice;
+//! - the subscriber's session was present after every restart.
+//!
+//! `FERRYMQ_CRASH_CYCLES` sets the number of kills (20 by default; `scripts/crash-test.sh`
+//! runs 100). `FERRYMQ_CRASH_SEED` replays a run.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrymq_client::{Client, ConnectOptions};
+use ferrymq_mqtt::{Packet, Properties, PubResp, Publish, QoS, ReasonCode, SubscriptionOptions};
+
+/// What the clients saw, shared with the checker.
+#[derive(Default)]
+struct Ledger {
+    acked_qos1: HashSet<u64>,
+    acked_qos2: HashSet<u64>,
+    /// Deliveries to the subscriber's application, per message.
+    received: HashMap<u64, u32>,
+    session_lost: u64,
+    reconnects: u64,
+}
+
+struct Shared {
+    addr: String,
+    ledger: Mutex<Ledger>,
+    /// Publishers stop starting new messages (they still finish what is in flight).
+    stop_new: AtomicBool,
+    /// Everything ends.
+    done: AtomicBool,
+    unacked: [AtomicU64; 2],
+}
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_broker(mqtt: u16, http: u16, data: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .args(["serve", "--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("ferrymq starts")
+}
+
+fn wait_listening(mqtt: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
+        assert!(Instant::now() < deadline, "broker did not come back");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn options(addr: &str, id: &str, clean: bool) -> ConnectOptions {
+    let mut o = ConnectOptions::new(addr, id);
+    o.clean_start = clean;
+    o.properties.session_expiry_interval = Some(3600);
+    o.timeout = Duration::from_secs(2);
+    o
+}
+
+async fn connect(shared: &Shared, id: &str, first: &mut bool) -> Option<(Client, bool)> {
+    loop {
+        if shared.done.load(Relaxed) {
+            return None;
+        }
+        match Client::connect(options(&shared.addr, id, *first)).await {
+            Ok((c, ack)) => {
+                let present = ack.session_present;
+                *first = false;
+                return Some((c, present));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+fn message(topic: &str, qos: QoS, pid: u16, id: u64, dup: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: Some(pid),
+        properties: Properties::default(),
+        payload: Bytes::copy_from_slice(&id.to_be_bytes()),
+    })
+}
+
+/// Where an unacknowledged publish is.
+#[derive(Clone, Copy, PartialEq)]
+enum Stage {
+    Sent,
+    /// QoS 2: PUBREC received, PUBREL sent.
+    Released,
+}
+
+/// A publisher with a window of 16 that, after every reconnect, resends what is unacked with
+/// its original packet id (PUBLISH with DUP, or PUBREL), as MQTT-4.4.0-1 requires.
+async fn publisher(shared: Arc<Shared>, qos: QoS) {
+    let (id, base, slot) = match qos {
+        QoS::ExactlyOnce => ("crash-pub2", 1u64 << 40, 1),
+        _ => ("crash-pub1", 0, 0),
+    };
+    let topic = format!("crash/{}", qos as u8);
+    let mut inflight: HashMap<u16, (u64, Stage)> = HashMap::new();
+    let mut next_id = base;
+    let mut next_pid: u16 = 1;
+    let mut first = true;
+    'connection: loop {
+        let Some((mut c, _)) = connect(&shared, id, &mut first).await else {
+            return;
+        };
+        let mut order: Vec<(&u16, &(u64, Stage))> = inflight.iter().collect();
+        order.sort_by_key(|(_, (m, _))| *m);
+        for (pid, (m, stage)) in order {
+            let p = match stage {
+                Stage::Sent => message(&topic, qos, *pid, *m, true),
+                Stage::Released => Packet::PubRel(PubResp::new(*pid, ReasonCode::Success)),
+            };
+            if c.queue(&p).is_err() {
+                continue 'connection;
+            }
+        }
+        loop {
+            if shared.done.load(Relaxed) {
+                return;
+            }
+            while inflight.len() < 16 && !shared.stop_new.load(Relaxed) {
+                while inflight.contains_key(&next_pid) {
+                    next_pid = next_pid.wrapping_add(1).max(1);
+                }
+                let pid = next_pid;
+                next_pid = next_pid.wrapping_add(1).max(1);
+                inflight.insert(pid, (next_id, Stage::Sent));
+                if c.queue(&message(&topic, qos, pid, next_id, false)).is_err() {
+                    continue 'connection;
+                }
+                next_id += 1;
+            }
+            shared.unacked[slot].store(inflight.len() as u64, Relaxed);
+            if c.flush().await.is_err() {
+                continue 'connection;
+            }
+            let packet = match tokio::time::timeout(Duration::from_millis(200), c.recv()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => continue 'connection,
+                Err(_) => continue,
+            };
+            match packet {
+                Packet::PubAck(r) => {
+                    if let Some((m, _)) = inflight.remove(&r.packet_id) {
+                        assert_eq!(r.reason, ReasonCode::Success);
+                        shared.ledger.lock().unwrap().acked_qos1.insert(m);
+                    }
+                }
+                Packet::PubRec(r) => {
+                    if let Some(entry) = inflight.get_mut(&r.packet_id) {
+                        assert_eq!(r.reason, ReasonCode::Success);
+                        entry.1 = Stage::Released;
+                    }
+                    let rel = Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::Success));
+                    if c.queue(&rel).is_err() {
+                        continue 'connection;
+                    }
+                }
+                Packet::PubComp(r) => {
+                    if let Some((m, Stage::Released)) = inflight.get(&r.packet_id).copied() {
+                        inflight.remove(&r.packet_id);
+                        shared.ledger.lock().unwrap().acked_qos2.insert(m);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A persistent-session subscriber: QoS 1 counted on every delivery, QoS 2 on first receipt
+/// of a packet id until its PUBREL (the receiver's half of exactly once).
+async fn subscriber(shared: Arc<Shared>, subscribed: Arc<AtomicBool>) {
+    let mut awaiting_rel: HashSet<u16> = HashSet::new();
+    let mut first = true;
+    'connection: loop {
+        let Some((mut c, present)) = connect(&shared, "crash-sub", &mut first).await else {
+            return;
+        };
+        if subscribed.load(Relaxed) {
+            let mut l = shared.ledger.lock().unwrap();
+            l.reconnects += 1;
+            if !present {
+                l.session_lost += 1;
+            }
+        } else {
+            let o = SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                ..Default::default()
+            };
+            if c.subscribe(vec![("crash/#".into(), o)], Properties::default())
+                .await
+                .is_err()
+            {
+                first = true;
+                continue;
+            }
+            subscribed.store(true, Relaxed);
+        }
+        loop {
+            if shared.done.load(Relaxed) {
+                return;
+            }
+            let packet = match tokio::time::timeout(Duration::from_millis(200), c.recv()).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => continue 'connection,
+                Err(_) => continue,
+            };
+            match packet {
+                Packet::Publish(p) => {
+                    let m = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+                    let pid = p.packet_id.unwrap_or(0);
+                    let new = p.qos != QoS::ExactlyOnce || awaiting_rel.insert(pid);
+                    if new {
+                        *shared.ledger.lock().unwrap().received.entry(m).or_default() += 1;
+                    }
+                    if c.queue_ack(&p).is_err() {
+                        continue 'connection;
+                    }
+                }
+                Packet::PubRel(r) => {
+                    awaiting_rel.remove(&r.packet_id);
+                    if c.queue_pubcomp(r.packet_id).is_err() {
+                        continue 'connection;
+                    }
+                }
+                _ => {}
+            }
+            if c.flush().await.is_err() {
+                continue 'connection;
+            }
+        }
+    }
+}
+
+fn data_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn acknowledged_messages_survive_sigkill() {
+    let cycles: u64 = std::env::var("FERRYMQ_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("FERRYMQ_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("crash test: {cycles} cycles, FERRYMQ_CRASH_SEED={seed}");
+    let mut rng = Rng(seed | 1);
+    let (mqtt, http) = (free_port(), free_port());
+    let data = data_dir();
+    let mut broker = start_broker(mqtt, http, &data);
+    wait_listening(mqtt);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = Arc::new(Shared {
+        addr: format!("127.0.0.1:{mqtt}"),
+        ledger: Mutex::new(Ledger::default()),
+        stop_new: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+        unacked: [AtomicU64::new(0), AtomicU64::new(0)],
+    });
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let sub = rt.spawn(subscriber(shared.clone(), subscribed.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !subscribed.load(Relaxed) {
+        assert!(Instant::now() < deadline, "subscriber never subscribed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pubs = [
+        rt.spawn(publisher(shared.clone(), QoS::AtLeastOnce)),
+        rt.spawn(publisher(shared.clone(), QoS::ExactlyOnce)),
+    ];
+
+    let started = Instant::now();
+    for _ in 0..cycles {
+        std::thread::sleep(Duration::from_millis(50 + rng.below(450)));
+        broker.kill().unwrap(); // SIGKILL
+        broker.wait().unwrap();
+        broker = start_broker(mqtt, http, &data);
+        wait_listening(mqtt);
+    }
+    // Let the last incarnation run, then drain: no new messages, finish what is in flight.
+    std::thread::sleep(Duration::from_millis(300));
+    shared.stop_new.store(true, Relaxed);
+    let drained = |s: &Shared| {
+        let l = s.ledger.lock().unwrap();
+        s.unacked[0].load(Relaxed) == 0
+            && s.unacked[1].load(Relaxed) == 0
+            && l.acked_qos1.iter().all(|m| l.received.contains_key(m))
+            && l.acked_qos2.iter().all(|m| l.received.contains_key(m))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !drained(&shared) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    shared.done.store(true, Relaxed);
+    rt.block_on(async {
+        let _ = sub.await;
+        for p in pubs {
+            let _ = p.await;
+        }
+    });
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+
+    let l = shared.ledger.lock().unwrap();
+    let lost1: Vec<&u64> = l
+        .acked_qos1
+        .iter()
+        .filter(|m| !l.received.contains_key(m))
+        .collect();
+    let lost2: Vec<&u64> = l
+        .acked_qos2
+        .iter()
+        .filter(|m| !l.received.contains_key(m))
+        .collect();
+    let twice2: Vec<(&u64, &u32)> = l
+        .received
+        .iter()
+        .filter(|(m, n)| **m >= 1 << 40 && **n > 1)
+        .collect();
+    let redelivered1: u64 = l
+        .received
+        .iter()
+        .filter(|(m, _)| **m < 1 << 40)
+        .map(|(_, n)| u64::from(n - 1))
+        .sum();
+    println!(
+        "crash test: {cycles} kills in {:.1} s; acknowledged QoS 1: {}, QoS 2: {}; \
+         lost QoS 1: {}, lost QoS 2: {}, QoS 2 delivered twice: {}; QoS 1 redeliveries: {}; \
+         subscriber reconnects: {}, sessions lost: {}",
+        started.elapsed().as_secs_f64(),
+        l.acked_qos1.len(),
+        l.acked_qos2.len(),
+        lost1.len(),
+        lost2.len(),
+        twice2.len(),
+        redelivered1,
+        l.reconnects,
+        l.session_lost,
+    );
+    assert!(
+        lost1.is_empty(),
+        "acknowledged QoS 1 messages lost: {lost1:?}"
+    );
+    assert!(
+        lost2.is_empty(),
+        "acknowledged QoS 2 messages lost: {lost2:?}"
+    );
+    assert!(
+        twice2.is_empty(),
+        "QoS 2 messages delivered twice: {twice2:?}"
+    );
+    assert_eq!(l.session_lost, 0, "the subscriber's session was lost");
+    assert!(
+        l.reconnects >= cycles,
+        "the subscriber reconnected {} times for {cycles} kills",
+        l.reconnects
+    );
+    assert!(
+        l.acked_qos1.len() as u64 > cycles * 10 && l.acked_qos2.len() as u64 > cycles * 10,
+        "too little traffic to prove anything"
+    );
+}
