@@ -106,7 +106,7 @@ pub struct Outbox {
     pub actions: Vec<(ConnId, Action)>,
     /// Journal records (when journaling is on). None of `actions` may reach a client before
     /// these are durable.
-    pub journal: Vec<bytes::Bytes>,
+    pub journal: crate::JournalBuf,
     /// Connections the engine ended for breaking a rule, with the reason, for the driver's log.
     pub violations: Vec<(ConnId, ReasonCode)>,
 }

@@ -137,6 +137,70 @@ pub struct RestoreReport {
     pub pending_wills: usize,
     /// Records that named a session or message no longer there (harmless; counted).
     pub skipped: u64,
+    /// The log ended inside a checkpoint (a crash while writing it); it was ignored.
+    pub incomplete_checkpoint: bool,
+}
+
+/// Journal records of one or more engine calls, each framed as `length u32 | record`: the
+/// framing the log's batch body uses, so the driver hands the bytes over without re-framing
+/// or a per-record allocation.
+#[derive(Debug, Default)]
+pub struct JournalBuf {
+    framed: BytesMut,
+    count: u64,
+}
+
+impl JournalBuf {
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Records held.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// Framed bytes held.
+    pub fn bytes(&self) -> usize {
+        self.framed.len()
+    }
+
+    /// Takes every record: the framed bytes and how many records they hold.
+    pub fn take(&mut self) -> (bytes::Bytes, u64) {
+        let count = std::mem::take(&mut self.count);
+        (self.framed.split().freeze(), count)
+    }
+
+    /// The records, in order.
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = &self.framed[..];
+        std::iter::from_fn(move || {
+            if rest.len() < 4 {
+                return None;
+            }
+            let n = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let (record, tail) = rest[4..].split_at(n.min(rest.len() - 4));
+            rest = tail;
+            Some(record)
+        })
+    }
+
+    pub fn clear(&mut self) {
+        self.framed.clear();
+        self.count = 0;
+    }
+
+    fn push(&mut self, write: impl FnOnce(&mut BytesMut)) {
+        if self.framed.capacity() - self.framed.len() < 512 {
+            self.framed.reserve(64 * 1024);
+        }
+        let at = self.framed.len();
+        self.framed.put_u32(0);
+        write(&mut self.framed);
+        let len = (self.framed.len() - at - 4) as u32;
+        self.framed[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        self.count += 1;
+    }
 }
 
 /// Journal state kept by the engine while journaling is on.
@@ -145,23 +209,15 @@ pub(crate) struct Journal {
     /// Current generation: a message is in the log since the last checkpoint iff its mark
     /// equals this.
     generation: u64,
-    buf: BytesMut,
 }
 
 impl Journal {
     fn new() -> Journal {
-        Journal {
-            generation: 1,
-            buf: BytesMut::with_capacity(4096),
-        }
+        Journal { generation: 1 }
     }
 
     fn record(&mut self, out: &mut Outbox, write: impl FnOnce(&mut BytesMut)) {
-        if self.buf.capacity() < 512 {
-            self.buf.reserve(64 * 1024);
-        }
-        write(&mut self.buf);
-        out.journal.push(self.buf.split().freeze());
+        out.journal.push(write);
     }
 
     /// A per-session event keyed by packet id (`Flight`, `PubRec`, `Acked`, `Qos2In`,
@@ -387,8 +443,9 @@ impl Broker {
 
     /// Writes the whole durable state as one checkpoint. The driver must append the records
     /// of this call as one batch; once it is durable, everything before `CheckpointBegin` is
-    /// no longer needed. Returns the index in `out.journal` of `CheckpointBegin`.
-    pub fn checkpoint(&mut self, out: &mut Outbox) -> Option<usize> {
+    /// no longer needed. Returns how many records `out.journal` held before
+    /// `CheckpointBegin`.
+    pub fn checkpoint(&mut self, out: &mut Outbox) -> Option<u64> {
         let j = self.journal.as_mut()?;
         j.generation += 1;
         let begin = out.journal.len();
@@ -602,9 +659,20 @@ fn decode_message(f: &mut Fields<'_>) -> Result<Message, JournalError> {
     Ok(m)
 }
 
+/// The state a checkpoint replaces, kept until its `CheckpointEnd` is read: a checkpoint
+/// too large for one log batch can be cut short by a crash, and then the state before it
+/// (still in the log, as nothing is reclaimed before a checkpoint is durable) stands.
+struct Saved {
+    sessions: HashMap<SessionId, Session>,
+    by_client_id: std::collections::HashMap<Arc<str>, SessionId>,
+    subs: crate::SubscriptionTree,
+    retained: crate::RetainedStore,
+}
+
 /// Replay state that only lives during [`Broker::restore`].
 #[derive(Default)]
 struct Replay {
+    saved: Option<Saved>,
     messages: HashMap<u64, Arc<Message>>,
     /// The will message read just before its `Will` record.
     last_will: Option<Message>,
@@ -628,6 +696,14 @@ impl Broker {
             };
             self.apply(&mut f, &mut replay)?;
             replay.report.records += 1;
+        }
+        if let Some(saved) = replay.saved.take() {
+            // The log ends inside a checkpoint: the state before it stands.
+            self.sessions = saved.sessions;
+            self.by_client_id = saved.by_client_id;
+            self.subs = saved.subs;
+            self.retained = saved.retained;
+            replay.report.incomplete_checkpoint = true;
         }
         let mut r = replay.report;
         // Sessions connected at the crash were disconnected by it.
@@ -879,17 +955,19 @@ impl Broker {
             Tag::CheckpointBegin => {
                 let next_session = f.u64()?;
                 let next_msg = f.u64()?;
-                // The checkpoint holds the whole state: start from nothing.
-                let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
-                for sid in ids {
-                    self.drop_session(sid);
-                }
-                self.retained = Default::default();
+                // The checkpoint holds the whole state: start from nothing, keeping the old
+                // state until the checkpoint is known whole.
+                r.saved = Some(Saved {
+                    sessions: std::mem::take(&mut self.sessions),
+                    by_client_id: std::mem::take(&mut self.by_client_id),
+                    subs: std::mem::take(&mut self.subs),
+                    retained: std::mem::take(&mut self.retained),
+                });
                 r.messages.clear();
                 self.next_session = self.next_session.max(next_session);
                 self.next_message_id = self.next_message_id.max(next_msg);
             }
-            Tag::CheckpointEnd => {}
+            Tag::CheckpointEnd => r.saved = None,
         }
         Ok(())
     }

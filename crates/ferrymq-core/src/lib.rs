@@ -30,7 +30,7 @@ mod trie;
 
 pub use broker::{Action, Broker, ConnectOutcome, Delivery, Outbox, Stats};
 pub use config::BrokerConfig;
-pub use journal::{JournalError, RestoreReport};
+pub use journal::{JournalBuf, JournalError, RestoreReport};
 pub use message::Message;
 pub use retained::RetainedStore;
 pub use trie::{Lookup, Matches, SharedGroup, SubEntry, SubscriptionTree};

@@ -685,8 +685,9 @@ fn shutdown_sends_0x8b_to_v5_clients() {
 }
 
 /// Replaces the harness's engine with one rebuilt from the journal records it emitted.
-fn restart_from_journal(h: &mut Harness, log: &mut Vec<Bytes>) -> RestoreReport {
-    log.append(&mut h.out.journal);
+fn restart_from_journal(h: &mut Harness, log: &mut Vec<Vec<u8>>) -> RestoreReport {
+    log.extend(h.out.journal.records().map(|r| r.to_vec()));
+    h.out.journal.clear();
     let mut broker = Broker::new(BrokerConfig::default());
     let report = broker
         .restore(log.iter().map(|b| b.as_ref()), h.now)
@@ -817,7 +818,14 @@ fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessio
     // A second restart after a checkpoint with the old log dropped gives the same state.
     let begin = h.broker.checkpoint(&mut h.out).unwrap();
     log.clear();
-    h.out.journal.drain(..begin);
+    log.extend(
+        h.out
+            .journal
+            .records()
+            .skip(begin as usize)
+            .map(|r| r.to_vec()),
+    );
+    h.out.journal.clear();
     h.out.actions.clear();
     let report = restart_from_journal(&mut h, &mut log);
     assert_eq!(report.retained, 1);
@@ -834,4 +842,38 @@ fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessio
     assert_eq!(h.broker.session_count(), 1);
     h.advance(1);
     assert_eq!(h.broker.session_count(), 0);
+}
+
+#[test]
+fn a_checkpoint_cut_short_by_a_crash_is_ignored() {
+    let mut h = Harness::new();
+    h.broker.enable_journal();
+    let mut c = connect_packet("dev", V5, true);
+    c.properties.session_expiry_interval = Some(600);
+    h.connect(1, c);
+    h.subscribe(1, vec![sub("t", QoS::AtLeastOnce)]);
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    h.connect_simple(2, "pub", V5);
+    for i in 1..=3 {
+        h.packet(2, Packet::Publish(publish("t", "m", QoS::AtLeastOnce, i)));
+    }
+    let mut log: Vec<Vec<u8>> = h.out.journal.records().map(|r| r.to_vec()).collect();
+    h.out.journal.clear();
+    h.broker.checkpoint(&mut h.out).unwrap();
+    let checkpoint: Vec<Vec<u8>> = h.out.journal.records().map(|r| r.to_vec()).collect();
+    // The crash came after CheckpointBegin and the session, before its queue and the end.
+    log.extend(checkpoint[..2].iter().cloned());
+    let mut broker = Broker::new(BrokerConfig::default());
+    let r = broker
+        .restore(log.iter().map(|b| b.as_slice()), h.now)
+        .unwrap();
+    assert!(r.incomplete_checkpoint);
+    assert_eq!((r.sessions, r.subscriptions, r.queued), (1, 1, 3), "{r:?}");
+    // The whole checkpoint alone gives the same state.
+    let mut broker = Broker::new(BrokerConfig::default());
+    let r = broker
+        .restore(checkpoint.iter().map(|b| b.as_slice()), h.now)
+        .unwrap();
+    assert!(!r.incomplete_checkpoint);
+    assert_eq!((r.sessions, r.subscriptions, r.queued), (1, 1, 3), "{r:?}");
 }

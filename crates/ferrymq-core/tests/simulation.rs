@@ -53,7 +53,7 @@ struct Sim {
     accepted: BTreeSet<u64>,
     next_msg: u64,
     /// Every journal record so far, as the driver's log would hold them.
-    log: Vec<Bytes>,
+    log: Vec<Vec<u8>>,
     crashes: u64,
     /// QoS 2 publishes the publisher has a PUBREC for and has not released yet: on a new
     /// connection it resends them (DUP), and the broker must not route them again.
@@ -220,20 +220,28 @@ impl Sim {
         let begin = self.broker.checkpoint(&mut self.out).unwrap();
         if reclaim {
             self.log.clear();
-            self.out.journal.drain(..begin);
         }
-        self.log.append(&mut self.out.journal);
+        let skip = if reclaim { begin as usize } else { 0 };
+        self.log
+            .extend(self.out.journal.records().skip(skip).map(|r| r.to_vec()));
+        self.out.journal.clear();
+    }
+
+    fn drain_journal(&mut self) {
+        self.log
+            .extend(self.out.journal.records().map(|r| r.to_vec()));
+        self.out.journal.clear();
     }
 
     /// Hands every queued action to its client.
     fn pump(&mut self) {
-        self.log.append(&mut self.out.journal);
+        self.drain_journal();
         while !self.out.actions.is_empty() {
             let actions = std::mem::take(&mut self.out.actions);
             for (conn, action) in actions {
                 self.client_receives(conn.0, action);
             }
-            self.log.append(&mut self.out.journal);
+            self.drain_journal();
         }
     }
 

@@ -2,13 +2,22 @@
 //! commit, and no action produced with them reaches a client before they are durable.
 //!
 //! ```text
-//! engine step ──records──▶ GroupCommit (commit thread: write, fdatasync per policy)
-//!             ──actions──▶ held, tagged with the step's ticket ─┐
-//! commit done ──ticket──▶ Durable (atomic + Notify) ──wakes router──▶ release held ≤ ticket
+//! fsync = always:    engine step ──records──▶ GroupCommit thread: write + one fdatasync/group
+//!                                ──actions──▶ held, tagged with the step's ticket ─┐
+//!                    commit done ──ticket──▶ Durable (atomic + Notify) ──▶ release ≤ ticket
+//! fsync = interval/os: engine step ──records──▶ write() on the router thread, then the
+//!                    actions go out at once; a syncer thread fdatasyncs every interval.
 //! ```
-//! Output commit: once anything is held, later actions are held behind it too, so clients
-//! see effects in the order the engine made them and never before they are stored. A step
-//! without records (QoS 0 traffic, clean sessions) costs nothing when nothing is held.
+//! Under `interval` and `os` a record is "stored" once the kernel has it (it survives the
+//! process being killed), so there is nothing to wait for and no thread hop on the path.
+//! Output commit, per connection: an action that tells a client something is stored (PUBACK,
+//! PUBREC, PUBCOMP, CONNACK, SUBACK, ...) or that exactly-once depends on (a QoS 2 delivery,
+//! PUBREL) waits until the records before it are durable; once a connection has anything
+//! held, its later actions queue behind it, so each client sees its packets in the order the
+//! engine made them. QoS 0/1 deliveries to a connection with nothing held go out at once: if
+//! the process dies before their records are stored, the message is delivered again or its
+//! publisher (never acknowledged) sends it again — at least once either way. A step without
+//! records costs nothing when nothing is held.
 //!
 //! Compaction: once `compact_after_bytes` were written since the last checkpoint (and twice
 //! that checkpoint's size), the engine writes a checkpoint; once it is durable, segments
@@ -22,7 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ferrymq_core::{Action, Broker, ConnId, Outbox, RestoreReport, Time};
+use ferrymq_mqtt::{Packet, QoS};
 use ferrymq_store::{FsyncPolicy, GroupCommit, Log, LogConfig, Offset};
+use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::Notify;
 
 use crate::config::{Fsync, Storage};
@@ -43,6 +54,13 @@ pub(crate) struct Durable {
 }
 
 impl Durable {
+    fn fail(&self, e: String) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.get_or_insert(e);
+        drop(failed);
+        self.notify.notify_one();
+    }
+
     fn complete(&self, ticket: u64, result: Result<Offset, ferrymq_store::StoreError>) {
         match result {
             Ok(_) => {
@@ -66,13 +84,76 @@ pub struct Recovered {
     pub millis: u128,
 }
 
+/// Who writes the log.
+enum Writer {
+    /// `always`: the commit thread writes and syncs; actions wait for it.
+    Group(GroupCommit),
+    /// `interval` / `os`: the router writes; a syncer (interval only) syncs in the background.
+    Inline {
+        log: Log,
+        syncer: Option<Syncer>,
+        synced_base: Offset,
+    },
+}
+
+/// Background fdatasync of the active segment every interval, off the router thread.
+struct Syncer {
+    shared: Arc<SyncShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct SyncShared {
+    file: Mutex<File>,
+    dirty: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    failed: Arc<Durable>,
+}
+
+impl Syncer {
+    fn start(file: File, interval: std::time::Duration, durable: Arc<Durable>) -> Syncer {
+        let shared = Arc::new(SyncShared {
+            file: Mutex::new(file),
+            dirty: Default::default(),
+            stop: Default::default(),
+            failed: durable,
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("ferrymq-sync".into())
+            .spawn(move || {
+                while !s.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(interval);
+                    if s.dirty.swap(false, Ordering::AcqRel) {
+                        let file = s.file.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = file.sync_data() {
+                            s.failed.fail(format!("fdatasync: {e}"));
+                        }
+                    }
+                }
+            })
+            .ok();
+        Syncer { shared, thread }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 pub(crate) struct Persistence {
-    commit: GroupCommit,
+    writer: Writer,
     pub(crate) durable: Arc<Durable>,
     /// Tickets handed out; ticket N is the N-th append.
     submitted: u64,
-    held: VecDeque<(u64, Vec<(ConnId, Action)>)>,
-    held_actions: usize,
+    held: VecDeque<(u64, ConnId, Action)>,
+    /// Held actions per connection: while a connection has any, all its actions wait.
+    held_per_conn: HashMap<ConnId, u32>,
+    scratch: Vec<(ConnId, Action)>,
     compact_after: u64,
     since_checkpoint: u64,
     last_checkpoint: u64,
@@ -135,12 +216,33 @@ impl Persistence {
             log_bytes,
             millis: started.elapsed().as_millis(),
         };
+        let durable = Arc::new(Durable::default());
+        let writer = match policy {
+            FsyncPolicy::Always => Writer::Group(GroupCommit::start(log, policy, COMMIT_QUEUE)),
+            FsyncPolicy::IntervalMs(ms) => {
+                let file = log
+                    .active_file()
+                    .map_err(|e| recovery_error(e.to_string()))?;
+                let interval = std::time::Duration::from_millis(ms);
+                Writer::Inline {
+                    synced_base: log.active_base(),
+                    log,
+                    syncer: Some(Syncer::start(file, interval, durable.clone())),
+                }
+            }
+            FsyncPolicy::Os => Writer::Inline {
+                synced_base: log.active_base(),
+                log,
+                syncer: None,
+            },
+        };
         let persistence = Persistence {
-            commit: GroupCommit::start(log, policy, COMMIT_QUEUE),
-            durable: Arc::new(Durable::default()),
+            writer,
+            durable,
             submitted: 0,
             held: VecDeque::new(),
-            held_actions: 0,
+            held_per_conn: HashMap::default(),
+            scratch: Vec::new(),
             compact_after: storage.compact_after_bytes,
             // Replayed history counts: a long log is compacted soon after start.
             since_checkpoint: log_bytes,
@@ -155,44 +257,84 @@ impl Persistence {
     /// are durable. Call [`Persistence::release`] next.
     pub(crate) fn after_step(&mut self, broker: &mut Broker, out: &mut Outbox) {
         if !out.journal.is_empty() {
-            self.submit(std::mem::take(&mut out.journal), false);
+            let (framed, count) = out.journal.take();
+            self.submit(framed, count, false);
         }
-        // Every step's actions queue here, even without records of their own: they must not
-        // overtake earlier held ones. `release` hands back at once what needs no waiting.
-        if !out.actions.is_empty() {
-            self.held_actions += out.actions.len();
-            self.held
-                .push_back((self.submitted, std::mem::take(&mut out.actions)));
+        let waiting = self.submitted > self.durable.ticket.load(Ordering::Acquire);
+        if waiting || !self.held.is_empty() {
+            let mut keep = std::mem::take(&mut self.scratch);
+            for (conn, action) in out.actions.drain(..) {
+                let must_wait = waiting && needs_durability(&action);
+                if must_wait || self.held_per_conn.contains_key(&conn) {
+                    *self.held_per_conn.entry(conn).or_default() += 1;
+                    self.held.push_back((self.submitted, conn, action));
+                } else {
+                    keep.push((conn, action));
+                }
+            }
+            self.scratch = std::mem::replace(&mut out.actions, keep);
         }
         let threshold = self.compact_after.max(2 * self.last_checkpoint);
         if self.checkpoint_ticket.is_none() && self.since_checkpoint >= threshold {
             if let Some(begin) = broker.checkpoint(out) {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
-                let records = std::mem::take(&mut out.journal);
-                let bytes: u64 = records.iter().map(|r| r.len() as u64).sum();
+                let (framed, count) = out.journal.take();
+                let bytes = framed.len() as u64;
                 self.last_checkpoint = bytes;
                 self.since_checkpoint = 0;
-                tracing::info!(bytes, "writing checkpoint");
-                self.submit(records, true);
+                tracing::info!(bytes, records = count, "writing checkpoint");
+                self.submit(framed, count, true);
                 self.checkpoint_ticket = Some(self.submitted);
             }
         }
     }
 
-    fn submit(&mut self, records: Vec<bytes::Bytes>, checkpoint: bool) {
-        self.since_checkpoint += records.iter().map(|r| r.len() as u64).sum::<u64>();
+    fn submit(&mut self, framed: bytes::Bytes, count: u64, checkpoint: bool) {
+        self.since_checkpoint += framed.len() as u64;
         self.submitted += 1;
         let ticket = self.submitted;
         let durable = self.durable.clone();
-        self.commit.append(
-            records,
-            Box::new(move |result| {
-                if let (true, Ok(offset)) = (checkpoint, &result) {
-                    durable.checkpoint.store(offset.0 + 1, Ordering::Release);
+        match &mut self.writer {
+            Writer::Group(commit) => commit.append_framed(
+                framed,
+                count,
+                Box::new(move |result| {
+                    if let (true, Ok(offset)) = (checkpoint, &result) {
+                        durable.checkpoint.store(offset.0 + 1, Ordering::Release);
+                    }
+                    durable.complete(ticket, result);
+                }),
+            ),
+            Writer::Inline {
+                log,
+                syncer,
+                synced_base,
+            } => {
+                match log.append_framed(&framed, count) {
+                    Ok(offset) => {
+                        if checkpoint {
+                            durable.checkpoint.store(offset.0 + 1, Ordering::Release);
+                        }
+                        // Stored as the policy means it: the kernel has it.
+                        durable.ticket.store(ticket, Ordering::Release);
+                    }
+                    Err(e) => durable.fail(e.to_string()),
                 }
-                durable.complete(ticket, result);
-            }),
-        );
+                if let Some(s) = syncer {
+                    if log.active_base() != *synced_base {
+                        // A new segment: the syncer follows it (the sealed one was synced).
+                        match log.active_file() {
+                            Ok(f) => {
+                                *s.shared.file.lock().unwrap_or_else(|p| p.into_inner()) = f;
+                                *synced_base = log.active_base();
+                            }
+                            Err(e) => durable.fail(e.to_string()),
+                        }
+                    }
+                    s.shared.dirty.store(true, Ordering::Release);
+                }
+            }
+        }
     }
 
     /// Moves every held action whose records are now durable into `out`, oldest first.
@@ -208,51 +350,88 @@ impl Persistence {
             return Err(e);
         }
         let durable = self.durable.ticket.load(Ordering::Acquire);
-        while self.held.front().is_some_and(|(t, _)| *t <= durable) {
-            if let Some((_, actions)) = self.held.pop_front() {
-                self.held_actions -= actions.len();
-                out.actions.extend(actions);
+        while self.held.front().is_some_and(|(t, _, _)| *t <= durable) {
+            let Some((_, conn, action)) = self.held.pop_front() else {
+                break;
+            };
+            if let Some(n) = self.held_per_conn.get_mut(&conn) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held_per_conn.remove(&conn);
+                }
             }
+            out.actions.push((conn, action));
         }
         if self.checkpoint_ticket.is_some_and(|t| t <= durable) {
             self.checkpoint_ticket = None;
             let at = self.durable.checkpoint.load(Ordering::Acquire);
             if at > 0 {
-                self.commit.reclaim_before(Offset(at - 1));
+                match &mut self.writer {
+                    Writer::Group(commit) => commit.reclaim_before(Offset(at - 1)),
+                    Writer::Inline { log, .. } => {
+                        // The checkpoint must be on disk before what it replaces is deleted,
+                        // whatever the policy (a power loss must not lose both).
+                        let reclaimed = log.sync().and_then(|_| log.reclaim_before(Offset(at - 1)));
+                        if let Err(e) = reclaimed {
+                            tracing::warn!(error = %e, "reclaiming log segments failed");
+                        }
+                    }
+                }
             }
         }
         Ok(())
     }
 
     pub(crate) fn held_actions(&self) -> usize {
-        self.held_actions
+        self.held.len()
     }
 
     pub(crate) fn disk_bytes(&self) -> u64 {
-        self.commit.disk_bytes()
+        match &self.writer {
+            Writer::Group(commit) => commit.disk_bytes(),
+            Writer::Inline { log, .. } => log.disk_bytes(),
+        }
     }
 
     /// Waits (blocking this thread) until everything submitted is durable, then stops the
     /// commit thread. Used at shutdown.
     pub(crate) fn finish(self, out: &mut Outbox) {
         let Persistence {
-            commit,
+            writer,
             mut held,
             durable,
             ..
         } = self;
         // Stopping drains and syncs the queue; every held action is then safe to send,
         // unless the log failed.
-        let stopped = commit.stop().is_some();
+        let stopped = match writer {
+            Writer::Group(commit) => commit.stop().is_some(),
+            Writer::Inline {
+                mut log, syncer, ..
+            } => {
+                drop(syncer);
+                log.sync().is_ok()
+            }
+        };
         let failed = durable
             .failed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some();
         if stopped && !failed {
-            for (_, actions) in held.drain(..) {
-                out.actions.extend(actions);
-            }
+            out.actions
+                .extend(held.drain(..).map(|(_, conn, action)| (conn, action)));
         }
+    }
+}
+
+/// Whether an action may reach its client only after the records made with it are durable.
+fn needs_durability(action: &Action) -> bool {
+    match action {
+        // At least once tolerates a resend; exactly once does not (see the module docs).
+        Action::Deliver(d) => d.qos == QoS::ExactlyOnce,
+        Action::Send(Packet::PingResp) => false,
+        // Acks, PUBREL, CONNACK (session present), SUBACK, DISCONNECT, and the close itself.
+        Action::Send(_) | Action::Close => true,
     }
 }

@@ -9,14 +9,14 @@
 //! The queue is bounded (`queue_depth` requests); a full queue makes `append` block, which is
 //! the back-pressure a publisher should feel when the disk is the bottleneck.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{Log, Offset, StoreError};
 
@@ -36,8 +36,10 @@ pub enum FsyncPolicy {
 pub type Done = Box<dyn FnOnce(Result<Offset, StoreError>) + Send>;
 
 enum Request {
+    /// Records framed as `(length u32 | bytes)*`, and how many.
     Append {
-        records: Vec<Bytes>,
+        framed: Bytes,
+        count: u64,
         done: Done,
     },
     /// Delete sealed segments wholly below this offset (after the appends queued before it).
@@ -92,28 +94,29 @@ impl GroupCommit {
     /// Queues `records` as one unit; `done` runs on the commit thread when they are durable
     /// as the policy says. Blocks while the queue is full.
     pub fn append(&self, records: Vec<Bytes>, done: Done) {
+        let mut framed = BytesMut::with_capacity(records.iter().map(|r| 4 + r.len()).sum());
+        for r in &records {
+            framed.put_u32(r.len() as u32);
+            framed.put_slice(r);
+        }
+        self.append_framed(framed.freeze(), records.len() as u64, done);
+    }
+
+    /// Like [`GroupCommit::append`], for records already framed as `(length u32 | bytes)*`
+    /// (see [`Log::append_framed`]).
+    pub fn append_framed(&self, framed: Bytes, count: u64, done: Done) {
         let Some(tx) = &self.tx else {
             done(Err(StoreError::Stopped));
             return;
         };
-        if let Err(e) = tx.send(Request::Append { records, done }) {
+        if let Err(e) = tx.send(Request::Append {
+            framed,
+            count,
+            done,
+        }) {
             if let Request::Append { done, .. } = e.0 {
                 done(Err(StoreError::Stopped));
             }
-        }
-    }
-
-    /// Like [`GroupCommit::append`], but gives the request back instead of blocking.
-    pub fn try_append(&self, records: Vec<Bytes>, done: Done) -> Result<(), (Vec<Bytes>, Done)> {
-        let Some(tx) = &self.tx else {
-            return Err((records, done));
-        };
-        match tx.try_send(Request::Append { records, done }) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(r) | TrySendError::Disconnected(r)) => match r {
-                Request::Append { records, done } => Err((records, done)),
-                Request::Reclaim(_) => unreachable!("only appends are sent here"),
-            },
         }
     }
 
@@ -141,6 +144,7 @@ fn run(
 ) -> (Log, CommitStats) {
     let mut stats = CommitStats::default();
     let mut waiting: Vec<(Offset, Done)> = Vec::new();
+    let mut scratch: Vec<u8> = Vec::new();
     let mut last_sync = Instant::now();
     let interval = match policy {
         FsyncPolicy::IntervalMs(ms) => Some(Duration::from_millis(ms.max(1))),
@@ -161,14 +165,18 @@ fn run(
                 Err(_) => break,
             },
         };
-        let mut batch: Vec<(Vec<Bytes>, Done)> = Vec::new();
+        let mut batch: Vec<(Bytes, u64, Done)> = Vec::new();
         let mut reclaim = None;
         // Everything already waiting joins this group, up to a reclaim request, which runs
         // after the group is written and synced.
         let mut next = first;
         while let Some(r) = next.take() {
             match r {
-                Request::Append { records, done } => batch.push((records, done)),
+                Request::Append {
+                    framed,
+                    count,
+                    done,
+                } => batch.push((framed, count, done)),
                 Request::Reclaim(offset) => {
                     reclaim = Some(offset);
                     break;
@@ -180,22 +188,30 @@ fn run(
         }
         // The whole group goes out as one batch: one write, one frame, one checksum.
         stats.appends += batch.len() as u64;
-        let refs: Vec<&[u8]> = batch
-            .iter()
-            .flat_map(|(records, _)| records.iter().map(|b| b.as_ref()))
-            .collect();
-        let counts: Vec<u64> = batch.iter().map(|(r, _)| r.len() as u64).collect();
-        match log.append(&refs) {
+        // One request goes out as is; several are joined into one batch.
+        let total: u64 = batch.iter().map(|(_, n, _)| n).sum();
+        let appended = match batch.as_slice() {
+            [] => Ok(log.next()),
+            [(framed, count, _)] => log.append_framed(framed, *count),
+            _ => {
+                scratch.clear();
+                for (framed, _, _) in &batch {
+                    scratch.extend_from_slice(framed);
+                }
+                log.append_framed(&scratch, total)
+            }
+        };
+        match appended {
             Ok(base) => {
                 let mut next = base.0;
-                for ((_, done), n) in batch.into_iter().zip(counts) {
+                for (_, n, done) in batch {
                     waiting.push((Offset(next), done));
                     next += n;
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
-                for (_, done) in batch {
+                for (_, _, done) in batch {
                     done(Err(StoreError::SyncFailed(msg.clone())));
                 }
             }

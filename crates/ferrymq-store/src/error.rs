@@ -22,6 +22,9 @@ pub enum StoreError {
     /// A record or batch is larger than the format or the segment size allows.
     #[error("batch of {size} bytes exceeds the limit of {max}")]
     TooLarge { size: u64, max: u64 },
+    /// Framed records handed to `append_framed` do not parse as `count` records.
+    #[error("framed records do not hold the {0} records claimed")]
+    BadFraming(u64),
     /// The commit thread has stopped; nothing more can be appended.
     #[error("the log's commit thread has stopped")]
     Stopped,

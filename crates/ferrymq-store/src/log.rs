@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::error::io;
-use crate::segment::{encode_batch, Segment};
+use crate::segment::{batch_head, encode_batch, Segment, MAX_BATCH};
 use crate::{Offset, StoreError};
 
 /// How the log is laid out.
@@ -113,6 +113,55 @@ impl Log {
         &self.segments[self.segments.len() - 1]
     }
 
+    /// Appends records already framed as `(length u32 | bytes)*` (the batch body's own
+    /// framing), `count` of them; returns the offset of the first. They go out as one batch,
+    /// or as several back to back when larger than a batch may be. In the OS page cache when
+    /// this returns; call [`Log::sync`] for power-loss durability.
+    pub fn append_framed(&mut self, framed: &[u8], count: u64) -> Result<Offset, StoreError> {
+        let first = self.next();
+        let mut rest = framed;
+        let mut left = count;
+        while !rest.is_empty() || left > 0 {
+            // Records that fit one batch (all of them, usually), checking the framing.
+            let (mut bytes, mut n) = (0usize, 0u64);
+            while bytes < rest.len() {
+                let Some(len) = rest.get(bytes..bytes + 4) else {
+                    return Err(StoreError::BadFraming(count));
+                };
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                let end = bytes + 4 + len;
+                if end > rest.len() {
+                    return Err(StoreError::BadFraming(count));
+                }
+                if 12 + end > MAX_BATCH {
+                    if n == 0 {
+                        return Err(StoreError::TooLarge {
+                            size: (12 + end) as u64,
+                            max: MAX_BATCH as u64,
+                        });
+                    }
+                    break;
+                }
+                bytes = end;
+                n += 1;
+            }
+            if n > left || (bytes == rest.len() && n != left) {
+                return Err(StoreError::BadFraming(count));
+            }
+            if self.active().size >= self.config.segment_bytes {
+                self.roll()?;
+            }
+            let chunk = &rest[..bytes];
+            let head = batch_head(self.next(), n, chunk);
+            let last = self.segments.len() - 1;
+            self.segments[last].append_parts(&[&head, chunk], n)?;
+            self.dirty = true;
+            rest = &rest[bytes..];
+            left -= n;
+        }
+        Ok(first)
+    }
+
     /// Appends `records` as one batch; returns the offset of the first. The batch is in the
     /// OS page cache when this returns; call [`Log::sync`] for power-loss durability.
     pub fn append(&mut self, records: &[&[u8]]) -> Result<Offset, StoreError> {
@@ -138,6 +187,21 @@ impl Log {
             self.dirty = false;
         }
         Ok(())
+    }
+
+    /// A second handle on the active segment's file, for a thread that syncs it in the
+    /// background (`fdatasync` on a duplicate descriptor syncs the same file). Take a new one
+    /// whenever [`Log::active_base`] changes; sealed segments are synced when sealed.
+    pub fn active_file(&self) -> Result<fs::File, StoreError> {
+        let seg = self.active();
+        seg.file
+            .try_clone()
+            .map_err(io("duplicate handle of", &seg.path))
+    }
+
+    /// First offset of the active segment; it changes when a segment is sealed.
+    pub fn active_base(&self) -> Offset {
+        self.active().base
     }
 
     /// Seals the active segment and starts a new one.

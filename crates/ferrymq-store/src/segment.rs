@@ -50,6 +50,24 @@ pub(crate) fn encode_batch(
     Ok(())
 }
 
+/// The header and body prefix of a batch whose records, already framed as
+/// `(length u32 | bytes)*`, are `framed`: 12 header bytes then base offset and count.
+pub(crate) fn batch_head(base: Offset, count: u64, framed: &[u8]) -> [u8; HEADER + 12] {
+    let body_len = (12 + framed.len()) as u32;
+    let mut h = [0u8; HEADER + 12];
+    h[0] = MAGIC;
+    h[1] = VERSION;
+    h[4..8].copy_from_slice(&body_len.to_be_bytes());
+    h[12..20].copy_from_slice(&base.0.to_be_bytes());
+    h[20..24].copy_from_slice(&(count as u32).to_be_bytes());
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(crc32c::crc32c(&h[..8]), &h[12..]),
+        framed,
+    );
+    h[8..12].copy_from_slice(&crc.to_be_bytes());
+    h
+}
+
 /// The checksum covers the header's first 8 bytes (magic, version, flags, length) and the
 /// body, so no bit of a batch can flip unnoticed.
 fn batch_crc(header: &[u8], body: &[u8]) -> u32 {
@@ -247,6 +265,38 @@ impl Segment {
             .write_all(frame)
             .map_err(io("write", &self.path))?;
         self.size += frame.len() as u64;
+        self.next = Offset(self.next.0 + count);
+        Ok(())
+    }
+
+    /// Appends a batch given as parts (header, body pieces) without joining them first.
+    pub(crate) fn append_parts(&mut self, parts: &[&[u8]], count: u64) -> Result<(), StoreError> {
+        if self
+            .index
+            .last()
+            .is_none_or(|&(_, p)| self.size >= p + INDEX_EVERY)
+        {
+            self.index.push((self.next.0, self.size));
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let mut bufs = &mut slices[..];
+        while !bufs.is_empty() {
+            match self.file.write_vectored(bufs) {
+                Ok(0) => {
+                    return Err(StoreError::Io {
+                        op: "write",
+                        path: self.path.clone(),
+                        source: std::io::ErrorKind::WriteZero.into(),
+                    })
+                }
+                Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("write", &self.path)(e)),
+            }
+        }
+        self.size += total as u64;
         self.next = Offset(self.next.0 + count);
         Ok(())
     }

@@ -202,3 +202,51 @@ proptest! {
         prop_assert_eq!(got, expect);
     }
 }
+
+fn framed(records: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        out.extend_from_slice(&(r.len() as u32).to_be_bytes());
+        out.extend_from_slice(r);
+    }
+    out
+}
+
+#[test]
+fn framed_appends_larger_than_a_batch_are_split_and_read_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(config(dir.path(), 16 * 1024 * 1024)).unwrap();
+    // 80 records of 1 MiB: more than one 64 MiB batch.
+    let records: Vec<Vec<u8>> = (0..80u8).map(|i| vec![i; 1024 * 1024]).collect();
+    let first = log.append_framed(&framed(&records), 80).unwrap();
+    assert_eq!(first, Offset(0));
+    log.append_framed(&framed(&[b"tail".to_vec()]), 1).unwrap();
+    log.sync().unwrap();
+    drop(log);
+    let (log, rec) = Log::open(config(dir.path(), 16 * 1024 * 1024)).unwrap();
+    assert_eq!(rec.truncated_bytes, 0);
+    let back = log.read_from(Offset(0)).unwrap();
+    assert_eq!(back.len(), 81);
+    for (i, (off, r)) in back.iter().take(80).enumerate() {
+        assert_eq!(*off, Offset(i as u64));
+        assert_eq!(r.as_ref(), records[i].as_slice());
+    }
+    assert_eq!(back[80].1.as_ref(), b"tail");
+}
+
+#[test]
+fn framed_appends_that_do_not_match_their_count_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(config(dir.path(), 1024 * 1024)).unwrap();
+    let two = framed(&[b"a".to_vec(), b"b".to_vec()]);
+    assert!(matches!(
+        log.append_framed(&two, 3),
+        Err(StoreError::BadFraming(3))
+    ));
+    assert!(matches!(
+        log.append_framed(&two[..two.len() - 1], 2),
+        Err(StoreError::BadFraming(2))
+    ));
+    assert_eq!(log.append_framed(&two, 2).unwrap(), Offset(0));
+    assert_eq!(log.next(), Offset(2));
+}

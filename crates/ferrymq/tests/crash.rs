@@ -6,6 +6,9 @@
 //!   no QoS 2 message was delivered twice;
 //! - the subscriber's session was present after every restart.
 //!
+//! The broker runs with `fsync = always`, `interval` and `os` in turn (all three promise to
+//! keep what they acknowledged when the process is killed).
+//!
 //! `FERRYMQ_CRASH_CYCLES` sets the number of kills (20 by default; `scripts/crash-test.sh`
 //! runs 100). `FERRYMQ_CRASH_SEED` replays a run.
 
@@ -64,9 +67,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_broker(mqtt: u16, http: u16, data: &Path) -> Child {
+/// Each incarnation uses the next fsync policy, so every write path (group commit, inline
+/// write with background sync, inline write) is killed and recovered from, by each other.
+const POLICIES: [&str; 3] = ["always", "interval", "os"];
+
+fn start_broker(mqtt: u16, http: u16, data: &Path, incarnation: u64) -> Child {
+    let policy = POLICIES[(incarnation % 3) as usize];
     Command::new(env!("CARGO_BIN_EXE_ferrymq"))
-        .args(["serve", "--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args([
+            "serve",
+            "--fsync",
+            policy,
+            "--mqtt",
+            &format!("127.0.0.1:{mqtt}"),
+        ])
         .args(["--http", &format!("127.0.0.1:{http}")])
         .arg("--data-dir")
         .arg(data)
@@ -300,7 +314,7 @@ fn acknowledged_messages_survive_sigkill() {
     let mut rng = Rng(seed | 1);
     let (mqtt, http) = (free_port(), free_port());
     let data = data_dir();
-    let mut broker = start_broker(mqtt, http, &data);
+    let mut broker = start_broker(mqtt, http, &data, 0);
     wait_listening(mqtt);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -328,11 +342,11 @@ fn acknowledged_messages_survive_sigkill() {
     ];
 
     let started = Instant::now();
-    for _ in 0..cycles {
+    for cycle in 1..=cycles {
         std::thread::sleep(Duration::from_millis(50 + rng.below(450)));
         broker.kill().unwrap(); // SIGKILL
         broker.wait().unwrap();
-        broker = start_broker(mqtt, http, &data);
+        broker = start_broker(mqtt, http, &data, cycle);
         wait_listening(mqtt);
     }
     // Let the last incarnation run, then drain: no new messages, finish what is in flight.

@@ -57,9 +57,14 @@ impl Progress {
     }
 }
 
-/// Opens a bench connection with the project's client (clean start, no properties).
-async fn open(t: &Target, id: String, keep_alive: u16) -> anyhow::Result<Client> {
+/// Opens a bench connection with the project's client: clean start, or a persistent session
+/// when `persistent`.
+async fn open(t: &Target, id: String, keep_alive: u16, persistent: bool) -> anyhow::Result<Client> {
     let mut o = ConnectOptions::new(t.addr.clone(), id);
+    if persistent {
+        o.clean_start = false;
+        o.properties.session_expiry_interval = Some(300);
+    }
     o.version = t.version;
     o.keep_alive = keep_alive;
     o.timeout = t.timeout;
@@ -86,7 +91,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
 
     let mut subs = Vec::new();
     for s in 0..plan.subscribers {
-        let conn = open(t, format!("bench-{run_id}-s{s}"), 60).await?;
+        let conn = open(t, format!("bench-{run_id}-s{s}"), 60, t.persistent).await?;
         let (plan, progress, ready, hist) =
             (plan.clone(), progress.clone(), ready.clone(), hist.clone());
         let filter = format!("{topic}/#");
@@ -96,7 +101,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
     }
     let mut pubs = Vec::new();
     for p in 0..plan.publishers {
-        let conn = open(t, format!("bench-{run_id}-p{p}"), 60).await?;
+        let conn = open(t, format!("bench-{run_id}-p{p}"), 60, false).await?;
         let (plan, progress, ready) = (plan.clone(), progress.clone(), ready.clone());
         let topic = format!("{topic}/{p}");
         pubs.push(tokio::spawn(async move {
@@ -453,10 +458,13 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
                 version: t.version,
                 timeout: t.timeout,
                 source: sources[i % sources.len()],
+                persistent: false,
             };
             let id = format!("idle-{run_id}-{i}");
             let ka = a.keep_alive;
-            tasks.push(tokio::spawn(async move { open(&target, id, ka).await }));
+            tasks.push(tokio::spawn(
+                async move { open(&target, id, ka, false).await },
+            ));
         }
         for task in tasks {
             match task.await {

@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// A label for the report (e.g. the broker's name).
     #[arg(long, global = true, default_value = "broker")]
     label: String,
+    /// Subscribers use persistent sessions (3.1.1 clean session 0; 5.0 session expiry 300 s),
+    /// so a broker with persistence must store QoS 1/2 messages for them: the durable case.
+    #[arg(long, global = true)]
+    persistent: bool,
 }
 
 #[derive(clap::Subcommand)]
@@ -117,6 +121,8 @@ pub(crate) struct Target {
     pub timeout: Duration,
     /// Local address to connect from, if not the kernel's choice.
     pub source: Option<std::net::IpAddr>,
+    /// Subscribers connect with persistent sessions.
+    pub persistent: bool,
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -130,6 +136,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         version,
         timeout: Duration::from_secs(a.timeout),
         source: None,
+        persistent: a.persistent,
     };
     let qos = |q: u8| QoS::from_u8(q).ok_or_else(|| anyhow::anyhow!("QoS must be 0, 1 or 2"));
     let mut report = match a.scenario {
