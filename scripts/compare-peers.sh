@@ -11,12 +11,17 @@
 #   --out F  also write every measurement as JSON lines
 #   --ratios-json F  write medians and FerryMQ/peer ratios as JSON
 #   --brokers "ferrymq mosquitto"  which brokers to run (default: all three)
+#   --durable  durable QoS 1 instead: subscribers with persistent sessions, FerryMQ under its
+#              default fsync policy (the reference column) and under always / interval / os /
+#              in memory, mosquitto with persistence on, nats-server (JetStream stores MQTT
+#              QoS 1 messages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS="ferrymq mosquitto nats"
+QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --durable) DURABLE=1 ;;
     --quick) QUICK=1 ;;
     --pin) PIN=1 ;;
     --reps) REPS=$2; shift ;;
@@ -27,6 +32,13 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ -z "$BROKERS" ]; then
+  if [ "$DURABLE" = 1 ]; then
+    BROKERS="ferrymq ferrymq-always ferrymq-interval ferrymq-os ferrymq-memory mosquitto-persist nats"
+  else
+    BROKERS="ferrymq mosquitto nats"
+  fi
+fi
 
 retry() { "$@" || { sleep 3; "$@"; }; }
 need_apt=()
@@ -53,17 +65,32 @@ BROKER_CPU=(); LOAD_CPU=()
 if [ "$PIN" = 1 ]; then BROKER_CPU=(taskset -c 0); LOAD_CPU=(taskset -c 1); fi
 
 start_broker() {
+  local flags=()
   case "$1" in
-    ferrymq)
+    ferrymq-always) flags=(--fsync always) ;;
+    ferrymq-interval) flags=(--fsync interval) ;;
+    ferrymq-os) flags=(--fsync os) ;;
+    ferrymq-memory) flags=(--in-memory) ;;
+  esac
+  case "$1" in
+    ferrymq*)
+      rm -rf "$WORK/ferrymq"
       "${BROKER_CPU[@]}" "$BIN" serve --mqtt 127.0.0.1:$PORT --http 127.0.0.1:18080 \
-        --data-dir "$WORK/ferrymq" --log-level warn >"$WORK/ferrymq.log" 2>&1 &
+        --data-dir "$WORK/ferrymq" --log-level warn "${flags[@]}" >"$WORK/ferrymq.log" 2>&1 &
       ;;
     mosquitto)
       printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' $PORT >"$WORK/mosquitto.conf"
       "${BROKER_CPU[@]}" mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
       ;;
+    mosquitto-persist)
+      # mosquitto's persistence writes a snapshot of its whole database every
+      # autosave_interval (default 1800 s) and at exit; nothing is synced per message.
+      rm -rf "$WORK/mosq"; mkdir -p "$WORK/mosq"
+      printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/mosq/\nmax_queued_messages 100000\n' $PORT "$WORK" >"$WORK/mosquitto.conf"
+      "${BROKER_CPU[@]}" mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+      ;;
     nats)
-      mkdir -p "$WORK/js"
+      rm -rf "$WORK/js"; mkdir -p "$WORK/js"
       printf 'server_name: bench\nlisten: 127.0.0.1:14222\njetstream { store_dir: "%s/js" }\nmqtt { listen: 127.0.0.1:%s }\n' "$WORK" $PORT >"$WORK/nats.conf"
       "${BROKER_CPU[@]}" nats-server -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
       ;;
@@ -84,7 +111,13 @@ stop_broker() {
 }
 
 # name | bench arguments
-if [ "$QUICK" = 1 ]; then
+if [ "$DURABLE" = 1 ]; then
+  SCENARIOS=(
+    "durable qos1 1→1 (256 in flight)|--persistent throughput -q 1 -n 200000 --inflight 256"
+    "durable qos1 50→1 (64 in flight each)|--persistent fanin -q 1 -n 1500 --inflight 64"
+    "durable qos1 latency 5K/s|--persistent latency -q 1 --rate 5000 --duration 5"
+  )
+elif [ "$QUICK" = 1 ]; then
   SCENARIOS=(
     "qos0 1→1|throughput -n 500000 --inflight 5000"
     "qos1 1→1 (256 in flight)|throughput -q 1 -n 200000 --inflight 256"
