@@ -211,7 +211,7 @@ fn restart_with_many_queued_messages_is_timed_and_loses_nothing() {
                 }
                 _ => continue,
             }
-            if got % 256 == 0 {
+            if got.is_multiple_of(256) {
                 sub.flush().await.unwrap();
             }
         }
