@@ -24,9 +24,12 @@
 //! Record format (all integers big-endian; a `DataChange:` commit must accompany a change):
 //! ```text
 //! record   = tag u8 | fields
-//! string   = length u16 | UTF-8 bytes
-//! message  = id u64 | received_at u64 | expires_at u64 (0 = never) | publisher u64 (0 = none)
-//!            | an MQTT 5.0 PUBLISH packet carrying topic, QoS, retain, properties, payload
+//! u32, u64 = LEB128 varint (at most 5 / 10 bytes); u8 and u16 (packet ids) are fixed
+//! string   = length varint | UTF-8 bytes
+//! message  = id | received_at | expires_at (0 = never) | publisher (0 = none) | flags u8
+//!            (QoS bits 0-1, retain bit 2, properties bit 3)
+//!            | without properties: topic string | payload (the rest of the record)
+//!            | with properties: an MQTT 5.0 PUBLISH carrying topic, properties and payload
 //! ```
 //! See [`Tag`] for each record's fields.
 
@@ -190,16 +193,89 @@ impl JournalBuf {
         self.count = 0;
     }
 
-    fn push(&mut self, write: impl FnOnce(&mut BytesMut)) {
+    fn push(&mut self, write: impl FnOnce(&mut Rec<'_>)) {
         if self.framed.capacity() - self.framed.len() < 512 {
             self.framed.reserve(64 * 1024);
         }
         let at = self.framed.len();
         self.framed.put_u32(0);
-        write(&mut self.framed);
+        let mut rec = Rec {
+            out: &mut self.framed,
+            small: [0; 32],
+            n: 0,
+        };
+        write(&mut rec);
+        rec.flush();
         let len = (self.framed.len() - at - 4) as u32;
         self.framed[at..at + 4].copy_from_slice(&len.to_be_bytes());
         self.count += 1;
+    }
+}
+
+/// Writes one record: small fields gather in a stack buffer and go to the journal in one copy.
+/// Integers wider than 16 bits are LEB128 varints (ids, times and lengths are mostly small).
+pub(crate) struct Rec<'a> {
+    out: &'a mut BytesMut,
+    small: [u8; 32],
+    n: usize,
+}
+
+impl Rec<'_> {
+    fn flush(&mut self) {
+        if self.n > 0 {
+            self.out.extend_from_slice(&self.small[..self.n]);
+            self.n = 0;
+        }
+    }
+
+    fn room(&mut self, k: usize) {
+        if self.n + k > self.small.len() {
+            self.flush();
+        }
+    }
+
+    fn put_u8(&mut self, v: u8) {
+        self.room(1);
+        self.small[self.n] = v;
+        self.n += 1;
+    }
+
+    fn put_u16(&mut self, v: u16) {
+        self.room(2);
+        self.small[self.n..self.n + 2].copy_from_slice(&v.to_be_bytes());
+        self.n += 2;
+    }
+
+    fn put_u32(&mut self, v: u32) {
+        self.put_u64(u64::from(v));
+    }
+
+    fn put_u64(&mut self, mut v: u64) {
+        self.room(10);
+        while v >= 0x80 {
+            self.small[self.n] = (v as u8) | 0x80;
+            self.n += 1;
+            v >>= 7;
+        }
+        self.small[self.n] = v as u8;
+        self.n += 1;
+    }
+
+    fn put_slice(&mut self, s: &[u8]) {
+        if s.len() <= 16 {
+            self.room(s.len());
+            self.small[self.n..self.n + s.len()].copy_from_slice(s);
+            self.n += s.len();
+        } else {
+            self.flush();
+            self.out.extend_from_slice(s);
+        }
+    }
+
+    /// The journal buffer itself, for encoders that write into a `BytesMut`.
+    fn raw(&mut self) -> &mut BytesMut {
+        self.flush();
+        self.out
     }
 }
 
@@ -216,7 +292,7 @@ impl Journal {
         Journal { generation: 1 }
     }
 
-    fn record(&mut self, out: &mut Outbox, write: impl FnOnce(&mut BytesMut)) {
+    fn record(&mut self, out: &mut Outbox, write: impl FnOnce(&mut Rec<'_>)) {
         out.journal.push(write);
     }
 
@@ -254,19 +330,30 @@ impl Journal {
     }
 }
 
-fn put_str(b: &mut BytesMut, s: &str) {
-    // Topics, filters and client ids are MQTT strings, which are at most 65,535 bytes.
-    let len = s.len().min(usize::from(u16::MAX));
-    b.put_u16(len as u16);
-    b.put_slice(&s.as_bytes()[..len]);
+fn put_str(b: &mut Rec<'_>, s: &str) {
+    b.put_u64(s.len() as u64);
+    b.put_slice(s.as_bytes());
 }
 
-fn encode_message(b: &mut BytesMut, m: &Message) {
+/// Message flags: QoS in bits 0–1, retain in bit 2, bit 3 set when MQTT 5 properties follow
+/// (then the rest is a whole 5.0 PUBLISH, decoded by the codec).
+const MSG_RETAIN: u8 = 4;
+const MSG_PROPERTIES: u8 = 8;
+
+fn encode_message(b: &mut Rec<'_>, m: &Message) {
     b.put_u8(Tag::Message as u8);
     b.put_u64(m.id);
     b.put_u64(m.received_at.0);
     b.put_u64(m.expires_at.map_or(0, |t| t.0.max(1)));
     b.put_u64(m.publisher.map_or(0, |s| s.0));
+    let flags = m.qos as u8 | if m.retain { MSG_RETAIN } else { 0 };
+    if m.properties.is_empty() {
+        b.put_u8(flags);
+        put_str(b, &m.topic);
+        b.put_slice(&m.payload);
+        return;
+    }
+    b.put_u8(flags | MSG_PROPERTIES);
     let view = PublishView {
         dup: false,
         qos: m.qos,
@@ -278,7 +365,7 @@ fn encode_message(b: &mut BytesMut, m: &Message) {
     };
     // Properties came from a decoded packet (or a will, whose delay is stripped first), so
     // they encode; a failure would leave the record without its packet and fail replay loudly.
-    let _ = ferrymq_mqtt::encode_publish(&view, ProtocolVersion::V5, b);
+    let _ = ferrymq_mqtt::encode_publish(&view, ProtocolVersion::V5, b.raw());
 }
 
 fn options_byte(o: &SubscriptionOptions) -> u8 {
@@ -478,7 +565,7 @@ impl Broker {
     }
 }
 
-fn encode_session(b: &mut BytesMut, s: &Session) {
+fn encode_session(b: &mut Rec<'_>, s: &Session) {
     b.put_u8(Tag::Session as u8);
     b.put_u64(s.id.0);
     put_str(b, &s.client_id);
@@ -490,7 +577,7 @@ fn encode_session(b: &mut BytesMut, s: &Session) {
     b.put_u64(s.disconnected_at.map_or(0, |t| t.0.max(1)));
 }
 
-fn encode_subscribe(b: &mut BytesMut, sid: SessionId, raw: &str, sub: &Subscription) {
+fn encode_subscribe(b: &mut Rec<'_>, sid: SessionId, raw: &str, sub: &Subscription) {
     b.put_u8(Tag::Subscribe as u8);
     b.put_u64(sid.0);
     put_str(b, raw);
@@ -498,7 +585,7 @@ fn encode_subscribe(b: &mut BytesMut, sid: SessionId, raw: &str, sub: &Subscript
     b.put_u32(sub.identifier.unwrap_or(0));
 }
 
-fn encode_enqueue(b: &mut BytesMut, sid: SessionId, p: &Pending) {
+fn encode_enqueue(b: &mut Rec<'_>, sid: SessionId, p: &Pending) {
     b.put_u8(Tag::Enqueue as u8);
     b.put_u64(sid.0);
     b.put_u64(p.message.id);
@@ -612,15 +699,22 @@ impl<'a> Fields<'a> {
         Ok(self.buf.get_u16())
     }
     fn u32(&mut self) -> Result<u32, JournalError> {
-        self.need(4)?;
-        Ok(self.buf.get_u32())
+        u32::try_from(self.u64()?).map_err(|_| self.invalid("value above 32 bits"))
     }
+    /// A LEB128 varint of at most 10 bytes.
     fn u64(&mut self) -> Result<u64, JournalError> {
-        self.need(8)?;
-        Ok(self.buf.get_u64())
+        let mut v: u64 = 0;
+        for i in 0..10 {
+            let b = u64::from(self.u8()?);
+            v |= (b & 0x7F) << (7 * i);
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(self.invalid("varint longer than 10 bytes"))
     }
     fn str(&mut self) -> Result<&'a str, JournalError> {
-        let n = usize::from(self.u16()?);
+        let n = usize::try_from(self.u64()?).map_err(|_| self.invalid("length"))?;
         self.need(n)?;
         let (s, rest) = self.buf.split_at(n);
         self.buf = rest;
@@ -642,6 +736,21 @@ fn decode_message(f: &mut Fields<'_>) -> Result<Message, JournalError> {
     let received_at = Time(f.u64()?);
     let expires_at = Some(f.u64()?).filter(|t| *t != 0).map(Time);
     let publisher = Some(f.u64()?).filter(|s| *s != 0).map(SessionId);
+    let flags = f.u8()?;
+    if flags & MSG_PROPERTIES == 0 {
+        let qos = qos_from(flags & 3).ok_or_else(|| f.invalid("qos"))?;
+        let topic: Arc<str> = f.str()?.into();
+        let payload = bytes::Bytes::copy_from_slice(f.buf);
+        f.buf = &[];
+        let mut m = Message::new(&topic, payload, received_at);
+        m.topic = topic;
+        m.qos = qos;
+        m.retain = flags & MSG_RETAIN != 0;
+        m.expires_at = expires_at;
+        m.publisher = publisher;
+        m.id = id;
+        return Ok(m);
+    }
     let mut packet = BytesMut::from(f.buf);
     f.buf = &[];
     let limits = Limits {

@@ -737,10 +737,15 @@ fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessio
     r2.payload = Bytes::new();
     h.packet(3, Packet::Publish(r2));
     h.broker.closed(ConnId(1), h.now, &mut h.out);
-    h.packet(
-        3,
-        Packet::Publish(publish("a/q", "queued", QoS::AtLeastOnce, 2)),
-    );
+    let mut q = publish("a/q", "queued", QoS::AtLeastOnce, 2);
+    q.properties = PropertyValues {
+        message_expiry_interval: Some(600),
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+        ..Default::default()
+    }
+    .into();
+    h.packet(3, Packet::Publish(q));
     // A will with a 30 s delay waiting when the process dies.
     h.connect(4, will_connect("w", Some(30), 600));
     h.broker.closed(ConnId(4), h.now, &mut h.out);
@@ -780,6 +785,11 @@ fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessio
     );
     assert_eq!(&d[1].message.payload[..], b"queued");
     assert_eq!(d[1].subscription_ids, vec![7]);
+    // Properties survive, and expiry kept counting across the restart: 30 s passed.
+    let props = d[1].properties();
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(props.user_properties.len(), 2);
+    assert_eq!(d[1].expiry_remaining, Some(570));
     for d in &d {
         h.packet(
             1,
