@@ -615,29 +615,28 @@ impl Broker {
                 }
                 continue;
             }
-            let d = Delivery {
-                message: p.message.clone(),
-                qos: p.qos,
-                packet_id: None,
-                dup: false,
-                retain: p.retain,
-                subscription_ids: p.subscription_ids.clone(),
-                expiry_remaining: p.message.expiry_remaining(now),
-            };
-            let pid = s.start_flight(p);
-            if let Some(j) = journal.as_deref_mut() {
-                j.pid_event(out, Tag::Flight, sid, pid);
-            }
-            self.stats.messages_sent[d.qos as usize] += 1;
-            self.stats.payload_bytes_sent += d.message.payload.len() as u64;
-            out.push(
+            send_in_flight(
+                s,
                 conn,
-                Action::Deliver(Delivery {
-                    packet_id: Some(pid),
-                    ..d
-                }),
+                p,
+                true,
+                journal.as_deref_mut(),
+                &mut self.stats,
+                now,
+                out,
             );
         }
+    }
+
+    /// Sends a QoS 1/2 message at once to a connected session whose queue is empty and whose
+    /// window has room (the caller checked): it skips the queue.
+    pub(crate) fn send_now(&mut self, sid: SessionId, p: Pending, now: Time, out: &mut Outbox) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(conn) = s.conn else { return };
+        let journal = self.journal.as_mut().filter(|_| s.journaled);
+        send_in_flight(s, conn, p, false, journal, &mut self.stats, now, out);
     }
 
     /// Queue of messages waiting for a session, for tests and admin views.
@@ -661,4 +660,45 @@ impl Broker {
         s.pending.push_back(p);
         true
     }
+}
+
+/// Puts `p` in flight under a fresh packet id, journals it (`Flight` when it came off the
+/// queue, `Sent` when it skipped it), and hands the delivery to the connection.
+#[allow(clippy::too_many_arguments)]
+fn send_in_flight(
+    s: &mut Session,
+    conn: ConnId,
+    p: Pending,
+    from_queue: bool,
+    journal: Option<&mut Journal>,
+    stats: &mut Stats,
+    now: Time,
+    out: &mut Outbox,
+) {
+    let d = Delivery {
+        message: p.message.clone(),
+        qos: p.qos,
+        packet_id: None,
+        dup: false,
+        retain: p.retain,
+        subscription_ids: p.subscription_ids.clone(),
+        expiry_remaining: p.message.expiry_remaining(now),
+    };
+    let pid = s.start_flight(p);
+    if let Some(j) = journal {
+        if from_queue {
+            j.pid_event(out, Tag::Flight, s.id, pid);
+        } else if let Some(f) = s.inflight.get(&pid) {
+            j.sent(out, s.id, pid, &f.pending);
+        }
+    }
+    stats.messages_sent[d.qos as usize] += 1;
+    stats.payload_bytes_sent += d.message.payload.len() as u64;
+    out.push(
+        conn,
+        Action::Deliver(Delivery {
+            packet_id: Some(pid),
+            ..d
+        }),
+    );
 }

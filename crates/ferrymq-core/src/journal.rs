@@ -87,6 +87,10 @@ pub(crate) enum Tag {
     /// next session u64 | next message id u64
     CheckpointBegin = 17,
     CheckpointEnd = 18,
+    /// session u64 | packet id u16 | the fields of `Enqueue` after the session: a message
+    /// that went straight into flight (its session's queue was empty), `Enqueue` + `Flight`
+    /// in one record.
+    Sent = 19,
 }
 
 impl Tag {
@@ -111,6 +115,7 @@ impl Tag {
             16 => WillDone,
             17 => CheckpointBegin,
             18 => CheckpointEnd,
+            19 => Sent,
             _ => return None,
         })
     }
@@ -318,6 +323,17 @@ impl Journal {
     pub(crate) fn enqueue(&mut self, out: &mut Outbox, sid: SessionId, p: &Pending) {
         self.message(out, &p.message);
         self.record(out, |b| encode_enqueue(b, sid, p));
+    }
+
+    /// A message that skipped the (empty) queue and went straight into flight under `pid`.
+    pub(crate) fn sent(&mut self, out: &mut Outbox, sid: SessionId, pid: PacketId, p: &Pending) {
+        self.message(out, &p.message);
+        self.record(out, |b| {
+            b.put_u8(Tag::Sent as u8);
+            b.put_u64(sid.0);
+            b.put_u16(pid);
+            encode_pending(b, p);
+        });
     }
 
     /// Writes the message's record unless this generation already holds it.
@@ -588,9 +604,23 @@ fn encode_subscribe(b: &mut Rec<'_>, sid: SessionId, raw: &str, sub: &Subscripti
 fn encode_enqueue(b: &mut Rec<'_>, sid: SessionId, p: &Pending) {
     b.put_u8(Tag::Enqueue as u8);
     b.put_u64(sid.0);
+    encode_pending(b, p);
+}
+
+/// Enqueue flags: QoS in bits 0–1, retain bit 2, shared-subscription origin bit 3.
+const PENDING_RETAIN: u8 = 4;
+const PENDING_SHARED: u8 = 8;
+
+fn encode_pending(b: &mut Rec<'_>, p: &Pending) {
     b.put_u64(p.message.id);
-    b.put_u8(p.qos as u8);
-    b.put_u8(u8::from(p.retain));
+    let mut flags = p.qos as u8;
+    if p.retain {
+        flags |= PENDING_RETAIN;
+    }
+    if p.shared.is_some() {
+        flags |= PENDING_SHARED;
+    }
+    b.put_u8(flags);
     // A session has at most one identifier per subscription and at most 1,024 subscriptions
     // by default; more than 255 matching at once is cut (documented in the format).
     let n = p.subscription_ids.len().min(255);
@@ -598,14 +628,36 @@ fn encode_enqueue(b: &mut Rec<'_>, sid: SessionId, p: &Pending) {
     for id in &p.subscription_ids[..n] {
         b.put_u32(*id);
     }
-    match &p.shared {
-        Some(o) => {
-            b.put_u8(1);
-            put_str(b, &o.filter);
-            put_str(b, &o.group);
-        }
-        None => b.put_u8(0),
+    if let Some(o) = &p.shared {
+        put_str(b, &o.filter);
+        put_str(b, &o.group);
     }
+}
+
+fn decode_pending(f: &mut Fields<'_>, r: &Replay) -> Result<Option<Pending>, JournalError> {
+    let id = f.u64()?;
+    let flags = f.u8()?;
+    let qos = qos_from(flags & 3).ok_or_else(|| f.invalid("qos"))?;
+    let n = f.u8()?;
+    let mut subscription_ids = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        subscription_ids.push(f.u32()?);
+    }
+    let shared = if flags & PENDING_SHARED != 0 {
+        Some(SharedOrigin {
+            filter: f.str()?.into(),
+            group: f.str()?.into(),
+        })
+    } else {
+        None
+    };
+    Ok(r.messages.get(&id).map(|m| Pending {
+        message: m.clone(),
+        qos,
+        retain: flags & PENDING_RETAIN != 0,
+        subscription_ids,
+        shared,
+    }))
 }
 
 fn write_will(j: &mut Journal, sid: SessionId, will: &Will, due: Time, out: &mut Outbox) {
@@ -652,20 +704,12 @@ fn dump_session(j: &mut Journal, s: &Session, out: &mut Outbox) {
             b.put_u16(*pid);
         });
     }
-    // In-flight first, in send order: each is queued, then moved into flight.
+    // In flight, in send order (replay numbers them in this order), then the queue.
     for pid in s.inflight_in_order() {
         let f = &s.inflight[&pid];
-        j.message(out, &f.pending.message);
-        j.record(out, |b| encode_enqueue(b, s.id, &f.pending));
-        for tag in [Tag::Flight, Tag::PubRec] {
-            if tag == Tag::PubRec && f.state != OutState::AwaitPubComp {
-                continue;
-            }
-            j.record(out, |b| {
-                b.put_u8(tag as u8);
-                b.put_u64(s.id.0);
-                b.put_u16(pid);
-            });
+        j.sent(out, s.id, pid, &f.pending);
+        if f.state == OutState::AwaitPubComp {
+            j.pid_event(out, Tag::PubRec, s.id, pid);
         }
     }
     for p in &s.pending {
@@ -954,35 +998,22 @@ impl Broker {
                     None => r.report.skipped += 1,
                 }
             }
-            Tag::Enqueue => {
+            Tag::Enqueue | Tag::Sent => {
                 let sid = f.sid()?;
-                let id = f.u64()?;
-                let qos = qos_from(f.u8()?).ok_or_else(|| f.invalid("qos"))?;
-                let retain = f.u8()? != 0;
-                let n = f.u8()?;
-                let mut subscription_ids = Vec::with_capacity(usize::from(n));
-                for _ in 0..n {
-                    subscription_ids.push(f.u32()?);
-                }
-                let shared = if f.u8()? != 0 {
-                    Some(SharedOrigin {
-                        filter: f.str()?.into(),
-                        group: f.str()?.into(),
-                    })
+                let pid = if tag == Tag::Sent {
+                    Some(f.u16()?)
                 } else {
                     None
                 };
-                let (Some(s), Some(m)) = (self.sessions.get_mut(&sid), r.messages.get(&id)) else {
+                let pending = decode_pending(f, r)?;
+                let (Some(s), Some(p)) = (self.sessions.get_mut(&sid), pending) else {
                     r.report.skipped += 1;
                     return Ok(());
                 };
-                s.pending.push_back(Pending {
-                    message: m.clone(),
-                    qos,
-                    retain,
-                    subscription_ids,
-                    shared,
-                });
+                match pid {
+                    Some(pid) => s.restore_flight(pid, p),
+                    None => s.pending.push_back(p),
+                }
             }
             Tag::Flight => {
                 let sid = f.sid()?;

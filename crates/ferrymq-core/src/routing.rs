@@ -341,8 +341,7 @@ impl Broker {
             }
             (None, QoS::AtMostOnce) => {}
             (Some(_), _) if s.has_window() && s.pending.is_empty() => {
-                self.enqueue(sid, p, out);
-                self.fill_window(sid, now, out);
+                self.send_now(sid, p, now, out);
             }
             _ => {
                 self.enqueue(sid, p, out);
