@@ -518,7 +518,7 @@ impl Broker {
         let (Some(j), Some(s)) = (self.journal.as_mut(), self.sessions.get(&sid)) else {
             return;
         };
-        if let Some((will, due)) = &s.pending_will {
+        if let Some((will, due)) = s.pending_will.as_deref() {
             write_will(j, sid, will, *due, out);
         }
     }
@@ -716,7 +716,7 @@ fn dump_session(j: &mut Journal, s: &Session, out: &mut Outbox) {
         j.message(out, &p.message);
         j.record(out, |b| encode_enqueue(b, s.id, p));
     }
-    if let Some((will, due)) = &s.pending_will {
+    if let Some((will, due)) = s.pending_will.as_deref() {
         write_will(j, s.id, will, *due, out);
     }
 }
@@ -868,7 +868,7 @@ impl Broker {
                 self.timers
                     .push(std::cmp::Reverse((due, Timer::SessionExpiry(s.id))));
             }
-            if let Some((_, due)) = &s.pending_will {
+            if let Some((_, due)) = s.pending_will.as_deref() {
                 self.timers
                     .push(std::cmp::Reverse(((*due).max(now), Timer::Will(s.id))));
                 r.pending_wills += 1;
@@ -1084,7 +1084,7 @@ impl Broker {
                     retain: m.retain,
                     properties: m.properties,
                 };
-                s.pending_will = Some((will, due));
+                s.pending_will = Some(Box::new((will, due)));
             }
             Tag::WillDone => {
                 let sid = f.sid()?;

@@ -75,8 +75,9 @@ pub struct Session {
     pub inbound_qos2: HashSet<PacketId>,
     /// How many outbound QoS 1/2 messages may be in flight now.
     pub window: usize,
-    /// A will waiting for its delay, with the time it is due.
-    pub pending_will: Option<(Will, Time)>,
+    /// A will waiting for its delay, with the time it is due. Boxed: rare, and inline it
+    /// would add ~80 bytes to every session.
+    pub pending_will: Option<Box<(Will, Time)>>,
     /// Whether the journal holds this session (it is durable and journaling is on).
     pub journaled: bool,
     next_pid: PacketId,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferrymq_core::{Action, Broker, ConnId, ConnectOutcome, Message, Outbox, Time};
 use ferrymq_mqtt::{Connect, Packet, QoS, ReasonCode};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
@@ -45,16 +45,21 @@ pub(crate) enum ToRouter {
 }
 
 /// A connection's outbound queue: the router appends, the writer takes everything at once.
+/// The writer's waker sits in the queue under the same lock (no separate `Notify`, whose
+/// waiter would add ~100 bytes to every idle connection's future).
 #[derive(Debug, Default)]
 pub(crate) struct Outbound {
     queue: Mutex<OutQueue>,
-    pub(crate) notify: Notify,
 }
 
 #[derive(Debug, Default)]
 struct OutQueue {
     actions: Vec<Action>,
     bytes: usize,
+    /// The writer, parked until there is something to take.
+    waker: Option<std::task::Waker>,
+    /// Woken without anything queued (a close handled elsewhere): the writer looks again.
+    woken: bool,
 }
 
 impl Outbound {
@@ -66,6 +71,34 @@ impl Outbound {
         }
         std::mem::swap(&mut q.actions, into);
         q.bytes = 0;
+    }
+
+    /// Resolves once actions are queued (or the router woke the writer) since the last take.
+    pub(crate) async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            let mut q = self.lock();
+            if !q.actions.is_empty() || std::mem::take(&mut q.woken) {
+                return std::task::Poll::Ready(());
+            }
+            match &q.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => q.waker = Some(cx.waker().clone()),
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Wakes the writer.
+    pub(crate) fn wake(&self) {
+        let waker = {
+            let mut q = self.lock();
+            q.woken = true;
+            q.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, OutQueue> {
@@ -312,7 +345,7 @@ impl Router {
             // Closed connections are gone from `conns` but still need their final wake-up;
             // `closed` keeps their handles until then.
             if let Some(o) = self.conns.get(&conn).or_else(|| self.closing.get(&conn)) {
-                o.notify.notify_one();
+                o.wake();
             }
         }
         self.closing.clear();
