@@ -276,14 +276,22 @@ impl Persistence {
         }
         let threshold = self.compact_after.max(2 * self.last_checkpoint);
         if self.checkpoint_ticket.is_none() && self.since_checkpoint >= threshold {
+            let started = Instant::now();
             if let Some(begin) = broker.checkpoint(out) {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
                 let (framed, count) = out.journal.take();
                 let bytes = framed.len() as u64;
                 self.last_checkpoint = bytes;
                 self.since_checkpoint = 0;
-                tracing::info!(bytes, records = count, "writing checkpoint");
                 self.submit(framed, count, true);
+                // The router is stalled for this long (see the issue notes: incremental
+                // checkpoints are the fix if large backlogs make it matter).
+                tracing::info!(
+                    bytes,
+                    records = count,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "checkpoint written"
+                );
                 self.checkpoint_ticket = Some(self.submitted);
             }
         }
