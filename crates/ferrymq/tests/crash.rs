@@ -14,16 +14,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferrymq_client::{Client, ConnectOptions};
+use common::{free_port, options, scratch_dir, wait_listening};
+use ferrymq_client::Client;
 use ferrymq_mqtt::{Packet, Properties, PubResp, Publish, QoS, ReasonCode, SubscriptionOptions};
 
 /// What the clients saw, shared with the checker.
@@ -59,14 +61,6 @@ impl Rng {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Each incarnation uses the next fsync policy, so every write path (group commit, inline
 /// write with background sync, inline write) is killed and recovered from, by each other.
 const POLICIES: [&str; 3] = ["always", "interval", "os"];
@@ -91,28 +85,12 @@ fn start_broker(mqtt: u16, http: u16, data: &Path, incarnation: u64) -> Child {
         .expect("ferrymq starts")
 }
 
-fn wait_listening(mqtt: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
-        assert!(Instant::now() < deadline, "broker did not come back");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn options(addr: &str, id: &str, clean: bool) -> ConnectOptions {
-    let mut o = ConnectOptions::new(addr, id);
-    o.clean_start = clean;
-    o.properties.session_expiry_interval = Some(3600);
-    o.timeout = Duration::from_secs(2);
-    o
-}
-
 async fn connect(shared: &Shared, id: &str, first: &mut bool) -> Option<(Client, bool)> {
     loop {
         if shared.done.load(Relaxed) {
             return None;
         }
-        match Client::connect(options(&shared.addr, id, *first)).await {
+        match Client::connect(options(&shared.addr, id, *first, Duration::from_secs(2))).await {
             Ok((c, ack)) => {
                 let present = ack.session_present;
                 *first = false;
@@ -289,12 +267,6 @@ async fn subscriber(shared: Arc<Shared>, subscribed: Arc<AtomicBool>) {
     }
 }
 
-fn data_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 #[test]
 fn acknowledged_messages_survive_sigkill() {
     let cycles: u64 = std::env::var("FERRYMQ_CRASH_CYCLES")
@@ -313,9 +285,9 @@ fn acknowledged_messages_survive_sigkill() {
     println!("crash test: {cycles} cycles, FERRYMQ_CRASH_SEED={seed}");
     let mut rng = Rng(seed | 1);
     let (mqtt, http) = (free_port(), free_port());
-    let data = data_dir();
+    let data = scratch_dir("crash");
     let mut broker = start_broker(mqtt, http, &data, 0);
-    wait_listening(mqtt);
+    wait_listening(mqtt, Duration::from_secs(30));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -347,7 +319,7 @@ fn acknowledged_messages_survive_sigkill() {
         broker.kill().unwrap(); // SIGKILL
         broker.wait().unwrap();
         broker = start_broker(mqtt, http, &data, cycle);
-        wait_listening(mqtt);
+        wait_listening(mqtt, Duration::from_secs(30));
     }
     // Let the last incarnation run, then drain: no new messages, finish what is in flight.
     std::thread::sleep(Duration::from_millis(300));

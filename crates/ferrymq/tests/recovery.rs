@@ -8,24 +8,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferrymq_client::{Client, ConnectOptions};
+use common::{free_port, options, scratch_dir, wait_listening};
+use ferrymq_client::Client;
 use ferrymq_mqtt::{Packet, Properties, Publish, QoS, SubscriptionOptions};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn start(config: &Path, mqtt: u16, http: u16, data: &Path) -> (Child, ChildStderr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
@@ -75,34 +69,10 @@ fn recovered_line(stderr: ChildStderr) -> (serde_json::Value, Checkpoints) {
     panic!("the broker exited without logging its recovery");
 }
 
-fn wait_listening(mqtt: u16) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while std::net::TcpStream::connect(("127.0.0.1", mqtt)).is_err() {
-        assert!(Instant::now() < deadline, "broker did not come up");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn options(addr: &str, id: &str, clean: bool) -> ConnectOptions {
-    let mut o = ConnectOptions::new(addr, id);
-    o.clean_start = clean;
-    o.properties.session_expiry_interval = Some(3600);
-    o.timeout = Duration::from_secs(30);
-    o
-}
-
-fn data_dir() -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("recovery-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Publishes `n` QoS 1 messages with up to 1,000 unacknowledged, `retained_every`-th retained
 /// on its own topic; returns once all are acknowledged.
 async fn publish(addr: &str, n: u64, retained_every: u64) {
-    let (mut c, _) = Client::connect(options(addr, "rec-pub", true))
+    let (mut c, _) = Client::connect(options(addr, "rec-pub", true, Duration::from_secs(30)))
         .await
         .unwrap();
     let (mut sent, mut acked) = (0u64, 0u64);
@@ -140,7 +110,7 @@ fn restart_with_many_queued_messages_is_timed_and_loses_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let data = data_dir();
+    let data = scratch_dir("recovery");
     let config = data.join("ferrymq.toml");
     std::fs::write(
         &config,
@@ -157,16 +127,17 @@ fn restart_with_many_queued_messages_is_timed_and_loses_nothing() {
     let (mut broker, stderr) = start(&config, mqtt, http, &store);
     let (first, checkpoints) = recovered_line(stderr);
     assert_eq!(first["sessions"], 0);
-    wait_listening(mqtt);
+    wait_listening(mqtt, Duration::from_secs(300));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let (mut sub, _) = Client::connect(options(&addr, "rec-sub", true))
-            .await
-            .unwrap();
+        let (mut sub, _) =
+            Client::connect(options(&addr, "rec-sub", true, Duration::from_secs(30)))
+                .await
+                .unwrap();
         let o = SubscriptionOptions {
             qos: QoS::AtLeastOnce,
             ..Default::default()
@@ -190,7 +161,7 @@ fn restart_with_many_queued_messages_is_timed_and_loses_nothing() {
     let written = checkpoints.lock().unwrap().clone();
     let (mut broker, stderr) = start(&config, mqtt, http, &store);
     let (rec, _) = recovered_line(stderr);
-    wait_listening(mqtt);
+    wait_listening(mqtt, Duration::from_secs(300));
     let up = restarted.elapsed();
     let queued = n - n.div_ceil(10);
     println!(
@@ -220,9 +191,10 @@ fn restart_with_many_queued_messages_is_timed_and_loses_nothing() {
     assert_eq!(rec["retained"], n.div_ceil(10));
 
     let drained = rt.block_on(async {
-        let (mut sub, ack) = Client::connect(options(&addr, "rec-sub", false))
-            .await
-            .unwrap();
+        let (mut sub, ack) =
+            Client::connect(options(&addr, "rec-sub", false, Duration::from_secs(30)))
+                .await
+                .unwrap();
         assert!(ack.session_present);
         let mut last = None;
         let mut got = 0u64;
