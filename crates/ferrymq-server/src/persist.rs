@@ -49,6 +49,9 @@ pub(crate) struct Durable {
     ticket: AtomicU64,
     /// Offset of the record that begins the newest durable checkpoint, plus one (0 = none).
     checkpoint: AtomicU64,
+    /// Set once the log failed (the reason is in `failed`): checked every router step
+    /// without taking the lock.
+    has_failed: std::sync::atomic::AtomicBool,
     failed: Mutex<Option<String>>,
     pub(crate) notify: Notify,
 }
@@ -57,6 +60,7 @@ impl Durable {
     fn fail(&self, e: String) {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         failed.get_or_insert(e);
+        self.has_failed.store(true, Ordering::Release);
         drop(failed);
         self.notify.notify_one();
     }
@@ -65,13 +69,20 @@ impl Durable {
         match result {
             Ok(_) => {
                 self.ticket.fetch_max(ticket, Ordering::Release);
+                self.notify.notify_one();
             }
-            Err(e) => {
-                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-                failed.get_or_insert_with(|| e.to_string());
-            }
+            Err(e) => self.fail(e.to_string()),
         }
-        self.notify.notify_one();
+    }
+
+    fn failure(&self) -> Option<String> {
+        if !self.has_failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -348,13 +359,7 @@ impl Persistence {
     /// Moves every held action whose records are now durable into `out`, oldest first.
     /// Errors when the log failed: nothing more can be acknowledged.
     pub(crate) fn release(&mut self, out: &mut Outbox) -> Result<(), String> {
-        if let Some(e) = self
-            .durable
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(e) = self.durable.failure() {
             return Err(e);
         }
         let durable = self.durable.ticket.load(Ordering::Acquire);
@@ -421,12 +426,7 @@ impl Persistence {
                 log.sync().is_ok()
             }
         };
-        let failed = durable
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        if stopped && !failed {
+        if stopped && durable.failure().is_none() {
             out.actions
                 .extend(held.drain(..).map(|(_, conn, action)| (conn, action)));
         }
