@@ -58,7 +58,8 @@ struct OutQueue {
     bytes: usize,
     /// The writer, parked until there is something to take.
     waker: Option<std::task::Waker>,
-    /// Woken without anything queued (a close handled elsewhere): the writer looks again.
+    /// A wake since the writer last looked: its next wait returns at once, so no wake is
+    /// lost even if it came before the writer parked.
     woken: bool,
 }
 
