@@ -244,11 +244,6 @@ async fn accept_loop(
             connect_timeout,
             over_limit: open > max_connections,
         };
-        let net = net.clone();
-        tokio::spawn(async move {
-            let (rd, wr) = stream.into_split();
-            connection::run(rd, wr, ctx).await;
-            net.connections_open.fetch_sub(1, Relaxed);
-        });
+        tokio::spawn(connection::run(stream, ctx));
     }
 }
