@@ -50,7 +50,22 @@ pub(crate) enum ToRouter {
 #[derive(Debug, Default)]
 pub(crate) struct Outbound {
     queue: Mutex<OutQueue>,
+    /// When the reader last received bytes ([`clock_ms`]), for the router's keep-alive check.
+    last_read: std::sync::atomic::AtomicU64,
+    /// Silence (ms) after which the router closes the connection, 1.5 times its keep alive
+    /// (MQTT-3.1.2-22); 0 = no keep alive. Set by the router at CONNECT.
+    keep_alive_ms: std::sync::atomic::AtomicU64,
 }
+
+/// Milliseconds on a process-wide monotonic clock, shared by readers and the router.
+pub(crate) fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// How often the router looks for connections silent past their keep alive: a timeout
+/// fires at most this late.
+const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Default)]
 struct OutQueue {
@@ -88,6 +103,11 @@ impl Outbound {
             std::task::Poll::Pending
         })
         .await
+    }
+
+    /// The reader received something.
+    pub(crate) fn touch(&self) {
+        self.last_read.store(clock_ms(), Relaxed);
     }
 
     /// Wakes the writer.
@@ -142,6 +162,7 @@ pub(crate) struct Router {
     /// Connections closed in the current dispatch, kept until their last wake-up.
     closing: HashMap<ConnId, Arc<Outbound>>,
     persist: Option<Persistence>,
+    next_keep_alive_check: Instant,
     /// Set when the router stops on its own (the log failed).
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
@@ -157,6 +178,7 @@ impl Router {
         Router {
             persist,
             fatal,
+            next_keep_alive_check: Instant::now(),
             broker,
             conns: HashMap::new(),
             net,
@@ -203,6 +225,10 @@ impl Router {
                 }
             }
             self.broker.tick(now, &mut self.out);
+            if Instant::now() >= self.next_keep_alive_check {
+                self.check_keep_alive(now);
+                self.next_keep_alive_check = Instant::now() + KEEP_ALIVE_CHECK;
+            }
             if !self.settings.sys_interval.is_zero() && Instant::now() >= next_sys {
                 self.publish_sys(now);
                 next_sys = Instant::now() + self.settings.sys_interval;
@@ -250,7 +276,35 @@ impl Router {
             let wait = Duration::from_millis(t.0.saturating_sub(self.now().0));
             at = at.min(Instant::now() + wait);
         }
+        if !self.conns.is_empty() {
+            at = at.min(self.next_keep_alive_check);
+        }
         at
+    }
+
+    /// Closes every connection silent for longer than 1.5 times its keep alive (5.0 clients
+    /// get DISCONNECT 0x8D).
+    fn check_keep_alive(&mut self, now: Time) {
+        let t = clock_ms();
+        let expired: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, o)| {
+                let limit = o.keep_alive_ms.load(Relaxed);
+                limit > 0 && t.saturating_sub(o.last_read.load(Relaxed)) > limit
+            })
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in expired {
+            if let Some(o) = self.conns.get(&conn) {
+                // Once: the connection is closing.
+                o.keep_alive_ms.store(0, Relaxed);
+            }
+            NetMetrics::add(&self.net.keep_alive_timeouts, 1);
+            tracing::info!(conn = conn.0, "keep alive timeout");
+            self.broker
+                .kill(conn, Some(ReasonCode::KeepAliveTimeout), now, &mut self.out);
+        }
     }
 
     fn handle(&mut self, msg: ToRouter, now: Time) {
@@ -261,8 +315,12 @@ impl Router {
                 outbound,
                 reply,
             } => {
-                self.conns.insert(conn, outbound);
                 let outcome = self.broker.connect(conn, *connect, now, &mut self.out);
+                if outcome.accepted {
+                    let limit = u64::from(outcome.keep_alive) * 1500;
+                    outbound.keep_alive_ms.store(limit, Relaxed);
+                }
+                self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
             }
             ToRouter::Packets { conn, packets } => {
