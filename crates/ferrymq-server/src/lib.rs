@@ -217,6 +217,12 @@ async fn accept_loop(
     };
     let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
     let max_connections = config.limits.max_connections as u64;
+    let shared = Arc::new(connection::Listener {
+        router,
+        net: net.clone(),
+        limits,
+        connect_timeout,
+    });
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -238,10 +244,7 @@ async fn accept_loop(
         tracing::debug!(conn = conn.0, %peer, "accepted");
         let ctx = connection::ConnContext {
             conn,
-            router: router.clone(),
-            net: net.clone(),
-            limits,
-            connect_timeout,
+            listener: shared.clone(),
             over_limit: open > max_connections,
         };
         tokio::spawn(connection::run(stream, ctx));
