@@ -14,6 +14,7 @@ mod admin;
 pub mod config;
 mod connection;
 mod error;
+mod fdlimit;
 pub mod metrics;
 mod persist;
 mod router;
@@ -56,6 +57,7 @@ impl Server {
     /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        fdlimit::report(fdlimit::raise(), config.limits.max_connections as u64);
         let net = Arc::new(NetMetrics::default());
         let mut broker = Broker::new(config.broker_config());
         let epoch_ms = std::time::SystemTime::now()
