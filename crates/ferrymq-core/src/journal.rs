@@ -816,7 +816,7 @@ fn decode_message(f: &mut Fields<'_>) -> Result<Message, JournalError> {
 /// too large for one log batch can be cut short by a crash, and then the state before it
 /// (still in the log, as nothing is reclaimed before a checkpoint is durable) stands.
 struct Saved {
-    sessions: HashMap<SessionId, Session>,
+    sessions: HashMap<SessionId, Box<Session>>,
     by_client_id: std::collections::HashMap<Arc<str>, SessionId>,
     subs: crate::SubscriptionTree,
     retained: crate::RetainedStore,
@@ -940,7 +940,7 @@ impl Broker {
                 let s = self
                     .sessions
                     .entry(sid)
-                    .or_insert_with(|| Session::new(sid, client_id.clone(), version));
+                    .or_insert_with(|| Box::new(Session::new(sid, client_id.clone(), version)));
                 s.version = version;
                 s.expiry_interval = expiry;
                 s.disconnected_at = disconnected_at;

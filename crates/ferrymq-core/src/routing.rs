@@ -32,13 +32,16 @@ impl Broker {
             Some(alias) if alias > self.config.topic_alias_maximum => {
                 return self.kill(conn, Some(ReasonCode::TopicAliasInvalid), now, out);
             }
-            Some(alias) if p.topic.is_empty() => match c.topic_aliases.get(&alias) {
-                Some(t) => t.clone(),
-                None => return self.kill(conn, Some(ReasonCode::ProtocolError), now, out),
-            },
+            Some(alias) if p.topic.is_empty() => {
+                match c.topic_aliases.as_ref().and_then(|m| m.get(&alias)) {
+                    Some(t) => t.clone(),
+                    None => return self.kill(conn, Some(ReasonCode::ProtocolError), now, out),
+                }
+            }
             Some(alias) => {
                 let t: Arc<str> = p.topic.as_str().into();
-                c.topic_aliases.insert(alias, t.clone());
+                let aliases = c.topic_aliases.get_or_insert_with(Default::default);
+                aliases.insert(alias, t.clone());
                 t
             }
             None => p.topic.as_str().into(),

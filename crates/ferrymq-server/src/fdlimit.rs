@@ -30,7 +30,10 @@ pub(crate) fn raise() -> FdLimit {
     let limit = getrlimit(Resource::Nofile);
     let before = limit.current;
     if limit.current == limit.maximum {
-        return FdLimit { before, now: before };
+        return FdLimit {
+            before,
+            now: before,
+        };
     }
     let raised = Rlimit {
         current: limit.maximum,
@@ -43,7 +46,10 @@ pub(crate) fn raise() -> FdLimit {
         },
         Err(e) => {
             tracing::warn!(error = %e, "cannot raise the open-files limit");
-            FdLimit { before, now: before }
+            FdLimit {
+                before,
+                now: before,
+            }
         }
     }
 }
