@@ -11,6 +11,7 @@
 #   --out F  also write every measurement as JSON lines
 #   --ratios-json F  write medians and FerryMQ/peer ratios as JSON
 #   --brokers "ferrymq mosquitto"  which brokers to run (default: all three)
+#   --only TEXT  only the scenarios whose name contains TEXT (e.g. "latency")
 #   --durable  durable QoS 1 instead: subscribers with persistent sessions, FerryMQ under its
 #              default fsync policy (the reference column) and under always / interval / os /
 #              in memory, mosquitto with persistence on, nats-server (JetStream stores MQTT
@@ -18,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0
+QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0; ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --durable) DURABLE=1 ;;
@@ -27,6 +28,7 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --brokers) BROKERS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
     --ratios-json) RATIOS=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -140,6 +142,7 @@ fi
 for broker in $BROKERS; do
   for entry in "${SCENARIOS[@]}"; do
     name=${entry%%|*}; args=${entry#*|}
+    case "$name" in *"$ONLY"*) ;; *) continue ;; esac
     reps=$REPS
     case "$name" in connections*) reps=1 ;; esac
     for rep in $(seq 1 "$reps"); do
