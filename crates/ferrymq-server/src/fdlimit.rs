@@ -69,9 +69,9 @@ pub(crate) fn report(limit: FdLimit, max_connections: u64) {
             tracing::warn!(
                 open_files = %show(limit.now),
                 max_connections,
-                "the open-files limit allows only about {room} connections, fewer than \
-                 limits.max_connections; raise the hard limit (ulimit -Hn, LimitNOFILE=) or \
-                 lower limits.max_connections"
+                "the open-files limit leaves room for {room} connections, fewer than \
+                 limits.max_connections: more are refused with Server Busy; raise the hard \
+                 limit (ulimit -Hn, LimitNOFILE=) or lower limits.max_connections"
             );
         }
     }

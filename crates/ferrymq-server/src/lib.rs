@@ -57,7 +57,15 @@ impl Server {
     /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
-        fdlimit::report(fdlimit::raise(), config.limits.max_connections as u64);
+        // Connections past what the open-files limit leaves room for are refused with Server
+        // Busy like any over the configured maximum, while descriptors remain to accept and
+        // answer them, instead of failing in accept() and leaving clients hanging.
+        let fd_limit = fdlimit::raise();
+        let configured_max = config.limits.max_connections as u64;
+        fdlimit::report(fd_limit, configured_max);
+        let max_connections = fd_limit
+            .connections()
+            .map_or(configured_max, |room| room.min(configured_max));
         let net = Arc::new(NetMetrics::default());
         let mut broker = Broker::new(config.broker_config());
         let epoch_ms = std::time::SystemTime::now()
@@ -132,6 +140,7 @@ impl Server {
             tx.clone(),
             net.clone(),
             config.clone(),
+            max_connections,
             stop_rx.clone(),
         ));
         let state = admin::AdminState {
@@ -211,6 +220,7 @@ async fn accept_loop(
     router: mpsc::Sender<ToRouter>,
     net: Arc<NetMetrics>,
     config: Config,
+    max_connections: u64,
     mut stop: watch::Receiver<bool>,
 ) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -218,7 +228,6 @@ async fn accept_loop(
         max_packet_size: config.mqtt.max_packet_size as usize,
     };
     let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
-    let max_connections = config.limits.max_connections as u64;
     let shared = Arc::new(connection::Listener {
         router,
         net: net.clone(),
