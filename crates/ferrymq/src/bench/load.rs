@@ -438,6 +438,24 @@ async fn subscriber(
     Ok(tally)
 }
 
+/// Sends a PINGREQ on every live connection, then waits for each PINGRESP (all in flight at
+/// once: 20,000 round trips one by one would take seconds). A connection that errs, answers
+/// something else or stays silent for 10 s in all is marked dead.
+async fn ping_all(held: &mut [Client], alive: &mut [bool]) {
+    for (c, ok) in held.iter_mut().zip(alive.iter_mut()) {
+        if *ok {
+            *ok = c.queue(&Packet::PingReq).is_ok() && c.flush().await.is_ok();
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (c, ok) in held.iter_mut().zip(alive.iter_mut()) {
+        if *ok {
+            let answer = tokio::time::timeout_at(deadline, c.recv()).await;
+            *ok = matches!(answer, Ok(Ok(Packet::PingResp)));
+        }
+    }
+}
+
 /// Opens many idle connections and reports the broker's memory per connection.
 pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> {
     let rss_before = a.broker_pid.and_then(rss_kb);
@@ -448,8 +466,15 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
     };
     let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
     let mut held = Vec::with_capacity(a.connections);
+    let mut alive = Vec::with_capacity(a.connections);
     let mut failed = 0;
     let deadline = Instant::now() + t.timeout;
+    // Idle clients are silent but for a PINGREQ every half keep alive, from the start: opening
+    // tens of thousands can take longer than a keep alive, and a hold longer than 1.5 keep
+    // alives must measure live connections, not ones the broker rightly closed.
+    let ping_every =
+        (a.keep_alive > 0).then(|| Duration::from_millis(u64::from(a.keep_alive) * 500));
+    let mut next_ping = ping_every.map(|every| Instant::now() + every);
     for chunk in (0..a.connections).collect::<Vec<_>>().chunks(256) {
         let mut tasks = Vec::with_capacity(chunk.len());
         for &i in chunk {
@@ -468,8 +493,17 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
         }
         for task in tasks {
             match task.await {
-                Ok(Ok(c)) => held.push(c),
+                Ok(Ok(c)) => {
+                    held.push(c);
+                    alive.push(true);
+                }
                 _ => failed += 1,
+            }
+        }
+        if let (Some(at), Some(every)) = (next_ping, ping_every) {
+            if Instant::now() >= at {
+                ping_all(&mut held, &mut alive).await;
+                next_ping = Some(Instant::now() + every);
             }
         }
         if Instant::now() > deadline {
@@ -477,23 +511,25 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
             break;
         }
     }
-    tokio::time::sleep(Duration::from_secs(a.hold)).await;
-    let rss_after = a.broker_pid.and_then(rss_kb);
-    // Still alive? A PINGREQ on a sample must be answered.
-    let mut dead = 0;
-    for c in held.iter_mut().step_by(97) {
-        let alive = async {
-            c.queue(&Packet::PingReq)?;
-            c.flush().await?;
-            anyhow::Ok(matches!(c.recv().await?, Packet::PingResp))
-        };
-        if !matches!(
-            tokio::time::timeout(Duration::from_secs(5), alive).await,
-            Ok(Ok(true))
-        ) {
-            dead += 1;
+    let hold_until = Instant::now() + Duration::from_secs(a.hold);
+    loop {
+        let now = Instant::now();
+        if now >= hold_until {
+            break;
+        }
+        match next_ping {
+            Some(at) if at <= now => {
+                ping_all(&mut held, &mut alive).await;
+                next_ping = ping_every.map(|every| Instant::now() + every);
+            }
+            Some(at) => tokio::time::sleep(at.min(hold_until) - now).await,
+            None => tokio::time::sleep(hold_until - now).await,
         }
     }
+    let rss_after = a.broker_pid.and_then(rss_kb);
+    // Still alive? Every connection must answer a PINGREQ.
+    ping_all(&mut held, &mut alive).await;
+    let dead = alive.iter().filter(|a| !**a).count();
     let held_n = held.len() - dead;
     drop(held);
     let per = match (rss_before, rss_after) {

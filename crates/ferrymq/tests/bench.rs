@@ -1,0 +1,119 @@
+//! `ferrymq bench` against a real broker: it counts what it measures, holds idle connections
+//! the way idle clients do (pinging within their keep alive), and fails loudly when it cannot
+//! measure.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{free_port, wait_listening};
+
+struct Broker {
+    child: Child,
+    mqtt: u16,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let (mqtt, http) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+            .args(["serve", "--in-memory", "--log-level", "warn"])
+            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ferrymq starts");
+        wait_listening(mqtt, Duration::from_secs(20));
+        Broker { child, mqtt }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bench(port: u16, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .arg("bench")
+        .args(args)
+        .args(["--port", &port.to_string(), "--json", "--timeout", "60"])
+        .output()
+        .expect("bench runs")
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn throughput_and_fanout_count_every_message() {
+    let broker = Broker::start();
+    let r = report(&bench(
+        broker.mqtt,
+        &["throughput", "-q", "1", "-n", "5000", "--inflight", "64"],
+    ));
+    assert_eq!(r["expected"], 5000);
+    assert_eq!(r["received"], 5000);
+    for k in ["lost", "duplicates", "reordered"] {
+        assert_eq!(r[k], 0, "{k} in {r}");
+    }
+    assert!(r["deliveries_per_sec"].as_f64().unwrap() > 0.0);
+
+    let r = report(&bench(broker.mqtt, &["fanout", "-S", "5", "-n", "400"]));
+    assert_eq!(r["expected"], 2000, "{r}");
+    assert_eq!(r["received"], 2000, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+}
+
+/// Held for three times the 1-second keep alive: without its pings every connection would
+/// be closed by the broker after 1.5 s and the bench would report them failed.
+#[test]
+fn idle_connections_are_held_past_their_keep_alive() {
+    let broker = Broker::start();
+    let pid = broker.child.id().to_string();
+    let r = report(&bench(
+        broker.mqtt,
+        &[
+            "connections",
+            "-c",
+            "50",
+            "--keep-alive",
+            "1",
+            "--hold",
+            "3",
+            "--broker-pid",
+            &pid,
+        ],
+    ));
+    let c = &r["connections"];
+    assert_eq!(c["requested"], 50, "{r}");
+    assert_eq!(c["held"], 50, "{r}");
+    assert_eq!(c["failed"], 0, "{r}");
+    assert!(c["broker_rss_after_kb"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
+fn a_bench_that_cannot_reach_its_broker_fails() {
+    let port = free_port();
+    let out = bench(port, &["throughput", "-n", "10"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bench succeeded against nothing");
+    assert!(err.contains("Connection refused"), "{err}");
+    let out = bench(port, &["connections", "-c", "5", "--hold", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bench held connections to nothing");
+    assert!(err.contains("5 of 5 connections failed"), "{err}");
+}
