@@ -21,12 +21,13 @@ use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use ferrymq_mqtt::{
-    ConnAck, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
-    Will,
+    ConnAck, Connect, Disconnect, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, Will,
 };
 
-use crate::journal::{Journal, Tag};
-use crate::session::{Pending, Session};
+use crate::journal::record::Record;
+use crate::journal::Journal;
+use crate::session::{OutState, Pending, Session};
 use crate::{
     BrokerConfig, ConnId, Message, RetainedStore, SessionId, SubscriptionTree, Time,
     SESSION_NEVER_EXPIRES,
@@ -46,8 +47,8 @@ pub enum Action {
     Close,
 }
 
-/// An application message for one subscriber. The driver turns it into a PUBLISH (adding an
-/// outbound topic alias if it wants) with [`Delivery::to_publish`].
+/// An application message for one subscriber. The driver encodes it as a PUBLISH (adding an
+/// outbound topic alias if it wants), with [`Delivery::properties`].
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub message: Arc<Message>,
@@ -75,28 +76,6 @@ impl Delivery {
             p.subscription_identifiers = self.subscription_ids.clone();
         }
         std::borrow::Cow::Owned(p)
-    }
-
-    /// An owned PUBLISH for this delivery (the writer encodes from parts instead).
-    pub fn to_publish(&self) -> Publish {
-        let m = &self.message;
-        let mut properties = m.properties.clone();
-        // Writing to an empty block allocates one; only write what is there to write.
-        if properties.message_expiry_interval != self.expiry_remaining {
-            properties.message_expiry_interval = self.expiry_remaining;
-        }
-        if !self.subscription_ids.is_empty() {
-            properties.subscription_identifiers = self.subscription_ids.clone();
-        }
-        Publish {
-            dup: self.dup,
-            qos: self.qos,
-            retain: self.retain,
-            topic: m.topic.to_string(),
-            packet_id: self.packet_id,
-            properties,
-            payload: m.payload.clone(),
-        }
     }
 }
 
@@ -159,6 +138,15 @@ pub(crate) struct Conn {
     pub client_max_packet_size: u32,
 }
 
+/// What happens to a connection's will when it detaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WillOnClose {
+    /// Published (after its delay): the connection ended without a normal DISCONNECT.
+    Publish,
+    /// Discarded: a normal DISCONNECT, or the server shutting down.
+    Discard,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     Will(SessionId),
@@ -180,6 +168,9 @@ pub struct Broker {
     pub(crate) timers: BinaryHeap<Reverse<(Time, Timer)>>,
     pub(crate) next_session: u64,
     pub(crate) next_message_id: u64,
+    /// Assigned client ids are `ferrymq-{instance}-{n}`: the instance part is random per
+    /// process (set by the driver), so an id handed out never comes back after a restart.
+    instance: u128,
     next_assigned_id: u64,
     pub(crate) journal: Option<Journal>,
 }
@@ -197,18 +188,21 @@ impl Broker {
             timers: BinaryHeap::new(),
             next_session: 1,
             next_message_id: 1,
+            instance: 0,
             next_assigned_id: 1,
             journal: None,
         }
     }
 
-    pub fn config(&self) -> &BrokerConfig {
-        &self.config
+    /// Sets the random part of assigned client ids. The engine has no randomness of its
+    /// own: a driver that restarts on the same store must pass a fresh random value each
+    /// time, or a client connecting with an empty id could be handed a stranger's session.
+    pub fn set_instance_id(&mut self, instance: u128) {
+        self.instance = instance;
     }
 
-    /// Replaces the limits; they apply to connections made from now on.
-    pub fn set_config(&mut self, config: BrokerConfig) {
-        self.config = config;
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
     }
 
     pub fn stats(&self) -> &Stats {
@@ -261,7 +255,7 @@ impl Broker {
         }
         let mut props = Properties::default();
         let client_id: Arc<str> = if c.client_id.is_empty() {
-            let id = format!("ferrymq-{}", self.next_assigned_id);
+            let id = format!("ferrymq-{:032x}-{}", self.instance, self.next_assigned_id);
             self.next_assigned_id += 1;
             if v5 {
                 props.assigned_client_identifier = Some(id.clone());
@@ -286,7 +280,9 @@ impl Broker {
                 if let Some(old) = existing {
                     self.end_session(old, now, out);
                 }
-                self.new_session(client_id.clone(), c.version)
+                let id = SessionId(self.next_session);
+                self.next_session += 1;
+                id
             }
         };
         let session_present = existing == Some(session_id);
@@ -305,14 +301,20 @@ impl Broker {
         let window = usize::from(c.properties.receive_maximum.unwrap_or(u16::MAX))
             .min(usize::from(self.config.max_inflight))
             .clamp(1, 65_000);
+        // Creates the session or updates it; connecting cancels a delayed will (MQTT-3.1.3-9).
+        self.commit(
+            Record::Session {
+                sid: session_id,
+                client_id,
+                version: c.version,
+                expiry,
+                disconnected_at: None,
+            },
+            out,
+        );
         let session = self.sessions.get_mut(&session_id).expect("session exists");
         session.conn = Some(conn);
-        session.version = c.version;
-        session.expiry_interval = expiry;
-        session.disconnected_at = None;
         session.window = window;
-        // Reconnecting in time cancels a delayed will (MQTT-3.1.3-9).
-        session.pending_will = None;
         self.conns.insert(
             conn,
             Conn {
@@ -329,7 +331,7 @@ impl Broker {
             properties: props,
         };
         out.push(conn, Action::Send(Packet::ConnAck(ack)));
-        self.journal_connect(session_id, out);
+        self.journal_durability(session_id, out);
         self.resume_session(session_id, now, out);
         outcome.accepted = true;
         outcome
@@ -342,7 +344,9 @@ impl Broker {
         if c.client_id.is_empty() && !c.clean_start && c.version == ProtocolVersion::V311 {
             return Err(ReasonCode::ClientIdentifierNotValid);
         }
-        if c.username.is_none() && !self.config.allow_anonymous {
+        // No authentication exists yet: a user name proves nothing, so a client that sends
+        // one is as anonymous as one that does not.
+        if !self.config.allow_anonymous {
             return Err(ReasonCode::NotAuthorized);
         }
         if let Some(w) = &c.will {
@@ -376,28 +380,14 @@ impl Broker {
         granted
     }
 
-    fn new_session(&mut self, client_id: Arc<str>, version: ProtocolVersion) -> SessionId {
-        let id = SessionId(self.next_session);
-        self.next_session += 1;
-        self.sessions
-            .insert(id, Box::new(Session::new(id, client_id.clone(), version)));
-        self.by_client_id.insert(client_id, id);
-        id
-    }
-
     /// Removes a session, its subscriptions, and publishes its pending will.
     pub(crate) fn end_session(&mut self, id: SessionId, now: Time, out: &mut Outbox) {
-        let Some(mut s) = self.sessions.remove(&id) else {
+        let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        if self.by_client_id.get(&s.client_id) == Some(&id) {
-            self.by_client_id.remove(&s.client_id);
-        }
-        for sub in s.subscriptions.values() {
-            self.subs.remove(&sub.filter, sub.group.as_deref(), id);
-        }
-        self.journal_session_end(&s, out);
-        if let Some((will, _)) = s.pending_will.take().map(|b| *b) {
+        let will = s.pending_will.take();
+        self.commit(Record::SessionEnd(id), out);
+        if let Some((will, _)) = will.map(|b| *b) {
             self.publish_will(will, id, now, out);
         }
     }
@@ -405,7 +395,7 @@ impl Broker {
     /// The network connection closed without a DISCONNECT (or the driver gave up on it).
     /// The will is published, subject to its delay.
     pub fn closed(&mut self, conn: ConnId, now: Time, out: &mut Outbox) {
-        self.detach(conn, true, now, out);
+        self.detach(conn, WillOnClose::Publish, None, now, out);
     }
 
     /// Ends a connection for a protocol violation: DISCONNECT with `reason` (5.0 only), close,
@@ -425,7 +415,7 @@ impl Broker {
             out.violations.push((conn, r));
         }
         out.push(conn, Action::Close);
-        self.detach(conn, true, now, out);
+        self.detach(conn, WillOnClose::Publish, None, now, out);
     }
 
     /// Disconnects every client because the server is stopping (5.0 clients get 0x8B).
@@ -437,12 +427,20 @@ impl Broker {
                 out.push(conn, Action::Send(Packet::Disconnect(d)));
             }
             out.push(conn, Action::Close);
-            self.detach(conn, false, now, out);
+            self.detach(conn, WillOnClose::Discard, None, now, out);
         }
     }
 
-    /// Detaches a connection from its session; ends the session if it does not outlive it.
-    pub(crate) fn detach(&mut self, conn: ConnId, with_will: bool, now: Time, out: &mut Outbox) {
+    /// Detaches a connection from its session (with the session expiry its DISCONNECT set,
+    /// if any); ends the session if it does not outlive it.
+    pub(crate) fn detach(
+        &mut self,
+        conn: ConnId,
+        will: WillOnClose,
+        new_expiry: Option<u32>,
+        now: Time,
+        out: &mut Outbox,
+    ) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -451,22 +449,26 @@ impl Broker {
             return;
         };
         s.conn = None;
-        s.disconnected_at = Some(now);
-        let expiry = s.expiry_interval;
-        if let (true, Some(will)) = (with_will, c.will.map(|w| *w)) {
-            let delay = will.properties.will_delay_interval.unwrap_or(0).min(expiry);
+        let expiry = new_expiry.unwrap_or(s.expiry_interval);
+        let record = Record::Session {
+            sid,
+            client_id: s.client_id.clone(),
+            version: s.version,
+            expiry,
+            disconnected_at: Some(now),
+        };
+        self.commit(record, out);
+        self.journal_durability(sid, out);
+        if let (WillOnClose::Publish, Some(w)) = (will, c.will) {
+            let delay = w.properties.will_delay_interval.unwrap_or(0).min(expiry);
             if delay == 0 {
-                self.publish_will(will, sid, now, out);
+                self.publish_will(*w, sid, now, out);
             } else {
                 let due = now.plus_secs(delay);
-                if let Some(s) = self.sessions.get_mut(&sid) {
-                    s.pending_will = Some(Box::new((will, due)));
-                }
+                self.commit(Record::Will { sid, will: w, due }, out);
                 self.timers.push(Reverse((due, Timer::Will(sid))));
             }
         }
-        self.journal_session(sid, out);
-        self.journal_will(sid, out);
         self.redistribute_shared(sid, now, out);
         if expiry == 0 {
             self.end_session(sid, now, out);
@@ -513,7 +515,7 @@ impl Broker {
                     };
                     if s.pending_will.as_deref().is_some_and(|(_, at)| *at <= now) {
                         let (will, _) = *s.pending_will.take().expect("checked");
-                        self.journal_will_done(sid, out);
+                        self.commit(Record::WillDone(sid), out);
                         self.publish_will(will, sid, now, out);
                     }
                 }
@@ -566,14 +568,17 @@ impl Broker {
                 self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
                 return;
             }
-            let granted = new_expiry.min(self.config.max_session_expiry);
-            if let Some(s) = self.sessions.get_mut(&sid) {
-                s.expiry_interval = granted;
-            }
         }
-        let with_will = d.reason == ReasonCode::DisconnectWithWill;
+        let granted = d
+            .properties
+            .session_expiry_interval
+            .map(|e| e.min(self.config.max_session_expiry));
+        let will = match d.reason {
+            ReasonCode::DisconnectWithWill => WillOnClose::Publish,
+            _ => WillOnClose::Discard,
+        };
         out.push(conn, Action::Close);
-        self.detach(conn, with_will, now, out);
+        self.detach(conn, will, granted, now, out);
     }
 
     /// Resends in-flight messages (DUP) and fills the window from the pending queue.
@@ -585,9 +590,10 @@ impl Broker {
         for pid in s.inflight_in_order() {
             let f = &s.inflight[&pid];
             let action = match f.state {
-                crate::session::OutState::AwaitPubComp => Action::Send(Packet::PubRel(
-                    ferrymq_mqtt::PubResp::new(pid, ReasonCode::Success),
-                )),
+                OutState::AwaitPubComp => Action::Send(Packet::PubRel(ferrymq_mqtt::PubResp::new(
+                    pid,
+                    ReasonCode::Success,
+                ))),
                 _ => Action::Deliver(Delivery {
                     message: f.pending.message.clone(),
                     qos: f.pending.qos,
@@ -603,34 +609,27 @@ impl Broker {
         self.fill_window(sid, now, out);
     }
 
-    /// Moves pending messages into flight while the client's receive window allows.
+    /// Moves queued messages into flight while the client's receive window allows.
     pub(crate) fn fill_window(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
-        let Some(s) = self.sessions.get_mut(&sid) else {
-            return;
-        };
-        let Some(conn) = s.conn else { return };
-        let mut journal = self.journal.as_mut().filter(|_| s.journaled);
-        while s.has_window() {
-            let Some(p) = s.pending.pop_front() else {
-                break;
+        loop {
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                return;
             };
-            if p.message.is_expired(now) {
+            if s.conn.is_none() || !s.has_window() {
+                return;
+            }
+            let Some(front) = s.pending.front() else {
+                return;
+            };
+            let message = front.message.id;
+            if front.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
-                if let Some(j) = journal.as_deref_mut() {
-                    j.session_event(out, Tag::PopPending, sid);
-                }
+                self.commit(Record::Expired { sid, message }, out);
                 continue;
             }
-            send_in_flight(
-                s,
-                conn,
-                p,
-                true,
-                journal.as_deref_mut(),
-                &mut self.stats,
-                now,
-                out,
-            );
+            let pid = s.free_packet_id();
+            self.commit(Record::Flight { sid, pid, message }, out);
+            self.deliver_in_flight(sid, pid, now, out);
         }
     }
 
@@ -640,9 +639,39 @@ impl Broker {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
-        let Some(conn) = s.conn else { return };
-        let journal = self.journal.as_mut().filter(|_| s.journaled);
-        send_in_flight(s, conn, p, false, journal, &mut self.stats, now, out);
+        let pid = s.free_packet_id();
+        self.commit(
+            Record::Sent {
+                sid,
+                pid,
+                pending: p,
+            },
+            out,
+        );
+        self.deliver_in_flight(sid, pid, now, out);
+    }
+
+    /// Hands the message that just went in flight under `pid` to the session's connection.
+    fn deliver_in_flight(&mut self, sid: SessionId, pid: PacketId, now: Time, out: &mut Outbox) {
+        let Some(s) = self.sessions.get(&sid) else {
+            return;
+        };
+        let (Some(conn), Some(f)) = (s.conn, s.inflight.get(&pid)) else {
+            return;
+        };
+        let p = &f.pending;
+        self.stats.messages_sent[p.qos as usize] += 1;
+        self.stats.payload_bytes_sent += p.message.payload.len() as u64;
+        let d = Delivery {
+            message: p.message.clone(),
+            qos: p.qos,
+            packet_id: Some(pid),
+            dup: false,
+            retain: p.retain,
+            subscription_ids: p.subscription_ids.clone(),
+            expiry_remaining: p.message.expiry_remaining(now),
+        };
+        out.push(conn, Action::Deliver(d));
     }
 
     /// Queue of messages waiting for a session, for tests and admin views.
@@ -651,60 +680,18 @@ impl Broker {
         Some((s.inflight.len(), s.pending.len()))
     }
 
+    /// Appends a QoS 1/2 message to a session's queue, unless the queue is full (dropped and
+    /// counted).
     pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending, out: &mut Outbox) -> bool {
         let limit = self.config.max_queued_messages;
-        let Some(s) = self.sessions.get_mut(&sid) else {
+        let Some(s) = self.sessions.get(&sid) else {
             return false;
         };
         if s.pending.len() >= limit {
             self.stats.dropped_queue_full += 1;
             return false;
         }
-        if let Some(j) = self.journal.as_mut().filter(|_| s.journaled) {
-            j.enqueue(out, sid, &p);
-        }
-        s.pending.push_back(p);
+        self.commit(Record::Enqueue { sid, pending: p }, out);
         true
     }
-}
-
-/// Puts `p` in flight under a fresh packet id, journals it (`Flight` when it came off the
-/// queue, `Sent` when it skipped it), and hands the delivery to the connection.
-#[allow(clippy::too_many_arguments)]
-fn send_in_flight(
-    s: &mut Session,
-    conn: ConnId,
-    p: Pending,
-    from_queue: bool,
-    journal: Option<&mut Journal>,
-    stats: &mut Stats,
-    now: Time,
-    out: &mut Outbox,
-) {
-    let d = Delivery {
-        message: p.message.clone(),
-        qos: p.qos,
-        packet_id: None,
-        dup: false,
-        retain: p.retain,
-        subscription_ids: p.subscription_ids.clone(),
-        expiry_remaining: p.message.expiry_remaining(now),
-    };
-    let pid = s.start_flight(p);
-    if let Some(j) = journal {
-        if from_queue {
-            j.pid_event(out, Tag::Flight, s.id, pid);
-        } else if let Some(f) = s.inflight.get(&pid) {
-            j.sent(out, s.id, pid, &f.pending);
-        }
-    }
-    stats.messages_sent[d.qos as usize] += 1;
-    stats.payload_bytes_sent += d.message.payload.len() as u64;
-    out.push(
-        conn,
-        Action::Deliver(Delivery {
-            packet_id: Some(pid),
-            ..d
-        }),
-    );
 }

@@ -22,7 +22,8 @@ pub struct BrokerConfig {
     pub max_subscriptions_per_client: usize,
     /// Largest session expiry interval granted, in seconds.
     pub max_session_expiry: u32,
-    /// Whether clients without a user name may connect.
+    /// Whether anonymous clients may connect. Until authentication exists every client is
+    /// anonymous, user name or not, so `false` refuses every CONNECT.
     pub allow_anonymous: bool,
     /// Topic filters no subscriber may use (a requested filter covered by one is refused).
     pub deny_subscribe: Vec<String>,

@@ -13,10 +13,10 @@
 //! - At most one connection is attached to a session; a new one takes the session over.
 //! - Every subscription in the trie belongs to a live session, and vice versa.
 //!
-//! Durability: all session state lives in [`session::Session`] and the retained store; with
-//! journaling on, every change to durable state is also emitted as a record in
-//! [`Outbox::journal`] where it is made (see `journal.rs`), and [`Broker::restore`] rebuilds
-//! the state from those records.
+//! Durability: all session state lives in [`session::Session`] and the retained store. Every
+//! change to durable state is a record applied by one function (`journal/record.rs`): live
+//! code commits records (journaled into [`Outbox::journal`] when journaling is on), and
+//! [`Broker::restore`] applies the same records read back from the log.
 
 mod broker;
 mod config;

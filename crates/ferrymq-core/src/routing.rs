@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ferrymq_mqtt::{Packet, ProtocolVersion, PubResp, Publish, QoS, ReasonCode};
 
 use crate::broker::{Action, Delivery, Outbox};
-use crate::journal::Tag;
+use crate::journal::record::Record;
 use crate::session::{OutState, Pending, SharedOrigin};
 use crate::{Broker, ConnId, Message, SessionId, Time};
 
@@ -113,11 +113,8 @@ impl Broker {
                 );
             }
             QoS::ExactlyOnce => {
-                if let Some(s) = self.sessions.get_mut(&sid) {
-                    s.inbound_qos2.insert(pid);
-                }
-                if let Some(j) = self.journal_for(sid) {
-                    j.pid_event(out, Tag::Qos2In, sid, pid);
+                if self.sessions.contains_key(&sid) {
+                    self.commit(Record::Qos2In { sid, pid }, out);
                 }
                 out.push(
                     conn,
@@ -129,14 +126,13 @@ impl Broker {
 
     pub(crate) fn on_pubrel(&mut self, conn: ConnId, r: PubResp, out: &mut Outbox) {
         let sid = self.conns[&conn].session;
+        let pid = r.packet_id;
         let known = self
             .sessions
-            .get_mut(&sid)
-            .is_some_and(|s| s.inbound_qos2.remove(&r.packet_id));
+            .get(&sid)
+            .is_some_and(|s| s.inbound_qos2.contains(&pid));
         if known {
-            if let Some(j) = self.journal_for(sid) {
-                j.pid_event(out, Tag::Qos2Done, sid, r.packet_id);
-            }
+            self.commit(Record::Qos2Done { sid, pid }, out);
         }
         let reason = if known {
             ReasonCode::Success
@@ -154,14 +150,12 @@ impl Broker {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        let pid = r.packet_id;
         if s.inflight
-            .get(&r.packet_id)
+            .get(&pid)
             .is_some_and(|f| f.state == OutState::AwaitPubAck)
         {
-            s.inflight.remove(&r.packet_id);
-            if let Some(j) = self.journal_for(sid) {
-                j.pid_event(out, Tag::Acked, sid, r.packet_id);
-            }
+            self.commit(Record::Acked { sid, pid }, out);
             self.fill_window(sid, now, out);
         }
     }
@@ -172,22 +166,15 @@ impl Broker {
             return;
         };
         let pid = r.packet_id;
-        match s.inflight.get_mut(&pid) {
+        match s.inflight.get(&pid) {
             Some(f) if f.state == OutState::AwaitPubRec && r.reason.is_error() => {
                 // The receiver refused it: the flow ends here (MQTT-4.3.3).
-                s.inflight.remove(&pid);
-                if let Some(j) = self.journal_for(sid) {
-                    j.pid_event(out, Tag::Acked, sid, pid);
-                }
+                self.commit(Record::Acked { sid, pid }, out);
                 self.fill_window(sid, now, out);
             }
             Some(f) if f.state != OutState::AwaitPubAck => {
-                let first = f.state == OutState::AwaitPubRec;
-                f.state = OutState::AwaitPubComp;
-                if first {
-                    if let Some(j) = self.journal_for(sid) {
-                        j.pid_event(out, Tag::PubRec, sid, pid);
-                    }
+                if f.state == OutState::AwaitPubRec {
+                    self.commit(Record::PubRec { sid, pid }, out);
                 }
                 out.push(
                     conn,
@@ -209,14 +196,12 @@ impl Broker {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        let pid = r.packet_id;
         if s.inflight
-            .get(&r.packet_id)
+            .get(&pid)
             .is_some_and(|f| f.state == OutState::AwaitPubComp)
         {
-            s.inflight.remove(&r.packet_id);
-            if let Some(j) = self.journal_for(sid) {
-                j.pid_event(out, Tag::Acked, sid, r.packet_id);
-            }
+            self.commit(Record::Acked { sid, pid }, out);
             self.fill_window(sid, now, out);
         }
     }
@@ -229,8 +214,7 @@ impl Broker {
         self.next_message_id += 1;
         let msg = Arc::new(msg);
         if msg.retain {
-            self.retained.set(msg.clone());
-            self.journal_retain(&msg, out);
+            self.commit(Record::Retain(msg.clone()), out);
         }
         let targets = self.targets(&msg);
         let routed = targets.len();
@@ -281,24 +265,14 @@ impl Broker {
             let Some(e) = group.pick(connected) else {
                 continue;
             };
-            let filter = self
-                .sessions
-                .get(&e.session)
-                .and_then(|s| {
-                    s.subscriptions
-                        .values()
-                        .find(|sub| sub.group.as_deref() == Some(&*group.name))
-                })
-                .map(|sub| sub.filter.as_str())
-                .unwrap_or_default();
             targets.push(Target {
                 session: e.session,
                 qos: msg.qos.min(e.options.qos),
                 retain_as_published: false,
                 ids: e.identifier.into_iter().collect(),
                 shared: Some(SharedOrigin {
-                    filter: filter.into(),
-                    group: group.name.as_ref().into(),
+                    filter: group.filter.clone(),
+                    group: group.name.clone(),
                 }),
             });
         }
@@ -355,16 +329,14 @@ impl Broker {
     /// When a shared-group member goes away, its unacknowledged messages from that group go
     /// to another connected member (those awaiting PUBCOMP were already received and stay).
     pub(crate) fn redistribute_shared(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
-        let Some(s) = self.sessions.get_mut(&sid) else {
+        let Some(s) = self.sessions.get(&sid) else {
             return;
         };
-        let moved = s.take_shared();
+        let moved = s.shared_movable();
         if moved.is_empty() {
             return;
         }
-        if let Some(j) = self.journal_for(sid) {
-            j.session_event(out, Tag::TakeShared, sid);
-        }
+        self.commit(Record::TakeShared(sid), out);
         for p in moved {
             let origin = p.shared.clone().expect("only shared messages are moved");
             let sessions = &self.sessions;

@@ -113,27 +113,9 @@ impl Session {
         self.inflight.len() < self.window
     }
 
-    /// Records `pending` as in flight under a fresh packet id.
-    pub fn start_flight(&mut self, pending: Pending) -> PacketId {
-        let pid = self.free_packet_id();
-        let state = match pending.qos {
-            QoS::ExactlyOnce => OutState::AwaitPubRec,
-            _ => OutState::AwaitPubAck,
-        };
-        self.next_seq += 1;
-        self.inflight.insert(
-            pid,
-            InFlight {
-                pending,
-                state,
-                seq: self.next_seq,
-            },
-        );
-        pid
-    }
-
-    /// Puts `pending` in flight under a known packet id (journal replay).
-    pub(crate) fn restore_flight(&mut self, pid: PacketId, pending: Pending) {
+    /// Puts `pending` in flight under `pid`, which the caller knows is free (a fresh id from
+    /// [`Session::free_packet_id`], or the one a journal record names).
+    pub(crate) fn put_in_flight(&mut self, pid: PacketId, pending: Pending) {
         let state = match pending.qos {
             QoS::ExactlyOnce => OutState::AwaitPubRec,
             _ => OutState::AwaitPubAck,
@@ -150,26 +132,41 @@ impl Session {
         );
     }
 
-    /// Removes every shared-subscription message that can still go to another group member:
-    /// queued ones, and in-flight ones not yet received (PUBCOMP-pending ones stay), in order.
-    pub(crate) fn take_shared(&mut self) -> Vec<Pending> {
+    /// Takes the queued message with this id out of the queue: normally the front, which is
+    /// checked first. [`QUEUE_FRONT`](crate::journal::QUEUE_FRONT) takes the front whatever it
+    /// is (records from logs written before records named their message).
+    pub(crate) fn take_queued(&mut self, message: u64) -> Option<Pending> {
+        let front = self.pending.front()?;
+        if message == crate::journal::QUEUE_FRONT || front.message.id == message {
+            return self.pending.pop_front();
+        }
+        let at = self.pending.iter().position(|p| p.message.id == message)?;
+        self.pending.remove(at)
+    }
+
+    /// The shared-subscription messages [`Session::take_shared`] would remove, in order.
+    pub(crate) fn shared_movable(&self) -> Vec<Pending> {
         let mut moved: Vec<Pending> = Vec::new();
         for pid in self.inflight_in_order() {
             let f = &self.inflight[&pid];
             if f.pending.shared.is_some() && f.state != OutState::AwaitPubComp {
-                if let Some(f) = self.inflight.remove(&pid) {
-                    moved.push(f.pending);
-                }
+                moved.push(f.pending.clone());
             }
         }
-        let (shared, keep): (Vec<Pending>, Vec<Pending>) =
-            self.pending.drain(..).partition(|p| p.shared.is_some());
-        self.pending.extend(keep);
-        moved.extend(shared);
+        moved.extend(self.pending.iter().filter(|p| p.shared.is_some()).cloned());
         moved
     }
 
-    fn free_packet_id(&mut self) -> PacketId {
+    /// Removes every shared-subscription message that can still go to another group member:
+    /// queued ones, and in-flight ones not yet received (PUBCOMP-pending ones stay).
+    pub(crate) fn take_shared(&mut self) {
+        self.inflight
+            .retain(|_, f| f.pending.shared.is_none() || f.state == OutState::AwaitPubComp);
+        self.pending.retain(|p| p.shared.is_none());
+    }
+
+    /// A packet id no in-flight message uses.
+    pub(crate) fn free_packet_id(&mut self) -> PacketId {
         // The window is capped below 65,535, so a free id always exists.
         loop {
             let pid = self.next_pid;

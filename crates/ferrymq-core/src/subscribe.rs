@@ -7,8 +7,9 @@ use ferrymq_mqtt::{
 };
 
 use crate::broker::{Action, Outbox};
+use crate::journal::record::Record;
 use crate::session::{Pending, Subscription};
-use crate::{Broker, ConnId, SessionId, SubEntry, Time};
+use crate::{Broker, ConnId, SessionId, Time};
 
 impl Broker {
     pub(crate) fn on_subscribe(&mut self, conn: ConnId, s: Subscribe, now: Time, out: &mut Outbox) {
@@ -24,9 +25,8 @@ impl Broker {
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut replay = Vec::new();
         for (filter, options) in s.filters {
-            match self.add_subscription(sid, &filter, options, identifier) {
+            match self.add_subscription(sid, &filter, options, identifier, out) {
                 Ok(existed) => {
-                    self.journal_subscribe(sid, &filter, out);
                     reasons.push(match options.qos {
                         QoS::AtMostOnce => ReasonCode::Success,
                         QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
@@ -63,6 +63,7 @@ impl Broker {
         raw: &str,
         options: SubscriptionOptions,
         identifier: Option<u32>,
+        out: &mut Outbox,
     ) -> Result<bool, ReasonCode> {
         let (group, filter) = match parse_shared(raw) {
             Ok(Some(sh)) => (Some(sh.group.to_string()), sh.filter.to_string()),
@@ -76,30 +77,19 @@ impl Broker {
         if self.is_denied(&filter) {
             return Err(self.config.deny_subscribe_reason);
         }
-        let s = self
-            .sessions
-            .get_mut(&sid)
-            .expect("session of attached conn");
+        let s = self.sessions.get(&sid).expect("session of attached conn");
         let existed = s.subscriptions.contains_key(raw);
         if !existed && s.subscriptions.len() >= self.config.max_subscriptions_per_client {
             return Err(ReasonCode::QuotaExceeded);
         }
         let sub = Subscription {
-            filter: filter.clone(),
-            group: group.clone(),
+            filter,
+            group,
             options,
             identifier,
         };
-        s.subscriptions.insert(raw.to_string(), sub);
-        self.subs.insert(
-            &filter,
-            group.as_deref(),
-            SubEntry {
-                session: sid,
-                options,
-                identifier,
-            },
-        );
+        let raw = raw.to_string();
+        self.commit(Record::Subscribe { sid, raw, sub }, out);
         Ok(existed)
     }
 
@@ -142,17 +132,16 @@ impl Broker {
         let (sid, version) = (c.session, c.version);
         let mut reasons = Vec::with_capacity(u.filters.len());
         for raw in &u.filters {
-            let removed = self
+            let exists = self
                 .sessions
-                .get_mut(&sid)
-                .and_then(|s| s.subscriptions.remove(raw.as_str()));
-            match removed {
-                Some(sub) => {
-                    self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
-                    self.journal_unsubscribe(sid, raw, out);
-                    reasons.push(ReasonCode::Success);
-                }
-                None => reasons.push(ReasonCode::NoSubscriptionExisted),
+                .get(&sid)
+                .is_some_and(|s| s.subscriptions.contains_key(raw.as_str()));
+            if exists {
+                let raw = raw.clone();
+                self.commit(Record::Unsubscribe { sid, raw }, out);
+                reasons.push(ReasonCode::Success);
+            } else {
+                reasons.push(ReasonCode::NoSubscriptionExisted);
             }
         }
         if version == ProtocolVersion::V311 {

@@ -23,7 +23,10 @@ pub struct SubEntry {
 /// A shared-subscription group on one filter: messages go to one member at a time.
 #[derive(Debug, Default)]
 pub struct SharedGroup {
-    pub name: Box<str>,
+    pub name: Arc<str>,
+    /// The group's topic filter (without `$share/{group}/`), so a delivery can name the
+    /// subscription it came through even when one session has several filters in a group.
+    pub filter: Arc<str>,
     pub members: Vec<SubEntry>,
     /// Round-robin cursor; a `Cell` so matching can stay `&self`.
     next: Cell<usize>,
@@ -134,7 +137,9 @@ impl SubscriptionTree {
                     None => {
                         node.shared.push(SharedGroup {
                             name: g.into(),
-                            ..Default::default()
+                            filter: filter.into(),
+                            members: Vec::new(),
+                            next: Cell::new(0),
                         });
                         node.shared.len() - 1
                     }

@@ -6,8 +6,8 @@ use crate::primitives::{read_varint, Reader};
 use crate::topic::valid_topic_name;
 use crate::{
     Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, PropertyContext as Ctx,
-    ProtocolVersion, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
-    SubscriptionOptions, UnsubAck, Unsubscribe, Will,
+    ProtocolVersion, PubResp, Publish, QoS, ReasonCode, SubAck, Subscribe, SubscriptionOptions,
+    UnsubAck, Unsubscribe, Will,
 };
 
 /// Limits enforced while decoding.
@@ -328,23 +328,9 @@ fn decode_subscribe(r: &mut Reader, v: ProtocolVersion) -> Result<Subscribe, Dec
                     ..Default::default()
                 }
             }
-            ProtocolVersion::V5 => {
-                if opts & 0xC0 != 0 {
-                    return Err(DecodeError::Malformed("subscription options reserved bits"));
-                }
-                let retain_handling = match (opts >> 4) & 0x03 {
-                    0 => RetainHandling::SendAtSubscribe,
-                    1 => RetainHandling::SendIfNew,
-                    2 => RetainHandling::DoNotSend,
-                    _ => return Err(DecodeError::Malformed("retain handling 3")),
-                };
-                SubscriptionOptions {
-                    qos,
-                    no_local: opts & 0x04 != 0,
-                    retain_as_published: opts & 0x08 != 0,
-                    retain_handling,
-                }
-            }
+            ProtocolVersion::V5 => SubscriptionOptions::from_byte(opts).ok_or(
+                DecodeError::Malformed("subscription options reserved bits or retain handling 3"),
+            )?,
         };
         filters.push((filter, options));
     }

@@ -4,9 +4,7 @@
 use bytes::{BufMut, BytesMut};
 
 use crate::primitives::{put_binary, put_str, put_varint, varint_len, VARINT_MAX};
-use crate::{
-    EncodeError, Packet, Properties, ProtocolVersion, PubResp, Publish, ReasonCode, RetainHandling,
-};
+use crate::{EncodeError, Packet, Properties, ProtocolVersion, PubResp, Publish, ReasonCode};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 
@@ -238,21 +236,7 @@ pub fn encode(
             put_props(out, v, &s.properties)?;
             for (f, o) in &s.filters {
                 put_str(out, f)?;
-                let mut b = o.qos.as_u8();
-                if v == V5 {
-                    if o.no_local {
-                        b |= 0x04;
-                    }
-                    if o.retain_as_published {
-                        b |= 0x08;
-                    }
-                    b |= match o.retain_handling {
-                        RetainHandling::SendAtSubscribe => 0,
-                        RetainHandling::SendIfNew => 1,
-                        RetainHandling::DoNotSend => 2,
-                    } << 4;
-                }
-                out.put_u8(b);
+                out.put_u8(if v == V5 { o.to_byte() } else { o.qos.as_u8() });
             }
         }
         Packet::SubAck(s) => {

@@ -174,6 +174,41 @@ pub struct SubscriptionOptions {
     pub retain_handling: RetainHandling,
 }
 
+impl SubscriptionOptions {
+    /// The options byte of a 5.0 SUBSCRIBE (spec 3.8.3.1): QoS in bits 0-1, No Local bit 2,
+    /// Retain As Published bit 3, Retain Handling bits 4-5. A 3.1.1 SUBSCRIBE carries only
+    /// the QoS bits.
+    pub fn to_byte(&self) -> u8 {
+        let rh = match self.retain_handling {
+            RetainHandling::SendAtSubscribe => 0,
+            RetainHandling::SendIfNew => 1,
+            RetainHandling::DoNotSend => 2,
+        };
+        self.qos.as_u8()
+            | u8::from(self.no_local) << 2
+            | u8::from(self.retain_as_published) << 3
+            | rh << 4
+    }
+
+    /// Reads a 5.0 options byte; `None` for QoS 3, Retain Handling 3 or reserved bits set.
+    pub fn from_byte(b: u8) -> Option<SubscriptionOptions> {
+        if b & 0xC0 != 0 {
+            return None;
+        }
+        Some(SubscriptionOptions {
+            qos: QoS::from_u8(b & 0x03)?,
+            no_local: b & 0x04 != 0,
+            retain_as_published: b & 0x08 != 0,
+            retain_handling: match (b >> 4) & 0x03 {
+                0 => RetainHandling::SendAtSubscribe,
+                1 => RetainHandling::SendIfNew,
+                2 => RetainHandling::DoNotSend,
+                _ => return None,
+            },
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {
     pub packet_id: PacketId,

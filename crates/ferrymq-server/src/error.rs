@@ -28,4 +28,7 @@ pub enum ServerError {
     /// The log could not be opened or replayed.
     #[error("recovering from {path} failed: {message}")]
     Recovery { path: PathBuf, message: String },
+    /// The operating system gave no random bytes (for assigned client ids).
+    #[error("no randomness from the operating system: {0}")]
+    Random(String),
 }

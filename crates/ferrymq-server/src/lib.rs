@@ -68,6 +68,11 @@ impl Server {
             .map_or(configured_max, |room| room.min(configured_max));
         let net = Arc::new(NetMetrics::default());
         let mut broker = Broker::new(config.broker_config());
+        // Assigned client ids carry this process's random instance id, so none is handed out
+        // twice across restarts (a repeat would resume or wipe a stranger's session).
+        let mut instance = [0u8; 16];
+        getrandom::fill(&mut instance).map_err(|e| ServerError::Random(e.to_string()))?;
+        broker.set_instance_id(u128::from_be_bytes(instance));
         let epoch_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);

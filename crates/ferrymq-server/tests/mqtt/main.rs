@@ -10,6 +10,7 @@ mod admin_http;
 mod connect_churn;
 mod durability;
 mod emoji_end_to_end;
+mod identity;
 mod keep_alive;
 mod limits;
 mod malformed_burst;

@@ -1,0 +1,97 @@
+//! Checkpoints: the whole durable state written as records, so the log before it can go.
+//!
+//! A checkpoint sits between `CheckpointBegin` and `CheckpointEnd`; replay starts afresh at
+//! `CheckpointBegin`, and keeps the state before it until `CheckpointEnd` is read (a crash
+//! can cut a checkpoint larger than one log batch short). The driver appends a checkpoint as
+//! one append, and deletes the log before it only once it is durable.
+
+use super::format;
+use super::record::Record;
+use crate::broker::Outbox;
+use crate::session::{OutState, Session};
+use crate::{Broker, SessionId};
+
+impl Broker {
+    /// Writes the whole durable state as one checkpoint. The driver must append the records
+    /// of this call as one batch; once it is durable, everything before `CheckpointBegin` is
+    /// no longer needed. Returns how many records `out.journal` held before
+    /// `CheckpointBegin`.
+    pub fn checkpoint(&mut self, out: &mut Outbox) -> Option<u64> {
+        let j = self.journal.as_mut()?;
+        // Every message body is written again in the new generation.
+        j.generation += 1;
+        let begin = out.journal.len();
+        let (next_session, next_message) = (self.next_session, self.next_message_id);
+        j.push(out, |b| {
+            format::encode_checkpoint_begin(b, next_session, next_message)
+        });
+        for m in self.retained.all() {
+            if !m.topic.starts_with("$SYS") {
+                j.write(&Record::Retain(m), out);
+            }
+        }
+        let mut ids: Vec<&SessionId> = self.sessions.keys().collect();
+        ids.sort_unstable();
+        for sid in ids {
+            let s = &self.sessions[sid];
+            if s.journaled {
+                session_records(s, |r| j.write(r, out));
+            }
+        }
+        j.push(out, format::encode_checkpoint_end);
+        Some(begin)
+    }
+}
+
+/// Everything of one session, as the records that rebuild it, one at a time (a checkpoint of
+/// a large backlog must not hold them all): the session, its subscriptions, inbound QoS 2
+/// ids, in-flight messages in send order (replay keeps that order for redelivery), the queue
+/// in order, and a pending will.
+pub(super) fn session_records(s: &Session, mut emit: impl FnMut(&Record)) {
+    let sid = s.id;
+    emit(&Record::Session {
+        sid,
+        client_id: s.client_id.clone(),
+        version: s.version,
+        expiry: s.expiry_interval,
+        disconnected_at: s.disconnected_at,
+    });
+    let mut subs: Vec<(&String, _)> = s.subscriptions.iter().collect();
+    subs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (raw, sub) in subs {
+        emit(&Record::Subscribe {
+            sid,
+            raw: raw.clone(),
+            sub: sub.clone(),
+        });
+    }
+    let mut qos2: Vec<_> = s.inbound_qos2.iter().copied().collect();
+    qos2.sort_unstable();
+    for pid in qos2 {
+        emit(&Record::Qos2In { sid, pid });
+    }
+    for pid in s.inflight_in_order() {
+        let f = &s.inflight[&pid];
+        emit(&Record::Sent {
+            sid,
+            pid,
+            pending: f.pending.clone(),
+        });
+        if f.state == OutState::AwaitPubComp {
+            emit(&Record::PubRec { sid, pid });
+        }
+    }
+    for p in &s.pending {
+        emit(&Record::Enqueue {
+            sid,
+            pending: p.clone(),
+        });
+    }
+    if let Some((will, due)) = s.pending_will.as_deref() {
+        emit(&Record::Will {
+            sid,
+            will: Box::new(will.clone()),
+            due: *due,
+        });
+    }
+}

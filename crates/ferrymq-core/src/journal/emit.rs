@@ -1,0 +1,84 @@
+//! Writing records: message bodies once per generation, and a session's whole state when it
+//! starts or stops being durable.
+
+use super::format::{self, Rec};
+use super::record::Record;
+use crate::broker::Outbox;
+use crate::{Broker, Message, SessionId};
+
+/// Journal state kept by the engine while journaling is on.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    /// Current generation: a message's body is in the log since the last checkpoint iff its
+    /// mark equals this.
+    pub(super) generation: u64,
+}
+
+impl Journal {
+    fn new() -> Journal {
+        Journal { generation: 1 }
+    }
+
+    pub(super) fn push(&mut self, out: &mut Outbox, write: impl FnOnce(&mut Rec<'_>)) {
+        out.journal.push(write);
+    }
+
+    /// Writes `record`, preceded by the body of any message it names that this generation
+    /// does not hold yet.
+    pub(crate) fn write(&mut self, record: &Record, out: &mut Outbox) {
+        match record {
+            Record::Retain(m) => self.message(out, m),
+            Record::Enqueue { pending, .. } | Record::Sent { pending, .. } => {
+                self.message(out, &pending.message)
+            }
+            Record::Will { sid, will, due } => {
+                let m = format::will_message(*sid, will, *due);
+                self.push(out, |b| format::encode_message(b, &m));
+            }
+            _ => {}
+        }
+        self.push(out, |b| format::encode(b, record));
+    }
+
+    /// Writes the message's body unless this generation already holds it.
+    fn message(&mut self, out: &mut Outbox, m: &Message) {
+        if m.journaled.get() == self.generation {
+            return;
+        }
+        m.journaled.set(self.generation);
+        self.push(out, |b| format::encode_message(b, m));
+    }
+}
+
+impl Broker {
+    /// Turns journaling on. Call before the first connection (after [`Broker::restore`]).
+    pub fn enable_journal(&mut self) {
+        if self.journal.is_none() {
+            self.journal = Some(Journal::new());
+        }
+    }
+
+    /// After CONNECT or DISCONNECT changed a session's expiry: a session that became durable
+    /// is written whole; one that stopped being durable leaves the journal (while it lives on
+    /// until its connection ends, nothing of it is kept).
+    pub(crate) fn journal_durability(&mut self, sid: SessionId, out: &mut Outbox) {
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let durable = s.expiry_interval > 0;
+        match (s.journaled, durable) {
+            (false, true) => {
+                s.journaled = true;
+                super::checkpoint::session_records(s, |r| j.write(r, out));
+            }
+            (true, false) => {
+                s.journaled = false;
+                j.write(&Record::SessionEnd(sid), out);
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The one list of changes to durable state, and the one function that makes them.
+//!
+//! The live engine never edits durable state by hand: it builds a [`Record`] and passes it to
+//! [`Broker::commit`], which writes it to the journal (when the session is journaled) and then
+//! calls [`Broker::apply`]. Replay decodes the same records and calls the same `apply`. So
+//! what a restarted broker rebuilds is, by construction, what the live broker held; a Raft
+//! follower will apply the same records the same way.
+//!
+//! Records name what they change (a session, a packet id, a message id), never "the front of
+//! a queue": if replay ever finds state other than what the record names, it says so
+//! ([`Missing`]) instead of changing the wrong message.
+
+use std::sync::Arc;
+
+use ferrymq_mqtt::{PacketId, ProtocolVersion, Will};
+
+use crate::session::{OutState, Pending, Session, Subscription};
+use crate::{Broker, Message, SessionId, SubEntry, Time};
+
+/// One change to durable state.
+#[derive(Debug, Clone)]
+pub(crate) enum Record {
+    /// The retained message of its topic (an empty payload clears it).
+    Retain(Arc<Message>),
+    /// A session exists with this client id, version and expiry; connected when
+    /// `disconnected_at` is `None` (which cancels a delayed will).
+    Session {
+        sid: SessionId,
+        client_id: Arc<str>,
+        version: ProtocolVersion,
+        expiry: u32,
+        disconnected_at: Option<Time>,
+    },
+    /// The session and its subscriptions are gone.
+    SessionEnd(SessionId),
+    /// A subscription, keyed by the filter exactly as the client sent it.
+    Subscribe {
+        sid: SessionId,
+        raw: String,
+        sub: Subscription,
+    },
+    Unsubscribe {
+        sid: SessionId,
+        raw: String,
+    },
+    /// A message joins the back of the session's queue.
+    Enqueue {
+        sid: SessionId,
+        pending: Pending,
+    },
+    /// A message goes straight into flight under `pid` (it never waited in the queue).
+    Sent {
+        sid: SessionId,
+        pid: PacketId,
+        pending: Pending,
+    },
+    /// The queued message `message` goes into flight under `pid`.
+    Flight {
+        sid: SessionId,
+        pid: PacketId,
+        message: u64,
+    },
+    /// The queued message `message` expired and left the queue.
+    Expired {
+        sid: SessionId,
+        message: u64,
+    },
+    /// PUBREC received for `pid`, PUBREL sent: the message now awaits PUBCOMP.
+    PubRec {
+        sid: SessionId,
+        pid: PacketId,
+    },
+    /// The in-flight message `pid` is finished (acknowledged, or refused by the receiver).
+    Acked {
+        sid: SessionId,
+        pid: PacketId,
+    },
+    /// Every shared-subscription message that may go to another member left the session.
+    TakeShared(SessionId),
+    /// An inbound QoS 2 publish awaits PUBREL.
+    Qos2In {
+        sid: SessionId,
+        pid: PacketId,
+    },
+    /// PUBREL received for an inbound QoS 2 publish.
+    Qos2Done {
+        sid: SessionId,
+        pid: PacketId,
+    },
+    /// A will waits for its delay.
+    Will {
+        sid: SessionId,
+        will: Box<Will>,
+        due: Time,
+    },
+    /// The pending will was published or cancelled.
+    WillDone(SessionId),
+}
+
+/// A record named state that is not there (replay counts these; live, it is a bug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Missing;
+
+impl Record {
+    /// The session a record changes (`None` for broker-wide state).
+    pub(crate) fn session(&self) -> Option<SessionId> {
+        use Record::*;
+        match self {
+            Retain(_) => None,
+            Session { sid, .. }
+            | Subscribe { sid, .. }
+            | Unsubscribe { sid, .. }
+            | Enqueue { sid, .. }
+            | Sent { sid, .. }
+            | Flight { sid, .. }
+            | Expired { sid, .. }
+            | PubRec { sid, .. }
+            | Acked { sid, .. }
+            | Qos2In { sid, .. }
+            | Qos2Done { sid, .. }
+            | Will { sid, .. } => Some(*sid),
+            SessionEnd(sid) | TakeShared(sid) | WillDone(sid) => Some(*sid),
+        }
+    }
+}
+
+impl Broker {
+    /// Makes one change to durable state: journals it when its session (or, for retained
+    /// messages, the broker) is journaled, then applies it. The only way live code changes
+    /// what the journal describes.
+    pub(crate) fn commit(&mut self, record: Record, out: &mut crate::Outbox) {
+        if self.journal.is_some() && self.is_journaled(&record) {
+            if let Some(j) = self.journal.as_mut() {
+                j.write(&record, out);
+            }
+        }
+        let applied = self.apply(record);
+        debug_assert!(
+            applied.is_ok(),
+            "live engine committed a record naming missing state"
+        );
+    }
+
+    fn is_journaled(&self, record: &Record) -> bool {
+        match record {
+            // `$SYS` topics are regenerated at start, not stored.
+            Record::Retain(m) => !m.topic.starts_with("$SYS"),
+            r => r
+                .session()
+                .and_then(|sid| self.sessions.get(&sid))
+                .is_some_and(|s| s.journaled),
+        }
+    }
+
+    /// Applies one record to the engine's state: the live engine (through [`Broker::commit`])
+    /// and journal replay both come here.
+    pub(crate) fn apply(&mut self, record: Record) -> Result<(), Missing> {
+        match record {
+            Record::Retain(m) => self.retained.set(m),
+            Record::Session {
+                sid,
+                client_id,
+                version,
+                expiry,
+                disconnected_at,
+            } => {
+                let s = self
+                    .sessions
+                    .entry(sid)
+                    .or_insert_with(|| Box::new(Session::new(sid, client_id.clone(), version)));
+                s.version = version;
+                s.expiry_interval = expiry;
+                s.disconnected_at = disconnected_at;
+                if disconnected_at.is_none() {
+                    // Connecting cancels a delayed will (MQTT-3.1.3-9).
+                    s.pending_will = None;
+                }
+                self.by_client_id.insert(client_id, sid);
+            }
+            Record::SessionEnd(sid) => {
+                let s = self.sessions.remove(&sid).ok_or(Missing)?;
+                if self.by_client_id.get(&s.client_id) == Some(&sid) {
+                    self.by_client_id.remove(&s.client_id);
+                }
+                for sub in s.subscriptions.values() {
+                    self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                }
+            }
+            Record::Subscribe { sid, raw, sub } => {
+                let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
+                let entry = SubEntry {
+                    session: sid,
+                    options: sub.options,
+                    identifier: sub.identifier,
+                };
+                self.subs.insert(&sub.filter, sub.group.as_deref(), entry);
+                s.subscriptions.insert(raw, sub);
+            }
+            Record::Unsubscribe { sid, raw } => {
+                let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
+                let sub = s.subscriptions.remove(&raw).ok_or(Missing)?;
+                self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+            }
+            Record::Enqueue { sid, pending } => {
+                self.session_mut(sid)?.pending.push_back(pending);
+            }
+            Record::Sent { sid, pid, pending } => {
+                let s = self.session_mut(sid)?;
+                if s.inflight.contains_key(&pid) {
+                    return Err(Missing);
+                }
+                s.put_in_flight(pid, pending);
+            }
+            Record::Flight { sid, pid, message } => {
+                let s = self.session_mut(sid)?;
+                if s.inflight.contains_key(&pid) {
+                    return Err(Missing);
+                }
+                let p = s.take_queued(message).ok_or(Missing)?;
+                s.put_in_flight(pid, p);
+            }
+            Record::Expired { sid, message } => {
+                self.session_mut(sid)?.take_queued(message).ok_or(Missing)?;
+            }
+            Record::PubRec { sid, pid } => {
+                let f = self
+                    .session_mut(sid)?
+                    .inflight
+                    .get_mut(&pid)
+                    .ok_or(Missing)?;
+                f.state = OutState::AwaitPubComp;
+            }
+            Record::Acked { sid, pid } => {
+                self.session_mut(sid)?
+                    .inflight
+                    .remove(&pid)
+                    .ok_or(Missing)?;
+            }
+            Record::TakeShared(sid) => {
+                self.session_mut(sid)?.take_shared();
+            }
+            Record::Qos2In { sid, pid } => {
+                self.session_mut(sid)?.inbound_qos2.insert(pid);
+            }
+            Record::Qos2Done { sid, pid } => {
+                self.session_mut(sid)?.inbound_qos2.remove(&pid);
+            }
+            Record::Will { sid, will, due } => {
+                self.session_mut(sid)?.pending_will = Some(Box::new((*will, due)));
+            }
+            Record::WillDone(sid) => {
+                self.session_mut(sid)?.pending_will = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn session_mut(&mut self, sid: SessionId) -> Result<&mut Session, Missing> {
+        self.sessions.get_mut(&sid).map(|s| &mut **s).ok_or(Missing)
+    }
+}
