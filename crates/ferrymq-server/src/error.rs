@@ -28,4 +28,10 @@ pub enum ServerError {
     /// The log could not be opened or replayed.
     #[error("recovering from {path} failed: {message}")]
     Recovery { path: PathBuf, message: String },
+    /// A thread the server needs (log commit, background fsync) could not be started.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
 }
