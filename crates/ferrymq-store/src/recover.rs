@@ -189,6 +189,7 @@ pub fn recover(config: &LogConfig) -> Result<RecoverReport, StoreError> {
                 source: std::io::ErrorKind::NotFound.into(),
             });
         }
+        // Interrupted between the renames: the new log in `tmp` is complete and synced.
         fs::rename(&tmp, dir).map_err(io("rename", &tmp))?;
         sync_parent(dir)?;
         report.finished_interrupted = true;
@@ -198,43 +199,17 @@ pub fn recover(config: &LogConfig) -> Result<RecoverReport, StoreError> {
         // Partial output of an interrupted run; the original is still untouched in `dir`.
         fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
     }
-    let moved_to = damaged_dir(dir);
     let bases = segment_bases(dir)?;
     let Some(&first) = bases.first() else {
         return Ok(report);
     };
-    let mut out = Log::create(
-        LogConfig {
-            dir: tmp.clone(),
-            segment_bytes: config.segment_bytes,
-        },
-        Offset(first),
-    )?;
-    let mut expected = Offset(first);
-    // The previous file ended inside a skipped region (its records are counted from here).
-    let mut tail_open = false;
-    for &base in &bases {
-        let path = segment_path(dir, Offset(base));
-        let data = fs::read(&path).map_err(io("read", &path))?;
-        let file = moved_to.join(path.file_name().unwrap_or_default());
-        // Continuity with the previous file: a segment's name is its first offset.
-        match report.skipped.last_mut() {
-            Some(s) if tail_open => s.records = base.checked_sub(s.offset.0),
-            _ if base != expected.0 => report.skipped.push(Skipped {
-                file: file.clone(),
-                position: 0,
-                bytes: 0,
-                reason: "segment does not start where the previous one ends",
-                offset: expected,
-                records: base.checked_sub(expected.0),
-            }),
-            _ => {}
-        }
-        expected = Offset(base);
-        let kept;
-        (kept, tail_open) = salvage(&data, file, &mut expected, &mut out, &mut report.skipped)?;
-        report.kept.push(kept);
-    }
+    let moved_to = damaged_dir(dir);
+    let new_log = LogConfig {
+        dir: tmp.clone(),
+        segment_bytes: config.segment_bytes,
+    };
+    let mut out = Log::create(new_log, Offset(first))?;
+    salvage_all(dir, &bases, &moved_to, &mut out, &mut report)?;
     report.start = out.start();
     report.next = out.next();
     if report.skipped.is_empty() {
@@ -253,6 +228,43 @@ pub fn recover(config: &LogConfig) -> Result<RecoverReport, StoreError> {
     sync_parent(dir)?;
     report.moved_to = Some(moved_to);
     Ok(report)
+}
+
+/// Salvages every segment of `dir` (base offsets `bases`, ascending) into `out`, naming the
+/// files in the report where they will be once `dir` is moved to `moved_to`.
+fn salvage_all(
+    dir: &Path,
+    bases: &[u64],
+    moved_to: &Path,
+    out: &mut Log,
+    report: &mut RecoverReport,
+) -> Result<(), StoreError> {
+    let mut expected = Offset(bases.first().copied().unwrap_or(0));
+    // The previous file ended inside a skipped region (its records are counted from here).
+    let mut tail_open = false;
+    for &base in bases {
+        let path = segment_path(dir, Offset(base));
+        let data = fs::read(&path).map_err(io("read", &path))?;
+        let file = moved_to.join(path.file_name().unwrap_or_default());
+        // Continuity with the previous file: a segment's name is its first offset.
+        match report.skipped.last_mut() {
+            Some(s) if tail_open => s.records = base.checked_sub(s.offset.0),
+            _ if base != expected.0 => report.skipped.push(Skipped {
+                file: file.clone(),
+                position: 0,
+                bytes: 0,
+                reason: "segment does not start where the previous one ends",
+                offset: expected,
+                records: base.checked_sub(expected.0),
+            }),
+            _ => {}
+        }
+        expected = Offset(base);
+        let kept;
+        (kept, tail_open) = salvage(&data, file, &mut expected, out, &mut report.skipped)?;
+        report.kept.push(kept);
+    }
+    Ok(())
 }
 
 /// Appends every valid batch of one segment file's `data` to `out`, recording the regions

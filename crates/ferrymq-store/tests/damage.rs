@@ -228,10 +228,7 @@ fn recover_keeps_every_valid_batch_in_order_at_dense_offsets_and_moves_the_origi
     let batches = layout(&dir);
     // Damage the last batch of the second segment (a sealed one), a batch in the middle of
     // the newest segment, and tear the newest segment's last batch.
-    let sealed_last = batches
-        .iter()
-        .rposition(|b| b.file == files[1])
-        .unwrap();
+    let sealed_last = batches.iter().rposition(|b| b.file == files[1]).unwrap();
     let newest: Vec<usize> = (0..batches.len())
         .filter(|&i| batches[i].file == files[files.len() - 1])
         .collect();

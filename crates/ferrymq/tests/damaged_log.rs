@@ -171,6 +171,19 @@ fn damage_in_the_middle_of_the_log_stops_the_broker_and_recover_loses_only_the_d
         }
         publisher.disconnect().await.unwrap();
     });
+    // Never under a running broker.
+    let busy = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .args(["recover", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("in use"));
+    assert!(!data.read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("log.")));
     let term = Command::new("kill")
         .args(["-TERM", &broker.id().to_string()])
         .status()
