@@ -31,4 +31,10 @@ pub enum ServerError {
     /// The operating system gave no random bytes (for assigned client ids).
     #[error("no randomness from the operating system: {0}")]
     Random(String),
+    /// A thread the server needs (log commit, background fsync) could not be started.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
 }

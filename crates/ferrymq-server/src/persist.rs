@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use ferrymq_core::{Action, Broker, ConnId, Outbox, RestoreReport, Time};
 use ferrymq_mqtt::{Packet, QoS};
-use ferrymq_store::{FsyncPolicy, GroupCommit, Log, LogConfig, Offset};
+use ferrymq_store::{FsyncPolicy, GroupCommit, Log, LogConfig, Offset, StoreError};
 use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::Notify;
 
@@ -65,7 +65,7 @@ impl Durable {
         self.notify.notify_one();
     }
 
-    fn complete(&self, ticket: u64, result: Result<Offset, ferrymq_store::StoreError>) {
+    fn complete(&self, ticket: u64, result: Result<Offset, StoreError>) {
         match result {
             Ok(_) => {
                 self.ticket.fetch_max(ticket, Ordering::Release);
@@ -121,7 +121,12 @@ struct SyncShared {
 }
 
 impl Syncer {
-    fn start(file: File, interval: std::time::Duration, durable: Arc<Durable>) -> Syncer {
+    fn start(
+        file: File,
+        interval: std::time::Duration,
+        durable: Arc<Durable>,
+    ) -> Result<Syncer, ServerError> {
+        const NAME: &str = "ferrymq-sync";
         let shared = Arc::new(SyncShared {
             file: Mutex::new(file),
             dirty: Default::default(),
@@ -130,7 +135,7 @@ impl Syncer {
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("ferrymq-sync".into())
+            .name(NAME.into())
             .spawn(move || {
                 while !s.stop.load(Ordering::Acquire) {
                     std::thread::sleep(interval);
@@ -142,8 +147,12 @@ impl Syncer {
                     }
                 }
             })
-            .ok();
-        Syncer { shared, thread }
+            // Without it nothing would ever be synced: startup stops here.
+            .map_err(|source| ServerError::Thread { name: NAME, source })?;
+        Ok(Syncer {
+            shared,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -181,9 +190,27 @@ fn data_dir_error(path: &Path, message: impl std::fmt::Display) -> ServerError {
     }
 }
 
+/// Why the log did not open, and for damage what to do about it: the broker does not start on
+/// a damaged log (cutting it would delete acknowledged records), `ferrymq recover` salvages it.
+fn open_failure(e: &StoreError, data_dir: &Path) -> String {
+    match e {
+        StoreError::Damaged { .. } | StoreError::Corrupt { .. } => format!(
+            "{e}. The broker does not start on a damaged log: run `ferrymq recover --data-dir {}` \
+             to move the log aside (nothing is deleted) and write a new one from every batch \
+             that checks",
+            data_dir.display()
+        ),
+        StoreError::RecoverInterrupted { .. } => format!(
+            "{e}: run `ferrymq recover --data-dir {}`",
+            data_dir.display()
+        ),
+        e => e.to_string(),
+    }
+}
+
 impl Persistence {
-    /// Locks `data_dir`, opens the log (cutting a torn tail), and replays it into `broker`,
-    /// then turns the broker's journal on.
+    /// Locks `data_dir`, opens the log (cutting a torn tail; refusing damage, see
+    /// [`open_failure`]), and replays it into `broker`, then turns the broker's journal on.
     pub(crate) fn open(
         data_dir: &Path,
         storage: &Storage,
@@ -206,7 +233,16 @@ impl Persistence {
             dir: log_dir.clone(),
             segment_bytes: storage.segment_bytes,
         })
-        .map_err(|e| recovery_error(e.to_string()))?;
+        .map_err(|e| recovery_error(open_failure(&e, data_dir)))?;
+        if let Some(torn) = &recovery.torn_tail {
+            tracing::warn!(
+                file = %torn.path.display(),
+                position = torn.position,
+                bytes = torn.bytes,
+                "cut a torn tail off the log: its last batch was incomplete or did not check, \
+                 and nothing valid followed (a write cut short by a crash or a power loss)"
+            );
+        }
         let records = log
             .read_from(log.start())
             .map_err(|e| recovery_error(e.to_string()))?;
@@ -216,11 +252,6 @@ impl Persistence {
             .map_err(|e| recovery_error(e.to_string()))?;
         drop(records);
         broker.enable_journal();
-        let policy = match storage.fsync {
-            Fsync::Always => FsyncPolicy::Always,
-            Fsync::Interval => FsyncPolicy::IntervalMs(storage.fsync_interval_ms),
-            Fsync::Os => FsyncPolicy::Os,
-        };
         let recovered = Recovered {
             report,
             truncated_bytes: recovery.truncated_bytes,
@@ -228,20 +259,27 @@ impl Persistence {
             millis: started.elapsed().as_millis(),
         };
         let durable = Arc::new(Durable::default());
-        let writer = match policy {
-            FsyncPolicy::Always => Writer::Group(GroupCommit::start(log, policy, COMMIT_QUEUE)),
-            FsyncPolicy::IntervalMs(ms) => {
+        let writer = match storage.fsync {
+            Fsync::Always => Writer::Group(
+                GroupCommit::start(log, FsyncPolicy::Always, COMMIT_QUEUE).map_err(
+                    |e| match e {
+                        StoreError::Thread { name, source } => ServerError::Thread { name, source },
+                        e => recovery_error(e.to_string()),
+                    },
+                )?,
+            ),
+            Fsync::Interval => {
                 let file = log
                     .active_file()
                     .map_err(|e| recovery_error(e.to_string()))?;
-                let interval = std::time::Duration::from_millis(ms);
+                let interval = std::time::Duration::from_millis(storage.fsync_interval_ms);
                 Writer::Inline {
                     synced_base: log.active_base(),
                     log,
-                    syncer: Some(Syncer::start(file, interval, durable.clone())),
+                    syncer: Some(Syncer::start(file, interval, durable.clone())?),
                 }
             }
-            FsyncPolicy::Os => Writer::Inline {
+            Fsync::Os => Writer::Inline {
                 synced_base: log.active_base(),
                 log,
                 syncer: None,

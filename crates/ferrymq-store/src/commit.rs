@@ -9,9 +9,8 @@
 //! The queue is bounded (`queue_depth` requests); a full queue makes `append` block, which is
 //! the back-pressure a publisher should feel when the disk is the bottleneck.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -20,14 +19,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{Log, Offset, StoreError};
 
-/// When appended data is made durable, and so when `done` is called.
+/// When appended data is made durable, and so when `done` is called. (Syncing on a timer is
+/// the caller's: the server writes inline and runs its own syncer thread for that.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
     /// fdatasync before `done`: survives power loss. Appends waiting together share one sync.
     Always,
-    /// `done` once written to the OS; fdatasync at most this many milliseconds later. Survives
-    /// a process crash at once, a power loss after the interval.
-    IntervalMs(u64),
     /// `done` once written to the OS; the OS decides when to flush. Survives a process crash.
     Os,
 }
@@ -63,19 +60,24 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the commit thread, which takes ownership of `log`.
-    pub fn start(log: Log, policy: FsyncPolicy, queue_depth: usize) -> GroupCommit {
+    pub fn start(
+        log: Log,
+        policy: FsyncPolicy,
+        queue_depth: usize,
+    ) -> Result<GroupCommit, StoreError> {
+        const NAME: &str = "ferrymq-commit";
         let (tx, rx) = sync_channel(queue_depth.max(1));
         let disk_bytes = Arc::new(AtomicU64::new(log.disk_bytes()));
         let shared = disk_bytes.clone();
         let thread = std::thread::Builder::new()
-            .name("ferrymq-commit".into())
+            .name(NAME.into())
             .spawn(move || run(log, policy, rx, &shared))
-            .ok();
-        GroupCommit {
+            .map_err(|source| StoreError::Thread { name: NAME, source })?;
+        Ok(GroupCommit {
             tx: Some(tx),
-            thread,
+            thread: Some(thread),
             disk_bytes,
-        }
+        })
     }
 
     /// Bytes of segment data on disk, as of the last write or reclaim.
@@ -145,31 +147,12 @@ fn run(
     let mut stats = CommitStats::default();
     let mut waiting: Vec<(Offset, Done)> = Vec::new();
     let mut scratch: Vec<u8> = Vec::new();
-    let mut last_sync = Instant::now();
-    let interval = match policy {
-        FsyncPolicy::IntervalMs(ms) => Some(Duration::from_millis(ms.max(1))),
-        _ => None,
-    };
-    loop {
-        let first = match interval {
-            Some(iv) => match rx.recv_timeout(
-                iv.saturating_sub(last_sync.elapsed())
-                    .max(Duration::from_millis(1)),
-            ) {
-                Ok(r) => Some(r),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(r) => Some(r),
-                Err(_) => break,
-            },
-        };
+    while let Ok(first) = rx.recv() {
         let mut batch: Vec<(Bytes, u64, Done)> = Vec::new();
         let mut reclaim = None;
         // Everything already waiting joins this group, up to a reclaim request, which runs
         // after the group is written and synced.
-        let mut next = first;
+        let mut next = Some(first);
         while let Some(r) = next.take() {
             match r {
                 Request::Append {
@@ -219,15 +202,9 @@ fn run(
         if !waiting.is_empty() {
             stats.writes += 1;
         }
-        let sync_now = match policy {
-            FsyncPolicy::Always => !waiting.is_empty(),
-            FsyncPolicy::IntervalMs(_) => interval.is_some_and(|iv| last_sync.elapsed() >= iv),
-            FsyncPolicy::Os => false,
-        };
-        if sync_now {
+        if policy == FsyncPolicy::Always && !waiting.is_empty() {
             let synced = log.sync();
             stats.syncs += 1;
-            last_sync = Instant::now();
             if let Err(e) = synced {
                 // Nothing in this group is durable: say so to every waiter.
                 let msg = e.to_string();

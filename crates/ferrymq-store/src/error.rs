@@ -19,6 +19,31 @@ pub enum StoreError {
         position: u64,
         reason: &'static str,
     },
+    /// The newest segment holds a bad batch with a valid batch after it. A torn write only
+    /// ever damages the last batch, so this is damage: nothing is cut, and the log does not
+    /// open until [`crate::recover`] has set it aside and kept every valid batch.
+    #[error(
+        "damaged batch in {path} at byte {position} ({reason}); a valid batch follows at byte \
+         {next_valid}, so this is damage, not a torn write, and nothing was cut"
+    )]
+    Damaged {
+        path: PathBuf,
+        /// Where the bad batch starts.
+        position: u64,
+        reason: &'static str,
+        /// Where the next batch that checks starts.
+        next_valid: u64,
+    },
+    /// A `recover` was interrupted between moving the damaged log aside and putting the new
+    /// one in its place: `path` holds the new log, complete. Running `recover` again finishes.
+    #[error("an interrupted recovery left {path}: run the recovery again to finish it")]
+    RecoverInterrupted { path: PathBuf },
+    /// A thread could not be started.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
     /// A record or batch is larger than the format or the segment size allows.
     #[error("batch of {size} bytes exceeds the limit of {max}")]
     TooLarge { size: u64, max: u64 },

@@ -15,19 +15,25 @@
 //! ```
 //! All integers are big-endian. Invariants a change must keep:
 //! - Offsets are dense: each batch starts where the previous one ended.
-//! - A batch is valid only if its header, length and CRC all check; recovery keeps the longest
-//!   valid prefix of the last segment and truncates the rest (a torn write).
+//! - A batch is valid only if its header, length and CRC all check.
+//! - Opening the log cuts a torn tail: a last batch of the newest segment that is incomplete
+//!   or does not check, with no valid batch after it (a write cut short by a crash). A bad
+//!   batch with a valid one after it, or any bad batch in a sealed segment, is damage: opening
+//!   fails naming the file and byte, nothing is cut, and [`recover`] keeps every valid batch
+//!   in a new log and moves the original aside.
 //! - The sparse index (first offset of a batch → file position, every 64 KiB) is an
 //!   optimisation only, built while scanning or appending; it is not yet stored on disk.
 
 mod commit;
 mod error;
 mod log;
+mod recover;
 mod segment;
 
 pub use commit::{CommitStats, Done, FsyncPolicy, GroupCommit};
 pub use error::StoreError;
-pub use log::{Log, LogConfig, Recovery};
+pub use log::{Log, LogConfig, Recovery, TornTail};
+pub use recover::{recover, Kept, RecoverReport, Skipped};
 
 /// A record's position in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

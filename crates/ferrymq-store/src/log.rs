@@ -28,7 +28,19 @@ pub struct Recovery {
     pub next: Offset,
     /// Bytes cut from the tail of the last segment (a torn write).
     pub truncated_bytes: u64,
+    /// Where the torn tail was cut, if one was.
+    pub torn_tail: Option<TornTail>,
     pub took: Duration,
+}
+
+/// A torn tail cut off the newest segment when the log was opened: the last batch was
+/// incomplete or did not check, and no valid batch followed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub path: PathBuf,
+    /// Where the cut batch began (the file's new length).
+    pub position: u64,
+    pub bytes: u64,
 }
 
 /// An append-only log of opaque records.
@@ -46,23 +58,23 @@ pub struct Log {
 }
 
 impl Log {
-    /// Opens (or creates) the log in `config.dir`, recovering from a crash: the longest valid
-    /// prefix of the last segment is kept, the torn rest cut off.
+    /// Opens (or creates) the log in `config.dir`, recovering from a crash: a torn tail (a
+    /// last batch that is incomplete or does not check, with nothing valid after it) is cut
+    /// off. A bad batch anywhere else is damage, not a crash: it is an error
+    /// ([`StoreError::Damaged`], [`StoreError::Corrupt`]), nothing is changed, and
+    /// [`crate::recover`] is the way on.
     pub fn open(config: LogConfig) -> Result<(Log, Recovery), StoreError> {
         let started = Instant::now();
         let dir = config.dir.clone();
+        let interrupted = crate::recover::recovering_dir(&dir);
+        if interrupted.exists() {
+            return Err(StoreError::RecoverInterrupted { path: interrupted });
+        }
         fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
-        let mut bases: Vec<u64> = fs::read_dir(&dir)
-            .map_err(io("list", &dir))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                name.strip_suffix(".log")?.parse::<u64>().ok()
-            })
-            .collect();
-        bases.sort_unstable();
+        let bases = segment_bases(&dir)?;
         let mut segments = Vec::with_capacity(bases.len().max(1));
         let mut truncated = 0;
+        let mut torn_tail = None;
         for (i, base) in bases.iter().enumerate() {
             let last = i + 1 == bases.len();
             let (seg, cut) = Segment::open(&dir, Offset(*base), last)?;
@@ -75,6 +87,13 @@ impl Log {
                         reason: "segment does not start where the previous one ends",
                     });
                 }
+            }
+            if cut > 0 {
+                torn_tail = Some(TornTail {
+                    path: seg.path.clone(),
+                    position: seg.size,
+                    bytes: cut,
+                });
             }
             truncated += cut;
             segments.push(seg);
@@ -94,9 +113,25 @@ impl Log {
             start: log.start(),
             next: log.next(),
             truncated_bytes: truncated,
+            torn_tail,
             took: started.elapsed(),
         };
         Ok((log, recovery))
+    }
+
+    /// Creates a new, empty log in `config.dir` (which must hold no segment) whose first
+    /// record will get offset `start`.
+    pub(crate) fn create(config: LogConfig, start: Offset) -> Result<Log, StoreError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        let segments = vec![Segment::create(&dir, start)?];
+        sync_dir(&dir)?;
+        Ok(Log {
+            config,
+            segments,
+            scratch: BytesMut::new(),
+            dirty: false,
+        })
     }
 
     /// First offset still held.
@@ -256,8 +291,22 @@ impl Log {
     }
 }
 
+/// The base offsets of the segment files in `dir`, ascending.
+pub(crate) fn segment_bases(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let mut bases: Vec<u64> = fs::read_dir(dir)
+        .map_err(io("list", dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".log")?.parse::<u64>().ok()
+        })
+        .collect();
+    bases.sort_unstable();
+    Ok(bases)
+}
+
 /// fsync of a directory, so a created or removed file's entry is durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", dir))

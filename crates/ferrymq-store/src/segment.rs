@@ -91,6 +91,15 @@ pub(crate) enum Stop {
     Corrupt(&'static str),
 }
 
+impl Stop {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Stop::Torn => "the data ends inside the batch",
+            Stop::Corrupt(reason) => reason,
+        }
+    }
+}
+
 /// Parses the batch at the start of `data`. `expected` is the offset it must start at.
 pub(crate) fn parse_batch(data: &[u8], expected: Offset) -> Result<Batch, Stop> {
     if data.len() < HEADER {
@@ -154,6 +163,56 @@ pub(crate) fn parse_batch(data: &[u8], expected: Offset) -> Result<Batch, Stop> 
     })
 }
 
+/// Finds the first batch at or after byte `from` of `data` that checks (magic, version, zero
+/// flags, length within the data, checksum, record framing) and whose base offset can follow
+/// damage that starts at byte `damaged_at`, where offset `expected` was due: no lower than
+/// `expected`, and no higher than one record per 4 damaged bytes allows (every record takes
+/// at least its 4-byte length). Returns its position and the batch.
+///
+/// Used only after a batch failed, to tell damage (valid batches follow) from a torn tail
+/// (none do). Cost: a byte compare per byte, looking for the magic; the checksum runs only on
+/// bytes that also have the right version and flags, a length that fits the data and an
+/// offset in the window. The offset window also keeps a record whose payload happens to hold
+/// a whole batch frame from passing for a batch unless its offset fits too.
+pub(crate) fn find_batch(
+    data: &[u8],
+    from: usize,
+    expected: Offset,
+    damaged_at: usize,
+) -> Option<(usize, Batch)> {
+    let mut at = from;
+    while at + HEADER + 12 <= data.len() {
+        at += data[at..].iter().position(|&b| b == MAGIC)?;
+        if let Some(batch) = candidate(data, at, expected, damaged_at) {
+            return Some((at, batch));
+        }
+        at += 1;
+    }
+    None
+}
+
+/// The batch at `at`, if it checks and its offset fits the window of [`find_batch`].
+fn candidate(data: &[u8], at: usize, expected: Offset, damaged_at: usize) -> Option<Batch> {
+    let head = data.get(at..at + HEADER + 12)?;
+    if head[1] != VERSION || head[2] != 0 || head[3] != 0 {
+        return None;
+    }
+    let body_len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+    if !(12..=MAX_BATCH).contains(&body_len) || data.len() - at < HEADER + body_len {
+        return None;
+    }
+    let mut base = [0u8; 8];
+    base.copy_from_slice(&head[HEADER..HEADER + 8]);
+    let base = u64::from_be_bytes(base);
+    let highest = expected
+        .0
+        .saturating_add((at.saturating_sub(damaged_at) / 4) as u64);
+    if base < expected.0 || base > highest {
+        return None;
+    }
+    parse_batch(&data[at..], Offset(base)).ok()
+}
+
 pub(crate) fn segment_path(dir: &Path, base: Offset) -> PathBuf {
     dir.join(format!("{:020}.log", base.0))
 }
@@ -190,8 +249,10 @@ impl Segment {
         })
     }
 
-    /// Opens an existing segment and scans it. For the last segment a torn or corrupt tail is
-    /// cut off (`Ok` with the number of bytes removed); for a sealed one it is an error.
+    /// Opens an existing segment and scans it. For the last segment a torn tail (a bad batch
+    /// with no valid batch after it) is cut off (`Ok` with the number of bytes removed); a bad
+    /// batch followed by a valid one is [`StoreError::Damaged`] and nothing is cut. In a
+    /// sealed segment any bad batch is [`StoreError::Corrupt`].
     pub(crate) fn open(dir: &Path, base: Offset, last: bool) -> Result<(Segment, u64), StoreError> {
         let path = segment_path(dir, base);
         let mut file = OpenOptions::new()
@@ -222,7 +283,15 @@ impl Segment {
                     pos += batch.len as usize;
                 }
                 Err(stop) if last => {
-                    let _ = stop;
+                    if let Some((next_valid, _)) = find_batch(&data, pos + 1, seg.next, pos) {
+                        return Err(StoreError::Damaged {
+                            path,
+                            position: pos as u64,
+                            reason: stop.reason(),
+                            next_valid: next_valid as u64,
+                        });
+                    }
+                    // Nothing valid follows: a torn tail, cut below.
                     break;
                 }
                 Err(Stop::Torn) => {
@@ -327,10 +396,7 @@ impl Segment {
                 parse_batch(&data[pos..], expected).map_err(|stop| StoreError::Corrupt {
                     path: self.path.clone(),
                     position: start.1 + pos as u64,
-                    reason: match stop {
-                        Stop::Torn => "truncated batch",
-                        Stop::Corrupt(r) => r,
-                    },
+                    reason: stop.reason(),
                 })?;
             let count = batch.records.len() as u64;
             for (i, r) in batch.records.into_iter().enumerate() {

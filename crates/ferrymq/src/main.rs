@@ -1,4 +1,5 @@
-//! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), and `check-config`.
+//! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), `check-config`, and
+//! `recover` (salvage a damaged log).
 
 // mimalloc: fewer cycles per allocation than glibc malloc on the publish path (see
 // docs/performance.md), and it returns freed memory to the OS promptly.
@@ -45,6 +46,17 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Salvage a damaged log (the broker refuses to start on one): move DIR/log aside to
+    /// DIR/log.damaged-<unix time>, never deleting it, and write a new log from every batch
+    /// that checks. The broker must be stopped.
+    Recover(RecoverArgs),
+}
+
+#[derive(clap::Args)]
+struct RecoverArgs {
+    /// The broker's data directory (the one `serve --data-dir` uses).
+    #[arg(long, env = "FERRYMQ_DATA_DIR")]
+    data_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -65,14 +77,32 @@ struct ServeArgs {
     #[arg(long, env = "FERRYMQ_IN_MEMORY")]
     in_memory: bool,
     /// When acknowledged messages are on disk: always (fdatasync, group commit), interval, os.
-    #[arg(long, env = "FERRYMQ_FSYNC", value_parser = ["always", "interval", "os"])]
-    fsync: Option<String>,
+    #[arg(long, env = "FERRYMQ_FSYNC", value_enum)]
+    fsync: Option<FsyncArg>,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "FERRYMQ_LOG_LEVEL")]
     log_level: Option<String>,
     /// Log format.
     #[arg(long, env = "FERRYMQ_LOG_FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
+}
+
+/// `--fsync`: parsed by clap, so a mistyped value is an error that lists the valid ones.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FsyncArg {
+    Always,
+    Interval,
+    Os,
+}
+
+impl From<FsyncArg> for Fsync {
+    fn from(f: FsyncArg) -> Fsync {
+        match f {
+            FsyncArg::Always => Fsync::Always,
+            FsyncArg::Interval => Fsync::Interval,
+            FsyncArg::Os => Fsync::Os,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -92,7 +122,38 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Recover(args) => recover(args),
     }
+}
+
+/// `ferrymq recover`: the work is `ferrymq_store::recover`; this takes the data directory's
+/// lock first, as `serve` does (`LOCK` in ferrymq-server's persist.rs), so that it never
+/// rewrites a log a running broker is using.
+fn recover(args: RecoverArgs) -> anyhow::Result<()> {
+    let dir = &args.data_dir;
+    anyhow::ensure!(
+        dir.is_dir(),
+        "data directory {} does not exist",
+        dir.display()
+    );
+    let lock_path = dir.join("LOCK");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "data directory {} is in use by another ferrymq process (LOCK is held): stop the \
+             broker first",
+            dir.display()
+        )
+    })?;
+    let report = ferrymq_store::recover(&ferrymq_store::LogConfig {
+        // The log's place in the data directory, as persist.rs has it.
+        dir: dir.join("log"),
+        segment_bytes: Config::default().storage.segment_bytes,
+    })?;
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = write!(std::io::stdout(), "{report}");
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -118,11 +179,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.in_memory {
         config.storage.persistence = false;
     }
-    match args.fsync.as_deref() {
-        Some("always") => config.storage.fsync = Fsync::Always,
-        Some("interval") => config.storage.fsync = Fsync::Interval,
-        Some("os") => config.storage.fsync = Fsync::Os,
-        _ => {}
+    if let Some(f) = args.fsync {
+        config.storage.fsync = f.into();
     }
     if let Some(l) = args.log_level {
         config.log.level = l;
