@@ -58,9 +58,12 @@ struct Sim {
     /// QoS 2 publishes the publisher has a PUBREC for and has not released yet: on a new
     /// connection it resends them (DUP), and the broker must not route them again.
     unreleased: Vec<(u16, u64)>,
+    /// The subscribers' receive maximum: small keeps their windows full, so messages move
+    /// from queue to flight on almost every acknowledgement.
+    receive_maximum: u16,
 }
 
-fn connect_packet(id: &str, clean: bool) -> Connect {
+fn connect_packet(id: &str, clean: bool, receive_maximum: u16) -> Connect {
     Connect {
         version: ProtocolVersion::V5,
         client_id: id.into(),
@@ -71,7 +74,7 @@ fn connect_packet(id: &str, clean: bool) -> Connect {
         will: None,
         properties: PropertyValues {
             session_expiry_interval: Some(3600),
-            receive_maximum: Some(8),
+            receive_maximum: Some(receive_maximum),
             ..Default::default()
         }
         .into(),
@@ -86,7 +89,7 @@ fn sim_config() -> BrokerConfig {
 }
 
 impl Sim {
-    fn new() -> Sim {
+    fn new(receive_maximum: u16) -> Sim {
         let mut broker = Broker::new(sim_config());
         broker.enable_journal();
         let mut sim = Sim {
@@ -94,6 +97,7 @@ impl Sim {
             log: Vec::new(),
             crashes: 0,
             unreleased: Vec::new(),
+            receive_maximum,
             now: Time(0),
             out: Outbox::default(),
             next_conn: 1,
@@ -146,7 +150,7 @@ impl Sim {
         self.next_conn += 1;
         let outcome = self.broker.connect(
             ConnId(conn),
-            connect_packet(id, clean),
+            connect_packet(id, clean, self.receive_maximum),
             self.now,
             &mut self.out,
         );
@@ -331,17 +335,40 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, steps: usize) {
+/// How a run is shaped.
+struct Shape {
+    receive_maximum: u16,
+    /// One step in this many crashes (and one checkpoints).
+    crash_every: u64,
+    /// Out of 100: how many steps publish; acknowledgements take the next 25.
+    publish_share: u64,
+}
+
+const MIXED: Shape = Shape {
+    receive_maximum: 8,
+    crash_every: 50,
+    publish_share: 45,
+};
+
+fn run(seed: u64, steps: usize, shape: &Shape) {
     let mut rng = Rng(seed | 1);
-    let mut sim = Sim::new();
+    let mut sim = Sim::new(shape.receive_maximum);
     for _ in 0..steps {
         let i = rng.below(sim.subs.len() as u64) as usize;
-        match rng.below(50) {
+        match rng.below(shape.crash_every) {
             0 => sim.crash(),
             1 => sim.checkpoint(rng.below(2) == 0),
             _ => {}
         }
-        match rng.below(100) {
+        // Publishing takes `publish_share` of the steps; the other actions share the rest in
+        // the proportions of the mixed run (25 ack, 10 drop, 13 reconnect, 7 clock).
+        let (p, roll) = (shape.publish_share, rng.below(100));
+        let bucket = if roll < p {
+            0
+        } else {
+            45 + (roll - p) * 55 / (100 - p)
+        };
+        match bucket {
             0..=44 => {
                 let qos = if rng.below(2) == 0 {
                     QoS::AtLeastOnce
@@ -412,6 +439,20 @@ fn run(seed: u64, steps: usize) {
 #[test]
 fn random_sessions_lose_nothing_acknowledged_and_never_duplicate_qos2() {
     for seed in 1..=40u64 {
-        run(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 600);
+        run(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 600, &MIXED);
+    }
+}
+
+/// Slow subscribers (a window of 1 or 2, always full, a long queue behind it) and a crash
+/// every few steps: most crashes land while messages move from the queue into flight.
+#[test]
+fn crashes_while_full_windows_move_messages_from_queue_to_flight() {
+    for seed in 1..=40u64 {
+        let shape = Shape {
+            receive_maximum: 1 + (seed % 2) as u16,
+            crash_every: 12,
+            publish_share: 60,
+        };
+        run(seed.wrapping_mul(0xD1B5_4A32_D192_ED03), 600, &shape);
     }
 }
