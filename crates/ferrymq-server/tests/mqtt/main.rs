@@ -8,6 +8,7 @@ mod common;
 
 mod admin_http;
 mod connect_churn;
+mod disconnect_reaches_sending_client;
 mod durability;
 mod emoji_end_to_end;
 mod keep_alive;
