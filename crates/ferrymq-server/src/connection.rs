@@ -317,7 +317,7 @@ fn read_loop<'a>(
     buf: &'a mut BytesMut,
     outcome: ConnectOutcome,
     ctx: &'a ConnContext,
-    outbound: &'a Outbound,
+    outbound: &'a Arc<Outbound>,
 ) -> impl Future<Output = ReadEnd> + Send + 'a {
     async move {
         if !outcome.accepted {
@@ -334,6 +334,7 @@ fn read_loop<'a>(
             // Decode what is buffered. A bad packet ends the loop here and is handled below,
             // outside the `match`: held across an await, the decode result would be ~100 bytes
             // more in every connection's future.
+            let buffered = buf.len();
             let bad = loop {
                 match decode(buf, version, &ctx.listener.limits) {
                     Ok(Some(p)) => packets.push(p),
@@ -344,12 +345,21 @@ fn read_loop<'a>(
                     }
                 }
             };
+            // What this batch holds until the router has run it: the input its payloads
+            // share, and the packets.
+            let unrouted =
+                buffered.saturating_sub(buf.len()) + packets.len() * std::mem::size_of::<Packet>();
             if let Some(reason) = bad {
                 NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
                 let router = &ctx.listener.router;
                 if !packets.is_empty() {
                     let packets = std::mem::take(&mut packets);
-                    let msg = ToRouter::Packets { conn, packets };
+                    let unrouted = outbound.unrouted(unrouted);
+                    let msg = ToRouter::Packets {
+                        conn,
+                        packets,
+                        _unrouted: unrouted,
+                    };
                     let _ = Box::pin(deliver_to_router(router, msg)).await;
                 }
                 let msg = ToRouter::Violation { conn, reason };
@@ -361,6 +371,7 @@ fn read_loop<'a>(
                 let msg = ToRouter::Packets {
                     conn,
                     packets: batch,
+                    _unrouted: outbound.unrouted(unrouted),
                 };
                 let sent = match send_to_router(&ctx.listener.router, msg) {
                     Ok(()) => true,
@@ -371,8 +382,9 @@ fn read_loop<'a>(
                     return ReadEnd::Gone;
                 }
             }
-            // Back-pressure: while this connection has more than its bound queued for writing,
-            // read nothing, so TCP holds the client back (see `Outbound::poll_read_allowed`).
+            // Back-pressure: while this connection has more than its bound queued for writing or
+            // waiting for the router, read nothing, so TCP holds the client back (see
+            // `Outbound::poll_read_allowed`).
             std::future::poll_fn(|cx| {
                 outbound.poll_read_allowed(cx, ctx.listener.max_outbound_bytes)
             })

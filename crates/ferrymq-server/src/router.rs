@@ -30,6 +30,8 @@ pub(crate) enum ToRouter {
     Packets {
         conn: ConnId,
         packets: Vec<Packet>,
+        /// Counts the batch against its connection's bound until the router drops it, done.
+        _unrouted: Unrouted,
     },
     /// The peer went away, or the writer failed.
     Closed {
@@ -85,6 +87,39 @@ struct OutQueue {
     /// Set while the reader is paused: it may read again once `bytes + writing` is at or below
     /// this (the low mark).
     resume_reading_at: Option<usize>,
+    /// Estimated bytes of input the reader handed to the router that the router has not run
+    /// yet ([`Unrouted`]).
+    unrouted: usize,
+}
+
+/// Most input (estimated bytes: what was read plus the decoded packets) one connection may have
+/// waiting for the router before its reader stops. Without it a reader outrunning the router
+/// fills the router's queue (4,096 batches of up to 64 KiB of input and their packets) with
+/// one client's publishes: memory, and latency for every other client. 1 MiB is four full
+/// read batches of small publishes, enough to keep the router busy with one connection.
+const MAX_UNROUTED: usize = 1024 * 1024;
+
+/// Input read from a connection and handed to the router: counted against the connection's
+/// [`MAX_UNROUTED`] until the router has run it and drops this.
+pub(crate) struct Unrouted {
+    outbound: Arc<Outbound>,
+    bytes: usize,
+}
+
+impl Drop for Unrouted {
+    fn drop(&mut self) {
+        let waker = {
+            let mut q = self.outbound.lock();
+            q.unrouted = q.unrouted.saturating_sub(self.bytes);
+            match q.resume_reading_at {
+                Some(_) if q.unrouted <= MAX_UNROUTED / 2 => q.waker.take(),
+                _ => None,
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
 }
 
 /// Estimated bytes one queued action holds: its slot in the queue plus what it will encode to
@@ -130,9 +165,11 @@ impl Outbound {
     }
 
     /// Ready when the reader may read: the queue (with the batch being written) is below
-    /// `high` bytes, or, once it was over, has drained to `high / 2`. Until then the reader
-    /// does not read, so the socket's receive window closes and TCP holds the client back:
-    /// what a client that does not read its acks can make us queue stays bounded.
+    /// `high` bytes, or, once it was over, has drained to `high / 2`; and less than
+    /// [`MAX_UNROUTED`] of its input waits for the router. Until then the reader does not
+    /// read, so the socket's receive window closes and TCP holds the client back: what a
+    /// client that does not read its acks, or sends faster than we route, can make us hold
+    /// stays bounded.
     ///
     /// Only the reader waits here; the router never blocks on a connection (it appends and
     /// wakes). The one gate for pausing a reader: another reason to pause one (say, a
@@ -148,7 +185,7 @@ impl Outbound {
             Some(low) => low.saturating_add(1),
             None => high,
         };
-        if queued < limit {
+        if queued < limit && q.unrouted < MAX_UNROUTED {
             q.resume_reading_at = None;
             return std::task::Poll::Ready(());
         }
@@ -174,6 +211,16 @@ impl Outbound {
             std::task::Poll::Pending
         })
         .await
+    }
+
+    /// Counts `bytes` (estimated) of input on their way to the router, until the returned
+    /// guard, sent along with them, is dropped.
+    pub(crate) fn unrouted(self: &Arc<Self>, bytes: usize) -> Unrouted {
+        self.lock().unrouted += bytes;
+        Unrouted {
+            outbound: self.clone(),
+            bytes,
+        }
     }
 
     /// Records that the reader received bytes (for keep alive, which MQTT measures on what the
@@ -398,7 +445,7 @@ impl Router {
                 self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
             }
-            ToRouter::Packets { conn, packets } => {
+            ToRouter::Packets { conn, packets, .. } => {
                 for p in packets {
                     self.broker.packet(conn, p, now, &mut self.out);
                 }

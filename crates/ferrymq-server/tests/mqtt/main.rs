@@ -14,6 +14,7 @@ mod emoji_end_to_end;
 mod keep_alive;
 mod limits;
 mod malformed_burst;
+mod never_reading_client;
 mod qos_flows;
 mod retained;
 mod session_resume;
