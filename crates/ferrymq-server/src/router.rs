@@ -84,9 +84,8 @@ struct OutQueue {
     /// A wake since the writer last looked: its next wait returns at once, so no wake is
     /// lost even if it came before the writer parked.
     woken: bool,
-    /// Set while the reader is paused: it may read again once `bytes + writing` is at or below
-    /// this (the low mark).
-    resume_reading_at: Option<usize>,
+    /// The reader is paused ([`Outbound::poll_read_allowed`]): a drain wakes it to look again.
+    read_paused: bool,
     /// Estimated bytes of input the reader handed to the router that the router has not run
     /// yet ([`Unrouted`]).
     unrouted: usize,
@@ -111,9 +110,10 @@ impl Drop for Unrouted {
         let waker = {
             let mut q = self.outbound.lock();
             q.unrouted = q.unrouted.saturating_sub(self.bytes);
-            match q.resume_reading_at {
-                Some(_) if q.unrouted <= MAX_UNROUTED / 2 => q.waker.take(),
-                _ => None,
+            if q.read_paused && q.unrouted <= MAX_UNROUTED / 2 {
+                q.waker.take()
+            } else {
+                None
             }
         };
         if let Some(w) = waker {
@@ -146,7 +146,7 @@ fn queued_size(action: &Action) -> usize {
 
 impl Outbound {
     /// Takes every queued action. Called by the writer once its previous batch is written,
-    /// so what it took before no longer counts; wakes a paused reader the drain lets go.
+    /// so what it took before no longer counts; wakes a paused reader to look again.
     pub(crate) fn take(&self, into: &mut Vec<Action>) {
         let waker = {
             let mut q = self.lock();
@@ -154,9 +154,10 @@ impl Outbound {
                 std::mem::swap(&mut q.actions, into);
             }
             q.writing = std::mem::take(&mut q.bytes);
-            match q.resume_reading_at {
-                Some(low) if q.writing <= low => q.waker.take(),
-                _ => None,
+            if q.read_paused {
+                q.waker.take()
+            } else {
+                None
             }
         };
         if let Some(w) = waker {
@@ -181,15 +182,12 @@ impl Outbound {
     ) -> std::task::Poll<()> {
         let mut q = self.lock();
         let queued = q.bytes + q.writing;
-        let limit = match q.resume_reading_at {
-            Some(low) => low.saturating_add(1),
-            None => high,
-        };
+        let limit = if q.read_paused { high / 2 + 1 } else { high };
         if queued < limit && q.unrouted < MAX_UNROUTED {
-            q.resume_reading_at = None;
+            q.read_paused = false;
             return std::task::Poll::Ready(());
         }
-        q.resume_reading_at = Some(high / 2);
+        q.read_paused = true;
         match &q.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => q.waker = Some(cx.waker().clone()),
