@@ -188,6 +188,9 @@ impl Outbound {
             return std::task::Poll::Ready(());
         }
         q.read_paused = true;
+        // The client's silence is ours while we do not read it: keep alive counts from the
+        // last drain that let us look (a client whose writes stall is the write timeout's).
+        self.mark_read();
         match &q.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => q.waker = Some(cx.waker().clone()),
