@@ -23,11 +23,11 @@ const BROKER_ENV: &str = "FERRYMQ_TEST_NEVER_READING_BROKER";
 const FLOOD: Duration = Duration::from_secs(5);
 /// Most the broker's resident memory may grow meanwhile: the outbound queue (8 MiB by default),
 /// the input waiting for the router (1 MiB) and buffers around them; measured +13 MiB (debug
-/// build). Before the fix the debug-built broker grew by 80 MiB in these 5 s, while slowest
-/// round trip of the other client took 3 s.
+/// build). Before the fix the debug-built broker grew by 80 MiB in these 5 s.
 const MAX_GROWTH_KIB: u64 = 32 * 1024;
-/// Slowest round trip allowed to the client that reads normally meanwhile.
-const MAX_ROUND_TRIP: Duration = Duration::from_secs(1);
+/// Slowest round trip allowed to the client that reads normally meanwhile. Measured up to
+/// 0.43 s (debug build, the whole suite running beside it); 3 s before the fix.
+const MAX_ROUND_TRIP: Duration = Duration::from_secs(2);
 
 /// Not a test of its own: the broker for `never_reading_publisher_leaves_broker_memory_flat`,
 /// run in a child process (this test binary, filtered to this function) so that the resident
