@@ -30,7 +30,8 @@ pub(crate) enum ToRouter {
     Packets {
         conn: ConnId,
         packets: Vec<Packet>,
-        /// Counts the batch against its connection's bound until the router drops it, done.
+        /// Holds the batch's bytes against its connection's bound until the router, done with
+        /// it, drops it.
         _unrouted: Unrouted,
     },
     /// The peer went away, or the writer failed.
@@ -94,7 +95,7 @@ struct OutQueue {
 /// Most input (estimated bytes: what was read plus the decoded packets) one connection may have
 /// waiting for the router before its reader stops. Without it a reader outrunning the router
 /// fills the router's queue (4,096 batches of up to 64 KiB of input and their packets) with
-/// one client's publishes: memory, and latency for every other client. 1 MiB is four full
+/// one client's publishes: memory, and latency for every other client. 1 MiB is several full
 /// read batches of small publishes, enough to keep the router busy with one connection.
 const MAX_UNROUTED: usize = 1024 * 1024;
 
