@@ -121,9 +121,13 @@ pub enum SlowConsumer {
 pub struct Limits {
     pub max_connections: usize,
     pub connect_timeout_secs: u64,
-    /// Bytes queued for one connection beyond which the slow-consumer policy applies.
+    /// Bytes queued for one connection beyond which the slow-consumer policy applies to its
+    /// QoS 0 messages and the broker stops reading from it until half of them are written.
     pub max_outbound_bytes: usize,
     pub slow_consumer: SlowConsumer,
+    /// Milliseconds a write to a connection may make no progress (the socket accepts no
+    /// byte) before the connection is closed: catches clients that never read.
+    pub write_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -199,6 +203,7 @@ impl Default for Limits {
             connect_timeout_secs: 10,
             max_outbound_bytes: 8 * 1024 * 1024,
             slow_consumer: SlowConsumer::Drop,
+            write_timeout_ms: 30_000,
         }
     }
 }
@@ -285,6 +290,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_outbound_bytes",
                 "must be at least 1024",
+            ));
+        }
+        if self.limits.write_timeout_ms == 0 || self.limits.write_timeout_ms > 3_600_000 {
+            return Err(invalid(
+                "limits.write_timeout_ms",
+                "must be between 1 and 3600000",
             ));
         }
         if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
@@ -391,6 +402,19 @@ mod tests {
             err.contains("slow_consumer") || err.contains("explode"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn write_timeout_parses_and_is_checked() {
+        assert_eq!(Config::default().limits.write_timeout_ms, 30_000);
+        let c = Config::parse("[limits]\nwrite_timeout_ms = 250\n").unwrap();
+        assert_eq!(c.limits.write_timeout_ms, 250);
+        for bad in ["0", "3600001"] {
+            let err = Config::parse(&format!("[limits]\nwrite_timeout_ms = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("limits.write_timeout_ms"), "{err}");
+        }
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! ```
 //! Until CONNECT is accepted the reader handles the connection alone: a bad first packet gets a
 //! CONNACK (when its version is known) or a plain close, and never reaches the engine.
+//!
+//! Bounded: the reader does not read while its connection has too much queued for writing or
+//! waiting for the router (`Outbound::poll_read_allowed`), a write that makes no progress
+//! within the write timeout closes the connection, and a connection we close lingers (half-
+//! closed, draining input for a bounded time) so that the client reads our last packets.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,7 +25,7 @@ use ferrymq_mqtt::{
     ProtocolVersion, PublishView, ReasonCode,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::ReadHalf;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -37,6 +42,14 @@ const MAX_READ: usize = 64 * 1024;
 const QUIET_READ: usize = 2 * 1024;
 /// Largest write buffer kept between batches.
 const MAX_IDLE_BUFFER: usize = 64 * 1024;
+/// Lingering close: after the last write and a half-close, input is read and discarded for at
+/// most this long or this many bytes before the socket is closed. Closing a socket with
+/// unread input makes the kernel send RST instead of FIN, and a client still sending when
+/// we disconnect it then loses the DISCONNECT (and its reason) we just wrote. Two seconds
+/// cover a client that reads its socket at all; 64 KiB bounds what a flooding client costs
+/// us (read into a stack buffer, nothing kept).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// What every connection of a listener shares.
 pub(crate) struct Listener {
@@ -44,6 +57,11 @@ pub(crate) struct Listener {
     pub net: Arc<NetMetrics>,
     pub limits: Limits,
     pub connect_timeout: Duration,
+    /// A write that makes no progress for this long closes the connection.
+    pub write_timeout: Duration,
+    /// Bytes queued for a connection past which its reader stops reading
+    /// (`limits.max_outbound_bytes`; see [`Outbound::poll_read_allowed`]).
+    pub max_outbound_bytes: usize,
 }
 
 /// One connection's arguments. Kept small on purpose: an async fn keeps its arguments for the
@@ -62,6 +80,18 @@ enum ReadEnd {
     Gone,
     /// We asked the router to end it; the writer will close.
     Ending,
+}
+
+/// Why the writer stopped.
+enum WriteEnd {
+    /// The router closed the connection; everything queued is written and the socket
+    /// half-closed.
+    Closed,
+    /// The socket failed: the router must be told.
+    Failed,
+    /// The socket accepted no byte for the write timeout (a client that does not read): the
+    /// router must be told.
+    Stalled,
 }
 
 /// The context lives as long as the connection's task, so it counts the connection as open
@@ -97,7 +127,7 @@ pub(crate) fn run(mut stream: TcpStream, ctx: ConnContext) -> impl Future<Output
         };
         // The loops borrow what they use: owned arguments would be stored again in each
         // loop's future next to this one's copies.
-        let writer = write_loop(&mut wr, &outbound, outcome, &ctx.listener.net);
+        let writer = write_loop(&mut wr, &outbound, outcome, &ctx.listener);
         let reader = read_loop(&rd, &mut buf, outcome, &ctx, &outbound);
         tokio::pin!(writer);
         tokio::pin!(reader);
@@ -109,21 +139,56 @@ pub(crate) fn run(mut stream: TcpStream, ctx: ConnContext) -> impl Future<Output
             writer.as_mut().poll(cx).map(Err)
         })
         .await;
-        let tell_router = match first {
-            Ok(ReadEnd::Gone) => true,
+        let end = match first {
+            Ok(ReadEnd::Gone) => WriteEnd::Failed,
             Ok(ReadEnd::Ending) => {
                 // Let the writer flush the DISCONNECT, but not forever. (Boxed, like every
                 // one-off wait here, so it does not widen the long-lived future.)
                 let flush = tokio::time::timeout(Duration::from_secs(5), &mut writer);
-                !matches!(Box::pin(flush).await, Ok(true))
+                Box::pin(flush).await.unwrap_or(WriteEnd::Failed)
             }
-            Err(closed_by_router) => !closed_by_router,
+            Err(end) => end,
         };
-        if tell_router {
+        if let WriteEnd::Stalled = end {
+            tracing::debug!(
+                conn = ctx.conn.0,
+                "closing connection: no write progress within the write timeout"
+            );
+        }
+        if let WriteEnd::Closed = end {
+            // We ended it and the peer may still be sending: linger so that it reads our last
+            // packets (a DISCONNECT with its reason) instead of a reset.
+            Box::pin(linger(&rd)).await;
+        } else {
             let closed = ToRouter::Closed { conn: ctx.conn };
             let _ = Box::pin(ctx.listener.router.send(closed)).await;
         }
     }
+}
+
+/// Lingering close, once our last bytes are written and the socket half-closed: reads and
+/// discards input until EOF, [`LINGER_BYTES`] or [`LINGER_TIME`], whichever comes first
+/// (see there for why). Only a stack buffer, and only while a read runs.
+async fn linger(rd: &ReadHalf<'_>) {
+    let mut drained = 0;
+    let drain = std::future::poll_fn(|cx| loop {
+        if std::task::ready!(rd.as_ref().poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
+        let mut scratch = [0u8; 2048];
+        match rd.try_read(&mut scratch) {
+            Ok(0) => return Poll::Ready(()),
+            Ok(n) => {
+                drained += n;
+                if drained >= LINGER_BYTES {
+                    return Poll::Ready(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Poll::Ready(()),
+        }
+    });
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// Reads the CONNECT and hands it to the router. `None` when the connection ends here.
@@ -152,6 +217,7 @@ where
                         ProtocolVersion::V5
                     };
                     refuse(wr, v, ReasonCode::UnsupportedProtocolVersion).await;
+                    linger(rd).await;
                 }
                 return None;
             }
@@ -180,10 +246,11 @@ where
     if ctx.over_limit {
         NetMetrics::add(&ctx.listener.net.connections_refused, 1);
         refuse(wr, connect.version, ReasonCode::ServerBusy).await;
+        linger(rd).await;
         return None;
     }
     let outbound = Arc::new(Outbound::default());
-    outbound.touch();
+    outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
     let msg = ToRouter::Connect {
         conn: ctx.conn,
@@ -255,7 +322,7 @@ fn read_loop<'a>(
     buf: &'a mut BytesMut,
     outcome: ConnectOutcome,
     ctx: &'a ConnContext,
-    outbound: &'a Outbound,
+    outbound: &'a Arc<Outbound>,
 ) -> impl Future<Output = ReadEnd> + Send + 'a {
     async move {
         if !outcome.accepted {
@@ -272,6 +339,7 @@ fn read_loop<'a>(
             // Decode what is buffered. A bad packet ends the loop here and is handled below,
             // outside the `match`: held across an await, the decode result would be ~100 bytes
             // more in every connection's future.
+            let buffered = buf.len();
             let bad = loop {
                 match decode(buf, version, &ctx.listener.limits) {
                     Ok(Some(p)) => packets.push(p),
@@ -282,12 +350,21 @@ fn read_loop<'a>(
                     }
                 }
             };
+            // What this batch holds until the router has run it: the input its payloads
+            // share, and the packets.
+            let unrouted =
+                buffered.saturating_sub(buf.len()) + packets.len() * std::mem::size_of::<Packet>();
             if let Some(reason) = bad {
                 NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
                 let router = &ctx.listener.router;
                 if !packets.is_empty() {
                     let packets = std::mem::take(&mut packets);
-                    let msg = ToRouter::Packets { conn, packets };
+                    let unrouted = outbound.unrouted(unrouted);
+                    let msg = ToRouter::Packets {
+                        conn,
+                        packets,
+                        _unrouted: unrouted,
+                    };
                     let _ = Box::pin(deliver_to_router(router, msg)).await;
                 }
                 let msg = ToRouter::Violation { conn, reason };
@@ -299,6 +376,7 @@ fn read_loop<'a>(
                 let msg = ToRouter::Packets {
                     conn,
                     packets: batch,
+                    _unrouted: outbound.unrouted(unrouted),
                 };
                 let sent = match send_to_router(&ctx.listener.router, msg) {
                     Ok(()) => true,
@@ -309,6 +387,13 @@ fn read_loop<'a>(
                     return ReadEnd::Gone;
                 }
             }
+            // Back-pressure: while this connection has more than its bound queued for writing or
+            // waiting for the router, read nothing, so TCP holds the client back (see
+            // `Outbound::poll_read_allowed`).
+            std::future::poll_fn(|cx| {
+                outbound.poll_read_allowed(cx, ctx.listener.max_outbound_bytes)
+            })
+            .await;
             if buf.is_empty() && buf.capacity() > 0 && chunk <= QUIET_READ {
                 // Nothing pending and recent reads were small: give the buffer back while we wait,
                 // so idle connections stay lean. Busy connections keep theirs (freeing and
@@ -318,7 +403,7 @@ fn read_loop<'a>(
             match read_some(rd, buf, &mut chunk).await {
                 Ok(0) | Err(_) => return ReadEnd::Gone,
                 Ok(n) => {
-                    outbound.touch();
+                    outbound.mark_read();
                     NetMetrics::add(&ctx.listener.net.bytes_received, n as u64);
                 }
             }
@@ -367,15 +452,15 @@ struct AliasMap {
     map: Option<Box<HashMap<Arc<str>, u16>>>,
 }
 
-/// Writes until the router closes the connection (true) or the socket fails (false).
+/// Writes until the router closes the connection or the socket fails or stalls.
 // Not an `async fn` on purpose: see `run`.
 #[allow(clippy::manual_async_fn)]
-fn write_loop<'a, W: AsyncWrite + Unpin + Send>(
-    wr: &'a mut W,
+fn write_loop<'a>(
+    wr: &'a mut WriteHalf<'a>,
     outbound: &'a Outbound,
     outcome: ConnectOutcome,
-    net: &'a NetMetrics,
-) -> impl Future<Output = bool> + Send + 'a {
+    listener: &'a Listener,
+) -> impl Future<Output = WriteEnd> + Send + 'a {
     async move {
         let version = outcome.version;
         let mut aliases = AliasMap {
@@ -415,22 +500,63 @@ fn write_loop<'a, W: AsyncWrite + Unpin + Send>(
                 }
             }
             if !out.is_empty() {
-                if wr.write_all(&out).await.is_err() {
-                    return false;
+                // Straight into the socket when it has room (nearly always); the wait for room,
+                // with its timer, is boxed so that it does not widen every connection.
+                let sent = match wr.try_write(&out) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                    Err(_) => return WriteEnd::Failed,
+                };
+                if sent < out.len() {
+                    let rest = &out[sent..];
+                    match Box::pin(write_stalled(wr, rest, listener.write_timeout)).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                            return WriteEnd::Stalled
+                        }
+                        Err(_) => return WriteEnd::Failed,
+                    }
                 }
-                NetMetrics::add(&net.bytes_sent, out.len() as u64);
+                NetMetrics::add(&listener.net.bytes_sent, out.len() as u64);
                 out.clear();
                 if out.capacity() > MAX_IDLE_BUFFER {
                     out = BytesMut::new();
                 }
             }
             if close {
-                let _ = wr.flush().await;
+                // Half-close: the peer reads our FIN after everything written; `run` lingers.
                 let _ = wr.shutdown().await;
-                return true;
+                return WriteEnd::Closed;
             }
         }
     }
+}
+
+/// Writes what the socket did not take at once, waiting for room. Fails with `TimedOut` when
+/// the socket accepts no byte for `timeout`: a client that does not read would otherwise hold
+/// this connection, and everything queued for it, forever.
+async fn write_stalled(
+    wr: &WriteHalf<'_>,
+    mut rest: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    let mut deadline = Instant::now() + timeout;
+    while !rest.is_empty() {
+        match tokio::time::timeout_at(deadline, wr.writable()).await {
+            Ok(ready) => ready?,
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+        match wr.try_write(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                rest = &rest[n..];
+                deadline = Instant::now() + timeout;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Encodes a delivery straight from the shared message: no copy of topic or payload into an
@@ -498,6 +624,8 @@ mod tests {
                 net: Arc::new(NetMetrics::default()),
                 limits: Limits::default(),
                 connect_timeout: Duration::from_secs(1),
+                write_timeout: Duration::from_secs(30),
+                max_outbound_bytes: 8 << 20,
             }),
             over_limit: false,
         };

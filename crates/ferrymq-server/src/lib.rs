@@ -238,6 +238,8 @@ async fn accept_loop(
         net: net.clone(),
         limits,
         connect_timeout,
+        write_timeout: Duration::from_millis(config.limits.write_timeout_ms),
+        max_outbound_bytes: config.limits.max_outbound_bytes,
     });
     loop {
         let accepted = tokio::select! {

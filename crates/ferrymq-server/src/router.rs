@@ -30,6 +30,9 @@ pub(crate) enum ToRouter {
     Packets {
         conn: ConnId,
         packets: Vec<Packet>,
+        /// Holds the batch's bytes against its connection's bound until the router, done with
+        /// it, drops it.
+        _unrouted: Unrouted,
     },
     /// The peer went away, or the writer failed.
     Closed {
@@ -70,23 +73,130 @@ const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(250);
 #[derive(Debug, Default)]
 struct OutQueue {
     actions: Vec<Action>,
+    /// Estimated bytes held by `actions` ([`queued_size`]): every action counts, acks and
+    /// PINGRESPs as much as deliveries.
     bytes: usize,
-    /// The writer, parked until there is something to take.
+    /// Estimated bytes of the batch the writer took last and may still be writing. The writer
+    /// takes again only when that write is done, so the next take clears it.
+    writing: usize,
+    /// The writer, parked until there is something to take; or the reader, paused until the
+    /// queue drains (both run in the connection's one task, so they share one waker).
     waker: Option<std::task::Waker>,
     /// A wake since the writer last looked: its next wait returns at once, so no wake is
     /// lost even if it came before the writer parked.
     woken: bool,
+    /// The reader is paused ([`Outbound::poll_read_allowed`]): a drain wakes it to look again.
+    read_paused: bool,
+    /// Estimated bytes of input the reader handed to the router that the router has not run
+    /// yet ([`Unrouted`]).
+    unrouted: usize,
+}
+
+/// Most input (estimated bytes: what was read plus the decoded packets) one connection may have
+/// waiting for the router before its reader stops. Without it a reader outrunning the router
+/// fills the router's queue (4,096 batches of up to 64 KiB of input and their packets) with
+/// one client's publishes: memory, and latency for every other client. 1 MiB is several full
+/// read batches of small publishes, enough to keep the router busy with one connection.
+const MAX_UNROUTED: usize = 1024 * 1024;
+
+/// Input read from a connection and handed to the router: counted against the connection's
+/// [`MAX_UNROUTED`] until the router has run it and drops this.
+pub(crate) struct Unrouted {
+    outbound: Arc<Outbound>,
+    bytes: usize,
+}
+
+impl Drop for Unrouted {
+    fn drop(&mut self) {
+        let waker = {
+            let mut q = self.outbound.lock();
+            q.unrouted = q.unrouted.saturating_sub(self.bytes);
+            if q.read_paused && q.unrouted <= MAX_UNROUTED / 2 {
+                q.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// Estimated bytes one queued action holds: its slot in the queue plus what it will encode to
+/// (for a delivery, the shared message's topic and payload, which the writer copies into its
+/// buffer). Cheap on purpose: the packets sent most (acks, PINGRESP) are a constant, and
+/// only rare ones (CONNACK, SUBACK, DISCONNECT, ...) are measured.
+fn queued_size(action: &Action) -> usize {
+    const SLOT: usize = std::mem::size_of::<Action>();
+    match action {
+        Action::Deliver(d) => {
+            SLOT + d.message.payload.len() + d.message.topic.len() + 4 * d.subscription_ids.len()
+        }
+        Action::Send(
+            Packet::PubAck(_)
+            | Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::PingResp,
+        )
+        | Action::Close => SLOT,
+        Action::Send(p) => SLOT + ferrymq_mqtt::encoded_len(p, ferrymq_mqtt::ProtocolVersion::V5),
+    }
 }
 
 impl Outbound {
-    /// Takes every queued action.
+    /// Takes every queued action. Called by the writer once its previous batch is written,
+    /// so what it took before no longer counts; wakes a paused reader to look again.
     pub(crate) fn take(&self, into: &mut Vec<Action>) {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.actions.is_empty() {
-            return;
+        let waker = {
+            let mut q = self.lock();
+            if !q.actions.is_empty() {
+                std::mem::swap(&mut q.actions, into);
+            }
+            q.writing = std::mem::take(&mut q.bytes);
+            if q.read_paused {
+                q.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
         }
-        std::mem::swap(&mut q.actions, into);
-        q.bytes = 0;
+    }
+
+    /// Ready when the reader may read: the queue (with the batch being written) is below
+    /// `high` bytes, or, once it was over, has drained to `high / 2`; and less than
+    /// [`MAX_UNROUTED`] of its input waits for the router. Until then the reader does not
+    /// read, so the socket's receive window closes and TCP holds the client back: what a
+    /// client that does not read its acks, or sends faster than we route, can make us hold
+    /// stays bounded.
+    ///
+    /// Only the reader waits here; the router never blocks on a connection (it appends and
+    /// wakes). The one gate for pausing a reader: another reason to pause one (say, a
+    /// publisher feeding a full subscriber) belongs here too.
+    pub(crate) fn poll_read_allowed(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        high: usize,
+    ) -> std::task::Poll<()> {
+        let mut q = self.lock();
+        let queued = q.bytes + q.writing;
+        let limit = if q.read_paused { high / 2 + 1 } else { high };
+        if queued < limit && q.unrouted < MAX_UNROUTED {
+            q.read_paused = false;
+            return std::task::Poll::Ready(());
+        }
+        q.read_paused = true;
+        // The client's silence is ours while we do not read it: keep alive counts from the
+        // last drain that let us look (a client whose writes stall is the write timeout's).
+        self.mark_read();
+        match &q.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => q.waker = Some(cx.waker().clone()),
+        }
+        std::task::Poll::Pending
     }
 
     /// Resolves once actions are queued (or the router woke the writer) since the last take.
@@ -105,8 +215,19 @@ impl Outbound {
         .await
     }
 
-    /// The reader received something.
-    pub(crate) fn touch(&self) {
+    /// Counts `bytes` (estimated) of input on their way to the router, until the returned
+    /// guard, sent along with them, is dropped.
+    pub(crate) fn unrouted(self: &Arc<Self>, bytes: usize) -> Unrouted {
+        self.lock().unrouted += bytes;
+        Unrouted {
+            outbound: self.clone(),
+            bytes,
+        }
+    }
+
+    /// Records that the reader received bytes (for keep alive, which MQTT measures on what the
+    /// client sends; a client that sends but never reads is caught by the write timeout).
+    pub(crate) fn mark_read(&self) {
         self.last_read.store(clock_ms(), Relaxed);
     }
 
@@ -128,15 +249,18 @@ impl Outbound {
 }
 
 impl OutQueue {
-    /// Appends an action. A QoS 0 delivery to a connection with `limit` bytes already queued
-    /// is refused (returns false): a slow reader must not grow our memory.
+    /// Appends an action and counts its bytes. A QoS 0 delivery to a connection with `limit`
+    /// bytes already queued is refused (returns false): a slow reader must not grow our
+    /// memory. Everything else is queued: the engine bounds deliveries of QoS 1/2 (receive
+    /// window, pending queue), and the connection's reader stops reading while its queue is
+    /// over the limit, which bounds the replies to what it reads.
     fn push(&mut self, action: Action, limit: usize) -> bool {
         if let Action::Deliver(d) = &action {
             if d.qos == QoS::AtMostOnce && self.bytes >= limit {
                 return false;
             }
-            self.bytes += d.message.payload.len() + d.message.topic.len() + 16;
         }
+        self.bytes += queued_size(&action);
         self.actions.push(action);
         true
     }
@@ -323,7 +447,7 @@ impl Router {
                 self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
             }
-            ToRouter::Packets { conn, packets } => {
+            ToRouter::Packets { conn, packets, .. } => {
                 for p in packets {
                     self.broker.packet(conn, p, now, &mut self.out);
                 }

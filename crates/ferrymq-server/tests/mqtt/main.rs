@@ -8,12 +8,14 @@ mod common;
 
 mod admin_http;
 mod connect_churn;
+mod disconnect_reaches_sending_client;
 mod durability;
 mod emoji_end_to_end;
 mod identity;
 mod keep_alive;
 mod limits;
 mod malformed_burst;
+mod never_reading_client;
 mod qos_flows;
 mod retained;
 mod session_resume;
