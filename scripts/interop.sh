@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Interop: mosquitto_pub/mosquitto_sub (3.1.1 and 5) and paho-mqtt (3.1.1 and 5) against a
-# freshly started `ferrymq serve`. Needs mosquitto-clients and paho-mqtt (scripts/test.sh
-# installs them). Prints one line per check and "N passed, N failed"; exits 1 on failure.
+# freshly started `ferrymq serve`. Needs mosquitto-clients (scripts/test.sh installs them) and
+# runs Python from the venv in target/venv (FERRYMQ_PYTHON, else made by scripts/venv.sh).
+# Prints one line per check and "N passed, N failed"; exits 1 on failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)} || { echo "FAIL no Python venv (scripts/venv.sh)"; exit 1; }
 
 BIN=${FERRYMQ_BIN:-target/debug/ferrymq}
 PORT=${INTEROP_PORT:-21883}
@@ -18,7 +21,7 @@ cleanup() { kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; rm -rf "$DAT
 trap cleanup EXIT
 
 for _ in $(seq 1 100); do
-  python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$HTTP/health', timeout=1)" 2>/dev/null && break
+  "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$HTTP/health', timeout=1)" 2>/dev/null && break
   sleep 0.1
 done
 
@@ -79,7 +82,7 @@ mosquitto_pub -h 127.0.0.1 -p $PORT -V mqttv311 -q 1 -t interop/cli2 -m "from mo
 wait "$SUB_PID" 2>/dev/null || true
 expect "mosquitto_pub -> ferrymq sub" "interop/cli2 from mosquitto_pub" "$(cat "$OUT")"
 
-if python3 scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
+if "$PY" scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
 
 if kill -0 "$SERVER" 2>/dev/null; then pass "broker still running"; else fail "broker still running" "it exited; log: $(tail -5 "$LOG")"; fi
 echo "interop: $PASSED passed, $FAILED failed"
