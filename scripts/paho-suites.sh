@@ -8,8 +8,8 @@
 #   scripts/paho-suites.sh PATH/TO/paho.mqtt.testing [Test.test_name ...]
 #
 # Test names, if given, are passed to both suites (a name a suite lacks is an ERROR there).
-# PAHO_SUITES="client_test5.py" runs only that suite. PAHO_PORT (default 21883) and
-# PAHO_HTTP_PORT (28081) choose the broker's ports. Logs stay in the printed directory.
+# PAHO_SUITES="client_test5.py" runs only that suite. PAHO_PORT (default 21884) and
+# PAHO_HTTP_PORT (28082) choose the broker's ports. Logs stay in the printed directory.
 # Exits 1 when any test did not pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +20,8 @@ shift
 SUITE_DIR=$(cd "$CHECKOUT/interoperability" 2>/dev/null && pwd) \
   || { echo "no interoperability/ directory in $CHECKOUT" >&2; exit 2; }
 SUITES=${PAHO_SUITES:-client_test.py client_test5.py}
-PORT=${PAHO_PORT:-21883}
-HTTP=${PAHO_HTTP_PORT:-28081}
+PORT=${PAHO_PORT:-21884}
+HTTP=${PAHO_HTTP_PORT:-28082}
 PY=$(bash scripts/venv.sh) || exit 2
 cargo build --release -q -p ferrymq || exit 2
 BIN=$ROOT/target/release/ferrymq
