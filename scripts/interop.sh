@@ -35,11 +35,26 @@ expect() {
   if [ "$2" == "$3" ]; then pass "$1"; else fail "$1" "expected [$2] got [$3]"; fi
 }
 
+subscriptions() { # the broker's subscription count, from /metrics
+  "$PY" -c "import urllib.request
+body = urllib.request.urlopen('http://127.0.0.1:$HTTP/metrics', timeout=2).read().decode()
+print(next(l.split()[1] for l in body.splitlines() if l.startswith('ferrymq_subscriptions ')))"
+}
+
+subscribed() { # subscribed BEFORE: wait (up to 10 s) until the broker holds more than BEFORE
+  for _ in $(seq 1 100); do
+    [ "$(subscriptions)" -gt "$1" ] && return
+    sleep 0.1
+  done
+  echo "no new subscription within 10 s" >&2
+}
+
 sub_bg() { # sub_bg OUTFILE ARGS... : start mosquitto_sub, wait until it is subscribed
   local out=$1; shift
+  local before; before=$(subscriptions)
   timeout 10 mosquitto_sub -h 127.0.0.1 -p $PORT "$@" >"$out" 2>&1 &
   SUB_PID=$!
-  sleep 0.4
+  subscribed "$before"
 }
 
 for V in mqttv311 mqttv5; do
@@ -75,9 +90,10 @@ wait "$SUB_PID" 2>/dev/null || true
 expect "ferrymq pub -> mosquitto_sub" "interop/cli from ferrymq pub" "$(cat "$OUT")"
 
 OUT=$DATA/sub-cli2.txt
+BEFORE=$(subscriptions)
 timeout 10 "$BIN" sub -p $PORT -V 3 -q 1 -t interop/cli2 -C 1 -v >"$OUT" 2>&1 &
 SUB_PID=$!
-sleep 0.4
+subscribed "$BEFORE"
 mosquitto_pub -h 127.0.0.1 -p $PORT -V mqttv311 -q 1 -t interop/cli2 -m "from mosquitto_pub"
 wait "$SUB_PID" 2>/dev/null || true
 expect "mosquitto_pub -> ferrymq sub" "interop/cli2 from mosquitto_pub" "$(cat "$OUT")"
