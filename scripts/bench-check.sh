@@ -7,12 +7,14 @@
 # regression has to show twice. `--update` stores this run as the new baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)}
+export FERRYMQ_PYTHON=$PY  # compare-peers.sh uses the same one
 UPDATE=0; [ "${1:-}" = "--update" ] && UPDATE=1
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 bash scripts/compare-peers.sh --quick --reps 3 --brokers "ferrymq mosquitto" --ratios-json "$OUT"
 if [ "$UPDATE" = 1 ]; then
-  python3 - "$OUT" <<'PY'
+  "$PY" - "$OUT" <<'PY'
 import json, sys, datetime
 run = json.load(open(sys.argv[1]))
 # Latency is checked against absolute targets instead: mosquitto's p99 here swings between
@@ -31,7 +33,7 @@ fi
 # A regression must show twice: rows that fail are rerun once (same quick settings) and
 # judged by the better of the two runs, since single quick runs on a shared VM move by ±25%.
 check() {  # check RUN.json [RERUN.json ...]: prints verdicts, writes failing rows to $FAILED
-  python3 - "$@" <<'PY'
+  "$PY" - "$@" <<'PY'
 import json, os, sys
 runs = [json.load(open(p)) for p in sys.argv[1:]]
 base = json.load(open("bench/baseline.json"))

@@ -18,6 +18,7 @@
 #              QoS 1 messages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)}
 
 QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0; ONLY=""
 while [ $# -gt 0 ]; do
@@ -156,7 +157,7 @@ for broker in $BROKERS; do
       case "$name" in connections*) extra=(--broker-pid "$BROKER_PID") ;; esac
       # shellcheck disable=SC2086
       if line=$("${LOAD_CPU[@]}" "$BIN" bench $args --port $PORT --timeout 120 --json --label "$broker" "${extra[@]}" 2>"$WORK/bench.err"); then :; else
-        line=$(printf '{"label":"%s","failed":true,"error":%s}' "$broker" "$(python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))' <"$WORK/bench.err")")
+        line=$(printf '{"label":"%s","failed":true,"error":%s}' "$broker" "$("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))' <"$WORK/bench.err")")
       fi
       echo "{\"name\":\"$name\",\"broker\":\"$broker\",\"rep\":$rep,\"result\":$line}" >>"$RESULTS"
       echo "  $broker / $name / run $rep done" >&2
@@ -166,4 +167,4 @@ for broker in $BROKERS; do
 done
 
 [ -n "$OUT" ] && cp "$RESULTS" "$OUT"
-python3 scripts/compare_report.py "$RESULTS" ${RATIOS:+--ratios-json "$RATIOS"}
+"$PY" scripts/compare_report.py "$RESULTS" ${RATIOS:+--ratios-json "$RATIOS"}

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Interop: mosquitto_pub/mosquitto_sub (3.1.1 and 5) and paho-mqtt (3.1.1 and 5) against a
-# freshly started `ferrymq serve`. Needs mosquitto-clients and paho-mqtt (scripts/test.sh
-# installs them). Prints one line per check and "N passed, N failed"; exits 1 on failure.
+# freshly started `ferrymq serve`. Needs mosquitto-clients (scripts/test.sh installs them) and
+# runs Python from the venv in target/venv (FERRYMQ_PYTHON, else made by scripts/venv.sh).
+# Prints one line per check and "N passed, N failed"; exits 1 on failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)} || { echo "FAIL no Python venv (scripts/venv.sh)"; exit 1; }
 
 BIN=${FERRYMQ_BIN:-target/debug/ferrymq}
 PORT=${INTEROP_PORT:-21883}
@@ -18,7 +21,7 @@ cleanup() { kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; rm -rf "$DAT
 trap cleanup EXIT
 
 for _ in $(seq 1 100); do
-  python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$HTTP/health', timeout=1)" 2>/dev/null && break
+  "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$HTTP/health', timeout=1)" 2>/dev/null && break
   sleep 0.1
 done
 
@@ -32,11 +35,26 @@ expect() {
   if [ "$2" == "$3" ]; then pass "$1"; else fail "$1" "expected [$2] got [$3]"; fi
 }
 
+subscriptions() { # the broker's subscription count, from /metrics
+  "$PY" -c "import urllib.request
+body = urllib.request.urlopen('http://127.0.0.1:$HTTP/metrics', timeout=2).read().decode()
+print(next(l.split()[1] for l in body.splitlines() if l.startswith('ferrymq_subscriptions ')))"
+}
+
+subscribed() { # subscribed BEFORE: wait (up to 10 s) until the broker holds more than BEFORE
+  for _ in $(seq 1 100); do
+    [ "$(subscriptions)" -gt "$1" ] && return
+    sleep 0.1
+  done
+  echo "no new subscription within 10 s" >&2
+}
+
 sub_bg() { # sub_bg OUTFILE ARGS... : start mosquitto_sub, wait until it is subscribed
   local out=$1; shift
+  local before; before=$(subscriptions)
   timeout 10 mosquitto_sub -h 127.0.0.1 -p $PORT "$@" >"$out" 2>&1 &
   SUB_PID=$!
-  sleep 0.4
+  subscribed "$before"
 }
 
 for V in mqttv311 mqttv5; do
@@ -72,14 +90,15 @@ wait "$SUB_PID" 2>/dev/null || true
 expect "ferrymq pub -> mosquitto_sub" "interop/cli from ferrymq pub" "$(cat "$OUT")"
 
 OUT=$DATA/sub-cli2.txt
+BEFORE=$(subscriptions)
 timeout 10 "$BIN" sub -p $PORT -V 3 -q 1 -t interop/cli2 -C 1 -v >"$OUT" 2>&1 &
 SUB_PID=$!
-sleep 0.4
+subscribed "$BEFORE"
 mosquitto_pub -h 127.0.0.1 -p $PORT -V mqttv311 -q 1 -t interop/cli2 -m "from mosquitto_pub"
 wait "$SUB_PID" 2>/dev/null || true
 expect "mosquitto_pub -> ferrymq sub" "interop/cli2 from mosquitto_pub" "$(cat "$OUT")"
 
-if python3 scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
+if "$PY" scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
 
 if kill -0 "$SERVER" 2>/dev/null; then pass "broker still running"; else fail "broker still running" "it exited; log: $(tail -5 "$LOG")"; fi
 echo "interop: $PASSED passed, $FAILED failed"

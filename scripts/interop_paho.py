@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Interop checks with paho-mqtt (3.1.1 and 5.0) against a running ferrymq.
 
-Usage: interop_paho.py HOST PORT. Prints one line per check and exits non-zero on failure.
+Usage: interop_paho.py HOST PORT, with the python of the venv in target/venv (scripts/venv.sh
+creates it and prints its path; scripts/interop.sh runs this so). Prints one line per check
+and exits non-zero on failure.
 """
 import sys
 import threading

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property and integration tests (cargo test), then interop with
 # mosquitto-clients and paho-mqtt against a freshly started broker. Installs the interop tools
-# when they are missing (Debian's mosquitto-clients, PyPI's paho-mqtt); safe to rerun.
+# when they are missing (Debian's mosquitto-clients; paho-mqtt from PyPI into the virtual
+# environment target/venv, see scripts/venv.sh); safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,9 +13,8 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
   retry $SUDO apt-get update -qq
   retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients
 fi
-if ! python3 -c "import paho.mqtt" 2>/dev/null; then
-  retry python3 -m pip install -q "paho-mqtt>=2,<3"
-fi
+FERRYMQ_PYTHON=$(bash scripts/venv.sh)
+export FERRYMQ_PYTHON
 
 cargo test --workspace
 cargo build -p ferrymq

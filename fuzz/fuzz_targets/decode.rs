@@ -7,7 +7,9 @@ use ferrymq_mqtt::{decode, encode, Limits, ProtocolVersion};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits { max_packet_size: 64 * 1024 };
+    let limits = Limits {
+        max_packet_size: 64 * 1024,
+    };
     for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
         let mut buf = BytesMut::from(data);
         while let Ok(Some(packet)) = decode(&mut buf, version, &limits) {

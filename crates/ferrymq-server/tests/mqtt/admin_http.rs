@@ -11,8 +11,7 @@ async fn health_and_metrics() {
     assert!(body.contains("\"status\":\"ok\""), "{body}");
 
     let mut sub = v4(v4_options(&server, "m-sub")).await;
-    sub.client.subscribe("m/#", QoS::AtLeastOnce).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sub.subscribe("m/#", QoS::AtLeastOnce).await;
     let p = v4(v4_options(&server, "m-pub")).await;
     for _ in 0..5 {
         p.client

@@ -55,6 +55,31 @@ pub struct Got {
 pub struct V4 {
     pub client: rumqttc::AsyncClient,
     pub rx: mpsc::UnboundedReceiver<Got>,
+    /// Return codes of each SUBACK, in arrival order.
+    subacks: mpsc::UnboundedReceiver<Vec<rumqttc::SubscribeReasonCode>>,
+    /// One entry per PUBACK or PUBCOMP: a QoS 1/2 publish completed.
+    acks: mpsc::UnboundedReceiver<u16>,
+}
+
+impl V4 {
+    /// Subscribes and waits for the SUBACK, so the subscription is active when this returns.
+    pub async fn subscribe(&mut self, filter: &str, qos: rumqttc::QoS) {
+        self.client.subscribe(filter, qos).await.unwrap();
+        let codes = recv_in_time(&mut self.subacks, "SUBACK").await;
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+            "subscription to {filter} refused: {codes:?}"
+        );
+    }
+
+    /// Waits until `n` more QoS 1/2 publishes of this client were acknowledged.
+    pub async fn acked(&mut self, n: usize) {
+        for _ in 0..n {
+            recv_in_time(&mut self.acks, "PUBACK/PUBCOMP").await;
+        }
+    }
 }
 
 pub fn v4_options(server: &Server, id: &str) -> rumqttc::MqttOptions {
@@ -68,9 +93,20 @@ pub async fn v4(opts: rumqttc::MqttOptions) -> V4 {
     let (client, mut ev) = rumqttc::AsyncClient::new(opts, 1000);
     let (tx, rx) = mpsc::unbounded_channel();
     let (ctx, mut connected) = mpsc::unbounded_channel();
+    let (stx, subacks) = mpsc::unbounded_channel();
+    let (atx, acks) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             match ev.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(s))) => {
+                    let _ = stx.send(s.return_codes);
+                }
+                Ok(rumqttc::Event::Incoming(
+                    rumqttc::Packet::PubAck(rumqttc::PubAck { pkid })
+                    | rumqttc::Packet::PubComp(rumqttc::PubComp { pkid }),
+                )) => {
+                    let _ = atx.send(pkid);
+                }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                     let _ = tx.send(Got {
                         topic: p.topic.clone(),
@@ -92,7 +128,12 @@ pub async fn v4(opts: rumqttc::MqttOptions) -> V4 {
         .await
         .expect("CONNACK in time");
     assert_eq!(ok, Some(true), "connection accepted");
-    V4 { client, rx }
+    V4 {
+        client,
+        rx,
+        subacks,
+        acks,
+    }
 }
 
 /// A rumqttc 5.0 client; publishes and disconnect reasons arrive on channels.
@@ -102,6 +143,30 @@ pub struct V5 {
     /// DISCONNECT reason codes sent by the server.
     #[allow(dead_code)]
     pub disconnects: mpsc::UnboundedReceiver<u8>,
+    subacks: mpsc::UnboundedReceiver<Vec<rumqttc::v5::mqttbytes::v5::SubscribeReasonCode>>,
+}
+
+impl V5 {
+    /// Subscribes and waits for the SUBACK, so the subscription is active when this returns.
+    pub async fn subscribe(&mut self, filter: &str, qos: rumqttc::v5::mqttbytes::QoS) {
+        use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+        self.client.subscribe(filter, qos).await.unwrap();
+        let codes = recv_in_time(&mut self.subacks, "SUBACK").await;
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+            "subscription to {filter} refused: {codes:?}"
+        );
+    }
+}
+
+/// The next item of an event channel, or a failure naming `what` after [`WAIT`].
+async fn recv_in_time<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what} in time"))
+        .unwrap_or_else(|| panic!("client alive while waiting for {what}"))
 }
 
 pub fn v5_options(server: &Server, id: &str) -> rumqttc::v5::MqttOptions {
@@ -118,9 +183,13 @@ pub async fn v5(opts: rumqttc::v5::MqttOptions) -> V5 {
     let (tx, rx) = mpsc::unbounded_channel();
     let (dtx, disconnects) = mpsc::unbounded_channel();
     let (ctx, mut connected) = mpsc::unbounded_channel();
+    let (stx, subacks) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             match ev.poll().await {
+                Ok(Event::Incoming(P::SubAck(s))) => {
+                    let _ = stx.send(s.return_codes);
+                }
                 Ok(Event::Incoming(P::Publish(p))) => {
                     let user_properties = p
                         .properties
@@ -154,6 +223,7 @@ pub async fn v5(opts: rumqttc::v5::MqttOptions) -> V5 {
         client,
         rx,
         disconnects,
+        subacks,
     }
 }
 
@@ -222,6 +292,56 @@ impl Raw {
         })
         .await
         .expect("server answers or closes in time")
+    }
+
+    /// Connects and sends CONNECT with a clean start; fails unless CONNACK says Success.
+    #[allow(dead_code)]
+    pub async fn connected(server: &Server, id: &str, version: ProtocolVersion) -> Raw {
+        let mut raw = Raw::connect(server, version).await;
+        raw.send(&connect_packet(id, version)).await;
+        match raw.recv().await {
+            Some(Packet::ConnAck(a)) if a.reason == ferrymq_mqtt::ReasonCode::Success => raw,
+            other => panic!("{id}: expected CONNACK Success, got {other:?}"),
+        }
+    }
+
+    /// Subscribes to each filter at its QoS and returns the SUBACK's reason codes.
+    #[allow(dead_code)]
+    pub async fn subscribe(
+        &mut self,
+        packet_id: u16,
+        filters: &[(&str, ferrymq_mqtt::QoS)],
+    ) -> Vec<u8> {
+        let filters = filters
+            .iter()
+            .map(|&(f, qos)| {
+                let options = ferrymq_mqtt::SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                };
+                (f.to_string(), options)
+            })
+            .collect();
+        self.send(&Packet::Subscribe(ferrymq_mqtt::Subscribe {
+            packet_id,
+            filters,
+            properties: Default::default(),
+        }))
+        .await;
+        match self.recv().await {
+            Some(Packet::SubAck(a)) if a.packet_id == packet_id => {
+                a.reasons.iter().map(|r| r.as_u8()).collect()
+            }
+            other => panic!("expected SUBACK {packet_id}, got {other:?}"),
+        }
+    }
+
+    /// Asserts the server sends nothing (and does not close) within `d`.
+    #[allow(dead_code)]
+    pub async fn quiet(&mut self, d: Duration) {
+        if let Ok(p) = tokio::time::timeout(d, self.recv()).await {
+            panic!("expected silence, got {p:?}");
+        }
     }
 
     /// Reads until the server closes; returns the packets seen.

@@ -8,9 +8,8 @@ use rumqttc::QoS;
 async fn qos_levels_round_trip_v311() {
     let server = start().await;
     let mut sub = v4(v4_options(&server, "q-sub")).await;
-    sub.client.subscribe("q/2", QoS::ExactlyOnce).await.unwrap();
-    sub.client.subscribe("q/1", QoS::AtLeastOnce).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sub.subscribe("q/2", QoS::ExactlyOnce).await;
+    sub.subscribe("q/1", QoS::AtLeastOnce).await;
     let p = v4(v4_options(&server, "q-pub")).await;
     for i in 0..50u32 {
         p.client
@@ -42,8 +41,7 @@ async fn qos_levels_round_trip_v5() {
     use rumqttc::v5::mqttbytes::QoS as Q5;
     let server = start().await;
     let mut sub = v5(v5_options(&server, "q5-sub")).await;
-    sub.client.subscribe("q5/#", Q5::ExactlyOnce).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    sub.subscribe("q5/#", Q5::ExactlyOnce).await;
     let p = v5(v5_options(&server, "q5-pub")).await;
     for (i, q) in [Q5::AtMostOnce, Q5::AtLeastOnce, Q5::ExactlyOnce]
         .into_iter()

@@ -9,18 +9,16 @@ use rumqttc::QoS;
 #[tokio::test]
 async fn retained_message_is_replayed_and_cleared() {
     let server = start().await;
-    let p = v4(v4_options(&server, "ret-pub")).await;
+    let mut p = v4(v4_options(&server, "ret-pub")).await;
     p.client
         .publish("status/door", QoS::AtLeastOnce, true, "open")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // PUBACK: the retained message is stored.
+    p.acked(1).await;
 
     let mut a = v4(v4_options(&server, "ret-a")).await;
-    a.client
-        .subscribe("status/+", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    a.subscribe("status/+", QoS::AtLeastOnce).await;
     let g = next(&mut a.rx).await;
     assert_eq!(
         (g.topic.as_str(), &g.payload[..], g.retain),
@@ -34,13 +32,10 @@ async fn retained_message_is_replayed_and_cleared() {
     // Subscribers get the clearing message itself, live (RETAIN cleared on live delivery).
     let g = next(&mut a.rx).await;
     assert!(g.payload.is_empty() && !g.retain);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.acked(1).await;
 
     let mut b = v4(v4_options(&server, "ret-b")).await;
-    b.client
-        .subscribe("status/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    b.subscribe("status/#", QoS::AtLeastOnce).await;
     nothing(&mut b.rx, Duration::from_millis(400)).await;
     assert_eq!(metric(&server, "ferrymq_retained_messages").await, 0);
 }

@@ -10,20 +10,13 @@ async fn shared_group_members_split_the_stream() {
     let server = start().await;
     let mut members = Vec::new();
     for i in 0..3 {
-        let m = v4(v4_options(&server, &format!("worker-{i}"))).await;
-        m.client
-            .subscribe("$share/workers/tasks/+", QoS::AtLeastOnce)
-            .await
-            .unwrap();
+        let mut m = v4(v4_options(&server, &format!("worker-{i}"))).await;
+        m.subscribe("$share/workers/tasks/+", QoS::AtLeastOnce)
+            .await;
         members.push(m);
     }
     let mut plain = v4(v4_options(&server, "observer")).await;
-    plain
-        .client
-        .subscribe("tasks/+", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    plain.subscribe("tasks/+", QoS::AtLeastOnce).await;
     let p = v4(v4_options(&server, "producer")).await;
     for i in 0..60 {
         p.client

@@ -10,12 +10,7 @@ use rumqttc::QoS;
 async fn will_is_published_when_the_connection_drops() {
     let server = start().await;
     let mut watcher = v4(v4_options(&server, "will-watch")).await;
-    watcher
-        .client
-        .subscribe("lwt/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.subscribe("lwt/#", QoS::AtLeastOnce).await;
 
     // A raw client with a will drops its socket without DISCONNECT.
     let mut raw = Raw::connect(&server, ProtocolVersion::V311).await;
