@@ -173,6 +173,9 @@ pub struct Broker {
     instance: u128,
     next_assigned_id: u64,
     pub(crate) journal: Option<Journal>,
+    /// Sessions restore found connected (the crash disconnected them); their disconnect is
+    /// journaled by [`Broker::enable_journal`].
+    pub(crate) restored_disconnects: Vec<SessionId>,
 }
 
 impl Broker {
@@ -191,6 +194,7 @@ impl Broker {
             instance: 0,
             next_assigned_id: 1,
             journal: None,
+            restored_disconnects: Vec::new(),
         }
     }
 
@@ -624,11 +628,21 @@ impl Broker {
             let message = front.message.id;
             if front.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
-                self.commit(Record::Expired { sid, message }, out);
+                if self
+                    .try_commit(Record::Expired { sid, message }, out)
+                    .is_err()
+                {
+                    return; // a bug (see `commit`): stop rather than loop
+                }
                 continue;
             }
             let pid = s.free_packet_id();
-            self.commit(Record::Flight { sid, pid, message }, out);
+            if self
+                .try_commit(Record::Flight { sid, pid, message }, out)
+                .is_err()
+            {
+                return;
+            }
             self.deliver_in_flight(sid, pid, now, out);
         }
     }

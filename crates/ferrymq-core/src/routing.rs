@@ -326,8 +326,9 @@ impl Broker {
         }
     }
 
-    /// When a shared-group member goes away, its unacknowledged messages from that group go
-    /// to another connected member (those awaiting PUBCOMP were already received and stay).
+    /// When a shared-group member goes away, its messages from that group that were not yet
+    /// sent, and its unacknowledged QoS 1 ones, go to another connected member; QoS 2 ones
+    /// already sent stay for this member's return (MQTT-4.8.2-4).
     pub(crate) fn redistribute_shared(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
         let Some(s) = self.sessions.get(&sid) else {
             return;

@@ -149,7 +149,7 @@ impl Session {
         let mut moved: Vec<Pending> = Vec::new();
         for pid in self.inflight_in_order() {
             let f = &self.inflight[&pid];
-            if f.pending.shared.is_some() && f.state != OutState::AwaitPubComp {
+            if movable_in_flight(f) {
                 moved.push(f.pending.clone());
             }
         }
@@ -157,11 +157,12 @@ impl Session {
         moved
     }
 
-    /// Removes every shared-subscription message that can still go to another group member:
-    /// queued ones, and in-flight ones not yet received (PUBCOMP-pending ones stay).
+    /// Removes every shared-subscription message that may go to another group member:
+    /// queued ones, and QoS 1 ones in flight. A QoS 2 message once sent stays: its delivery
+    /// must be completed to this member when it reconnects (MQTT-4.8.2-4), or the receiver,
+    /// which may already hold it, would get it twice.
     pub(crate) fn take_shared(&mut self) {
-        self.inflight
-            .retain(|_, f| f.pending.shared.is_none() || f.state == OutState::AwaitPubComp);
+        self.inflight.retain(|_, f| !movable_in_flight(f));
         self.pending.retain(|p| p.shared.is_none());
     }
 
@@ -184,4 +185,10 @@ impl Session {
         ids.sort_unstable();
         ids.into_iter().map(|(_, pid)| pid).collect()
     }
+}
+
+/// A shared-subscription message in flight that another group member may take over: QoS 1
+/// only (sent at least once already; the new member's copy is the redelivery MQTT allows).
+fn movable_in_flight(f: &InFlight) -> bool {
+    f.pending.shared.is_some() && f.pending.qos == QoS::AtLeastOnce
 }

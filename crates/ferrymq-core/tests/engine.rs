@@ -488,6 +488,80 @@ fn shared_subscription_distributes_evenly_and_redistributes_on_leave() {
     assert_eq!(moved, 10);
 }
 
+/// A 5.0 connection whose session outlives it by an hour.
+fn durable_connect(id: &str, clean: bool) -> Connect {
+    let mut c = connect_packet(id, V5, clean);
+    c.properties = PropertyValues {
+        session_expiry_interval: Some(3600),
+        ..Default::default()
+    }
+    .into();
+    c
+}
+
+#[test]
+fn mqtt_4_8_2_4_shared_qos2_in_flight_stays_with_its_member() {
+    let mut h = Harness::new();
+    for (conn, id) in [(1, "w1"), (2, "w2")] {
+        h.connect(conn, durable_connect(id, true));
+        h.subscribe(conn, vec![sub("$share/g/jobs/#", QoS::ExactlyOnce)]);
+    }
+    h.connect_simple(9, "pub", V5);
+    for i in 0..2u16 {
+        let p = publish("jobs/x", &i.to_string(), QoS::ExactlyOnce, i + 1);
+        h.packet(9, Packet::Publish(p));
+        h.packet(9, Packet::PubRel(PubResp::new(i + 1, ReasonCode::Success)));
+    }
+    let to_w1 = h.deliveries(1);
+    assert_eq!(to_w1.len(), 1);
+    assert_eq!(h.deliveries(2).len(), 1);
+    // w1's connection breaks before it answers: its QoS 2 message was sent, so it may already
+    // hold it. It must not go to w2 as well; w1 gets it again, same packet id, DUP.
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    assert!(
+        h.deliveries(2).is_empty(),
+        "a sent QoS 2 message moved to w2"
+    );
+    h.connect(3, durable_connect("w1", false));
+    let again = h.deliveries(3);
+    assert_eq!(again.len(), 1);
+    assert!(again[0].dup);
+    assert_eq!(again[0].packet_id, to_w1[0].packet_id);
+    assert_eq!(again[0].message.payload, to_w1[0].message.payload);
+}
+
+#[test]
+fn shared_redelivery_follows_the_filter_the_message_came_through() {
+    let mut h = Harness::new();
+    // w1 is in group g on two filters; w2 only on b/+. A message w1 got through b/+ must go
+    // to w2 when w1 leaves, whatever order w1's subscriptions are kept in.
+    h.connect_simple(1, "w1", V5);
+    h.subscribe(
+        1,
+        vec![
+            sub("$share/g/a/+", QoS::AtLeastOnce),
+            sub("$share/g/b/+", QoS::AtLeastOnce),
+        ],
+    );
+    h.connect_simple(2, "w2", V5);
+    h.subscribe(2, vec![sub("$share/g/b/+", QoS::AtLeastOnce)]);
+    h.connect_simple(9, "pub", V5);
+    for i in 0..2u16 {
+        let p = publish("b/1", &i.to_string(), QoS::AtLeastOnce, i + 1);
+        h.packet(9, Packet::Publish(p));
+    }
+    let (to_w1, to_w2) = (h.deliveries(1), h.deliveries(2));
+    assert_eq!((to_w1.len(), to_w2.len()), (1, 1));
+    h.broker.closed(ConnId(1), h.now, &mut h.out);
+    let moved = h.deliveries(2);
+    assert_eq!(
+        moved.len(),
+        1,
+        "w1's b/+ message went to the other b/+ member"
+    );
+    assert_eq!(moved[0].message.payload, to_w1[0].message.payload);
+}
+
 #[test]
 fn subscription_identifiers_and_highest_qos_on_overlap() {
     let mut h = Harness::new();
@@ -692,7 +766,10 @@ fn restart_from_journal(h: &mut Harness, log: &mut Vec<Vec<u8>>) -> RestoreRepor
     let report = broker
         .restore(log.iter().map(|b| b.as_ref()), h.now)
         .unwrap();
-    broker.enable_journal();
+    // What restore concluded (the crash disconnected connected sessions) is journaled first.
+    let mut first = Outbox::default();
+    broker.enable_journal(&mut first);
+    log.extend(first.journal.records().map(|r| r.to_vec()));
     h.broker = broker;
     h.out = Outbox::default();
     report
@@ -701,7 +778,7 @@ fn restart_from_journal(h: &mut Harness, log: &mut Vec<Vec<u8>>) -> RestoreRepor
 #[test]
 fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessions() {
     let mut h = Harness::new();
-    h.broker.enable_journal();
+    h.broker.enable_journal(&mut Outbox::default());
     let mut log = Vec::new();
     // Durable subscriber with an identifier, No Local and a QoS 1 and a QoS 2 filter.
     let mut c = connect_packet("dev", V5, true);
@@ -857,7 +934,7 @@ fn journal_restores_retained_subscriptions_wills_and_expiry_but_not_clean_sessio
 #[test]
 fn a_checkpoint_cut_short_by_a_crash_is_ignored() {
     let mut h = Harness::new();
-    h.broker.enable_journal();
+    h.broker.enable_journal(&mut Outbox::default());
     let mut c = connect_packet("dev", V5, true);
     c.properties.session_expiry_interval = Some(600);
     h.connect(1, c);

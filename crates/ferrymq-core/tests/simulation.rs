@@ -91,7 +91,7 @@ fn sim_config() -> BrokerConfig {
 impl Sim {
     fn new(receive_maximum: u16) -> Sim {
         let mut broker = Broker::new(sim_config());
-        broker.enable_journal();
+        broker.enable_journal(&mut Outbox::default());
         let mut sim = Sim {
             broker,
             log: Vec::new(),
@@ -179,9 +179,12 @@ impl Sim {
             .restore(self.log.iter().map(|b| b.as_ref()), self.now)
             .expect("the journal replays");
         assert_eq!(report.skipped, 0, "replay named unknown state: {report:?}");
-        broker.enable_journal();
-        self.broker = broker;
         self.out = Outbox::default();
+        // What restore concluded (the crash disconnected connected sessions) is journaled
+        // before anything else, as the server does.
+        broker.enable_journal(&mut self.out);
+        self.broker = broker;
+        self.drain_journal();
         self.crashes += 1;
         for s in &mut self.subs {
             s.conn = None;

@@ -229,7 +229,7 @@ impl Persistence {
             path: log_dir.clone(),
             message,
         };
-        let (log, recovery) = Log::open(LogConfig {
+        let (mut log, recovery) = Log::open(LogConfig {
             dir: log_dir.clone(),
             segment_bytes: storage.segment_bytes,
         })
@@ -251,7 +251,24 @@ impl Persistence {
             .restore(records.iter().map(|(_, r)| r.as_ref()), now)
             .map_err(|e| recovery_error(e.to_string()))?;
         drop(records);
-        broker.enable_journal();
+        if report.skipped > 0 || report.incomplete_checkpoint {
+            tracing::warn!(
+                skipped = report.skipped,
+                incomplete_checkpoint = report.incomplete_checkpoint,
+                "the log named state that replay did not find (records skipped), or ended \
+                 inside a checkpoint; the state rebuilt is what the rest of the log holds"
+            );
+        }
+        // Sessions connected when the log ended were disconnected by the crash; their
+        // disconnect time is stored now, so the next restart does not move it again.
+        let mut first = Outbox::default();
+        broker.enable_journal(&mut first);
+        if !first.journal.is_empty() {
+            let (framed, count) = first.journal.take();
+            log.append_framed(&framed, count)
+                .and_then(|_| log.sync())
+                .map_err(|e| recovery_error(e.to_string()))?;
+        }
         let recovered = Recovered {
             report,
             truncated_bytes: recovery.truncated_bytes,

@@ -52,10 +52,28 @@ impl Journal {
 
 impl Broker {
     /// Turns journaling on. Call before the first connection (after [`Broker::restore`]).
-    pub fn enable_journal(&mut self) {
-        if self.journal.is_none() {
-            self.journal = Some(Journal::new());
+    /// Writes into `out` what restore concluded without a record: sessions that were
+    /// connected when the log ended were disconnected by the crash at the restore time. The
+    /// driver stores these records before any other, or every restart would move that time
+    /// forward again (and a session restarted often enough would never expire).
+    pub fn enable_journal(&mut self, out: &mut Outbox) {
+        if self.journal.is_some() {
+            return;
         }
+        let mut j = Journal::new();
+        for sid in std::mem::take(&mut self.restored_disconnects) {
+            if let Some(s) = self.sessions.get(&sid).filter(|s| s.journaled) {
+                let record = Record::Session {
+                    sid,
+                    client_id: s.client_id.clone(),
+                    version: s.version,
+                    expiry: s.expiry_interval,
+                    disconnected_at: s.disconnected_at,
+                };
+                j.write(&record, out);
+            }
+        }
+        self.journal = Some(j);
     }
 
     /// After CONNECT or DISCONNECT changed a session's expiry: a session that became durable

@@ -34,6 +34,8 @@ mod emit;
 mod format;
 pub(crate) mod record;
 mod replay;
+#[cfg(test)]
+mod tests;
 
 use bytes::{BufMut, BytesMut};
 

@@ -6,9 +6,11 @@
 //! what a restarted broker rebuilds is, by construction, what the live broker held; a Raft
 //! follower will apply the same records the same way.
 //!
-//! Records name what they change (a session, a packet id, a message id), never "the front of
-//! a queue": if replay ever finds state other than what the record names, it says so
-//! ([`Missing`]) instead of changing the wrong message.
+//! Records name what they change (a session, a packet id, a message id), not "the front of a
+//! queue": if replay ever finds state other than what a record names, it says so
+//! ([`Missing`]) instead of changing another message. (Live code always moves the front of a
+//! queue; a message queued twice for one session, through a plain and a shared subscription,
+//! is taken front first, so the id picks the entry live code took.)
 
 use std::sync::Arc;
 
@@ -127,8 +129,20 @@ impl Record {
 impl Broker {
     /// Makes one change to durable state: journals it when its session (or, for retained
     /// messages, the broker) is journaled, then applies it. The only way live code changes
-    /// what the journal describes.
+    /// what the journal describes. Live code only commits records naming state it has just
+    /// checked, so `Missing` is a bug: tests panic on it, a release build carries on (the
+    /// record was journaled, and replay skips it the same way).
     pub(crate) fn commit(&mut self, record: Record, out: &mut crate::Outbox) {
+        let _ = self.try_commit(record, out);
+    }
+
+    /// [`Broker::commit`], telling the caller whether the record applied (for loops that
+    /// must stop rather than spin if it did not).
+    pub(crate) fn try_commit(
+        &mut self,
+        record: Record,
+        out: &mut crate::Outbox,
+    ) -> Result<(), Missing> {
         if self.journal.is_some() && self.is_journaled(&record) {
             if let Some(j) = self.journal.as_mut() {
                 j.write(&record, out);
@@ -139,6 +153,7 @@ impl Broker {
             applied.is_ok(),
             "live engine committed a record naming missing state"
         );
+        applied
     }
 
     fn is_journaled(&self, record: &Record) -> bool {

@@ -97,6 +97,9 @@ impl Broker {
         // Sessions connected at the crash were disconnected by it.
         for s in self.sessions.values_mut() {
             s.journaled = true;
+            if s.disconnected_at.is_none() {
+                self.restored_disconnects.push(s.id);
+            }
             let at = *s.disconnected_at.get_or_insert(now);
             if s.expiry_interval != SESSION_NEVER_EXPIRES {
                 let due = at.plus_secs(s.expiry_interval).max(now);
