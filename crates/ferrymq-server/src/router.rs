@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
 use crate::persist::Persistence;
+use crate::violations::ViolationLog;
 
 /// Messages from connection tasks (and the admin side) to the router.
 pub(crate) enum ToRouter {
@@ -42,6 +43,10 @@ pub(crate) enum ToRouter {
     },
     Snapshot(oneshot::Sender<EngineSnapshot>),
     Shutdown(oneshot::Sender<()>),
+    /// Test hook, in debug builds only: the router panics, as a broken engine invariant would.
+    /// Sent only by [`crate::Server::panic_router`]; nothing on the network can send it.
+    #[cfg(debug_assertions)]
+    Panic,
 }
 
 /// A connection's outbound queue: the router appends, the writer takes everything at once.
@@ -163,8 +168,8 @@ pub(crate) struct Router {
     closing: HashMap<ConnId, Arc<Outbound>>,
     persist: Option<Persistence>,
     next_keep_alive_check: Instant,
-    /// Set when the router stops on its own (the log failed).
-    fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The rate-limited log of connections closed for breaking a rule.
+    violations: ViolationLog,
 }
 
 impl Router {
@@ -173,12 +178,11 @@ impl Router {
         net: Arc<NetMetrics>,
         settings: RouterSettings,
         persist: Option<Persistence>,
-        fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Router {
         Router {
             persist,
-            fatal,
             next_keep_alive_check: Instant::now(),
+            violations: ViolationLog::new(Instant::now()),
             broker,
             conns: HashMap::new(),
             net,
@@ -194,8 +198,12 @@ impl Router {
         Time(self.settings.epoch_ms + self.started.elapsed().as_millis() as u64)
     }
 
-    /// Runs until a `Shutdown` arrives or every sender is gone.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>) {
+    /// Runs until a `Shutdown` arrives or every sender is gone (`Ok`), or until the log fails
+    /// (`Err` with the reason; every client has been disconnected by then).
+    ///
+    /// Runs on its own thread (see `spawn_router` in `lib.rs`): the log writes, checkpoints
+    /// and fsyncs here are blocking work that must not hold a tokio worker.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>) -> Result<(), String> {
         let mut batch = Vec::with_capacity(256);
         let mut next_sys = Instant::now();
         let durable = self.persist.as_ref().map(|p| p.durable.clone());
@@ -210,7 +218,7 @@ impl Router {
             tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => {
                     if n == 0 {
-                        return;
+                        return Ok(());
                     }
                 }
                 _ = stored => {}
@@ -233,6 +241,7 @@ impl Router {
                 self.publish_sys(now);
                 next_sys = Instant::now() + self.settings.sys_interval;
             }
+            self.violations.summarize(&self.net, Instant::now());
             if let Some(done) = shutdown {
                 self.broker.shutdown(now, &mut self.out);
                 if let Some(mut p) = self.persist.take() {
@@ -241,7 +250,7 @@ impl Router {
                 }
                 self.dispatch();
                 let _ = done.send(());
-                return;
+                return Ok(());
             }
             if let Err(e) = self.store() {
                 tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
@@ -250,8 +259,7 @@ impl Router {
                 self.broker.shutdown(now, &mut self.out);
                 self.out.journal.clear();
                 self.dispatch();
-                let _ = self.fatal.send(Some(e));
-                return;
+                return Err(e);
             }
             self.dispatch();
         }
@@ -300,8 +308,8 @@ impl Router {
                 // Once: the connection is closing.
                 o.keep_alive_ms.store(0, Relaxed);
             }
-            NetMetrics::add(&self.net.keep_alive_timeouts, 1);
-            tracing::info!(conn = conn.0, "keep alive timeout");
+            // Counted (by reason) and logged at debug in `dispatch`, like every violation:
+            // a line per connection would let clients fill the disk.
             self.broker
                 .kill(conn, Some(ReasonCode::KeepAliveTimeout), now, &mut self.out);
         }
@@ -347,17 +355,16 @@ impl Router {
                 });
             }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),
+            #[cfg(debug_assertions)]
+            ToRouter::Panic => panic!("router panic injected by a test"),
         }
     }
 
     /// Appends every action to its connection's queue, then wakes each connection once.
     fn dispatch(&mut self) {
         for (conn, reason) in self.out.violations.drain(..) {
-            tracing::info!(
-                conn = conn.0,
-                ?reason,
-                "closing connection: protocol violation"
-            );
+            self.net.disconnects.add(reason);
+            tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
         }
         let limit = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
