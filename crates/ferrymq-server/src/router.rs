@@ -1,6 +1,7 @@
-//! The router task: owns the engine, takes batches from connection tasks, hands actions back.
+//! The router: owns the engine, takes batches from connection tasks, hands actions back.
 //!
-//! One task owns the [`Broker`], so the engine needs no locks. Connection tasks send whole read
+//! One thread (`ferrymq-router`, see `spawn_router` in `lib.rs`) owns the [`Broker`], so the
+//! engine needs no locks. Connection tasks send whole read
 //! batches ([`ToRouter::Packets`]); the router drains everything waiting, runs it through the
 //! engine, appends the resulting actions to each connection's [`Outbound`] queue, and wakes
 //! each touched connection once per batch.
