@@ -106,7 +106,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 ///
 /// Without the LIFO slot, tasks woken together by the I/O driver run in the order their
 /// sockets became readable. With it, the last one woken runs first: of two clients whose
-/// packets arrive together, the later one's reached the router first in 37–49% of tries
+/// packets arrive together, the later one's reached the router first in 27–49% of tries
 /// (`scripts/reorder_probe.py`; see docs/architecture.md). The slot speeds up a task waking
 /// another on the same worker, which the broker barely does: readers wake the router thread,
 /// and the router wakes writers from its own thread.
