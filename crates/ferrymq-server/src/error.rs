@@ -25,6 +25,9 @@ pub enum ServerError {
     /// The data directory could not be opened or locked.
     #[error("data directory {path}: {message}")]
     DataDir { path: PathBuf, message: String },
+    /// The router's thread or runtime could not be started.
+    #[error("cannot start the router thread: {0}")]
+    Router(std::io::Error),
     /// The log could not be opened or replayed.
     #[error("recovering from {path} failed: {message}")]
     Recovery { path: PathBuf, message: String },

@@ -8,7 +8,11 @@
 //! - Every channel is bounded: connection → router (`ROUTER_QUEUE` batches; a full queue makes
 //!   readers wait, which pushes back on publishers through TCP), router → connection (bytes
 //!   bounded by `limits.max_outbound_bytes`, then the slow-consumer policy applies).
-//! - Only the router task touches the engine.
+//! - Only the router touches the engine. It runs on its own OS thread, `ferrymq-router`
+//!   (a current-thread tokio runtime for its channel, `Notify` and timers), because it also
+//!   writes the log, checkpoints and syncs. If it panics, [`Server::failed`] resolves with the
+//!   panic's message: the broker is dead, and the binary closes the listeners and exits
+//!   non-zero so that a supervisor restarts it.
 
 mod admin;
 pub mod config;
@@ -18,6 +22,7 @@ mod fdlimit;
 pub mod metrics;
 mod persist;
 mod router;
+mod violations;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -48,7 +53,7 @@ pub struct Server {
     router: mpsc::Sender<ToRouter>,
     stop_accepting: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    router_task: JoinHandle<()>,
+    router_thread: std::thread::JoinHandle<()>,
     recovered: Option<Recovered>,
     fatal: watch::Receiver<Option<String>>,
 }
@@ -120,8 +125,8 @@ impl Server {
         };
         let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
-        let router = Router::new(broker, net.clone(), settings, persistence, fatal_tx);
-        let router_task = tokio::spawn(router.run(rx));
+        let router = Router::new(broker, net.clone(), settings, persistence);
+        let router_thread = spawn_router(router, rx, fatal_tx)?;
 
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -164,14 +169,19 @@ impl Server {
                 tracing::error!(error = %e, "admin HTTP server failed");
             }
         });
-        tracing::info!(mqtt = %mqtt_addr, http = %http_addr, "ferrymq listening");
+        tracing::info!(
+            mqtt = %mqtt_addr,
+            http = %http_addr,
+            connection_future_bytes = connection_future_bytes(),
+            "ferrymq listening"
+        );
         Ok(Server {
             mqtt_addr,
             http_addr,
             router: tx,
             stop_accepting,
             tasks: vec![accept, admin],
-            router_task,
+            router_thread,
             recovered,
             fatal,
         })
@@ -182,7 +192,9 @@ impl Server {
         self.recovered.as_ref()
     }
 
-    /// Resolves if the server stops on its own (the log failed), with the reason.
+    /// Resolves if the server stops on its own, with the reason: the log failed (every client
+    /// was disconnected first), or the router panicked. Either way the broker no longer
+    /// serves; call [`Server::shutdown`] to close the listeners.
     pub async fn failed(&self) -> String {
         let mut fatal = self.fatal.clone();
         let reason = match fatal.wait_for(|f| f.is_some()).await {
@@ -215,8 +227,78 @@ impl Server {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.router_task).await;
+        // The router ends after answering `Shutdown` (or has already ended); joining it means
+        // the log is closed and the data directory unlocked when this returns.
+        let router = tokio::task::spawn_blocking(move || self.router_thread.join());
+        let _ = tokio::time::timeout(Duration::from_secs(2), router).await;
         tracing::info!("ferrymq stopped");
+    }
+
+    /// Test hook, in debug builds only: makes the router panic, as a broken engine invariant
+    /// would, to test supervision. Not part of the API.
+    #[doc(hidden)]
+    #[cfg(debug_assertions)]
+    pub async fn panic_router(&self) {
+        let _ = self.router.send(ToRouter::Panic).await;
+    }
+}
+
+/// Starts the router on its own OS thread with a current-thread runtime, and reports how it
+/// ended on `fatal` when that was not a normal stop: the log failed, or it panicked (the panic
+/// itself is logged by the panic hook, if the binary installed one, with its location).
+fn spawn_router(
+    router: Router,
+    rx: mpsc::Receiver<ToRouter>,
+    fatal: watch::Sender<Option<String>>,
+) -> Result<std::thread::JoinHandle<()>, ServerError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(ServerError::Router)?;
+    std::thread::Builder::new()
+        .name("ferrymq-router".into())
+        .spawn(move || {
+            // The router owns everything it touches; after a panic nothing of it is used again
+            // (the queues it shared with connections tolerate poisoned locks).
+            let run = std::panic::AssertUnwindSafe(|| runtime.block_on(router.run(rx)));
+            let reason = match std::panic::catch_unwind(run) {
+                Ok(Ok(())) => return,
+                Ok(Err(storage)) => format!("storage failed: {storage}"),
+                Err(panic) => {
+                    let message = panic_message(panic.as_ref());
+                    tracing::error!(
+                        panic = message,
+                        "the router panicked: the broker stops so that it can be restarted"
+                    );
+                    format!("the router panicked: {message}")
+                }
+            };
+            let _ = fatal.send(Some(reason));
+        })
+        .map_err(ServerError::Router)
+}
+
+/// Bytes of one connection task's future, which every idle connection keeps for life
+/// (tokio adds its task header and trailer; see docs/performance.md). A measurement of this
+/// build: the layout is the compiler's.
+pub fn connection_future_bytes() -> usize {
+    fn output_size<F, R>(_: F) -> usize
+    where
+        F: FnOnce(tokio::net::TcpStream, connection::ConnContext) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+    output_size(connection::run)
+}
+
+/// The message of a panic payload (`panic!` with a literal or a format string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        "(not a string)"
     }
 }
 

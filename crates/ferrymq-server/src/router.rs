@@ -1,6 +1,7 @@
-//! The router task: owns the engine, takes batches from connection tasks, hands actions back.
+//! The router: owns the engine, takes batches from connection tasks, hands actions back.
 //!
-//! One task owns the [`Broker`], so the engine needs no locks. Connection tasks send whole read
+//! One thread (`ferrymq-router`, see `spawn_router` in `lib.rs`) owns the [`Broker`], so the
+//! engine needs no locks. Connection tasks send whole read
 //! batches ([`ToRouter::Packets`]); the router drains everything waiting, runs it through the
 //! engine, appends the resulting actions to each connection's [`Outbound`] queue, and wakes
 //! each touched connection once per batch.
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
 use crate::persist::Persistence;
+use crate::violations::ViolationLog;
 
 /// Messages from connection tasks (and the admin side) to the router.
 pub(crate) enum ToRouter {
@@ -45,6 +47,10 @@ pub(crate) enum ToRouter {
     },
     Snapshot(oneshot::Sender<EngineSnapshot>),
     Shutdown(oneshot::Sender<()>),
+    /// Test hook, in debug builds only: the router panics, as a broken engine invariant would.
+    /// Sent only by [`crate::Server::panic_router`]; nothing on the network can send it.
+    #[cfg(debug_assertions)]
+    Panic,
 }
 
 /// A connection's outbound queue: the router appends, the writer takes everything at once.
@@ -287,8 +293,8 @@ pub(crate) struct Router {
     closing: HashMap<ConnId, Arc<Outbound>>,
     persist: Option<Persistence>,
     next_keep_alive_check: Instant,
-    /// Set when the router stops on its own (the log failed).
-    fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The rate-limited log of connections closed for breaking a rule.
+    violations: ViolationLog,
 }
 
 impl Router {
@@ -297,12 +303,11 @@ impl Router {
         net: Arc<NetMetrics>,
         settings: RouterSettings,
         persist: Option<Persistence>,
-        fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Router {
         Router {
             persist,
-            fatal,
             next_keep_alive_check: Instant::now(),
+            violations: ViolationLog::new(Instant::now()),
             broker,
             conns: HashMap::new(),
             net,
@@ -318,8 +323,12 @@ impl Router {
         Time(self.settings.epoch_ms + self.started.elapsed().as_millis() as u64)
     }
 
-    /// Runs until a `Shutdown` arrives or every sender is gone.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>) {
+    /// Runs until a `Shutdown` arrives or every sender is gone (`Ok`), or until the log fails
+    /// (`Err` with the reason; every client has been disconnected by then).
+    ///
+    /// Runs on its own thread (see `spawn_router` in `lib.rs`): the log writes, checkpoints
+    /// and fsyncs here are blocking work that must not hold a tokio worker.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<ToRouter>) -> Result<(), String> {
         let mut batch = Vec::with_capacity(256);
         let mut next_sys = Instant::now();
         let durable = self.persist.as_ref().map(|p| p.durable.clone());
@@ -334,7 +343,7 @@ impl Router {
             tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => {
                     if n == 0 {
-                        return;
+                        return Ok(());
                     }
                 }
                 _ = stored => {}
@@ -357,6 +366,7 @@ impl Router {
                 self.publish_sys(now);
                 next_sys = Instant::now() + self.settings.sys_interval;
             }
+            self.violations.summarize(&self.net, Instant::now());
             if let Some(done) = shutdown {
                 self.broker.shutdown(now, &mut self.out);
                 if let Some(mut p) = self.persist.take() {
@@ -365,7 +375,7 @@ impl Router {
                 }
                 self.dispatch();
                 let _ = done.send(());
-                return;
+                return Ok(());
             }
             if let Err(e) = self.store() {
                 tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
@@ -374,8 +384,7 @@ impl Router {
                 self.broker.shutdown(now, &mut self.out);
                 self.out.journal.clear();
                 self.dispatch();
-                let _ = self.fatal.send(Some(e));
-                return;
+                return Err(e);
             }
             self.dispatch();
         }
@@ -424,8 +433,8 @@ impl Router {
                 // Once: the connection is closing.
                 o.keep_alive_ms.store(0, Relaxed);
             }
-            NetMetrics::add(&self.net.keep_alive_timeouts, 1);
-            tracing::info!(conn = conn.0, "keep alive timeout");
+            // Counted (by reason) and logged at debug in `dispatch`, like every violation:
+            // a line per connection would let clients fill the disk.
             self.broker
                 .kill(conn, Some(ReasonCode::KeepAliveTimeout), now, &mut self.out);
         }
@@ -471,17 +480,16 @@ impl Router {
                 });
             }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),
+            #[cfg(debug_assertions)]
+            ToRouter::Panic => panic!("router panic injected by a test"),
         }
     }
 
     /// Appends every action to its connection's queue, then wakes each connection once.
     fn dispatch(&mut self) {
         for (conn, reason) in self.out.violations.drain(..) {
-            tracing::info!(
-                conn = conn.0,
-                ?reason,
-                "closing connection: protocol violation"
-            );
+            self.net.disconnects.add(reason);
+            tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
         }
         let limit = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
@@ -535,8 +543,8 @@ impl Router {
         if !slow.is_empty() {
             let now = self.now();
             for conn in slow {
-                NetMetrics::add(&self.net.disconnected_slow_consumer, 1);
-                tracing::warn!(conn = conn.0, "disconnecting slow consumer");
+                // Counted and summarized as a QuotaExceeded close (see `dispatch`).
+                tracing::debug!(conn = conn.0, "disconnecting slow consumer");
                 self.broker
                     .kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
             }

@@ -10,7 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod cli_client;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -162,6 +162,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// The broker's runtime: connection tasks, listeners, admin HTTP (the router has its own
+/// thread).
+///
+/// Without the LIFO slot, tasks woken together by the I/O driver run in the order their
+/// sockets became readable. With it, the last one woken runs first: of two clients whose
+/// packets arrive together, the later one's reached the router first in 27–49% of tries
+/// (`scripts/reorder_probe.py`; see docs/architecture.md). The slot speeds up a task waking
+/// another on the same worker, which the broker barely does: readers wake the router thread,
+/// and the router wakes writers from its own thread.
+///
+/// `disable_lifo_slot` is a tokio unstable API; `.cargo/config.toml` builds with
+/// `--cfg tokio_unstable`. A build without it (a `RUSTFLAGS` variable replaces that setting)
+/// works, with the reordering.
+fn serve_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    #[cfg(not(tokio_unstable))]
+    tracing::warn!(
+        "built without --cfg tokio_unstable (a RUSTFLAGS variable replaces .cargo/config.toml): \
+         connections woken together run newest first; see docs/architecture.md, Order"
+    );
+    Ok(builder.enable_all().build()?)
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
@@ -194,19 +219,60 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.validate()?;
     init_logging(&config)?;
-    runtime()?.block_on(async move {
+    log_panics();
+    serve_runtime()?.block_on(async move {
         let server = Server::start(config).await?;
         let failure = tokio::select! {
             r = wait_for_signal() => { r?; None }
             reason = server.failed() => Some(reason),
+            _ = test_hooks(&server) => None,
         };
         tracing::info!("shutting down");
         server.shutdown().await;
         match failure {
-            Some(reason) => Err(anyhow::anyhow!("stopped: storage failed: {reason}")),
+            // Exits non-zero, so that systemd or Docker restarts the broker.
+            Some(reason) => Err(anyhow::anyhow!("stopped: {reason}")),
             None => Ok(()),
         }
     })
+}
+
+/// Sends every panic, from any thread, to the log (with its thread and location) instead of
+/// bare stderr, so that it lands where the operator looks and JSON logs stay JSON. With
+/// `RUST_BACKTRACE=1` the backtrace is logged too.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let message = ferrymq_server::panic_message(info.payload());
+        let location = info
+            .location()
+            .map_or_else(|| "unknown".to_string(), |l| l.to_string());
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(thread, location, panic = message, %backtrace, "a thread panicked");
+        } else {
+            tracing::error!(thread, location, panic = message, "a thread panicked");
+        }
+    }));
+}
+
+/// Test hooks, in debug builds only (a release build has none): with
+/// `FERRYMQ_TEST_PANIC_ROUTER_AFTER_MS` set, the router panics that long after start, so
+/// that a test can watch the process log it and exit non-zero. Never resolves.
+async fn test_hooks(server: &Server) {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("FERRYMQ_TEST_PANIC_ROUTER_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        tracing::warn!("FERRYMQ_TEST_PANIC_ROUTER_AFTER_MS: making the router panic");
+        server.panic_router().await;
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = server;
+    std::future::pending().await
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
@@ -216,8 +282,10 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
             config.log.level
         )
     })?;
+    // Colour only a terminal: in a file, a pipe or journald the escape codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
