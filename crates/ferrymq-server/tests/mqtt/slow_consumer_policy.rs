@@ -1,7 +1,7 @@
 //! `limits.slow_consumer`: a subscriber that stops reading while QoS 0 floods in has its QoS 0
 //! deliveries dropped once `limits.max_outbound_bytes` are queued for it (`drop`, counted as
 //! `ferrymq_messages_dropped_total{reason="slow_consumer"}`), or is disconnected with 0x97
-//! Quota exceeded (`disconnect`). Other clients keep getting their messages either way.
+//! Quota exceeded (`disconnect`, counted as `ferrymq_disconnects_total{reason="quota_exceeded"}`). Other clients keep getting their messages either way.
 
 use bytes::Bytes;
 use ferrymq_mqtt::{Packet, ProtocolVersion, Publish, QoS, ReasonCode};
@@ -125,7 +125,7 @@ async fn drop_policy_drops_and_counts_qos0_for_a_subscriber_that_does_not_read()
     assert_eq!(
         metric(
             &server,
-            "ferrymq_disconnects_total{reason=\"slow_consumer\"}"
+            "ferrymq_disconnects_total{reason=\"quota_exceeded\"}"
         )
         .await,
         0
@@ -145,7 +145,7 @@ async fn disconnect_policy_disconnects_a_subscriber_that_does_not_read_with_0x97
     assert_eq!(
         metric(
             &server,
-            "ferrymq_disconnects_total{reason=\"slow_consumer\"}"
+            "ferrymq_disconnects_total{reason=\"quota_exceeded\"}"
         )
         .await,
         1
