@@ -263,6 +263,13 @@ impl Persistence {
         // disconnect time is stored now, so the next restart does not move it again.
         let mut first = Outbox::default();
         broker.enable_journal(&mut first);
+        // A log that ends inside a checkpoint (a crash cut a checkpoint spanning several
+        // batches) must not have new records appended after the unfinished checkpoint: the
+        // next replay would read them as part of it. A whole checkpoint of the restored state
+        // goes first, so it closes the unfinished one.
+        if report.incomplete_checkpoint {
+            broker.checkpoint(&mut first);
+        }
         if !first.journal.is_empty() {
             let (framed, count) = first.journal.take();
             log.append_framed(&framed, count)

@@ -73,12 +73,19 @@ impl Broker {
                 } => {
                     // The checkpoint holds the whole state: start from nothing, keeping the
                     // old state until the checkpoint is known whole.
-                    saved = Some(Saved {
+                    let before = Saved {
                         sessions: std::mem::take(&mut self.sessions),
                         by_client_id: std::mem::take(&mut self.by_client_id),
                         subs: std::mem::take(&mut self.subs),
                         retained: std::mem::take(&mut self.retained),
-                    });
+                    };
+                    // Inside a checkpoint the log never finished (a crash cut it; the next
+                    // start wrote a new one after it): what the unfinished one built is
+                    // dropped, and the state before it is still what stands until this one
+                    // ends.
+                    if saved.is_none() {
+                        saved = Some(before);
+                    }
                     bodies.messages.clear();
                     self.next_session = self.next_session.max(next_session);
                     self.next_message_id = self.next_message_id.max(next_message);

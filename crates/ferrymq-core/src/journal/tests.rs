@@ -530,3 +530,114 @@ fn a_restart_does_not_move_the_disconnect_time_of_a_crashed_session() {
     b2.tick(Time(70_001), &mut out);
     assert_eq!(b2.session_count(), 0);
 }
+
+fn durable_client(b: &mut Broker, conn: u64, id: &str, out: &mut Outbox) {
+    let mut c = Connect {
+        version: ProtocolVersion::V5,
+        client_id: id.into(),
+        clean_start: false,
+        keep_alive: 0,
+        username: None,
+        password: None,
+        will: None,
+        properties: Properties::default(),
+    };
+    c.properties.session_expiry_interval = Some(3600);
+    assert!(b.connect(ConnId(conn), c, Time(0), out).accepted);
+}
+
+fn publish_qos1(b: &mut Broker, conn: u64, pid: u16, out: &mut Outbox) {
+    let p = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: "q/t".into(),
+        packet_id: Some(pid),
+        properties: Properties::default(),
+        payload: Bytes::from(format!("m{pid}")),
+    };
+    b.packet(ConnId(conn), Packet::Publish(p), Time(0), out);
+}
+
+fn queued_for(b: &Broker, id: &str) -> usize {
+    b.session_pending(id).map_or(0, |(f, q)| f + q)
+}
+
+/// What the server does at start: restore, then journal what restore concluded, closing an
+/// unfinished checkpoint with a whole one. Returns the new broker and its first records.
+fn start_from(log: &[Vec<u8>]) -> (Broker, Vec<Vec<u8>>, RestoreReport) {
+    let mut b = Broker::new(BrokerConfig::default());
+    let report = b
+        .restore(log.iter().map(|r| r.as_slice()), Time(0))
+        .unwrap();
+    let mut first = Outbox::default();
+    b.enable_journal(&mut first);
+    if report.incomplete_checkpoint {
+        b.checkpoint(&mut first);
+    }
+    let records = first.journal.records().map(|r| r.to_vec()).collect();
+    (b, records, report)
+}
+
+/// A crash cut a checkpoint that spans several batches; the next start appends after it. The
+/// records appended then are not swallowed as part of the unfinished checkpoint, and a second
+/// crash cutting the new start's checkpoint too still leaves the state before both.
+#[test]
+fn records_after_an_unfinished_checkpoint_are_kept() {
+    let mut b = Broker::new(BrokerConfig::default());
+    let mut out = Outbox::default();
+    b.enable_journal(&mut out);
+    durable_client(&mut b, 1, "sub", &mut out);
+    let sub = Subscribe {
+        packet_id: 1,
+        filters: vec![(
+            "q/#".into(),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+        )],
+        properties: Properties::default(),
+    };
+    b.packet(ConnId(1), Packet::Subscribe(sub), Time(0), &mut out);
+    b.closed(ConnId(1), Time(0), &mut out);
+    durable_client(&mut b, 2, "pub", &mut out);
+    for pid in 1..=3 {
+        publish_qos1(&mut b, 2, pid, &mut out);
+    }
+    assert_eq!(queued_for(&b, "sub"), 3);
+    let mut log: Vec<Vec<u8>> = out.journal.records().map(|r| r.to_vec()).collect();
+    out.journal.clear();
+    // A checkpoint, cut by a crash before its end.
+    b.checkpoint(&mut out);
+    let checkpoint: Vec<Vec<u8>> = out.journal.records().map(|r| r.to_vec()).collect();
+    log.extend(checkpoint[..checkpoint.len() - 2].iter().cloned());
+
+    // Second start: the unfinished checkpoint is ignored, a whole one is written, and a new
+    // message is accepted after it.
+    let (mut b2, first, report) = start_from(&log);
+    assert!(report.incomplete_checkpoint);
+    assert_eq!(queued_for(&b2, "sub"), 3);
+    let mut torn = log.clone();
+    torn.extend(first[..first.len() / 2].iter().cloned());
+    log.extend(first);
+    let mut out = Outbox::default();
+    durable_client(&mut b2, 2, "pub", &mut out);
+    publish_qos1(&mut b2, 2, 4, &mut out);
+    log.extend(out.journal.records().map(|r| r.to_vec()));
+    assert_eq!(queued_for(&b2, "sub"), 4);
+
+    // Third start: all four are there.
+    let (b3, _, report) = start_from(&log);
+    assert!(!report.incomplete_checkpoint);
+    assert_eq!(
+        queued_for(&b3, "sub"),
+        4,
+        "the message accepted after the restart was lost"
+    );
+
+    // Had the second start's checkpoint been cut too, the state before both stands.
+    let (b4, _, report) = start_from(&torn);
+    assert!(report.incomplete_checkpoint);
+    assert_eq!(queued_for(&b4, "sub"), 3);
+}
