@@ -12,32 +12,17 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, options, scratch_dir, wait_listening};
+use common::{free_port, options, scratch_dir, serve, wait_listening};
 use ferrymq_client::Client;
 use ferrymq_mqtt::{Packet, Properties, Publish, QoS, ReasonCode, SubscriptionOptions};
 
 const MESSAGES: u64 = 400;
 const TOPIC: &str = "damage/q";
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn serve(config: &Path, mqtt: u16, http: u16, data: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ferrymq"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-        .args(["--http", &format!("127.0.0.1:{http}")])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--log-level", "info", "--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ferrymq starts")
-}
 
 /// Reads the broker's log until "recovered durable state" and returns its fields; the rest
 /// of the log is drained in the background so the broker never blocks on a full pipe.

@@ -12,28 +12,17 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, ChildStderr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, options, scratch_dir, wait_listening};
+use common::{free_port, options, scratch_dir, serve, wait_listening};
 use ferrymq_client::Client;
 use ferrymq_mqtt::{Packet, Properties, Publish, QoS, SubscriptionOptions};
 
 fn start(config: &Path, mqtt: u16, http: u16, data: &Path) -> (Child, ChildStderr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
-        .args(["--http", &format!("127.0.0.1:{http}")])
-        .arg("--data-dir")
-        .arg(data)
-        .args(["--log-level", "info", "--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ferrymq starts");
+    let mut child = serve(config, mqtt, http, data);
     let stderr = child.stderr.take().unwrap();
     (child, stderr)
 }

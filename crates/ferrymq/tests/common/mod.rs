@@ -1,9 +1,10 @@
-//! Helpers shared by the tests that run the real `ferrymq` binary (crash, recovery).
+//! Helpers shared by the tests that run the real `ferrymq` binary (crash, recovery, damage).
 
 #![allow(clippy::unwrap_used, dead_code)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferrymq_client::ConnectOptions;
@@ -41,4 +42,21 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// `ferrymq serve` with a config file, loopback listeners and a data directory, logging JSON
+/// at info to a piped stderr (the caller reads it, or the broker blocks on a full pipe).
+pub fn serve(config: &Path, mqtt: u16, http: u16, data: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-level", "info", "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ferrymq starts")
 }
