@@ -88,6 +88,20 @@ pub struct Outbox {
     pub journal: crate::JournalBuf,
     /// Connections the engine ended for breaking a rule, with the reason, for the driver's log.
     pub violations: Vec<(ConnId, ReasonCode)>,
+    /// Flow control, in order: connections whose input the driver must stop running through
+    /// the engine ([`Flow::Pause`]: their next packets wait, and their sockets are not read)
+    /// or may run again ([`Flow::Resume`]). The engine pauses a publisher while it holds one
+    /// of its acknowledgements (a full queue under `queue_full = backpressure`). A driver
+    /// that sees a pause must stop feeding that connection's packets at once, even in the
+    /// middle of a batch.
+    pub flow: Vec<(ConnId, Flow)>,
+}
+
+/// A flow-control instruction for one connection's input (see [`Outbox::flow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Pause,
+    Resume,
 }
 
 impl Outbox {
@@ -215,6 +229,12 @@ impl Broker {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// The connection a session is attached to now, if any (the driver attributes a
+    /// delivery to the connection that published it through [`crate::Message::publisher`]).
+    pub fn session_connection(&self, sid: SessionId) -> Option<ConnId> {
+        self.sessions.get(&sid).and_then(|s| s.conn)
     }
 
     pub fn session_count(&self) -> usize {
