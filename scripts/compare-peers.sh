@@ -123,18 +123,22 @@ if [ "$DURABLE" = 1 ]; then
 elif [ "$QUICK" = 1 ]; then
   SCENARIOS=(
     "qos0 1→1|throughput -n 500000 --inflight 5000"
+    "qos0 burst 1→1|throughput --burst -n 500000"
     "qos1 1→1 (256 in flight)|throughput -q 1 -n 200000 --inflight 256"
     "fanout 1→100|fanout -n 10000 --inflight 2000"
     "fanin 50→1|fanin -n 6000 --inflight 5000"
+    "fanin burst 50→1|fanin --burst -n 10000"
     "latency 10K/s|latency --rate 10000 --duration 3"
   )
 else
   SCENARIOS=(
     "qos0 1→1|throughput -n 1000000 --inflight 5000"
+    "qos0 burst 1→1|throughput --burst -n 500000"
     "qos1 1→1 (256 in flight)|throughput -q 1 -n 300000 --inflight 256"
     "fanout 1→100|fanout -n 20000 --inflight 2000"
     "fanout 1→1000|fanout -S 1000 -n 2000 --inflight 500"
     "fanin 50→1|fanin -n 10000 --inflight 5000"
+    "fanin burst 50→1|fanin --burst -n 10000"
     "latency 10K/s|latency --rate 10000 --duration 10"
     "connections 10K|connections -c 10000 --hold 3"
   )

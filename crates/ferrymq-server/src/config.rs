@@ -121,10 +121,17 @@ pub enum SlowConsumer {
 pub struct Limits {
     pub max_connections: usize,
     pub connect_timeout_secs: u64,
-    /// Bytes queued for one connection beyond which the slow-consumer policy applies to its
-    /// QoS 0 messages and the broker stops reading from it until half of them are written.
+    /// A connection's high mark, in bytes queued for it. A delivery that puts a subscriber
+    /// over it holds back the publisher that sent it (its socket is not read) until the
+    /// subscriber drains to half; the connection's own socket is not read either while it is
+    /// over (a client that does not read its acks).
     pub max_outbound_bytes: usize,
+    /// What happens to a subscriber that stays over its high mark past the grace period.
     pub slow_consumer: SlowConsumer,
+    /// Milliseconds a subscriber may stay over its high mark, holding its publishers back,
+    /// before it is treated as slow (it holds nobody back any more, and `slow_consumer`
+    /// applies). A subscriber that reads as fast as it can loses nothing to a burst.
+    pub slow_consumer_grace_ms: u64,
     /// Milliseconds a write to a connection may make no progress (the socket accepts no
     /// byte) before the connection is closed: catches clients that never read.
     pub write_timeout_ms: u64,
@@ -203,6 +210,7 @@ impl Default for Limits {
             connect_timeout_secs: 10,
             max_outbound_bytes: 8 * 1024 * 1024,
             slow_consumer: SlowConsumer::Drop,
+            slow_consumer_grace_ms: 1000,
             write_timeout_ms: 30_000,
         }
     }
@@ -291,6 +299,15 @@ impl Config {
                 "limits.max_outbound_bytes",
                 "must be at least 1024",
             ));
+        }
+        if self.limits.slow_consumer_grace_ms > 3_600_000 {
+            return Err(invalid(
+                "limits.slow_consumer_grace_ms",
+                "must be at most 3600000 (an hour): a stuck subscriber holds its publishers that long",
+            ));
+        }
+        if self.limits.max_outbound_bytes > usize::MAX / 8 {
+            return Err(invalid("limits.max_outbound_bytes", "is too large"));
         }
         if self.limits.write_timeout_ms == 0 || self.limits.write_timeout_ms > 3_600_000 {
             return Err(invalid(

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::metrics::NetMetrics;
-use crate::router::{Outbound, ToRouter};
+use crate::router::{Drains, Outbound, ToRouter};
 
 /// Smallest and largest read reservation. A connection starts small (a CONNECT fits) and
 /// doubles its reservation while reads fill it, so idle connections never touch a big buffer
@@ -62,6 +62,8 @@ pub(crate) struct Listener {
     /// Bytes queued for a connection past which its reader stops reading
     /// (`limits.max_outbound_bytes`; see [`Outbound::poll_read_allowed`]).
     pub max_outbound_bytes: usize,
+    /// Where writers report congested queues that drained (see `router::Drains`).
+    pub drains: Arc<Drains>,
 }
 
 /// One connection's arguments. Kept small on purpose: an async fn keeps its arguments for the
@@ -251,7 +253,7 @@ where
         linger(rd).await;
         return None;
     }
-    let outbound = Arc::new(Outbound::default());
+    let outbound = Arc::new(Outbound::new(ctx.conn, ctx.listener.drains.clone()));
     outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
     let msg = ToRouter::Connect {

@@ -84,6 +84,7 @@ impl Server {
         let settings = RouterSettings {
             max_outbound_bytes: config.limits.max_outbound_bytes,
             slow_consumer: config.limits.slow_consumer,
+            slow_consumer_grace: Duration::from_millis(config.limits.slow_consumer_grace_ms),
             sys_interval: Duration::from_secs(config.sys.interval_secs),
             epoch_ms,
         };
@@ -125,7 +126,8 @@ impl Server {
         };
         let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
-        let router = Router::new(broker, net.clone(), settings, persistence);
+        let drains = Arc::new(router::Drains::default());
+        let router = Router::new(broker, net.clone(), settings, persistence, drains.clone());
         let router_thread = spawn_router(router, rx, fatal_tx)?;
 
         let bind = |addr: SocketAddr| async move {
@@ -151,6 +153,7 @@ impl Server {
             net.clone(),
             config.clone(),
             max_connections,
+            drains,
             stop_rx.clone(),
         ));
         let state = admin::AdminState {
@@ -308,6 +311,7 @@ async fn accept_loop(
     net: Arc<NetMetrics>,
     config: Config,
     max_connections: u64,
+    drains: Arc<router::Drains>,
     mut stop: watch::Receiver<bool>,
 ) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -322,6 +326,7 @@ async fn accept_loop(
         connect_timeout,
         write_timeout: Duration::from_millis(config.limits.write_timeout_ms),
         max_outbound_bytes: config.limits.max_outbound_bytes,
+        drains,
     });
     loop {
         let accepted = tokio::select! {

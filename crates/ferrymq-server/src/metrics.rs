@@ -18,6 +18,10 @@ pub struct NetMetrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub dropped_slow_consumer: AtomicU64,
+    /// Times a publisher's input was held back because it fed a subscriber over its high mark.
+    pub publisher_pauses: AtomicU64,
+    /// Subscribers that stayed over their high mark past the grace period.
+    pub slow_subscribers: AtomicU64,
     pub malformed_packets: AtomicU64,
     /// Connections the server closed for breaking a rule (malformed packet, protocol error,
     /// keep alive, slow consumer, a bad first packet), by the reason code it gave.
@@ -238,6 +242,20 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
             ("reason=\"no_subscribers\"", s.dropped_no_subscribers),
             ("reason=\"slow_consumer\"", g(&net.dropped_slow_consumer)),
         ],
+    );
+    metric(
+        &mut o,
+        "ferrymq_publisher_pauses_total",
+        "counter",
+        "Times a publisher's input was held back because it fed a subscriber over its high mark.",
+        &[("", g(&net.publisher_pauses))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_slow_subscribers_total",
+        "counter",
+        "Subscribers that stayed over their high mark past limits.slow_consumer_grace_ms.",
+        &[("", g(&net.slow_subscribers))],
     );
     // The reasons a healthy broker sees are always present (a dashboard finds them at
     // zero); any other appears once it has happened. A slow consumer is `quota_exceeded`.

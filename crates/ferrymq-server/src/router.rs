@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferrymq_core::{Action, Broker, ConnId, ConnectOutcome, Message, Outbox, Time};
+use ferrymq_core::{Action, Broker, ConnId, ConnectOutcome, Flow, Message, Outbox, Time};
 use ferrymq_mqtt::{Connect, Packet, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
 
@@ -56,9 +56,13 @@ pub(crate) enum ToRouter {
 /// A connection's outbound queue: the router appends, the writer takes everything at once.
 /// The writer's waker sits in the queue under the same lock (no separate `Notify`, whose
 /// waiter would add ~100 bytes to every idle connection's future).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Outbound {
+    /// Whose queue this is, for the drain report.
+    conn: ConnId,
     queue: Mutex<OutQueue>,
+    /// Where the writer reports that this queue, once over its high mark, drained.
+    drains: Arc<Drains>,
     /// When the reader last received bytes ([`clock_ms`]), for the router's keep-alive check.
     last_read: std::sync::atomic::AtomicU64,
     /// Silence (ms) after which the router closes the connection, 1.5 times its keep alive
@@ -96,6 +100,37 @@ struct OutQueue {
     /// Estimated bytes of input the reader handed to the router that the router has not run
     /// yet ([`Unrouted`]).
     unrouted: usize,
+    /// Set by the router while this connection's queue is over its high mark (its publishers
+    /// are held back): once what is queued and being written falls below this many bytes,
+    /// the writer reports the drain ([`Drains`]) and clears it. 0 = not congested.
+    resume_below: usize,
+    /// The router holds this connection's input back (it fed a congested subscriber, or the
+    /// engine holds one of its acks): the reader does not read.
+    stalled: bool,
+}
+
+/// Subscribers whose queues drained below their low mark, reported by their writers, and
+/// the router's wake-up for them. A separate path from the router's input queue, which may
+/// be full exactly when a drain matters.
+#[derive(Debug, Default)]
+pub(crate) struct Drains {
+    conns: Mutex<Vec<ConnId>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Drains {
+    fn report(&self, conn: ConnId) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        self.notify.notify_one();
+    }
+
+    fn take(&self, into: &mut Vec<ConnId>) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *conns, into);
+    }
 }
 
 /// Most input (estimated bytes: what was read plus the decoded packets) one connection may have
@@ -152,16 +187,54 @@ fn queued_size(action: &Action) -> usize {
 }
 
 impl Outbound {
+    pub(crate) fn new(conn: ConnId, drains: Arc<Drains>) -> Outbound {
+        Outbound {
+            conn,
+            queue: Mutex::default(),
+            drains,
+            last_read: Default::default(),
+            keep_alive_ms: Default::default(),
+        }
+    }
+
     /// Takes every queued action. Called by the writer once its previous batch is written,
-    /// so what it took before no longer counts; wakes a paused reader to look again.
+    /// so what it took before no longer counts; wakes a paused reader to look again, and
+    /// tells the router when a congested queue has drained below its low mark.
     pub(crate) fn take(&self, into: &mut Vec<Action>) {
-        let waker = {
+        let (waker, drained) = {
             let mut q = self.lock();
             if !q.actions.is_empty() {
                 std::mem::swap(&mut q.actions, into);
             }
             q.writing = std::mem::take(&mut q.bytes);
-            if q.read_paused {
+            let drained = q.resume_below > 0 && q.writing < q.resume_below;
+            if drained {
+                q.resume_below = 0;
+            }
+            let waker = if q.read_paused { q.waker.take() } else { None };
+            (waker, drained)
+        };
+        if drained {
+            self.drains.report(self.conn);
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Bytes queued and being written.
+    fn queued(&self) -> usize {
+        let q = self.lock();
+        q.bytes + q.writing
+    }
+
+    /// Holds back (or lets go) this connection's input: while stalled its reader does not
+    /// read. Called by the router only.
+    fn set_stalled(&self, stalled: bool) {
+        let waker = {
+            let mut q = self.lock();
+            q.stalled = stalled;
+            if !stalled && q.read_paused {
                 q.waker.take()
             } else {
                 None
@@ -179,9 +252,11 @@ impl Outbound {
     /// client that does not read its acks, or sends faster than we route, can make us hold
     /// stays bounded.
     ///
+    /// It also waits while the router holds the connection's input back (`stalled`: it fed a
+    /// congested subscriber, or the engine holds one of its acks).
+    ///
     /// Only the reader waits here; the router never blocks on a connection (it appends and
-    /// wakes). The one gate for pausing a reader: another reason to pause one (say, a
-    /// publisher feeding a full subscriber) belongs here too.
+    /// wakes). The one gate for pausing a reader.
     pub(crate) fn poll_read_allowed(
         &self,
         cx: &mut std::task::Context<'_>,
@@ -190,7 +265,7 @@ impl Outbound {
         let mut q = self.lock();
         let queued = q.bytes + q.writing;
         let limit = if q.read_paused { high / 2 + 1 } else { high };
-        if queued < limit && q.unrouted < MAX_UNROUTED {
+        if queued < limit && q.unrouted < MAX_UNROUTED && !q.stalled {
             q.read_paused = false;
             return std::task::Poll::Ready(());
         }
@@ -254,27 +329,14 @@ impl Outbound {
     }
 }
 
-impl OutQueue {
-    /// Appends an action and counts its bytes. A QoS 0 delivery to a connection with `limit`
-    /// bytes already queued is refused (returns false): a slow reader must not grow our
-    /// memory. Everything else is queued: the engine bounds deliveries of QoS 1/2 (receive
-    /// window, pending queue), and the connection's reader stops reading while its queue is
-    /// over the limit, which bounds the replies to what it reads.
-    fn push(&mut self, action: Action, limit: usize) -> bool {
-        if let Action::Deliver(d) = &action {
-            if d.qos == QoS::AtMostOnce && self.bytes >= limit {
-                return false;
-            }
-        }
-        self.bytes += queued_size(&action);
-        self.actions.push(action);
-        true
-    }
-}
-
 pub(crate) struct RouterSettings {
+    /// A subscriber's high mark: deliveries that put its queue over it hold back the
+    /// publishers that sent them.
     pub max_outbound_bytes: usize,
     pub slow_consumer: SlowConsumer,
+    /// How long a subscriber may stay over its high mark before the slow-consumer policy
+    /// meets it and it stops holding publishers back.
+    pub slow_consumer_grace: Duration,
     pub sys_interval: Duration,
     /// Wall-clock milliseconds at `started`: engine time is wall-clock based so that times
     /// in the journal (expiry, will delays) mean the same after a restart.
@@ -295,7 +357,61 @@ pub(crate) struct Router {
     next_keep_alive_check: Instant,
     /// The rate-limited log of connections closed for breaking a rule.
     violations: ViolationLog,
+    /// Back-pressure: subscribers over their high mark, and connections whose input waits.
+    congested: HashMap<ConnId, Congested>,
+    held: HashMap<ConnId, Held>,
+    /// Held connections let go, whose waiting input runs at the start of the next step.
+    ready: Vec<ConnId>,
+    drains: Arc<Drains>,
+    drained: Vec<ConnId>,
+    /// Connections whose input ran in this step: only they are held back for a congested
+    /// subscriber (a retained or stored message replayed to a subscriber is not its
+    /// publisher's doing).
+    ran: rustc_hash::FxHashSet<ConnId>,
+    /// Bytes each subscriber touched in this step has queued plus what the step adds for it
+    /// so far (see `feeds_congestion`).
+    load: rustc_hash::FxHashMap<ConnId, usize>,
+    over: Vec<ConnId>,
 }
+
+/// A subscriber whose outbound queue went over its high mark.
+struct Congested {
+    since: Instant,
+    /// The publishers held back for it.
+    publishers: rustc_hash::FxHashSet<ConnId>,
+    /// Over its mark past the grace period: it holds nobody back any more, and the
+    /// slow-consumer policy applies to it until it drains.
+    slow: bool,
+}
+
+/// A connection whose input the router does not run now, with that input in order.
+#[derive(Default)]
+struct Held {
+    /// How many congested subscribers it waits for.
+    subscribers: u32,
+    /// The engine paused it (it holds one of its acks).
+    by_engine: bool,
+    input: std::collections::VecDeque<Input>,
+}
+
+impl Held {
+    fn stalled(&self) -> bool {
+        self.subscribers > 0 || self.by_engine
+    }
+}
+
+/// Packets read from a connection and not yet run, with their guard against its input bound.
+struct Input {
+    packets: std::vec::IntoIter<Packet>,
+    _unrouted: Unrouted,
+}
+
+/// How far past its high mark a subscriber's queue may grow while it is within its grace
+/// period, before QoS 0 deliveries to it are dropped anyway. Publishers are held back the
+/// moment a delivery crosses the mark, so this is only reached by what they had sent before
+/// (at most one router step, and 1 MiB of input per publisher): a bound for memory, not a
+/// policy.
+const GRACE_OVERSHOOT: usize = 4;
 
 impl Router {
     pub(crate) fn new(
@@ -303,6 +419,7 @@ impl Router {
         net: Arc<NetMetrics>,
         settings: RouterSettings,
         persist: Option<Persistence>,
+        drains: Arc<Drains>,
     ) -> Router {
         Router {
             persist,
@@ -316,6 +433,14 @@ impl Router {
             out: Outbox::default(),
             touched: Vec::new(),
             closing: HashMap::new(),
+            congested: HashMap::new(),
+            held: HashMap::new(),
+            ready: Vec::new(),
+            drains,
+            drained: Vec::new(),
+            ran: Default::default(),
+            load: Default::default(),
+            over: Vec::new(),
         }
     }
 
@@ -340,6 +465,7 @@ impl Router {
                     None => std::future::pending().await,
                 }
             };
+            let drains = self.drains.clone();
             tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => {
                     if n == 0 {
@@ -347,9 +473,13 @@ impl Router {
                     }
                 }
                 _ = stored => {}
+                _ = drains.notify.notified() => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
             let now = self.now();
+            self.let_drained_go();
+            self.check_congestion(now);
+            self.run_ready(now);
             let mut shutdown = None;
             for msg in batch.drain(..) {
                 match msg {
@@ -412,7 +542,218 @@ impl Router {
         if !self.conns.is_empty() {
             at = at.min(self.next_keep_alive_check);
         }
+        if !self.ready.is_empty() {
+            at = Instant::now();
+        }
+        for c in self.congested.values().filter(|c| !c.slow) {
+            at = at.min(c.since + self.settings.slow_consumer_grace);
+        }
         at
+    }
+
+    /// Subscribers whose writers reported a drain below the low mark: they hold nobody back
+    /// any more.
+    fn let_drained_go(&mut self) {
+        self.drains.take(&mut self.drained);
+        let mut drained = std::mem::take(&mut self.drained);
+        for conn in drained.drain(..) {
+            self.uncongest(conn);
+        }
+        self.drained = drained;
+    }
+
+    /// Forgets a subscriber's congestion (it drained, or went away) and lets go of the
+    /// publishers that waited only for it.
+    fn uncongest(&mut self, subscriber: ConnId) {
+        let Some(c) = self.congested.remove(&subscriber) else {
+            return;
+        };
+        for publisher in c.publishers {
+            if let Some(h) = self.held.get_mut(&publisher) {
+                h.subscribers = h.subscribers.saturating_sub(1);
+                if !h.stalled() {
+                    self.let_go(publisher);
+                }
+            }
+        }
+    }
+
+    /// A held connection may run again: its reader reads, and its waiting input runs at the
+    /// start of the next step.
+    fn let_go(&mut self, conn: ConnId) {
+        if let Some(o) = self.conns.get(&conn) {
+            o.set_stalled(false);
+        }
+        self.ready.push(conn);
+    }
+
+    /// Holds a connection's input back (the reader stops reading; what it already sent
+    /// waits in `held`).
+    fn hold(&mut self, conn: ConnId) -> &mut Held {
+        let h = self.held.entry(conn).or_default();
+        if !h.stalled() {
+            if let Some(o) = self.conns.get(&conn) {
+                o.set_stalled(true);
+            }
+        }
+        h
+    }
+
+    /// Subscribers over their mark for longer than the grace period meet the slow-consumer
+    /// policy: they stop holding publishers back, and are disconnected or (until they
+    /// drain) have QoS 0 messages over the mark dropped.
+    fn check_congestion(&mut self, now: Time) {
+        if self.congested.is_empty() {
+            return;
+        }
+        let grace = self.settings.slow_consumer_grace;
+        let t = Instant::now();
+        let late: Vec<ConnId> = self
+            .congested
+            .iter()
+            .filter(|(_, c)| !c.slow && t.duration_since(c.since) >= grace)
+            .map(|(conn, _)| *conn)
+            .collect();
+        for subscriber in late {
+            NetMetrics::add(&self.net.slow_subscribers, 1);
+            let publishers = match self.congested.get_mut(&subscriber) {
+                Some(c) => {
+                    c.slow = true;
+                    std::mem::take(&mut c.publishers)
+                }
+                None => continue,
+            };
+            for publisher in publishers {
+                if let Some(h) = self.held.get_mut(&publisher) {
+                    h.subscribers = h.subscribers.saturating_sub(1);
+                    if !h.stalled() {
+                        self.let_go(publisher);
+                    }
+                }
+            }
+            if self.settings.slow_consumer == SlowConsumer::Disconnect {
+                // Counted and summarized as a QuotaExceeded close (see `dispatch`).
+                tracing::debug!(conn = subscriber.0, "disconnecting slow consumer");
+                self.broker.kill(
+                    subscriber,
+                    Some(ReasonCode::QuotaExceeded),
+                    now,
+                    &mut self.out,
+                );
+            }
+        }
+    }
+
+    /// Runs the waiting input of connections let go, until each is done or held again.
+    fn run_ready(&mut self, now: Time) {
+        while !self.ready.is_empty() {
+            for conn in std::mem::take(&mut self.ready) {
+                let Some(h) = self.held.get_mut(&conn) else {
+                    continue;
+                };
+                if h.stalled() {
+                    continue;
+                }
+                while let Some(input) = self.held.get_mut(&conn).and_then(|h| h.input.pop_front()) {
+                    self.run_input(conn, input, now);
+                    if self.held.get(&conn).is_some_and(|h| h.stalled()) {
+                        break;
+                    }
+                }
+                if self
+                    .held
+                    .get(&conn)
+                    .is_some_and(|h| !h.stalled() && h.input.is_empty())
+                {
+                    self.held.remove(&conn);
+                }
+            }
+        }
+    }
+
+    /// Runs packets through the engine in order, stopping when the engine pauses the
+    /// connection: the rest waits in `held`, in front of anything newer.
+    ///
+    /// Also stops after a PUBLISH whose deliveries put a subscriber over its high mark (what
+    /// it has queued plus what this step adds for it): the publisher is held back from that
+    /// packet on, so what a burst puts past the mark is one packet per publisher, not the
+    /// whole step's input.
+    fn run_input(&mut self, conn: ConnId, mut input: Input, now: Time) {
+        self.ran.insert(conn);
+        while let Some(p) = input.packets.next() {
+            let publish = matches!(p, Packet::Publish(_));
+            let mark = self.out.actions.len();
+            self.broker.packet(conn, p, now, &mut self.out);
+            let mut stop = false;
+            if !self.out.flow.is_empty() {
+                self.apply_flow();
+                stop = true;
+            }
+            if publish && self.feeds_congestion(conn, mark) {
+                stop = true;
+            }
+            if stop {
+                if let Some(h) = self.held.get_mut(&conn).filter(|h| h.stalled()) {
+                    if input.packets.len() > 0 {
+                        h.input.push_front(input);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Counts the deliveries appended since `mark` against their subscribers' high marks;
+    /// a subscriber that goes over (or already is congested) holds `publisher` back. True if
+    /// it now is.
+    fn feeds_congestion(&mut self, publisher: ConnId, mark: usize) -> bool {
+        let high = self.settings.max_outbound_bytes;
+        let mut over = std::mem::take(&mut self.over);
+        for (subscriber, action) in &self.out.actions[mark..] {
+            if !matches!(action, Action::Deliver(_)) {
+                continue;
+            }
+            let load = self
+                .load
+                .entry(*subscriber)
+                .or_insert_with(|| self.conns.get(subscriber).map_or(0, |o| o.queued()));
+            *load += queued_size(action);
+            if *load > high && over.last() != Some(subscriber) {
+                over.push(*subscriber);
+            }
+        }
+        let mut held = false;
+        for subscriber in over.drain(..) {
+            held |= self.congest(subscriber, publisher);
+        }
+        self.over = over;
+        held
+    }
+
+    /// The engine's pauses and resumes (a held ack for a full queue).
+    fn apply_flow(&mut self) {
+        let mut flow = std::mem::take(&mut self.out.flow);
+        for (conn, f) in flow.drain(..) {
+            match f {
+                Flow::Pause => self.hold(conn).by_engine = true,
+                Flow::Resume => {
+                    if let Some(h) = self.held.get_mut(&conn) {
+                        h.by_engine = false;
+                        if !h.stalled() {
+                            self.let_go(conn);
+                        }
+                    }
+                }
+            }
+        }
+        self.out.flow = flow;
+    }
+
+    /// Forgets the back-pressure state of a connection that is gone: as a subscriber it holds
+    /// nobody back, and as a publisher its waiting input is dropped (the engine forgot it).
+    fn forget_flow(&mut self, conn: ConnId) {
+        self.uncongest(conn);
+        self.held.remove(&conn);
     }
 
     /// Closes every connection silent for longer than 1.5 times its keep alive (5.0 clients
@@ -456,16 +797,28 @@ impl Router {
                 self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
             }
-            ToRouter::Packets { conn, packets, .. } => {
-                for p in packets {
-                    self.broker.packet(conn, p, now, &mut self.out);
+            ToRouter::Packets {
+                conn,
+                packets,
+                _unrouted,
+            } => {
+                let input = Input {
+                    packets: packets.into_iter(),
+                    _unrouted,
+                };
+                match self.held.get_mut(&conn) {
+                    // Behind its earlier input, which waits.
+                    Some(h) => h.input.push_back(input),
+                    None => self.run_input(conn, input, now),
                 }
             }
             ToRouter::Closed { conn } => {
+                self.run_before_close(conn, now);
                 self.conns.remove(&conn);
                 self.broker.closed(conn, now, &mut self.out);
             }
             ToRouter::Violation { conn, reason } => {
+                self.run_before_close(conn, now);
                 self.broker.kill(conn, Some(reason), now, &mut self.out);
             }
             ToRouter::Snapshot(reply) => {
@@ -485,15 +838,41 @@ impl Router {
         }
     }
 
+    /// A held connection that ends: what it sent before it went still runs (its QoS 0
+    /// messages would otherwise be lost after TCP delivered them), past any hold.
+    fn run_before_close(&mut self, conn: ConnId, now: Time) {
+        self.uncongest(conn);
+        let Some(held) = self.held.remove(&conn) else {
+            return;
+        };
+        for input in held.input {
+            for p in input.packets {
+                self.broker.packet(conn, p, now, &mut self.out);
+            }
+        }
+        // The engine forgets the connection next; its pauses and resumes no longer matter.
+        self.apply_flow();
+        self.held.remove(&conn);
+    }
+
     /// Appends every action to its connection's queue, then wakes each connection once.
+    ///
+    /// Back-pressure: a delivery that puts a subscriber's queue over its high mark
+    /// (`limits.max_outbound_bytes`) holds back the connection that published it; the
+    /// subscriber is congested until its writer reports it drained below half the mark. Past
+    /// the grace period a congested subscriber is slow: QoS 0 over the mark is dropped (or it
+    /// was disconnected). Within the grace nothing is dropped below [`GRACE_OVERSHOOT`] times
+    /// the mark.
     fn dispatch(&mut self) {
         for (conn, reason) in self.out.violations.drain(..) {
             self.net.disconnects.add(reason);
             tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
         }
-        let limit = self.settings.max_outbound_bytes;
+        let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();
+        // Publishers (by session) whose deliveries crossed a subscriber's mark in this run.
+        let mut feeders: Vec<ferrymq_core::SessionId> = Vec::new();
         let mut run = actions.drain(..).peekable();
         // Consecutive actions for one connection go in under one lock.
         while let Some((conn, first)) = run.next() {
@@ -501,19 +880,64 @@ impl Router {
                 while run.next_if(|(c, _)| *c == conn).is_some() {}
                 continue;
             };
+            let is_slow =
+                !self.congested.is_empty() && self.congested.get(&conn).is_some_and(|c| c.slow);
+            // QoS 0 past this is dropped: the mark itself for a slow subscriber, the grace
+            // overshoot for one that may still catch up.
+            let drop_over = if is_slow {
+                high
+            } else {
+                high * GRACE_OVERSHOOT
+            };
             let mut closing = false;
             let mut dropped = 0;
+            let mut over = false;
+            feeders.clear();
             {
                 let mut q = outbound.lock();
                 let rest = std::iter::from_fn(|| run.next_if(|(c, _)| *c == conn).map(|(_, a)| a));
                 for action in std::iter::once(first).chain(rest) {
                     closing |= matches!(action, Action::Close);
-                    if !q.push(action, limit) {
-                        dropped += 1;
+                    let mut publisher = None;
+                    if let Action::Deliver(d) = &action {
+                        if d.qos == QoS::AtMostOnce && q.bytes + q.writing >= drop_over {
+                            dropped += 1;
+                            continue;
+                        }
+                        publisher = d.message.publisher;
                     }
+                    q.bytes += queued_size(&action);
+                    q.actions.push(action);
+                    if q.bytes + q.writing > high && !is_slow {
+                        over = true;
+                        if let Some(p) = publisher.filter(|p| feeders.last() != Some(p)) {
+                            feeders.push(p);
+                        }
+                    }
+                }
+                if over {
+                    q.resume_below = high / 2 + 1;
                 }
             }
             self.touched.push(conn);
+            if over {
+                self.congested.entry(conn).or_insert_with(|| Congested {
+                    since: Instant::now(),
+                    publishers: Default::default(),
+                    slow: false,
+                });
+                for sid in feeders.drain(..) {
+                    // Only a connection whose input ran in this step is to blame (not one
+                    // whose retained or stored message was replayed); in-process publishers
+                    // ($SYS, wills) have no connection to hold.
+                    match self.broker.session_connection(sid) {
+                        Some(p) if self.ran.contains(&p) && self.conns.contains_key(&p) => {
+                            self.congest(conn, p);
+                        }
+                        _ => {}
+                    }
+                }
+            }
             if dropped > 0 {
                 NetMetrics::add(&self.net.dropped_slow_consumer, dropped);
                 if self.settings.slow_consumer == SlowConsumer::Disconnect && !slow.contains(&conn)
@@ -526,6 +950,7 @@ impl Router {
                 if let Some(o) = self.conns.remove(&conn) {
                     self.closing.insert(conn, o);
                 }
+                self.forget_flow(conn);
             }
         }
         drop(run);
@@ -540,6 +965,9 @@ impl Router {
             }
         }
         self.closing.clear();
+        self.ran.clear();
+        self.load.clear();
+        self.watch_congested();
         if !slow.is_empty() {
             let now = self.now();
             for conn in slow {
@@ -550,6 +978,60 @@ impl Router {
             }
             self.dispatch();
         }
+    }
+
+    /// A subscriber went over its high mark: it is congested from now (if it was not), and
+    /// `publisher`, which fed it, is held back until it drains. True if the publisher is
+    /// held for it (not when the subscriber is already past its grace, or is the publisher).
+    fn congest(&mut self, subscriber: ConnId, publisher: ConnId) -> bool {
+        let c = self
+            .congested
+            .entry(subscriber)
+            .or_insert_with(|| Congested {
+                since: Instant::now(),
+                publishers: Default::default(),
+                slow: false,
+            });
+        // A connection fed by itself drains by its own writer; holding its input back
+        // would also hold the acks that let it drain.
+        if c.slow || publisher == subscriber || !c.publishers.insert(publisher) {
+            return !c.slow && c.publishers.contains(&publisher);
+        }
+        NetMetrics::add(&self.net.publisher_pauses, 1);
+        self.hold(publisher).subscribers += 1;
+        true
+    }
+
+    /// Every congested subscriber reports when it drains: one already below its low mark
+    /// (its writer took everything since) is let go now, the others are marked so that
+    /// their writer reports it. After a dispatch, since a subscriber can become congested
+    /// before its queue is (while the step runs) or stay so without new deliveries.
+    fn watch_congested(&mut self) {
+        if self.congested.is_empty() {
+            return;
+        }
+        let low = self.settings.max_outbound_bytes / 2 + 1;
+        let mut drained = std::mem::take(&mut self.drained);
+        for (conn, c) in &self.congested {
+            if c.slow {
+                continue;
+            }
+            let Some(o) = self.conns.get(conn) else {
+                drained.push(*conn);
+                continue;
+            };
+            let mut q = o.lock();
+            if q.bytes + q.writing < low {
+                q.resume_below = 0;
+                drained.push(*conn);
+            } else {
+                q.resume_below = low;
+            }
+        }
+        for conn in drained.drain(..) {
+            self.uncongest(conn);
+        }
+        self.drained = drained;
     }
 
     /// Publishes the `$SYS/broker/...` topics as retained messages.

@@ -7,6 +7,7 @@
 mod common;
 
 mod admin_http;
+mod backpressure;
 mod connect_churn;
 mod disconnect_reaches_sending_client;
 mod durability;

@@ -1,7 +1,10 @@
-//! `limits.slow_consumer`: a subscriber that stops reading while QoS 0 floods in has its QoS 0
-//! deliveries dropped once `limits.max_outbound_bytes` are queued for it (`drop`, counted as
-//! `ferrymq_messages_dropped_total{reason="slow_consumer"}`), or is disconnected with 0x97
-//! Quota exceeded (`disconnect`, counted as `ferrymq_disconnects_total{reason="quota_exceeded"}`). Other clients keep getting their messages either way.
+//! `limits.slow_consumer`: a subscriber that stops reading while QoS 0 floods in holds its
+//! publisher back for `limits.slow_consumer_grace_ms` once `limits.max_outbound_bytes` are
+//! queued for it; after that its QoS 0 deliveries over the mark are dropped (`drop`, counted
+//! as `ferrymq_messages_dropped_total{reason="slow_consumer"}`), or it is disconnected with
+//! 0x97 Quota exceeded (`disconnect`, counted as
+//! `ferrymq_disconnects_total{reason="quota_exceeded"}`). Other clients keep getting their
+//! messages either way.
 
 use bytes::Bytes;
 use ferrymq_mqtt::{Packet, ProtocolVersion, Publish, QoS, ReasonCode};
@@ -85,7 +88,15 @@ fn config(policy: SlowConsumer) -> ferrymq_server::Config {
     let mut config = test_config();
     config.limits.max_outbound_bytes = 1024;
     config.limits.slow_consumer = policy;
+    config.limits.slow_consumer_grace_ms = 200;
     config
+}
+
+/// The flood held its publisher back first, and the subscriber met the policy only after
+/// its grace period.
+async fn held_then_slow(server: &ferrymq_server::Server) {
+    assert!(metric(server, "ferrymq_publisher_pauses_total").await >= 1);
+    assert_eq!(metric(server, "ferrymq_slow_subscribers_total").await, 1);
 }
 
 #[tokio::test]
@@ -94,7 +105,13 @@ async fn drop_policy_drops_and_counts_qos0_for_a_subscriber_that_does_not_read()
     let mut calm = v4(v4_options(&server, "calm")).await;
     calm.subscribe("calm/#", rumqttc::QoS::AtLeastOnce).await;
     let mut slow = slow_subscriber(&server).await;
+    let started = std::time::Instant::now();
     let mut publisher = flood(&server).await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(200),
+        "the publisher was held back for the grace period first"
+    );
+    held_then_slow(&server).await;
 
     let dropped = metric(
         &server,
@@ -141,6 +158,7 @@ async fn disconnect_policy_disconnects_a_subscriber_that_does_not_read_with_0x97
     calm.subscribe("calm/#", rumqttc::QoS::AtLeastOnce).await;
     let mut slow = slow_subscriber(&server).await;
     let mut publisher = flood(&server).await;
+    held_then_slow(&server).await;
 
     assert_eq!(
         metric(

@@ -29,7 +29,13 @@ pub struct Plan {
     pub inflight: usize,
     /// Total messages per second across publishers, when paced.
     pub rate: Option<u64>,
+    /// QoS 0 publishers do not wait for subscribers: they write as fast as TCP lets them,
+    /// in large writes.
+    pub burst: bool,
 }
+
+/// Bytes a bursting publisher writes per call.
+const BURST_WRITE: usize = 256 * 1024;
 
 fn clock() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -219,7 +225,7 @@ async fn publisher(
             if plan.qos != QoS::AtMostOnce && inflight >= plan.inflight {
                 break;
             }
-            if plan.qos == QoS::AtMostOnce && plan.rate.is_none() {
+            if plan.qos == QoS::AtMostOnce && plan.rate.is_none() && !plan.burst {
                 let ahead = progress.published.load(Relaxed) * subs;
                 if ahead > progress.received.load(Relaxed) + (plan.inflight as u64 * subs) {
                     break;
@@ -257,7 +263,8 @@ async fn publisher(
             } else {
                 inflight += 1;
             }
-            if c.queued_bytes() >= 64 * 1024 {
+            let chunk = if plan.burst { BURST_WRITE } else { 64 * 1024 };
+            if c.queued_bytes() >= chunk {
                 break;
             }
         }
@@ -273,6 +280,8 @@ async fn publisher(
                 if let Some(r) = per_pub_rate {
                     let due = started + Duration::from_secs_f64(seq as f64 / r);
                     tokio::time::sleep_until(due.into()).await;
+                } else if plan.burst {
+                    // Straight on: only TCP (the flush above) slows a bursting publisher.
                 } else {
                     let _ =
                         tokio::time::timeout(Duration::from_millis(5), progress.wake.notified())

@@ -78,6 +78,11 @@ pub struct Flow {
     /// ahead of the slowest subscriber, in messages.
     #[arg(long, default_value_t = 256)]
     inflight: usize,
+    /// QoS 0: publishers write their messages back to back in large writes, as fast as the
+    /// broker reads them, without waiting for subscribers (a batching client or a bridge).
+    /// A broker that cannot push back loses messages here.
+    #[arg(long)]
+    burst: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -152,6 +157,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 messages: l.rate * l.duration,
                 inflight: 65_000,
                 rate: Some(l.rate),
+                burst: false,
             };
             load::run_flow(&target, "latency", plan).await?
         }
@@ -188,6 +194,12 @@ async fn flow(
         messages,
         inflight: f.inflight.clamp(1, 65_000),
         rate: None,
+        burst: f.burst,
     };
-    load::run_flow(target, name, plan).await
+    let name = if f.burst {
+        format!("{name}-burst")
+    } else {
+        name.to_string()
+    };
+    load::run_flow(target, &name, plan).await
 }
