@@ -6,8 +6,10 @@
 //!
 //! Invariants:
 //! - Every channel is bounded: connection → router (`ROUTER_QUEUE` batches; a full queue makes
-//!   readers wait, which pushes back on publishers through TCP), router → connection (bytes
-//!   bounded by `limits.max_outbound_bytes`, then the slow-consumer policy applies).
+//!   readers wait, which pushes back on publishers through TCP), router → connection (a
+//!   delivery that puts a subscriber over `limits.max_outbound_bytes` holds its publisher's
+//!   input back until the subscriber drains; past `limits.slow_consumer_grace_ms` the
+//!   slow-consumer policy applies instead).
 //! - Only the router touches the engine. It runs on its own OS thread, `ferrymq-router`
 //!   (a current-thread tokio runtime for its channel, `Notify` and timers), because it also
 //!   writes the log, checkpoints and syncs. If it panics, [`Server::failed`] resolves with the
