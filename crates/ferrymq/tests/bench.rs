@@ -117,3 +117,22 @@ fn a_bench_that_cannot_reach_its_broker_fails() {
     assert!(!out.status.success(), "bench held connections to nothing");
     assert!(err.contains("5 of 5 connections failed"), "{err}");
 }
+
+/// `--burst`: publishers write back to back without waiting for the subscriber; a broker
+/// that holds them back instead of dropping delivers every message, 1→1 and 50→1.
+#[test]
+fn a_qos0_burst_is_delivered_whole() {
+    let broker = Broker::start();
+    let r = report(&bench(
+        broker.mqtt,
+        &["throughput", "--burst", "-n", "100000"],
+    ));
+    assert_eq!(r["scenario"], "throughput-burst", "{r}");
+    assert_eq!(r["expected"], 100_000, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["received"], 100_000, "{r}");
+
+    let r = report(&bench(broker.mqtt, &["fanin", "--burst", "-n", "2000"]));
+    assert_eq!(r["expected"], 100_000, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+}
