@@ -1012,10 +1012,8 @@ impl Router {
         }
         let low = self.settings.max_outbound_bytes / 2 + 1;
         let mut drained = std::mem::take(&mut self.drained);
-        for (conn, c) in &self.congested {
-            if c.slow {
-                continue;
-            }
+        // Slow ones too: one that catches up is an ordinary subscriber again.
+        for conn in self.congested.keys() {
             let Some(o) = self.conns.get(conn) else {
                 drained.push(*conn);
                 continue;

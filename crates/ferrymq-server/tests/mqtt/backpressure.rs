@@ -266,3 +266,59 @@ async fn a_stuck_subscriber_is_disconnected_after_its_grace_under_the_disconnect
         1
     );
 }
+
+/// A subscriber that was slow (past its grace, QoS 0 dropped) and then catches up is an
+/// ordinary subscriber again: the next burst holds its publisher back instead of dropping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_that_catches_up_loses_nothing_afterwards() {
+    let mut c = config();
+    c.limits.slow_consumer_grace_ms = 200;
+    let server = start_with(c).await;
+    let mut stuck = stuck_subscriber(&server, "again/#").await;
+    // Phase 1: it does not read while 9 MB arrive (more than the kernel's socket buffers
+    // take); after the grace its messages are dropped.
+    let first = burst(server.mqtt_addr(), 0, "again/0".into(), 120_000).await;
+    eventually(
+        "the stuck subscriber is slow and has messages dropped",
+        || async {
+            metric(&server, "ferrymq_slow_subscribers_total").await == 1
+                && metric(
+                    &server,
+                    "ferrymq_messages_dropped_total{reason=\"slow_consumer\"}",
+                )
+                .await
+                    > 0
+        },
+    )
+    .await;
+    // Phase 2: it reads everything that was queued for it.
+    let mut buf = BytesMut::new();
+    loop {
+        buf.clear();
+        match tokio::time::timeout(Duration::from_millis(500), stuck.stream.read_buf(&mut buf))
+            .await
+        {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    drop(first);
+    let dropped = metric(
+        &server,
+        "ferrymq_messages_dropped_total{reason=\"slow_consumer\"}",
+    )
+    .await;
+    // Phase 3: a burst while it reads as fast as it can: nothing more is dropped.
+    let reader = tokio::spawn(fast_reader(stuck.stream, 2, 50_000));
+    let _second = burst(server.mqtt_addr(), 1, "again/1".into(), 50_000).await;
+    assert_eq!(reader.await.unwrap(), 50_000);
+    assert_eq!(
+        metric(
+            &server,
+            "ferrymq_messages_dropped_total{reason=\"slow_consumer\"}"
+        )
+        .await,
+        dropped,
+        "a subscriber that caught up is held for, not dropped"
+    );
+}
