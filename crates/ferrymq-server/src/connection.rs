@@ -40,8 +40,10 @@ const MIN_READ: usize = 512;
 const MAX_READ: usize = 64 * 1024;
 /// A connection whose reservation has decayed to this size is treated as quiet.
 const QUIET_READ: usize = 2 * 1024;
-/// Largest write buffer kept between batches.
-const MAX_IDLE_BUFFER: usize = 64 * 1024;
+/// A batch is encoded and written in pieces of about this many bytes.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Largest write buffer kept between batches (a piece plus one large packet).
+const MAX_IDLE_BUFFER: usize = 256 * 1024;
 /// Lingering close: after the last write and a half-close, input is read and discarded for at
 /// most this long or this many bytes before the socket is closed. Closing a socket with
 /// unread input makes the kernel send RST instead of FIN, and a client still sending when
@@ -484,26 +486,38 @@ fn write_loop<'a>(
                 outbound.wait().await;
                 continue;
             }
+            // Encode up to WRITE_CHUNK bytes, write them, go on: a big batch (a burst queues
+            // megabytes) goes out through one reused buffer, instead of a buffer grown, and
+            // copied at every doubling, to the size of the whole batch.
+            // Reversed, so that actions are taken from the end: no index is kept across the
+            // writes' awaits (it would widen every connection's future).
             let mut close = false;
-            for action in actions.drain(..) {
-                let packet = match action {
-                    Action::Send(p) => p,
-                    Action::Deliver(d) => {
-                        if let Err(e) = encode_delivery(&d, version, &mut aliases, &mut out) {
-                            tracing::warn!(error = %e, "cannot encode outbound PUBLISH");
-                        }
-                        continue;
-                    }
-                    Action::Close => {
-                        close = true;
+            actions.reverse();
+            while !actions.is_empty() {
+                while out.len() < WRITE_CHUNK {
+                    let Some(action) = actions.pop() else {
                         break;
+                    };
+                    match action {
+                        Action::Send(packet) => {
+                            if let Err(e) = encode(&packet, version, &mut out) {
+                                tracing::warn!(error = %e, packet = packet.name(), "cannot encode outbound packet");
+                            }
+                        }
+                        Action::Deliver(d) => {
+                            if let Err(e) = encode_delivery(&d, version, &mut aliases, &mut out) {
+                                tracing::warn!(error = %e, "cannot encode outbound PUBLISH");
+                            }
+                        }
+                        Action::Close => {
+                            close = true;
+                            actions.clear();
+                        }
                     }
-                };
-                if let Err(e) = encode(&packet, version, &mut out) {
-                    tracing::warn!(error = %e, packet = packet.name(), "cannot encode outbound packet");
                 }
-            }
-            if !out.is_empty() {
+                if out.is_empty() {
+                    continue;
+                }
                 // Straight into the socket when it has room (nearly always); the wait for room,
                 // with its timer, is boxed so that it does not widen every connection.
                 let sent = match wr.try_write(&out) {
@@ -523,9 +537,9 @@ fn write_loop<'a>(
                 }
                 NetMetrics::add(&listener.net.bytes_sent, out.len() as u64);
                 out.clear();
-                if out.capacity() > MAX_IDLE_BUFFER {
-                    out = BytesMut::new();
-                }
+            }
+            if out.capacity() > MAX_IDLE_BUFFER {
+                out = BytesMut::new();
             }
             if close {
                 // Half-close: the peer reads our FIN after everything written; `run` lingers.
