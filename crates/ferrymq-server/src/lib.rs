@@ -365,8 +365,8 @@ async fn accept_loop(
         } else if address == limits::AddressCheck::Busy {
             Some(limits::Refusal::AddressConnections)
         } else {
-            let now = tokio::time::Instant::now();
-            rates.as_mut().and_then(|r| r.admit(ip, now).err())
+            let now = tokio::time::Instant::now;
+            rates.as_mut().and_then(|r| r.admit(ip, now()).err())
         };
         let ctx = connection::ConnContext {
             conn,

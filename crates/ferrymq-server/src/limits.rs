@@ -318,7 +318,9 @@ impl ConnectionLimits {
     /// Takes a token for a new connection from `ip` from each bucket that applies, or, when
     /// one is empty, names the limit (and takes nothing).
     pub(crate) fn admit(&mut self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
-        if now >= self.next_sweep || self.addresses.len() >= MAX_RATE_ADDRESSES {
+        // Once per burst window (not whenever the table is full: a full table would then cost
+        // a pass over it per accepted connection).
+        if now >= self.next_sweep {
             self.addresses.retain(|_, b| !b.full_at(now));
             self.next_sweep = now + self.burst;
         }
@@ -487,5 +489,20 @@ mod tests {
         let later = t0 + Duration::from_secs(1);
         assert_eq!(c.admit("10.1.0.0".parse().unwrap(), later), Ok(()));
         assert_eq!(c.tracked(), 1);
+    }
+
+    #[test]
+    fn a_scan_from_more_addresses_than_tracked_is_held_to_the_listener_rate_only() {
+        let mut l = limits();
+        l.max_connection_rate_per_address = 1;
+        let t0 = Instant::now();
+        let mut c = ConnectionLimits::new(&l, t0).unwrap();
+        let ip = |i: usize| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32));
+        for i in 0..MAX_RATE_ADDRESSES + 10 {
+            assert_eq!(c.admit(ip(i), t0), Ok(()));
+        }
+        assert_eq!(c.tracked(), MAX_RATE_ADDRESSES, "the table stops growing");
+        assert_eq!(c.admit(ip(0), t0), Err(Refusal::AddressConnectionRate));
+        assert_eq!(c.admit(ip(MAX_RATE_ADDRESSES + 1), t0), Ok(()), "untracked");
     }
 }
