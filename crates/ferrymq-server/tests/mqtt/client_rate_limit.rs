@@ -1,7 +1,7 @@
 //! `limits.max_messages_per_sec` / `limits.max_bytes_per_sec`: a publisher writing as fast as
 //! it can is held to its rate (plus the burst) and loses nothing under `throttle`, is not
 //! closed for the silence our throttle causes, and gets DISCONNECT 0x96 (5.0) or a closed
-//! connection (3.1.1) under `disconnect`.
+//! connection (3.1.1) under `disconnect`; real clients (rumqttc) included.
 
 use std::time::{Duration, Instant};
 
@@ -235,4 +235,65 @@ async fn disconnect_policy_closes_a_client_over_its_byte_rate_with_0x96() {
         .await,
         2
     );
+}
+
+/// The same with a real client: rumqttc (5.0) reports the server's DISCONNECT 0x96 (as an
+/// error of its event loop, which is how rumqttc surfaces a server DISCONNECT).
+#[tokio::test]
+async fn a_rumqttc_client_over_its_rate_is_told_0x96() {
+    use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+    use rumqttc::v5::{ConnectionError, StateError};
+    let server = start_with(rate_config(10, 0, RateExceeded::Disconnect)).await;
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(v5_options(&server, "rumqttc"), 100);
+    for i in 0..50u32 {
+        let qos = rumqttc::v5::mqttbytes::QoS::AtMostOnce;
+        let payload = i.to_be_bytes().to_vec();
+        client
+            .publish("rate/data", qos, false, payload)
+            .await
+            .unwrap();
+    }
+    let told = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(_) => {}
+                Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                })) => return Some(reason_code),
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .expect("the event loop ends in time");
+    assert_eq!(told, Some(DisconnectReasonCode::MessageRateTooHigh));
+}
+
+/// A real client under `throttle`: rumqttc (3.1.1) publishing 300 QoS 1 messages at 100/s
+/// gets every PUBACK (the last after about 2 s) and its subscriber every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_rumqttc_client_gets_every_ack_at_the_rate() {
+    const COUNT: usize = 300;
+    let server = start_with(rate_config(100, 0, RateExceeded::Throttle)).await;
+    let mut sub = v4(v4_options(&server, "sub")).await;
+    sub.subscribe("rate/#", rumqttc::QoS::AtLeastOnce).await;
+    let mut publisher = v4(v4_options(&server, "pub")).await;
+    let started = Instant::now();
+    for i in 0..COUNT as u32 {
+        let payload = i.to_be_bytes().to_vec();
+        let qos = rumqttc::QoS::AtLeastOnce;
+        publisher
+            .client
+            .publish("rate/data", qos, false, payload)
+            .await
+            .unwrap();
+    }
+    publisher.acked(COUNT).await;
+    let took = started.elapsed();
+    println!("{COUNT} QoS 1 publishes acknowledged in {took:?}");
+    assert!(took >= Duration::from_millis(1800), "{took:?}");
+    for i in 0..COUNT as u32 {
+        assert_eq!(next(&mut sub.rx).await.payload[..], i.to_be_bytes());
+    }
 }
