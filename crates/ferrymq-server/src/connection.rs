@@ -9,10 +9,10 @@
 //!
 //! Bounded: the reader does not read while its connection has too much queued for writing or
 //! waiting for the router (`Outbound::poll_read_allowed`) or while the client is over its
-//! message or byte rate (`limits::ClientRates`; it then decodes only what its buckets admit),
-//! a write that makes no progress
-//! within the write timeout closes the connection, and a connection we close lingers (half-
-//! closed, draining input for a bounded time) so that the client reads our last packets.
+//! message or byte rate (`limits::ClientRates`: it decodes only what the buckets admit), a
+//! write that makes no progress within the write timeout closes the connection, and a
+//! connection we close lingers (half-closed, draining input for a bounded time) so that the
+//! client reads our last packets.
 
 use std::collections::HashMap;
 use std::future::Future;
