@@ -135,6 +135,32 @@ pub struct Limits {
     /// Milliseconds a write to a connection may make no progress (the socket accepts no
     /// byte) before the connection is closed: catches clients that never read.
     pub write_timeout_ms: u64,
+    /// PUBLISH packets a second one connection may send; 0 = unlimited.
+    pub max_messages_per_sec: u64,
+    /// Bytes a second (whole packets) one connection may send; 0 = unlimited.
+    pub max_bytes_per_sec: u64,
+    /// Burst allowance of every rate limit (the per-client ones and the connection rates), in
+    /// milliseconds of its rate: a token bucket holds this much and starts full.
+    pub rate_burst_ms: u64,
+    /// What a client over `max_messages_per_sec` or `max_bytes_per_sec` gets.
+    pub rate_exceeded: RateExceeded,
+    /// Simultaneous connections from one source IP address; 0 = unlimited.
+    pub max_connections_per_address: usize,
+    /// New connections a second the listener accepts; 0 = unlimited.
+    pub max_connection_rate: u64,
+    /// New connections a second from one source IP address; 0 = unlimited.
+    pub max_connection_rate_per_address: u64,
+}
+
+/// What a client over its message or byte rate gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateExceeded {
+    /// Its reader stops reading until the bucket refills, so TCP slows the client; nothing is
+    /// dropped.
+    Throttle,
+    /// DISCONNECT 0x96 Message rate too high (5.0) or a closed connection (3.1.1).
+    Disconnect,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -212,6 +238,13 @@ impl Default for Limits {
             slow_consumer: SlowConsumer::Drop,
             slow_consumer_grace_ms: 1000,
             write_timeout_ms: 30_000,
+            max_messages_per_sec: 0,
+            max_bytes_per_sec: 0,
+            rate_burst_ms: 1000,
+            rate_exceeded: RateExceeded::Throttle,
+            max_connections_per_address: 0,
+            max_connection_rate: 0,
+            max_connection_rate_per_address: 0,
         }
     }
 }
@@ -313,6 +346,18 @@ impl Config {
             return Err(invalid(
                 "limits.write_timeout_ms",
                 "must be between 1 and 3600000",
+            ));
+        }
+        if self.limits.rate_burst_ms == 0 || self.limits.rate_burst_ms > 60_000 {
+            return Err(invalid(
+                "limits.rate_burst_ms",
+                "must be between 1 and 60000",
+            ));
+        }
+        if self.limits.max_connections_per_address > self.limits.max_connections {
+            return Err(invalid(
+                "limits.max_connections_per_address",
+                "must not exceed limits.max_connections (0 = unlimited)",
             ));
         }
         if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
@@ -431,6 +476,41 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("limits.write_timeout_ms"), "{err}");
+        }
+    }
+
+    #[test]
+    fn rate_and_connection_limits_parse_and_are_checked() {
+        let l = Config::default().limits;
+        assert_eq!(
+            (l.max_messages_per_sec, l.max_bytes_per_sec, l.rate_burst_ms),
+            (0, 0, 1000),
+            "unlimited by default"
+        );
+        assert_eq!(l.rate_exceeded, RateExceeded::Throttle);
+        let c = Config::parse(
+            "[limits]\nmax_messages_per_sec = 2000\nmax_bytes_per_sec = 1048576\n\
+             rate_burst_ms = 250\nrate_exceeded = \"disconnect\"\n\
+             max_connections_per_address = 10\nmax_connection_rate = 100\n\
+             max_connection_rate_per_address = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_messages_per_sec, 2000);
+        assert_eq!(c.limits.rate_exceeded, RateExceeded::Disconnect);
+        assert_eq!(c.limits.max_connection_rate_per_address, 5);
+        for (bad, key) in [
+            ("rate_burst_ms = 0", "limits.rate_burst_ms"),
+            ("rate_burst_ms = 60001", "limits.rate_burst_ms"),
+            (
+                "max_connections = 10\nmax_connections_per_address = 11",
+                "limits.max_connections_per_address",
+            ),
+            ("rate_exceeded = \"drop\"", "drop"),
+        ] {
+            let err = Config::parse(&format!("[limits]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
         }
     }
 

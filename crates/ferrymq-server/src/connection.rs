@@ -8,9 +8,11 @@
 //! CONNACK (when its version is known) or a plain close, and never reaches the engine.
 //!
 //! Bounded: the reader does not read while its connection has too much queued for writing or
-//! waiting for the router (`Outbound::poll_read_allowed`), a write that makes no progress
-//! within the write timeout closes the connection, and a connection we close lingers (half-
-//! closed, draining input for a bounded time) so that the client reads our last packets.
+//! waiting for the router (`Outbound::poll_read_allowed`) or while the client is over its
+//! message or byte rate (`limits::ClientRates`: it decodes only what the buckets admit), a
+//! write that makes no progress within the write timeout closes the connection, and a
+//! connection we close lingers (half-closed, draining input for a bounded time) so that the
+//! client reads our last packets.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,6 +32,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::config::RateExceeded;
+use crate::limits::{AddressCounts, ClientRates, RateLimits, Refusal};
 use crate::metrics::NetMetrics;
 use crate::router::{Drains, Outbound, ToRouter};
 
@@ -66,7 +70,17 @@ pub(crate) struct Listener {
     pub max_outbound_bytes: usize,
     /// Where writers report congested queues that drained (see `router::Drains`).
     pub drains: Arc<Drains>,
+    /// Per-client message and byte rates; `None` when unlimited (the reader then has no
+    /// buckets and reads no clock for them).
+    pub rates: Option<RateLimits>,
+    /// Open connections per source address, when `limits.max_connections_per_address` is set.
+    pub addresses: Option<AddressCounts>,
 }
+
+/// How often a reader held back by its rate limit marks the connection as read: the client's
+/// silence is ours while we do not read it, and the router's keep-alive check (at 1.5 times a
+/// keep alive of at least 1 s) must not close it for that.
+const THROTTLE_MARK: Duration = Duration::from_millis(500);
 
 /// One connection's arguments. Kept small on purpose: an async fn keeps its arguments for the
 /// life of its future, next to the locals they are moved into, so every byte here is two
@@ -74,8 +88,8 @@ pub(crate) struct Listener {
 pub(crate) struct ConnContext {
     pub conn: ConnId,
     pub listener: Arc<Listener>,
-    /// The connection limit is reached: answer CONNECT with Server Busy.
-    pub over_limit: bool,
+    /// A connection limit is reached: answer CONNECT with its refusal.
+    pub refusal: Option<Refusal>,
 }
 
 /// Why the reader stopped.
@@ -84,6 +98,14 @@ enum ReadEnd {
     Gone,
     /// We asked the router to end it; the writer will close.
     Ending,
+}
+
+/// Why the reader stopped decoding what it has buffered.
+enum Halt {
+    /// A packet failed to decode: the connection is closed with this reason.
+    Bad(ReasonCode),
+    /// The next packet is over the client's rate limit.
+    OverRate,
 }
 
 /// Why the writer stopped.
@@ -106,6 +128,9 @@ impl Drop for ConnContext {
             .net
             .connections_open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(addresses) = &self.listener.addresses {
+            addresses.close(self.conn);
+        }
     }
 }
 
@@ -249,9 +274,15 @@ where
         );
         return None;
     };
-    if ctx.over_limit {
-        NetMetrics::add(&ctx.listener.net.connections_refused, 1);
-        refuse(wr, connect.version, ReasonCode::ServerBusy).await;
+    if let Some(refusal) = ctx.refusal {
+        // Counted per limit, logged at debug only: hostile clients must not fill the log.
+        NetMetrics::add(&ctx.listener.net.connections_refused[refusal as usize], 1);
+        tracing::debug!(
+            conn = ctx.conn.0,
+            limit = refusal.label(),
+            "connection refused"
+        );
+        refuse(wr, connect.version, refusal.reason_code()).await;
         linger(rd).await;
         return None;
     }
@@ -335,53 +366,89 @@ fn read_loop<'a>(
             // The writer sends the refusal and closes.
             return ReadEnd::Ending;
         }
-        let conn = ctx.conn;
+        // `ctx.conn`, not a copy: a local kept across the waits is 8 more bytes per connection.
         let version = outcome.version;
         // Keep alive is the router's job (it checks `outbound.last_read` of every connection a
         // few times a second): a timer here would be ~112 bytes in every idle connection.
-        let mut packets = Vec::new();
         let mut chunk = MIN_READ;
+        // Boxed, and only with a rate limit: the future carries a pointer.
+        let mut rates = ctx
+            .listener
+            .rates
+            .as_ref()
+            .map(|r| Box::new(ClientRates::new(r, Instant::now())));
         loop {
-            // Decode what is buffered. A bad packet ends the loop here and is handled below,
-            // outside the `match`: held across an await, the decode result would be ~100 bytes
-            // more in every connection's future.
+            if let Some(r) = rates.as_deref_mut() {
+                r.refill(Instant::now());
+            }
+            // Decode what is buffered, as far as the rate limit lets. A bad packet ends the
+            // loop here and is handled below, outside the `match`: held across an await, the
+            // decode result would be ~100 bytes more in every connection's future.
             let buffered = buf.len();
-            let bad = loop {
-                match decode(buf, version, &ctx.listener.limits) {
-                    Ok(Some(p)) => packets.push(p),
-                    Ok(None) => break None,
-                    Err(e) => {
-                        tracing::debug!(conn = conn.0, error = %e, "closing connection: bad packet");
-                        break Some(e.reason_code());
+            // Made per batch and moved to the router, so that it is not held across the waits
+            // below (24 bytes in every connection's future).
+            let mut packets = Vec::new();
+            let halt = loop {
+                if let (Some(r), Some(&first)) = (rates.as_deref(), buf.first()) {
+                    if !r.admits(first) {
+                        break Some(Halt::OverRate);
                     }
                 }
+                let before = buf.len();
+                match decode(buf, version, &ctx.listener.limits) {
+                    Ok(Some(p)) => {
+                        if let Some(r) = rates.as_deref_mut() {
+                            r.charge(matches!(p, Packet::Publish(_)), before - buf.len());
+                        }
+                        packets.push(p);
+                    }
+                    Ok(None) => break None,
+                    Err(e) => {
+                        NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
+                        tracing::debug!(conn = ctx.conn.0, error = %e, "closing connection: bad packet");
+                        break Some(Halt::Bad(e.reason_code()));
+                    }
+                }
+            };
+            let violation = match halt {
+                Some(Halt::Bad(reason)) => Some(reason),
+                Some(Halt::OverRate)
+                    if ctx.listener.rates.map(|r| r.exceeded) == Some(RateExceeded::Disconnect) =>
+                {
+                    tracing::debug!(conn = ctx.conn.0, "closing connection: over its rate limit");
+                    Some(ReasonCode::MessageRateTooHigh)
+                }
+                _ => None,
             };
             // What this batch holds until the router has run it: the input its payloads
             // share, and the packets.
             let unrouted =
                 buffered.saturating_sub(buf.len()) + packets.len() * std::mem::size_of::<Packet>();
-            if let Some(reason) = bad {
-                NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
+            if let Some(reason) = violation {
                 let router = &ctx.listener.router;
                 if !packets.is_empty() {
-                    let packets = std::mem::take(&mut packets);
                     let unrouted = outbound.unrouted(unrouted);
                     let msg = ToRouter::Packets {
-                        conn,
+                        conn: ctx.conn,
                         packets,
                         _unrouted: unrouted,
                     };
                     let _ = Box::pin(deliver_to_router(router, msg)).await;
                 }
-                let msg = ToRouter::Violation { conn, reason };
+                let msg = ToRouter::Violation {
+                    conn: ctx.conn,
+                    reason,
+                };
                 let _ = Box::pin(deliver_to_router(router, msg)).await;
                 return ReadEnd::Ending;
             }
-            if !packets.is_empty() {
-                let batch = std::mem::take(&mut packets);
+            if packets.is_empty() {
+                // Moved on every path, so that nothing of it is kept across the waits below.
+                drop(packets);
+            } else {
                 let msg = ToRouter::Packets {
-                    conn,
-                    packets: batch,
+                    conn: ctx.conn,
+                    packets,
                     _unrouted: outbound.unrouted(unrouted),
                 };
                 let sent = match send_to_router(&ctx.listener.router, msg) {
@@ -391,6 +458,16 @@ fn read_loop<'a>(
                 };
                 if !sent {
                     return ReadEnd::Gone;
+                }
+            }
+            // Throttle: while the bucket does not admit the next packet, read nothing, so TCP
+            // slows the client; then decode what is buffered before reading more. (Asked again
+            // rather than kept from the decode loop: a flag kept across the wait above would
+            // widen every connection's future.)
+            if let (Some(r), Some(&first)) = (rates.as_deref(), buf.first()) {
+                if !r.admits(first) {
+                    Box::pin(throttle(r, first, outbound)).await;
+                    continue;
                 }
             }
             // Back-pressure: while this connection has more than its bound queued for writing or
@@ -414,6 +491,24 @@ fn read_loop<'a>(
                 }
             }
         }
+    }
+}
+
+/// Waits until `rates` admit the packet starting with `first_byte`, marking the connection as
+/// read every [`THROTTLE_MARK`]: keep alive must not close a client for a silence that is
+/// our throttle (the router's check reads `Outbound::mark_read`'s stamps).
+async fn throttle(rates: &ClientRates, first_byte: u8, outbound: &Outbound) {
+    let Some(refilled) = rates.refilled() else {
+        return;
+    };
+    let until = refilled + rates.wait(first_byte);
+    loop {
+        outbound.mark_read();
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        tokio::time::sleep_until(until.min(now + THROTTLE_MARK)).await;
     }
 }
 

@@ -21,6 +21,7 @@ pub mod config;
 mod connection;
 mod error;
 mod fdlimit;
+mod limits;
 pub mod metrics;
 mod persist;
 mod router;
@@ -329,7 +330,10 @@ async fn accept_loop(
         write_timeout: Duration::from_millis(config.limits.write_timeout_ms),
         max_outbound_bytes: config.limits.max_outbound_bytes,
         drains,
+        rates: limits::RateLimits::from_config(&config.limits),
+        addresses: limits::AddressCounts::new(config.limits.max_connections_per_address),
     });
+    let mut rates = limits::ConnectionLimits::new(&config.limits, tokio::time::Instant::now());
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -346,13 +350,35 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         NetMetrics::add(&net.connections_accepted, 1);
-        let open = net.connections_open.fetch_add(1, Relaxed) + 1;
         let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
+        let ip = peer.ip().to_canonical();
+        // Counted as open (per address too) until its task ends, refused or not.
+        let address = match &shared.addresses {
+            Some(a) => a.open(conn, ip),
+            None => limits::AddressCheck::Allowed,
+        };
+        if address == limits::AddressCheck::Drop {
+            // Twice over its limit: a client ignoring the refusals gets no more of our time.
+            let refused = &net.connections_refused[limits::Refusal::AddressConnections as usize];
+            NetMetrics::add(refused, 1);
+            tracing::debug!(conn = conn.0, %peer, "dropped: too many connections from its address");
+            continue;
+        }
+        let open = net.connections_open.fetch_add(1, Relaxed) + 1;
         tracing::debug!(conn = conn.0, %peer, "accepted");
+        // Limits in order; a refused connection takes no connection-rate token.
+        let refusal = if open > max_connections {
+            Some(limits::Refusal::MaxConnections)
+        } else if address == limits::AddressCheck::Busy {
+            Some(limits::Refusal::AddressConnections)
+        } else {
+            let now = tokio::time::Instant::now;
+            rates.as_mut().and_then(|r| r.admit(ip, now()).err())
+        };
         let ctx = connection::ConnContext {
             conn,
             listener: shared.clone(),
-            over_limit: open > max_connections,
+            refusal,
         };
         tokio::spawn(connection::run(stream, ctx));
     }

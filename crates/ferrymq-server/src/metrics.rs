@@ -9,11 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use ferrymq_core::Stats;
 use ferrymq_mqtt::ReasonCode;
 
+use crate::limits::Refusal;
+
 /// Counters updated by connection tasks.
 #[derive(Debug, Default)]
 pub struct NetMetrics {
     pub connections_accepted: AtomicU64,
-    pub connections_refused: AtomicU64,
+    /// Connections refused by a connection limit, per limit (in the order of
+    /// `limits::Refusal::ALL`).
+    pub connections_refused: [AtomicU64; Refusal::ALL.len()],
     pub connections_open: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
@@ -138,12 +142,23 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
         "TCP connections accepted.",
         &[("", g(&net.connections_accepted))],
     );
+    // One sample per connection limit (named after its key), and `connect` for CONNECTs the
+    // engine refused (not authorized, bad client id, ...).
+    let refused: Vec<(String, u64)> = Refusal::ALL
+        .iter()
+        .map(|r| {
+            let n = g(&net.connections_refused[*r as usize]);
+            (format!("reason=\"{}\"", r.label()), n)
+        })
+        .chain([("reason=\"connect\"".to_string(), s.connects_refused)])
+        .collect();
+    let samples: Vec<(&str, u64)> = refused.iter().map(|(l, n)| (l.as_str(), *n)).collect();
     metric(
         &mut o,
         "ferrymq_connections_refused_total",
         "counter",
-        "Connections refused (limit reached or CONNECT refused).",
-        &[("", g(&net.connections_refused) + s.connects_refused)],
+        "Connections refused, by the limit reached (CONNACK 0x89/0x9F) or connect (CONNECT refused).",
+        &samples,
     );
     metric(
         &mut o,

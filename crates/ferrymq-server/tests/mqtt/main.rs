@@ -8,7 +8,9 @@ mod common;
 
 mod admin_http;
 mod backpressure;
+mod client_rate_limit;
 mod connect_churn;
+mod connection_limits;
 mod disconnect_reaches_sending_client;
 mod durability;
 mod emoji_end_to_end;

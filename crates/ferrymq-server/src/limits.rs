@@ -1,0 +1,508 @@
+//! Rate and connection limits set by the operator (`[limits]`): token buckets for each
+//! client's PUBLISH packets/s and inbound bytes/s ([`ClientRates`], used by the connection's
+//! reader), and the checks a new connection passes in the accept loop
+//! ([`ConnectionLimits`]: new connections/s per listener and per source address, and
+//! concurrent connections per source address, [`AddressCounts`]).
+//!
+//! Invariants:
+//! - With every rate at 0 (the default) nothing here runs on the publish path: the reader has
+//!   no [`ClientRates`] and reads no clock for it.
+//! - Every table is bounded: [`AddressCounts`] holds only addresses with an open connection
+//!   (an entry goes when its count reaches 0), and [`ConnectionLimits`] forgets an address's
+//!   rate bucket once it has refilled (a fresh bucket would behave the same), and tracks at
+//!   most [`MAX_RATE_ADDRESSES`] addresses.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferrymq_core::ConnId;
+use ferrymq_mqtt::ReasonCode;
+use tokio::time::Instant;
+
+use crate::config::{Limits, RateExceeded};
+
+/// A token bucket: `rate` tokens a second, holding at most `capacity`. Its level may go below
+/// zero (a debt, see [`ClientRates`]); it then refills from there.
+#[derive(Debug, Clone)]
+pub(crate) struct Bucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A full bucket of `burst` worth of `rate` (at least one token).
+    pub(crate) fn new(rate: u64, burst: Duration, now: Instant) -> Bucket {
+        let rate = rate as f64;
+        let capacity = (rate * burst.as_secs_f64()).max(1.0);
+        Bucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    /// Adds what flowed in since the last refill.
+    pub(crate) fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        self.last = now;
+    }
+
+    pub(crate) fn take(&mut self, n: f64) {
+        self.tokens -= n;
+    }
+
+    /// How long until the level reaches `level`, from the last refill.
+    fn until(&self, level: f64) -> Duration {
+        if self.tokens >= level {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((level - self.tokens) / self.rate)
+    }
+
+    /// Full again by `now`: it may be forgotten, since a new bucket would be the same.
+    fn full_at(&self, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.rate
+            >= self.capacity
+    }
+}
+
+/// The per-client rate limits of a listener; `None` from [`RateLimits::from_config`] when
+/// both rates are unlimited.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateLimits {
+    messages_per_sec: u64,
+    bytes_per_sec: u64,
+    burst: Duration,
+    pub exceeded: RateExceeded,
+}
+
+impl RateLimits {
+    pub(crate) fn from_config(l: &Limits) -> Option<RateLimits> {
+        if l.max_messages_per_sec == 0 && l.max_bytes_per_sec == 0 {
+            return None;
+        }
+        Some(RateLimits {
+            messages_per_sec: l.max_messages_per_sec,
+            bytes_per_sec: l.max_bytes_per_sec,
+            burst: Duration::from_millis(l.rate_burst_ms),
+            exceeded: l.rate_exceeded,
+        })
+    }
+}
+
+/// One connection's buckets, boxed by the reader (a connection future carries only the
+/// pointer). A packet is over the rate when, as it arrives, a PUBLISH finds less than one
+/// message token, or any packet finds the byte bucket in debt: a packet passing takes its
+/// bytes even when that puts the bucket below zero, so a packet larger than the burst still
+/// passes, and the next waits until the debt is repaid. The average stays at the rate.
+#[derive(Debug)]
+pub(crate) struct ClientRates {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+/// The fixed header's first byte of a PUBLISH has packet type 3 in its high nibble.
+fn is_publish(first_byte: u8) -> bool {
+    first_byte >> 4 == 3
+}
+
+impl ClientRates {
+    pub(crate) fn new(limits: &RateLimits, now: Instant) -> ClientRates {
+        let bucket = |rate| (rate > 0).then(|| Bucket::new(rate, limits.burst, now));
+        ClientRates {
+            messages: bucket(limits.messages_per_sec),
+            bytes: bucket(limits.bytes_per_sec),
+        }
+    }
+
+    pub(crate) fn refill(&mut self, now: Instant) {
+        for b in [&mut self.messages, &mut self.bytes].into_iter().flatten() {
+            b.refill(now);
+        }
+    }
+
+    /// Whether the packet whose first byte is `first_byte` may be read now.
+    pub(crate) fn admits(&self, first_byte: u8) -> bool {
+        self.wait(first_byte).is_zero()
+    }
+
+    /// Takes a packet that was admitted: its `bytes`, and a message if it is a PUBLISH.
+    pub(crate) fn charge(&mut self, publish: bool, bytes: usize) {
+        if let (true, Some(m)) = (publish, &mut self.messages) {
+            m.take(1.0);
+        }
+        if let Some(b) = &mut self.bytes {
+            b.take(bytes as f64);
+        }
+    }
+
+    /// How long after the last refill the packet starting with `first_byte` is admitted.
+    pub(crate) fn wait(&self, first_byte: u8) -> Duration {
+        let messages = match &self.messages {
+            Some(m) if is_publish(first_byte) => m.until(1.0),
+            _ => Duration::ZERO,
+        };
+        let bytes = self.bytes.as_ref().map_or(Duration::ZERO, |b| b.until(0.0));
+        messages.max(bytes)
+    }
+
+    /// When the last refill happened (what [`ClientRates::wait`] counts from).
+    pub(crate) fn refilled(&self) -> Option<Instant> {
+        self.messages
+            .as_ref()
+            .or(self.bytes.as_ref())
+            .map(|b| b.last)
+    }
+}
+
+/// Why a new connection is refused (CONNACK), and the label it is counted under in
+/// `ferrymq_connections_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `limits.max_connections` (or the open-files limit) is reached.
+    MaxConnections,
+    /// `limits.max_connections_per_address` is reached for the client's address.
+    AddressConnections,
+    /// `limits.max_connection_rate`: the listener takes no more new connections this second.
+    ConnectionRate,
+    /// `limits.max_connection_rate_per_address`.
+    AddressConnectionRate,
+}
+
+impl Refusal {
+    pub(crate) const ALL: [Refusal; 4] = [
+        Refusal::MaxConnections,
+        Refusal::AddressConnections,
+        Refusal::ConnectionRate,
+        Refusal::AddressConnectionRate,
+    ];
+
+    /// The CONNACK reason (the codec sends 3.1.1 clients 3, server unavailable, for both).
+    pub(crate) fn reason_code(self) -> ReasonCode {
+        match self {
+            Refusal::MaxConnections | Refusal::AddressConnections => ReasonCode::ServerBusy,
+            Refusal::ConnectionRate | Refusal::AddressConnectionRate => {
+                ReasonCode::ConnectionRateExceeded
+            }
+        }
+    }
+
+    /// The metric label: the name of the limit.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::AddressConnections => "max_connections_per_address",
+            Refusal::ConnectionRate => "max_connection_rate",
+            Refusal::AddressConnectionRate => "max_connection_rate_per_address",
+        }
+    }
+}
+
+/// Open connections per source address, shared by the accept loop (which counts a connection
+/// in) and the connection tasks (which count themselves out when they end). Present only when
+/// `limits.max_connections_per_address` is set.
+#[derive(Debug)]
+pub(crate) struct AddressCounts {
+    max: usize,
+    inner: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Open connections (refused ones included until they close) per address; no zeros.
+    open: HashMap<IpAddr, usize>,
+    /// The address of each counted connection, so that a connection ending needs only its id.
+    conns: HashMap<ConnId, IpAddr>,
+}
+
+/// What [`AddressCounts::open`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AddressCheck {
+    /// Counted; serve it.
+    Allowed,
+    /// Counted; answer its CONNECT with Server Busy.
+    Busy,
+    /// Not counted: the address already holds twice its limit (a client that ignores the
+    /// refusals); close the socket without reading anything.
+    Drop,
+}
+
+impl AddressCounts {
+    pub(crate) fn new(max: usize) -> Option<AddressCounts> {
+        (max > 0).then(|| AddressCounts {
+            max,
+            inner: Mutex::default(),
+        })
+    }
+
+    /// Counts a new connection from `ip`, unless it is to be dropped.
+    pub(crate) fn open(&self, conn: ConnId, ip: IpAddr) -> AddressCheck {
+        let mut c = self.lock();
+        let open = c.open.get(&ip).copied().unwrap_or(0);
+        if open >= self.max.saturating_mul(2) {
+            return AddressCheck::Drop;
+        }
+        c.open.insert(ip, open + 1);
+        c.conns.insert(conn, ip);
+        if open + 1 > self.max {
+            AddressCheck::Busy
+        } else {
+            AddressCheck::Allowed
+        }
+    }
+
+    /// A counted connection ended.
+    pub(crate) fn close(&self, conn: ConnId) {
+        let mut c = self.lock();
+        let Some(ip) = c.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(n) = c.open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.open.remove(&ip);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn addresses(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Most addresses whose connection-rate bucket is remembered. Past it (a scan from more
+/// addresses than this within one burst window), a new address is held only to the
+/// listener-wide rate: forgetting is the safe side, since refusing unknown addresses would
+/// let a scan lock everyone out.
+pub(crate) const MAX_RATE_ADDRESSES: usize = 65_536;
+
+/// The connection-rate buckets, owned by the accept loop (one task, so no lock).
+#[derive(Debug)]
+pub(crate) struct ConnectionLimits {
+    burst: Duration,
+    listener: Option<Bucket>,
+    /// New connections per second per address (0 = unlimited).
+    per_address: u64,
+    addresses: HashMap<IpAddr, Bucket>,
+    next_sweep: Instant,
+}
+
+impl ConnectionLimits {
+    /// `None` when no connection rate is limited.
+    pub(crate) fn new(l: &Limits, now: Instant) -> Option<ConnectionLimits> {
+        if l.max_connection_rate == 0 && l.max_connection_rate_per_address == 0 {
+            return None;
+        }
+        let burst = Duration::from_millis(l.rate_burst_ms);
+        Some(ConnectionLimits {
+            burst,
+            listener: (l.max_connection_rate > 0)
+                .then(|| Bucket::new(l.max_connection_rate, burst, now)),
+            per_address: l.max_connection_rate_per_address,
+            addresses: HashMap::new(),
+            next_sweep: now + burst,
+        })
+    }
+
+    /// Takes a token for a new connection from `ip` from each bucket that applies, or, when
+    /// one is empty, names the limit (and takes nothing).
+    pub(crate) fn admit(&mut self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        // Once per burst window (not whenever the table is full: a full table would then cost
+        // a pass over it per accepted connection).
+        if now >= self.next_sweep {
+            self.addresses.retain(|_, b| !b.full_at(now));
+            self.next_sweep = now + self.burst;
+        }
+        let per_address = self.per_address > 0;
+        if per_address {
+            if let Some(b) = self.addresses.get_mut(&ip) {
+                b.refill(now);
+                if b.tokens < 1.0 {
+                    return Err(Refusal::AddressConnectionRate);
+                }
+            }
+        }
+        if let Some(b) = &mut self.listener {
+            b.refill(now);
+            if b.tokens < 1.0 {
+                return Err(Refusal::ConnectionRate);
+            }
+            b.take(1.0);
+        }
+        if per_address {
+            let full = self.addresses.len() >= MAX_RATE_ADDRESSES;
+            match self.addresses.get_mut(&ip) {
+                Some(b) => b.take(1.0),
+                None if !full => {
+                    let mut b = Bucket::new(self.per_address, self.burst, now);
+                    b.take(1.0);
+                    self.addresses.insert(ip, b);
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.addresses.len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const PUBLISH: u8 = 0x30;
+    const PINGREQ: u8 = 0xC0;
+
+    fn limits() -> Limits {
+        Limits::default()
+    }
+
+    #[test]
+    fn a_bucket_holds_its_burst_and_refills_at_its_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100, Duration::from_millis(500), t0);
+        assert_eq!(b.tokens, 50.0);
+        b.take(50.0);
+        assert_eq!(b.until(1.0), Duration::from_millis(10));
+        b.refill(t0 + Duration::from_millis(100));
+        assert!((b.tokens - 10.0).abs() < 1e-9, "{}", b.tokens);
+        b.refill(t0 + Duration::from_secs(60));
+        assert_eq!(b.tokens, 50.0, "never more than the burst");
+    }
+
+    #[test]
+    fn unlimited_rates_make_no_limiter() {
+        assert!(RateLimits::from_config(&limits()).is_none());
+        assert!(ConnectionLimits::new(&limits(), Instant::now()).is_none());
+    }
+
+    #[test]
+    fn only_publish_packets_take_message_tokens() {
+        let mut l = limits();
+        l.max_messages_per_sec = 2;
+        l.rate_burst_ms = 1000;
+        let t0 = Instant::now();
+        let mut r = ClientRates::new(&RateLimits::from_config(&l).unwrap(), t0);
+        for _ in 0..2 {
+            assert!(r.admits(PUBLISH));
+            r.charge(true, 10);
+        }
+        assert!(!r.admits(PUBLISH));
+        assert!(r.admits(PINGREQ), "other packets pass");
+        assert_eq!(r.wait(PUBLISH), Duration::from_millis(500));
+        r.refill(t0 + Duration::from_millis(500));
+        assert!(r.admits(PUBLISH));
+    }
+
+    #[test]
+    fn a_packet_larger_than_the_byte_burst_passes_and_the_next_waits_for_its_debt() {
+        let mut l = limits();
+        l.max_bytes_per_sec = 1000;
+        l.rate_burst_ms = 100;
+        let t0 = Instant::now();
+        let mut r = ClientRates::new(&RateLimits::from_config(&l).unwrap(), t0);
+        assert!(r.admits(PUBLISH));
+        r.charge(true, 600);
+        // 100 - 600 = -500 bytes: half a second at 1000 B/s.
+        assert!(!r.admits(PINGREQ));
+        assert_eq!(r.wait(PINGREQ), Duration::from_millis(500));
+        assert_eq!(r.refilled(), Some(t0));
+        r.refill(t0 + Duration::from_millis(500));
+        assert!(r.admits(PINGREQ));
+    }
+
+    #[test]
+    fn address_counts_refuse_past_the_limit_drop_past_twice_and_forget_closed_addresses() {
+        let counts = AddressCounts::new(2).unwrap();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let checks: Vec<_> = (0..5).map(|i| counts.open(ConnId(i), a)).collect();
+        use AddressCheck::*;
+        assert_eq!(checks, [Allowed, Allowed, Busy, Busy, Drop]);
+        assert_eq!(
+            counts.open(ConnId(10), b),
+            Allowed,
+            "other addresses count alone"
+        );
+        counts.close(ConnId(0));
+        counts.close(ConnId(4)); // dropped, never counted: no effect
+        assert_eq!(counts.open(ConnId(11), a), Busy, "3 of 2 open again");
+        for i in [1, 2, 3, 11] {
+            counts.close(ConnId(i));
+        }
+        counts.close(ConnId(10));
+        assert_eq!(counts.addresses(), 0, "no entry stays at zero");
+        assert!(AddressCounts::new(0).is_none());
+    }
+
+    #[test]
+    fn connection_rates_refuse_per_address_and_per_listener_and_take_nothing_when_refusing() {
+        let mut l = limits();
+        l.max_connection_rate = 3;
+        l.max_connection_rate_per_address = 2;
+        l.rate_burst_ms = 1000;
+        let t0 = Instant::now();
+        let mut c = ConnectionLimits::new(&l, t0).unwrap();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(c.admit(a, t0), Ok(()));
+        assert_eq!(c.admit(a, t0), Ok(()));
+        assert_eq!(c.admit(a, t0), Err(Refusal::AddressConnectionRate));
+        assert_eq!(c.admit(b, t0), Ok(()), "the listener had one left");
+        assert_eq!(c.admit(b, t0), Err(Refusal::ConnectionRate));
+        // b's refusal took nothing from b: after a third of a second the listener has one
+        // token and b still has one.
+        let t1 = t0 + Duration::from_millis(334);
+        assert_eq!(c.admit(b, t1), Ok(()));
+        assert_eq!(c.admit(a, t0 + Duration::from_secs(1)), Ok(()));
+    }
+
+    #[test]
+    fn idle_address_buckets_are_forgotten() {
+        let mut l = limits();
+        l.max_connection_rate_per_address = 10;
+        l.rate_burst_ms = 1000;
+        let t0 = Instant::now();
+        let mut c = ConnectionLimits::new(&l, t0).unwrap();
+        for i in 0..1000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert_eq!(c.admit(ip, t0), Ok(()));
+        }
+        assert_eq!(c.tracked(), 1000);
+        // One second later every bucket is full again: the next admission sweeps them.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(c.admit("10.1.0.0".parse().unwrap(), later), Ok(()));
+        assert_eq!(c.tracked(), 1);
+    }
+
+    #[test]
+    fn a_scan_from_more_addresses_than_tracked_is_held_to_the_listener_rate_only() {
+        let mut l = limits();
+        l.max_connection_rate_per_address = 1;
+        let t0 = Instant::now();
+        let mut c = ConnectionLimits::new(&l, t0).unwrap();
+        let ip = |i: usize| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i as u32));
+        for i in 0..MAX_RATE_ADDRESSES + 10 {
+            assert_eq!(c.admit(ip(i), t0), Ok(()));
+        }
+        assert_eq!(c.tracked(), MAX_RATE_ADDRESSES, "the table stops growing");
+        assert_eq!(c.admit(ip(0), t0), Err(Refusal::AddressConnectionRate));
+        assert_eq!(c.admit(ip(MAX_RATE_ADDRESSES + 1), t0), Ok(()), "untracked");
+    }
+}
