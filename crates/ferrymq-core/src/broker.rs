@@ -29,7 +29,7 @@ use crate::journal::record::Record;
 use crate::journal::Journal;
 use crate::session::{OutState, Pending, Session};
 use crate::{
-    BrokerConfig, ConnId, Message, RetainedStore, SessionId, SubscriptionTree, Time,
+    BrokerConfig, ConnId, Message, QueueFull, RetainedStore, SessionId, SubscriptionTree, Time,
     SESSION_NEVER_EXPIRES,
 };
 
@@ -130,7 +130,17 @@ pub struct Stats {
     pub messages_sent: [u64; 3],
     pub payload_bytes_received: u64,
     pub payload_bytes_sent: u64,
+    /// QoS 1/2 messages dropped for a full queue: the oldest under `queue_full =
+    /// drop_oldest`; otherwise ones nobody could be told about (wills, in-process publishes,
+    /// retained messages sent on subscribe).
     pub dropped_queue_full: u64,
+    /// QoS 1/2 publishes refused for a full queue (0x97, or a closed 3.1.1 connection):
+    /// under `reject`, or held past `queue_full_timeout_ms` under `backpressure`.
+    pub refused_queue_full: u64,
+    /// Publishes whose acknowledgement was held for a full queue (`backpressure`).
+    pub acks_held_total: u64,
+    /// A gauge: acknowledgements held now, for a full queue or behind one that is.
+    pub held_acks: u64,
     pub dropped_expired: u64,
     pub dropped_too_large: u64,
     pub dropped_no_subscribers: u64,
@@ -165,6 +175,8 @@ pub(crate) enum WillOnClose {
 pub(crate) enum Timer {
     Will(SessionId),
     SessionExpiry(SessionId),
+    /// The oldest held acknowledgement of a connection may be due (`queue_full.rs`).
+    HeldAck(ConnId),
 }
 
 /// The engine. See the module docs for the call protocol.
@@ -190,6 +202,8 @@ pub struct Broker {
     /// Sessions restore found connected (the crash disconnected them); their disconnect is
     /// journaled by [`Broker::enable_journal`].
     pub(crate) restored_disconnects: Vec<SessionId>,
+    /// Publishers' acknowledgements held for full queues (`queue_full.rs`).
+    pub(crate) holds: crate::queue_full::Holds,
 }
 
 impl Broker {
@@ -209,6 +223,7 @@ impl Broker {
             next_assigned_id: 1,
             journal: None,
             restored_disconnects: Vec::new(),
+            holds: Default::default(),
         }
     }
 
@@ -411,6 +426,7 @@ impl Broker {
         };
         let will = s.pending_will.take();
         self.commit(Record::SessionEnd(id), out);
+        self.queue_shrunk(id, out);
         if let Some((will, _)) = will.map(|b| *b) {
             self.publish_will(will, id, now, out);
         }
@@ -468,6 +484,7 @@ impl Broker {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.drop_holds(conn, out);
         let sid = c.session;
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
@@ -525,7 +542,7 @@ impl Broker {
         self.timers.peek().map(|Reverse((t, _))| *t)
     }
 
-    /// Fires due timers: delayed wills and session expiry.
+    /// Fires due timers: delayed wills, session expiry, acknowledgements held too long.
     pub fn tick(&mut self, now: Time, out: &mut Outbox) {
         while let Some(Reverse((due, timer))) = self.timers.peek().copied() {
             if due > now {
@@ -554,6 +571,7 @@ impl Broker {
                         self.end_session(sid, now, out);
                     }
                 }
+                Timer::HeldAck(conn) => self.expire_held(conn, now, out),
             }
         }
     }
@@ -635,6 +653,11 @@ impl Broker {
 
     /// Moves queued messages into flight while the client's receive window allows.
     pub(crate) fn fill_window(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
+        self.move_into_flight(sid, now, out);
+        self.queue_shrunk(sid, out);
+    }
+
+    fn move_into_flight(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
         loop {
             let Some(s) = self.sessions.get_mut(&sid) else {
                 return;
@@ -649,7 +672,7 @@ impl Broker {
             if front.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
                 if self
-                    .try_commit(Record::Expired { sid, message }, out)
+                    .try_commit(Record::Removed { sid, message }, out)
                     .is_err()
                 {
                     return; // a bug (see `commit`): stop rather than loop
@@ -714,18 +737,62 @@ impl Broker {
         Some((s.inflight.len(), s.pending.len()))
     }
 
-    /// Appends a QoS 1/2 message to a session's queue, unless the queue is full (dropped and
-    /// counted).
-    pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending, out: &mut Outbox) -> bool {
-        let limit = self.config.max_queued_messages;
+    /// Appends a QoS 1/2 message to a session's queue. A full one (`max_queued_messages`)
+    /// takes it as `queue_full` and `admission` say (`queue_full.rs`).
+    pub(crate) fn enqueue(
+        &mut self,
+        sid: SessionId,
+        p: Pending,
+        admission: Admission,
+        out: &mut Outbox,
+    ) -> Placed {
         let Some(s) = self.sessions.get(&sid) else {
-            return false;
+            return Placed::Done;
         };
-        if s.pending.len() >= limit {
-            self.stats.dropped_queue_full += 1;
-            return false;
+        let mut placed = Placed::Done;
+        if s.pending.len() >= self.config.max_queued_messages && admission != Admission::Accepted {
+            match (self.config.queue_full, admission) {
+                (QueueFull::DropOldest, _) => {
+                    if let Some(oldest) = s.pending.front() {
+                        let message = oldest.message.id;
+                        self.stats.dropped_queue_full += 1;
+                        self.commit(Record::Removed { sid, message }, out);
+                    }
+                }
+                (QueueFull::Backpressure, Admission::Acked) => placed = Placed::OverLimit,
+                (_, Admission::Acked) => return Placed::Refused,
+                _ => {
+                    self.stats.dropped_queue_full += 1;
+                    return Placed::Refused;
+                }
+            }
         }
         self.commit(Record::Enqueue { sid, pending: p }, out);
-        true
+        placed
     }
+}
+
+/// Who stands behind a QoS 1/2 message being queued: decides what a full queue does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Already accepted (moved from a shared-group member that left): queued whatever the
+    /// limit.
+    Accepted,
+    /// A client's QoS 1/2 publish, acknowledged after routing: the policy applies in full.
+    Acked,
+    /// Nobody waits for an acknowledgement (a will, an in-process publish, a retained
+    /// message sent on subscribe): under `backpressure` and `reject` a full queue does not
+    /// take it (counted as dropped); `drop_oldest` makes room as usual.
+    Unacked,
+}
+
+/// What became of one message for one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// Sent, queued within the limit, or dropped for its own reasons (expired, too large).
+    Done,
+    /// Queued past the limit (`backpressure`): its acknowledgement waits for room.
+    OverLimit,
+    /// Not queued: the queue is full.
+    Refused,
 }

@@ -6,7 +6,7 @@ use ferrymq_mqtt::{
     SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 
-use crate::broker::{Action, Outbox};
+use crate::broker::{Action, Admission, Outbox};
 use crate::journal::record::Record;
 use crate::session::{Pending, Subscription};
 use crate::{Broker, ConnId, SessionId, Time};
@@ -123,7 +123,7 @@ impl Broker {
                 subscription_ids: identifier.into_iter().collect(),
                 shared: None,
             };
-            self.deliver(sid, p, now, out);
+            self.deliver(sid, p, Admission::Unacked, now, out);
         }
     }
 
