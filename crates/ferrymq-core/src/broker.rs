@@ -141,6 +141,10 @@ pub struct Stats {
     pub acks_held_total: u64,
     /// A gauge: acknowledgements held now, for a full queue or behind one that is.
     pub held_acks: u64,
+    /// A gauge: the most messages one session's queue has held (beyond those in flight).
+    /// Under `backpressure` it may pass `max_queued_messages` by the messages whose
+    /// acknowledgements are held.
+    pub queued_high_water: u64,
     pub dropped_expired: u64,
     pub dropped_too_large: u64,
     pub dropped_no_subscribers: u64,
@@ -768,6 +772,10 @@ impl Broker {
             }
         }
         self.commit(Record::Enqueue { sid, pending: p }, out);
+        if let Some(s) = self.sessions.get(&sid) {
+            let len = s.pending.len() as u64;
+            self.stats.queued_high_water = self.stats.queued_high_water.max(len);
+        }
         placed
     }
 }
