@@ -11,6 +11,7 @@ mod connect_churn;
 mod disconnect_reaches_sending_client;
 mod durability;
 mod emoji_end_to_end;
+mod full_queue_backpressure;
 mod identity;
 mod inflight_window;
 mod keep_alive;
