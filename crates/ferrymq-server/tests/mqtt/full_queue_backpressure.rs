@@ -34,13 +34,17 @@ const SIDE_MESSAGES: usize = 2_000;
 /// The whole test must finish in this time.
 const DEADLINE: Duration = Duration::from_secs(90);
 
+/// Held by each flood test for its whole run: two floods at once on a 2-core machine would
+/// measure each other (the side pair's latency above all).
+pub(crate) static ONE_FLOOD_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Counters shared by the clients.
 #[derive(Default)]
-struct Progress {
+pub(crate) struct Progress {
     /// PUBACKs received by the flood publishers.
     acked: AtomicU64,
     /// Flood messages the subscriber consumed (acknowledged).
-    consumed: AtomicU64,
+    pub(crate) consumed: AtomicU64,
     /// Most `acked - consumed` seen at any PUBACK.
     max_ahead: AtomicU64,
 }
@@ -79,8 +83,8 @@ async fn publisher(mut o: MqttOptions, i: usize, progress: Arc<Progress>) {
         .expect("every publish acknowledged in time");
 }
 
-/// The slow subscriber: acknowledges one message per millisecond, from `start`.
-async fn slow_subscriber(
+/// The slow subscriber to `flood/#`: acknowledges one message per millisecond.
+pub(crate) async fn slow_subscriber(
     opts: MqttOptions,
     progress: Arc<Progress>,
     got: Arc<Mutex<HashSet<String>>>,
@@ -168,6 +172,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_slow_to_a_slow_subscriber_and_lose_nothing_acknowledged() {
+    let _alone = ONE_FLOOD_AT_A_TIME.lock().await;
     let mut config = test_config();
     config.mqtt.max_queued_messages = LIMIT as usize;
     config.mqtt.max_inflight = WINDOW as u16;
