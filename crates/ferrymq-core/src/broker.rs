@@ -29,7 +29,7 @@ use crate::journal::record::Record;
 use crate::journal::Journal;
 use crate::session::{OutState, Pending, Session};
 use crate::{
-    BrokerConfig, ConnId, Message, QueueFull, RetainedStore, SessionId, SubscriptionTree, Time,
+    BrokerConfig, ConnId, Message, RetainedStore, SessionId, SubscriptionTree, Time,
     SESSION_NEVER_EXPIRES,
 };
 
@@ -740,67 +740,4 @@ impl Broker {
         let s = &self.sessions[self.by_client_id.get(client_id)?];
         Some((s.inflight.len(), s.pending.len()))
     }
-
-    /// Appends a QoS 1/2 message to a session's queue. A full one (`max_queued_messages`)
-    /// takes it as `queue_full` and `admission` say (`queue_full.rs`).
-    pub(crate) fn enqueue(
-        &mut self,
-        sid: SessionId,
-        p: Pending,
-        admission: Admission,
-        out: &mut Outbox,
-    ) -> Placed {
-        let Some(s) = self.sessions.get(&sid) else {
-            return Placed::Done;
-        };
-        let mut placed = Placed::Done;
-        if s.pending.len() >= self.config.max_queued_messages && admission != Admission::Accepted {
-            match (self.config.queue_full, admission) {
-                (QueueFull::DropOldest, _) => {
-                    if let Some(oldest) = s.pending.front() {
-                        let message = oldest.message.id;
-                        self.stats.dropped_queue_full += 1;
-                        self.commit(Record::Removed { sid, message }, out);
-                    }
-                }
-                (QueueFull::Backpressure, Admission::Acked) => placed = Placed::OverLimit,
-                (_, Admission::Acked) => return Placed::Refused,
-                _ => {
-                    self.stats.dropped_queue_full += 1;
-                    return Placed::Refused;
-                }
-            }
-        }
-        self.commit(Record::Enqueue { sid, pending: p }, out);
-        if let Some(s) = self.sessions.get(&sid) {
-            let len = s.pending.len() as u64;
-            self.stats.queued_high_water = self.stats.queued_high_water.max(len);
-        }
-        placed
-    }
-}
-
-/// Who stands behind a QoS 1/2 message being queued: decides what a full queue does with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admission {
-    /// Already accepted (moved from a shared-group member that left): queued whatever the
-    /// limit.
-    Accepted,
-    /// A client's QoS 1/2 publish, acknowledged after routing: the policy applies in full.
-    Acked,
-    /// Nobody waits for an acknowledgement (a will, an in-process publish, a retained
-    /// message sent on subscribe): under `backpressure` and `reject` a full queue does not
-    /// take it (counted as dropped); `drop_oldest` makes room as usual.
-    Unacked,
-}
-
-/// What became of one message for one session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Placed {
-    /// Sent, queued within the limit, or dropped for its own reasons (expired, too large).
-    Done,
-    /// Queued past the limit (`backpressure`): its acknowledgement waits for room.
-    OverLimit,
-    /// Not queued: the queue is full.
-    Refused,
 }

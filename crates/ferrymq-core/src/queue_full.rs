@@ -36,7 +36,8 @@ use ferrymq_mqtt::{Packet, ProtocolVersion, PubResp, ReasonCode};
 
 use crate::broker::{Action, Flow, Outbox, Timer};
 use crate::journal::record::Record;
-use crate::{Broker, ConnId, SessionId, Time};
+use crate::session::Pending;
+use crate::{Broker, ConnId, QueueFull, SessionId, Time};
 
 /// Acknowledgements held for full queues.
 #[derive(Debug, Default)]
@@ -68,6 +69,44 @@ impl Holds {
 }
 
 impl Broker {
+    /// Appends a QoS 1/2 message to a session's queue. A full one (`max_queued_messages`)
+    /// takes it as `queue_full` and `admission` say (`queue_full.rs`).
+    pub(crate) fn enqueue(
+        &mut self,
+        sid: SessionId,
+        p: Pending,
+        admission: Admission,
+        out: &mut Outbox,
+    ) -> Placed {
+        let Some(s) = self.sessions.get(&sid) else {
+            return Placed::Done;
+        };
+        let mut placed = Placed::Done;
+        if s.pending.len() >= self.config.max_queued_messages && admission != Admission::Accepted {
+            match (self.config.queue_full, admission) {
+                (QueueFull::DropOldest, _) => {
+                    if let Some(oldest) = s.pending.front() {
+                        let message = oldest.message.id;
+                        self.stats.dropped_queue_full += 1;
+                        self.commit(Record::Removed { sid, message }, out);
+                    }
+                }
+                (QueueFull::Backpressure, Admission::Acked) => placed = Placed::OverLimit,
+                (_, Admission::Acked) => return Placed::Refused,
+                _ => {
+                    self.stats.dropped_queue_full += 1;
+                    return Placed::Refused;
+                }
+            }
+        }
+        self.commit(Record::Enqueue { sid, pending: p }, out);
+        if let Some(s) = self.sessions.get(&sid) {
+            let len = s.pending.len() as u64;
+            self.stats.queued_high_water = self.stats.queued_high_water.max(len);
+        }
+        placed
+    }
+
     /// Sends a PUBACK/PUBREC to `conn`, behind any of its acknowledgements still held.
     pub(crate) fn send_ack(&mut self, conn: ConnId, ack: Packet, out: &mut Outbox) {
         match self.holds.by_conn.get_mut(&conn) {
@@ -170,7 +209,7 @@ impl Broker {
         };
         while acks.front().is_some_and(|h| h.waiting.is_empty()) {
             if let Some(h) = acks.pop_front() {
-                self.stats.held_acks -= 1;
+                self.stats.held_acks = self.stats.held_acks.saturating_sub(1);
                 out.push(conn, Action::Send(h.ack));
             }
         }
@@ -273,7 +312,7 @@ impl Broker {
         let Some(acks) = self.holds.by_conn.remove(&conn) else {
             return;
         };
-        self.stats.held_acks -= acks.len() as u64;
+        self.stats.held_acks = self.stats.held_acks.saturating_sub(acks.len() as u64);
         for h in acks {
             for sid in h.waiting {
                 self.unhold(sid, h.message, conn);
@@ -304,4 +343,29 @@ impl Broker {
     pub fn held_acks(&self) -> usize {
         self.holds.by_conn.values().map(VecDeque::len).sum()
     }
+}
+
+/// Who stands behind a QoS 1/2 message being queued: decides what a full queue does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Already accepted (moved from a shared-group member that left): queued whatever the
+    /// limit.
+    Accepted,
+    /// A client's QoS 1/2 publish, acknowledged after routing: the policy applies in full.
+    Acked,
+    /// Nobody waits for an acknowledgement (a will, an in-process publish, a retained
+    /// message sent on subscribe): under `backpressure` and `reject` a full queue does not
+    /// take it (counted as dropped); `drop_oldest` makes room as usual.
+    Unacked,
+}
+
+/// What became of one message for one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// Sent, queued within the limit, or dropped for its own reasons (expired, too large).
+    Done,
+    /// Queued past the limit (`backpressure`): its acknowledgement waits for room.
+    OverLimit,
+    /// Not queued: the queue is full.
+    Refused,
 }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use ferrymq_mqtt::{Packet, PubResp, Publish, QoS, ReasonCode};
 
-use crate::broker::{Action, Admission, Delivery, Outbox, Placed};
+use crate::broker::{Action, Delivery, Outbox};
 use crate::journal::record::Record;
+use crate::queue_full::{Admission, Placed};
 use crate::session::{OutState, Pending, SharedOrigin};
 use crate::{Broker, ConnId, Message, SessionId, Time};
 

@@ -6,8 +6,9 @@ use ferrymq_mqtt::{
     SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 
-use crate::broker::{Action, Admission, Outbox};
+use crate::broker::{Action, Outbox};
 use crate::journal::record::Record;
+use crate::queue_full::Admission;
 use crate::session::{Pending, Subscription};
 use crate::{Broker, ConnId, SessionId, Time};
 

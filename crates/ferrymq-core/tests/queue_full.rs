@@ -116,6 +116,11 @@ impl H {
 
     /// The PUBACKs/PUBRECs sent to `conn` since the last call: (packet id, reason).
     fn acks(&mut self, conn: u64) -> Vec<(u16, ReasonCode)> {
+        assert_eq!(
+            self.b.stats().held_acks as usize,
+            self.b.held_acks(),
+            "the held-acks gauge drifted"
+        );
         self.take(conn)
             .into_iter()
             .filter_map(|a| match a {
