@@ -123,7 +123,7 @@ pub struct ConnectOutcome {
     pub client_topic_alias_maximum: u16,
 }
 
-/// Plain counters, summed by the driver at scrape time.
+/// Plain counters (and two gauges, so marked), summed by the driver at scrape time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub messages_received: [u64; 3],
