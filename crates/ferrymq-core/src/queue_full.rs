@@ -307,7 +307,8 @@ impl Broker {
     }
 
     /// The publisher went away (closed, taken over, killed): its held acknowledgements are
-    /// forgotten. Their messages stay queued and durable.
+    /// forgotten. Their messages stay queued and durable. `Flow::Resume` is pushed all the
+    /// same, so a driver that keeps a set of paused connections forgets this one.
     pub(crate) fn drop_holds(&mut self, conn: ConnId, out: &mut Outbox) {
         let Some(acks) = self.holds.by_conn.remove(&conn) else {
             return;
