@@ -123,14 +123,28 @@ pub struct ConnectOutcome {
     pub client_topic_alias_maximum: u16,
 }
 
-/// Plain counters, summed by the driver at scrape time.
+/// Plain counters (and two gauges, so marked), summed by the driver at scrape time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub messages_received: [u64; 3],
     pub messages_sent: [u64; 3],
     pub payload_bytes_received: u64,
     pub payload_bytes_sent: u64,
+    /// QoS 1/2 messages dropped for a full queue: the oldest under `queue_full =
+    /// drop_oldest`; otherwise ones nobody could be told about (wills, in-process publishes,
+    /// retained messages sent on subscribe).
     pub dropped_queue_full: u64,
+    /// QoS 1/2 publishes refused for a full queue (0x97, or a closed 3.1.1 connection):
+    /// under `reject`, or held past `queue_full_timeout_ms` under `backpressure`.
+    pub refused_queue_full: u64,
+    /// Publishes whose acknowledgement was held for a full queue (`backpressure`).
+    pub acks_held_total: u64,
+    /// A gauge: acknowledgements held now, for a full queue or behind one that is.
+    pub held_acks: u64,
+    /// A gauge: the most messages one session's queue has held (beyond those in flight).
+    /// Under `backpressure` it may pass `max_queued_messages` by the messages whose
+    /// acknowledgements are held.
+    pub queued_high_water: u64,
     pub dropped_expired: u64,
     pub dropped_too_large: u64,
     pub dropped_no_subscribers: u64,
@@ -165,6 +179,8 @@ pub(crate) enum WillOnClose {
 pub(crate) enum Timer {
     Will(SessionId),
     SessionExpiry(SessionId),
+    /// The oldest held acknowledgement of a connection may be due (`queue_full.rs`).
+    HeldAck(ConnId),
 }
 
 /// The engine. See the module docs for the call protocol.
@@ -190,6 +206,8 @@ pub struct Broker {
     /// Sessions restore found connected (the crash disconnected them); their disconnect is
     /// journaled by [`Broker::enable_journal`].
     pub(crate) restored_disconnects: Vec<SessionId>,
+    /// Publishers' acknowledgements held for full queues (`queue_full.rs`).
+    pub(crate) holds: crate::queue_full::Holds,
 }
 
 impl Broker {
@@ -209,6 +227,7 @@ impl Broker {
             next_assigned_id: 1,
             journal: None,
             restored_disconnects: Vec::new(),
+            holds: Default::default(),
         }
     }
 
@@ -411,6 +430,7 @@ impl Broker {
         };
         let will = s.pending_will.take();
         self.commit(Record::SessionEnd(id), out);
+        self.queue_shrunk(id, out);
         if let Some((will, _)) = will.map(|b| *b) {
             self.publish_will(will, id, now, out);
         }
@@ -468,6 +488,7 @@ impl Broker {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.drop_holds(conn, out);
         let sid = c.session;
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
@@ -525,7 +546,7 @@ impl Broker {
         self.timers.peek().map(|Reverse((t, _))| *t)
     }
 
-    /// Fires due timers: delayed wills and session expiry.
+    /// Fires due timers: delayed wills, session expiry, acknowledgements held too long.
     pub fn tick(&mut self, now: Time, out: &mut Outbox) {
         while let Some(Reverse((due, timer))) = self.timers.peek().copied() {
             if due > now {
@@ -554,6 +575,7 @@ impl Broker {
                         self.end_session(sid, now, out);
                     }
                 }
+                Timer::HeldAck(conn) => self.expire_held(conn, now, out),
             }
         }
     }
@@ -635,6 +657,11 @@ impl Broker {
 
     /// Moves queued messages into flight while the client's receive window allows.
     pub(crate) fn fill_window(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
+        self.move_into_flight(sid, now, out);
+        self.queue_shrunk(sid, out);
+    }
+
+    fn move_into_flight(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
         loop {
             let Some(s) = self.sessions.get_mut(&sid) else {
                 return;
@@ -649,7 +676,7 @@ impl Broker {
             if front.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
                 if self
-                    .try_commit(Record::Expired { sid, message }, out)
+                    .try_commit(Record::Removed { sid, message }, out)
                     .is_err()
                 {
                     return; // a bug (see `commit`): stop rather than loop
@@ -712,20 +739,5 @@ impl Broker {
     pub fn session_pending(&self, client_id: &str) -> Option<(usize, usize)> {
         let s = &self.sessions[self.by_client_id.get(client_id)?];
         Some((s.inflight.len(), s.pending.len()))
-    }
-
-    /// Appends a QoS 1/2 message to a session's queue, unless the queue is full (dropped and
-    /// counted).
-    pub(crate) fn enqueue(&mut self, sid: SessionId, p: Pending, out: &mut Outbox) -> bool {
-        let limit = self.config.max_queued_messages;
-        let Some(s) = self.sessions.get(&sid) else {
-            return false;
-        };
-        if s.pending.len() >= limit {
-            self.stats.dropped_queue_full += 1;
-            return false;
-        }
-        self.commit(Record::Enqueue { sid, pending: p }, out);
-        true
     }
 }

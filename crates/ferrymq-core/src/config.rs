@@ -14,6 +14,11 @@ pub struct BrokerConfig {
     pub max_inflight: u16,
     /// Most QoS 1/2 messages queued per session beyond those in flight.
     pub max_queued_messages: usize,
+    /// What a new QoS 1/2 message does when a target session's queue is full.
+    pub queue_full: QueueFull,
+    /// Under [`QueueFull::Backpressure`]: how long a publisher's acknowledgement may be held
+    /// for a full queue before the message is refused, in milliseconds.
+    pub queue_full_timeout_ms: u64,
     /// Most inbound topic aliases per connection (our Topic Alias Maximum).
     pub topic_alias_maximum: u16,
     /// Most levels in a topic name or filter.
@@ -42,6 +47,12 @@ impl Default for BrokerConfig {
             max_packet_size: 1024 * 1024,
             max_inflight: 1024,
             max_queued_messages: 100_000,
+            queue_full: QueueFull::Backpressure,
+            // Long enough to ride out a subscriber's pause or reconnect; well under the 60 s
+            // keep alive most client libraries use, so a held publisher hears back (ack or
+            // refusal) before its own keep-alive timer gives up on a broker that stopped
+            // reading it.
+            queue_full_timeout_ms: 10_000,
             topic_alias_maximum: 64,
             max_topic_levels: 32,
             max_subscriptions_per_client: 1024,
@@ -52,4 +63,20 @@ impl Default for BrokerConfig {
             default_session_expiry: 0,
         }
     }
+}
+
+/// What a new QoS 1/2 message does for a session whose queue already holds
+/// `max_queued_messages` (see `docs/flow-control.md`, "Full queues").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// Queue it anyway, and hold the publisher's PUBACK/PUBREC (and pause its input) until
+    /// the message's place in the queue is within the limit; refuse it (0x97, or a closed
+    /// 3.1.1 connection) if `queue_full_timeout_ms` passes first.
+    Backpressure,
+    /// Refuse it at once: PUBACK/PUBREC 0x97 (5.0) or a closed connection (3.1.1); sessions
+    /// with room still get it.
+    Reject,
+    /// Drop the session's oldest queued message to make room (counted): the publisher is
+    /// acknowledged, and an acknowledged message is lost. Opt-in.
+    DropOldest,
 }

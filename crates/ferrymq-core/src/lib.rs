@@ -8,8 +8,10 @@
 //!
 //! Invariants a change must keep:
 //! - A QoS 1/2 message accepted for a session stays in that session (in flight or pending)
-//!   until it is acknowledged, expires, or the session ends; the only bounded loss is the
-//!   per-session pending limit, which is counted in [`Stats`].
+//!   until it is acknowledged, expires, or the session ends. A full queue never loses an
+//!   acknowledged message except under the opt-in [`QueueFull::DropOldest`] (counted in
+//!   [`Stats`]); a refused one (`queue_full.rs`) leaves every queue it was held in before
+//!   its refusal goes out.
 //! - At most one connection is attached to a session; a new one takes the session over.
 //! - Every subscription in the trie belongs to a live session, and vice versa.
 //!
@@ -22,6 +24,7 @@ mod broker;
 mod config;
 mod journal;
 mod message;
+mod queue_full;
 mod retained;
 mod routing;
 pub mod session;
@@ -29,7 +32,7 @@ mod subscribe;
 mod trie;
 
 pub use broker::{Action, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
-pub use config::BrokerConfig;
+pub use config::{BrokerConfig, QueueFull};
 pub use journal::{JournalBuf, JournalError, RestoreReport};
 pub use message::Message;
 pub use retained::RetainedStore;

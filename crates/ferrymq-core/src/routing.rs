@@ -3,12 +3,25 @@
 
 use std::sync::Arc;
 
-use ferrymq_mqtt::{Packet, ProtocolVersion, PubResp, Publish, QoS, ReasonCode};
+use ferrymq_mqtt::{Packet, PubResp, Publish, QoS, ReasonCode};
 
 use crate::broker::{Action, Delivery, Outbox};
 use crate::journal::record::Record;
+use crate::queue_full::{Admission, Placed};
 use crate::session::{OutState, Pending, SharedOrigin};
 use crate::{Broker, ConnId, Message, SessionId, Time};
+
+/// What routing one message did.
+struct Routed {
+    /// Sessions it was routed to.
+    count: usize,
+    /// Its id.
+    message: u64,
+    /// Full sessions that queued it past their limit (`backpressure`).
+    full: Vec<SessionId>,
+    /// A full session did not take it (`reject`).
+    refused: bool,
+}
 
 /// One routing target after overlapping subscriptions are merged.
 struct Target {
@@ -22,8 +35,7 @@ struct Target {
 impl Broker {
     pub(crate) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now: Time, out: &mut Outbox) {
         let c = self.conns.get_mut(&conn).expect("attached");
-        let (sid, version) = (c.session, c.version);
-        let v5 = version == ProtocolVersion::V5;
+        let sid = c.session;
         // A client never sends subscription identifiers (MQTT-3.3.4-6).
         if !p.properties.subscription_identifiers.is_empty() {
             return self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
@@ -67,33 +79,21 @@ impl Broker {
                 .expect("session of attached conn");
             if s.inbound_qos2.contains(&pid) {
                 // A resend of a publish we already routed: acknowledge, do not route again.
-                out.push(
-                    conn,
-                    Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))),
-                );
-                return;
+                let ack = Packet::PubRec(PubResp::new(pid, ReasonCode::Success));
+                return self.send_ack(conn, ack, out);
             }
             if s.inbound_qos2.len() >= usize::from(self.config.receive_maximum) {
                 return self.kill(conn, Some(ReasonCode::ReceiveMaximumExceeded), now, out);
             }
         }
+        let ack: fn(PubResp) -> Packet = match qos {
+            QoS::ExactlyOnce => Packet::PubRec,
+            _ => Packet::PubAck,
+        };
         if let Some(reason) = refusal {
-            match (qos, v5) {
-                (QoS::AtLeastOnce, true) => {
-                    out.push(
-                        conn,
-                        Action::Send(Packet::PubAck(PubResp::new(pid, reason))),
-                    );
-                }
-                (QoS::ExactlyOnce, true) => {
-                    out.push(
-                        conn,
-                        Action::Send(Packet::PubRec(PubResp::new(pid, reason))),
-                    );
-                }
-                (QoS::AtMostOnce, _) => {}
-                // 3.1.1 has no negative acks: drop the connection instead.
-                (_, false) => self.kill(conn, None, now, out),
+            if qos != QoS::AtMostOnce {
+                // 3.1.1 has no negative acks: the connection is closed instead.
+                self.refuse_publish(conn, ack, pid, reason, now, out);
             }
             return;
         }
@@ -101,26 +101,32 @@ impl Broker {
         self.stats.payload_bytes_received += p.payload.len() as u64;
         p.dup = false;
         let msg = Message::from_publish(p, topic, Some(sid), now);
-        if self.publish(msg, now, out) == 0 {
+        let admission = match qos {
+            QoS::AtMostOnce => Admission::Unacked,
+            _ => Admission::Acked,
+        };
+        let routed = self.route(msg, admission, now, out);
+        if routed.count == 0 {
             self.stats.dropped_no_subscribers += 1;
         }
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                out.push(
-                    conn,
-                    Action::Send(Packet::PubAck(PubResp::new(pid, ReasonCode::Success))),
-                );
-            }
-            QoS::ExactlyOnce => {
-                if self.sessions.contains_key(&sid) {
-                    self.commit(Record::Qos2In { sid, pid }, out);
-                }
-                out.push(
-                    conn,
-                    Action::Send(Packet::PubRec(PubResp::new(pid, ReasonCode::Success))),
-                );
-            }
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        if routed.refused {
+            // `reject`: the full targets did not take it (the others did).
+            self.stats.refused_queue_full += 1;
+            return self.refuse_publish(conn, ack, pid, ReasonCode::QuotaExceeded, now, out);
+        }
+        // Journaled with the message's Enqueue records, before any acknowledgement (held or
+        // not): a resend after a reconnect or a restart finds it and is not routed twice.
+        if qos == QoS::ExactlyOnce && self.sessions.contains_key(&sid) {
+            self.commit(Record::Qos2In { sid, pid }, out);
+        }
+        let ack = ack(PubResp::new(pid, ReasonCode::Success));
+        if routed.full.is_empty() {
+            self.send_ack(conn, ack, out);
+        } else {
+            self.hold_ack(conn, ack, routed.message, routed.full, now, out);
         }
     }
 
@@ -209,7 +215,19 @@ impl Broker {
     /// Publishes a message: stores it if retained, then routes it to every matching session.
     /// Also the entry point for in-process publishers (`$SYS`, wills, embedding programs).
     /// Returns how many sessions it was routed to.
-    pub fn publish(&mut self, mut msg: Message, now: Time, out: &mut Outbox) -> usize {
+    pub fn publish(&mut self, msg: Message, now: Time, out: &mut Outbox) -> usize {
+        self.route(msg, Admission::Unacked, now, out).count
+    }
+
+    /// [`Broker::publish`] for a publisher of `admission`, saying which full queues took it
+    /// past their limit or refused it.
+    fn route(
+        &mut self,
+        mut msg: Message,
+        admission: Admission,
+        now: Time,
+        out: &mut Outbox,
+    ) -> Routed {
         msg.id = self.next_message_id;
         self.next_message_id += 1;
         let msg = Arc::new(msg);
@@ -217,7 +235,12 @@ impl Broker {
             self.commit(Record::Retain(msg.clone()), out);
         }
         let targets = self.targets(&msg);
-        let routed = targets.len();
+        let mut routed = Routed {
+            count: targets.len(),
+            message: msg.id,
+            full: Vec::new(),
+            refused: false,
+        };
         for t in targets {
             let retain = msg.retain && t.retain_as_published;
             let p = Pending {
@@ -227,7 +250,11 @@ impl Broker {
                 subscription_ids: t.ids,
                 shared: t.shared,
             };
-            self.deliver(t.session, p, now, out);
+            match self.deliver(t.session, p, admission, now, out) {
+                Placed::Done => {}
+                Placed::OverLimit => routed.full.push(t.session),
+                Placed::Refused => routed.refused = true,
+            }
         }
         routed
     }
@@ -280,14 +307,21 @@ impl Broker {
     }
 
     /// Hands one message to one session: sent now if connected and the window allows,
-    /// otherwise queued (QoS 1/2 only).
-    pub(crate) fn deliver(&mut self, sid: SessionId, p: Pending, now: Time, out: &mut Outbox) {
+    /// otherwise queued (QoS 1/2 only; a full queue takes it as [`Broker::enqueue`] says).
+    pub(crate) fn deliver(
+        &mut self,
+        sid: SessionId,
+        p: Pending,
+        admission: Admission,
+        now: Time,
+        out: &mut Outbox,
+    ) -> Placed {
         if p.message.is_expired(now) {
             self.stats.dropped_expired += 1;
-            return;
+            return Placed::Done;
         }
         let Some(s) = self.sessions.get_mut(&sid) else {
-            return;
+            return Placed::Done;
         };
         let conn = s.conn;
         if let Some(conn) = conn {
@@ -298,7 +332,7 @@ impl Broker {
             // Too large for this client: discard as if sent (MQTT-3.1.2-25).
             if p.message.wire_size(p.subscription_ids.len()) > max as usize {
                 self.stats.dropped_too_large += 1;
-                return;
+                return Placed::Done;
             }
         }
         match (conn, p.qos) {
@@ -315,14 +349,14 @@ impl Broker {
                     subscription_ids: p.subscription_ids,
                 };
                 out.push(conn, Action::Deliver(d));
+                Placed::Done
             }
-            (None, QoS::AtMostOnce) => {}
+            (None, QoS::AtMostOnce) => Placed::Done,
             (Some(_), _) if s.has_window() && s.pending.is_empty() => {
                 self.send_now(sid, p, now, out);
+                Placed::Done
             }
-            _ => {
-                self.enqueue(sid, p, out);
-            }
+            _ => self.enqueue(sid, p, admission, out),
         }
     }
 
@@ -350,13 +384,15 @@ impl Broker {
             match other {
                 Some(e) if e.session != sid => {
                     let qos = p.message.qos.min(e.options.qos);
-                    self.deliver(e.session, Pending { qos, ..p }, now, out);
+                    let p = Pending { qos, ..p };
+                    self.deliver(e.session, p, Admission::Accepted, now, out);
                 }
                 // Nobody else is there: keep it for this member's return.
                 _ => {
-                    self.enqueue(sid, p, out);
+                    self.enqueue(sid, p, Admission::Accepted, out);
                 }
             }
         }
+        self.queue_shrunk(sid, out);
     }
 }

@@ -8,6 +8,7 @@ use ferrymq_mqtt::{
 
 use crate::broker::{Action, Outbox};
 use crate::journal::record::Record;
+use crate::queue_full::Admission;
 use crate::session::{Pending, Subscription};
 use crate::{Broker, ConnId, SessionId, Time};
 
@@ -123,7 +124,7 @@ impl Broker {
                 subscription_ids: identifier.into_iter().collect(),
                 shared: None,
             };
-            self.deliver(sid, p, now, out);
+            self.deliver(sid, p, Admission::Unacked, now, out);
         }
     }
 

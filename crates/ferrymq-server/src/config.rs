@@ -86,6 +86,10 @@ pub struct Mqtt {
     pub max_packet_size: u32,
     pub max_inflight: u16,
     pub max_queued_messages: usize,
+    /// What a new QoS 1/2 message does for a session whose queue is full.
+    pub queue_full: QueueFull,
+    /// How long `backpressure` holds an acknowledgement before refusing the message.
+    pub queue_full_timeout_ms: u64,
     pub topic_alias_maximum: u16,
     pub max_topic_levels: usize,
     pub max_subscriptions_per_client: usize,
@@ -95,6 +99,40 @@ pub struct Mqtt {
     pub deny_subscribe: Vec<String>,
     pub deny_subscribe_reason: DenyReason,
     pub default_session_expiry: u32,
+}
+
+/// What a new QoS 1/2 message does for a session whose queue holds `max_queued_messages`
+/// (the engine's [`ferrymq_core::QueueFull`], which documents each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueFull {
+    /// Queue it, hold the publisher's PUBACK/PUBREC and stop reading it until there is room;
+    /// refuse it after `queue_full_timeout_ms`.
+    Backpressure,
+    /// Refuse it at once: 0x97 (5.0), connection closed (3.1.1).
+    Reject,
+    /// Drop the session's oldest queued message (counted): acknowledged messages are lost.
+    DropOldest,
+}
+
+impl From<QueueFull> for ferrymq_core::QueueFull {
+    fn from(q: QueueFull) -> Self {
+        match q {
+            QueueFull::Backpressure => ferrymq_core::QueueFull::Backpressure,
+            QueueFull::Reject => ferrymq_core::QueueFull::Reject,
+            QueueFull::DropOldest => ferrymq_core::QueueFull::DropOldest,
+        }
+    }
+}
+
+impl From<ferrymq_core::QueueFull> for QueueFull {
+    fn from(q: ferrymq_core::QueueFull) -> Self {
+        match q {
+            ferrymq_core::QueueFull::Backpressure => QueueFull::Backpressure,
+            ferrymq_core::QueueFull::Reject => QueueFull::Reject,
+            ferrymq_core::QueueFull::DropOldest => QueueFull::DropOldest,
+        }
+    }
 }
 
 /// SUBACK reason for a denied subscription (5.0 clients).
@@ -217,6 +255,8 @@ impl Default for Mqtt {
             max_packet_size: b.max_packet_size,
             max_inflight: b.max_inflight,
             max_queued_messages: b.max_queued_messages,
+            queue_full: b.queue_full.into(),
+            queue_full_timeout_ms: b.queue_full_timeout_ms,
             topic_alias_maximum: b.topic_alias_maximum,
             max_topic_levels: b.max_topic_levels,
             max_subscriptions_per_client: b.max_subscriptions_per_client,
@@ -303,6 +343,12 @@ impl Config {
         }
         if m.max_inflight == 0 || m.max_inflight > 65_000 {
             return Err(invalid("mqtt.max_inflight", "must be between 1 and 65000"));
+        }
+        if m.queue_full_timeout_ms == 0 || m.queue_full_timeout_ms > 3_600_000 {
+            return Err(invalid(
+                "mqtt.queue_full_timeout_ms",
+                "must be between 1 and 3600000",
+            ));
         }
         if m.max_topic_levels == 0 {
             return Err(invalid("mqtt.max_topic_levels", "must be at least 1"));
@@ -408,6 +454,8 @@ impl Config {
             max_packet_size: m.max_packet_size,
             max_inflight: m.max_inflight,
             max_queued_messages: m.max_queued_messages,
+            queue_full: m.queue_full.into(),
+            queue_full_timeout_ms: m.queue_full_timeout_ms,
             topic_alias_maximum: m.topic_alias_maximum,
             max_topic_levels: m.max_topic_levels,
             max_subscriptions_per_client: m.max_subscriptions_per_client,
@@ -464,6 +512,29 @@ mod tests {
             err.contains("slow_consumer") || err.contains("explode"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn queue_full_parses_and_is_checked() {
+        let d = Config::default();
+        assert_eq!(d.mqtt.queue_full, QueueFull::Backpressure);
+        assert_eq!(d.broker_config().queue_full_timeout_ms, 10_000);
+        for (text, want) in [
+            ("reject", ferrymq_core::QueueFull::Reject),
+            ("drop_oldest", ferrymq_core::QueueFull::DropOldest),
+            ("backpressure", ferrymq_core::QueueFull::Backpressure),
+        ] {
+            let c = Config::parse(&format!("[mqtt]\nqueue_full = \"{text}\"\n")).unwrap();
+            assert_eq!(c.broker_config().queue_full, want);
+        }
+        let c = Config::parse("[mqtt]\nqueue_full_timeout_ms = 250\n").unwrap();
+        assert_eq!(c.broker_config().queue_full_timeout_ms, 250);
+        for bad in ["queue_full_timeout_ms = 0", "queue_full = \"drop_newest\""] {
+            let err = Config::parse(&format!("[mqtt]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("queue_full"), "{err}");
+        }
     }
 
     #[test]

@@ -272,6 +272,36 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
         "Subscribers that stayed over their high mark past limits.slow_consumer_grace_ms.",
         &[("", g(&net.slow_subscribers))],
     );
+    metric(
+        &mut o,
+        "ferrymq_publishes_refused_total",
+        "counter",
+        "QoS 1/2 publishes refused (0x97, or a 3.1.1 connection closed), by reason: a full \
+         session queue under mqtt.queue_full = reject, or held past queue_full_timeout_ms.",
+        &[("reason=\"queue_full\"", s.refused_queue_full)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_acks_held_total",
+        "counter",
+        "QoS 1/2 publishes whose PUBACK/PUBREC was held for a full session queue \
+         (mqtt.queue_full = backpressure).",
+        &[("", s.acks_held_total)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_queued_messages_high_water",
+        "gauge",
+        "Most QoS 1/2 messages one session has had queued (beyond those in flight) since start.",
+        &[("", s.queued_high_water)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_acks_held",
+        "gauge",
+        "PUBACK/PUBREC held now for full session queues, or queued behind one that is.",
+        &[("", s.held_acks)],
+    );
     // The reasons a healthy broker sees are always present (a dashboard finds them at
     // zero); any other appears once it has happened. A slow consumer is `quota_exceeded`.
     let always = [

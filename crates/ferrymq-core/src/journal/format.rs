@@ -51,7 +51,7 @@ pub(crate) enum Tag {
     /// logs from before `FlightOf`)
     Flight = 8,
     /// session u64: the front of the queue expired (read, not written: logs from before
-    /// `ExpiredOf`)
+    /// `RemovedOf`)
     PopPending = 9,
     /// session u64 | packet id u16: PUBREC received, PUBREL sent
     PubRec = 10,
@@ -75,8 +75,10 @@ pub(crate) enum Tag {
     Sent = 19,
     /// session u64 | packet id u16 | message id u64: that queued message goes in flight
     FlightOf = 20,
-    /// session u64 | message id u64: that queued message expired
-    ExpiredOf = 21,
+    /// session u64 | message id u64: that queued message left the queue unsent (expired,
+    /// dropped for a full queue, or refused). Named `ExpiredOf` while expiry was its only
+    /// use; the bytes and their meaning, "take this message out of the queue", are unchanged.
+    RemovedOf = 21,
 }
 
 impl Tag {
@@ -103,13 +105,13 @@ impl Tag {
             18 => CheckpointEnd,
             19 => Sent,
             20 => FlightOf,
-            21 => ExpiredOf,
+            21 => RemovedOf,
             _ => return None,
         })
     }
 }
 
-/// In a `Flight`/`Expired` record read from an old log: "the front of the queue" (message
+/// In a `Flight`/`Removed` record read from an old log: "the front of the queue" (message
 /// ids start at 1).
 pub(crate) const QUEUE_FRONT: u64 = 0;
 
@@ -247,8 +249,8 @@ pub(crate) fn encode(b: &mut Rec<'_>, record: &Record) {
             b.put_u16(*pid);
             b.put_u64(*message);
         }
-        Record::Expired { sid, message } => {
-            b.put_u8(Tag::ExpiredOf as u8);
+        Record::Removed { sid, message } => {
+            b.put_u8(Tag::RemovedOf as u8);
             b.put_u64(sid.0);
             b.put_u64(*message);
         }
@@ -480,11 +482,11 @@ pub(crate) fn decode(
             pid: f.u16()?,
             message: f.u64()?,
         },
-        Tag::PopPending => Record::Expired {
+        Tag::PopPending => Record::Removed {
             sid: f.sid()?,
             message: QUEUE_FRONT,
         },
-        Tag::ExpiredOf => Record::Expired {
+        Tag::RemovedOf => Record::Removed {
             sid: f.sid()?,
             message: f.u64()?,
         },

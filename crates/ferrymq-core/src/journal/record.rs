@@ -62,8 +62,10 @@ pub(crate) enum Record {
         pid: PacketId,
         message: u64,
     },
-    /// The queued message `message` expired and left the queue.
-    Expired {
+    /// The queued message `message` left the queue unsent: it expired, was dropped to make
+    /// room (`queue_full = drop_oldest`), or was refused after its publisher's
+    /// acknowledgement was held too long (`queue_full = backpressure`).
+    Removed {
         sid: SessionId,
         message: u64,
     },
@@ -115,7 +117,7 @@ impl Record {
             | Enqueue { sid, .. }
             | Sent { sid, .. }
             | Flight { sid, .. }
-            | Expired { sid, .. }
+            | Removed { sid, .. }
             | PubRec { sid, .. }
             | Acked { sid, .. }
             | Qos2In { sid, .. }
@@ -234,7 +236,7 @@ impl Broker {
                 let p = s.take_queued(message).ok_or(Missing)?;
                 s.put_in_flight(pid, p);
             }
-            Record::Expired { sid, message } => {
+            Record::Removed { sid, message } => {
                 self.session_mut(sid)?.take_queued(message).ok_or(Missing)?;
             }
             Record::PubRec { sid, pid } => {

@@ -3,7 +3,9 @@
 //! clean-start flips, session expiry set on CONNECT and DISCONNECT, wills with delays, plain
 //! and shared subscriptions (several filters in one group), unsubscribes, QoS 0/1/2 with
 //! refused PUBRECs, retained and expiring messages, clock jumps past session expiry,
-//! checkpoints (with the log before them dropped) and crashes.
+//! checkpoints (with the log before them dropped) and crashes; and full queues (a limit of 2)
+//! under each `queue_full` policy, with held acknowledgements released, refused on timeout
+//! (their messages removed) and dropped by disconnects.
 #![allow(clippy::unwrap_used)]
 use bytes::Bytes;
 use ferrymq_mqtt::*;
@@ -102,12 +104,28 @@ struct Client {
     next_pid: u16,
 }
 
-fn run(seed: u64, steps: usize) -> Result<(), String> {
-    let mut rng = Rng(seed | 1);
-    let mut b = Broker::new(BrokerConfig {
-        max_queued_messages: 100_000,
+/// The engine settings of one run: a queue limit no run reaches, or a limit of 2 under each
+/// `queue_full` policy (the timeout is shorter than most clock jumps, so held messages are
+/// also refused and removed).
+fn run_config(seed: u64) -> BrokerConfig {
+    let (max_queued_messages, queue_full) = match seed % 4 {
+        0 => (100_000, QueueFull::Backpressure),
+        1 => (2, QueueFull::Backpressure),
+        2 => (2, QueueFull::Reject),
+        _ => (2, QueueFull::DropOldest),
+    };
+    BrokerConfig {
+        max_queued_messages,
+        queue_full,
+        queue_full_timeout_ms: 5_000,
         ..Default::default()
-    });
+    }
+}
+
+fn run(seed: u64, steps: usize) -> Result<Stats, String> {
+    let mut rng = Rng(seed | 1);
+    let config = run_config(seed);
+    let mut b = Broker::new(config.clone());
     b.enable_journal(&mut Outbox::default());
     let mut out = Outbox::default();
     let mut log: Vec<Vec<u8>> = Vec::new();
@@ -292,7 +310,7 @@ fn run(seed: u64, steps: usize) -> Result<(), String> {
                 }
             }
             90..=94 => {
-                let secs = [1u32, 10, 100, 4000][rng.below(4) as usize];
+                let secs = [1u32, 6, 10, 100, 4000][rng.below(5) as usize];
                 now = now.plus_secs(secs);
                 desc = format!("tick +{secs}");
                 b.tick(now, &mut out);
@@ -310,10 +328,7 @@ fn run(seed: u64, steps: usize) -> Result<(), String> {
                 desc = "crash".into();
                 log.extend(out.journal.records().map(|r| r.to_vec()));
                 out.journal.clear();
-                let mut nb = Broker::new(BrokerConfig {
-                    max_queued_messages: 100_000,
-                    ..Default::default()
-                });
+                let mut nb = Broker::new(config.clone());
                 let rep = nb
                     .restore(log.iter().map(|r| r.as_slice()), now)
                     .map_err(|e| e.to_string())?;
@@ -353,7 +368,7 @@ fn run(seed: u64, steps: usize) -> Result<(), String> {
         // Differential check.
         log.extend(out.journal.records().map(|r| r.to_vec()));
         out.journal.clear();
-        let mut nb = Broker::new(BrokerConfig::default());
+        let mut nb = Broker::new(config.clone());
         let rep = nb
             .restore(log.iter().map(|r| r.as_slice()), now)
             .map_err(|e| e.to_string())?;
@@ -368,7 +383,7 @@ fn run(seed: u64, steps: usize) -> Result<(), String> {
             return Err(format!("seed {seed} step {step} after `{desc}`: skipped={}\nLIVE:\n{live}\nREPLAYED:\n{replayed}", rep.skipped));
         }
     }
-    Ok(())
+    Ok(b.stats().clone())
 }
 
 /// `FERRYMQ_JOURNAL_SEEDS` runs more seeds than the default 200.
@@ -379,14 +394,25 @@ fn replayed_state_equals_live_state_after_every_step() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
+    let (mut held, mut refused, mut dropped) = (0, 0, 0);
     for seed in 1..=n {
-        if let Err(e) = run(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 600) {
-            fails.push(e);
+        match run(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 600) {
+            Ok(stats) => {
+                held += stats.acks_held_total;
+                refused += stats.refused_queue_full;
+                dropped += stats.dropped_queue_full;
+            }
+            Err(e) => fails.push(e),
         }
     }
     if !fails.is_empty() {
         panic!("{} failing seeds; first:\n{}", fails.len(), fails[0]);
     }
+    // Stats restart with each crash, so these count the last stretch of each run only.
+    assert!(
+        held > 0 && refused > 0 && dropped > 0,
+        "full queues were not exercised: held {held}, refused {refused}, dropped {dropped}"
+    );
 }
 
 fn rec(write: impl FnOnce(&mut super::format::Rec<'_>)) -> Vec<u8> {

@@ -80,6 +80,14 @@ impl V4 {
             recv_in_time(&mut self.acks, "PUBACK/PUBCOMP").await;
         }
     }
+
+    /// Asserts no PUBACK/PUBCOMP arrives within `d`.
+    #[allow(dead_code)]
+    pub async fn no_ack_within(&mut self, d: Duration) {
+        if let Ok(Some(pkid)) = tokio::time::timeout(d, self.acks.recv()).await {
+            panic!("unexpected acknowledgement of packet {pkid}");
+        }
+    }
 }
 
 pub fn v4_options(server: &Server, id: &str) -> rumqttc::MqttOptions {

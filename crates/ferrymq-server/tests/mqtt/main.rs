@@ -14,6 +14,8 @@ mod connection_limits;
 mod disconnect_reaches_sending_client;
 mod durability;
 mod emoji_end_to_end;
+mod full_queue_backpressure;
+mod full_queue_reject;
 mod identity;
 mod inflight_window;
 mod keep_alive;
