@@ -488,6 +488,8 @@ impl Router {
                 }
             }
             self.broker.tick(now, &mut self.out);
+            // Pauses and resumes from timers and closes (input runs apply their own).
+            self.apply_flow();
             if Instant::now() >= self.next_keep_alive_check {
                 self.check_keep_alive(now);
                 self.next_keep_alive_check = Instant::now() + KEEP_ALIVE_CHECK;
@@ -569,34 +571,31 @@ impl Router {
             return;
         };
         for publisher in c.publishers {
-            if let Some(h) = self.held.get_mut(&publisher) {
-                h.subscribers = h.subscribers.saturating_sub(1);
-                if !h.stalled() {
-                    self.let_go(publisher);
-                }
-            }
+            self.unhold_for_subscriber(publisher);
         }
     }
 
-    /// A held connection may run again: its reader reads, and its waiting input runs at the
-    /// start of the next step.
+    /// One congested subscriber no longer holds `publisher` back: its reader reads again
+    /// once no subscriber does, and its input runs once nothing holds it.
+    fn unhold_for_subscriber(&mut self, publisher: ConnId) {
+        let Some(h) = self.held.get_mut(&publisher) else {
+            return;
+        };
+        h.subscribers = h.subscribers.saturating_sub(1);
+        if h.subscribers == 0 {
+            if let Some(o) = self.conns.get(&publisher) {
+                o.set_stalled(false);
+            }
+        }
+        if !self.held[&publisher].stalled() {
+            self.let_go(publisher);
+        }
+    }
+
+    /// Nothing holds a connection any more: its waiting input runs at the start of the next
+    /// step.
     fn let_go(&mut self, conn: ConnId) {
-        if let Some(o) = self.conns.get(&conn) {
-            o.set_stalled(false);
-        }
         self.ready.push(conn);
-    }
-
-    /// Holds a connection's input back (the reader stops reading; what it already sent
-    /// waits in `held`).
-    fn hold(&mut self, conn: ConnId) -> &mut Held {
-        let h = self.held.entry(conn).or_default();
-        if !h.stalled() {
-            if let Some(o) = self.conns.get(&conn) {
-                o.set_stalled(true);
-            }
-        }
-        h
     }
 
     /// Subscribers over their mark for longer than the grace period meet the slow-consumer
@@ -624,12 +623,7 @@ impl Router {
                 None => continue,
             };
             for publisher in publishers {
-                if let Some(h) = self.held.get_mut(&publisher) {
-                    h.subscribers = h.subscribers.saturating_sub(1);
-                    if !h.stalled() {
-                        self.let_go(publisher);
-                    }
-                }
+                self.unhold_for_subscriber(publisher);
             }
             if self.settings.slow_consumer == SlowConsumer::Disconnect {
                 // Counted and summarized as a QuotaExceeded close (see `dispatch`).
@@ -692,14 +686,46 @@ impl Router {
             if publish && self.feeds_congestion(conn, mark) {
                 stop = true;
             }
-            if stop {
-                if let Some(h) = self.held.get_mut(&conn).filter(|h| h.stalled()) {
-                    if input.packets.len() > 0 {
-                        h.input.push_front(input);
-                    }
-                    return;
-                }
+            if stop && self.held.get(&conn).is_some_and(|h| h.stalled()) {
+                self.defer(conn, input, true, now);
+                return;
             }
+        }
+    }
+
+    /// Keeps a held connection's input for later, in order, except its acknowledgements and
+    /// PINGREQs, which run now: they change nothing its waiting PUBLISHes depend on, and
+    /// holding them could hold up what lets it go (its own deliveries' PUBACKs free the queue
+    /// it publishes into; a client waiting for PINGRESP gives up). `front`: this input is
+    /// older than what already waits.
+    fn defer(&mut self, conn: ConnId, input: Input, front: bool, now: Time) {
+        let Input { packets, _unrouted } = input;
+        let mut rest = Vec::new();
+        for p in packets {
+            match p {
+                Packet::PubAck(_)
+                | Packet::PubRec(_)
+                | Packet::PubRel(_)
+                | Packet::PubComp(_)
+                | Packet::PingReq => self.broker.packet(conn, p, now, &mut self.out),
+                p => rest.push(p),
+            }
+        }
+        if !self.out.flow.is_empty() {
+            self.apply_flow();
+        }
+        if rest.is_empty() {
+            return;
+        }
+        let input = Input {
+            packets: rest.into_iter(),
+            _unrouted,
+        };
+        let h = self.held.entry(conn).or_default();
+        if front {
+            h.input.push_front(input);
+        } else {
+            h.input.push_back(input);
         }
     }
 
@@ -735,7 +761,12 @@ impl Router {
         let mut flow = std::mem::take(&mut self.out.flow);
         for (conn, f) in flow.drain(..) {
             match f {
-                Flow::Pause => self.hold(conn).by_engine = true,
+                // The reader goes on reading (up to its bound of unrouted input): the
+                // acknowledgements in it may be what frees the full queue.
+                Flow::Pause if self.conns.contains_key(&conn) => {
+                    self.held.entry(conn).or_default().by_engine = true;
+                }
+                Flow::Pause => {}
                 Flow::Resume => {
                     if let Some(h) = self.held.get_mut(&conn) {
                         h.by_engine = false;
@@ -806,10 +837,11 @@ impl Router {
                     packets: packets.into_iter(),
                     _unrouted,
                 };
-                match self.held.get_mut(&conn) {
+                if self.held.contains_key(&conn) {
                     // Behind its earlier input, which waits.
-                    Some(h) => h.input.push_back(input),
-                    None => self.run_input(conn, input, now),
+                    self.defer(conn, input, false, now);
+                } else {
+                    self.run_input(conn, input, now);
                 }
             }
             ToRouter::Closed { conn } => {
@@ -998,7 +1030,14 @@ impl Router {
             return !c.slow && c.publishers.contains(&publisher);
         }
         NetMetrics::add(&self.net.publisher_pauses, 1);
-        self.hold(publisher).subscribers += 1;
+        let h = self.held.entry(publisher).or_default();
+        h.subscribers += 1;
+        if h.subscribers == 1 {
+            // Its reader stops at once: TCP holds the client back.
+            if let Some(o) = self.conns.get(&publisher) {
+                o.set_stalled(true);
+            }
+        }
         true
     }
 

@@ -322,3 +322,57 @@ async fn a_slow_subscriber_that_catches_up_loses_nothing_afterwards() {
         "a subscriber that caught up is held for, not dropped"
     );
 }
+
+/// A client that publishes QoS 1 into its own full queue: its PUBACK is held and its
+/// publishes wait, but the PUBACKs it sends for its own deliveries still run (they are what
+/// frees the queue), so it goes on at its own pace instead of waiting out
+/// `mqtt.queue_full_timeout_ms` and being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_publishing_into_its_own_full_queue_is_not_deadlocked() {
+    const COUNT: usize = 500;
+    let mut c = test_config();
+    c.mqtt.max_queued_messages = 20;
+    c.mqtt.max_inflight = 5;
+    c.mqtt.queue_full_timeout_ms = 10_000;
+    let server = start_with(c).await;
+    let mut opts = v4_options(&server, "loopback");
+    opts.set_clean_session(false);
+    opts.set_inflight(100);
+    let mut me = v4(opts).await;
+    me.subscribe("self/#", rumqttc::QoS::AtLeastOnce).await;
+    let started = Instant::now();
+    let client = me.client.clone();
+    let publishing = tokio::spawn(async move {
+        for i in 0..COUNT {
+            client
+                .publish("self/x", rumqttc::QoS::AtLeastOnce, false, i.to_string())
+                .await
+                .unwrap();
+        }
+    });
+    for i in 0..COUNT {
+        let g = next(&mut me.rx).await;
+        assert_eq!(
+            &g.payload[..],
+            i.to_string().as_bytes(),
+            "in order, none lost"
+        );
+    }
+    me.acked(COUNT).await;
+    publishing.await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        metric(&server, "ferrymq_acks_held_total").await > 0,
+        "its queue was full and its acks held"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "ferrymq_publishes_refused_total{reason=\"queue_full\"}"
+        )
+        .await,
+        0,
+        "nothing waited out the timeout"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}

@@ -77,7 +77,9 @@ async fn backpressure_holds_the_ack_until_the_subscriber_drains_its_queue() {
     }
     p.acked(5).await;
     p.no_ack_within(Duration::from_millis(500)).await;
-    assert_eq!(metric(&server, "ferrymq_acks_held ").await, 3);
+    // The router stops running the publisher's input at its first held ack: the sixth is
+    // queued (over the limit, durable) with its ack held, the last two wait unrouted.
+    assert_eq!(metric(&server, "ferrymq_acks_held ").await, 1);
 
     // The subscriber comes back and reads: the queue drains, the held acks go out.
     let mut sub = v4(o).await;
@@ -85,7 +87,7 @@ async fn backpressure_holds_the_ack_until_the_subscriber_drains_its_queue() {
     assert_eq!(payloads(&mut sub, 8).await, expected, "all eight, in order");
     p.acked(3).await;
     nothing(&mut sub.rx, Duration::from_millis(300)).await;
-    assert_eq!(metric(&server, "ferrymq_acks_held_total").await, 3);
+    assert!(metric(&server, "ferrymq_acks_held_total").await >= 1);
     assert_eq!(metric(&server, "ferrymq_acks_held ").await, 0);
     let dropped = "ferrymq_messages_dropped_total{reason=\"queue_full\"}";
     assert_eq!(metric(&server, dropped).await, 0);
