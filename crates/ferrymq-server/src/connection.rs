@@ -473,10 +473,20 @@ fn read_loop<'a>(
             // Back-pressure: while this connection has more than its bound queued for writing or
             // waiting for the router, read nothing, so TCP holds the client back (see
             // `Outbound::poll_read_allowed`).
+            // A rate-limited client is not charged for the time we did not read it.
             std::future::poll_fn(|cx| {
-                outbound.poll_read_allowed(cx, ctx.listener.max_outbound_bytes)
+                let allowed = outbound.poll_read_allowed(cx, ctx.listener.max_outbound_bytes);
+                if allowed.is_pending() {
+                    if let Some(r) = rates.as_deref_mut() {
+                        r.paused(Instant::now());
+                    }
+                }
+                allowed
             })
             .await;
+            if let Some(r) = rates.as_deref_mut() {
+                r.resumed();
+            }
             if buf.is_empty() && buf.capacity() > 0 && chunk <= QUIET_READ {
                 // Nothing pending and recent reads were small: give the buffer back while we wait,
                 // so idle connections stay lean. Busy connections keep theirs (freeing and

@@ -46,11 +46,22 @@ impl Bucket {
         }
     }
 
-    /// Adds what flowed in since the last refill.
+    /// Adds what flowed in since the last refill. A level above the capacity (credit for a
+    /// pause of ours, [`Bucket::excuse`]) is kept until it is spent.
     pub(crate) fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        if self.tokens < self.capacity {
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        }
         self.last = now;
+    }
+
+    /// The broker did not read the client for `paused` (back-pressure): what the client sent
+    /// meanwhile waited in TCP and arrives at once, so that time is credited at the full
+    /// rate, past the burst if need be. The client's average rate is still what is limited.
+    pub(crate) fn excuse(&mut self, paused: Duration, now: Instant) {
+        self.refill(now);
+        self.tokens += paused.as_secs_f64() * self.rate;
     }
 
     pub(crate) fn take(&mut self, n: f64) {
@@ -105,6 +116,9 @@ impl RateLimits {
 pub(crate) struct ClientRates {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
+    /// Since when the broker has not been reading this client for reasons of its own
+    /// (back-pressure), if it is not.
+    paused_since: Option<Instant>,
 }
 
 /// The fixed header's first byte of a PUBLISH has packet type 3 in its high nibble.
@@ -118,6 +132,25 @@ impl ClientRates {
         ClientRates {
             messages: bucket(limits.messages_per_sec),
             bytes: bucket(limits.bytes_per_sec),
+            paused_since: None,
+        }
+    }
+
+    /// The reader waits for back-pressure (not for these rates) from now.
+    pub(crate) fn paused(&mut self, now: Instant) {
+        self.paused_since.get_or_insert(now);
+    }
+
+    /// The reader reads again: the pause is credited ([`Bucket::excuse`]), so that what
+    /// piled up in TCP meanwhile is not taken for a burst over the rate.
+    pub(crate) fn resumed(&mut self) {
+        let Some(since) = self.paused_since.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let paused = now.saturating_duration_since(since);
+        for b in [&mut self.messages, &mut self.bytes].into_iter().flatten() {
+            b.excuse(paused, now);
         }
     }
 

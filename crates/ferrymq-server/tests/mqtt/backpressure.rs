@@ -376,3 +376,62 @@ async fn a_client_publishing_into_its_own_full_queue_is_not_deadlocked() {
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// A publisher that keeps to its rate limit (`rate_exceeded = "disconnect"`) is held back
+/// for a stuck subscriber's grace period; what it sent meanwhile waits in TCP and arrives at
+/// once when it is read again. That is not a burst of its own: it is not disconnected for it,
+/// and a healthy subscriber gets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_of_ours_does_not_count_against_a_client_rate_limit() {
+    // 6 MB: more than the kernel buffers for the stuck subscriber, so it congests.
+    const RATE: u64 = 2_000;
+    const COUNT: u64 = 6_000;
+    let mut c = config();
+    c.limits.slow_consumer_grace_ms = 800;
+    c.limits.max_messages_per_sec = RATE * 2;
+    c.limits.rate_burst_ms = 100;
+    c.limits.rate_exceeded = ferrymq_server::config::RateExceeded::Disconnect;
+    let server = start_with(c).await;
+    let _stuck = stuck_subscriber(&server, "rated/#").await;
+    let healthy = subscriber(&server, "healthy", "rated/#").await;
+    let reader = tokio::spawn(fast_reader(healthy, 1, COUNT));
+    let mut publisher = Raw::connected(&server, "rated", ProtocolVersion::V311).await;
+    let started = Instant::now();
+    let mut out = BytesMut::new();
+    for seq in 0..COUNT {
+        let mut payload = BytesMut::with_capacity(1024);
+        payload.put_u32(0);
+        payload.put_u32(seq as u32);
+        payload.put_bytes(b'x', 1016);
+        encode(
+            &publish("rated/x", payload.freeze()),
+            ProtocolVersion::V311,
+            &mut out,
+        )
+        .unwrap();
+        if seq % 10 == 9 {
+            publisher.stream.write_all(&out).await.unwrap();
+            out.clear();
+            let due = started + Duration::from_micros((seq + 1) * 1_000_000 / RATE);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    assert_eq!(
+        reader.await.unwrap(),
+        COUNT,
+        "the healthy subscriber got everything"
+    );
+    assert!(metric(&server, "ferrymq_publisher_pauses_total").await > 0);
+    // The reason appears in /metrics once it has happened.
+    let (_, metrics) = http_get(&server, "/metrics").await;
+    assert!(
+        !metrics.contains("reason=\"message_rate_too_high\"} 1"),
+        "the publisher kept to its rate, yet was disconnected for it"
+    );
+    publisher.send(&Packet::PingReq).await;
+    assert_eq!(
+        publisher.recv().await,
+        Some(Packet::PingResp),
+        "still connected"
+    );
+}
