@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use ferrymq_mqtt::{decode, encode, Limits, Packet, ProtocolVersion, Publish, QoS};
+use ferrymq_mqtt::{decode, encode, Limits, Packet, ProtocolVersion, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -14,15 +14,33 @@ use crate::common::*;
 use ferrymq_server::config::SlowConsumer;
 
 fn publish(topic: &str, payload: Bytes) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos: QoS::AtMostOnce,
-        retain: false,
-        topic: topic.into(),
-        packet_id: None,
-        properties: Default::default(),
-        payload,
-    })
+    publish_packet(topic, QoS::AtMostOnce, None, payload)
+}
+
+/// Sends `count` QoS 0 publishes of 1 KiB (publisher 0, sequence) at `rate` a second, in
+/// writes of `batch`.
+async fn paced(publisher: &mut Raw, topic: &str, rate: u64, count: u64, batch: u64) {
+    let started = Instant::now();
+    let mut out = BytesMut::new();
+    for seq in 0..count {
+        let mut payload = BytesMut::with_capacity(1024);
+        payload.put_u32(0);
+        payload.put_u32(seq as u32);
+        payload.put_bytes(b'x', 1016);
+        encode(
+            &publish(topic, payload.freeze()),
+            ProtocolVersion::V311,
+            &mut out,
+        )
+        .unwrap();
+        if seq % batch == batch - 1 {
+            publisher.stream.write_all(&out).await.unwrap();
+            out.clear();
+            let due = started + Duration::from_micros((seq + 1) * 1_000_000 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    publisher.stream.write_all(&out).await.unwrap();
 }
 
 /// Writes `count` QoS 0 publishes back to back in 256 KiB writes, as a batching client or a
@@ -202,26 +220,8 @@ async fn stuck_among_healthy(policy: SlowConsumer) -> ferrymq_server::Server {
     }
     let mut publisher = Raw::connected(&server, "paced", ProtocolVersion::V311).await;
     let started = Instant::now();
-    let mut out = BytesMut::new();
-    for seq in 0..COUNT {
-        let mut payload = BytesMut::with_capacity(1024);
-        payload.put_u32(0);
-        payload.put_u32(seq as u32);
-        payload.put_bytes(b'x', 1016);
-        encode(
-            &publish("paced/x", payload.freeze()),
-            ProtocolVersion::V311,
-            &mut out,
-        )
-        .unwrap();
-        // Batches of 20 (10 ms' worth).
-        if seq % 20 == 19 {
-            publisher.stream.write_all(&out).await.unwrap();
-            out.clear();
-            let due = started + Duration::from_micros((seq + 1) * 1_000_000 / RATE);
-            tokio::time::sleep_until(due.into()).await;
-        }
-    }
+    // Batches of 20 (10 ms' worth).
+    paced(&mut publisher, "paced/x", RATE, COUNT, 20).await;
     let sent_in = started.elapsed();
     for h in healthy {
         let (got, done) = h.await.unwrap();
@@ -396,26 +396,7 @@ async fn a_pause_of_ours_does_not_count_against_a_client_rate_limit() {
     let healthy = subscriber(&server, "healthy", "rated/#").await;
     let reader = tokio::spawn(fast_reader(healthy, 1, COUNT));
     let mut publisher = Raw::connected(&server, "rated", ProtocolVersion::V311).await;
-    let started = Instant::now();
-    let mut out = BytesMut::new();
-    for seq in 0..COUNT {
-        let mut payload = BytesMut::with_capacity(1024);
-        payload.put_u32(0);
-        payload.put_u32(seq as u32);
-        payload.put_bytes(b'x', 1016);
-        encode(
-            &publish("rated/x", payload.freeze()),
-            ProtocolVersion::V311,
-            &mut out,
-        )
-        .unwrap();
-        if seq % 10 == 9 {
-            publisher.stream.write_all(&out).await.unwrap();
-            out.clear();
-            let due = started + Duration::from_micros((seq + 1) * 1_000_000 / RATE);
-            tokio::time::sleep_until(due.into()).await;
-        }
-    }
+    paced(&mut publisher, "rated/x", RATE, COUNT, 10).await;
     assert_eq!(
         reader.await.unwrap(),
         COUNT,

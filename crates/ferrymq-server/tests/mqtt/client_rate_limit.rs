@@ -6,30 +6,18 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use ferrymq_mqtt::{encode, Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use ferrymq_mqtt::{encode, Packet, ProtocolVersion, QoS, ReasonCode};
 use ferrymq_server::config::RateExceeded;
 use ferrymq_server::{Config, Server};
 use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
 
-fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: Bytes) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id,
-        properties: Default::default(),
-        payload,
-    })
-}
-
 /// `count` QoS 0 publishes to `rate/data`, then a QoS 1 marker (packet id 1) to `rate/end`,
 /// encoded into one buffer for back-to-back writes; and the size of one data publish.
 fn burst(count: usize, payload: usize, version: ProtocolVersion) -> (BytesMut, usize) {
     let mut out = BytesMut::new();
-    let data = publish(
+    let data = publish_packet(
         "rate/data",
         QoS::AtMostOnce,
         None,
@@ -39,7 +27,7 @@ fn burst(count: usize, payload: usize, version: ProtocolVersion) -> (BytesMut, u
         encode(&data, version, &mut out).unwrap();
     }
     let size = out.len() / count;
-    let end = publish("rate/end", QoS::AtLeastOnce, Some(1), "end".into());
+    let end = publish_packet("rate/end", QoS::AtLeastOnce, Some(1), "end".into());
     encode(&end, version, &mut out).unwrap();
     (out, size)
 }

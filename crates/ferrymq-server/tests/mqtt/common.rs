@@ -250,6 +250,25 @@ pub async fn nothing(rx: &mut mpsc::UnboundedReceiver<Got>, d: Duration) {
     }
 }
 
+/// A PUBLISH without properties, for raw connections.
+#[allow(dead_code)]
+pub fn publish_packet(
+    topic: &str,
+    qos: ferrymq_mqtt::QoS,
+    packet_id: Option<u16>,
+    payload: Bytes,
+) -> Packet {
+    Packet::Publish(ferrymq_mqtt::Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id,
+        properties: Default::default(),
+        payload,
+    })
+}
+
 /// A raw MQTT connection for hostile or precise input.
 pub struct Raw {
     pub stream: TcpStream,

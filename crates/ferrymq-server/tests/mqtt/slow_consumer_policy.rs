@@ -7,7 +7,7 @@
 //! messages either way.
 
 use bytes::Bytes;
-use ferrymq_mqtt::{Packet, ProtocolVersion, Publish, QoS, ReasonCode};
+use ferrymq_mqtt::{Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::net::TcpSocket;
 
 use crate::common::*;
@@ -17,18 +17,6 @@ use ferrymq_server::config::SlowConsumer;
 /// of send buffer here, and the subscriber's receive buffer is shrunk to its minimum).
 const FLOOD: usize = 300;
 const PAYLOAD: usize = 64 * 1024;
-
-fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: Bytes) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id,
-        properties: Default::default(),
-        payload,
-    })
-}
 
 /// A 5.0 subscriber to `flood/#` at QoS 1 with a minimal receive buffer, which then stops
 /// reading.
@@ -53,7 +41,7 @@ async fn flood(server: &ferrymq_server::Server) -> Raw {
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
     for _ in 0..FLOOD {
         publisher
-            .send(&publish(
+            .send(&publish_packet(
                 "flood/data",
                 QoS::AtMostOnce,
                 None,
@@ -62,7 +50,7 @@ async fn flood(server: &ferrymq_server::Server) -> Raw {
             .await;
     }
     publisher
-        .send(&publish(
+        .send(&publish_packet(
             "flood/end",
             QoS::AtLeastOnce,
             Some(1),
@@ -76,7 +64,12 @@ async fn flood(server: &ferrymq_server::Server) -> Raw {
 /// A reading subscriber on another topic still gets its message at once.
 async fn others_unaffected(server: &ferrymq_server::Server, calm: &mut V4, publisher: &mut Raw) {
     publisher
-        .send(&publish("calm/x", QoS::AtLeastOnce, Some(2), "fine".into()))
+        .send(&publish_packet(
+            "calm/x",
+            QoS::AtLeastOnce,
+            Some(2),
+            "fine".into(),
+        ))
         .await;
     assert!(matches!(publisher.recv().await, Some(Packet::PubAck(a)) if a.packet_id == 2));
     let g = next(&mut calm.rx).await;
