@@ -28,7 +28,7 @@ pub mod session;
 mod subscribe;
 mod trie;
 
-pub use broker::{Action, Broker, ConnectOutcome, Delivery, Outbox, Stats};
+pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Outbox, Stats};
 pub use config::BrokerConfig;
 pub use journal::{JournalBuf, JournalError, RestoreReport};
 pub use message::Message;

@@ -77,6 +77,7 @@ impl Broker {
                 return self.kill(conn, Some(ReasonCode::ReceiveMaximumExceeded), now, out);
             }
         }
+        let refusal = refusal.or_else(|| self.overload_refusal(qos, p.retain));
         if let Some(reason) = refusal {
             match (qos, v5) {
                 (QoS::AtLeastOnce, true) => {
@@ -122,6 +123,22 @@ impl Broker {
                 );
             }
         }
+    }
+
+    /// Why a publish is not taken in under the current [`crate::Admission`], counted; QoS 0
+    /// ones are dropped silently (there is no negative ack).
+    fn overload_refusal(&mut self, qos: QoS, retain: bool) -> Option<ReasonCode> {
+        let a = self.admission;
+        let stats = &mut self.stats;
+        match qos {
+            QoS::AtMostOnce if a.memory_high => stats.dropped_memory_high += 1,
+            QoS::AtMostOnce if a.storage_full && retain => stats.dropped_storage_full += 1,
+            QoS::AtMostOnce => return None,
+            _ if a.memory_high => stats.refused_memory_high += 1,
+            _ if a.storage_full => stats.refused_storage_full += 1,
+            _ => return None,
+        }
+        Some(ReasonCode::QuotaExceeded)
     }
 
     pub(crate) fn on_pubrel(&mut self, conn: ConnId, r: PubResp, out: &mut Outbox) {

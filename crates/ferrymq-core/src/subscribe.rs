@@ -78,6 +78,11 @@ impl Broker {
             return Err(self.config.deny_subscribe_reason);
         }
         let s = self.sessions.get(&sid).expect("session of attached conn");
+        if self.admission.storage_full && s.expiry_interval > 0 {
+            // A durable subscription is a write the log cannot take now.
+            self.stats.refused_storage_full += 1;
+            return Err(ReasonCode::QuotaExceeded);
+        }
         let existed = s.subscriptions.contains_key(raw);
         if !existed && s.subscriptions.len() >= self.config.max_subscriptions_per_client {
             return Err(ReasonCode::QuotaExceeded);
