@@ -38,6 +38,12 @@ pub struct Storage {
     /// twice that checkpoint's size), the live state is checkpointed and older segments
     /// deleted. Disk use stays near the live state plus this plus one segment.
     pub compact_after_bytes: u64,
+    /// Free bytes the data directory's file system must keep: below it the broker refuses
+    /// new durable work (QoS 1/2 and retained publishes, new durable sessions and their
+    /// subscriptions get 0x97) and raises the `disk_low` alarm, and the rest is a reserve for
+    /// what must still be written (acks, resumed sessions, checkpoints). 0 = only a write
+    /// that finds the disk full (ENOSPC) does it.
+    pub min_free_bytes: u64,
 }
 
 /// When an acknowledged message is on disk.
@@ -65,6 +71,9 @@ impl Default for Storage {
             fsync_interval_ms: 10,
             segment_bytes: 64 * 1024 * 1024,
             compact_after_bytes: 256 * 1024 * 1024,
+            // Room for a few segments' worth of acks and a checkpoint of a modest state once
+            // durable writes stop; small against today's disks.
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -128,6 +137,76 @@ pub struct Limits {
     /// Milliseconds a write to a connection may make no progress (the socket accepts no
     /// byte) before the connection is closed: catches clients that never read.
     pub write_timeout_ms: u64,
+    /// Resident memory over which QoS 1/2 publishes are refused (0x97) and QoS 0 ones
+    /// dropped, until it is back under 90% of it: bytes (`536870912`, `"512MiB"`), or a
+    /// percentage (`"80%"`) of the cgroup's memory limit or else the machine's. 0 = off.
+    pub memory_high_watermark: MemoryWatermark,
+}
+
+/// `limits.memory_high_watermark`: an integer (bytes) or a string (`"512MiB"`, `"2GB"`,
+/// `"80%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(try_from = "WatermarkText")]
+pub enum MemoryWatermark {
+    #[default]
+    Off,
+    Bytes(u64),
+    /// Percent of the memory limit, in (0, 100].
+    Percent(f64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WatermarkText {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<WatermarkText> for MemoryWatermark {
+    type Error = String;
+
+    fn try_from(raw: WatermarkText) -> Result<Self, String> {
+        let text = match raw {
+            WatermarkText::Bytes(0) => return Ok(MemoryWatermark::Off),
+            WatermarkText::Bytes(b) => return Ok(MemoryWatermark::Bytes(b)),
+            WatermarkText::Text(t) => t,
+        };
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MemoryWatermark::Percent(p)),
+                _ => Err(format!(
+                    "{text:?}: a percentage must be over 0% and at most 100%"
+                )),
+            };
+        }
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(digits);
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "{text:?}: expected bytes (\"512MiB\") or a percentage (\"80%\")"
+                ))
+            }
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a whole number before the unit"))?;
+        match n.checked_mul(scale) {
+            Some(0) => Ok(MemoryWatermark::Off),
+            Some(b) => Ok(MemoryWatermark::Bytes(b)),
+            None => Err(format!("{text:?} is too large")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -204,6 +283,10 @@ impl Default for Limits {
             max_outbound_bytes: 8 * 1024 * 1024,
             slow_consumer: SlowConsumer::Drop,
             write_timeout_ms: 30_000,
+            // Off: a mark must be over what the broker needs at rest and under what would
+            // get it killed, which only the operator knows (a container: "80%" of its cgroup
+            // limit is a good start; a shared machine: bytes).
+            memory_high_watermark: MemoryWatermark::Off,
         }
     }
 }
@@ -432,6 +515,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn memory_watermark_takes_bytes_units_and_percentages() {
+        let mark = |v: &str| {
+            Config::parse(&format!("[limits]\nmemory_high_watermark = {v}\n"))
+                .map(|c| c.limits.memory_high_watermark)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(mark("0").unwrap(), MemoryWatermark::Off);
+        assert_eq!(mark("1048576").unwrap(), MemoryWatermark::Bytes(1 << 20));
+        assert_eq!(
+            mark("\"512MiB\"").unwrap(),
+            MemoryWatermark::Bytes(512 << 20)
+        );
+        assert_eq!(
+            mark("\"2GB\"").unwrap(),
+            MemoryWatermark::Bytes(2_000_000_000)
+        );
+        assert_eq!(mark("\"80%\"").unwrap(), MemoryWatermark::Percent(80.0));
+        for bad in ["\"120%\"", "\"0%\"", "\"12 parsecs\"", "\"MiB\"", "-5"] {
+            let err = mark(bad).unwrap_err();
+            assert!(err.contains("memory_high_watermark"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -15,12 +15,14 @@
 //!   non-zero so that a supervisor restarts it.
 
 mod admin;
+pub mod alarms;
 pub mod config;
 mod connection;
 mod error;
 mod fdlimit;
 pub mod metrics;
 mod persist;
+mod resources;
 mod router;
 mod violations;
 
@@ -125,7 +127,14 @@ impl Server {
         };
         let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
-        let router = Router::new(broker, net.clone(), settings, persistence);
+        let alarms = alarms::Alarms::default();
+        let overload = resources::Overload::new(
+            alarms.clone(),
+            resources::resolve_watermark(config.limits.memory_high_watermark),
+            config.storage.persistence.then(|| config.data_dir.clone()),
+            config.storage.min_free_bytes,
+        );
+        let router = Router::new(broker, net.clone(), settings, persistence, overload);
         let router_thread = spawn_router(router, rx, fatal_tx)?;
 
         let bind = |addr: SocketAddr| async move {
@@ -156,6 +165,7 @@ impl Server {
         let state = admin::AdminState {
             router: tx.clone(),
             net,
+            alarms,
         };
         let mut stop_http = stop_rx;
         let admin = tokio::spawn(async move {

@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use ferrymq_core::Stats;
+
+use crate::alarms::AlarmState;
 use ferrymq_mqtt::ReasonCode;
 
 /// Counters updated by connection tasks.
@@ -109,7 +111,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
 }
 
 /// Renders the Prometheus text format (version 0.0.4).
-pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
+pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> String {
     let mut o = String::with_capacity(4096);
     let s = &e.stats;
     let g = |c: &AtomicU64| c.load(Relaxed);
@@ -237,7 +239,36 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
             ("reason=\"packet_too_large\"", s.dropped_too_large),
             ("reason=\"no_subscribers\"", s.dropped_no_subscribers),
             ("reason=\"slow_consumer\"", g(&net.dropped_slow_consumer)),
+            ("reason=\"memory_high_watermark\"", s.dropped_memory_high),
+            ("reason=\"storage_full\"", s.dropped_storage_full),
         ],
+    );
+    metric(
+        &mut o,
+        "ferrymq_publishes_refused_total",
+        "counter",
+        "QoS 1/2 publishes refused with 0x97 (3.1.1: connection closed), and for storage_full \
+         also new durable sessions and their subscriptions, by reason.",
+        &[
+            ("reason=\"memory_high_watermark\"", s.refused_memory_high),
+            ("reason=\"storage_full\"", s.refused_storage_full),
+        ],
+    );
+    let labels: Vec<String> = alarms
+        .iter()
+        .map(|a| format!("name=\"{}\"", a.name.as_str()))
+        .collect();
+    let samples: Vec<(&str, u64)> = labels
+        .iter()
+        .zip(alarms)
+        .map(|(l, a)| (l.as_str(), u64::from(a.active)))
+        .collect();
+    metric(
+        &mut o,
+        "ferrymq_alarm_active",
+        "gauge",
+        "1 while the alarm is raised (see GET /api/v1/alarms), 0 otherwise.",
+        &samples,
     );
     // The reasons a healthy broker sees are always present (a dashboard finds them at
     // zero); any other appears once it has happened. A slow consumer is `quota_exceeded`.

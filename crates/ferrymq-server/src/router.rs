@@ -16,9 +16,11 @@ use ferrymq_core::{Action, Broker, ConnId, ConnectOutcome, Message, Outbox, Time
 use ferrymq_mqtt::{Connect, Packet, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alarms::{AlarmState, Alarms};
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
 use crate::persist::Persistence;
+use crate::resources::Overload;
 use crate::violations::ViolationLog;
 
 /// Messages from connection tasks (and the admin side) to the router.
@@ -295,6 +297,12 @@ pub(crate) struct Router {
     next_keep_alive_check: Instant,
     /// The rate-limited log of connections closed for breaking a rule.
     violations: ViolationLog,
+    /// Alarms (issue 10): `self.alarms.raise(AlarmName::SlowSubscriber, "why")` and
+    /// `self.alarms.clear(AlarmName::SlowSubscriber)` from anywhere in the router; each change
+    /// is published on `$SYS/broker/alarms/{name}` by the end of the step.
+    pub(crate) alarms: Alarms,
+    /// Memory and disk checks, which decide the engine's admission.
+    overload: Overload,
 }
 
 impl Router {
@@ -303,8 +311,11 @@ impl Router {
         net: Arc<NetMetrics>,
         settings: RouterSettings,
         persist: Option<Persistence>,
+        overload: Overload,
     ) -> Router {
         Router {
+            alarms: overload.alarms().clone(),
+            overload,
             persist,
             next_keep_alive_check: Instant::now(),
             violations: ViolationLog::new(Instant::now()),
@@ -367,6 +378,9 @@ impl Router {
                 next_sys = Instant::now() + self.settings.sys_interval;
             }
             self.violations.summarize(&self.net, Instant::now());
+            if let Err(e) = self.check_resources(now) {
+                return self.storage_failed(e, now);
+            }
             if let Some(done) = shutdown {
                 self.broker.shutdown(now, &mut self.out);
                 if let Some(mut p) = self.persist.take() {
@@ -378,16 +392,40 @@ impl Router {
                 return Ok(());
             }
             if let Err(e) = self.store() {
-                tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
-                self.persist = None;
-                self.out.actions.clear();
-                self.broker.shutdown(now, &mut self.out);
-                self.out.journal.clear();
-                self.dispatch();
-                return Err(e);
+                return self.storage_failed(e, now);
             }
             self.dispatch();
         }
+    }
+
+    /// The log failed other than for space: nothing more can be acknowledged.
+    fn storage_failed(&mut self, e: String, now: Time) -> Result<(), String> {
+        tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
+        self.persist = None;
+        self.out.actions.clear();
+        self.broker.shutdown(now, &mut self.out);
+        self.out.journal.clear();
+        self.dispatch();
+        Err(e)
+    }
+
+    /// Memory and disk checks (when due): sets the engine's admission, and publishes every
+    /// alarm change since the last step, retained, on `$SYS/broker/alarms/{name}`.
+    fn check_resources(&mut self, now: Time) -> Result<(), String> {
+        let admission = self.overload.check(self.persist.as_mut())?;
+        if admission != self.broker.admission() {
+            self.broker.set_admission(admission);
+        }
+        for alarm in self.alarms.drain_changes() {
+            self.publish_alarm(&alarm, now);
+        }
+        Ok(())
+    }
+
+    fn publish_alarm(&mut self, alarm: &AlarmState, now: Time) {
+        let mut m = Message::new(&alarm.topic(), Bytes::from(alarm.to_json()), now);
+        m.retain = true;
+        self.broker.publish(m, now, &mut self.out);
     }
 
     /// Hands this step's journal records to the log and holds back what must wait for them;
@@ -411,6 +449,9 @@ impl Router {
         }
         if !self.conns.is_empty() {
             at = at.min(self.next_keep_alive_check);
+        }
+        if let Some(due) = self.overload.next_due() {
+            at = at.min(due);
         }
         at
     }

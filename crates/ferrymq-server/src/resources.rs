@@ -1,0 +1,226 @@
+//! Resource checks behind the engine's admission (issue 10): the process's memory against
+//! `limits.memory_high_watermark`, and the data directory's free space against
+//! `storage.min_free_bytes`. The router runs [`Overload::check`] a few times a second; the
+//! result goes to the engine as an [`Admission`] and to the alarms.
+//!
+//! Cost: one read of `/proc/self/statm` every [`MEMORY_EVERY`] and one `statvfs` of the data
+//! directory every [`DISK_EVERY`] (a few microseconds each), on the router thread.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferrymq_core::Admission;
+
+use crate::alarms::{AlarmName, Alarms};
+use crate::config::MemoryWatermark;
+use crate::persist::Persistence;
+
+/// How often resident memory is sampled: a flood of 1 MiB publishes at ~1 GB/s grows memory
+/// by ~100 MB between samples, which is the margin over the mark to expect.
+pub(crate) const MEMORY_EVERY: Duration = Duration::from_millis(100);
+/// How often free disk space is looked at, and a log write that found the disk full retried.
+pub(crate) const DISK_EVERY: Duration = Duration::from_millis(250);
+
+/// Memory is back under the mark once below this share of it (hysteresis: no flapping).
+const LOW_MARK_PERCENT: u64 = 90;
+/// Disk space is back once this much over the minimum (an eighth of it): hysteresis.
+const DISK_CLEAR_EIGHTHS: u64 = 9;
+
+/// Resident set size of this process, from `/proc/self/statm`.
+pub(crate) fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
+
+/// Bytes available to unprivileged writers on the file system holding `path`.
+pub(crate) fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// The memory this process may use: its cgroup's limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`) if it has one below the machine's, else the machine's
+/// (`MemTotal`). Also says which it is, for the log.
+pub(crate) fn memory_limit() -> Option<(u64, &'static str)> {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        * 1024;
+    match cgroup_limit() {
+        Some(c) if c < machine => Some((c, "cgroup")),
+        _ => Some((machine, "machine")),
+    }
+}
+
+fn cgroup_limit() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |p: PathBuf| -> Option<u64> {
+        let text = std::fs::read_to_string(p).ok()?;
+        // "max" (v2) or a huge number (v1) mean no limit.
+        text.trim().parse::<u64>().ok().filter(|&n| n < 1 << 60)
+    };
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        let found = if controllers.is_empty() {
+            let root = Path::new("/sys/fs/cgroup");
+            read(root.join(path).join("memory.max")).or_else(|| read(root.join("memory.max")))
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let root = Path::new("/sys/fs/cgroup/memory");
+            read(root.join(path).join("memory.limit_in_bytes"))
+                .or_else(|| read(root.join("memory.limit_in_bytes")))
+        } else {
+            None
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// The configured mark in bytes (None: off). A percentage is of [`memory_limit`].
+pub(crate) fn resolve_watermark(mark: MemoryWatermark) -> Option<u64> {
+    match mark {
+        MemoryWatermark::Off => None,
+        MemoryWatermark::Bytes(b) => Some(b),
+        MemoryWatermark::Percent(p) => {
+            let Some((limit, of)) = memory_limit() else {
+                tracing::warn!(
+                    "limits.memory_high_watermark is a percentage, but neither a cgroup limit \
+                     nor the machine's memory could be read: the mark is off"
+                );
+                return None;
+            };
+            let bytes = (limit as f64 * p / 100.0) as u64;
+            tracing::info!(percent = p, of, limit, bytes, "memory high-water mark");
+            Some(bytes)
+        }
+    }
+}
+
+/// The router's resource checks and what they decided.
+pub(crate) struct Overload {
+    alarms: Alarms,
+    memory_mark: Option<u64>,
+    data_dir: Option<PathBuf>,
+    min_free: u64,
+    memory_high: bool,
+    disk_low: bool,
+    next_memory: Instant,
+    next_disk: Instant,
+    /// The last samples, for the log and tests.
+    pub(crate) last_rss: u64,
+    pub(crate) last_free: Option<u64>,
+}
+
+impl Overload {
+    /// `memory_mark` in bytes (None: off); `data_dir` when persistence is on.
+    pub(crate) fn new(
+        alarms: Alarms,
+        memory_mark: Option<u64>,
+        data_dir: Option<PathBuf>,
+        min_free: u64,
+    ) -> Self {
+        Overload {
+            alarms,
+            memory_mark,
+            data_dir,
+            min_free,
+            memory_high: false,
+            disk_low: false,
+            next_memory: Instant::now(),
+            next_disk: Instant::now(),
+            last_rss: 0,
+            last_free: None,
+        }
+    }
+
+    pub(crate) fn alarms(&self) -> &Alarms {
+        &self.alarms
+    }
+
+    /// When the next check is due (None: nothing to check).
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        let memory = self.memory_mark.map(|_| self.next_memory);
+        let disk = self.data_dir.as_ref().map(|_| self.next_disk);
+        match (memory, disk) {
+            (Some(m), Some(d)) => Some(m.min(d)),
+            (m, d) => m.or(d),
+        }
+    }
+
+    /// Runs the checks that are due: samples memory, looks at free disk space and retries the
+    /// log's unwritten records; raises and clears the alarms. Returns what the engine may
+    /// take in. Errors only when the log failed for good (a retry failed other than for
+    /// space).
+    pub(crate) fn check(&mut self, persist: Option<&mut Persistence>) -> Result<Admission, String> {
+        let now = Instant::now();
+        let alarms = &self.alarms;
+        if let Some(mark) = self.memory_mark.filter(|_| now >= self.next_memory) {
+            self.next_memory = now + MEMORY_EVERY;
+            if let Some(rss) = rss_bytes() {
+                self.last_rss = rss;
+                let low = mark / 100 * LOW_MARK_PERCENT;
+                self.memory_high = if self.memory_high {
+                    rss >= low
+                } else {
+                    rss >= mark
+                };
+                alarms.set(AlarmName::MemoryHighWatermark, self.memory_high, || {
+                    format!(
+                        "resident memory {rss} bytes is over the high-water mark of {mark} bytes: \
+                         QoS 1/2 publishes are refused (0x97) and QoS 0 ones dropped until it \
+                         is under {low}"
+                    )
+                });
+            }
+        }
+        let mut blocked = persist.as_ref().is_some_and(|p| p.is_blocked());
+        if let (Some(dir), true) = (&self.data_dir, now >= self.next_disk) {
+            self.next_disk = now + DISK_EVERY;
+            match free_bytes(dir) {
+                Ok(free) => {
+                    self.last_free = Some(free);
+                    let clear_at = self.min_free / 8 * DISK_CLEAR_EIGHTHS;
+                    self.disk_low = if self.disk_low {
+                        free < clear_at
+                    } else {
+                        free < self.min_free
+                    };
+                }
+                Err(e) => tracing::debug!(error = %e, "statvfs of the data directory failed"),
+            }
+            if let Some(p) = persist.filter(|p| p.is_blocked()) {
+                blocked = !p.retry()?;
+            }
+            let (free, min) = (self.last_free, self.min_free);
+            alarms.set(AlarmName::DiskLow, self.disk_low || blocked, || {
+                let why = if blocked {
+                    "a log write found the disk full; the unwritten records are kept in memory \
+                     and retried"
+                        .to_string()
+                } else {
+                    format!(
+                        "{} bytes free in the data directory, under storage.min_free_bytes = \
+                         {min}",
+                        free.unwrap_or(0)
+                    )
+                };
+                format!("{why}: QoS 1/2 and retained publishes, new durable sessions and their subscriptions are refused (0x97)")
+            });
+        }
+        Ok(Admission {
+            memory_high: self.memory_high,
+            storage_full: self.disk_low || blocked,
+        })
+    }
+}
