@@ -96,6 +96,8 @@ pub struct EngineSnapshot {
     pub storage_disk_bytes: u64,
     /// Actions waiting for their journal records to be durable.
     pub storage_held_actions: usize,
+    /// The log found the disk full and keeps records in memory until a retry writes them.
+    pub storage_blocked: bool,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
@@ -177,6 +179,14 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         "gauge",
         "Packets waiting for their journal records to be durable before they are sent.",
         &[("", e.storage_held_actions as u64)],
+    );
+    metric(
+        &mut o,
+        "ferrymq_storage_blocked",
+        "gauge",
+        "1 while a log write that found the disk full is being retried (its records are kept \
+         in memory, durable work is refused), 0 otherwise.",
+        &[("", u64::from(e.storage_blocked))],
     );
     metric(
         &mut o,

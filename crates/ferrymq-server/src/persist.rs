@@ -212,6 +212,8 @@ pub(crate) struct Persistence {
     /// every new step's records join them until [`Persistence::retry`] writes them.
     unwritten: VecDeque<Unwritten>,
     blocked: bool,
+    /// Bytes of records handed to the log since start (written or not), for the disk check.
+    bytes_submitted: u64,
     /// Held for the process's lifetime: a second broker on the same data_dir would corrupt it.
     _lock: File,
 }
@@ -357,6 +359,7 @@ impl Persistence {
             in_flight: VecDeque::new(),
             unwritten: VecDeque::new(),
             blocked: false,
+            bytes_submitted: 0,
             _lock: lock,
         };
         Ok((persistence, recovered))
@@ -416,6 +419,7 @@ impl Persistence {
 
     fn submit(&mut self, framed: bytes::Bytes, count: u64, checkpoint: bool) {
         self.since_checkpoint += framed.len() as u64;
+        self.bytes_submitted += framed.len() as u64;
         self.submitted += 1;
         let ticket = self.submitted;
         let durable = self.durable.clone();
@@ -532,6 +536,10 @@ impl Persistence {
             }
         }
         Ok(())
+    }
+
+    pub(crate) fn bytes_submitted(&self) -> u64 {
+        self.bytes_submitted
     }
 
     /// Whether the log found the disk full and holds records it could not write yet.

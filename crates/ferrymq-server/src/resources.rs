@@ -124,6 +124,8 @@ pub(crate) struct Overload {
     /// The last samples, for the log and tests.
     pub(crate) last_rss: u64,
     pub(crate) last_free: Option<u64>,
+    /// [`Persistence::bytes_submitted`] when `last_free` was sampled.
+    written_at_sample: u64,
 }
 
 impl Overload {
@@ -145,6 +147,7 @@ impl Overload {
             next_disk: Instant::now(),
             last_rss: 0,
             last_free: None,
+            written_at_sample: 0,
         }
     }
 
@@ -194,25 +197,44 @@ impl Overload {
                 });
             }
         }
+        let Some(dir) = &self.data_dir else {
+            return Ok(Admission {
+                memory_high: self.memory_high,
+                storage_full: false,
+            });
+        };
+        let written = persist.as_ref().map_or(0, |p| p.bytes_submitted());
         let mut blocked = persist.as_ref().is_some_and(|p| p.is_blocked());
-        if let (Some(dir), true) = (&self.data_dir, now >= self.next_disk) {
+        let disk_due = now >= self.next_disk;
+        if disk_due {
             self.next_disk = now + DISK_EVERY;
             match free_bytes(dir) {
                 Ok(free) => {
                     self.last_free = Some(free);
-                    let clear_at = self.min_free / 8 * DISK_CLEAR_EIGHTHS;
-                    self.disk_low = if self.disk_low {
-                        free < clear_at
-                    } else {
-                        free < self.min_free
-                    };
+                    self.written_at_sample = written;
                 }
                 Err(e) => tracing::debug!(error = %e, "statvfs of the data directory failed"),
             }
             if let Some(p) = persist.filter(|p| p.is_blocked()) {
                 blocked = !p.retry()?;
             }
-            let (free, min) = (self.last_free, self.min_free);
+        }
+        // Between samples, what the log took since comes off the last sample: a fast writer
+        // cannot run through the reserve in the 250 ms between two looks.
+        let mut free = None;
+        if let Some(sampled) = self.last_free {
+            let left = sampled.saturating_sub(written.saturating_sub(self.written_at_sample));
+            free = Some(left);
+            let free = left;
+            let clear_at = self.min_free / 8 * DISK_CLEAR_EIGHTHS;
+            self.disk_low = if self.disk_low {
+                free < clear_at
+            } else {
+                free < self.min_free
+            };
+        }
+        if disk_due || self.disk_low != alarms.is_active(AlarmName::DiskLow) {
+            let min = self.min_free;
             alarms.set(AlarmName::DiskLow, self.disk_low || blocked, || {
                 let why = if blocked {
                     "a log write found the disk full; the unwritten records are kept in memory \
@@ -220,12 +242,15 @@ impl Overload {
                         .to_string()
                 } else {
                     format!(
-                        "{} bytes free in the data directory, under storage.min_free_bytes = \
-                         {min}",
+                        "about {} bytes free in the data directory, under \
+                         storage.min_free_bytes = {min}",
                         free.unwrap_or(0)
                     )
                 };
-                format!("{why}: QoS 1/2 and retained publishes, new durable sessions and their subscriptions are refused (0x97)")
+                format!(
+                    "{why}: QoS 1/2 and retained publishes, new durable sessions and their \
+                     subscriptions are refused (0x97)"
+                )
             });
         }
         Ok(Admission {

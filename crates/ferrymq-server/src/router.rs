@@ -518,6 +518,7 @@ impl Router {
                     retained: self.broker.retained_count(),
                     storage_disk_bytes: self.persist.as_ref().map_or(0, |p| p.disk_bytes()),
                     storage_held_actions: self.persist.as_ref().map_or(0, |p| p.held_actions()),
+                    storage_blocked: self.persist.as_ref().is_some_and(|p| p.is_blocked()),
                 });
             }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),

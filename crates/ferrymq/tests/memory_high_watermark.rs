@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{alarm, forward_stderr, free_port, metric, rss, scratch_dir, serve, wait_for};
-use common::{options, wait_listening};
+use common::{options, wait_listening, KillOnDrop};
 use ferrymq_client::{Client, ConnectOptions};
 use ferrymq_mqtt::{Packet, Properties, Publish, QoS, ReasonCode, SubscriptionOptions};
 
@@ -101,10 +101,10 @@ fn a_flood_over_the_memory_mark_is_refused_and_the_broker_stays_near_it() {
     std::fs::write(&config, base).unwrap();
     let mut idle = serve(&config, mqtt, http, &dir.join("data"));
     forward_stderr(&mut idle);
+    let idle = KillOnDrop(idle);
     wait_listening(mqtt, Duration::from_secs(30));
-    let idle_rss = rss(idle.id());
-    idle.kill().unwrap();
-    idle.wait().unwrap();
+    let idle_rss = rss(idle.0.id());
+    drop(idle);
 
     let mark = idle_rss + 64 * 1024 * 1024;
     let config = dir.join("mark.toml");
@@ -115,8 +115,9 @@ fn a_flood_over_the_memory_mark_is_refused_and_the_broker_stays_near_it() {
     .unwrap();
     let mut broker = serve(&config, mqtt, http, &dir.join("data"));
     forward_stderr(&mut broker);
+    let broker = KillOnDrop(broker);
     wait_listening(mqtt, Duration::from_secs(30));
-    let pid = broker.id();
+    let pid = broker.0.id();
 
     // Samples the broker's memory every 10 ms for the whole flood.
     let peak = Arc::new(AtomicU64::new(0));
@@ -318,6 +319,5 @@ fn a_flood_over_the_memory_mark_is_refused_and_the_broker_stays_near_it() {
         };
         assert_eq!(p.publish(again).await.unwrap(), ReasonCode::Success);
     });
-    broker.kill().unwrap();
-    broker.wait().unwrap();
+    drop(broker);
 }

@@ -133,3 +133,14 @@ pub fn forward_stderr(child: &mut Child) {
         }
     });
 }
+
+/// A child process killed when this is dropped, a failing test's panic included (a broker
+/// left running would keep its port and memory).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
