@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{alarm, forward_stderr, free_port, metric, rss, scratch_dir, serve, wait_for};
+use common::{alarm, forward_stderr, free_port, metric, rss, scratch_dir, serve};
 use common::{options, wait_listening, KillOnDrop};
 use ferrymq_client::{Client, ConnectOptions};
 use ferrymq_mqtt::{Packet, Properties, Publish, QoS, ReasonCode, SubscriptionOptions};
