@@ -178,6 +178,11 @@ impl Alarms {
         self.lock().alarms.clone()
     }
 
+    /// Whether changes wait to be drained.
+    pub(crate) fn has_changes(&self) -> bool {
+        !self.lock().changes.is_empty()
+    }
+
     /// The changes since the last call, oldest first.
     pub(crate) fn drain_changes(&self) -> Vec<AlarmState> {
         std::mem::take(&mut self.lock().changes)

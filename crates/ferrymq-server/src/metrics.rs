@@ -182,6 +182,13 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
     );
     metric(
         &mut o,
+        "ferrymq_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the broker process (what limits.memory_high_watermark compares).",
+        &[("", crate::resources::rss_bytes().unwrap_or(0))],
+    );
+    metric(
+        &mut o,
         "ferrymq_storage_blocked",
         "gauge",
         "1 while a log write that found the disk full is being retried (its records are kept \

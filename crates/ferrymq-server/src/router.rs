@@ -439,6 +439,10 @@ impl Router {
     }
 
     fn next_wakeup(&self, next_sys: Instant) -> Instant {
+        if self.alarms.has_changes() {
+            // Raised or cleared after this step's `check_resources`: publish them now.
+            return Instant::now();
+        }
         let mut at = Instant::now() + Duration::from_secs(1);
         if !self.settings.sys_interval.is_zero() {
             at = at.min(next_sys);
@@ -641,7 +645,12 @@ impl Router {
             ),
             (
                 "$SYS/broker/messages/dropped",
-                (s.dropped_queue_full + s.dropped_expired + s.dropped_too_large).to_string(),
+                (s.dropped_queue_full
+                    + s.dropped_expired
+                    + s.dropped_too_large
+                    + s.dropped_memory_high
+                    + s.dropped_storage_full)
+                    .to_string(),
             ),
         ];
         for (topic, value) in topics {
