@@ -361,6 +361,10 @@ impl Router {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
             let now = self.now();
+            // Before the batch: what it brings is admitted under the latest measurements.
+            if let Err(e) = self.check_resources(now) {
+                return self.storage_failed(e, now);
+            }
             let mut shutdown = None;
             for msg in batch.drain(..) {
                 match msg {
@@ -378,9 +382,6 @@ impl Router {
                 next_sys = Instant::now() + self.settings.sys_interval;
             }
             self.violations.summarize(&self.net, Instant::now());
-            if let Err(e) = self.check_resources(now) {
-                return self.storage_failed(e, now);
-            }
             if let Some(done) = shutdown {
                 self.broker.shutdown(now, &mut self.out);
                 if let Some(mut p) = self.persist.take() {
