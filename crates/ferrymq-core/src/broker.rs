@@ -267,6 +267,16 @@ impl Broker {
         self.retained.len()
     }
 
+    /// The session with the most QoS 1/2 messages held (in flight and queued), and how many:
+    /// for the `queue_depth` alarm. Visits every session: call it about once a second.
+    pub fn deepest_queue(&self) -> Option<(Arc<str>, usize)> {
+        self.sessions
+            .values()
+            .map(|s| (s.inflight.len() + s.pending.len(), s))
+            .max_by_key(|(n, _)| *n)
+            .map(|(n, s)| (s.client_id.clone(), n))
+    }
+
     /// Handles a CONNECT on a new connection. A refused connection gets its CONNACK and a
     /// `Close`; an accepted one gets CONNACK, then any redelivered and queued messages.
     pub fn connect(

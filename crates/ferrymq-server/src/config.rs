@@ -141,6 +141,10 @@ pub struct Limits {
     /// dropped, until it is back under 90% of it: bytes (`536870912`, `"512MiB"`), or a
     /// percentage (`"80%"`) of the cgroup's memory limit or else the machine's. 0 = off.
     pub memory_high_watermark: MemoryWatermark,
+    /// Messages held for one session (in flight and queued) at which the `queue_depth` alarm
+    /// is raised; it clears under 90% of it. Unset: 80% of `mqtt.max_queued_messages`;
+    /// 0 = off.
+    pub queue_depth_alarm: Option<usize>,
 }
 
 /// `limits.memory_high_watermark`: an integer (bytes) or a string (`"512MiB"`, `"2GB"`,
@@ -287,6 +291,7 @@ impl Default for Limits {
             // get it killed, which only the operator knows (a container: "80%" of its cgroup
             // limit is a good start; a shared machine: bytes).
             memory_high_watermark: MemoryWatermark::Off,
+            queue_depth_alarm: None,
         }
     }
 }
@@ -420,6 +425,15 @@ impl Config {
             .unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
     }
 
+    /// The `queue_depth` alarm's threshold in messages (None: off).
+    pub fn queue_depth_alarm(&self) -> Option<usize> {
+        match self.limits.queue_depth_alarm {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some((self.mqtt.max_queued_messages / 10 * 8).max(1)),
+        }
+    }
+
     /// The engine's part of the configuration.
     pub fn broker_config(&self) -> BrokerConfig {
         let m = &self.mqtt;
@@ -539,6 +553,17 @@ mod tests {
             let err = mark(bad).unwrap_err();
             assert!(err.contains("memory_high_watermark"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn queue_depth_alarm_defaults_to_80_percent_of_the_queue_limit() {
+        assert_eq!(Config::default().queue_depth_alarm(), Some(80_000));
+        let c = Config::parse("[mqtt]\nmax_queued_messages = 50\n").unwrap();
+        assert_eq!(c.queue_depth_alarm(), Some(40));
+        let c = Config::parse("[limits]\nqueue_depth_alarm = 0\n").unwrap();
+        assert_eq!(c.queue_depth_alarm(), None);
+        let c = Config::parse("[limits]\nqueue_depth_alarm = 7\n").unwrap();
+        assert_eq!(c.queue_depth_alarm(), Some(7));
     }
 
     #[test]

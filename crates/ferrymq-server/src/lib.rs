@@ -133,6 +133,7 @@ impl Server {
             resources::resolve_watermark(config.limits.memory_high_watermark),
             config.storage.persistence.then(|| config.data_dir.clone()),
             config.storage.min_free_bytes,
+            config.queue_depth_alarm(),
         );
         let router = Router::new(broker, net.clone(), settings, persistence, overload);
         let router_thread = spawn_router(router, rx, fatal_tx)?;

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferrymq_core::Admission;
+use ferrymq_core::{Admission, Broker};
 
 use crate::alarms::{AlarmName, Alarms};
 use crate::config::MemoryWatermark;
@@ -25,7 +25,12 @@ pub(crate) const MEMORY_EVERY_NEAR: Duration = Duration::from_millis(10);
 /// How often free disk space is looked at, and a log write that found the disk full retried.
 pub(crate) const DISK_EVERY: Duration = Duration::from_millis(250);
 
-/// Memory is back under the mark once below this share of it (hysteresis: no flapping).
+/// How often the deepest session queue is looked for (a visit of every session: ~1 ms per
+/// 100K sessions).
+pub(crate) const QUEUE_EVERY: Duration = Duration::from_secs(1);
+
+/// Memory is back under the mark once below this share of it (hysteresis: no flapping); the
+/// queue-depth alarm likewise.
 const LOW_MARK_PERCENT: u64 = 90;
 /// Disk space is back once this much over the minimum (an eighth of it): hysteresis.
 const DISK_CLEAR_EIGHTHS: u64 = 9;
@@ -121,6 +126,9 @@ pub(crate) struct Overload {
     disk_low: bool,
     next_memory: Instant,
     next_disk: Instant,
+    /// `queue_depth` alarm threshold in messages (None: off).
+    queue_depth: Option<usize>,
+    next_queue: Instant,
     /// The last samples, for the log and tests.
     pub(crate) last_rss: u64,
     pub(crate) last_free: Option<u64>,
@@ -135,9 +143,12 @@ impl Overload {
         memory_mark: Option<u64>,
         data_dir: Option<PathBuf>,
         min_free: u64,
+        queue_depth: Option<usize>,
     ) -> Self {
         Overload {
             alarms,
+            queue_depth,
+            next_queue: Instant::now(),
             memory_mark,
             data_dir,
             min_free,
@@ -151,6 +162,28 @@ impl Overload {
         }
     }
 
+    /// Raises `queue_depth` when a session holds `queue_depth` messages or more, clears it
+    /// when every session is under 90% of that.
+    fn check_queues(&mut self, broker: &Broker, now: Instant) {
+        let Some(limit) = self.queue_depth.filter(|_| now >= self.next_queue) else {
+            return;
+        };
+        self.next_queue = now + QUEUE_EVERY;
+        let (client, depth) = broker.deepest_queue().unwrap_or(("".into(), 0));
+        let active = self.alarms.is_active(AlarmName::QueueDepth);
+        let over = if active {
+            depth as u64 >= (limit as u64).saturating_mul(LOW_MARK_PERCENT) / 100
+        } else {
+            depth >= limit
+        };
+        self.alarms.set(AlarmName::QueueDepth, over, || {
+            format!(
+                "session {client:?} holds {depth} messages, at or over limits.queue_depth_alarm \
+                 = {limit}"
+            )
+        });
+    }
+
     pub(crate) fn alarms(&self) -> &Alarms {
         &self.alarms
     }
@@ -159,18 +192,21 @@ impl Overload {
     pub(crate) fn next_due(&self) -> Option<Instant> {
         let memory = self.memory_mark.map(|_| self.next_memory);
         let disk = self.data_dir.as_ref().map(|_| self.next_disk);
-        match (memory, disk) {
-            (Some(m), Some(d)) => Some(m.min(d)),
-            (m, d) => m.or(d),
-        }
+        let queue = self.queue_depth.map(|_| self.next_queue);
+        [memory, disk, queue].into_iter().flatten().min()
     }
 
     /// Runs the checks that are due: samples memory, looks at free disk space and retries the
     /// log's unwritten records; raises and clears the alarms. Returns what the engine may
     /// take in. Errors only when the log failed for good (a retry failed other than for
     /// space).
-    pub(crate) fn check(&mut self, persist: Option<&mut Persistence>) -> Result<Admission, String> {
+    pub(crate) fn check(
+        &mut self,
+        persist: Option<&mut Persistence>,
+        broker: &Broker,
+    ) -> Result<Admission, String> {
         let now = Instant::now();
+        self.check_queues(broker, now);
         let alarms = &self.alarms;
         if let Some(mark) = self.memory_mark.filter(|_| now >= self.next_memory) {
             self.next_memory = now + MEMORY_EVERY;
@@ -182,7 +218,7 @@ impl Overload {
                     MEMORY_EVERY
                 };
                 self.next_memory = now + every;
-                let low = mark / 100 * LOW_MARK_PERCENT;
+                let low = mark.saturating_mul(LOW_MARK_PERCENT) / 100;
                 self.memory_high = if self.memory_high {
                     rss >= low
                 } else {
@@ -226,7 +262,7 @@ impl Overload {
             let left = sampled.saturating_sub(written.saturating_sub(self.written_at_sample));
             free = Some(left);
             let free = left;
-            let clear_at = self.min_free / 8 * DISK_CLEAR_EIGHTHS;
+            let clear_at = self.min_free.saturating_mul(DISK_CLEAR_EIGHTHS) / 8;
             self.disk_low = if self.disk_low {
                 free < clear_at
             } else {

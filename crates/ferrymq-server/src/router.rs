@@ -413,7 +413,7 @@ impl Router {
     /// Memory and disk checks (when due): sets the engine's admission, and publishes every
     /// alarm change since the last step, retained, on `$SYS/broker/alarms/{name}`.
     fn check_resources(&mut self, now: Time) -> Result<(), String> {
-        let admission = self.overload.check(self.persist.as_mut())?;
+        let admission = self.overload.check(self.persist.as_mut(), &self.broker)?;
         if admission != self.broker.admission() {
             self.broker.set_admission(admission);
         }
