@@ -150,6 +150,33 @@ pub struct Stats {
     pub dropped_no_subscribers: u64,
     pub connects_refused: u64,
     pub protocol_errors: u64,
+    /// QoS 0 publishes dropped while memory was over the high-water mark ([`Admission`]).
+    pub dropped_memory_high: u64,
+    /// QoS 0 retained publishes dropped while the log could not take new writes.
+    pub dropped_storage_full: u64,
+    /// QoS 1/2 publishes refused (0x97, or the close of a 3.1.1 connection) while memory was
+    /// over the high-water mark.
+    pub refused_memory_high: u64,
+    /// QoS 1/2 publishes, new durable sessions and their subscriptions refused while the log
+    /// could not take new writes.
+    pub refused_storage_full: u64,
+}
+
+/// What the driver's resource checks let the engine take in. The driver measures (memory,
+/// free disk, failed writes) and sets this with [`Broker::set_admission`]; the engine only
+/// reads it, so it stays free of clocks and I/O.
+///
+/// | flag | QoS 0 publish | QoS 1/2 publish | new durable session / its SUBSCRIBE |
+/// |---|---|---|---|
+/// | `memory_high` | dropped, counted | 0x97 (3.1.1: closed) | accepted |
+/// | `storage_full` | routed (retained: dropped, counted) | 0x97 (3.1.1: closed) | CONNACK / SUBACK 0x97 |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The process is over its memory high-water mark.
+    pub memory_high: bool,
+    /// The log is out of room (free disk under its minimum, or a write failed with ENOSPC):
+    /// nothing new that must be stored is taken in.
+    pub storage_full: bool,
 }
 
 /// Per-connection state that ends with the connection.
@@ -208,6 +235,7 @@ pub struct Broker {
     pub(crate) restored_disconnects: Vec<SessionId>,
     /// Publishers' acknowledgements held for full queues (`queue_full.rs`).
     pub(crate) holds: crate::queue_full::Holds,
+    pub(crate) admission: Admission,
 }
 
 impl Broker {
@@ -228,7 +256,17 @@ impl Broker {
             journal: None,
             restored_disconnects: Vec::new(),
             holds: Default::default(),
+            admission: Admission::default(),
         }
+    }
+
+    /// Sets what may be taken in from now on (see [`Admission`]).
+    pub fn set_admission(&mut self, admission: Admission) {
+        self.admission = admission;
+    }
+
+    pub fn admission(&self) -> Admission {
+        self.admission
     }
 
     /// Sets the random part of assigned client ids. The engine has no randomness of its
@@ -268,6 +306,16 @@ impl Broker {
         self.retained.len()
     }
 
+    /// The session with the most QoS 1/2 messages held (in flight and queued), and how many:
+    /// for the `queue_depth` alarm. Visits every session: call it about once a second.
+    pub fn deepest_queue(&self) -> Option<(Arc<str>, usize)> {
+        self.sessions
+            .values()
+            .map(|s| (s.inflight.len() + s.pending.len(), s))
+            .max_by_key(|(n, _)| *n)
+            .map(|(n, s)| (s.client_id.clone(), n))
+    }
+
     /// Handles a CONNECT on a new connection. A refused connection gets its CONNACK and a
     /// `Close`; an accepted one gets CONNACK, then any redelivered and queued messages.
     pub fn connect(
@@ -286,14 +334,7 @@ impl Broker {
             client_topic_alias_maximum: c.properties.topic_alias_maximum.unwrap_or(0),
         };
         if let Err(reason) = self.check_connect(&c) {
-            self.stats.connects_refused += 1;
-            let ack = ConnAck {
-                session_present: false,
-                reason,
-                properties: Properties::default(),
-            };
-            out.push(conn, Action::Send(Packet::ConnAck(ack)));
-            out.push(conn, Action::Close);
+            self.refuse_connect(conn, reason, out);
             return outcome;
         }
         let mut props = Properties::default();
@@ -308,6 +349,12 @@ impl Broker {
             c.client_id.as_str().into()
         };
         let expiry = self.granted_expiry(&c, &mut props);
+        if expiry > 0 && self.admission.storage_full && !self.resumes_durable(&client_id, &c) {
+            // A new durable session is a write the log cannot take now (3.1.1: code 3).
+            self.stats.refused_storage_full += 1;
+            self.refuse_connect(conn, ReasonCode::QuotaExceeded, out);
+            return outcome;
+        }
         // Take over a live connection on the same client id.
         if let Some(old) = self
             .by_client_id
@@ -378,6 +425,28 @@ impl Broker {
         self.resume_session(session_id, now, out);
         outcome.accepted = true;
         outcome
+    }
+
+    fn refuse_connect(&mut self, conn: ConnId, reason: ReasonCode, out: &mut Outbox) {
+        self.stats.connects_refused += 1;
+        let ack = ConnAck {
+            session_present: false,
+            reason,
+            properties: Properties::default(),
+        };
+        out.push(conn, Action::Send(Packet::ConnAck(ack)));
+        out.push(conn, Action::Close);
+    }
+
+    /// Whether this CONNECT resumes a session that is already durable (its records are in the
+    /// log, so resuming it writes little), as opposed to making a new one.
+    fn resumes_durable(&self, client_id: &str, c: &Connect) -> bool {
+        !c.clean_start
+            && self
+                .by_client_id
+                .get(client_id)
+                .and_then(|id| self.sessions.get(id))
+                .is_some_and(|s| s.expiry_interval > 0)
     }
 
     fn check_connect(&self, c: &Connect) -> Result<(), ReasonCode> {

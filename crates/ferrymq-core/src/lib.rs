@@ -31,7 +31,7 @@ pub mod session;
 mod subscribe;
 mod trie;
 
-pub use broker::{Action, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
+pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
 pub use config::{BrokerConfig, QueueFull};
 pub use journal::{JournalBuf, JournalError, RestoreReport};
 pub use message::Message;

@@ -70,20 +70,20 @@ impl Holds {
 
 impl Broker {
     /// Appends a QoS 1/2 message to a session's queue. A full one (`max_queued_messages`)
-    /// takes it as `queue_full` and `admission` say (`queue_full.rs`).
+    /// takes it as `queue_full` and `promise` say (`queue_full.rs`).
     pub(crate) fn enqueue(
         &mut self,
         sid: SessionId,
         p: Pending,
-        admission: Admission,
+        promise: Promise,
         out: &mut Outbox,
     ) -> Placed {
         let Some(s) = self.sessions.get(&sid) else {
             return Placed::Done;
         };
         let mut placed = Placed::Done;
-        if s.pending.len() >= self.config.max_queued_messages && admission != Admission::Accepted {
-            match (self.config.queue_full, admission) {
+        if s.pending.len() >= self.config.max_queued_messages && promise != Promise::Accepted {
+            match (self.config.queue_full, promise) {
                 (QueueFull::DropOldest, _) => {
                     if let Some(oldest) = s.pending.front() {
                         let message = oldest.message.id;
@@ -91,8 +91,8 @@ impl Broker {
                         self.commit(Record::Removed { sid, message }, out);
                     }
                 }
-                (QueueFull::Backpressure, Admission::Acked) => placed = Placed::OverLimit,
-                (_, Admission::Acked) => return Placed::Refused,
+                (QueueFull::Backpressure, Promise::Acked) => placed = Placed::OverLimit,
+                (_, Promise::Acked) => return Placed::Refused,
                 _ => {
                     self.stats.dropped_queue_full += 1;
                     return Placed::Refused;
@@ -348,7 +348,7 @@ impl Broker {
 
 /// Who stands behind a QoS 1/2 message being queued: decides what a full queue does with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Admission {
+pub(crate) enum Promise {
     /// Already accepted (moved from a shared-group member that left): queued whatever the
     /// limit.
     Accepted,

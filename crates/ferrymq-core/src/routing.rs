@@ -7,7 +7,7 @@ use ferrymq_mqtt::{Packet, PubResp, Publish, QoS, ReasonCode};
 
 use crate::broker::{Action, Delivery, Outbox};
 use crate::journal::record::Record;
-use crate::queue_full::{Admission, Placed};
+use crate::queue_full::{Placed, Promise};
 use crate::session::{OutState, Pending, SharedOrigin};
 use crate::{Broker, ConnId, Message, SessionId, Time};
 
@@ -90,6 +90,7 @@ impl Broker {
             QoS::ExactlyOnce => Packet::PubRec,
             _ => Packet::PubAck,
         };
+        let refusal = refusal.or_else(|| self.overload_refusal(qos, p.retain));
         if let Some(reason) = refusal {
             if qos != QoS::AtMostOnce {
                 // 3.1.1 has no negative acks: the connection is closed instead.
@@ -101,11 +102,11 @@ impl Broker {
         self.stats.payload_bytes_received += p.payload.len() as u64;
         p.dup = false;
         let msg = Message::from_publish(p, topic, Some(sid), now);
-        let admission = match qos {
-            QoS::AtMostOnce => Admission::Unacked,
-            _ => Admission::Acked,
+        let promise = match qos {
+            QoS::AtMostOnce => Promise::Unacked,
+            _ => Promise::Acked,
         };
-        let routed = self.route(msg, admission, now, out);
+        let routed = self.route(msg, promise, now, out);
         if routed.count == 0 {
             self.stats.dropped_no_subscribers += 1;
         }
@@ -128,6 +129,22 @@ impl Broker {
         } else {
             self.hold_ack(conn, ack, routed.message, routed.full, now, out);
         }
+    }
+
+    /// Why a publish is not taken in under the current [`crate::Admission`], counted; QoS 0
+    /// ones are dropped silently (there is no negative ack).
+    fn overload_refusal(&mut self, qos: QoS, retain: bool) -> Option<ReasonCode> {
+        let a = self.admission;
+        let stats = &mut self.stats;
+        match qos {
+            QoS::AtMostOnce if a.memory_high => stats.dropped_memory_high += 1,
+            QoS::AtMostOnce if a.storage_full && retain => stats.dropped_storage_full += 1,
+            QoS::AtMostOnce => return None,
+            _ if a.memory_high => stats.refused_memory_high += 1,
+            _ if a.storage_full => stats.refused_storage_full += 1,
+            _ => return None,
+        }
+        Some(ReasonCode::QuotaExceeded)
     }
 
     pub(crate) fn on_pubrel(&mut self, conn: ConnId, r: PubResp, out: &mut Outbox) {
@@ -216,18 +233,12 @@ impl Broker {
     /// Also the entry point for in-process publishers (`$SYS`, wills, embedding programs).
     /// Returns how many sessions it was routed to.
     pub fn publish(&mut self, msg: Message, now: Time, out: &mut Outbox) -> usize {
-        self.route(msg, Admission::Unacked, now, out).count
+        self.route(msg, Promise::Unacked, now, out).count
     }
 
-    /// [`Broker::publish`] for a publisher of `admission`, saying which full queues took it
+    /// [`Broker::publish`] for a publisher of `promise`, saying which full queues took it
     /// past their limit or refused it.
-    fn route(
-        &mut self,
-        mut msg: Message,
-        admission: Admission,
-        now: Time,
-        out: &mut Outbox,
-    ) -> Routed {
+    fn route(&mut self, mut msg: Message, promise: Promise, now: Time, out: &mut Outbox) -> Routed {
         msg.id = self.next_message_id;
         self.next_message_id += 1;
         let msg = Arc::new(msg);
@@ -250,7 +261,7 @@ impl Broker {
                 subscription_ids: t.ids,
                 shared: t.shared,
             };
-            match self.deliver(t.session, p, admission, now, out) {
+            match self.deliver(t.session, p, promise, now, out) {
                 Placed::Done => {}
                 Placed::OverLimit => routed.full.push(t.session),
                 Placed::Refused => routed.refused = true,
@@ -312,7 +323,7 @@ impl Broker {
         &mut self,
         sid: SessionId,
         p: Pending,
-        admission: Admission,
+        promise: Promise,
         now: Time,
         out: &mut Outbox,
     ) -> Placed {
@@ -356,7 +367,7 @@ impl Broker {
                 self.send_now(sid, p, now, out);
                 Placed::Done
             }
-            _ => self.enqueue(sid, p, admission, out),
+            _ => self.enqueue(sid, p, promise, out),
         }
     }
 
@@ -385,11 +396,11 @@ impl Broker {
                 Some(e) if e.session != sid => {
                     let qos = p.message.qos.min(e.options.qos);
                     let p = Pending { qos, ..p };
-                    self.deliver(e.session, p, Admission::Accepted, now, out);
+                    self.deliver(e.session, p, Promise::Accepted, now, out);
                 }
                 // Nobody else is there: keep it for this member's return.
                 _ => {
-                    self.enqueue(sid, p, Admission::Accepted, out);
+                    self.enqueue(sid, p, Promise::Accepted, out);
                 }
             }
         }

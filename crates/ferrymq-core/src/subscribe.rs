@@ -8,7 +8,7 @@ use ferrymq_mqtt::{
 
 use crate::broker::{Action, Outbox};
 use crate::journal::record::Record;
-use crate::queue_full::Admission;
+use crate::queue_full::Promise;
 use crate::session::{Pending, Subscription};
 use crate::{Broker, ConnId, SessionId, Time};
 
@@ -79,6 +79,11 @@ impl Broker {
             return Err(self.config.deny_subscribe_reason);
         }
         let s = self.sessions.get(&sid).expect("session of attached conn");
+        if self.admission.storage_full && s.expiry_interval > 0 {
+            // A durable subscription is a write the log cannot take now.
+            self.stats.refused_storage_full += 1;
+            return Err(ReasonCode::QuotaExceeded);
+        }
         let existed = s.subscriptions.contains_key(raw);
         if !existed && s.subscriptions.len() >= self.config.max_subscriptions_per_client {
             return Err(ReasonCode::QuotaExceeded);
@@ -124,7 +129,7 @@ impl Broker {
                 subscription_ids: identifier.into_iter().collect(),
                 shared: None,
             };
-            self.deliver(sid, p, Admission::Unacked, now, out);
+            self.deliver(sid, p, Promise::Unacked, now, out);
         }
     }
 

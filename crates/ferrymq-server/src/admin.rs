@@ -1,4 +1,4 @@
-//! Admin HTTP: `/health` and `/metrics`. The full REST API comes later.
+//! Admin HTTP: `/health`, `/metrics` and `/api/v1/alarms`. The full REST API comes later.
 
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alarms::Alarms;
 use crate::metrics::{render, NetMetrics};
 use crate::router::ToRouter;
 
@@ -15,12 +16,14 @@ use crate::router::ToRouter;
 pub(crate) struct AdminState {
     pub router: mpsc::Sender<ToRouter>,
     pub net: Arc<NetMetrics>,
+    pub alarms: Alarms,
 }
 
 pub(crate) fn app(state: AdminState) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/api/v1/alarms", get(alarms))
         .with_state(state)
 }
 
@@ -58,7 +61,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         Some(s) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            render(&state.net, &s),
+            render(&state.net, &s, &state.alarms.list()),
         ),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -66,4 +69,16 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
             String::from("# router unavailable\n"),
         ),
     }
+}
+
+/// Every known alarm, active or not: `{"alarms": [{"name", "active", "since", "cleared",
+/// "message"}, ...]}` (times in ms since the Unix epoch). Read from the registry, not the
+/// router, so it answers even while the router is busy.
+async fn alarms(State(state): State<AdminState>) -> impl IntoResponse {
+    let body = serde_json::json!({ "alarms": state.alarms.list() });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
 }

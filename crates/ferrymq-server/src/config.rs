@@ -38,6 +38,12 @@ pub struct Storage {
     /// twice that checkpoint's size), the live state is checkpointed and older segments
     /// deleted. Disk use stays near the live state plus this plus one segment.
     pub compact_after_bytes: u64,
+    /// Free bytes the data directory's file system must keep: below it the broker refuses
+    /// new durable work (QoS 1/2 and retained publishes, new durable sessions and their
+    /// subscriptions get 0x97) and raises the `disk_low` alarm, and the rest is a reserve for
+    /// what must still be written (acks, resumed sessions, checkpoints). 0 = only a write
+    /// that finds the disk full (ENOSPC) does it.
+    pub min_free_bytes: u64,
 }
 
 /// When an acknowledged message is on disk.
@@ -65,6 +71,9 @@ impl Default for Storage {
             fsync_interval_ms: 10,
             segment_bytes: 64 * 1024 * 1024,
             compact_after_bytes: 256 * 1024 * 1024,
+            // Room for a few segments' worth of acks and a checkpoint of a modest state once
+            // durable writes stop; small against today's disks.
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -188,6 +197,14 @@ pub struct Limits {
     pub max_connection_rate: u64,
     /// New connections a second from one source IP address; 0 = unlimited.
     pub max_connection_rate_per_address: u64,
+    /// Resident memory over which QoS 1/2 publishes are refused (0x97) and QoS 0 ones
+    /// dropped, until it is back under 90% of it: bytes (`536870912`, `"512MiB"`), or a
+    /// percentage (`"80%"`) of the cgroup's memory limit or else the machine's. 0 = off.
+    pub memory_high_watermark: MemoryWatermark,
+    /// Messages held for one session (in flight and queued) at which the `queue_depth` alarm
+    /// is raised; it clears under 90% of it. Unset: 80% of `mqtt.max_queued_messages`;
+    /// 0 = off.
+    pub queue_depth_alarm: Option<usize>,
 }
 
 /// What a client over its message or byte rate gets.
@@ -199,6 +216,72 @@ pub enum RateExceeded {
     Throttle,
     /// DISCONNECT 0x96 Message rate too high (5.0) or a closed connection (3.1.1).
     Disconnect,
+}
+
+/// `limits.memory_high_watermark`: an integer (bytes) or a string (`"512MiB"`, `"2GB"`,
+/// `"80%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(try_from = "WatermarkText")]
+pub enum MemoryWatermark {
+    #[default]
+    Off,
+    Bytes(u64),
+    /// Percent of the memory limit, in (0, 100].
+    Percent(f64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WatermarkText {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<WatermarkText> for MemoryWatermark {
+    type Error = String;
+
+    fn try_from(raw: WatermarkText) -> Result<Self, String> {
+        let text = match raw {
+            WatermarkText::Bytes(0) => return Ok(MemoryWatermark::Off),
+            WatermarkText::Bytes(b) => return Ok(MemoryWatermark::Bytes(b)),
+            WatermarkText::Text(t) => t,
+        };
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            return match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MemoryWatermark::Percent(p)),
+                _ => Err(format!(
+                    "{text:?}: a percentage must be over 0% and at most 100%"
+                )),
+            };
+        }
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(digits);
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "{text:?}: expected bytes (\"512MiB\") or a percentage (\"80%\")"
+                ))
+            }
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a whole number before the unit"))?;
+        match n.checked_mul(scale) {
+            Some(0) => Ok(MemoryWatermark::Off),
+            Some(b) => Ok(MemoryWatermark::Bytes(b)),
+            None => Err(format!("{text:?} is too large")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -285,6 +368,11 @@ impl Default for Limits {
             max_connections_per_address: 0,
             max_connection_rate: 0,
             max_connection_rate_per_address: 0,
+            // Off: a mark must be over what the broker needs at rest and under what would
+            // get it killed, which only the operator knows (a container: "80%" of its cgroup
+            // limit is a good start; a shared machine: bytes).
+            memory_high_watermark: MemoryWatermark::Off,
+            queue_depth_alarm: None,
         }
     }
 }
@@ -445,6 +533,15 @@ impl Config {
             .unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
     }
 
+    /// The `queue_depth` alarm's threshold in messages (None: off).
+    pub fn queue_depth_alarm(&self) -> Option<usize> {
+        match self.limits.queue_depth_alarm {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some((self.mqtt.max_queued_messages / 10 * 8).max(1)),
+        }
+    }
+
     /// The engine's part of the configuration.
     pub fn broker_config(&self) -> BrokerConfig {
         let m = &self.mqtt;
@@ -600,6 +697,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn memory_watermark_takes_bytes_units_and_percentages() {
+        let mark = |v: &str| {
+            Config::parse(&format!("[limits]\nmemory_high_watermark = {v}\n"))
+                .map(|c| c.limits.memory_high_watermark)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(mark("0").unwrap(), MemoryWatermark::Off);
+        assert_eq!(mark("1048576").unwrap(), MemoryWatermark::Bytes(1 << 20));
+        assert_eq!(
+            mark("\"512MiB\"").unwrap(),
+            MemoryWatermark::Bytes(512 << 20)
+        );
+        assert_eq!(
+            mark("\"2GB\"").unwrap(),
+            MemoryWatermark::Bytes(2_000_000_000)
+        );
+        assert_eq!(mark("\"80%\"").unwrap(), MemoryWatermark::Percent(80.0));
+        for bad in ["\"120%\"", "\"0%\"", "\"12 parsecs\"", "\"MiB\"", "-5"] {
+            let err = mark(bad).unwrap_err();
+            assert!(err.contains("memory_high_watermark"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn queue_depth_alarm_defaults_to_80_percent_of_the_queue_limit() {
+        assert_eq!(Config::default().queue_depth_alarm(), Some(80_000));
+        let c = Config::parse("[mqtt]\nmax_queued_messages = 50\n").unwrap();
+        assert_eq!(c.queue_depth_alarm(), Some(40));
+        let c = Config::parse("[limits]\nqueue_depth_alarm = 0\n").unwrap();
+        assert_eq!(c.queue_depth_alarm(), None);
+        let c = Config::parse("[limits]\nqueue_depth_alarm = 7\n").unwrap();
+        assert_eq!(c.queue_depth_alarm(), Some(7));
     }
 
     #[test]

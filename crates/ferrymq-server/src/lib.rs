@@ -17,6 +17,7 @@
 //!   non-zero so that a supervisor restarts it.
 
 mod admin;
+pub mod alarms;
 pub mod config;
 mod connection;
 mod error;
@@ -24,6 +25,7 @@ mod fdlimit;
 mod limits;
 pub mod metrics;
 mod persist;
+mod resources;
 mod router;
 mod violations;
 
@@ -129,8 +131,23 @@ impl Server {
         };
         let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
+        let alarms = alarms::Alarms::default();
+        let overload = resources::Overload::new(
+            alarms.clone(),
+            resources::resolve_watermark(config.limits.memory_high_watermark),
+            config.storage.persistence.then(|| config.data_dir.clone()),
+            config.storage.min_free_bytes,
+            config.queue_depth_alarm(),
+        );
         let drains = Arc::new(router::Drains::default());
-        let router = Router::new(broker, net.clone(), settings, persistence, drains.clone());
+        let router = Router::new(
+            broker,
+            net.clone(),
+            settings,
+            persistence,
+            drains.clone(),
+            overload,
+        );
         let router_thread = spawn_router(router, rx, fatal_tx)?;
 
         let bind = |addr: SocketAddr| async move {
@@ -162,6 +179,7 @@ impl Server {
         let state = admin::AdminState {
             router: tx.clone(),
             net,
+            alarms,
         };
         let mut stop_http = stop_rx;
         let admin = tokio::spawn(async move {

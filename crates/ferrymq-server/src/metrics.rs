@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use ferrymq_core::Stats;
+
+use crate::alarms::AlarmState;
 use ferrymq_mqtt::ReasonCode;
 
 use crate::limits::Refusal;
@@ -102,6 +104,8 @@ pub struct EngineSnapshot {
     pub storage_disk_bytes: u64,
     /// Actions waiting for their journal records to be durable.
     pub storage_held_actions: usize,
+    /// The log found the disk full and keeps records in memory until a retry writes them.
+    pub storage_blocked: bool,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
@@ -117,7 +121,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
 }
 
 /// Renders the Prometheus text format (version 0.0.4).
-pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
+pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> String {
     let mut o = String::with_capacity(4096);
     let s = &e.stats;
     let g = |c: &AtomicU64| c.load(Relaxed);
@@ -197,6 +201,21 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
     );
     metric(
         &mut o,
+        "ferrymq_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the broker process (what limits.memory_high_watermark compares).",
+        &[("", crate::resources::rss_bytes().unwrap_or(0))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_storage_blocked",
+        "gauge",
+        "1 while a log write that found the disk full is being retried (its records are kept \
+         in memory, durable work is refused), 0 otherwise.",
+        &[("", u64::from(e.storage_blocked))],
+    );
+    metric(
+        &mut o,
         "ferrymq_messages_received_total",
         "counter",
         "PUBLISH packets accepted from clients, by QoS.",
@@ -256,6 +275,8 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
             ("reason=\"packet_too_large\"", s.dropped_too_large),
             ("reason=\"no_subscribers\"", s.dropped_no_subscribers),
             ("reason=\"slow_consumer\"", g(&net.dropped_slow_consumer)),
+            ("reason=\"memory_high_watermark\"", s.dropped_memory_high),
+            ("reason=\"storage_full\"", s.dropped_storage_full),
         ],
     );
     metric(
@@ -277,8 +298,14 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
         "ferrymq_publishes_refused_total",
         "counter",
         "QoS 1/2 publishes refused (0x97, or a 3.1.1 connection closed), by reason: a full \
-         session queue under mqtt.queue_full = reject, or held past queue_full_timeout_ms.",
-        &[("reason=\"queue_full\"", s.refused_queue_full)],
+         session queue (queue_full = reject, or held past queue_full_timeout_ms), memory over \
+         its high-water mark, or storage full (which also counts refused durable sessions \
+         and their subscriptions).",
+        &[
+            ("reason=\"queue_full\"", s.refused_queue_full),
+            ("reason=\"memory_high_watermark\"", s.refused_memory_high),
+            ("reason=\"storage_full\"", s.refused_storage_full),
+        ],
     );
     metric(
         &mut o,
@@ -301,6 +328,22 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot) -> String {
         "gauge",
         "PUBACK/PUBREC held now for full session queues, or queued behind one that is.",
         &[("", s.held_acks)],
+    );
+    let labels: Vec<String> = alarms
+        .iter()
+        .map(|a| format!("name=\"{}\"", a.name.as_str()))
+        .collect();
+    let samples: Vec<(&str, u64)> = labels
+        .iter()
+        .zip(alarms)
+        .map(|(l, a)| (l.as_str(), u64::from(a.active)))
+        .collect();
+    metric(
+        &mut o,
+        "ferrymq_alarm_active",
+        "gauge",
+        "1 while the alarm is raised (see GET /api/v1/alarms), 0 otherwise.",
+        &samples,
     );
     // The reasons a healthy broker sees are always present (a dashboard finds them at
     // zero); any other appears once it has happened. A slow consumer is `quota_exceeded`.

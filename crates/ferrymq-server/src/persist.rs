@@ -22,6 +22,17 @@
 //! Compaction: once `compact_after_bytes` were written since the last checkpoint (and twice
 //! that checkpoint's size), the engine writes a checkpoint; once it is durable, segments
 //! wholly before it are deleted.
+//!
+//! A full disk (issue 10): a write that finds no space (ENOSPC) leaves the log as it was (the
+//! store cuts a partial batch back) and the step's records unwritten. They are kept here, in
+//! order, with every later step's records ("blocked"); the actions that wait on them stay
+//! held; the router refuses new durable work ([`Persistence::is_blocked`] feeds the engine's
+//! admission) and calls [`Persistence::retry`] every 250 ms, which writes them all at once
+//! when space has come back. The engine's state and the log never disagree except by records
+//! not yet written, exactly as between a step and its write. While blocked, a step that
+//! makes no records holds back none of its actions (a QoS 0 flow, a clean session's CONNACK
+//! do not wait for the disk); one that does holds those that need durability, as always.
+//! Any other write error still stops the broker.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -42,6 +53,15 @@ use crate::ServerError;
 /// Requests waiting for the commit thread before the router blocks on it (back-pressure).
 const COMMIT_QUEUE: usize = 1024;
 
+/// One step's records, kept until they are in the log.
+#[derive(Debug, Clone)]
+struct Unwritten {
+    ticket: u64,
+    framed: bytes::Bytes,
+    count: u64,
+    checkpoint: bool,
+}
+
 /// What the commit thread tells the router.
 #[derive(Debug, Default)]
 pub(crate) struct Durable {
@@ -53,6 +73,8 @@ pub(crate) struct Durable {
     /// without taking the lock.
     has_failed: std::sync::atomic::AtomicBool,
     failed: Mutex<Option<String>>,
+    /// The commit thread found the disk full: the router takes the unwritten records back.
+    no_space: std::sync::atomic::AtomicBool,
     pub(crate) notify: Notify,
 }
 
@@ -69,6 +91,10 @@ impl Durable {
         match result {
             Ok(_) => {
                 self.ticket.fetch_max(ticket, Ordering::Release);
+                self.notify.notify_one();
+            }
+            Err(e) if e.is_no_space() => {
+                self.no_space.store(true, Ordering::Release);
                 self.notify.notify_one();
             }
             Err(e) => self.fail(e.to_string()),
@@ -179,6 +205,15 @@ pub(crate) struct Persistence {
     last_checkpoint: u64,
     /// Ticket of a checkpoint written but not yet known durable.
     checkpoint_ticket: Option<u64>,
+    /// With the commit thread: what was handed to it and is not yet known durable, so that
+    /// it can be taken back if the disk turns out full (`Bytes` clones: no copy).
+    in_flight: VecDeque<Unwritten>,
+    /// The disk was found full: these records (oldest first) are not in the log yet, and
+    /// every new step's records join them until [`Persistence::retry`] writes them.
+    unwritten: VecDeque<Unwritten>,
+    blocked: bool,
+    /// Bytes of records handed to the log since start (written or not), for the disk check.
+    bytes_submitted: u64,
     /// Held for the process's lifetime: a second broker on the same data_dir would corrupt it.
     _lock: File,
 }
@@ -321,6 +356,10 @@ impl Persistence {
             since_checkpoint: log_bytes,
             last_checkpoint: 0,
             checkpoint_ticket: None,
+            in_flight: VecDeque::new(),
+            unwritten: VecDeque::new(),
+            blocked: false,
+            bytes_submitted: 0,
             _lock: lock,
         };
         Ok((persistence, recovered))
@@ -329,11 +368,18 @@ impl Persistence {
     /// After an engine step: sends its records to the log and holds its actions until they
     /// are durable. Call [`Persistence::release`] next.
     pub(crate) fn after_step(&mut self, broker: &mut Broker, out: &mut Outbox) {
-        if !out.journal.is_empty() {
+        let made_records = !out.journal.is_empty();
+        if made_records {
             let (framed, count) = out.journal.take();
             self.submit(framed, count, false);
         }
-        let waiting = self.submitted > self.durable.ticket.load(Ordering::Acquire);
+        // Blocked, the disk may stay full for long: only a step's own records hold its
+        // actions back (see the module docs).
+        let waiting = if self.blocked {
+            made_records
+        } else {
+            self.submitted > self.durable.ticket.load(Ordering::Acquire)
+        };
         if waiting || !self.held.is_empty() {
             let mut keep = std::mem::take(&mut self.scratch);
             for (conn, action) in out.actions.drain(..) {
@@ -348,7 +394,8 @@ impl Persistence {
             self.scratch = std::mem::replace(&mut out.actions, keep);
         }
         let threshold = self.compact_after.max(2 * self.last_checkpoint);
-        if self.checkpoint_ticket.is_none() && self.since_checkpoint >= threshold {
+        // No checkpoint while blocked: it could not be written either.
+        if self.checkpoint_ticket.is_none() && !self.blocked && self.since_checkpoint >= threshold {
             let started = Instant::now();
             if let Some(begin) = broker.checkpoint(out) {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
@@ -372,20 +419,34 @@ impl Persistence {
 
     fn submit(&mut self, framed: bytes::Bytes, count: u64, checkpoint: bool) {
         self.since_checkpoint += framed.len() as u64;
+        self.bytes_submitted += framed.len() as u64;
         self.submitted += 1;
         let ticket = self.submitted;
         let durable = self.durable.clone();
+        let entry = Unwritten {
+            ticket,
+            framed: framed.clone(),
+            count,
+            checkpoint,
+        };
+        if self.blocked {
+            self.unwritten.push_back(entry);
+            return;
+        }
         match &mut self.writer {
-            Writer::Group(commit) => commit.append_framed(
-                framed,
-                count,
-                Box::new(move |result| {
-                    if let (true, Ok(offset)) = (checkpoint, &result) {
-                        durable.checkpoint.store(offset.0 + 1, Ordering::Release);
-                    }
-                    durable.complete(ticket, result);
-                }),
-            ),
+            Writer::Group(commit) => {
+                self.in_flight.push_back(entry);
+                commit.append_framed(
+                    framed,
+                    count,
+                    Box::new(move |result| {
+                        if let (true, Ok(offset)) = (checkpoint, &result) {
+                            durable.checkpoint.store(offset.0 + 1, Ordering::Release);
+                        }
+                        durable.complete(ticket, result);
+                    }),
+                )
+            }
             Writer::Inline {
                 log,
                 syncer,
@@ -398,6 +459,11 @@ impl Persistence {
                         }
                         // Stored as the policy means it: the kernel has it.
                         durable.ticket.store(ticket, Ordering::Release);
+                    }
+                    Err(e) if e.is_no_space() => {
+                        tracing::warn!(error = %e, "the log's disk is full: keeping its records in memory and refusing new durable work until a retry writes them");
+                        self.blocked = true;
+                        self.unwritten.push_back(entry);
                     }
                     Err(e) => durable.fail(e.to_string()),
                 }
@@ -424,7 +490,22 @@ impl Persistence {
         if let Some(e) = self.durable.failure() {
             return Err(e);
         }
+        // The commit thread refuses every append after the one that found the disk full, so
+        // what it has not made durable is exactly what is still in flight past `durable`
+        // (read after the flag: the thread stores the ticket of its last good write first).
+        if self.durable.no_space.swap(false, Ordering::AcqRel) && !self.blocked {
+            tracing::warn!("the log's disk is full: keeping its records in memory and refusing new durable work until a retry writes them");
+            self.blocked = true;
+        }
         let durable = self.durable.ticket.load(Ordering::Acquire);
+        while self.in_flight.front().is_some_and(|u| u.ticket <= durable) {
+            self.in_flight.pop_front();
+        }
+        if self.blocked && !self.in_flight.is_empty() {
+            for u in self.in_flight.drain(..).rev() {
+                self.unwritten.push_front(u);
+            }
+        }
         while self.held.front().is_some_and(|(t, _, _)| *t <= durable) {
             let Some((_, conn, action)) = self.held.pop_front() else {
                 break;
@@ -457,6 +538,78 @@ impl Persistence {
         Ok(())
     }
 
+    pub(crate) fn bytes_submitted(&self) -> u64 {
+        self.bytes_submitted
+    }
+
+    /// Whether the log found the disk full and holds records it could not write yet.
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Writes the records a full disk kept back, oldest first, as one append. Ok(true) once
+    /// they are in the log (the actions waiting on them are released by the next
+    /// [`Persistence::release`]); Ok(false) if the disk is still full; Err if the log failed
+    /// otherwise. Blocks the router for one write (and, under `always`, one fsync).
+    pub(crate) fn retry(&mut self) -> Result<bool, String> {
+        if !self.blocked {
+            return Ok(true);
+        }
+        let mut framed = bytes::BytesMut::new();
+        let mut count = 0;
+        for u in &self.unwritten {
+            framed.extend_from_slice(&u.framed);
+            count += u.count;
+        }
+        let framed = framed.freeze();
+        let result = match &mut self.writer {
+            Writer::Group(commit) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                commit.retry_framed(
+                    framed,
+                    count,
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                );
+                rx.recv().unwrap_or(Err(StoreError::Stopped))
+            }
+            Writer::Inline { log, syncer, .. } => {
+                let r = log.append_framed(&framed, count);
+                if let Some(s) = syncer {
+                    s.shared.dirty.store(true, Ordering::Release);
+                }
+                r
+            }
+        };
+        match result {
+            Ok(base) => {
+                let mut offset = base.0;
+                let mut last = 0;
+                for u in self.unwritten.drain(..) {
+                    if u.checkpoint {
+                        self.durable.checkpoint.store(offset + 1, Ordering::Release);
+                    }
+                    offset += u.count;
+                    last = u.ticket;
+                }
+                self.durable.ticket.fetch_max(last, Ordering::Release);
+                self.blocked = false;
+                tracing::info!(
+                    records = count,
+                    "the log's disk has room again: the records kept in memory are written"
+                );
+                Ok(true)
+            }
+            Err(e) if e.is_no_space() => Ok(false),
+            Err(e) => {
+                let e = e.to_string();
+                self.durable.fail(e.clone());
+                Err(e)
+            }
+        }
+    }
+
     pub(crate) fn held_actions(&self) -> usize {
         self.held.len()
     }
@@ -470,7 +623,10 @@ impl Persistence {
 
     /// Waits (blocking this thread) until everything submitted is durable, then stops the
     /// commit thread. Used at shutdown.
-    pub(crate) fn finish(self, out: &mut Outbox) {
+    pub(crate) fn finish(mut self, out: &mut Outbox) {
+        // Records a full disk kept back get one more try; if it fails, what waits on them is
+        // never sent (it was never acknowledged, and the next start does without it).
+        let written = matches!(self.retry(), Ok(true));
         let Persistence {
             writer,
             mut held,
@@ -488,7 +644,7 @@ impl Persistence {
                 log.sync().is_ok()
             }
         };
-        if stopped && durable.failure().is_none() {
+        if written && stopped && durable.failure().is_none() {
             out.actions
                 .extend(held.drain(..).map(|(_, conn, action)| (conn, action)));
         }
@@ -501,6 +657,8 @@ fn needs_durability(action: &Action) -> bool {
         // At least once tolerates a resend; exactly once does not (see the module docs).
         Action::Deliver(d) => d.qos == QoS::ExactlyOnce,
         Action::Send(Packet::PingResp) => false,
+        // A refused publish (0x97 while the disk is full, say) stored nothing.
+        Action::Send(Packet::PubAck(r) | Packet::PubRec(r)) if r.reason.is_error() => false,
         // Acks, PUBREL, CONNACK (session present), SUBACK, DISCONNECT, and the close itself.
         Action::Send(_) | Action::Close => true,
     }

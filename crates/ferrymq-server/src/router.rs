@@ -16,9 +16,11 @@ use ferrymq_core::{Action, Broker, ConnId, ConnectOutcome, Flow, Message, Outbox
 use ferrymq_mqtt::{Connect, Packet, QoS, ReasonCode};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alarms::{AlarmName, AlarmState, Alarms};
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
 use crate::persist::Persistence;
+use crate::resources::Overload;
 use crate::violations::ViolationLog;
 
 /// Messages from connection tasks (and the admin side) to the router.
@@ -372,6 +374,12 @@ pub(crate) struct Router {
     /// so far (see `feeds_congestion`).
     load: rustc_hash::FxHashMap<ConnId, usize>,
     over: Vec<ConnId>,
+    /// Alarms (issue 10): `self.alarms.raise(AlarmName::SlowSubscriber, "why")` and
+    /// `self.alarms.clear(AlarmName::SlowSubscriber)` from anywhere in the router; each change
+    /// is published on `$SYS/broker/alarms/{name}` by the end of the step.
+    pub(crate) alarms: Alarms,
+    /// Memory and disk checks, which decide the engine's admission.
+    overload: Overload,
 }
 
 /// A subscriber whose outbound queue went over its high mark.
@@ -420,8 +428,11 @@ impl Router {
         settings: RouterSettings,
         persist: Option<Persistence>,
         drains: Arc<Drains>,
+        overload: Overload,
     ) -> Router {
         Router {
+            alarms: overload.alarms().clone(),
+            overload,
             persist,
             next_keep_alive_check: Instant::now(),
             violations: ViolationLog::new(Instant::now()),
@@ -477,6 +488,10 @@ impl Router {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
             let now = self.now();
+            // Before the batch: what it brings is admitted under the latest measurements.
+            if let Err(e) = self.check_resources(now) {
+                return self.storage_failed(e, now);
+            }
             self.let_drained_go();
             self.check_congestion(now);
             self.run_ready(now);
@@ -510,16 +525,40 @@ impl Router {
                 return Ok(());
             }
             if let Err(e) = self.store() {
-                tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
-                self.persist = None;
-                self.out.actions.clear();
-                self.broker.shutdown(now, &mut self.out);
-                self.out.journal.clear();
-                self.dispatch();
-                return Err(e);
+                return self.storage_failed(e, now);
             }
             self.dispatch();
         }
+    }
+
+    /// The log failed other than for space: nothing more can be acknowledged.
+    fn storage_failed(&mut self, e: String, now: Time) -> Result<(), String> {
+        tracing::error!(error = %e, "storage failed; disconnecting everyone and stopping so that nothing unstored is acknowledged");
+        self.persist = None;
+        self.out.actions.clear();
+        self.broker.shutdown(now, &mut self.out);
+        self.out.journal.clear();
+        self.dispatch();
+        Err(e)
+    }
+
+    /// Memory and disk checks (when due): sets the engine's admission, and publishes every
+    /// alarm change since the last step, retained, on `$SYS/broker/alarms/{name}`.
+    fn check_resources(&mut self, now: Time) -> Result<(), String> {
+        let admission = self.overload.check(self.persist.as_mut(), &self.broker)?;
+        if admission != self.broker.admission() {
+            self.broker.set_admission(admission);
+        }
+        for alarm in self.alarms.drain_changes() {
+            self.publish_alarm(&alarm, now);
+        }
+        Ok(())
+    }
+
+    fn publish_alarm(&mut self, alarm: &AlarmState, now: Time) {
+        let mut m = Message::new(&alarm.topic(), Bytes::from(alarm.to_json()), now);
+        m.retain = true;
+        self.broker.publish(m, now, &mut self.out);
     }
 
     /// Hands this step's journal records to the log and holds back what must wait for them;
@@ -533,6 +572,10 @@ impl Router {
     }
 
     fn next_wakeup(&self, next_sys: Instant) -> Instant {
+        if self.alarms.has_changes() {
+            // Raised or cleared after this step's `check_resources`: publish them now.
+            return Instant::now();
+        }
         let mut at = Instant::now() + Duration::from_secs(1);
         if !self.settings.sys_interval.is_zero() {
             at = at.min(next_sys);
@@ -549,6 +592,9 @@ impl Router {
         }
         for c in self.congested.values().filter(|c| !c.slow) {
             at = at.min(c.since + self.settings.slow_consumer_grace);
+        }
+        if let Some(due) = self.overload.next_due() {
+            at = at.min(due);
         }
         at
     }
@@ -572,6 +618,10 @@ impl Router {
         };
         for publisher in c.publishers {
             self.unhold_for_subscriber(publisher);
+        }
+        // The alarm is up while any subscriber is slow (it drains, or goes away).
+        if c.slow && !self.congested.values().any(|c| c.slow) {
+            self.alarms.clear(AlarmName::SlowSubscriber);
         }
     }
 
@@ -615,6 +665,16 @@ impl Router {
             .collect();
         for subscriber in late {
             NetMetrics::add(&self.net.slow_subscribers, 1);
+            self.alarms.raise(
+                AlarmName::SlowSubscriber,
+                format!(
+                    "a subscriber stayed over limits.max_outbound_bytes for longer than \
+                     limits.slow_consumer_grace_ms ({} ms): its publishers no longer wait for \
+                     it, and limits.slow_consumer = {:?} applies",
+                    grace.as_millis(),
+                    self.settings.slow_consumer
+                ),
+            );
             let publishers = match self.congested.get_mut(&subscriber) {
                 Some(c) => {
                     c.slow = true;
@@ -862,6 +922,7 @@ impl Router {
                     retained: self.broker.retained_count(),
                     storage_disk_bytes: self.persist.as_ref().map_or(0, |p| p.disk_bytes()),
                     storage_held_actions: self.persist.as_ref().map_or(0, |p| p.held_actions()),
+                    storage_blocked: self.persist.as_ref().is_some_and(|p| p.is_blocked()),
                 });
             }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),
@@ -1118,7 +1179,12 @@ impl Router {
             ),
             (
                 "$SYS/broker/messages/dropped",
-                (s.dropped_queue_full + s.dropped_expired + s.dropped_too_large).to_string(),
+                (s.dropped_queue_full
+                    + s.dropped_expired
+                    + s.dropped_too_large
+                    + s.dropped_memory_high
+                    + s.dropped_storage_full)
+                    .to_string(),
             ),
         ];
         for (topic, value) in topics {

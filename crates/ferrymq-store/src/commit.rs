@@ -8,6 +8,13 @@
 //! ```
 //! The queue is bounded (`queue_depth` requests); a full queue makes `append` block, which is
 //! the back-pressure a publisher should feel when the disk is the bottleneck.
+//!
+//! A full disk is not the end: a group that finds no space is not written (the log is put
+//! back as it was, see [`Log::append_framed`]) and fails with [`StoreError::NoSpace`], and so
+//! does every append queued after it, unwritten, so that nothing reaches the log out of order.
+//! The caller keeps those records and hands them back, in order, with
+//! [`GroupCommit::retry_framed`], which is written (or fails the same way) and opens the log
+//! to appends again.
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
@@ -38,6 +45,8 @@ enum Request {
         framed: Bytes,
         count: u64,
         done: Done,
+        /// Takes the log out of refusal after [`StoreError::NoSpace`].
+        retry: bool,
     },
     /// Delete sealed segments wholly below this offset (after the appends queued before it).
     Reclaim(Offset),
@@ -107,6 +116,17 @@ impl GroupCommit {
     /// Like [`GroupCommit::append`], for records already framed as `(length u32 | bytes)*`
     /// (see [`Log::append_framed`]).
     pub fn append_framed(&self, framed: Bytes, count: u64, done: Done) {
+        self.send_append(framed, count, done, false);
+    }
+
+    /// After an append failed with [`StoreError::NoSpace`], later ones fail the same way
+    /// unwritten until this call: it appends `framed` (the caller's unwritten records, oldest
+    /// first) and, whatever comes of it, lets later appends be written again.
+    pub fn retry_framed(&self, framed: Bytes, count: u64, done: Done) {
+        self.send_append(framed, count, done, true);
+    }
+
+    fn send_append(&self, framed: Bytes, count: u64, done: Done, retry: bool) {
         let Some(tx) = &self.tx else {
             done(Err(StoreError::Stopped));
             return;
@@ -115,6 +135,7 @@ impl GroupCommit {
             framed,
             count,
             done,
+            retry,
         }) {
             if let Request::Append { done, .. } = e.0 {
                 done(Err(StoreError::Stopped));
@@ -147,6 +168,8 @@ fn run(
     let mut stats = CommitStats::default();
     let mut waiting: Vec<(Offset, Done)> = Vec::new();
     let mut scratch: Vec<u8> = Vec::new();
+    // An append found the disk full: refuse the rest until the caller retries.
+    let mut refusing = false;
     while let Ok(first) = rx.recv() {
         let mut batch: Vec<(Bytes, u64, Done)> = Vec::new();
         let mut reclaim = None;
@@ -156,10 +179,19 @@ fn run(
         while let Some(r) = next.take() {
             match r {
                 Request::Append {
+                    done, retry: false, ..
+                } if refusing => done(Err(StoreError::NoSpace(
+                    "not written: an earlier append found the disk full".into(),
+                ))),
+                Request::Append {
                     framed,
                     count,
                     done,
-                } => batch.push((framed, count, done)),
+                    retry,
+                } => {
+                    refusing &= !retry;
+                    batch.push((framed, count, done));
+                }
                 Request::Reclaim(offset) => {
                     reclaim = Some(offset);
                     break;
@@ -190,6 +222,13 @@ fn run(
                 for (_, n, done) in batch {
                     waiting.push((Offset(next), done));
                     next += n;
+                }
+            }
+            Err(e) if e.is_no_space() => {
+                refusing = true;
+                let msg = e.to_string();
+                for (_, _, done) in batch {
+                    done(Err(StoreError::NoSpace(msg.clone())));
                 }
             }
             Err(e) => {

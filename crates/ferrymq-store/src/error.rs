@@ -56,9 +56,38 @@ pub enum StoreError {
     /// fdatasync failed: the records of that group are not durable.
     #[error("fsync failed: {0}")]
     SyncFailed(String),
+    /// The disk is full: the records were not written (a partial write was cut off again),
+    /// and the log is as it was before the append. Appending them again later is safe. The
+    /// commit thread also gives this to every append queued behind one that found the disk
+    /// full, until a [`crate::GroupCommit::retry_framed`], so that nothing is written out of
+    /// order.
+    #[error("no space left on the log's disk: {0}")]
+    NoSpace(String),
     /// An offset outside the log was asked for.
     #[error("offset {0} is not in the log")]
     OffsetOutOfRange(u64),
+}
+
+impl StoreError {
+    /// Whether the append failed only for want of disk space ([`StoreError::NoSpace`], or an
+    /// I/O error that is ENOSPC or EDQUOT): the log is unchanged and the append can be
+    /// retried once space returns. Every other error leaves the log in doubt.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace(_) => true,
+            StoreError::Io { source, .. } => is_no_space(source),
+            _ => false,
+        }
+    }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    /// ENOSPC and EDQUOT on Linux.
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 pub(crate) fn io(

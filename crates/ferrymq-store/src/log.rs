@@ -43,6 +43,15 @@ pub struct TornTail {
     pub bytes: u64,
 }
 
+/// The end of the log at one moment (see [`Log::undo`]).
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    segments: usize,
+    size: u64,
+    next: Offset,
+    index: usize,
+}
+
 /// An append-only log of opaque records.
 ///
 /// Guarantees: [`Log::append`] returns once the batch is written to the OS (it survives a
@@ -152,7 +161,55 @@ impl Log {
     /// framing), `count` of them; returns the offset of the first. They go out as one batch,
     /// or as several back to back when larger than a batch may be. In the OS page cache when
     /// this returns; call [`Log::sync`] for power-loss durability.
+    ///
+    /// All or nothing: when a write fails (a full disk, say) the log is put back as it was
+    /// before the call, partial batch and any segment started by it removed, so the same
+    /// records can be appended again later. If even that fails the error says so and the log
+    /// is in doubt (the caller stops).
     pub fn append_framed(&mut self, framed: &[u8], count: u64) -> Result<Offset, StoreError> {
+        let mark = self.mark();
+        self.append_framed_all(framed, count).or_else(|e| {
+            self.undo(mark)?;
+            Err(e)
+        })
+    }
+
+    /// Where the log ends now, for [`Log::undo`].
+    fn mark(&self) -> Mark {
+        let active = self.active();
+        Mark {
+            segments: self.segments.len(),
+            size: active.size,
+            next: active.next,
+            index: active.index.len(),
+        }
+    }
+
+    /// Puts the log back to `mark`: deletes segments started since, cuts the active one back
+    /// to its size then (a partly written batch with it), so that no bad batch is left in
+    /// the middle of the log for the next open to take for damage.
+    fn undo(&mut self, mark: Mark) -> Result<(), StoreError> {
+        let mut removed = false;
+        while self.segments.len() > mark.segments {
+            if let Some(seg) = self.segments.pop() {
+                fs::remove_file(&seg.path).map_err(io("remove after a failed write", &seg.path))?;
+                removed = true;
+            }
+        }
+        let seg = &mut self.segments[mark.segments - 1];
+        seg.file
+            .set_len(mark.size)
+            .map_err(io("cut back after a failed write", &seg.path))?;
+        seg.size = mark.size;
+        seg.next = mark.next;
+        seg.index.truncate(mark.index);
+        if removed {
+            sync_dir(&self.config.dir)?;
+        }
+        Ok(())
+    }
+
+    fn append_framed_all(&mut self, framed: &[u8], count: u64) -> Result<Offset, StoreError> {
         let first = self.next();
         let mut rest = framed;
         let mut left = count;

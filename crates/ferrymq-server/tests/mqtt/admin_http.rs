@@ -36,3 +36,27 @@ async fn health_and_metrics() {
     let (status, _) = http_get(&server, "/nope").await;
     assert_eq!(status, 404);
 }
+
+/// `/api/v1/alarms` lists every known alarm, and `/metrics` exports each at 0 while quiet, so
+/// a dashboard finds them before they fire.
+#[tokio::test]
+async fn every_alarm_is_listed_and_exported_while_quiet() {
+    let server = start().await;
+    let (status, body) = http_get(&server, "/api/v1/alarms").await;
+    assert_eq!(status, 200);
+    for name in [
+        "memory_high_watermark",
+        "disk_low",
+        "queue_depth",
+        "slow_subscriber",
+        "dlq_growth",
+    ] {
+        assert!(
+            body.contains(&format!("\"name\":\"{name}\"")),
+            "{name} in {body}"
+        );
+        let sample = format!("ferrymq_alarm_active{{name=\"{name}\"}}");
+        assert_eq!(metric(&server, &sample).await, 0, "{sample}");
+    }
+    assert!(!body.contains("\"active\":true"), "{body}");
+}

@@ -236,7 +236,18 @@ async fn stuck_among_healthy(policy: SlowConsumer) -> ferrymq_server::Server {
     }
     assert!(metric(&server, "ferrymq_publisher_pauses_total").await > 0);
     assert_eq!(metric(&server, "ferrymq_slow_subscribers_total").await, 1);
+    let alarm = "ferrymq_alarm_active{name=\"slow_subscriber\"}";
+    if policy == SlowConsumer::Drop {
+        // Raised while the stuck subscriber is slow, cleared once it is gone.
+        assert_eq!(metric(&server, alarm).await, 1);
+        let (_, alarms) = http_get(&server, "/api/v1/alarms").await;
+        assert!(alarms.contains("slow_subscriber"), "{alarms}");
+    }
     drop(stuck);
+    eventually("the slow_subscriber alarm clears", || async {
+        metric(&server, alarm).await == 0
+    })
+    .await;
     server
 }
 

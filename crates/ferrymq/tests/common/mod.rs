@@ -60,3 +60,87 @@ pub fn serve(config: &Path, mqtt: u16, http: u16, data: &Path) -> Child {
         .spawn()
         .expect("ferrymq starts")
 }
+
+/// GET `path` from the admin server on `http`; the body.
+pub fn http_get(http: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    match response.split_once("\r\n\r\n") {
+        Some((_, body)) => body.to_string(),
+        None => panic!("no HTTP body in {response:?}"),
+    }
+}
+
+/// One sample of /metrics, e.g. `ferrymq_alarm_active{name="disk_low"}`.
+pub fn metric(http: u16, sample: &str) -> u64 {
+    let body = http_get(http, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in:\n{body}"))
+}
+
+/// The alarm `name` as `GET /api/v1/alarms` lists it.
+pub fn alarm(http: u16, name: &str) -> serde_json::Value {
+    let body: serde_json::Value = serde_json::from_str(&http_get(http, "/api/v1/alarms")).unwrap();
+    body["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no alarm {name} in {body}"))
+}
+
+/// Resident memory of process `pid`, in bytes (/proc/PID/statm; 4 KiB pages).
+pub fn rss(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4096
+}
+
+/// Polls `f` every 20 ms until it returns Some, at most `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Forwards the broker's stderr to the test's (cargo shows it for a failing test), so that
+/// the broker never blocks on a full pipe.
+pub fn forward_stderr(child: &mut Child) {
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("broker: {line}");
+        }
+    });
+}
+
+/// A child process killed when this is dropped, a failing test's panic included (a broker
+/// left running would keep its port and memory).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
