@@ -251,11 +251,19 @@ impl Broker {
                 }
                 _ => None,
             };
-            self.stats.refused_queue_full += 1;
             let Some(c) = self.conns.get(&conn) else {
                 return;
             };
             let (publisher, v5) = (c.session, c.version == ProtocolVersion::V5);
+            if !v5 && qos2.is_some() {
+                // 3.1.1 has no negative PUBREC: the connection is closed, and the client sends
+                // this PUBLISH again on reconnect. The message stays queued and its id
+                // known, so the resend gets its PUBREC without being routed again: once for
+                // every session, the full ones included (one message past their limit,
+                // like a QoS 2 publisher that leaves while held: see `drop_holds`).
+                return self.kill(conn, None, now, out);
+            }
+            self.stats.refused_queue_full += 1;
             // A refused PUBREC ends the QoS 2 flow: the client will not send PUBREL.
             if let Some(pid) = qos2 {
                 let known = self
@@ -307,16 +315,40 @@ impl Broker {
     }
 
     /// The publisher went away (closed, taken over, killed): its held acknowledgements are
-    /// forgotten. Their messages stay queued and durable. `Flow::Resume` is pushed all the
-    /// same, so a driver that keeps a set of paused connections forgets this one.
+    /// forgotten. A QoS 1 message leaves the full queues it waited in past their limit (it
+    /// was never acknowledged, and its publisher sends it again if its session lives on):
+    /// otherwise every publisher that gives up while held would leave one message past the
+    /// limit, and a queue would grow without bound. A QoS 2 message stays: its packet id is
+    /// journaled, so the resend is answered without being routed again, and taking it out
+    /// would lose it for those sessions (or, releasing the id, deliver it twice to the
+    /// others). `Flow::Resume` is pushed all the same, so a driver that keeps a set of
+    /// paused connections forgets this one.
     pub(crate) fn drop_holds(&mut self, conn: ConnId, out: &mut Outbox) {
         let Some(acks) = self.holds.by_conn.remove(&conn) else {
             return;
         };
         self.stats.held_acks = self.stats.held_acks.saturating_sub(acks.len() as u64);
         for h in acks {
+            let qos1 = matches!(h.ack, Packet::PubAck(_));
             for sid in h.waiting {
                 self.unhold(sid, h.message, conn);
+                if !qos1 {
+                    continue;
+                }
+                let queued = self
+                    .sessions
+                    .get(&sid)
+                    .is_some_and(|s| s.pending.iter().any(|p| p.message.id == h.message));
+                if queued {
+                    self.commit(
+                        Record::Removed {
+                            sid,
+                            message: h.message,
+                        },
+                        out,
+                    );
+                    self.queue_shrunk(sid, out);
+                }
             }
         }
         out.flow.push((conn, Flow::Resume));

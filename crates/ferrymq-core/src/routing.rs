@@ -242,9 +242,6 @@ impl Broker {
         msg.id = self.next_message_id;
         self.next_message_id += 1;
         let msg = Arc::new(msg);
-        if msg.retain {
-            self.commit(Record::Retain(msg.clone()), out);
-        }
         let targets = self.targets(&msg);
         let mut routed = Routed {
             count: targets.len(),
@@ -252,6 +249,20 @@ impl Broker {
             full: Vec::new(),
             refused: false,
         };
+        // `reject` is all or nothing: a publish that some full queue would refuse goes to
+        // no one (nor into the retained store), so a publisher that sends it again delivers
+        // it once, not twice to the sessions that had room (a 3.1.1 client, refused by a
+        // close, always sends it again).
+        if self.config.queue_full == crate::QueueFull::Reject
+            && promise == Promise::Acked
+            && targets.iter().any(|t| self.would_refuse(t))
+        {
+            routed.refused = true;
+            return routed;
+        }
+        if msg.retain {
+            self.commit(Record::Retain(msg.clone()), out);
+        }
         for t in targets {
             let retain = msg.retain && t.retain_as_published;
             let p = Pending {
@@ -268,6 +279,17 @@ impl Broker {
             }
         }
         routed
+    }
+
+    /// Whether `deliver` would have to queue a QoS 1/2 message for `t` in a full queue.
+    fn would_refuse(&self, t: &Target) -> bool {
+        if t.qos == QoS::AtMostOnce {
+            return false;
+        }
+        self.sessions.get(&t.session).is_some_and(|s| {
+            let sends_now = s.is_connected() && s.has_window() && s.pending.is_empty();
+            !sends_now && s.pending.len() >= self.config.max_queued_messages
+        })
     }
 
     /// Matching sessions, one entry per session for plain subscriptions (highest QoS, every

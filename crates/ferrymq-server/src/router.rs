@@ -374,6 +374,9 @@ pub(crate) struct Router {
     /// so far (see `feeds_congestion`).
     load: rustc_hash::FxHashMap<ConnId, usize>,
     over: Vec<ConnId>,
+    /// Subscribers that held back publishers others wait on, and for how long (see
+    /// [`Strikes`]); forgotten with their connection.
+    strikes: rustc_hash::FxHashMap<ConnId, Strikes>,
     /// Alarms (issue 10): `self.alarms.raise(AlarmName::SlowSubscriber, "why")` and
     /// `self.alarms.clear(AlarmName::SlowSubscriber)` from anywhere in the router; each change
     /// is published on `$SYS/broker/alarms/{name}` by the end of the step.
@@ -390,7 +393,35 @@ struct Congested {
     /// Over its mark past the grace period: it holds nobody back any more, and the
     /// slow-consumer policy applies to it until it drains.
     slow: bool,
+    /// It held back a publisher whose message also went to a subscriber with room: it
+    /// slows the others down, so its grace counts across episodes ([`Strikes`]).
+    harms_others: bool,
 }
+
+impl Congested {
+    fn new() -> Congested {
+        Congested {
+            since: Instant::now(),
+            publishers: Default::default(),
+            slow: false,
+            harms_others: false,
+        }
+    }
+}
+
+/// Time a subscriber held back publishers that others were waiting on, summed over the
+/// episodes of one window ([`STRIKE_WINDOW`] grace periods). A subscriber that drains just
+/// in time, again and again, would otherwise pace everyone for as long as it likes: its
+/// grace is spent across episodes. A subscriber alone on its publishers (the bottleneck of
+/// a burst, harming nobody) has its grace per episode.
+#[derive(Clone, Copy)]
+struct Strikes {
+    held: Duration,
+    window_start: Instant,
+}
+
+/// The window of [`Strikes`], in grace periods.
+const STRIKE_WINDOW: u32 = 10;
 
 /// A connection whose input the router does not run now, with that input in order.
 #[derive(Default)]
@@ -399,6 +430,9 @@ struct Held {
     subscribers: u32,
     /// The engine paused it (it holds one of its acks).
     by_engine: bool,
+    /// The PUBLISH it was held at went to more than one subscriber: holding it makes others
+    /// wait too.
+    fans_out: bool,
     input: std::collections::VecDeque<Input>,
 }
 
@@ -420,6 +454,11 @@ struct Input {
 /// (at most one router step, and 1 MiB of input per publisher): a bound for memory, not a
 /// policy.
 const GRACE_OVERSHOOT: usize = 4;
+
+/// With a small mark, at least this much past it: what one step of a connection's own input
+/// ([`MAX_UNROUTED`], twice for what its read adds) can put in its own queue, since a
+/// connection is never held back for itself.
+const GRACE_INPUT: usize = 2 * MAX_UNROUTED;
 
 impl Router {
     pub(crate) fn new(
@@ -452,6 +491,7 @@ impl Router {
             ran: Default::default(),
             load: Default::default(),
             over: Vec::new(),
+            strikes: Default::default(),
         }
     }
 
@@ -493,7 +533,7 @@ impl Router {
                 return self.storage_failed(e, now);
             }
             self.let_drained_go();
-            self.check_congestion(now);
+            self.check_congestion();
             self.run_ready(now);
             let mut shutdown = None;
             for msg in batch.drain(..) {
@@ -507,6 +547,7 @@ impl Router {
             self.apply_flow();
             if Instant::now() >= self.next_keep_alive_check {
                 self.check_keep_alive(now);
+                self.apply_flow();
                 self.next_keep_alive_check = Instant::now() + KEEP_ALIVE_CHECK;
             }
             if !self.settings.sys_interval.is_zero() && Instant::now() >= next_sys {
@@ -590,13 +631,28 @@ impl Router {
         if !self.ready.is_empty() {
             at = Instant::now();
         }
-        for c in self.congested.values().filter(|c| !c.slow) {
-            at = at.min(c.since + self.settings.slow_consumer_grace);
+        for (conn, c) in self.congested.iter().filter(|(_, c)| !c.slow) {
+            at = at.min(c.since + self.grace_left(*conn, c));
         }
         if let Some(due) = self.overload.next_due() {
             at = at.min(due);
         }
         at
+    }
+
+    /// How long a congested subscriber may stay so in this episode: the grace period, less
+    /// what it already spent in this window holding back publishers others wait on.
+    fn grace_left(&self, subscriber: ConnId, c: &Congested) -> Duration {
+        let grace = self.settings.slow_consumer_grace;
+        if !c.harms_others {
+            return grace;
+        }
+        match self.strikes.get(&subscriber) {
+            Some(s) if c.since.duration_since(s.window_start) <= grace * STRIKE_WINDOW => {
+                grace.saturating_sub(s.held)
+            }
+            _ => grace,
+        }
     }
 
     /// Subscribers whose writers reported a drain below the low mark: they hold nobody back
@@ -616,6 +672,21 @@ impl Router {
         let Some(c) = self.congested.remove(&subscriber) else {
             return;
         };
+        if c.harms_others && !c.slow && self.conns.contains_key(&subscriber) {
+            let now = Instant::now();
+            let window = self.settings.slow_consumer_grace * STRIKE_WINDOW;
+            let s = self.strikes.entry(subscriber).or_insert(Strikes {
+                held: Duration::ZERO,
+                window_start: now,
+            });
+            if now.duration_since(s.window_start) > window {
+                *s = Strikes {
+                    held: Duration::ZERO,
+                    window_start: now,
+                };
+            }
+            s.held += now.duration_since(c.since);
+        }
         for publisher in c.publishers {
             self.unhold_for_subscriber(publisher);
         }
@@ -648,19 +719,34 @@ impl Router {
         self.ready.push(conn);
     }
 
-    /// Subscribers over their mark for longer than the grace period meet the slow-consumer
-    /// policy: they stop holding publishers back, and are disconnected or (until they
-    /// drain) have QoS 0 messages over the mark dropped.
-    fn check_congestion(&mut self, now: Time) {
+    /// Subscribers over their mark for longer than the grace period are slow: they stop
+    /// holding publishers back, and until they drain the slow-consumer policy meets the QoS 0
+    /// messages over their mark (dropped, or the subscriber disconnected: see `dispatch`).
+    /// QoS 1/2 wait in their session as always, so a QoS 1 subscriber that is merely
+    /// behind is not disconnected.
+    fn check_congestion(&mut self) {
         if self.congested.is_empty() {
             return;
+        }
+        // One that alone holds back a publisher whose messages go to others as well makes
+        // them wait: its grace counts across episodes from now.
+        let held = &self.held;
+        for c in self
+            .congested
+            .values_mut()
+            .filter(|c| !c.slow && !c.harms_others)
+        {
+            c.harms_others = c.publishers.iter().any(|p| {
+                held.get(p)
+                    .is_some_and(|h| h.fans_out && h.subscribers == 1 && !h.by_engine)
+            });
         }
         let grace = self.settings.slow_consumer_grace;
         let t = Instant::now();
         let late: Vec<ConnId> = self
             .congested
             .iter()
-            .filter(|(_, c)| !c.slow && t.duration_since(c.since) >= grace)
+            .filter(|(conn, c)| !c.slow && t >= c.since + self.grace_left(**conn, c))
             .map(|(conn, _)| *conn)
             .collect();
         for subscriber in late {
@@ -684,16 +770,6 @@ impl Router {
             };
             for publisher in publishers {
                 self.unhold_for_subscriber(publisher);
-            }
-            if self.settings.slow_consumer == SlowConsumer::Disconnect {
-                // Counted and summarized as a QuotaExceeded close (see `dispatch`).
-                tracing::debug!(conn = subscriber.0, "disconnecting slow consumer");
-                self.broker.kill(
-                    subscriber,
-                    Some(ReasonCode::QuotaExceeded),
-                    now,
-                    &mut self.out,
-                );
             }
         }
     }
@@ -795,24 +871,40 @@ impl Router {
     fn feeds_congestion(&mut self, publisher: ConnId, mark: usize) -> bool {
         let high = self.settings.max_outbound_bytes;
         let mut over = std::mem::take(&mut self.over);
+        // Whether the message also went to a subscriber with room, which a hold makes wait.
+        let mut others_have_room = false;
+        let mut deliveries = 0;
         for (subscriber, action) in &self.out.actions[mark..] {
             if !matches!(action, Action::Deliver(_)) {
                 continue;
             }
+            deliveries += 1;
             let load = self
                 .load
                 .entry(*subscriber)
                 .or_insert_with(|| self.conns.get(subscriber).map_or(0, |o| o.queued()));
             *load += queued_size(action);
-            if *load > high && over.last() != Some(subscriber) {
+            if *load <= high {
+                others_have_room = true;
+            } else if over.last() != Some(subscriber) {
                 over.push(*subscriber);
             }
         }
         let mut held = false;
         for subscriber in over.drain(..) {
             held |= self.congest(subscriber, publisher);
+            if others_have_room {
+                if let Some(c) = self.congested.get_mut(&subscriber) {
+                    c.harms_others = true;
+                }
+            }
         }
         self.over = over;
+        if held && deliveries > 1 {
+            if let Some(h) = self.held.get_mut(&publisher) {
+                h.fans_out = true;
+            }
+        }
         held
     }
 
@@ -845,6 +937,7 @@ impl Router {
     fn forget_flow(&mut self, conn: ConnId) {
         self.uncongest(conn);
         self.held.remove(&conn);
+        self.strikes.remove(&conn);
     }
 
     /// Closes every connection silent for longer than 1.5 times its keep alive (5.0 clients
@@ -854,12 +947,21 @@ impl Router {
         let expired: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, o)| {
+            .filter(|(conn, o)| {
                 let limit = o.keep_alive_ms.load(Relaxed);
-                limit > 0 && t.saturating_sub(o.last_read.load(Relaxed)) > limit
+                limit > 0
+                    && t.saturating_sub(o.last_read.load(Relaxed)) > limit
+                    && !self.held.contains_key(conn)
             })
             .map(|(conn, _)| *conn)
             .collect();
+        // A held connection's silence is ours (we hold its input, maybe its PINGREQs
+        // behind PUBLISHes): its keep alive counts from when it is let go.
+        for conn in self.held.keys() {
+            if let Some(o) = self.conns.get(conn) {
+                o.mark_read();
+            }
+        }
         for conn in expired {
             if let Some(o) = self.conns.get(&conn) {
                 // Once: the connection is closing.
@@ -931,15 +1033,22 @@ impl Router {
         }
     }
 
-    /// A held connection that ends: what it sent before it went still runs (its QoS 0
-    /// messages would otherwise be lost after TCP delivered them), past any hold.
+    /// A held connection that ends: what it sent before it went runs now, past any hold,
+    /// except its QoS 1/2 PUBLISHes, which were never acknowledged (its library sends them
+    /// again if its session lives on) and would only join full queues past their limit.
+    /// QoS 0 messages that TCP delivered are not thrown away, and a DISCONNECT among them
+    /// still discards the will.
     fn run_before_close(&mut self, conn: ConnId, now: Time) {
         self.uncongest(conn);
+        self.strikes.remove(&conn);
         let Some(held) = self.held.remove(&conn) else {
             return;
         };
         for input in held.input {
             for p in input.packets {
+                if matches!(&p, Packet::Publish(publish) if publish.qos != QoS::AtMostOnce) {
+                    continue;
+                }
                 self.broker.packet(conn, p, now, &mut self.out);
             }
         }
@@ -980,7 +1089,7 @@ impl Router {
             let drop_over = if is_slow {
                 high
             } else {
-                high * GRACE_OVERSHOOT
+                (high * GRACE_OVERSHOOT).max(high + GRACE_INPUT)
             };
             let mut closing = false;
             let mut dropped = 0;
@@ -1014,11 +1123,7 @@ impl Router {
             }
             self.touched.push(conn);
             if over {
-                self.congested.entry(conn).or_insert_with(|| Congested {
-                    since: Instant::now(),
-                    publishers: Default::default(),
-                    slow: false,
-                });
+                self.congested.entry(conn).or_insert_with(Congested::new);
                 for sid in feeders.drain(..) {
                     // Only a connection whose input ran in this step is to blame (not one
                     // whose retained or stored message was replayed); in-process publishers
@@ -1069,6 +1174,7 @@ impl Router {
                 self.broker
                     .kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
             }
+            self.apply_flow();
             self.dispatch();
         }
     }
@@ -1080,11 +1186,7 @@ impl Router {
         let c = self
             .congested
             .entry(subscriber)
-            .or_insert_with(|| Congested {
-                since: Instant::now(),
-                publishers: Default::default(),
-                slow: false,
-            });
+            .or_insert_with(Congested::new);
         // A connection fed by itself drains by its own writer; holding its input back
         // would also hold the acks that let it drain.
         if c.slow || publisher == subscriber || !c.publishers.insert(publisher) {

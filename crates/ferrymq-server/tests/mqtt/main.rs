@@ -26,6 +26,7 @@ mod qos_flows;
 mod queue_depth_alarm;
 mod queued_messages_limit;
 mod retained;
+mod review_flow;
 mod session_resume;
 mod shared_subscription;
 mod shutdown;
