@@ -22,7 +22,7 @@ const BROKER_ENV: &str = "FERRYMQ_TEST_NEVER_READING_BROKER";
 /// How long the client floods.
 const FLOOD: Duration = Duration::from_secs(5);
 /// Most the broker's resident memory may grow meanwhile: the outbound queue (8 MiB by default),
-/// the input waiting for the router (1 MiB) and buffers around them; measured +13 MiB (debug
+/// the input waiting for the router (256 KiB) and buffers around them; measured +13 MiB (debug
 /// build). Before the fix the debug-built broker grew by 80 MiB in these 5 s.
 const MAX_GROWTH_KIB: u64 = 32 * 1024;
 /// Slowest round trip allowed to the client that reads normally meanwhile. Measured up to

@@ -120,7 +120,7 @@ async fn a_publisher_that_leaves_while_held_does_not_grow_a_full_queue_past_its_
 }
 
 /// Found: keep alive counted the time a publisher was held: a 5.0 publisher whose ack was
-/// held for a full queue, with more than the 1 MiB of input the router keeps for it, had its
+/// held for a full queue, with more than the input the router keeps for it (`MAX_UNROUTED`), had its
 /// reader paused (unrouted bound) with its last-read stamp frozen, so the keep alive check
 /// closed it (0x8D) long before `queue_full_timeout_ms`, although the client sent PINGREQs
 /// all along (they sat unread in TCP).
