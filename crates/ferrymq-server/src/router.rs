@@ -839,16 +839,33 @@ impl Router {
     /// it publishes into; a client waiting for PINGRESP gives up). `front`: this input is
     /// older than what already waits.
     fn defer(&mut self, conn: ConnId, input: Input, front: bool, now: Time) {
+        fn passes(p: &Packet) -> bool {
+            matches!(
+                p,
+                Packet::PubAck(_)
+                    | Packet::PubRec(_)
+                    | Packet::PubRel(_)
+                    | Packet::PubComp(_)
+                    | Packet::PingReq
+            )
+        }
+        // A burst's batches are all PUBLISHes: kept as they are, not copied packet by packet.
+        if !input.packets.as_slice().iter().any(passes) {
+            let h = self.held.entry(conn).or_default();
+            if front {
+                h.input.push_front(input);
+            } else {
+                h.input.push_back(input);
+            }
+            return;
+        }
         let Input { packets, _unrouted } = input;
         let mut rest = Vec::new();
         for p in packets {
-            match p {
-                Packet::PubAck(_)
-                | Packet::PubRec(_)
-                | Packet::PubRel(_)
-                | Packet::PubComp(_)
-                | Packet::PingReq => self.broker.packet(conn, p, now, &mut self.out),
-                p => rest.push(p),
+            if passes(&p) {
+                self.broker.packet(conn, p, now, &mut self.out);
+            } else {
+                rest.push(p);
             }
         }
         if !self.out.flow.is_empty() {
