@@ -48,6 +48,11 @@ pub(crate) struct Holds {
     /// Per full session, the held messages it queues past its limit, in queue order, with the
     /// connection whose acknowledgement waits for each.
     by_session: HashMap<SessionId, VecDeque<(u64, ConnId)>>,
+    /// Per connection with holds, when the one timer the engine keeps for them is due (the
+    /// front's due time when it was armed). One timer per connection, re-armed for the next
+    /// front when it fires: a timer per hold would leave one stale entry per released hold
+    /// in the heap until its due time (holds a second times `queue_full_timeout_ms`).
+    armed: HashMap<ConnId, Time>,
 }
 
 #[derive(Debug)]
@@ -151,8 +156,12 @@ impl Broker {
         });
         self.stats.held_acks += 1;
         self.stats.acks_held_total += 1;
-        self.timers
-            .push(std::cmp::Reverse((due, Timer::HeldAck(conn))));
+        // Holds of one connection fall due in order: an armed timer comes first.
+        if let std::collections::hash_map::Entry::Vacant(e) = self.holds.armed.entry(conn) {
+            e.insert(due);
+            self.timers
+                .push(std::cmp::Reverse((due, Timer::HeldAck(conn))));
+        }
     }
 
     /// A session's queue got shorter (messages went into flight or left it), or the session
@@ -224,6 +233,8 @@ impl Broker {
     /// the publisher gets 0x97 (5.0) or its connection closed (3.1.1, which has no
     /// negative acknowledgement).
     pub(crate) fn expire_held(&mut self, conn: ConnId, now: Time, out: &mut Outbox) {
+        // This was the connection's one timer; it is re-armed below if holds remain.
+        self.holds.armed.remove(&conn);
         loop {
             self.release_ready(conn, out);
             let Some(front) = self
@@ -235,6 +246,10 @@ impl Broker {
                 return;
             };
             if front.due > now {
+                let due = front.due;
+                self.holds.armed.insert(conn, due);
+                self.timers
+                    .push(std::cmp::Reverse((due, Timer::HeldAck(conn))));
                 return;
             }
             let message = front.message;
@@ -324,6 +339,8 @@ impl Broker {
     /// others). `Flow::Resume` is pushed all the same, so a driver that keeps a set of
     /// paused connections forgets this one.
     pub(crate) fn drop_holds(&mut self, conn: ConnId, out: &mut Outbox) {
+        // Its timer, if armed, finds nothing when it fires.
+        self.holds.armed.remove(&conn);
         let Some(acks) = self.holds.by_conn.remove(&conn) else {
             return;
         };
@@ -370,6 +387,12 @@ impl Broker {
             Some(ProtocolVersion::V311) => self.kill(conn, None, now, out),
             None => {}
         }
+    }
+
+    /// Timers waiting in the engine (for tests: they must not pile up).
+    #[doc(hidden)]
+    pub fn pending_timers(&self) -> usize {
+        self.timers.len()
     }
 
     /// Acknowledgements held now for full queues, across connections (for tests).

@@ -450,3 +450,46 @@ fn wills_and_in_process_publishes_are_not_queued_past_the_limit() {
     assert_eq!(h.b.stats().dropped_queue_full, 2);
     assert!(h.out.flow.is_empty());
 }
+
+/// Each hold used to push a timer that stayed in the heap until its due time, released or
+/// not: holds a second times the timeout (review finding). One timer per connection now.
+#[test]
+fn released_holds_leave_no_timers_behind() {
+    let mut h = online_pair(QueueFull::Backpressure, 1, V5);
+    let base = h.b.pending_timers();
+    let mut pid = 1;
+    for round in 0..500u16 {
+        // In flight, queued (the limit), then one held.
+        for _ in 0..3 {
+            h.publish(2, "q/a", QoS::AtLeastOnce, pid);
+            pid += 1;
+        }
+        assert_eq!(h.b.held_acks(), 1, "round {round}");
+        // The subscriber acknowledges all three: the held one is released.
+        for _ in 0..3 {
+            for (_, id) in h.delivered(1) {
+                h.packet(1, puback(id.expect("QoS 1")));
+            }
+        }
+        assert_eq!(h.b.held_acks(), 0, "round {round}");
+        h.take(2);
+        h.now = h.now.plus_millis(1);
+    }
+    assert!(
+        h.b.pending_timers() <= base + 1,
+        "{} timers for one connection's holds",
+        h.b.pending_timers() - base
+    );
+    // And the one left still refuses in time.
+    for _ in 0..3 {
+        h.publish(2, "q/a", QoS::AtLeastOnce, pid);
+        pid += 1;
+    }
+    h.tick_to(h.now.plus_millis(TIMEOUT));
+    let quota = h
+        .acks(2)
+        .into_iter()
+        .filter(|(_, r)| *r == ReasonCode::QuotaExceeded)
+        .count();
+    assert_eq!(quota, 1);
+}
