@@ -59,9 +59,11 @@ impl Bucket {
     /// The broker did not read the client for `paused` (back-pressure): what the client sent
     /// meanwhile waited in TCP and arrives at once, so that time is credited at the full
     /// rate, past the burst if need be. The client's average rate is still what is limited.
+    /// The bucket was refilled when the pause began (nothing is taken while the reader
+    /// waits), so the pause is added once, uncapped, and the refill clock restarts now.
     pub(crate) fn excuse(&mut self, paused: Duration, now: Instant) {
-        self.refill(now);
         self.tokens += paused.as_secs_f64() * self.rate;
+        self.last = now;
     }
 
     pub(crate) fn take(&mut self, n: f64) {
@@ -136,9 +138,13 @@ impl ClientRates {
         }
     }
 
-    /// The reader waits for back-pressure (not for these rates) from now.
+    /// The reader waits for back-pressure (not for these rates) from now: the buckets are
+    /// brought up to now, so that the pause is credited once ([`ClientRates::resumed`]).
     pub(crate) fn paused(&mut self, now: Instant) {
-        self.paused_since.get_or_insert(now);
+        if self.paused_since.is_none() {
+            self.refill(now);
+            self.paused_since = Some(now);
+        }
     }
 
     /// The reader reads again: the pause is credited ([`Bucket::excuse`]), so that what
@@ -417,6 +423,23 @@ mod tests {
         assert!((b.tokens - 10.0).abs() < 1e-9, "{}", b.tokens);
         b.refill(t0 + Duration::from_secs(60));
         assert_eq!(b.tokens, 50.0, "never more than the burst");
+    }
+
+    /// A pause of ours is credited once, at the full rate and past the burst: what the
+    /// client sent meanwhile is not a burst over its rate, and nothing more is granted.
+    #[test]
+    fn a_pause_of_ours_is_credited_once() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100, Duration::from_millis(100), t0);
+        b.take(10.0);
+        // Paused at 50 ms (refilled to 5 tokens then), let go at 1,050 ms.
+        b.refill(t0 + Duration::from_millis(50));
+        b.excuse(Duration::from_secs(1), t0 + Duration::from_millis(1050));
+        assert!((b.tokens - 105.0).abs() < 1e-9, "{}", b.tokens);
+        // Spent above the burst without being capped back down, then refilled as usual.
+        b.take(100.0);
+        b.refill(t0 + Duration::from_millis(1100));
+        assert!((b.tokens - 10.0).abs() < 1e-9, "{}", b.tokens);
     }
 
     #[test]
