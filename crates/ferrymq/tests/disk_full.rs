@@ -247,7 +247,13 @@ fn a_full_disk_with_group_commit_recovers_and_loses_nothing_acknowledged() {
     full_disk("always");
 }
 
+/// The two runs one after the other: side by side, each picking free ports while the other's
+/// broker restarts in its loop, one could end up talking to the other's broker (a failure
+/// was seen once in about fifteen runs of the suite, not reproduced since).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn full_disk(fsync: &str) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = scratch_dir(&format!("disk-full-{fsync}"));
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
