@@ -30,6 +30,7 @@ mod routing;
 pub mod session;
 mod subscribe;
 mod trie;
+pub mod workqueue;
 
 pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
 pub use config::{BrokerConfig, QueueFull};
