@@ -100,20 +100,21 @@ impl Backoff {
                 Ok(())
             }
         };
+        let range = |initial_ms: u64, max_ms: u64| {
+            delay("initial_ms", initial_ms)?;
+            delay("max_ms", max_ms)?;
+            if initial_ms > max_ms {
+                return err(
+                    "max_ms",
+                    format!("{max_ms} is less than initial_ms ({initial_ms})"),
+                );
+            }
+            Ok(())
+        };
         match self {
             Backoff::None => Ok(()),
             Backoff::Fixed { delay_ms } => delay("delay_ms", *delay_ms),
-            Backoff::Linear { initial_ms, max_ms } => {
-                delay("initial_ms", *initial_ms)?;
-                delay("max_ms", *max_ms)?;
-                if initial_ms > max_ms {
-                    return err(
-                        "max_ms",
-                        format!("{max_ms} is less than initial_ms ({initial_ms})"),
-                    );
-                }
-                Ok(())
-            }
+            Backoff::Linear { initial_ms, max_ms } => range(*initial_ms, *max_ms),
             Backoff::Exponential {
                 initial_ms,
                 max_ms,
@@ -124,14 +125,7 @@ impl Backoff {
                 max_ms,
                 multiplier,
             } => {
-                delay("initial_ms", *initial_ms)?;
-                delay("max_ms", *max_ms)?;
-                if initial_ms > max_ms {
-                    return err(
-                        "max_ms",
-                        format!("{max_ms} is less than initial_ms ({initial_ms})"),
-                    );
-                }
+                range(*initial_ms, *max_ms)?;
                 if !multiplier.is_finite() || *multiplier < 1.0 || *multiplier > 100.0 {
                     return err(
                         "multiplier",
