@@ -369,7 +369,8 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         NetMetrics::add(&net.connections_accepted, 1);
         let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
-        let ip = peer.ip().to_canonical();
+        // Per-address limits count an IPv6 client per /64 prefix.
+        let ip = limits::source_key(peer.ip());
         // Counted as open (per address too) until its task ends, refused or not.
         let address = match &shared.addresses {
             Some(a) => a.open(conn, ip),

@@ -320,6 +320,19 @@ impl AddressCounts {
     }
 }
 
+/// The source a per-address limit counts a connection against: its IPv4 address, or the /64
+/// prefix of its IPv6 address (one host usually holds a whole /64, so counting each of its
+/// 2^64 addresses apart would make the limit meaningless). IPv4-mapped IPv6 is IPv4.
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
 /// Most addresses whose connection-rate bucket is remembered. Past it (a scan from more
 /// addresses than this within one burst window), a new address is held only to the
 /// listener-wide rate: forgetting is the safe side, since refusing unknown addresses would
@@ -440,6 +453,16 @@ mod tests {
         b.take(100.0);
         b.refill(t0 + Duration::from_millis(1100));
         assert!((b.tokens - 10.0).abs() < 1e-9, "{}", b.tokens);
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64_prefix_and_mapped_ipv4_as_ipv4() {
+        let key = |s: &str| source_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1").to_string(), "2001:db8:1:2::");
+        assert_eq!(key("::ffff:10.0.0.7"), key("10.0.0.7"));
+        assert_ne!(key("10.0.0.7"), key("10.0.0.8"));
     }
 
     #[test]
