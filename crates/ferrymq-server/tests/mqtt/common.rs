@@ -250,6 +250,34 @@ pub async fn nothing(rx: &mut mpsc::UnboundedReceiver<Got>, d: Duration) {
     }
 }
 
+/// A test config with `mqtt.queue_full = policy` and `max_queued_messages = limit`.
+#[allow(dead_code)]
+pub fn queue_full_config(
+    policy: ferrymq_server::config::QueueFull,
+    limit: usize,
+) -> ferrymq_server::Config {
+    let mut config = test_config();
+    config.mqtt.max_queued_messages = limit;
+    config.mqtt.queue_full = policy;
+    config
+}
+
+/// A durable 3.1.1 subscriber to `q/#` at QoS 1, subscribed and then gone: its queue fills.
+/// Returns its options, to come back with.
+#[allow(dead_code)]
+pub async fn offline_subscriber(server: &Server, id: &str) -> rumqttc::MqttOptions {
+    let mut o = v4_options(server, id);
+    o.set_clean_session(false);
+    let mut sub = v4(o.clone()).await;
+    sub.subscribe("q/#", rumqttc::QoS::AtLeastOnce).await;
+    sub.client.disconnect().await.unwrap();
+    eventually("the subscriber is offline", || async {
+        metric(server, "ferrymq_connections ").await == 0
+    })
+    .await;
+    o
+}
+
 /// A PUBLISH without properties, for raw connections.
 #[allow(dead_code)]
 pub fn publish_packet(

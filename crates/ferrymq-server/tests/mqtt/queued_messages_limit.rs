@@ -9,31 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferrymq_mqtt::{Packet, ProtocolVersion, Publish, ReasonCode};
 use ferrymq_server::config::QueueFull;
-use ferrymq_server::Server;
 
 use crate::common::*;
 use rumqttc::QoS;
-
-fn config(policy: QueueFull, limit: usize) -> ferrymq_server::Config {
-    let mut config = test_config();
-    config.mqtt.max_queued_messages = limit;
-    config.mqtt.queue_full = policy;
-    config
-}
-
-/// A durable 3.1.1 subscriber to `q/#`, subscribed and then gone: its queue fills.
-async fn offline_subscriber(server: &Server, id: &str) -> rumqttc::MqttOptions {
-    let mut o = v4_options(server, id);
-    o.set_clean_session(false);
-    let mut sub = v4(o.clone()).await;
-    sub.subscribe("q/#", QoS::AtLeastOnce).await;
-    sub.client.disconnect().await.unwrap();
-    eventually("the subscriber is offline", || async {
-        metric(server, "ferrymq_connections ").await == 0
-    })
-    .await;
-    o
-}
 
 fn publish(pid: u16) -> Packet {
     Packet::Publish(Publish {
@@ -66,7 +44,7 @@ async fn payloads(sub: &mut V4, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn backpressure_holds_the_ack_until_the_subscriber_drains_its_queue() {
-    let server = start_with(config(QueueFull::Backpressure, 5)).await;
+    let server = start_with(queue_full_config(QueueFull::Backpressure, 5)).await;
     let o = offline_subscriber(&server, "bp-sub").await;
     let mut p = v4(v4_options(&server, "bp-pub")).await;
     for i in 0..8 {
@@ -95,7 +73,7 @@ async fn backpressure_holds_the_ack_until_the_subscriber_drains_its_queue() {
 
 #[tokio::test]
 async fn backpressure_refuses_with_0x97_after_the_timeout_and_forgets_the_message() {
-    let mut c = config(QueueFull::Backpressure, 2);
+    let mut c = queue_full_config(QueueFull::Backpressure, 2);
     c.mqtt.queue_full_timeout_ms = 300;
     let server = start_with(c).await;
     let o = offline_subscriber(&server, "to-sub").await;
@@ -118,7 +96,7 @@ async fn backpressure_refuses_with_0x97_after_the_timeout_and_forgets_the_messag
 
 #[tokio::test]
 async fn reject_refuses_with_0x97_and_delivers_a_refused_message_to_no_one() {
-    let server = start_with(config(QueueFull::Reject, 2)).await;
+    let server = start_with(queue_full_config(QueueFull::Reject, 2)).await;
     let o = offline_subscriber(&server, "rj-full").await;
     let mut free = v4(v4_options(&server, "rj-free")).await;
     free.subscribe("q/#", QoS::AtLeastOnce).await;
@@ -147,7 +125,7 @@ async fn reject_refuses_with_0x97_and_delivers_a_refused_message_to_no_one() {
 
 #[tokio::test]
 async fn reject_closes_a_3_1_1_publisher_which_has_no_negative_ack() {
-    let server = start_with(config(QueueFull::Reject, 1)).await;
+    let server = start_with(queue_full_config(QueueFull::Reject, 1)).await;
     let _o = offline_subscriber(&server, "rj3-sub").await;
     let mut p = Raw::connected(&server, "rj3-pub", ProtocolVersion::V311).await;
     p.send(&publish(1)).await;
@@ -161,7 +139,7 @@ async fn reject_closes_a_3_1_1_publisher_which_has_no_negative_ack() {
 
 #[tokio::test]
 async fn drop_oldest_keeps_the_newest_and_counts_the_dropped() {
-    let server = start_with(config(QueueFull::DropOldest, 5)).await;
+    let server = start_with(queue_full_config(QueueFull::DropOldest, 5)).await;
     let o = offline_subscriber(&server, "do-sub").await;
     let mut p = v4(v4_options(&server, "do-pub")).await;
     for i in 0..8 {

@@ -4,46 +4,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use ferrymq_mqtt::{encode, Packet, ProtocolVersion, Publish, ReasonCode};
+use ferrymq_mqtt::{encode, Packet, ProtocolVersion, ReasonCode};
 use ferrymq_server::config::QueueFull;
 use ferrymq_server::Server;
-use rumqttc::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
-
-fn config(policy: QueueFull, limit: usize) -> ferrymq_server::Config {
-    let mut config = test_config();
-    config.mqtt.max_queued_messages = limit;
-    config.mqtt.queue_full = policy;
-    config
-}
-
-/// A durable 3.1.1 subscriber to `q/#`, subscribed and then gone: its queue fills.
-async fn offline_subscriber(server: &Server, id: &str) -> rumqttc::MqttOptions {
-    let mut o = v4_options(server, id);
-    o.set_clean_session(false);
-    let mut sub = v4(o.clone()).await;
-    sub.subscribe("q/#", QoS::AtLeastOnce).await;
-    sub.client.disconnect().await.unwrap();
-    eventually("the subscriber is offline", || async {
-        metric(server, "ferrymq_connections ").await == 0
-    })
-    .await;
-    o
-}
-
-fn publish(topic: &str, qos: ferrymq_mqtt::QoS, pid: Option<u16>, payload: Bytes) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        packet_id: pid,
-        properties: Default::default(),
-        payload,
-    })
-}
 
 fn connect_with_keep_alive(id: &str, version: ProtocolVersion, keep_alive: u16) -> Packet {
     match connect_packet(id, version) {
@@ -63,13 +29,13 @@ fn connect_with_keep_alive(id: &str, version: ProtocolVersion, keep_alive: u16) 
 async fn a_publisher_that_leaves_while_held_does_not_grow_a_full_queue_past_its_limit() {
     const LIMIT: usize = 5;
     const SENT: u16 = 300;
-    let server = start_with(config(QueueFull::Backpressure, LIMIT)).await;
+    let server = start_with(queue_full_config(QueueFull::Backpressure, LIMIT)).await;
     let o = offline_subscriber(&server, "bound-sub").await;
 
     let mut p = Raw::connected(&server, "bound-pub", ProtocolVersion::V5).await;
     let mut out = BytesMut::new();
     for pid in 1..=SENT {
-        let packet = publish(
+        let packet = publish_packet(
             &format!("q/{pid}"),
             ferrymq_mqtt::QoS::AtLeastOnce,
             Some(pid),
@@ -126,7 +92,7 @@ async fn a_publisher_that_leaves_while_held_does_not_grow_a_full_queue_past_its_
 /// all along (they sat unread in TCP).
 #[tokio::test]
 async fn a_publisher_held_for_a_full_queue_is_not_closed_for_keep_alive() {
-    let mut c = config(QueueFull::Backpressure, 1);
+    let mut c = queue_full_config(QueueFull::Backpressure, 1);
     c.mqtt.queue_full_timeout_ms = 7_000;
     let server = start_with(c).await;
     let _o = offline_subscriber(&server, "ka-sub").await;
@@ -136,20 +102,30 @@ async fn a_publisher_held_for_a_full_queue_is_not_closed_for_keep_alive() {
         .await;
     assert!(matches!(p.recv().await, Some(Packet::ConnAck(_))));
     let q1 = ferrymq_mqtt::QoS::AtLeastOnce;
-    p.send(&publish("q/1", q1, Some(1), Bytes::from_static(b"1")))
-        .await;
+    p.send(&publish_packet(
+        "q/1",
+        q1,
+        Some(1),
+        Bytes::from_static(b"1"),
+    ))
+    .await;
     match p.recv().await {
         Some(Packet::PubAck(a)) if a.packet_id == 1 && a.reason == ReasonCode::Success => {}
         other => panic!("expected PUBACK 1, got {other:?}"),
     }
     // The queue is full: this one's ack is held (and the connection paused).
-    p.send(&publish("q/2", q1, Some(2), Bytes::from_static(b"2")))
-        .await;
+    p.send(&publish_packet(
+        "q/2",
+        q1,
+        Some(2),
+        Bytes::from_static(b"2"),
+    ))
+    .await;
     // Then 1.4 MiB of QoS 0 telemetry on another topic: it waits behind the held publish.
     let big = Bytes::from(vec![b'x'; 60 * 1024]);
     let mut out = BytesMut::new();
     for _ in 0..24 {
-        let packet = publish(
+        let packet = publish_packet(
             "telemetry/x",
             ferrymq_mqtt::QoS::AtMostOnce,
             None,
@@ -232,7 +208,7 @@ async fn a_qos1_subscriber_that_falls_behind_is_not_disconnected_as_a_slow_consu
     let writer = tokio::spawn(async move {
         let mut out = BytesMut::new();
         for pid in 1..=COUNT as u16 {
-            let m = publish("big/t", qos1, Some(pid), payload.clone());
+            let m = publish_packet("big/t", qos1, Some(pid), payload.clone());
             encode(&m, ProtocolVersion::V311, &mut out).unwrap();
         }
         p.send_bytes(&out).await.unwrap();
@@ -290,7 +266,7 @@ async fn burst_1k(server: &Server, id: &str, count: usize) -> Raw {
     let payload = Bytes::from(vec![b'x'; 1024]);
     let mut out = BytesMut::new();
     for _ in 0..count {
-        let m = publish("t/x", ferrymq_mqtt::QoS::AtMostOnce, None, payload.clone());
+        let m = publish_packet("t/x", ferrymq_mqtt::QoS::AtMostOnce, None, payload.clone());
         encode(&m, ProtocolVersion::V311, &mut out).unwrap();
     }
     p.send_bytes(&out).await.unwrap();
@@ -397,7 +373,7 @@ async fn a_qos0_burst_to_its_own_subscription_loses_nothing() {
     let writer = tokio::spawn(async move {
         let mut out = BytesMut::new();
         for _ in 0..COUNT {
-            let m = publish(
+            let m = publish_packet(
                 "self/t",
                 ferrymq_mqtt::QoS::AtMostOnce,
                 None,
