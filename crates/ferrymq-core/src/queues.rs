@@ -568,17 +568,21 @@ impl Broker {
         self.queues.matching(&msg.topic)
     }
 
-    /// Whether some target queue would refuse the message (full under `reject_new`, or full
-    /// with nothing it may drop): decided before anything is routed, so a refused publish
-    /// reaches no one.
-    pub(crate) fn queues_refuse(&self, msg: &Message, targets: &[Arc<str>]) -> bool {
+    /// Whether some target queue refuses the message (full under `reject_new`, or full with
+    /// nothing it may drop), counted on each that does: decided before anything is routed,
+    /// so a refused publish reaches no one.
+    pub(crate) fn queues_refuse(&mut self, msg: &Message, targets: &[Arc<str>]) -> bool {
         let size = entry_size(msg);
-        targets.iter().any(|name| {
-            self.queues
-                .by_name
-                .get(name)
-                .is_some_and(|q| q.make_room(size) == Room::Full)
-        })
+        let mut refused = false;
+        for name in targets {
+            if let Some(q) = self.queues.by_name.get_mut(name) {
+                if q.make_room(size) == Room::Full {
+                    q.stats.refused += 1;
+                    refused = true;
+                }
+            }
+        }
+        refused
     }
 
     /// Puts a routed message into each target queue (after `queues_refuse` said they have

@@ -284,8 +284,9 @@ impl Broker {
             refused: false,
         };
         // A work queue that cannot take it (`reject_new`, or full with nothing to drop)
-        // refuses the publish: all or nothing, as `queue_full = reject` below.
-        if !queues.is_empty() && self.queues_refuse(&msg, &queues) {
+        // refuses a publish it could answer: all or nothing, as `queue_full = reject` below.
+        // Anything else (QoS 0, wills, `$delayed` releases) still reaches everyone else.
+        if promise == Promise::Acked && !queues.is_empty() && self.queues_refuse(&msg, &queues) {
             routed.refused = true;
             routed.count = 0;
             return routed;

@@ -37,3 +37,4 @@ mod takeover;
 mod topic_alias;
 mod topic_levels_limit;
 mod will;
+mod work_queue;
