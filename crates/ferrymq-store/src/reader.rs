@@ -187,7 +187,10 @@ enum Scan {
     Found(Bytes),
     /// The complete batches end at `at` before the offset; `tail` bytes of an incomplete
     /// batch follow.
-    End { at: Boundary, tail: u64 },
+    End {
+        at: Boundary,
+        tail: u64,
+    },
     /// The file is no longer in the directory (reclaimed, or removed by the writer's undo).
     Gone,
 }
