@@ -34,6 +34,10 @@ pub struct NetMetrics {
     /// Connections the server closed for breaking a rule (malformed packet, protocol error,
     /// keep alive, slow consumer, a bad first packet), by the reason code it gave.
     pub disconnects: ReasonCounts,
+    /// The longest router step since start, in microseconds (a checkpoint, a large batch).
+    pub router_step_max_us: AtomicU64,
+    /// Router steps that took over 10 ms.
+    pub router_steps_over_10ms: AtomicU64,
 }
 
 impl NetMetrics {
@@ -292,6 +296,20 @@ fn render_queues(o: &mut String, e: &EngineSnapshot) {
 pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> String {
     let mut o = String::with_capacity(4096);
     render_queues(&mut o, e);
+    metric(
+        &mut o,
+        "ferrymq_router_step_max_us",
+        "gauge",
+        "The longest router step since start, in microseconds.",
+        &[("", net.router_step_max_us.load(Relaxed))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_router_steps_over_10ms_total",
+        "counter",
+        "Router steps that took over 10 ms (routing stalled meanwhile).",
+        &[("", net.router_steps_over_10ms.load(Relaxed))],
+    );
     let s = &e.stats;
     let g = |c: &AtomicU64| c.load(Relaxed);
     metric(

@@ -531,6 +531,7 @@ impl Router {
                 _ = drains.notify.notified() => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
+            let step = Instant::now();
             let now = self.now();
             // Before the batch: what it brings is admitted under the latest measurements.
             if let Err(e) = self.check_resources(now) {
@@ -573,6 +574,11 @@ impl Router {
                 return self.storage_failed(e, now);
             }
             self.dispatch();
+            let took = step.elapsed().as_micros() as u64;
+            self.net.router_step_max_us.fetch_max(took, Relaxed);
+            if took > 10_000 {
+                self.net.router_steps_over_10ms.fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -613,7 +619,9 @@ impl Router {
             return Ok(());
         };
         p.after_step(&mut self.broker, &mut self.out);
-        p.release(&mut self.out)
+        let released = p.release(&mut self.out);
+        self.broker.journal_written(p.written_end());
+        released
     }
 
     fn next_wakeup(&self, next_sys: Instant) -> Instant {
