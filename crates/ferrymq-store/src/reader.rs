@@ -27,7 +27,9 @@
 //! caches the decoded records. A sequential drain therefore costs one `pread` and one `fstat`
 //! per chunk; a random read in scanned ground costs one chunk. A few chunks are cached
 //! ([`CACHED_CHUNKS`], [`CACHE_BYTES`]), so that several drains at different places in the
-//! log (one per queue) do not evict each other's chunk on every read.
+//! log (one per queue) do not evict each other's chunk on every read. Each record handed out
+//! is its own allocation (copied out of the read buffer by `parse_batch`), so a leased
+//! message held for minutes pins its own bytes and no chunk.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
