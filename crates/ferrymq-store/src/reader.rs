@@ -19,13 +19,17 @@
 //! of that segment can then be stale; it shows as a bad batch, so before answering `Err` the
 //! reader forgets everything it learnt and looks once more from the start of the segment.
 //!
-//! Cost: a read answered from the cached chunk does no system call. Otherwise the reader
+//! Cost: a read answered from a cached chunk does no system call. Otherwise the reader
 //! starts at the nearest known batch boundary at or before the offset (its sparse index, one
 //! entry per [`INDEX_EVERY`] bytes, built while scanning forward; or the end of what it has
-//! scanned; or the end of the cached chunk) and reads [`CHUNK`] bytes with one `pread` (a
-//! batch larger than that is read whole), checks and decodes every complete batch in them,
-//! and keeps the decoded records as the new cached chunk. A sequential drain therefore costs
-//! one `pread` and one `fstat` per chunk; a random read in scanned ground costs one chunk.
+//! scanned; or the end of a cached chunk) and reads [`CHUNK`] bytes with one `pread` (a batch
+//! larger than that is read whole), checks and decodes every complete batch in them, and
+//! caches the decoded records. A sequential drain therefore costs one `pread` and one `fstat`
+//! per chunk; a random read in scanned ground costs one chunk. A few chunks are cached
+//! ([`CACHED_CHUNKS`], [`CACHE_BYTES`]), so that several drains at different places in the
+//! log (one per queue) do not evict each other's chunk on every read. Each record handed out
+//! is its own allocation (copied out of the read buffer by `parse_batch`), so a leased
+//! message held for minutes pins its own bytes and no chunk.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -42,6 +46,13 @@ use crate::{Offset, StoreError};
 /// system call per ~250 reads, while the memory held (the chunk's decoded records) stays
 /// small next to a work queue's in-memory index.
 const CHUNK: usize = 256 * 1024;
+
+/// Chunks cached at most, least recently used dropped first: one per concurrent drain.
+const CACHED_CHUNKS: usize = 4;
+
+/// Record bytes cached at most, beyond the newest chunk (always kept, even when it holds one
+/// batch of up to 64 MiB), so a few large batches cannot pin much memory.
+const CACHE_BYTES: usize = 1024 * 1024;
 
 /// Segment files kept open at once, least recently used closed first. A drain touches one
 /// or two segments; the rest serve the odd random read. Closing a segment also drops its
@@ -61,17 +72,29 @@ pub struct LogReader {
     open: Vec<OpenSegment>,
     /// Ticks on every use of an open segment, for least-recently-used closing.
     clock: u64,
-    /// The records decoded from the last chunk read.
-    chunk: Option<Chunk>,
+    /// Records decoded from the last chunks read.
+    cache: Cache,
     /// Reused read buffer, [`CHUNK`] bytes.
     buf: Vec<u8>,
     stats: ReaderStats,
 }
 
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader")
+            .field("dir", &self.dir)
+            .field("segments", &self.bases.len())
+            .field("open", &self.open.len())
+            .field("cached_chunks", &self.cache.chunks.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
 /// What a [`LogReader`] has done so far, for metrics and to check its cost model in tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReaderStats {
-    /// Reads answered from the cached chunk, without a system call.
+    /// Reads answered from a cached chunk, without a system call.
     pub cache_hits: u64,
     /// `pread` calls: one per chunk, or per batch larger than a chunk.
     pub preads: u64,
@@ -127,25 +150,31 @@ impl OpenSegment {
         self.scanned = at.after(batch);
     }
 
-    /// The nearest known boundary at or before `offset`.
-    fn start_for(&self, offset: u64, chunk: Option<&Chunk>) -> Boundary {
-        let mut best = if offset >= self.scanned.offset {
-            self.scanned
+    /// Where to read for `offset`: the nearest known boundary at or before it, and how many
+    /// bytes to read from there.
+    ///
+    /// A read that continues where the scanned ground or a cached chunk ends is taken for a
+    /// drain and reads a whole [`CHUNK`]. One that starts at an index entry is taken for a
+    /// random read: it reads only up to the next known boundary past `offset` (at most
+    /// [`INDEX_EVERY`] bytes and a batch), a quarter of a chunk. Its successor, if it turns
+    /// out to be a drain, continues from its end with whole chunks.
+    fn start_for(&self, offset: u64, cache: &Cache) -> (Boundary, usize) {
+        let (mut best, mut want) = if offset >= self.scanned.offset {
+            (self.scanned, CHUNK)
         } else {
-            match self.index.partition_point(|b| b.offset <= offset) {
-                0 => Boundary {
-                    offset: self.base,
-                    pos: 0,
-                },
-                i => self.index[i - 1],
-            }
+            // `self.index[0]` is the segment's start, at or before any offset in it.
+            let i = self.index.partition_point(|b| b.offset <= offset).max(1);
+            let next = self.index.get(i).unwrap_or(&self.scanned);
+            let start = self.index[i - 1];
+            let span = usize::try_from(next.pos - start.pos).unwrap_or(CHUNK);
+            (start, span.min(CHUNK))
         };
-        if let Some(c) = chunk {
-            if c.segment == self.base && c.end.offset <= offset && c.end.pos > best.pos {
-                best = c.end;
+        for c in &cache.chunks {
+            if c.segment == self.base && c.end.offset <= offset && c.end.pos >= best.pos {
+                (best, want) = (c.end, CHUNK);
             }
         }
-        best
+        (best, want)
     }
 
     fn unlinked(&self) -> Result<bool, StoreError> {
@@ -162,12 +191,50 @@ struct Chunk {
     records: Vec<Bytes>,
     /// The boundary after the last batch.
     end: Boundary,
+    /// Bytes of the records.
+    bytes: usize,
+    last_used: u64,
 }
 
 impl Chunk {
     fn get(&self, offset: u64) -> Option<&Bytes> {
         let i = offset.checked_sub(self.first)?;
         self.records.get(usize::try_from(i).ok()?)
+    }
+}
+
+/// The chunks kept, at most [`CACHED_CHUNKS`] and [`CACHE_BYTES`] beyond the newest.
+#[derive(Default)]
+struct Cache {
+    chunks: Vec<Chunk>,
+    clock: u64,
+}
+
+impl Cache {
+    fn get(&mut self, offset: u64) -> Option<Bytes> {
+        self.clock += 1;
+        let c = self.chunks.iter_mut().find(|c| c.get(offset).is_some())?;
+        c.last_used = self.clock;
+        c.get(offset).cloned()
+    }
+
+    fn insert(&mut self, mut chunk: Chunk) {
+        self.clock += 1;
+        chunk.last_used = self.clock;
+        self.chunks.push(chunk);
+        loop {
+            let bytes: usize = self.chunks.iter().map(|c| c.bytes).sum();
+            let newest = self.chunks.len() - 1;
+            let over = self.chunks.len() > CACHED_CHUNKS
+                || bytes - self.chunks[newest].bytes > CACHE_BYTES;
+            let lru = (0..newest).min_by_key(|&k| self.chunks[k].last_used);
+            match lru {
+                Some(k) if over => {
+                    self.chunks.swap_remove(k);
+                }
+                _ => break,
+            }
+        }
     }
 }
 
@@ -204,7 +271,7 @@ impl LogReader {
             bases: Vec::new(),
             open: Vec::new(),
             clock: 0,
-            chunk: None,
+            cache: Cache::default(),
             buf: Vec::new(),
             stats: ReaderStats::default(),
         };
@@ -220,20 +287,20 @@ impl LogReader {
     /// does not check ([`StoreError::Corrupt`], naming the file and byte), a segment that ends
     /// before the next one begins, or an I/O error.
     ///
-    /// A record decoded into the cached chunk before its segment was reclaimed may still be
+    /// A record decoded into a cached chunk before its segment was reclaimed may still be
     /// returned from the cache (the same bytes); any read that goes to the file first checks
     /// that the file is still in the directory.
     pub fn read(&mut self, offset: Offset) -> Result<Option<Bytes>, StoreError> {
-        if let Some(r) = self.chunk.as_ref().and_then(|c| c.get(offset.0)) {
+        if let Some(r) = self.cache.get(offset.0) {
             self.stats.cache_hits += 1;
-            return Ok(Some(r.clone()));
+            return Ok(Some(r));
         }
         match self.locate(offset.0) {
             Err(StoreError::Corrupt { .. }) => {
                 // What we learnt may be stale (the writer cut a segment back after a failed
                 // write): forget it all and look once more from the segment's start.
                 self.open.clear();
-                self.chunk = None;
+                self.cache.chunks.clear();
                 self.relist()?;
                 self.locate(offset.0)
             }
@@ -302,11 +369,11 @@ impl LogReader {
         if seg.unlinked()? {
             return Ok(Scan::Gone);
         }
-        let mut at = seg.start_for(offset, self.chunk.as_ref());
+        let (mut at, mut want) = seg.start_for(offset, &self.cache);
         loop {
-            let loaded = load(seg, at, &mut self.buf, &mut self.stats)?;
+            let loaded = load(seg, at, want, &mut self.buf, &mut self.stats)?;
             if let Some(record) = loaded.chunk.get(offset).cloned() {
-                self.chunk = Some(loaded.chunk);
+                self.cache.insert(loaded.chunk);
                 return Ok(Scan::Found(record));
             }
             if let Some(reason) = loaded.bad {
@@ -322,7 +389,7 @@ impl LogReader {
                     tail: loaded.tail,
                 });
             }
-            at = loaded.chunk.end;
+            (at, want) = (loaded.chunk.end, CHUNK);
         }
     }
 
@@ -366,26 +433,23 @@ impl LogReader {
         self.bases = segment_bases(&self.dir)?;
         let bases = &self.bases;
         self.open.retain(|s| bases.binary_search(&s.base).is_ok());
-        if self
-            .chunk
-            .as_ref()
-            .is_some_and(|c| bases.binary_search(&c.segment).is_err())
-        {
-            self.chunk = None;
-        }
+        self.cache
+            .chunks
+            .retain(|c| bases.binary_search(&c.segment).is_ok());
         Ok(())
     }
 }
 
-/// Reads one chunk of `seg` from `at` (one `pread`, or two when the first batch is larger
-/// than a chunk) and decodes every complete batch in it.
+/// Reads `want` bytes (at most a chunk) of `seg` from `at` (one `pread`, or two when the first
+/// batch is larger) and decodes every complete batch in them.
 fn load(
     seg: &mut OpenSegment,
     at: Boundary,
+    want: usize,
     buf: &mut Vec<u8>,
     stats: &mut ReaderStats,
 ) -> Result<Loaded, StoreError> {
-    buf.resize(CHUNK, 0);
+    buf.resize(want, 0);
     let n = read_at(seg, buf, at.pos, stats)?;
     let mut loaded = Loaded {
         chunk: Chunk {
@@ -393,8 +457,10 @@ fn load(
             first: at.offset,
             records: Vec::new(),
             end: at,
+            bytes: 0,
+            last_used: 0,
         },
-        at_end: n < CHUNK,
+        at_end: n < want,
         tail: 0,
         bad: None,
     };
@@ -444,6 +510,7 @@ fn load(
 impl Loaded {
     fn push(&mut self, batch: Batch) {
         self.chunk.end = self.chunk.end.after(&batch);
+        self.chunk.bytes += batch.records.iter().map(|r| r.len()).sum::<usize>();
         self.chunk.records.extend(batch.records);
     }
 }
@@ -531,11 +598,64 @@ mod tests {
         for pair in seg.index.windows(2) {
             assert!(pair[1].pos >= pair[0].pos + INDEX_EVERY);
         }
-        // A read back in the middle costs one chunk, not a scan from the start.
+        // A read back in the middle reads from the index entry before it to the one after,
+        // not from the start of the segment, nor a whole chunk.
         let before = r.stats();
-        assert!(r.read(Offset(2000)).unwrap().is_some());
+        assert_eq!(r.read(Offset(2000)).unwrap().unwrap().as_ref(), &rec[..]);
         let after = r.stats();
         assert_eq!(after.preads - before.preads, 1);
-        assert_eq!(after.bytes_read - before.bytes_read, CHUNK as u64);
+        assert_eq!(after.bytes_read - before.bytes_read, 64 * 1028);
+        // A drain that goes on from there reads whole chunks again.
+        for o in 2001..3000 {
+            assert!(r.read(Offset(o)).unwrap().is_some());
+        }
+        let drained = r.stats().bytes_read - after.bytes_read;
+        assert!(drained >= 999 * 1028, "{drained}");
+        assert!(r.stats().preads - after.preads <= 5);
+    }
+
+    #[test]
+    fn interleaved_drains_keep_their_own_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = log(dir.path(), 64 << 20);
+        let rec = vec![3u8; 1000];
+        for _ in 0..4000 {
+            w.append(&[&rec, &rec]).unwrap();
+        }
+        let mut r = LogReader::open(dir.path()).unwrap();
+        // Three queues drain at three places in the log, one read each in turn.
+        // Their first reads scan from the start of the segment to find their places.
+        let starts = [0u64, 2500, 5000];
+        for s in starts {
+            assert!(r.read(Offset(s)).unwrap().is_some());
+        }
+        let found = r.stats().preads;
+        for i in 1..2500 {
+            for s in starts {
+                assert!(r.read(Offset(s + i)).unwrap().is_some());
+            }
+        }
+        // Each drain then reads its ~2.5 MB once, 10 chunks, not a chunk per read (7500).
+        let preads = r.stats().preads - found;
+        assert!(preads <= 3 * 11, "{preads} preads");
+        assert!(r.cache.chunks.len() <= CACHED_CHUNKS);
+    }
+
+    #[test]
+    fn cached_bytes_are_bounded_beyond_the_newest_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = log(dir.path(), 64 << 20);
+        let big = vec![1u8; 700 * 1024];
+        for _ in 0..4 {
+            w.append(&[&big]).unwrap();
+        }
+        let mut r = LogReader::open(dir.path()).unwrap();
+        for o in 0..4 {
+            assert_eq!(r.read(Offset(o)).unwrap().unwrap().len(), big.len());
+            let cached: usize = r.cache.chunks.iter().map(|c| c.bytes).sum();
+            let newest = r.cache.chunks.iter().map(|c| c.bytes).max().unwrap();
+            assert!(cached - newest <= CACHE_BYTES, "{cached}");
+        }
+        assert_eq!(r.cache.chunks.len(), 2);
     }
 }
