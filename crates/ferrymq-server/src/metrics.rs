@@ -188,6 +188,22 @@ fn render_queues(o: &mut String, e: &EngineSnapshot) {
     );
     per_queue(
         o,
+        "ferrymq_queue_cached_bytes",
+        "gauge",
+        "Bytes of its messages held in memory (the rest are read back from the log).",
+        q,
+        |v| v.cached_bytes,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_unreadable_total",
+        "counter",
+        "Messages whose record could not be read back from the log (dropped).",
+        q,
+        |v| v.stats.unreadable,
+    );
+    per_queue(
+        o,
         "ferrymq_queue_dead_letters",
         "gauge",
         "Dead letters kept for the queue.",
