@@ -1301,6 +1301,12 @@ impl Broker {
         };
         let m = dlq_message(&view, now);
         self.publish(m, now, out);
+        if self.payloads.is_some() {
+            // Dead letters are read back from the log when looked at, not kept in memory.
+            if let Some(q) = self.queues.by_name.get_mut(queue) {
+                q.uncache(id);
+            }
+        }
     }
 
     /// Sends the dead letters of the queue a `$dlq/{queue}` subscription names (the most

@@ -766,3 +766,33 @@ fn a_record_that_is_not_the_message_is_never_delivered() {
     let v = h.view("jobs");
     assert_eq!((v.depth, v.stats.unreadable), (0, 1));
 }
+
+#[test]
+fn message_ids_are_not_handed_out_again_after_a_restart() {
+    let mut h = H::new();
+    h.declare(jobs(|_| {}));
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("before-{i}"));
+    }
+    // No checkpoint: the queue's records are all replay has to go on.
+    h.restart();
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("after-{i}"));
+    }
+    assert_eq!(h.view("jobs").depth, 6);
+    h.connect(1, "c", V5, 100, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    let got = h.got(1);
+    let payloads: Vec<_> = got.iter().map(|g| g.payload.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec!["before-0", "before-1", "before-2", "after-0", "after-1", "after-2"]
+    );
+    for g in got {
+        h.ack(1, g.pid.unwrap());
+    }
+    let v = h.view("jobs");
+    assert_eq!((v.depth, v.leased, v.bytes, v.stats.acked), (0, 0, 0, 6));
+}

@@ -792,7 +792,11 @@ impl ferrymq_core::queues::PayloadStore for LogPayloads {
     fn read(&self, offset: u64) -> Option<bytes::Bytes> {
         let mut reader = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match reader.read(Offset(offset)) {
-            Ok(r) => r,
+            Ok(Some(r)) => Some(r),
+            Ok(None) => {
+                tracing::error!(offset, "a queued message's record is not in the log");
+                None
+            }
             Err(e) => {
                 tracing::error!(offset, error = %e, "reading a queued message back from the log failed");
                 None

@@ -308,6 +308,12 @@ fn queued_leased_delayed_and_dead_messages_survive_sigkill() {
         }
     });
     let dead = rt.block_on(dead_letters(&shared.addr));
+    let metrics = common::http_get(http, "/metrics");
+    let queue_lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferrymq_queue_") && !l.ends_with(" 0"))
+        .collect();
+    println!("queue crash test: the broker's view at the end: {}", queue_lines.join(" | "));
     broker.kill().unwrap();
     broker.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

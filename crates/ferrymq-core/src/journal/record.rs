@@ -411,6 +411,9 @@ impl Broker {
             }
             Record::QEnqueue(e) => {
                 let e = *e;
+                // Queue messages have no `Message` record of their own: their ids must not
+                // be handed out again after a restart.
+                self.next_message_id = self.next_message_id.max(e.entry.id + 1);
                 self.queue_mut(&e.queue)?
                     .insert(e.entry, e.message, e.due, e.failures);
             }
@@ -461,6 +464,7 @@ impl Broker {
             }
             Record::QDeadLetter(d) => {
                 let d = *d;
+                self.next_message_id = self.next_message_id.max(d.dead.entry.id + 1);
                 self.queue_mut(&d.queue)?.restore_dead(d.dead);
             }
         }
