@@ -571,3 +571,65 @@ async fn a_rate_limited_redrive_answers_at_once_and_moves_over_time() {
     let q = queue_until(&server, "jobs", "all acked", |q| q["stats"]["acked"] == 5).await;
     assert_eq!(q["stats"]["dead_letters"], 0, "{q}");
 }
+
+/// Under `fsync = always` an answer waits for the group commit of the command's records:
+/// what the API said it did is there after a restart (a queue created, one patched, a dead
+/// letter discarded, one redriven), and nothing it refused is.
+#[tokio::test]
+async fn what_the_api_answered_survives_a_restart_under_fsync_always() {
+    let mut config = test_config();
+    config.storage.fsync = ferrymq_server::config::Fsync::Always;
+    let server = start_with(config.clone()).await;
+    let _c = five_dead_letters(&server).await;
+    let base = "/api/v1/queues/jobs/dead-letters";
+    let (_, all) = api(&server, "GET", base, None).await;
+    let every = ids(&all);
+    create_queue(&server, json!({"name": "kept", "filter": "kept/#"})).await;
+    let (status, _) = api(
+        &server,
+        "PATCH",
+        "/api/v1/queues/kept",
+        Some(json!({"max_attempts": 9})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = api(&server, "DELETE", &format!("{base}/{}", every[0]), None).await;
+    assert_eq!(status, 200);
+    // Redriven into the queue while its consumer is connected: leased at once. The shutdown
+    // ends the consumer's connection, which returns the lease as a failed attempt ("consumer
+    // gone"): with max_attempts 1 it is a dead letter again after the restart, with both
+    // failures.
+    let body = json!({"ids": [every[1]]});
+    let (status, _) = api(&server, "POST", &format!("{base}/redrive"), Some(body)).await;
+    assert_eq!(status, 200);
+    let (status, _) = api(
+        &server,
+        "POST",
+        "/api/v1/queues",
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    server.shutdown().await;
+
+    let server = start_with(config).await;
+    let (status, q) = api(&server, "GET", "/api/v1/queues/kept", None).await;
+    assert_eq!(
+        (status, q["definition"]["max_attempts"].clone()),
+        (200, json!(9))
+    );
+    let (_, list) = api(&server, "GET", "/api/v1/queues", None).await;
+    assert_eq!(list["queues"].as_array().unwrap().len(), 2, "{list}");
+    let (_, left) = api(&server, "GET", base, None).await;
+    assert_eq!(ids(&left), every[1..].to_vec(), "{left}");
+    let redriven = &left["items"][0];
+    assert_eq!(
+        redriven["failures"].as_array().unwrap().len(),
+        2,
+        "{redriven}"
+    );
+    assert_eq!(
+        redriven["failures"][1]["reason"], "consumer gone",
+        "{redriven}"
+    );
+}
