@@ -221,65 +221,63 @@ fn print_json(v: &Value) {
 
 pub async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api.url)?;
-    let json = args.api.json;
-    match args.command {
+    let (body, text_out) = match args.command {
         QueueCommand::List => {
             let a = api.call(Method::GET, "/api/v1/queues", None).await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
             let rows = array(&a.body["queues"]).iter().map(queue_row).collect();
-            print(&table(
-                &[
-                    "NAME",
-                    "FILTER",
-                    "DEPTH",
-                    "LEASED",
-                    "DELAYED",
-                    "DEAD",
-                    "CONSUMERS",
-                    "ACKED",
-                    "NACKED",
-                    "OLDEST_MS",
-                ],
-                rows,
-            ));
+            let headers = [
+                "NAME",
+                "FILTER",
+                "DEPTH",
+                "LEASED",
+                "DELAYED",
+                "DEAD",
+                "CONSUMERS",
+                "ACKED",
+                "NACKED",
+                "OLDEST_MS",
+            ];
+            let t = table(&headers, rows);
+            (a.body, t)
         }
         QueueCommand::Show { name } => {
             let a = api.call(Method::GET, &queue_path(&name), None).await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
-            print(&show_queue(&a.body));
+            let t = show_queue(&a.body);
+            (a.body, t)
         }
         QueueCommand::Create(c) => {
             let body = definition(&c)?;
             let a = api
                 .call(Method::POST, "/api/v1/queues", Some(&body))
                 .await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
             let verb = if a.status == 201 {
                 "created"
             } else {
                 "updated"
             };
-            print(&format!(
+            let t = format!(
                 "{verb} queue {}\n\n{}",
                 text(&a.body["name"]),
                 show_queue(&a.body)
-            ));
+            );
+            (a.body, t)
         }
         QueueCommand::Delete { name } => {
             let a = api.call(Method::DELETE, &queue_path(&name), None).await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
-            print(&format!("deleted queue {name}\n"));
+            (a.body, format!("deleted queue {name}\n"))
         }
-    }
+    };
+    output(args.api.json, &body, &text_out);
     Ok(())
+}
+
+/// The API's JSON with `--json`, else the table or text.
+fn output(json: bool, body: &Value, text_out: &str) {
+    if json {
+        print_json(body);
+    } else {
+        print(text_out);
+    }
 }
 
 /// The JSON body of `POST /api/v1/queues` from `--file` or the flags (only those given).
@@ -383,8 +381,7 @@ fn show_queue(q: &Value) -> String {
 
 pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
     let api = Api::new(&args.api.url)?;
-    let json = args.api.json;
-    match args.command {
+    let (body, text_out) = match args.command {
         DlqCommand::List {
             queue,
             filters,
@@ -407,36 +404,29 @@ pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
                 path = format!("{path}?{}", query.join("&"));
             }
             let a = api.call(Method::GET, &path, None).await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
             let rows = array(&a.body["items"])
                 .iter()
                 .map(dead_letter_row)
                 .collect();
-            let mut out = table(
-                &[
-                    "ID",
-                    "TOPIC",
-                    "CAUSE",
-                    "ATTEMPTS",
-                    "DEAD_LETTERED",
-                    "LAST_REASON",
-                ],
-                rows,
-            );
+            let headers = [
+                "ID",
+                "TOPIC",
+                "CAUSE",
+                "ATTEMPTS",
+                "DEAD_LETTERED",
+                "LAST_REASON",
+            ];
+            let mut t = table(&headers, rows);
             if let Some(next) = a.body["next_cursor"].as_u64() {
-                out.push_str(&format!("more: --cursor {next}\n"));
+                t.push_str(&format!("more: --cursor {next}\n"));
             }
-            print(&out);
+            (a.body, t)
         }
         DlqCommand::Show { queue, id } => {
             let path = format!("{}/dead-letters/{id}", queue_path(&queue));
             let a = api.call(Method::GET, &path, None).await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
-            print(&show_dead_letter(&a.body));
+            let t = show_dead_letter(&a.body);
+            (a.body, t)
         }
         DlqCommand::Redrive {
             queue,
@@ -459,51 +449,46 @@ pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
             let a = api
                 .call(Method::POST, &path, Some(&Value::Object(body)))
                 .await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
             let b = &a.body;
-            if b["in_progress"] == json!(true) {
-                print(&format!(
+            let t = if b["in_progress"] == json!(true) {
+                format!(
                     "redriving {} dead letters of {queue} at {}/s in the broker\n",
                     text(&b["selected"]),
                     text(&b["rate_per_s"])
-                ));
+                )
             } else {
-                print(&format!(
+                format!(
                     "redrove {} of {} selected dead letters of {queue}\n",
                     text(&b["moved"]),
                     text(&b["selected"])
-                ));
-            }
+                )
+            };
+            (a.body, t)
         }
         DlqCommand::Discard { queue, ids } => {
-            let mut answers = Vec::new();
+            // One DELETE each: an unknown id stops here with the API's 404.
             for id in &ids {
                 let path = format!("{}/dead-letters/{id}", queue_path(&queue));
-                answers.push(api.call(Method::DELETE, &path, None).await?.body);
+                api.call(Method::DELETE, &path, None).await?;
             }
-            if json {
-                return Ok(print_json(&json!({ "discarded": answers.len() })));
-            }
-            print(&format!(
-                "discarded {} dead letters of {queue}\n",
-                answers.len()
-            ));
+            let n = ids.len();
+            (
+                json!({ "discarded": n }),
+                format!("discarded {n} dead letters of {queue}\n"),
+            )
         }
         DlqCommand::Purge { queue, filters } => {
             let path = format!("{}/dead-letters/purge", queue_path(&queue));
             let body = Value::Object(filters.json());
             let a = api.call(Method::POST, &path, Some(&body)).await?;
-            if json {
-                return Ok(print_json(&a.body));
-            }
-            print(&format!(
+            let t = format!(
                 "purged {} dead letters of {queue}\n",
                 text(&a.body["purged"])
-            ));
+            );
+            (a.body, t)
         }
-    }
+    };
+    output(args.api.json, &body, &text_out);
     Ok(())
 }
 
