@@ -308,72 +308,94 @@ async fn redrive(
     Path(queue): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let body = json_body(&body)?;
-    let Value::Object(fields) = body else {
-        return Err(ApiError::bad_request("", "the body is a JSON object"));
-    };
-    let mut query = DeadLetterQuery::default();
-    let mut target_topic = None;
-    let mut rate = None;
-    for (k, v) in fields {
-        match k.as_str() {
-            "target_topic" => match v {
-                Value::String(t) => target_topic = Some(t),
-                Value::Null => {}
-                _ => return Err(ApiError::bad_request("target_topic", "must be a string")),
-            },
-            "rate_per_s" => match v.as_u64() {
-                Some(r) if (1..=MAX_RATE).contains(&r) => rate = Some(r),
-                _ if v.is_null() => {}
-                _ => {
-                    return Err(ApiError::bad_request(
-                        "rate_per_s",
-                        format!("must be a whole number from 1 to {MAX_RATE}"),
-                    ))
-                }
-            },
-            _ => set_json_filter(&mut query, &k, v)?,
-        }
-    }
-    if let Some(t) = &target_topic {
-        if !ferrymq_mqtt::topic::valid_topic_name(t) || t.starts_with('$') {
-            return Err(ApiError::bad_request(
-                "target_topic",
-                format!("{t:?} is not a topic a client may publish to"),
-            ));
-        }
-    }
-    let ids = select(&state, &queue, query).await?;
+    let r = RedriveRequest::parse(json_body(&body)?)?;
+    let ids = select(&state, &queue, r.query).await?;
     let selected = ids.len();
-    let Some(rate) = rate else {
-        let moved = redrive_chunks(&state, &queue, &ids, target_topic).await?;
+    let Some(rate) = r.rate_per_s else {
+        let moved = redrive_chunks(&state, &queue, &ids, r.target_topic).await?;
         return Ok(reply(
             StatusCode::OK,
             &json!({ "selected": selected, "moved": moved }),
         ));
     };
-    let task_state = state.clone();
-    let task_queue = queue.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let per_tick = usize::try_from(rate).unwrap_or(usize::MAX);
-        let mut moved = 0;
-        for batch in ids.chunks(per_tick) {
-            tick.tick().await;
-            match redrive_chunks(&task_state, &task_queue, batch, target_topic.clone()).await {
-                Ok(n) => moved += n,
-                Err(e) => {
-                    tracing::warn!(queue = %task_queue, moved, error = %e.body, "rate-limited redrive stopped");
-                    return;
-                }
-            }
-        }
-        tracing::info!(queue = %task_queue, selected, moved, "rate-limited redrive done");
-    });
+    tokio::spawn(paced_redrive(state, queue, ids, r.target_topic, rate));
     Ok(reply(
         StatusCode::ACCEPTED,
         &json!({ "selected": selected, "rate_per_s": rate, "in_progress": true }),
     ))
+}
+
+/// The body of a redrive: the selection, and where and how fast to move it.
+struct RedriveRequest {
+    query: DeadLetterQuery,
+    target_topic: Option<String>,
+    rate_per_s: Option<u64>,
+}
+
+impl RedriveRequest {
+    fn parse(body: Value) -> Result<RedriveRequest, ApiError> {
+        let Value::Object(fields) = body else {
+            return Err(ApiError::bad_request("", "the body is a JSON object"));
+        };
+        let mut r = RedriveRequest {
+            query: DeadLetterQuery::default(),
+            target_topic: None,
+            rate_per_s: None,
+        };
+        for (k, v) in fields {
+            match (k.as_str(), v) {
+                (_, Value::Null) => {}
+                ("target_topic", Value::String(t)) => {
+                    if !ferrymq_mqtt::topic::valid_topic_name(&t) || t.starts_with('$') {
+                        return Err(ApiError::bad_request(
+                            "target_topic",
+                            format!("{t:?} is not a topic a client may publish to"),
+                        ));
+                    }
+                    r.target_topic = Some(t);
+                }
+                ("target_topic", _) => {
+                    return Err(ApiError::bad_request("target_topic", "must be a string"))
+                }
+                ("rate_per_s", v) => match v.as_u64() {
+                    Some(n) if (1..=MAX_RATE).contains(&n) => r.rate_per_s = Some(n),
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "rate_per_s",
+                            format!("must be a whole number from 1 to {MAX_RATE}"),
+                        ))
+                    }
+                },
+                (k, v) => set_json_filter(&mut r.query, k, v)?,
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// A rate-limited redrive: `rate` ids each second, the first batch at once. Ends when done,
+/// or at the first error (the broker stopping, the queue deleted), which it logs.
+async fn paced_redrive(
+    state: AdminState,
+    queue: String,
+    ids: Vec<u64>,
+    target_topic: Option<String>,
+    rate: u64,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let per_tick = usize::try_from(rate).unwrap_or(usize::MAX);
+    let mut moved = 0;
+    for batch in ids.chunks(per_tick) {
+        tick.tick().await;
+        match redrive_chunks(&state, &queue, batch, target_topic.clone()).await {
+            Ok(n) => moved += n,
+            Err(e) => {
+                tracing::warn!(%queue, moved, error = %e.body, "rate-limited redrive stopped");
+                return;
+            }
+        }
+    }
+    tracing::info!(%queue, selected = ids.len(), moved, "rate-limited redrive done");
 }
 
 /// `POST .../dead-letters/purge`, with an optional body of the list's filters (none: every
@@ -543,6 +565,33 @@ fn dead_letter_json(v: &DeadLetterView) -> Value {
             })
         })
         .collect();
+    let properties = properties_json(p);
+    let mut item = json!({
+        "id": d.entry.id,
+        "queue": v.queue.as_ref(),
+        "topic": m.topic.as_ref(),
+        "qos": m.qos as u8,
+        "properties": properties,
+        "cause": d.cause.as_str(),
+        "attempts": d.entry.attempts,
+        "priority": d.entry.priority,
+        "size": d.entry.size,
+        "failures": failures,
+        "first_enqueued_ms": d.entry.first_enqueued.0,
+        "dead_lettered_ms": d.dead_lettered.0,
+        "trace_id": v.trace_id,
+    });
+    if let Some(o) = item.as_object_mut() {
+        match std::str::from_utf8(&m.payload) {
+            Ok(text) => o.insert("payload".into(), text.into()),
+            Err(_) => o.insert("payload_base64".into(), base64(&m.payload).into()),
+        };
+    }
+    item
+}
+
+/// A message's own properties: user properties in order, and the others it has.
+fn properties_json(p: &ferrymq_mqtt::Properties) -> Value {
     let user_properties: Vec<Value> = p
         .user_properties
         .iter()
@@ -569,32 +618,11 @@ fn dead_letter_json(v: &DeadLetterView) -> Value {
     if let Some(e) = p.message_expiry_interval {
         put("message_expiry_interval", e.into());
     }
-    let mut item = json!({
-        "id": d.entry.id,
-        "queue": v.queue.as_ref(),
-        "topic": m.topic.as_ref(),
-        "qos": m.qos as u8,
-        "properties": properties,
-        "cause": d.cause.as_str(),
-        "attempts": d.entry.attempts,
-        "priority": d.entry.priority,
-        "size": d.entry.size,
-        "failures": failures,
-        "first_enqueued_ms": d.entry.first_enqueued.0,
-        "dead_lettered_ms": d.dead_lettered.0,
-        "trace_id": v.trace_id,
-    });
-    if let Some(o) = item.as_object_mut() {
-        match std::str::from_utf8(&m.payload) {
-            Ok(text) => o.insert("payload".into(), text.into()),
-            Err(_) => o.insert("payload_base64".into(), base64(&m.payload).into()),
-        };
-    }
-    item
+    properties
 }
 
 /// Standard base64 with padding (RFC 4648), for binary payloads in JSON.
-pub(crate) fn base64(bytes: &[u8]) -> String {
+fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

@@ -388,21 +388,7 @@ pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
             limit,
             cursor,
         } => {
-            let mut pairs = filters.pairs();
-            if let Some(l) = limit {
-                pairs.push(("limit", l.to_string()));
-            }
-            if let Some(c) = cursor {
-                pairs.push(("cursor", c.to_string()));
-            }
-            let query: Vec<String> = pairs
-                .iter()
-                .map(|(k, v)| format!("{k}={}", escape(v)))
-                .collect();
-            let mut path = format!("{}/dead-letters", queue_path(&queue));
-            if !query.is_empty() {
-                path = format!("{path}?{}", query.join("&"));
-            }
+            let path = list_path(&queue, &filters, limit, cursor);
             let a = api.call(Method::GET, &path, None).await?;
             let rows = array(&a.body["items"])
                 .iter()
@@ -435,20 +421,9 @@ pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
             target_topic,
             rate,
         } => {
-            let mut body = filters.json();
-            if !ids.is_empty() {
-                body.insert("ids".into(), ids.into());
-            }
-            if let Some(t) = target_topic {
-                body.insert("target_topic".into(), t.into());
-            }
-            if let Some(r) = rate {
-                body.insert("rate_per_s".into(), r.into());
-            }
+            let body = redrive_body(ids, &filters, target_topic, rate);
             let path = format!("{}/dead-letters/redrive", queue_path(&queue));
-            let a = api
-                .call(Method::POST, &path, Some(&Value::Object(body)))
-                .await?;
+            let a = api.call(Method::POST, &path, Some(&body)).await?;
             let b = &a.body;
             let t = if b["in_progress"] == json!(true) {
                 format!(
@@ -490,6 +465,47 @@ pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
     };
     output(args.api.json, &body, &text_out);
     Ok(())
+}
+
+/// `GET .../dead-letters` with the filters and the page as query parameters.
+fn list_path(queue: &str, filters: &Filters, limit: Option<u64>, cursor: Option<u64>) -> String {
+    let mut pairs = filters.pairs();
+    if let Some(l) = limit {
+        pairs.push(("limit", l.to_string()));
+    }
+    if let Some(c) = cursor {
+        pairs.push(("cursor", c.to_string()));
+    }
+    let query: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", escape(v)))
+        .collect();
+    let path = format!("{}/dead-letters", queue_path(queue));
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    }
+}
+
+/// The body of `POST .../dead-letters/redrive`.
+fn redrive_body(
+    ids: Vec<u64>,
+    filters: &Filters,
+    target_topic: Option<String>,
+    rate: Option<u64>,
+) -> Value {
+    let mut body = filters.json();
+    if !ids.is_empty() {
+        body.insert("ids".into(), ids.into());
+    }
+    if let Some(t) = target_topic {
+        body.insert("target_topic".into(), t.into());
+    }
+    if let Some(r) = rate {
+        body.insert("rate_per_s".into(), r.into());
+    }
+    Value::Object(body)
 }
 
 fn dead_letter_row(d: &Value) -> Vec<String> {
