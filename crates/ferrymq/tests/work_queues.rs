@@ -421,6 +421,19 @@ fn the_queue_commands_create_list_show_and_delete() {
     let out = cli(&http, &["dlq", "list", "orders", "--json"]);
     let page: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(page, json!({"items": [], "next_cursor": null}));
+    let out = cli(&http, &["dlq", "purge", "orders", "--cause", "expired"]);
+    assert!(
+        stdout(&out).contains("purged 0 dead letters of orders"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(&http, &["dlq", "discard", "orders", "77"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("404") && err.contains("no dead letter 77"),
+        "{err}"
+    );
 
     let out = cli(&http, &["queue", "delete", "orders"]);
     assert!(stdout(&out).contains("deleted queue orders"));
