@@ -156,9 +156,12 @@ fn ids(page: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// (In memory: the same API without a log; answers go at once.)
 #[tokio::test]
 async fn queue_definitions_are_created_checked_shown_patched_and_deleted() {
-    let server = start().await;
+    let mut config = test_config();
+    config.storage.persistence = false;
+    let server = start_with(config).await;
     let def = json!({"name": "orders", "filter": ["orders/#", "legacy/orders/+"],
         "max_attempts": 3, "backoff": {"kind": "exponential", "initial_ms": 100}});
     let (status, q) = api(&server, "POST", "/api/v1/queues", Some(def.clone())).await;
