@@ -590,16 +590,22 @@ impl Broker {
                     }
                 }
                 Some(t) => {
+                    // Published first, as a publisher that is answered (all or nothing: a
+                    // full `reject_new` queue refuses it whole); the dead letter goes only
+                    // once someone took it, so a refused or unheard redrive loses nothing.
+                    let mut fresh = (*m).clone();
+                    fresh.topic = t.into();
+                    fresh.received_at = now;
+                    fresh.journaled = Default::default();
+                    let routed = self.route(fresh, crate::queue_full::Promise::Acked, now, out);
+                    if routed.refused || routed.count == 0 {
+                        continue;
+                    }
                     let record = Record::QDiscard {
                         queue: queue.clone(),
                         message: id,
                     };
                     if self.try_commit(record, out).is_ok() {
-                        let mut fresh = (*m).clone();
-                        fresh.topic = t.into();
-                        fresh.received_at = now;
-                        fresh.journaled = Default::default();
-                        self.publish(fresh, now, out);
                         moved += 1;
                     }
                 }

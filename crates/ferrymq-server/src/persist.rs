@@ -652,6 +652,16 @@ impl Persistence {
         self.written_end
     }
 
+    /// The ticket of the latest records handed to the log (0 = none yet).
+    pub(crate) fn submitted_ticket(&self) -> u64 {
+        self.submitted
+    }
+
+    /// The highest ticket whose records are stored under the fsync policy.
+    pub(crate) fn durable_ticket(&self) -> u64 {
+        self.durable.ticket.load(Ordering::Acquire)
+    }
+
     pub(crate) fn bytes_submitted(&self) -> u64 {
         self.bytes_submitted
     }

@@ -313,7 +313,10 @@ fn queued_leased_delayed_and_dead_messages_survive_sigkill() {
         .lines()
         .filter(|l| l.starts_with("ferrymq_queue_") && !l.ends_with(" 0"))
         .collect();
-    println!("queue crash test: the broker's view at the end: {}", queue_lines.join(" | "));
+    println!(
+        "queue crash test: the broker's view at the end: {}",
+        queue_lines.join(" | ")
+    );
     broker.kill().unwrap();
     broker.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -23,6 +23,7 @@ mod limits;
 mod malformed_burst;
 mod never_reading_client;
 mod qos_flows;
+mod queue_api;
 mod queue_depth_alarm;
 mod queued_messages_limit;
 mod retained;
