@@ -47,7 +47,19 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 /// `ferrymq serve` with a config file, loopback listeners and a data directory, logging JSON
 /// at info to a piped stderr (the caller reads it, or the broker blocks on a full pipe).
 pub fn serve(config: &Path, mqtt: u16, http: u16, data: &Path) -> Child {
+    serve_with_env(config, mqtt, http, data, &[])
+}
+
+/// [`serve`] with extra environment variables for the broker process.
+pub fn serve_with_env(
+    config: &Path,
+    mqtt: u16,
+    http: u16,
+    data: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .envs(env.iter().copied())
         .args(["serve", "--config"])
         .arg(config)
         .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
