@@ -156,11 +156,11 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
     }
     let secs = elapsed.as_secs_f64().max(1e-9);
     let latency_us = (!hist.is_empty()).then(|| Latency {
-        p50: hist.value_at_quantile(0.5) / 1000,
-        p90: hist.value_at_quantile(0.9) / 1000,
-        p99: hist.value_at_quantile(0.99) / 1000,
-        p999: hist.value_at_quantile(0.999) / 1000,
-        max: hist.max() / 1000,
+        p50: hist.value_at_quantile(0.5),
+        p90: hist.value_at_quantile(0.9),
+        p99: hist.value_at_quantile(0.99),
+        p999: hist.value_at_quantile(0.999),
+        max: hist.max(),
     });
     Ok(Report {
         scenario: if plan.nack_once {
@@ -244,6 +244,7 @@ async fn consumer(
     let prefix = format!("{run_topic}/");
     let mut highest: Vec<Option<u64>> = vec![None; plan.publishers];
     let mut tally = ConsumerTally::default();
+    // Microseconds, up to 60 s: a queue's backlog can hold a message for seconds.
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let expected = plan.messages * plan.publishers as u64;
     while progress.received.load(Relaxed) < expected && !progress.stop.load(Relaxed) {
@@ -302,7 +303,7 @@ async fn consumer(
                 tally.reordered += 1;
             }
             highest[pid] = Some(highest[pid].map_or(seq, |h| h.max(seq)));
-            let _ = hist.record(clock().saturating_sub(sent).max(1));
+            let _ = hist.record((clock().saturating_sub(sent) / 1000).max(1));
         }
         c.flush().await?;
         let got = tally.acked_distinct - before;
