@@ -58,6 +58,10 @@ pub struct Delivery {
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
     pub expiry_remaining: Option<u32>,
+    /// A work-queue delivery: its attempt (1 on the first delivery) and when the message
+    /// entered the queue (ms since the Unix epoch), sent as the `x-attempt` and
+    /// `x-first-enqueued-ms` user properties.
+    pub attempt: Option<(u32, u64)>,
 }
 
 impl Delivery {
@@ -65,7 +69,10 @@ impl Delivery {
     /// (no copy), else a copy with the remaining expiry and this subscriber's identifiers.
     pub fn properties(&self) -> std::borrow::Cow<'_, Properties> {
         let m = &self.message.properties;
-        if m.message_expiry_interval == self.expiry_remaining && self.subscription_ids.is_empty() {
+        if m.message_expiry_interval == self.expiry_remaining
+            && self.subscription_ids.is_empty()
+            && self.attempt.is_none()
+        {
             return std::borrow::Cow::Borrowed(m);
         }
         let mut p = m.clone();
@@ -74,6 +81,12 @@ impl Delivery {
         }
         if !self.subscription_ids.is_empty() {
             p.subscription_identifiers = self.subscription_ids.clone();
+        }
+        if let Some((attempt, first)) = self.attempt {
+            let u = &mut p.user_properties;
+            u.retain(|(k, _)| k != "x-attempt" && k != "x-first-enqueued-ms");
+            u.push(("x-attempt".into(), attempt.to_string()));
+            u.push(("x-first-enqueued-ms".into(), first.to_string()));
         }
         std::borrow::Cow::Owned(p)
     }
@@ -208,6 +221,9 @@ pub(crate) enum Timer {
     SessionExpiry(SessionId),
     /// The oldest held acknowledgement of a connection may be due (`queue_full.rs`).
     HeldAck(ConnId),
+    /// A work queue (by its number) has a lease deadline, a delayed message or a dead
+    /// letter's retention due (`queues.rs`).
+    Queue(u64),
 }
 
 /// The engine. See the module docs for the call protocol.
@@ -236,6 +252,8 @@ pub struct Broker {
     /// Publishers' acknowledgements held for full queues (`queue_full.rs`).
     pub(crate) holds: crate::queue_full::Holds,
     pub(crate) admission: Admission,
+    /// Work queues and their consumers (`queues.rs`).
+    pub(crate) queues: crate::queues::Queues,
 }
 
 impl Broker {
@@ -257,6 +275,7 @@ impl Broker {
             restored_disconnects: Vec::new(),
             holds: Default::default(),
             admission: Admission::default(),
+            queues: Default::default(),
         }
     }
 
@@ -274,6 +293,8 @@ impl Broker {
     /// time, or a client connecting with an empty id could be handed a stranger's session.
     pub fn set_instance_id(&mut self, instance: u128) {
         self.instance = instance;
+        // Backoff jitter draws from a generator seeded with it.
+        self.queues.seed(instance as u64 ^ (instance >> 64) as u64);
     }
 
     pub fn config(&self) -> &BrokerConfig {
@@ -559,6 +580,11 @@ impl Broker {
         };
         self.drop_holds(conn, out);
         let sid = c.session;
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            // Its leases go back before the session is marked gone (each a failed attempt).
+            s.conn = None;
+            self.release_leases(sid, now, out);
+        }
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -645,6 +671,7 @@ impl Broker {
                     }
                 }
                 Timer::HeldAck(conn) => self.expire_held(conn, now, out),
+                Timer::Queue(number) => self.queue_timer(number, now, out),
             }
         }
     }
@@ -717,6 +744,7 @@ impl Broker {
                     retain: f.pending.retain,
                     subscription_ids: f.pending.subscription_ids.clone(),
                     expiry_remaining: f.pending.message.expiry_remaining(now),
+                    attempt: None,
                 }),
             };
             out.push(conn, action);
@@ -728,6 +756,8 @@ impl Broker {
     pub(crate) fn fill_window(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
         self.move_into_flight(sid, now, out);
         self.queue_shrunk(sid, out);
+        // What room is left goes to the work queues it consumes.
+        self.pump_consumer(sid, now, out);
     }
 
     fn move_into_flight(&mut self, sid: SessionId, now: Time, out: &mut Outbox) {
@@ -800,6 +830,7 @@ impl Broker {
             retain: p.retain,
             subscription_ids: p.subscription_ids.clone(),
             expiry_remaining: p.message.expiry_remaining(now),
+            attempt: None,
         };
         out.push(conn, Action::Deliver(d));
     }

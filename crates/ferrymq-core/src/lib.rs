@@ -25,6 +25,7 @@ mod config;
 mod journal;
 mod message;
 mod queue_full;
+pub mod queues;
 mod retained;
 mod routing;
 pub mod session;

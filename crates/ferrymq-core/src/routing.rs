@@ -65,8 +65,13 @@ impl Broker {
             && ferrymq_mqtt::validate_utf8(&p.payload).is_err()
         {
             Some(ReasonCode::PayloadFormatInvalid)
-        } else if topic.starts_with("$SYS") {
+        } else if topic.starts_with("$SYS")
+            || topic.starts_with("$queue/")
+            || topic.starts_with("$dlq/")
+        {
             Some(ReasonCode::NotAuthorized)
+        } else if matches!(crate::queues::parse_delayed(&topic), Some(Err(()))) {
+            Some(ReasonCode::TopicNameInvalid)
         } else {
             None
         };
@@ -101,6 +106,19 @@ impl Broker {
         self.stats.messages_received[qos as usize] += 1;
         self.stats.payload_bytes_received += p.payload.len() as u64;
         p.dup = false;
+        if let Some(Ok((delay_ms, real))) = crate::queues::parse_delayed(&topic) {
+            // `$delayed/{seconds}/{topic}`: held (journaled), published to `{topic}` when due.
+            let real: Arc<str> = real.into();
+            let msg = Message::from_publish(p, real, Some(sid), now);
+            self.hold_delayed(msg, delay_ms, now, out);
+            if qos == QoS::ExactlyOnce && self.sessions.contains_key(&sid) {
+                self.commit(Record::Qos2In { sid, pid }, out);
+            }
+            if qos != QoS::AtMostOnce {
+                self.send_ack(conn, ack(PubResp::new(pid, ReasonCode::Success)), out);
+            }
+            return;
+        }
         let msg = Message::from_publish(p, topic, Some(sid), now);
         let promise = match qos {
             QoS::AtMostOnce => Promise::Unacked,
@@ -174,13 +192,19 @@ impl Broker {
             return;
         };
         let pid = r.packet_id;
-        if s.inflight
+        let Some(f) = s
+            .inflight
             .get(&pid)
-            .is_some_and(|f| f.state == OutState::AwaitPubAck)
-        {
-            self.commit(Record::Acked { sid, pid }, out);
-            self.fill_window(sid, now, out);
+            .filter(|f| f.state == OutState::AwaitPubAck)
+        else {
+            return;
+        };
+        let lease = f.pending.queue.clone();
+        self.commit(Record::Acked { sid, pid }, out);
+        if let Some(lease) = lease {
+            self.answer_lease(sid, &lease, &r, now, out);
         }
+        self.fill_window(sid, now, out);
     }
 
     pub(crate) fn on_pubrec(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
@@ -192,12 +216,21 @@ impl Broker {
         match s.inflight.get(&pid) {
             Some(f) if f.state == OutState::AwaitPubRec && r.reason.is_error() => {
                 // The receiver refused it: the flow ends here (MQTT-4.3.3).
+                let lease = f.pending.queue.clone();
                 self.commit(Record::Acked { sid, pid }, out);
+                if let Some(lease) = lease {
+                    self.answer_lease(sid, &lease, &r, now, out);
+                }
                 self.fill_window(sid, now, out);
             }
             Some(f) if f.state != OutState::AwaitPubAck => {
                 if f.state == OutState::AwaitPubRec {
+                    // A queue delivery is acknowledged by PUBREC: the consumer has it.
+                    let lease = f.pending.queue.clone();
                     self.commit(Record::PubRec { sid, pid }, out);
+                    if let Some(lease) = lease {
+                        self.answer_lease(sid, &lease, &r, now, out);
+                    }
                 }
                 out.push(
                     conn,
@@ -243,12 +276,20 @@ impl Broker {
         self.next_message_id += 1;
         let msg = Arc::new(msg);
         let targets = self.targets(&msg);
+        let queues = self.queue_targets(&msg);
         let mut routed = Routed {
-            count: targets.len(),
+            count: targets.len() + queues.len(),
             message: msg.id,
             full: Vec::new(),
             refused: false,
         };
+        // A work queue that cannot take it (`reject_new`, or full with nothing to drop)
+        // refuses the publish: all or nothing, as `queue_full = reject` below.
+        if !queues.is_empty() && self.queues_refuse(&msg, &queues) {
+            routed.refused = true;
+            routed.count = 0;
+            return routed;
+        }
         // `reject` is all or nothing: a publish that some full queue would refuse goes to
         // no one (nor into the retained store), so a publisher that sends it again delivers
         // it once, not twice to the sessions that had room (a 3.1.1 client, refused by a
@@ -271,12 +312,16 @@ impl Broker {
                 retain,
                 subscription_ids: t.ids,
                 shared: t.shared,
+                queue: None,
             };
             match self.deliver(t.session, p, promise, now, out) {
                 Placed::Done => {}
                 Placed::OverLimit => routed.full.push(t.session),
                 Placed::Refused => routed.refused = true,
             }
+        }
+        if !queues.is_empty() {
+            self.enqueue_in_queues(&msg, queues, now, out);
         }
         routed
     }
@@ -380,6 +425,7 @@ impl Broker {
                     dup: false,
                     retain: p.retain,
                     subscription_ids: p.subscription_ids,
+                    attempt: None,
                 };
                 out.push(conn, Action::Deliver(d));
                 Placed::Done

@@ -20,6 +20,9 @@ pub struct Subscription {
     pub group: Option<String>,
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
+    /// The work queue this subscription consumes (`$queue/{name}`, or `$share/{name}/…`
+    /// naming a queue); such a subscription is not in the topic trie. Set when applied.
+    pub queue: Option<Arc<str>>,
 }
 
 /// The shared group a delivery came through, so it can be handed to another member.
@@ -37,6 +40,8 @@ pub struct Pending {
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
     pub shared: Option<SharedOrigin>,
+    /// A work-queue delivery's lease (never queued, never journaled with the session).
+    pub queue: Option<Box<crate::queues::QueueLease>>,
 }
 
 /// Where an outbound QoS 1/2 message is in its flow.
@@ -80,6 +85,8 @@ pub struct Session {
     pub pending_will: Option<Box<(Will, Time)>>,
     /// Whether the journal holds this session (it is durable and journaling is on).
     pub journaled: bool,
+    /// The work queues it consumes.
+    pub consumes: Vec<Arc<str>>,
     next_pid: PacketId,
     next_seq: u64,
 }
@@ -100,6 +107,7 @@ impl Session {
             window: 1,
             pending_will: None,
             journaled: false,
+            consumes: Vec::new(),
             next_pid: 1,
             next_seq: 0,
         }

@@ -53,8 +53,15 @@ impl Broker {
         };
         out.push(conn, Action::Send(Packet::SubAck(ack)));
         for (filter, options) in replay {
+            if filter.starts_with("$dlq/") {
+                // Dead letters are not retained messages, but a new reader wants the ones
+                // already there.
+                self.replay_dead_letters(sid, &filter, options, now, out);
+            }
             self.replay_retained(sid, &filter, options, identifier, now, out);
         }
+        // A new consumer takes what its queues have ready.
+        self.pump_consumer(sid, now, out);
     }
 
     /// Adds one subscription; `Ok(true)` when it replaced an existing one.
@@ -75,6 +82,14 @@ impl Broker {
         {
             return Err(ReasonCode::TopicFilterInvalid);
         }
+        if let Some(name) = raw.strip_prefix("$queue/") {
+            // A consumer of a queue that exists: `$queue/{name}`, no wildcards, not shared.
+            let user_queue =
+                name != crate::queues::DELAYED_QUEUE && self.queues.by_name.contains_key(name);
+            if !user_queue {
+                return Err(ReasonCode::TopicFilterInvalid);
+            }
+        }
         if self.is_denied(&filter) {
             return Err(self.config.deny_subscribe_reason);
         }
@@ -93,6 +108,7 @@ impl Broker {
             group,
             options,
             identifier,
+            queue: None,
         };
         let raw = raw.to_string();
         self.commit(Record::Subscribe { sid, raw, sub }, out);
@@ -128,6 +144,7 @@ impl Broker {
                 retain: true,
                 subscription_ids: identifier.into_iter().collect(),
                 shared: None,
+                queue: None,
             };
             self.deliver(sid, p, Promise::Unacked, now, out);
         }

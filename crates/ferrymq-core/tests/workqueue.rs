@@ -1,47 +1,277 @@
-//! One work queue's state machine on a virtual clock (issue 11, not yet reachable from the
-//! broker): retries with backoff, attempt counting, ack timeouts, lost consumers, every
-//! dead-lettering cause, priority, delay, expiry and each overflow policy.
+//! Work queues through the engine on a virtual clock (issue 11): MQTT consumers on
+//! `$queue/{name}`, acks and nacks, retries with backoff, ack timeouts, lost consumers, every
+//! dead-lettering cause, priority, delay, expiry, each overflow policy, fair distribution,
+//! redrive, and restarts from the journal (with and without a checkpoint).
 
+#![allow(clippy::unwrap_used, clippy::needless_range_loop)]
+
+use bytes::Bytes;
+use ferrymq_core::queues::DeadLetterQuery;
 use ferrymq_core::workqueue::*;
-use ferrymq_core::{SessionId, Time};
+use ferrymq_core::*;
+use ferrymq_mqtt::*;
 
-const C1: SessionId = SessionId(1);
-const C2: SessionId = SessionId(2);
+const V5: ProtocolVersion = ProtocolVersion::V5;
+const V3: ProtocolVersion = ProtocolVersion::V311;
+const START: u64 = 1_000_000;
 
-fn entry(id: u64, priority: u8) -> Entry {
-    Entry {
-        id,
-        position: id,
-        size: 100,
-        priority,
-        attempts: 0,
-        first_enqueued: Time(0),
+struct H {
+    b: Broker,
+    now: Time,
+    out: Outbox,
+    log: Vec<Vec<u8>>,
+}
+
+/// One delivery to a consumer.
+#[derive(Debug, Clone)]
+struct Got {
+    payload: String,
+    topic: String,
+    pid: Option<u16>,
+    attempt: Option<String>,
+    first_enqueued: Option<String>,
+}
+
+impl H {
+    fn new() -> H {
+        let mut b = Broker::new(BrokerConfig::default());
+        b.set_instance_id(7);
+        let mut out = Outbox::default();
+        b.enable_journal(&mut out);
+        H {
+            b,
+            now: Time(START),
+            out,
+            log: Vec::new(),
+        }
+    }
+
+    fn declare(&mut self, def: QueueDef) {
+        self.b.declare_queue(def, self.now, &mut self.out).unwrap();
+    }
+
+    fn connect(&mut self, conn: u64, id: &str, v: ProtocolVersion, window: u16, durable: bool) {
+        let mut properties = Properties::default();
+        if v == V5 {
+            properties.session_expiry_interval = Some(if durable { 3600 } else { 0 });
+            properties.receive_maximum = Some(window);
+        }
+        let c = Connect {
+            version: v,
+            client_id: id.into(),
+            clean_start: !durable,
+            keep_alive: 0,
+            username: None,
+            password: None,
+            will: None,
+            properties,
+        };
+        assert!(
+            self.b
+                .connect(ConnId(conn), c, self.now, &mut self.out)
+                .accepted
+        );
+    }
+
+    fn packet(&mut self, conn: u64, p: Packet) {
+        self.b.packet(ConnId(conn), p, self.now, &mut self.out);
+    }
+
+    fn subscribe(&mut self, conn: u64, filter: &str, qos: QoS) -> ReasonCode {
+        let options = SubscriptionOptions {
+            qos,
+            ..Default::default()
+        };
+        self.packet(
+            conn,
+            Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                filters: vec![(filter.into(), options)],
+                properties: Properties::default(),
+            }),
+        );
+        // Takes the SUBACK, leaving what was delivered after it.
+        let at = self
+            .out
+            .actions
+            .iter()
+            .position(|(c, a)| *c == ConnId(conn) && matches!(a, Action::Send(Packet::SubAck(_))))
+            .unwrap();
+        match self.out.actions.remove(at).1 {
+            Action::Send(Packet::SubAck(s)) => s.reasons[0],
+            _ => unreachable!(),
+        }
+    }
+
+    fn publish_with(&mut self, conn: u64, topic: &str, payload: &str, user: &[(&str, &str)]) {
+        self.publish_full(conn, topic, payload, user, None);
+    }
+
+    fn publish_full(
+        &mut self,
+        conn: u64,
+        topic: &str,
+        payload: &str,
+        user: &[(&str, &str)],
+        expiry: Option<u32>,
+    ) {
+        let mut properties = Properties::default();
+        for (k, v) in user {
+            properties
+                .user_properties
+                .push((k.to_string(), v.to_string()));
+        }
+        properties.message_expiry_interval = expiry;
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(1),
+            properties,
+            payload: Bytes::from(payload.to_string()),
+        };
+        self.packet(conn, Packet::Publish(p));
+    }
+
+    fn publish(&mut self, conn: u64, topic: &str, payload: &str) {
+        self.publish_with(conn, topic, payload, &[]);
+    }
+
+    fn tick_to(&mut self, t: u64) {
+        self.now = Time(START + t);
+        self.b.tick(self.now, &mut self.out);
+    }
+
+    fn take(&mut self, conn: u64) -> Vec<Action> {
+        let (mine, rest): (Vec<_>, Vec<_>) = self
+            .out
+            .actions
+            .drain(..)
+            .partition(|(c, _)| *c == ConnId(conn));
+        self.out.actions = rest;
+        mine.into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn got(&mut self, conn: u64) -> Vec<Got> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Deliver(d) => {
+                    let props = d.properties();
+                    let user = |k: &str| {
+                        props
+                            .user_properties
+                            .iter()
+                            .find(|(n, _)| n == k)
+                            .map(|(_, v)| v.clone())
+                    };
+                    Some(Got {
+                        payload: String::from_utf8(d.message.payload.to_vec()).unwrap(),
+                        topic: d.message.topic.to_string(),
+                        pid: d.packet_id,
+                        attempt: user("x-attempt"),
+                        first_enqueued: user("x-first-enqueued-ms"),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn payloads(&mut self, conn: u64) -> Vec<String> {
+        self.got(conn).into_iter().map(|g| g.payload).collect()
+    }
+
+    /// The PUBACK/PUBREC reasons a publisher got.
+    fn acks(&mut self, conn: u64) -> Vec<ReasonCode> {
+        self.take(conn)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Send(Packet::PubAck(r) | Packet::PubRec(r)) => Some(r.reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ack(&mut self, conn: u64, pid: u16) {
+        self.packet(conn, Packet::PubAck(PubResp::new(pid, ReasonCode::Success)));
+    }
+
+    fn nack(&mut self, conn: u64, pid: u16, code: ReasonCode, reason: &str, retry_ms: Option<u64>) {
+        let mut r = PubResp::new(pid, code);
+        r.properties.reason_string = Some(reason.into());
+        if let Some(ms) = retry_ms {
+            r.properties
+                .user_properties
+                .push(("retry-after-ms".into(), ms.to_string()));
+        }
+        self.packet(conn, Packet::PubAck(r));
+    }
+
+    fn view(&self, name: &str) -> ferrymq_core::queues::QueueView {
+        self.b.queue_view(name, self.now).unwrap()
+    }
+
+    fn dead(&self, name: &str) -> Vec<ferrymq_core::queues::DeadLetterView> {
+        self.b
+            .dead_letters(name, &DeadLetterQuery::default())
+            .unwrap()
+            .items
+    }
+
+    /// Crash (all connections gone) and restart from the journal alone.
+    fn restart(&mut self) -> RestoreReport {
+        self.log
+            .extend(self.out.journal.records().map(|r| r.to_vec()));
+        let mut b = Broker::new(self.b.config().clone());
+        b.set_instance_id(8);
+        let report = b
+            .restore(self.log.iter().map(|r| r.as_slice()), self.now)
+            .unwrap();
+        assert_eq!(report.skipped, 0, "every record applied: {report:?}");
+        let mut first = Outbox::default();
+        b.enable_journal(&mut first);
+        self.log.extend(first.journal.records().map(|r| r.to_vec()));
+        self.b = b;
+        self.out = Outbox::default();
+        report
+    }
+
+    /// Writes a checkpoint and forgets the log before it.
+    fn checkpoint(&mut self) {
+        self.log.clear();
+        self.out.journal.clear();
+        self.b.checkpoint(&mut self.out).unwrap();
+        self.log
+            .extend(self.out.journal.records().map(|r| r.to_vec()));
+        self.out.journal.clear();
     }
 }
 
-fn nack(at: u64, consumer: SessionId, reason: &str) -> Failure {
-    Failure {
-        at: Time(at),
-        reason_code: 0x80,
-        reason: reason.into(),
-        consumer,
-    }
-}
-
-fn never(_: &Entry) -> bool {
-    false
-}
-
-fn queue(f: impl FnOnce(&mut QueueDef)) -> Queue {
+fn jobs(f: impl FnOnce(&mut QueueDef)) -> QueueDef {
     let mut def = QueueDef::new("jobs", "jobs/#");
     f(&mut def);
-    def.validate().expect("valid");
-    Queue::new(def)
+    def
+}
+
+/// Queue `jobs`, consumer "c" (conn 1, MQTT 5, window 10) on `$queue/jobs`, publisher "p"
+/// (conn 2).
+fn setup(f: impl FnOnce(&mut QueueDef)) -> H {
+    let mut h = H::new();
+    h.declare(jobs(f));
+    h.connect(1, "c", V5, 10, true);
+    assert_eq!(
+        h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce),
+        ReasonCode::GrantedQoS1
+    );
+    h.connect(2, "p", V5, 10, false);
+    h
 }
 
 #[test]
-fn three_nacks_with_growing_delays_then_a_dead_letter_with_every_failure() {
-    let mut q = queue(|d| {
+fn three_nacks_with_growing_delays_then_a_dead_letter_redriven_and_acked() {
+    let mut h = setup(|d| {
         d.max_attempts = 3;
         d.backoff = Backoff::Exponential {
             initial_ms: 100,
@@ -49,224 +279,391 @@ fn three_nacks_with_growing_delays_then_a_dead_letter_with_every_failure() {
             multiplier: 3.0,
         };
     });
-    q.enqueue(entry(1, 4), None, Time(0));
-    let mut now = 0;
-    let mut dues = Vec::new();
-    for attempt in 1..=3u16 {
-        let e = q.lease(C1, Time(now), never).expect("ready");
-        assert_eq!(e.attempts, attempt - 1, "attempts so far travel with it");
-        let r = q.fail(
+    h.publish(2, "jobs/a", "work");
+    assert_eq!(h.acks(2), vec![ReasonCode::Success]);
+    let mut t = 0;
+    let mut delays = Vec::new();
+    for attempt in 1..=3 {
+        let got = h.got(1);
+        assert_eq!(got.len(), 1, "attempt {attempt} delivered once");
+        assert_eq!(got[0].attempt.as_deref(), Some(&*attempt.to_string()));
+        assert_eq!(got[0].first_enqueued.as_deref(), Some(&*START.to_string()));
+        assert_eq!(got[0].topic, "jobs/a");
+        h.nack(
             1,
-            nack(now, C1, &format!("boom {attempt}")),
+            got[0].pid.unwrap(),
+            ReasonCode::UnspecifiedError,
+            &format!("boom {attempt}"),
             None,
-            0.0,
-            Time(now),
         );
-        match r {
-            Some(Retry::At(due)) => {
-                // Not before its due time.
-                assert!(q.lease(C1, Time(due.0 - 1), never).is_none());
-                dues.push(due.0 - now);
-                now = due.0;
-            }
-            Some(Retry::DeadLettered(cause)) => {
-                assert_eq!((attempt, cause), (3, Cause::MaxAttempts));
-            }
-            None => panic!("the lease was not known"),
+        if attempt < 3 {
+            // Not before its delay, then at once.
+            let due = h.b.next_deadline().unwrap().0 - START;
+            delays.push(due - t);
+            h.tick_to(due - 1);
+            assert!(h.got(1).is_empty(), "redelivered before its backoff");
+            h.tick_to(due);
+            t = due;
         }
     }
-    assert_eq!(dues, vec![100, 300], "initial, then times the multiplier");
-    let dead: Vec<&DeadLetter> = q.dead_letters().collect();
+    assert_eq!(delays, vec![100, 300], "exponential, multiplier 3");
+    let dead = h.dead("jobs");
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].entry.attempts, 3);
-    let reasons: Vec<&str> = dead[0].failures.iter().map(|f| &*f.reason).collect();
+    let d = &dead[0];
+    assert_eq!(d.dead.cause, Cause::MaxAttempts);
+    assert_eq!(d.dead.entry.attempts, 3);
+    let reasons: Vec<&str> = d.dead.failures.iter().map(|f| &*f.reason).collect();
     assert_eq!(reasons, vec!["boom 1", "boom 2", "boom 3"]);
-    assert_eq!(q.depth(), 0);
-    assert_eq!(q.stats.dead_lettered.get(&Cause::MaxAttempts), Some(&1));
-    assert_eq!(q.stats.redelivered, 2);
-}
-
-#[test]
-fn a_nack_s_own_delay_overrides_the_backoff() {
-    let mut q = queue(|d| d.backoff = Backoff::Fixed { delay_ms: 5_000 });
-    q.enqueue(entry(1, 4), None, Time(0));
-    q.lease(C1, Time(0), never).expect("ready");
-    let r = q.fail(1, nack(0, C1, "later"), Some(50), 0.0, Time(0));
-    assert_eq!(r, Some(Retry::At(Time(50))));
-}
-
-#[test]
-fn an_ack_timeout_is_a_failed_attempt_and_a_late_ack_is_refused() {
-    let mut q = queue(|d| {
-        d.ack_timeout_ms = 1_000;
-        d.backoff = Backoff::Fixed { delay_ms: 200 };
-    });
-    q.enqueue(entry(1, 4), None, Time(0));
-    q.lease(C1, Time(0), never).expect("ready");
-    assert_eq!(q.next_deadline(), Some(Time(1_000)));
-    assert!(q.expire_leases(Time(999), || 0.0).is_empty());
-    let expired = q.expire_leases(Time(1_000), || 0.0);
-    assert_eq!(expired, vec![(1, Retry::At(Time(1_200)))]);
-    assert!(
-        !q.ack(1, C1),
-        "the lease was returned: a late ack does not count"
-    );
-    let again = q.lease(C2, Time(1_200), never).expect("redelivered");
-    assert_eq!(again.attempts, 1);
-    assert!(!q.ack(1, C1), "only the consumer holding the lease acks it");
-    assert!(q.ack(1, C2));
-    assert_eq!((q.depth(), q.leased()), (0, 0));
-    assert_eq!(q.stats.acked, 1);
-}
-
-#[test]
-fn a_lost_consumer_returns_every_lease_at_once_each_a_failed_attempt() {
-    let mut q = queue(|d| d.max_attempts = 2);
-    for id in 1..=3 {
-        q.enqueue(entry(id, 4), None, Time(0));
-    }
-    q.lease(C1, Time(0), never);
-    q.lease(C2, Time(0), never);
-    q.lease(C1, Time(0), never);
-    let returned = q.release_consumer(C1, Time(10), || 0.0);
-    assert_eq!(
-        returned,
-        vec![(1, Retry::At(Time(10))), (3, Retry::At(Time(10)))]
-    );
-    assert_eq!(q.leased(), 1, "the other consumer keeps its lease");
-    // Lost again: the second attempt is the last.
-    q.lease(C1, Time(10), never);
-    q.lease(C1, Time(10), never);
-    let returned = q.release_consumer(C1, Time(20), || 0.0);
-    assert_eq!(returned.len(), 2);
-    assert!(returned
+    assert!(d
+        .dead
+        .failures
         .iter()
-        .all(|(_, r)| *r == Retry::DeadLettered(Cause::MaxAttempts)));
-    let d = q.dead_letters().next().expect("a dead letter");
-    assert_eq!(&*d.failures[0].reason, "consumer gone");
-}
+        .all(|f| &*f.consumer == "c" && f.reason_code == 0x80));
+    assert_eq!(&*d.message.topic, "jobs/a");
+    assert_eq!(h.view("jobs").depth, 0);
 
-#[test]
-fn a_rejected_message_is_a_dead_letter_at_once() {
-    let mut q = queue(|d| d.max_attempts = 10);
-    q.enqueue(entry(1, 4), None, Time(0));
-    q.lease(C1, Time(0), never);
-    let mut f = nack(0, C1, "bad payload");
-    f.reason_code = 0x99;
-    assert!(q.reject(1, f, Time(5)));
-    let d = q.dead_letters().next().expect("a dead letter");
-    assert_eq!(
-        (d.cause, d.entry.attempts, d.dead_lettered),
-        (Cause::Rejected, 1, Time(5))
+    // Redrive: attempt 1 again, the failures kept; an ack clears it.
+    let id = d.dead.entry.id;
+    let moved =
+        h.b.redrive_dead_letters("jobs", &[id], None, h.now, &mut h.out)
+            .unwrap();
+    assert_eq!(moved, 1);
+    let got = h.got(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].attempt.as_deref(), Some("1"));
+    h.nack(
+        1,
+        got[0].pid.unwrap(),
+        ReasonCode::UnspecifiedError,
+        "boom 4",
+        Some(0),
     );
+    let got = h.got(1);
+    assert_eq!(
+        got[0].attempt.as_deref(),
+        Some("2"),
+        "a nack's own delay of 0"
+    );
+    h.ack(1, got[0].pid.unwrap());
+    let v = h.view("jobs");
+    assert_eq!((v.depth, v.leased, v.dead_letters), (0, 0, 0));
+    assert_eq!(v.stats.acked, 1);
 }
 
 #[test]
-fn priority_first_fifo_within_a_level_and_delayed_messages_wait() {
-    let mut q = queue(|_| {});
-    q.enqueue(entry(1, 2), None, Time(0));
-    q.enqueue(entry(2, 7), Some(Time(100)), Time(0));
-    q.enqueue(entry(3, 7), None, Time(0));
-    q.enqueue(entry(4, 2), None, Time(0));
-    assert_eq!(q.delayed(), 1);
-    let order = |q: &mut Queue, now| {
-        std::iter::from_fn(|| q.lease(C1, Time(now), never).map(|e| e.id)).collect::<Vec<_>>()
-    };
-    assert_eq!(order(&mut q, 50), vec![3, 1, 4]);
-    assert_eq!(order(&mut q, 100), vec![2]);
+fn an_ack_timeout_is_a_failed_attempt_and_a_late_ack_does_nothing() {
+    let mut h = H::new();
+    h.declare(jobs(|d| d.ack_timeout_ms = 1_000));
+    // An MQTT 3.1.1 consumer can only ack: it never does.
+    h.connect(1, "c", V3, 10, true);
+    assert_eq!(
+        h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce),
+        ReasonCode::GrantedQoS1
+    );
+    h.connect(2, "p", V5, 10, false);
+    h.publish(2, "jobs/x", "m");
+    let first = h.got(1);
+    assert_eq!(first.len(), 1);
+    h.tick_to(999);
+    assert!(h.got(1).is_empty());
+    h.tick_to(1_000);
+    let again = h.got(1);
+    assert_eq!(again.len(), 1, "redelivered after the ack timeout");
+    assert_ne!(again[0].pid, first[0].pid, "a new delivery, not a resend");
+    assert_eq!(h.view("jobs").stats.nacked, 1);
+    // The late ack of the first delivery does not ack the second lease.
+    h.ack(1, first[0].pid.unwrap());
+    assert_eq!(h.view("jobs").leased, 1);
+    h.ack(1, again[0].pid.unwrap());
+    assert_eq!((h.view("jobs").leased, h.view("jobs").stats.acked), (0, 1));
 }
 
 #[test]
-fn expired_messages_are_dropped_or_dead_lettered() {
-    for dead_letter_on_expiry in [false, true] {
-        let mut q = queue(|d| d.dead_letter_on_expiry = dead_letter_on_expiry);
-        q.enqueue(entry(1, 4), None, Time(0));
-        q.enqueue(entry(2, 4), None, Time(0));
-        let leased = q.lease(C1, Time(0), |e| e.id == 1).map(|e| e.id);
-        assert_eq!(leased, Some(2), "the expired one is skipped");
-        if dead_letter_on_expiry {
-            let d = q.dead_letters().next().expect("a dead letter");
-            assert_eq!((d.entry.id, d.cause), (1, Cause::Expired));
-        } else {
-            assert_eq!(q.dead_letters().count(), 0);
-            assert_eq!(q.stats.dropped_expired, 1);
-        }
+fn a_lost_consumer_gives_its_leases_back_at_once_each_a_failed_attempt() {
+    let mut h = setup(|_| {});
+    h.connect(3, "c2", V5, 10, false);
+    h.subscribe(3, "$queue/jobs", QoS::AtLeastOnce);
+    for i in 0..4 {
+        h.publish(2, "jobs/x", &format!("m{i}"));
     }
+    let c1 = h.payloads(1);
+    let c2 = h.payloads(3);
+    assert_eq!((c1.len(), c2.len()), (2, 2), "round robin");
+    h.b.closed(ConnId(1), h.now, &mut h.out);
+    let moved = h.got(3);
+    assert_eq!(
+        moved.iter().map(|g| g.payload.clone()).collect::<Vec<_>>(),
+        c1,
+        "the lost consumer's two go to the other"
+    );
+    assert!(moved.iter().all(|g| g.attempt.as_deref() == Some("2")));
+    let v = h.view("jobs");
+    assert_eq!((v.leased, v.stats.nacked, v.stats.redelivered), (4, 2, 2));
+}
+
+#[test]
+fn a_rejection_dead_letters_at_once_and_dlq_subscribers_see_it() {
+    let mut h = setup(|_| {});
+    h.connect(4, "ops", V5, 10, false);
+    h.subscribe(4, "$dlq/jobs", QoS::AtLeastOnce);
+    h.publish_with(
+        2,
+        "jobs/x",
+        "bad",
+        &[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )],
+    );
+    let got = h.got(1);
+    h.nack(
+        1,
+        got[0].pid.unwrap(),
+        ReasonCode::PayloadFormatInvalid,
+        "not json",
+        None,
+    );
+    let dead = h.dead("jobs");
+    assert_eq!(dead[0].dead.cause, Cause::Rejected);
+    assert_eq!(dead[0].dead.failures[0].reason_code, 0x99);
+    assert_eq!(
+        dead[0].trace_id.as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    let dlq = h.got(4);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].topic, "$dlq/jobs");
+    assert_eq!(dlq[0].payload, "bad");
+    // A new reader of `$dlq/jobs` gets the dead letters already there.
+    h.connect(5, "ops2", V5, 10, false);
+    h.subscribe(5, "$dlq/#", QoS::AtLeastOnce);
+    assert_eq!(h.payloads(5), vec!["bad"]);
+}
+
+#[test]
+fn priority_first_fifo_within_a_level_delay_and_expiry() {
+    let mut h = H::new();
+    h.declare(jobs(|d| d.dead_letter_on_expiry = true));
+    h.connect(2, "p", V5, 10, false);
+    h.publish_with(2, "jobs/a", "low", &[("priority", "1")]);
+    h.publish_with(2, "jobs/a", "high1", &[("priority", "9")]);
+    h.publish(2, "jobs/a", "default");
+    h.publish_with(2, "jobs/a", "high2", &[("priority", "9")]);
+    h.publish_with(2, "jobs/a", "later", &[("delay-ms", "5000")]);
+    h.publish_full(2, "jobs/a", "stale", &[], Some(1));
+    h.publish(2, "$delayed/2/jobs/b", "delayed-publish");
+    assert_eq!(h.acks(2).len(), 7);
+    assert_eq!(
+        h.view("jobs").depth,
+        6,
+        "the $delayed one is not in the queue yet"
+    );
+    h.tick_to(1_000);
+    h.connect(1, "c", V5, 100, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    assert_eq!(h.payloads(1), vec!["high1", "high2", "default", "low"]);
+    assert_eq!(h.dead("jobs")[0].dead.cause, Cause::Expired);
+    h.tick_to(2_000);
+    assert_eq!(
+        h.payloads(1),
+        vec!["delayed-publish"],
+        "published to jobs/b when due"
+    );
+    h.tick_to(5_000);
+    assert_eq!(h.payloads(1), vec!["later"]);
+    // An invalid $delayed topic is refused.
+    h.publish(2, "$delayed/soon/jobs/a", "x");
+    assert_eq!(h.acks(2), vec![ReasonCode::TopicNameInvalid]);
 }
 
 #[test]
 fn each_overflow_policy() {
-    let full = |overflow| {
-        let mut q = queue(|d| {
-            d.max_messages = Some(2);
-            d.overflow = overflow;
-        });
-        q.enqueue(entry(1, 4), None, Time(0));
-        q.enqueue(entry(2, 4), None, Time(0));
-        q
-    };
-    let mut q = full(Overflow::RejectNew);
-    assert_eq!(q.enqueue(entry(3, 4), None, Time(0)), Enqueued::Refused);
-    assert_eq!(q.depth(), 2);
-
-    let mut q = full(Overflow::DropOldest);
-    assert_eq!(
-        q.enqueue(entry(3, 4), None, Time(0)),
-        Enqueued::Displaced(entry(1, 4))
-    );
-    assert_eq!(q.stats.dropped_overflow, 1);
-
-    let mut q = full(Overflow::DeadLetter);
-    assert_eq!(
-        q.enqueue(entry(3, 4), None, Time(0)),
-        Enqueued::DeadLettered(1)
-    );
-    assert_eq!(
-        q.dead_letters().next().map(|d| d.cause),
-        Some(Cause::Overflow)
-    );
-
-    // Leased messages count toward the limit; with nothing ready to make room, refused.
-    let mut q = full(Overflow::DropOldest);
-    q.lease(C1, Time(0), never);
-    q.lease(C1, Time(0), never);
-    assert_eq!(q.enqueue(entry(3, 4), None, Time(0)), Enqueued::Refused);
-
-    // Bytes too.
-    let mut q = queue(|d| {
-        d.max_bytes = Some(250);
+    // reject_new: 0x97 to the publisher, nothing else lost.
+    let mut h = H::new();
+    h.declare(jobs(|d| {
+        d.max_messages = Some(2);
         d.overflow = Overflow::RejectNew;
-    });
-    assert_eq!(q.enqueue(entry(1, 4), None, Time(0)), Enqueued::Accepted);
-    assert_eq!(q.enqueue(entry(2, 4), None, Time(0)), Enqueued::Accepted);
-    assert_eq!(q.enqueue(entry(3, 4), None, Time(0)), Enqueued::Refused);
+    }));
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("m{i}"));
+    }
+    assert_eq!(
+        h.acks(2),
+        vec![
+            ReasonCode::Success,
+            ReasonCode::Success,
+            ReasonCode::QuotaExceeded
+        ]
+    );
+    assert_eq!(h.view("jobs").depth, 2);
+
+    // drop_oldest: counted.
+    let mut h = H::new();
+    h.declare(jobs(|d| {
+        d.max_messages = Some(2);
+        d.overflow = Overflow::DropOldest;
+    }));
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("m{i}"));
+    }
+    assert_eq!(h.view("jobs").stats.dropped_overflow, 1);
+    h.connect(1, "c", V5, 10, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    assert_eq!(h.payloads(1), vec!["m1", "m2"]);
+
+    // dead_letter: the oldest becomes a dead letter, cause overflow.
+    let mut h = H::new();
+    h.declare(jobs(|d| {
+        d.max_messages = Some(2);
+        d.overflow = Overflow::DeadLetter;
+    }));
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("m{i}"));
+    }
+    let dead = h.dead("jobs");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].dead.cause, Cause::Overflow);
+    assert_eq!(&dead[0].message.payload[..], b"m0");
 }
 
 #[test]
-fn jittered_retries_stay_within_their_bounds() {
-    let mut q = queue(|d| {
-        d.max_attempts = 100;
-        d.backoff = Backoff::ExponentialJitter {
-            initial_ms: 100,
-            max_ms: 2_000,
-            multiplier: 2.0,
-        };
-    });
-    q.enqueue(entry(1, 4), None, Time(0));
-    let mut now = 0;
-    let draws = [0.0, 0.99, 0.5, 0.25, 0.75, 0.1, 0.9, 0.6];
-    for (n, draw) in draws.iter().enumerate() {
-        q.lease(C1, Time(now), never).expect("ready");
-        let Some(Retry::At(due)) = q.fail(1, nack(now, C1, "x"), None, *draw, Time(now)) else {
-            panic!("retried");
-        };
-        let cap = (100u64 << n).min(2_000);
-        let delay = due.0 - now;
-        assert!(
-            (100..=cap).contains(&delay),
-            "failure {}: {delay} ms, cap {cap}",
-            n + 1
-        );
-        now = due.0;
+fn distribution_is_fair_and_each_window_bounds_leases() {
+    let mut h = H::new();
+    h.declare(jobs(|_| {}));
+    h.connect(2, "p", V5, 10, false);
+    for c in 0..3u64 {
+        h.connect(10 + c, &format!("c{c}"), V5, 5, false);
+        h.subscribe(10 + c, "$queue/jobs", QoS::AtLeastOnce);
     }
+    for i in 0..30 {
+        h.publish(2, "jobs/a", &format!("m{i}"));
+    }
+    let mut counts = Vec::new();
+    for c in 0..3u64 {
+        counts.push(h.got(10 + c).len());
+    }
+    assert_eq!(counts, vec![5, 5, 5], "each holds its window, no more");
+    assert_eq!(h.view("jobs").depth, 15);
+    // Acks open windows; over the whole run each consumer gets a third.
+    let mut total = [5usize; 3];
+    let mut pids: Vec<Vec<u16>> = vec![(1..=5).collect(); 3];
+    while h.view("jobs").depth > 0 || h.view("jobs").leased > 0 {
+        for c in 0..3usize {
+            for pid in std::mem::take(&mut pids[c]) {
+                h.ack(10 + c as u64, pid);
+            }
+        }
+        for c in 0..3usize {
+            let got = h.got(10 + c as u64);
+            total[c] += got.len();
+            pids[c] = got.iter().map(|g| g.pid.unwrap()).collect();
+        }
+    }
+    assert_eq!(total, [10, 10, 10]);
+}
+
+#[test]
+fn a_consumer_of_a_missing_queue_is_refused_and_share_syntax_consumes() {
+    let mut h = H::new();
+    h.declare(jobs(|_| {}));
+    h.connect(1, "c", V5, 10, false);
+    assert_eq!(
+        h.subscribe(1, "$queue/nope", QoS::AtLeastOnce),
+        ReasonCode::TopicFilterInvalid
+    );
+    assert_eq!(
+        h.subscribe(1, "$share/jobs/jobs/#", QoS::AtLeastOnce),
+        ReasonCode::GrantedQoS1
+    );
+    h.connect(2, "p", V5, 10, false);
+    h.publish(2, "jobs/a", "x");
+    let got = h.got(1);
+    assert_eq!(
+        got.len(),
+        1,
+        "once, through the queue, not also as a shared subscription"
+    );
+    assert_eq!(got[0].attempt.as_deref(), Some("1"));
+    // Publishing to the reserved prefixes is refused.
+    h.publish(2, "$queue/jobs", "x");
+    h.publish(2, "$dlq/jobs", "x");
+    let acks = h.acks(2);
+    assert_eq!(
+        acks[1..],
+        [ReasonCode::NotAuthorized, ReasonCode::NotAuthorized]
+    );
+}
+
+fn restart_keeps_everything(checkpoint: bool) {
+    let mut h = setup(|d| {
+        d.max_attempts = 5;
+        d.backoff = Backoff::Fixed { delay_ms: 60_000 };
+    });
+    h.connect(3, "c2", V5, 1, false);
+    h.subscribe(3, "$queue/jobs", QoS::AtLeastOnce);
+    for i in 0..6 {
+        h.publish(2, "jobs/a", &format!("m{i}"));
+    }
+    // Round robin with c2's window of 1: c leases m0, m2, m3, m4, m5 and c2 m1. c nacks m0
+    // (delayed a minute), rejects m2 (dead), acks m3; m4, m5 and m1 stay leased.
+    let got = h.got(1);
+    let other = h.payloads(3);
+    assert_eq!((got.len(), other.len()), (5, 1), "{got:?} {other:?}");
+    h.nack(
+        1,
+        got[0].pid.unwrap(),
+        ReasonCode::UnspecifiedError,
+        "later",
+        None,
+    );
+    h.nack(
+        1,
+        got[1].pid.unwrap(),
+        ReasonCode::PayloadFormatInvalid,
+        "bad",
+        None,
+    );
+    h.ack(1, got[2].pid.unwrap());
+    h.publish(2, "$delayed/30/jobs/b", "timed");
+    let before = h.view("jobs");
+    assert_eq!(before.depth, 1, "{before:?}");
+    assert_eq!(before.leased, 3);
+    if checkpoint {
+        h.checkpoint();
+    }
+    let report = h.restart();
+    assert_eq!(report.queues, 2, "jobs and $delayed");
+    let after = h.view("jobs");
+    // The three leases came back as failed attempts ("broker restarted"), delayed by the
+    // fixed backoff; nothing was lost.
+    assert_eq!(after.leased, 0);
+    assert_eq!(after.depth, 4, "{after:?}");
+    assert_eq!(after.delayed, 4);
+    assert_eq!(after.dead_letters, 1);
+    assert_eq!(h.b.delayed_publishes(), 1);
+    h.connect(1, "c", V5, 10, true);
+    h.tick_to(60_000);
+    let got = h.got(1);
+    let mut payloads: Vec<_> = got.iter().map(|g| g.payload.clone()).collect();
+    payloads.sort();
+    assert_eq!(payloads, vec!["m0", "m1", "m4", "m5", "timed"]);
+    let attempts: Vec<_> = got
+        .iter()
+        .filter(|g| g.payload != "timed")
+        .map(|g| g.attempt.clone().unwrap())
+        .collect();
+    assert!(attempts.iter().all(|a| a == "2"), "{attempts:?}");
+}
+
+#[test]
+fn a_restart_keeps_queued_leased_delayed_and_dead_messages_and_attempts() {
+    restart_keeps_everything(false);
+}
+
+#[test]
+fn a_restart_from_a_checkpoint_keeps_the_same() {
+    restart_keeps_everything(true);
 }

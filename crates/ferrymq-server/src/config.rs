@@ -20,6 +20,10 @@ pub struct Config {
     pub limits: Limits,
     pub sys: Sys,
     pub log: Log,
+    /// Work queues declared at start (`[[queue]]` tables; see docs/queues.md). Queues
+    /// created over the API live in the log, not here.
+    #[serde(rename = "queue")]
+    pub queues: Vec<crate::queue_spec::QueueSpec>,
 }
 
 /// Durability: what is written, when it is synced, how much disk it may use.
@@ -316,6 +320,7 @@ impl Default for Config {
             limits: Limits::default(),
             sys: Sys::default(),
             log: Log::default(),
+            queues: Vec::new(),
         }
     }
 }
@@ -400,6 +405,11 @@ fn invalid(key: &str, message: impl Into<String>) -> ServerError {
 }
 
 impl Config {
+    /// The `[[queue]]` definitions (already checked by `validate`).
+    pub fn queue_defs(&self) -> Vec<ferrymq_core::workqueue::QueueDef> {
+        self.queues.iter().filter_map(|q| q.to_def().ok()).collect()
+    }
+
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|source| ServerError::ConfigRead {
@@ -493,6 +503,17 @@ impl Config {
                 "limits.max_connections_per_address",
                 "must not exceed limits.max_connections (0 = unlimited)",
             ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            q.to_def()
+                .map_err(|e| invalid(&format!("queue[{i}].{}", e.field), e.to_string()))?;
+            if !names.insert(q.name.as_str()) {
+                return Err(invalid(
+                    &format!("queue[{i}].name"),
+                    format!("{:?} is declared twice", q.name),
+                ));
+            }
         }
         if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
             return Err(invalid("listeners.http", "must differ from listeners.mqtt"));

@@ -25,6 +25,7 @@ mod fdlimit;
 mod limits;
 pub mod metrics;
 mod persist;
+pub mod queue_spec;
 mod resources;
 mod router;
 mod violations;
@@ -97,9 +98,10 @@ impl Server {
             let now = ferrymq_core::Time(epoch_ms);
             let data_dir = config.data_dir.clone();
             let storage = config.storage.clone();
+            let queues = config.queue_defs();
             // Replaying a long log is blocking work.
             let (p, r, b) = tokio::task::spawn_blocking(move || {
-                Persistence::open(&data_dir, &storage, &mut broker, now)
+                Persistence::open(&data_dir, &storage, &queues, &mut broker, now)
                     .map(|(p, r)| (p, r, broker))
             })
             .await
@@ -117,6 +119,8 @@ impl Server {
                 queued = rep.queued,
                 inbound_qos2 = rep.inbound_qos2,
                 pending_wills = rep.pending_wills,
+                queues = rep.queues,
+                queue_messages = rep.queue_messages,
                 records = rep.records,
                 log_bytes = r.log_bytes,
                 truncated_bytes = r.truncated_bytes,
@@ -127,6 +131,10 @@ impl Server {
             (Some(p), Some(r))
         } else {
             tracing::info!("persistence is off: nothing will survive a restart");
+            let mut out = ferrymq_core::Outbox::default();
+            for def in config.queue_defs() {
+                let _ = broker.declare_queue(def, ferrymq_core::Time(epoch_ms), &mut out);
+            }
             (None, None)
         };
         let (fatal_tx, fatal) = watch::channel(None);

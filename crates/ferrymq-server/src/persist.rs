@@ -249,6 +249,7 @@ impl Persistence {
     pub(crate) fn open(
         data_dir: &Path,
         storage: &Storage,
+        queues: &[ferrymq_core::workqueue::QueueDef],
         broker: &mut Broker,
         now: Time,
     ) -> Result<(Persistence, Recovered), ServerError> {
@@ -304,6 +305,16 @@ impl Persistence {
         // goes first, so it closes the unfinished one.
         if report.incomplete_checkpoint {
             broker.checkpoint(&mut first);
+        }
+        // The configured queues: new ones are declared, changed ones take their new
+        // definition (their messages stay); queues created over the API are left alone.
+        for def in queues {
+            if let Err(e) = broker.declare_queue(def.clone(), now, &mut first) {
+                return Err(recovery_error(format!(
+                    "declaring queue {:?}: {e}",
+                    def.name
+                )));
+            }
         }
         if !first.journal.is_empty() {
             let (framed, count) = first.journal.take();

@@ -7,9 +7,11 @@
 
 use super::format;
 use super::record::Record;
+use super::record::{QDeadLetter, QEnqueue};
 use crate::broker::Outbox;
 use crate::session::{OutState, Session};
-use crate::{Broker, SessionId};
+use crate::workqueue::Queue;
+use crate::{Broker, SessionId, Time};
 
 impl Broker {
     /// Writes the whole durable state as one checkpoint. The driver must append the records
@@ -29,6 +31,11 @@ impl Broker {
             if !m.topic.starts_with("$SYS") {
                 j.write(&Record::Retain(m), out);
             }
+        }
+        // Queues before sessions: a session's `$share/{queue}/…` subscription is a consumer
+        // only if its queue exists when the subscription is applied.
+        for (name, q) in &self.queues.by_name {
+            queue_records(name, q, |r| j.write(r, out));
         }
         let mut ids: Vec<&SessionId> = self.sessions.keys().collect();
         ids.sort_unstable();
@@ -72,6 +79,10 @@ pub(super) fn session_records(s: &Session, mut emit: impl FnMut(&Record)) {
     }
     for pid in s.inflight_in_order() {
         let f = &s.inflight[&pid];
+        if f.pending.queue.is_some() {
+            // A queue delivery: its queue's lease is what is durable.
+            continue;
+        }
         emit(&Record::Sent {
             sid,
             pid,
@@ -93,5 +104,49 @@ pub(super) fn session_records(s: &Session, mut emit: impl FnMut(&Record)) {
             will: Box::new(will.clone()),
             due: *due,
         });
+    }
+}
+
+/// Everything of one queue as the records that rebuild it: its definition, each waiting
+/// message (with its due time, attempts and failures), each leased one (waiting, then its
+/// lease), and each dead letter whole.
+fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Record)) {
+    emit(&Record::QueueDeclare(Box::new(q.def().clone())));
+    let enqueue = |entry, due, message, failures: &[crate::workqueue::Failure]| {
+        Record::QEnqueue(Box::new(QEnqueue {
+            queue: name.clone(),
+            entry,
+            message,
+            due,
+            failures: failures.to_vec(),
+        }))
+    };
+    for (entry, due) in q.waiting() {
+        if let Some(m) = q.body(entry.id) {
+            emit(&enqueue(entry, due, m.clone(), q.failures(entry.id)));
+        }
+    }
+    let mut leases: Vec<_> = q.leases().collect();
+    leases.sort_by_key(|l| l.seq);
+    for l in leases {
+        let id = l.entry.id;
+        let Some(m) = q.body(id) else { continue };
+        emit(&enqueue(l.entry, None, m.clone(), q.failures(id)));
+        let at = Time(l.deadline.0.saturating_sub(q.def().ack_timeout_ms));
+        emit(&Record::QLease {
+            queue: name.clone(),
+            message: id,
+            consumer: l.consumer,
+            at,
+        });
+    }
+    for d in q.dead_letters() {
+        if let Some(m) = q.body(d.entry.id) {
+            emit(&Record::QDeadLetter(Box::new(QDeadLetter {
+                queue: name.clone(),
+                dead: d.clone(),
+                message: m.clone(),
+            })));
+        }
     }
 }

@@ -31,6 +31,8 @@ impl Journal {
             Record::Enqueue { pending, .. } | Record::Sent { pending, .. } => {
                 self.message(out, &pending.message)
             }
+            Record::QEnqueue(e) => self.message(out, &e.message),
+            Record::QDeadLetter(d) => self.message(out, &d.message),
             Record::Will { sid, will, due } => {
                 let m = format::will_message(*sid, will, *due);
                 self.push(out, |b| format::encode_message(b, &m));
@@ -74,6 +76,7 @@ impl Broker {
             }
         }
         self.journal = Some(j);
+        self.return_restored_leases(out);
     }
 
     /// After CONNECT or DISCONNECT changed a session's expiry: a session that became durable

@@ -32,7 +32,7 @@ use crate::{Message, SessionId, Time};
 /// Record tags. Fields follow the tag in the order listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum Tag {
+pub(super) enum Tag {
     /// message
     Message = 1,
     /// message id: the retained message of its topic (an empty payload clears it)
@@ -79,6 +79,23 @@ pub(crate) enum Tag {
     /// dropped for a full queue, or refused). Named `ExpiredOf` while expiry was its only
     /// use; the bytes and their meaning, "take this message out of the queue", are unchanged.
     RemovedOf = 21,
+    /// Work queues (`queue_format.rs` has their fields): a queue's definition,
+    QueueDeclare = 22,
+    /// its deletion,
+    QueueDelete = 23,
+    /// a message joining it,
+    QEnqueue = 24,
+    /// a lease, an ack, a failed attempt and its outcome,
+    QLease = 25,
+    QAck = 26,
+    QFail = 27,
+    /// a waiting message dropped, or dead-lettered,
+    QDrop = 28,
+    QDead = 29,
+    /// a dead letter redriven, discarded, or written whole (checkpoints).
+    QRedrive = 30,
+    QDiscard = 31,
+    QDeadLetter = 32,
 }
 
 impl Tag {
@@ -106,6 +123,17 @@ impl Tag {
             19 => Sent,
             20 => FlightOf,
             21 => RemovedOf,
+            22 => QueueDeclare,
+            23 => QueueDelete,
+            24 => QEnqueue,
+            25 => QLease,
+            26 => QAck,
+            27 => QFail,
+            28 => QDrop,
+            29 => QDead,
+            30 => QRedrive,
+            31 => QDiscard,
+            32 => QDeadLetter,
             _ => return None,
         })
     }
@@ -151,13 +179,13 @@ impl<'a> Rec<'a> {
         self.n += 1;
     }
 
-    fn put_u16(&mut self, v: u16) {
+    pub(super) fn put_u16(&mut self, v: u16) {
         self.room(2);
         self.small[self.n..self.n + 2].copy_from_slice(&v.to_be_bytes());
         self.n += 2;
     }
 
-    fn put_u32(&mut self, v: u32) {
+    pub(super) fn put_u32(&mut self, v: u32) {
         self.put_u64(u64::from(v));
     }
 
@@ -172,7 +200,7 @@ impl<'a> Rec<'a> {
         self.n += 1;
     }
 
-    fn put_slice(&mut self, s: &[u8]) {
+    pub(super) fn put_slice(&mut self, s: &[u8]) {
         if s.len() <= 16 {
             self.room(s.len());
             self.small[self.n..self.n + s.len()].copy_from_slice(s);
@@ -183,7 +211,7 @@ impl<'a> Rec<'a> {
         }
     }
 
-    fn put_str(&mut self, s: &str) {
+    pub(super) fn put_str(&mut self, s: &str) {
         self.put_u64(s.len() as u64);
         self.put_slice(s.as_bytes());
     }
@@ -266,6 +294,7 @@ pub(crate) fn encode(b: &mut Rec<'_>, record: &Record) {
             b.put_u64(due.0);
             b.put_u64(0);
         }
+        queue => super::queue_format::encode(b, queue),
     }
 }
 
@@ -450,6 +479,7 @@ pub(crate) fn decode(
                 group,
                 options,
                 identifier,
+                queue: None,
             };
             Record::Subscribe { sid, raw, sub }
         }
@@ -506,6 +536,20 @@ pub(crate) fn decode(
             sid: f.sid()?,
             pid: f.u16()?,
         },
+        Tag::QueueDeclare
+        | Tag::QueueDelete
+        | Tag::QEnqueue
+        | Tag::QLease
+        | Tag::QAck
+        | Tag::QFail
+        | Tag::QDrop
+        | Tag::QDead
+        | Tag::QRedrive
+        | Tag::QDiscard
+        | Tag::QDeadLetter => match super::queue_format::decode(tag, &mut f, messages)? {
+            Some(r) => r,
+            None => return Ok(Decoded::UnknownMessage),
+        },
         Tag::TakeShared => Record::TakeShared(f.sid()?),
         Tag::WillDone => Record::WillDone(f.sid()?),
         Tag::Will => {
@@ -558,6 +602,7 @@ fn decode_pending(
         retain: flags & PENDING_RETAIN != 0,
         subscription_ids,
         shared,
+        queue: None,
     }))
 }
 
@@ -599,7 +644,7 @@ fn decode_message(f: &mut Fields<'_>) -> Result<Message, JournalError> {
 }
 
 /// Reads fields of one record.
-struct Fields<'a> {
+pub(super) struct Fields<'a> {
     buf: &'a [u8],
     index: u64,
 }
@@ -611,19 +656,19 @@ impl<'a> Fields<'a> {
         }
         Ok(())
     }
-    fn u8(&mut self) -> Result<u8, JournalError> {
+    pub(super) fn u8(&mut self) -> Result<u8, JournalError> {
         self.need(1)?;
         Ok(self.buf.get_u8())
     }
-    fn u16(&mut self) -> Result<u16, JournalError> {
+    pub(super) fn u16(&mut self) -> Result<u16, JournalError> {
         self.need(2)?;
         Ok(self.buf.get_u16())
     }
-    fn u32(&mut self) -> Result<u32, JournalError> {
+    pub(super) fn u32(&mut self) -> Result<u32, JournalError> {
         u32::try_from(self.u64()?).map_err(|_| self.invalid("value above 32 bits"))
     }
     /// A LEB128 varint of at most 10 bytes.
-    fn u64(&mut self) -> Result<u64, JournalError> {
+    pub(super) fn u64(&mut self) -> Result<u64, JournalError> {
         let mut v: u64 = 0;
         for i in 0..10 {
             let b = u64::from(self.u8()?);
@@ -634,17 +679,21 @@ impl<'a> Fields<'a> {
         }
         Err(self.invalid("varint longer than 10 bytes"))
     }
-    fn str(&mut self) -> Result<&'a str, JournalError> {
+    pub(super) fn str(&mut self) -> Result<&'a str, JournalError> {
         let n = usize::try_from(self.u64()?).map_err(|_| self.invalid("length"))?;
         self.need(n)?;
         let (s, rest) = self.buf.split_at(n);
         self.buf = rest;
         std::str::from_utf8(s).map_err(|_| self.invalid("string is not UTF-8"))
     }
-    fn sid(&mut self) -> Result<SessionId, JournalError> {
+    pub(super) fn sid(&mut self) -> Result<SessionId, JournalError> {
         Ok(SessionId(self.u64()?))
     }
-    fn invalid(&self, what: &str) -> JournalError {
+    pub(super) fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub(super) fn invalid(&self, what: &str) -> JournalError {
         JournalError::Invalid {
             index: self.index,
             what: what.to_string(),

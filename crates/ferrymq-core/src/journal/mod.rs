@@ -32,6 +32,7 @@
 mod checkpoint;
 mod emit;
 mod format;
+mod queue_format;
 pub(crate) mod record;
 mod replay;
 #[cfg(test)]
@@ -64,6 +65,10 @@ pub struct RestoreReport {
     pub queued: usize,
     pub inbound_qos2: usize,
     pub pending_wills: usize,
+    /// Work queues (including the internal one behind `$delayed/…`).
+    pub queues: usize,
+    /// Messages in them: waiting, leased (returned as failed attempts) and dead letters.
+    pub queue_messages: u64,
     /// Records that named a session, message or packet id no longer there. Harmless after a
     /// session ended; anything else means the log and the engine disagree.
     pub skipped: u64,

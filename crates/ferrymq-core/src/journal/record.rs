@@ -17,7 +17,28 @@ use std::sync::Arc;
 use ferrymq_mqtt::{PacketId, ProtocolVersion, Will};
 
 use crate::session::{OutState, Pending, Session, Subscription};
+use crate::workqueue::{Cause, DeadLetter, Entry, Failure, QueueDef, Retry};
 use crate::{Broker, Message, SessionId, SubEntry, Time};
+
+/// A message joining a queue (boxed in [`Record`]: the largest change).
+#[derive(Debug, Clone)]
+pub(crate) struct QEnqueue {
+    pub queue: Arc<str>,
+    pub entry: Entry,
+    pub message: Arc<Message>,
+    /// Ready at this time (`None`: at once).
+    pub due: Option<Time>,
+    /// Failures it already had (a checkpoint writes them; a new message has none).
+    pub failures: Vec<Failure>,
+}
+
+/// A dead letter whole, as a checkpoint writes it.
+#[derive(Debug, Clone)]
+pub(crate) struct QDeadLetter {
+    pub queue: Arc<str>,
+    pub dead: DeadLetter,
+    pub message: Arc<Message>,
+}
 
 /// One change to durable state.
 #[derive(Debug, Clone)]
@@ -99,6 +120,59 @@ pub(crate) enum Record {
     },
     /// The pending will was published or cancelled.
     WillDone(SessionId),
+    /// A queue with this definition exists (declared, or its definition changed).
+    QueueDeclare(Box<QueueDef>),
+    /// The queue and everything in it are gone.
+    QueueDelete(Arc<str>),
+    /// A message joins a queue.
+    QEnqueue(Box<QEnqueue>),
+    /// The waiting message is leased to `consumer` at `at` (its ack deadline runs from it).
+    QLease {
+        queue: Arc<str>,
+        message: u64,
+        consumer: SessionId,
+        at: Time,
+    },
+    /// The leased message was acknowledged and leaves the queue.
+    QAck {
+        queue: Arc<str>,
+        message: u64,
+    },
+    /// A failed attempt of the leased message (a nack, an ack timeout, a lost consumer, a
+    /// restart), and what it led to: decided live (backoff with its random draw), applied as
+    /// written.
+    QFail {
+        queue: Arc<str>,
+        message: u64,
+        failure: Box<Failure>,
+        retry: Retry,
+    },
+    /// The waiting message left the queue unconsumed: dropped for overflow, expired, or (the
+    /// internal `$delayed` queue) published when due.
+    QDrop {
+        queue: Arc<str>,
+        message: u64,
+        expired: bool,
+    },
+    /// The waiting message became a dead letter (overflow, expiry).
+    QDead {
+        queue: Arc<str>,
+        message: u64,
+        cause: Cause,
+        at: Time,
+    },
+    /// The dead letter is ready again, attempts at 0, failures kept.
+    QRedrive {
+        queue: Arc<str>,
+        message: u64,
+    },
+    /// The dead letter is gone (discarded, purged, past retention, or redriven to a topic).
+    QDiscard {
+        queue: Arc<str>,
+        message: u64,
+    },
+    /// A dead letter whole (checkpoints).
+    QDeadLetter(Box<QDeadLetter>),
 }
 
 /// A record named state that is not there (replay counts these; live, it is a bug).
@@ -124,6 +198,17 @@ impl Record {
             | Qos2Done { sid, .. }
             | Will { sid, .. } => Some(*sid),
             SessionEnd(sid) | TakeShared(sid) | WillDone(sid) => Some(*sid),
+            QueueDeclare(_)
+            | QueueDelete(_)
+            | QEnqueue(_)
+            | QLease { .. }
+            | QAck { .. }
+            | QFail { .. }
+            | QDrop { .. }
+            | QDead { .. }
+            | QRedrive { .. }
+            | QDiscard { .. }
+            | QDeadLetter(_) => None,
         }
     }
 }
@@ -162,11 +247,28 @@ impl Broker {
         match record {
             // `$SYS` topics are regenerated at start, not stored.
             Record::Retain(m) => !m.topic.starts_with("$SYS"),
-            r => r
-                .session()
-                .and_then(|sid| self.sessions.get(&sid))
-                .is_some_and(|s| s.journaled),
+            // A queue delivery in a consumer's in-flight table is not durable: its lease is.
+            Record::Sent { pending, .. } => {
+                pending.queue.is_none() && self.session_journaled(record)
+            }
+            Record::Acked { sid, pid } | Record::PubRec { sid, pid } => {
+                let of_queue = self
+                    .sessions
+                    .get(sid)
+                    .and_then(|s| s.inflight.get(pid))
+                    .is_some_and(|f| f.pending.queue.is_some());
+                !of_queue && self.session_journaled(record)
+            }
+            r if r.session().is_none() => true,
+            r => self.session_journaled(r),
         }
+    }
+
+    fn session_journaled(&self, record: &Record) -> bool {
+        record
+            .session()
+            .and_then(|sid| self.sessions.get(&sid))
+            .is_some_and(|s| s.journaled)
     }
 
     /// Applies one record to the engine's state: the live engine (through [`Broker::commit`])
@@ -200,23 +302,54 @@ impl Broker {
                     self.by_client_id.remove(&s.client_id);
                 }
                 for sub in s.subscriptions.values() {
-                    self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                    match &sub.queue {
+                        Some(q) => self.queues.remove_consumer(q, sid),
+                        None => {
+                            self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                        }
+                    }
                 }
             }
-            Record::Subscribe { sid, raw, sub } => {
+            Record::Subscribe { sid, raw, mut sub } => {
                 let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
-                let entry = SubEntry {
-                    session: sid,
-                    options: sub.options,
-                    identifier: sub.identifier,
-                };
-                self.subs.insert(&sub.filter, sub.group.as_deref(), entry);
+                // `$queue/{name}`, or `$share/{name}/…` naming a queue: a consumer of the
+                // queue, not a subscription in the trie.
+                sub.queue = crate::queues::consumed_queue(&raw, &sub, &self.queues);
+                if let Some(old) = s.subscriptions.get(&raw) {
+                    if old.queue.is_some() != sub.queue.is_some() {
+                        return Err(Missing);
+                    }
+                }
+                match &sub.queue {
+                    Some(q) => {
+                        self.queues.add_consumer(q, sid, sub.options.qos);
+                        if !s.consumes.contains(q) {
+                            s.consumes.push(q.clone());
+                        }
+                    }
+                    None => {
+                        let entry = SubEntry {
+                            session: sid,
+                            options: sub.options,
+                            identifier: sub.identifier,
+                        };
+                        self.subs.insert(&sub.filter, sub.group.as_deref(), entry);
+                    }
+                }
                 s.subscriptions.insert(raw, sub);
             }
             Record::Unsubscribe { sid, raw } => {
                 let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
                 let sub = s.subscriptions.remove(&raw).ok_or(Missing)?;
-                self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                match &sub.queue {
+                    Some(q) => {
+                        s.consumes.retain(|c| c != q);
+                        self.queues.remove_consumer(q, sid);
+                    }
+                    None => {
+                        self.subs.remove(&sub.filter, sub.group.as_deref(), sid);
+                    }
+                }
             }
             Record::Enqueue { sid, pending } => {
                 self.session_mut(sid)?.pending.push_back(pending);
@@ -268,11 +401,83 @@ impl Broker {
             Record::WillDone(sid) => {
                 self.session_mut(sid)?.pending_will = None;
             }
+            Record::QueueDeclare(def) => self.queues.declare(*def),
+            Record::QueueDelete(name) => {
+                if !self.queues.delete(&name) {
+                    return Err(Missing);
+                }
+            }
+            Record::QEnqueue(e) => {
+                let e = *e;
+                self.queue_mut(&e.queue)?
+                    .insert(e.entry, e.message, e.due, e.failures);
+            }
+            Record::QLease {
+                queue,
+                message,
+                consumer,
+                at,
+            } => {
+                self.queue_mut(&queue)?
+                    .lease(message, consumer, at)
+                    .ok_or(Missing)?;
+            }
+            Record::QAck { queue, message } => {
+                found(self.queue_mut(&queue)?.ack(message))?;
+            }
+            Record::QFail {
+                queue,
+                message,
+                failure,
+                retry,
+            } => {
+                found(self.queue_mut(&queue)?.fail(message, *failure, retry))?;
+            }
+            Record::QDrop {
+                queue,
+                message,
+                expired,
+            } => {
+                found(self.queue_mut(&queue)?.drop_waiting(message, expired))?;
+            }
+            Record::QDead {
+                queue,
+                message,
+                cause,
+                at,
+            } => {
+                found(
+                    self.queue_mut(&queue)?
+                        .dead_letter_waiting(message, cause, at),
+                )?;
+            }
+            Record::QRedrive { queue, message } => {
+                found(self.queue_mut(&queue)?.redrive(message))?;
+            }
+            Record::QDiscard { queue, message } => {
+                found(self.queue_mut(&queue)?.discard(message))?;
+            }
+            Record::QDeadLetter(d) => {
+                let d = *d;
+                self.queue_mut(&d.queue)?.restore_dead(d.dead, d.message);
+            }
         }
         Ok(())
     }
 
+    fn queue_mut(&mut self, name: &str) -> Result<&mut crate::workqueue::Queue, Missing> {
+        self.queues.by_name.get_mut(name).ok_or(Missing)
+    }
+
     fn session_mut(&mut self, sid: SessionId) -> Result<&mut Session, Missing> {
         self.sessions.get_mut(&sid).map(|s| &mut **s).ok_or(Missing)
+    }
+}
+
+fn found(applied: bool) -> Result<(), Missing> {
+    if applied {
+        Ok(())
+    } else {
+        Err(Missing)
     }
 }

@@ -19,6 +19,7 @@ struct Saved {
     by_client_id: std::collections::HashMap<Arc<str>, SessionId>,
     subs: crate::SubscriptionTree,
     retained: crate::RetainedStore,
+    queues: crate::queues::Queues,
 }
 
 /// Message bodies read so far (since the last checkpoint began).
@@ -78,6 +79,7 @@ impl Broker {
                         by_client_id: std::mem::take(&mut self.by_client_id),
                         subs: std::mem::take(&mut self.subs),
                         retained: std::mem::take(&mut self.retained),
+                        queues: self.queues.take_state(),
                     };
                     // Inside a checkpoint the log never finished (a crash cut it; the next
                     // start wrote a new one after it): what the unfinished one built is
@@ -99,6 +101,7 @@ impl Broker {
             self.by_client_id = saved.by_client_id;
             self.subs = saved.subs;
             self.retained = saved.retained;
+            self.queues = saved.queues;
             r.incomplete_checkpoint = true;
         }
         // Sessions connected at the crash were disconnected by it.
@@ -122,6 +125,15 @@ impl Broker {
             r.queued += s.inflight.len() + s.pending.len();
             r.inbound_qos2 += s.inbound_qos2.len();
         }
+        // Leases outstanding at the crash are returned when journaling starts.
+        self.queues.restored_at = Some(now);
+        r.queues = self.queues.by_name.len();
+        r.queue_messages = self
+            .queues
+            .by_name
+            .values()
+            .map(|q| q.depth() + q.leased() as u64 + q.dead_count() as u64)
+            .sum();
         r.sessions = self.sessions.len();
         r.retained = self.retained.len();
         let max_message = self.max_message_id();

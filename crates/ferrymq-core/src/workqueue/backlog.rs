@@ -114,17 +114,78 @@ impl Backlog {
         Some(entry)
     }
 
-    /// Takes out the oldest ready message (the smallest id at the front of any ring), for
-    /// overflow: `drop_oldest` drops it, `dead_letter` dead-letters it. Delayed messages are
-    /// left alone: they already failed and wait for their retry.
-    pub fn pop_oldest_ready(&mut self) -> Option<Entry> {
-        let ring = (0..PRIORITIES)
-            .filter_map(|r| self.ready[r].front().map(|e| (e.id, r)))
-            .min()?
-            .1;
-        let entry = self.ready[ring].pop_front()?;
+    /// The message [`Backlog::pop_next`] would return, without taking it (due delayed ones
+    /// must have been promoted).
+    pub fn peek_next(&self) -> Option<Entry> {
+        self.ready.iter().rev().find_map(|r| r.front().copied())
+    }
+
+    /// The oldest ready message (the smallest id at the front of any ring), for overflow:
+    /// `drop_oldest` drops it, `dead_letter` dead-letters it. Delayed messages are left
+    /// alone: they already failed and wait for their retry.
+    pub fn oldest_ready(&self) -> Option<Entry> {
+        self.ready
+            .iter()
+            .filter_map(|r| r.front().copied())
+            .min_by_key(|e| e.id)
+    }
+
+    /// Takes out waiting message `id`, wherever it is: normally the front of its ring (what
+    /// live code leases or drops), else found by a scan of the rings, then of the delayed
+    /// heap (a record replayed in an order the rings no longer match).
+    pub fn take(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.take_inner(id)?;
         self.count_out(&entry);
         Some(entry)
+    }
+
+    fn take_inner(&mut self, id: u64) -> Option<Entry> {
+        if let Some(r) = self
+            .ready
+            .iter_mut()
+            .find(|r| r.front().is_some_and(|e| e.id == id))
+        {
+            return r.pop_front();
+        }
+        for r in self.ready.iter_mut() {
+            if let Some(at) = r.iter().position(|e| e.id == id) {
+                return r.remove(at);
+            }
+        }
+        if !self.delayed.iter().any(|Reverse(d)| d.id == id) {
+            return None;
+        }
+        let mut found = None;
+        self.delayed.retain(|Reverse(d)| {
+            if d.id == id {
+                found = Some(d.entry);
+                false
+            } else {
+                true
+            }
+        });
+        found
+    }
+
+    /// Every waiting entry with its due time (`None` = ready): ready ones ring by ring from
+    /// the highest priority, in ring order, then delayed ones by due time.
+    pub fn entries(&self) -> Vec<(Entry, Option<Time>)> {
+        let mut out: Vec<(Entry, Option<Time>)> = Vec::with_capacity(self.messages as usize);
+        for r in self.ready.iter().rev() {
+            out.extend(r.iter().map(|e| (*e, None)));
+        }
+        let mut delayed: Vec<&Delayed> = self.delayed.iter().map(|Reverse(d)| d).collect();
+        delayed.sort_unstable();
+        out.extend(delayed.into_iter().map(|d| (d.entry, Some(d.due))));
+        out
+    }
+
+    /// The first-enqueued time of the messages that have waited longest in each ring and of
+    /// the next delayed one: the oldest-age metric, without a scan of the backlog.
+    pub fn oldest_enqueued(&self) -> Option<Time> {
+        let fronts = self.ready.iter().filter_map(|r| r.front());
+        let next_delayed = self.delayed.peek().map(|Reverse(d)| &d.entry);
+        fronts.chain(next_delayed).map(|e| e.first_enqueued).min()
     }
 
     fn count_in(&mut self, e: &Entry) {
@@ -208,10 +269,42 @@ mod tests {
         b.push_ready(entry(2, 9));
         b.push_ready(entry(3, 0));
         b.push_ready(entry(4, 5));
-        assert_eq!(b.pop_oldest_ready().map(|e| e.id), Some(2));
-        assert_eq!(b.pop_oldest_ready().map(|e| e.id), Some(3));
-        assert_eq!(b.pop_oldest_ready().map(|e| e.id), Some(4));
-        assert_eq!(b.pop_oldest_ready(), None, "only the delayed one is left");
+        assert_eq!(
+            b.oldest_ready().and_then(|e| b.take(e.id)).map(|e| e.id),
+            Some(2)
+        );
+        assert_eq!(
+            b.oldest_ready().and_then(|e| b.take(e.id)).map(|e| e.id),
+            Some(3)
+        );
+        assert_eq!(
+            b.oldest_ready().and_then(|e| b.take(e.id)).map(|e| e.id),
+            Some(4)
+        );
+        assert_eq!(
+            b.oldest_ready().and_then(|e| b.take(e.id)),
+            None,
+            "only the delayed one is left"
+        );
         assert_eq!((b.len(), b.bytes()), (1, 10));
+    }
+
+    #[test]
+    fn take_finds_a_message_anywhere_and_keeps_the_counts() {
+        let mut b = Backlog::default();
+        b.push_ready(entry(1, 4));
+        b.push_ready(entry(2, 4));
+        b.push_ready(entry(3, 7));
+        b.push_delayed(entry(4, 4), Time(100), Time(0));
+        assert_eq!(
+            b.take(2).map(|e| e.id),
+            Some(2),
+            "from the middle of a ring"
+        );
+        assert_eq!(b.take(4).map(|e| e.id), Some(4), "from the delayed heap");
+        assert_eq!(b.take(4), None, "only once");
+        assert_eq!((b.len(), b.bytes(), b.delayed()), (2, 20, 0));
+        assert_eq!(b.peek_next().map(|e| e.id), Some(3));
+        assert_eq!(drain(&mut b, Time(0)), vec![3, 1]);
     }
 }

@@ -1,25 +1,32 @@
-//! One queue's state machine: accepting messages under its overflow policy, leasing them to
-//! consumers, and what an ack, a nack, an ack timeout or a lost consumer does to them. Plain
-//! data on a virtual clock; random draws (jitter) come in as arguments. Not yet journaled or
-//! reachable from the broker (docs/queues.md).
+//! One queue's state: what waits (ready or delayed), what is leased to which consumer, the
+//! failures of each message, and the dead letters.
+//!
+//! Split the way the journal needs it: *decisions* read the state and the clock (which
+//! message leases next, which leases ran out, what a failed attempt leads to, with its random
+//! draw), and *changes* apply exactly what a journal record says, so replay rebuilds the
+//! same state without a clock or a random generator (`crate::queues` commits the records).
+//! Every change names the message it changes by id.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::backlog::{Backlog, Entry};
 use super::policy::{Overflow, QueueDef};
-use crate::{SessionId, Time};
+use crate::{Message, SessionId, Time};
 
 /// One failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub at: Time,
-    /// The nack's reason code, or 0x80 for an ack timeout or a lost consumer.
+    /// The nack's reason code, or 0x80 for an ack timeout, a lost consumer or a restart.
     pub reason_code: u8,
     /// The nack's reason string, or what the broker saw ("ack timeout", "consumer gone").
     pub reason: Arc<str>,
-    pub consumer: SessionId,
+    /// The consumer's client id.
+    pub consumer: Arc<str>,
 }
 
 /// Why a message became a dead letter.
@@ -31,50 +38,77 @@ pub enum Cause {
     Rejected,
 }
 
+impl Cause {
+    pub const ALL: [Cause; 4] = [
+        Cause::MaxAttempts,
+        Cause::Expired,
+        Cause::Overflow,
+        Cause::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::MaxAttempts => "max_attempts",
+            Cause::Expired => "expired",
+            Cause::Overflow => "overflow",
+            Cause::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// A message that left the queue's working set: kept for inspection and redrive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub entry: Entry,
     pub cause: Cause,
+    /// Every failed attempt, oldest first (across redrives).
     pub failures: Vec<Failure>,
     pub dead_lettered: Time,
 }
 
-/// What happened to a message offered to the queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Enqueued {
-    Accepted,
-    /// Full under `reject_new`, or full with nothing ready to make room.
-    Refused,
-    /// Accepted; to make room the oldest ready message was dropped (`drop_oldest`).
-    Displaced(Entry),
-    /// Accepted; to make room the oldest ready message became a dead letter (`dead_letter`).
-    DeadLettered(u64),
+/// Whether a new message fits (see [`Queue::make_room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    Free,
+    /// After this waiting message is dropped or dead-lettered (the overflow policy).
+    Displace(u64),
+    /// Refused: `reject_new`, or full with nothing waiting that may make room.
+    Full,
 }
 
-/// What a failed attempt led to.
+/// What a failed attempt leads to (decided live, journaled, applied as is on replay).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// Ready again at this time.
+    /// Waits until this time, then is ready again.
     At(Time),
     DeadLettered(Cause),
 }
 
 /// A message leased to a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Lease {
-    entry: Entry,
-    consumer: SessionId,
-    deadline: Time,
+pub struct Lease {
+    pub entry: Entry,
+    pub consumer: SessionId,
+    pub deadline: Time,
+    /// Told apart from an earlier lease of the same message (a late ack of that one must not
+    /// acknowledge this one).
+    pub seq: u64,
 }
 
-/// Counters for the queue's metrics.
+/// Counters for the queue's metrics (since the broker started).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueStats {
+    pub enqueued: u64,
     pub acked: u64,
     pub nacked: u64,
     pub redelivered: u64,
     pub dropped_overflow: u64,
     pub dropped_expired: u64,
+    pub refused: u64,
     pub dead_lettered: BTreeMap<Cause, u64>,
 }
 
@@ -89,7 +123,10 @@ pub struct Queue {
     /// Failures of messages still in the queue, by message id.
     failures: HashMap<u64, Vec<Failure>>,
     dead: BTreeMap<u64, DeadLetter>,
+    /// The message of every entry the queue holds (waiting, leased or dead).
+    bodies: HashMap<u64, Arc<Message>>,
     leased_bytes: u64,
+    next_lease: u64,
     pub stats: QueueStats,
 }
 
@@ -98,17 +135,24 @@ impl Queue {
         Queue {
             def,
             backlog: Backlog::default(),
-            leases: HashMap::new(),
+            leases: HashMap::default(),
             deadlines: BinaryHeap::new(),
-            failures: HashMap::new(),
+            failures: HashMap::default(),
             dead: BTreeMap::new(),
+            bodies: HashMap::default(),
             leased_bytes: 0,
+            next_lease: 1,
             stats: QueueStats::default(),
         }
     }
 
     pub fn def(&self) -> &QueueDef {
         &self.def
+    }
+
+    /// A new definition for the same queue (its name and contents stay).
+    pub fn set_def(&mut self, def: QueueDef) {
+        self.def = def;
     }
 
     /// Messages waiting (ready or delayed).
@@ -124,157 +168,88 @@ impl Queue {
         self.backlog.delayed()
     }
 
-    pub fn dead_letters(&self) -> impl Iterator<Item = &DeadLetter> {
+    pub fn bytes(&self) -> u64 {
+        self.backlog.bytes() + self.leased_bytes
+    }
+
+    pub fn dead_letters(&self) -> impl DoubleEndedIterator<Item = &DeadLetter> {
         self.dead.values()
     }
 
-    /// Offers a message, ready at `due` (or at once). The limits count everything the queue
-    /// holds, leased messages too.
-    pub fn enqueue(&mut self, entry: Entry, due: Option<Time>, now: Time) -> Enqueued {
-        let mut result = Enqueued::Accepted;
-        if self.over_limits(&entry) {
-            result = match self.def.overflow {
-                Overflow::RejectNew => return Enqueued::Refused,
-                Overflow::DropOldest => match self.backlog.pop_oldest_ready() {
-                    Some(old) => {
-                        self.failures.remove(&old.id);
-                        self.stats.dropped_overflow += 1;
-                        Enqueued::Displaced(old)
-                    }
-                    None => return Enqueued::Refused,
-                },
-                Overflow::DeadLetter => match self.backlog.pop_oldest_ready() {
-                    Some(old) => {
-                        let id = old.id;
-                        self.dead_letter(old, Cause::Overflow, now);
-                        Enqueued::DeadLettered(id)
-                    }
-                    None => return Enqueued::Refused,
-                },
-            };
-        }
-        match due {
-            Some(due) => self.backlog.push_delayed(entry, due, now),
-            None => self.backlog.push_ready(entry),
-        }
-        result
+    pub fn dead_letter(&self, id: u64) -> Option<&DeadLetter> {
+        self.dead.get(&id)
     }
 
-    fn over_limits(&self, new: &Entry) -> bool {
+    pub fn dead_count(&self) -> usize {
+        self.dead.len()
+    }
+
+    pub fn lease_of(&self, id: u64) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    pub fn body(&self, id: u64) -> Option<&Arc<Message>> {
+        self.bodies.get(&id)
+    }
+
+    /// Failures so far of a message still in the queue.
+    pub fn failures(&self, id: u64) -> &[Failure] {
+        self.failures.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Every waiting entry with its due time (`None` = ready), for checkpoints.
+    pub fn waiting(&self) -> Vec<(Entry, Option<Time>)> {
+        self.backlog.entries()
+    }
+
+    /// The oldest message held (waiting or leased): for the oldest-age metric.
+    pub fn oldest_enqueued(&self) -> Option<Time> {
+        let leased = self.leases.values().map(|l| l.entry.first_enqueued).min();
+        match (self.backlog.oldest_enqueued(), leased) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    // ---- decisions: read the state (and the clock), change nothing journaled ----
+
+    /// Whether a message of `size` bytes would pass `max_messages` or `max_bytes`.
+    pub fn is_full_for(&self, size: u32) -> bool {
         let messages = self.backlog.len() + self.leases.len() as u64;
-        let bytes = self.backlog.bytes() + self.leased_bytes;
         self.def.max_messages.is_some_and(|max| messages >= max)
             || self
                 .def
                 .max_bytes
-                .is_some_and(|max| bytes + u64::from(new.size) > max)
+                .is_some_and(|max| self.bytes() + u64::from(size) > max)
     }
 
-    /// Leases the next message to `consumer` until `now + ack_timeout_ms`. Expired messages
-    /// met on the way are dropped or dead-lettered (`dead_letter_on_expiry`).
-    pub fn lease(
-        &mut self,
-        consumer: SessionId,
-        now: Time,
-        expired: impl Fn(&Entry) -> bool,
-    ) -> Option<Entry> {
-        loop {
-            let entry = self.backlog.pop_next(now)?;
-            if expired(&entry) {
-                if self.def.dead_letter_on_expiry {
-                    self.dead_letter(entry, Cause::Expired, now);
-                } else {
-                    self.failures.remove(&entry.id);
-                    self.stats.dropped_expired += 1;
-                }
-                continue;
-            }
-            if entry.attempts > 0 {
-                self.stats.redelivered += 1;
-            }
-            let deadline = now.plus_millis(self.def.ack_timeout_ms);
-            self.deadlines.push(Reverse((deadline, entry.id)));
-            self.leased_bytes += u64::from(entry.size);
-            self.leases.insert(
-                entry.id,
-                Lease {
-                    entry,
-                    consumer,
-                    deadline,
-                },
-            );
-            return Some(entry);
+    /// What overflow does for a new message of `size`.
+    pub fn make_room(&self, size: u32) -> Room {
+        if !self.is_full_for(size) {
+            return Room::Free;
+        }
+        match self.def.overflow {
+            Overflow::RejectNew => Room::Full,
+            Overflow::DropOldest | Overflow::DeadLetter => self
+                .backlog
+                .oldest_ready()
+                .map_or(Room::Full, |e| Room::Displace(e.id)),
         }
     }
 
-    /// `consumer` acknowledged message `id`: it leaves the queue. False if it was not leased
-    /// to that consumer (a late ack after the lease was returned).
-    pub fn ack(&mut self, id: u64, consumer: SessionId) -> bool {
-        if self.take_lease(id, consumer).is_none() {
-            return false;
-        }
-        self.failures.remove(&id);
-        self.stats.acked += 1;
-        true
+    /// The message that leases next at `now`, if any (due delayed messages join their
+    /// rings first: a reordering, not a change the journal tracks).
+    pub fn next_ready(&mut self, now: Time) -> Option<Entry> {
+        self.backlog.promote(now);
+        self.backlog.peek_next()
     }
 
-    /// Ends the lease of message `id` if `consumer` holds it.
-    fn take_lease(&mut self, id: u64, consumer: SessionId) -> Option<Lease> {
-        if self.leases.get(&id)?.consumer != consumer {
-            return None;
-        }
-        let lease = self.leases.remove(&id)?;
-        self.leased_bytes -= u64::from(lease.entry.size);
-        Some(lease)
-    }
-
-    /// A failed attempt of a leased message (a nack, or the broker's timeout or consumer
-    /// loss): ready again after the backoff (or `retry_after_ms`, a nack's own delay), or a
-    /// dead letter after `max_attempts`. `None` if it was not leased to that consumer.
-    pub fn fail(
-        &mut self,
-        id: u64,
-        failure: Failure,
-        retry_after_ms: Option<u64>,
-        random: f64,
-        now: Time,
-    ) -> Option<Retry> {
-        let lease = self.take_lease(id, failure.consumer)?;
-        self.stats.nacked += 1;
-        let mut entry = lease.entry;
-        entry.attempts = entry.attempts.saturating_add(1);
-        self.failures.entry(id).or_default().push(failure);
-        if u32::from(entry.attempts) >= self.def.max_attempts {
-            self.dead_letter(entry, Cause::MaxAttempts, now);
-            return Some(Retry::DeadLettered(Cause::MaxAttempts));
-        }
-        let delay = retry_after_ms
-            .unwrap_or_else(|| self.def.backoff.delay_ms(u32::from(entry.attempts), random));
-        let due = now.plus_millis(delay.min(super::MAX_DELAY_MS));
-        self.backlog.push_delayed(entry, due, now);
-        Some(Retry::At(due))
-    }
-
-    /// The consumer refused the message outright (MQTT 5 reason 0x99, payload format
-    /// invalid): a dead letter at once, cause `rejected`.
-    pub fn reject(&mut self, id: u64, failure: Failure, now: Time) -> bool {
-        let Some(lease) = self.take_lease(id, failure.consumer) else {
-            return false;
-        };
-        self.stats.nacked += 1;
-        let mut entry = lease.entry;
-        entry.attempts = entry.attempts.saturating_add(1);
-        self.failures.entry(id).or_default().push(failure);
-        self.dead_letter(entry, Cause::Rejected, now);
-        true
-    }
-
-    /// Leases past their deadline by `now` fail ("ack timeout"); returns what became of each.
-    pub fn expire_leases(
-        &mut self,
-        now: Time,
-        mut random: impl FnMut() -> f64,
-    ) -> Vec<(u64, Retry)> {
+    /// Leases whose deadline passed by `now`: (message, consumer, lease seq).
+    pub fn overdue_leases(&mut self, now: Time) -> Vec<(u64, SessionId)> {
         let mut out = Vec::new();
         while let Some(Reverse((deadline, id))) = self.deadlines.peek().copied() {
             if deadline > now {
@@ -282,61 +257,200 @@ impl Queue {
             }
             self.deadlines.pop();
             // Stale: acked, failed, or leased again since.
-            let Some(lease) = self.leases.get(&id).filter(|l| l.deadline == deadline) else {
-                continue;
-            };
-            let failure = Failure {
-                at: now,
-                reason_code: 0x80,
-                reason: "ack timeout".into(),
-                consumer: lease.consumer,
-            };
-            if let Some(r) = self.fail(id, failure, None, random(), now) {
-                out.push((id, r));
+            if let Some(l) = self.leases.get(&id).filter(|l| l.deadline == deadline) {
+                out.push((id, l.consumer));
             }
         }
         out
     }
 
-    /// The consumer went away: every lease it held is a failed attempt, at once.
-    pub fn release_consumer(
-        &mut self,
-        consumer: SessionId,
+    /// What a failed attempt of leased message `id` leads to: after `max_attempts` a dead
+    /// letter, else ready again after the backoff (or `retry_after_ms`, the nack's own).
+    pub fn decide_retry(
+        &self,
+        id: u64,
+        retry_after_ms: Option<u64>,
+        random: f64,
         now: Time,
-        mut random: impl FnMut() -> f64,
-    ) -> Vec<(u64, Retry)> {
-        let mut ids: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.consumer == consumer)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        let mut out = Vec::new();
-        for id in ids {
-            let failure = Failure {
-                at: now,
-                reason_code: 0x80,
-                reason: "consumer gone".into(),
-                consumer,
-            };
-            if let Some(r) = self.fail(id, failure, None, random(), now) {
-                out.push((id, r));
-            }
+    ) -> Option<Retry> {
+        let lease = self.leases.get(&id)?;
+        let attempts = u32::from(lease.entry.attempts) + 1;
+        if attempts >= self.def.max_attempts {
+            return Some(Retry::DeadLettered(Cause::MaxAttempts));
         }
-        out
+        let delay = retry_after_ms.unwrap_or_else(|| self.def.backoff.delay_ms(attempts, random));
+        Some(Retry::At(now.plus_millis(delay.min(super::MAX_DELAY_MS))))
     }
 
-    /// When the queue next needs the clock: a delayed message due, or a lease deadline.
+    /// Dead letters past `dlq_retention_s` at `now`, oldest first.
+    pub fn dead_past_retention(&self, now: Time) -> Vec<u64> {
+        let Some(secs) = self.def.dlq_retention_s else {
+            return Vec::new();
+        };
+        let keep = secs.saturating_mul(1000);
+        self.dead
+            .values()
+            .filter(|d| d.dead_lettered.0.saturating_add(keep) <= now.0)
+            .map(|d| d.entry.id)
+            .collect()
+    }
+
+    /// When the queue next needs the clock: a delayed message due, a lease deadline, or a
+    /// dead letter reaching its retention.
     pub fn next_deadline(&self) -> Option<Time> {
         let lease = self.deadlines.peek().map(|Reverse((t, _))| *t);
-        match (self.backlog.next_due(), lease) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let retention = self.def.dlq_retention_s.and_then(|secs| {
+            self.dead
+                .values()
+                .map(|d| d.dead_lettered.plus_millis(secs.saturating_mul(1000)))
+                .min()
+        });
+        [self.backlog.next_due(), lease, retention]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    // ---- changes: exactly what a journal record says ----
+
+    /// A message joins the queue: ready, or due at `due`, with the failures it already had
+    /// (a checkpoint writes them; a new message has none).
+    pub fn insert(
+        &mut self,
+        entry: Entry,
+        body: Arc<Message>,
+        due: Option<Time>,
+        failures: Vec<Failure>,
+    ) {
+        if self.bodies.insert(entry.id, body).is_some() {
+            // Already here (a record applied twice): keep the one entry.
+            return;
+        }
+        if !failures.is_empty() {
+            self.failures.insert(entry.id, failures);
+        }
+        self.stats.enqueued += 1;
+        match due {
+            Some(due) => self.backlog.push_delayed(entry, due, Time(0)),
+            None => self.backlog.push_ready(entry),
         }
     }
 
-    fn dead_letter(&mut self, entry: Entry, cause: Cause, now: Time) {
+    /// Waiting message `id` is leased to `consumer` at `at`; returns the lease's seq.
+    pub fn lease(&mut self, id: u64, consumer: SessionId, at: Time) -> Option<u64> {
+        self.backlog.promote(at);
+        let entry = self.backlog.take(id)?;
+        if entry.attempts > 0 {
+            self.stats.redelivered += 1;
+        }
+        let deadline = at.plus_millis(self.def.ack_timeout_ms);
+        self.deadlines.push(Reverse((deadline, id)));
+        self.leased_bytes += u64::from(entry.size);
+        let seq = self.next_lease;
+        self.next_lease += 1;
+        self.leases.insert(
+            id,
+            Lease {
+                entry,
+                consumer,
+                deadline,
+                seq,
+            },
+        );
+        Some(seq)
+    }
+
+    /// Leased message `id` was acknowledged: it leaves the queue.
+    pub fn ack(&mut self, id: u64) -> bool {
+        let Some(lease) = self.take_lease(id) else {
+            return false;
+        };
+        self.forget(lease.entry.id);
+        self.stats.acked += 1;
+        true
+    }
+
+    /// A failed attempt of leased message `id`, leading to `retry` (decided by
+    /// [`Queue::decide_retry`], or `DeadLettered(Rejected)` for a consumer's outright refusal).
+    pub fn fail(&mut self, id: u64, failure: Failure, retry: Retry) -> bool {
+        let Some(lease) = self.take_lease(id) else {
+            return false;
+        };
+        self.stats.nacked += 1;
+        let mut entry = lease.entry;
+        entry.attempts = entry.attempts.saturating_add(1);
+        self.failures.entry(id).or_default().push(failure.clone());
+        match retry {
+            Retry::At(due) => self.backlog.push_delayed(entry, due, failure.at),
+            Retry::DeadLettered(cause) => self.bury(entry, cause, failure.at),
+        }
+        true
+    }
+
+    /// Waiting message `id` is dropped (overflow, or expired without `dead_letter_on_expiry`).
+    pub fn drop_waiting(&mut self, id: u64, expired: bool) -> bool {
+        if self.backlog.take(id).is_none() {
+            return false;
+        }
+        self.forget(id);
+        if expired {
+            self.stats.dropped_expired += 1;
+        } else {
+            self.stats.dropped_overflow += 1;
+        }
+        true
+    }
+
+    /// Waiting message `id` becomes a dead letter (overflow, expiry).
+    pub fn dead_letter_waiting(&mut self, id: u64, cause: Cause, at: Time) -> bool {
+        let Some(entry) = self.backlog.take(id) else {
+            return false;
+        };
+        self.bury(entry, cause, at);
+        true
+    }
+
+    /// Dead letter `id` is ready again with its attempts at 0; it keeps its failures.
+    pub fn redrive(&mut self, id: u64) -> bool {
+        let Some(d) = self.dead.remove(&id) else {
+            return false;
+        };
+        let mut entry = d.entry;
+        entry.attempts = 0;
+        if !d.failures.is_empty() {
+            self.failures.insert(id, d.failures);
+        }
+        self.backlog.push_ready(entry);
+        true
+    }
+
+    /// Dead letter `id` is gone.
+    pub fn discard(&mut self, id: u64) -> bool {
+        if self.dead.remove(&id).is_none() {
+            return false;
+        }
+        self.bodies.remove(&id);
+        true
+    }
+
+    /// A dead letter exactly as a checkpoint wrote it.
+    pub fn restore_dead(&mut self, dead: DeadLetter, body: Arc<Message>) {
+        self.bodies.insert(dead.entry.id, body);
+        self.dead.insert(dead.entry.id, dead);
+    }
+
+    fn take_lease(&mut self, id: u64) -> Option<Lease> {
+        let lease = self.leases.remove(&id)?;
+        self.leased_bytes -= u64::from(lease.entry.size);
+        Some(lease)
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.failures.remove(&id);
+        self.bodies.remove(&id);
+    }
+
+    fn bury(&mut self, entry: Entry, cause: Cause, at: Time) {
         let failures = self.failures.remove(&entry.id).unwrap_or_default();
         *self.stats.dead_lettered.entry(cause).or_default() += 1;
         self.dead.insert(
@@ -345,7 +459,7 @@ impl Queue {
                 entry,
                 cause,
                 failures,
-                dead_lettered: now,
+                dead_lettered: at,
             },
         );
     }
