@@ -101,7 +101,20 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
 
     let mut consumers = Vec::new();
     for c in 0..plan.consumers {
-        let conn = open_consumer(t, format!("qbench-{run_id}-c{c}"), plan.receive_maximum).await?;
+        // Subscribed here, before any task waits at the barrier: a refusal (or silence) ends
+        // the run with its reason instead of leaving the others waiting.
+        let mut conn =
+            open_consumer(t, format!("qbench-{run_id}-c{c}"), plan.receive_maximum).await?;
+        tokio::time::timeout(t.timeout, subscribe(&mut conn, &plan.queue))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no SUBACK for $queue/{} within {:?}: {}",
+                    plan.queue,
+                    t.timeout,
+                    MISSING_QUEUE
+                )
+            })??;
         let (plan, progress, ready, seen, run_topic) = (
             plan.clone(),
             progress.clone(),
@@ -211,15 +224,13 @@ async fn open_consumer(t: &Target, id: String, receive_maximum: u16) -> anyhow::
     Ok(client)
 }
 
-async fn consumer(
-    mut c: Client,
-    plan: &QueuePlan,
-    run_topic: &str,
-    progress: &Progress,
-    ready: &Barrier,
-    seen: &Seen,
-) -> anyhow::Result<(ConsumerTally, Histogram<u64>)> {
-    let filter = format!("$queue/{}", plan.queue);
+/// What to check when a broker refuses `$queue/NAME`.
+const MISSING_QUEUE: &str =
+    "is the broker started with that [[queue]]? (see `ferrymq bench queue --help`)";
+
+/// Subscribes a consumer to `$queue/{queue}` and waits for the SUBACK.
+async fn subscribe(c: &mut Client, queue: &str) -> anyhow::Result<()> {
+    let filter = format!("$queue/{queue}");
     c.queue(&Packet::Subscribe(Subscribe {
         packet_id: 1,
         filters: vec![(
@@ -233,13 +244,25 @@ async fn consumer(
     }))?;
     c.flush().await?;
     match c.recv().await? {
-        Packet::SubAck(a) if a.reasons.iter().all(|r| !r.is_error()) => {}
-        other => anyhow::bail!(
-            "subscribing to {filter} was refused ({other:?}): is the broker started with a \
-             [[queue]] named {:?}? (see `ferrymq bench queue --help`)",
-            plan.queue
-        ),
+        Packet::SubAck(a) if a.reasons.iter().all(|r| !r.is_error()) => Ok(()),
+        Packet::SubAck(a) => {
+            anyhow::bail!(
+                "subscribing to {filter} was refused with {:?}: {MISSING_QUEUE}",
+                a.reasons
+            )
+        }
+        other => anyhow::bail!("{filter}: the broker answered {}", other.name()),
     }
+}
+
+async fn consumer(
+    mut c: Client,
+    plan: &QueuePlan,
+    run_topic: &str,
+    progress: &Progress,
+    ready: &Barrier,
+    seen: &Seen,
+) -> anyhow::Result<(ConsumerTally, Histogram<u64>)> {
     ready.wait().await;
     let prefix = format!("{run_topic}/");
     let mut highest: Vec<Option<u64>> = vec![None; plan.publishers];
