@@ -254,6 +254,9 @@ pub struct Broker {
     pub(crate) admission: Admission,
     /// Work queues and their consumers (`queues.rs`).
     pub(crate) queues: crate::queues::Queues,
+    /// Where queue payloads are read back from the log (set by the driver).
+    pub(crate) payloads: Option<crate::queues::Payloads>,
+    pub(crate) journal_base: u64,
 }
 
 impl Broker {
@@ -276,6 +279,8 @@ impl Broker {
             holds: Default::default(),
             admission: Admission::default(),
             queues: Default::default(),
+            payloads: None,
+            journal_base: 0,
         }
     }
 

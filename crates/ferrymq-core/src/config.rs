@@ -37,6 +37,11 @@ pub struct BrokerConfig {
     /// Session expiry granted to a 5.0 client whose CONNECT has none. MQTT 5 says 0
     /// (§3.1.2.11.2); some test suites assume sessions outlive such connections.
     pub default_session_expiry: u32,
+    /// Work-queue payloads kept in memory, in bytes (topic and payload), across all queues;
+    /// past it a queued message's payload stays only in the log and is read back when it is
+    /// leased. Needs a payload store (`Broker::set_payload_store`); without one everything
+    /// stays in memory.
+    pub queue_memory_bytes: u64,
 }
 
 impl Default for BrokerConfig {
@@ -61,6 +66,7 @@ impl Default for BrokerConfig {
             deny_subscribe: Vec::new(),
             deny_subscribe_reason: ferrymq_mqtt::ReasonCode::NotAuthorized,
             default_session_expiry: 0,
+            queue_memory_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -35,7 +35,7 @@ pub mod workqueue;
 
 pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
 pub use config::{BrokerConfig, QueueFull};
-pub use journal::{JournalBuf, JournalError, RestoreReport};
+pub use journal::{is_checkpoint_begin, JournalBuf, JournalError, RestoreReport};
 pub use message::Message;
 pub use retained::RetainedStore;
 pub use trie::{Lookup, Matches, SharedGroup, SubEntry, SubscriptionTree};

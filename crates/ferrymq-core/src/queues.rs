@@ -31,6 +31,23 @@ const PUMP_BATCH: usize = 1024;
 /// Most dead letters a `$dlq/{queue}` subscription replays when it is made.
 pub const DLQ_REPLAY_LIMIT: usize = 1000;
 
+/// Reads journal records back by log offset: where a queue's messages are when they are
+/// not in memory. The driver implements it over its log; the engine decodes and checks what
+/// it gets (the record must be the `QEnqueue` of that queue and message, or it is not used).
+pub trait PayloadStore: Send {
+    /// The record at `offset`, or `None` if it is not in the log (any more).
+    fn read(&self, offset: u64) -> Option<bytes::Bytes>;
+}
+
+/// The engine's payload store, in a `Debug` wrapper.
+pub(crate) struct Payloads(pub(crate) Box<dyn PayloadStore>);
+
+impl std::fmt::Debug for Payloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PayloadStore")
+    }
+}
+
 /// A delivery's lease, kept on the consumer's in-flight entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueLease {
@@ -71,11 +88,19 @@ pub(crate) struct Queues {
     rng: u64,
     /// When `restore` ran: leases it found are returned at this time.
     pub(crate) restored_at: Option<Time>,
+    /// Messages kept in memory past the budget only until their records are written:
+    /// (queue, message, record offset), oldest first (`Broker::journal_written`).
+    evictable: std::collections::VecDeque<(Arc<str>, u64, u64)>,
 }
 
 impl Queues {
     pub(crate) fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+
+    /// Bytes of queue messages held in memory, across queues.
+    pub(crate) fn cached_bytes(&self) -> u64 {
+        self.by_name.values().map(|q| q.cached_bytes()).sum()
     }
 
     /// Takes the replayable state out (a checkpoint begins), keeping the random generator.
@@ -226,6 +251,8 @@ pub struct QueueView {
     pub bytes: u64,
     pub dead_letters: usize,
     pub consumers: usize,
+    /// Bytes of its messages held in memory (the rest are read back from the log).
+    pub cached_bytes: u64,
     pub oldest_age_ms: Option<u64>,
     pub stats: crate::workqueue::QueueStats,
 }
@@ -321,6 +348,57 @@ pub(crate) fn parse_delayed(topic: &str) -> Option<Result<(u64, &str), ()>> {
 }
 
 impl Broker {
+    // ---------------------------------------------------------------- payloads in the log
+
+    /// Gives the engine a way to read queue messages back from the log, so a queue's
+    /// backlog need not fit in memory (`BrokerConfig::queue_memory_bytes`).
+    pub fn set_payload_store(&mut self, store: Box<dyn PayloadStore>) {
+        self.payloads = Some(Payloads(store));
+    }
+
+    /// The driver's log holds every record below `offset` (written, readable): messages
+    /// held in memory past the budget only until then are dropped from memory.
+    pub fn journal_written(&mut self, offset: u64) {
+        if self.payloads.is_none() || self.queues.evictable.is_empty() {
+            return;
+        }
+        let budget = self.config.queue_memory_bytes;
+        let mut cached = self.queues.cached_bytes();
+        while cached > budget {
+            let Some((name, id, at)) = self.queues.evictable.front().cloned() else {
+                break;
+            };
+            if at >= offset {
+                break;
+            }
+            self.queues.evictable.pop_front();
+            if let Some(q) = self.queues.by_name.get_mut(&name) {
+                cached -= q.uncache(id);
+            }
+        }
+        if cached <= budget {
+            // Under budget: what is left may stay.
+            self.queues.evictable.clear();
+        }
+    }
+
+    /// The lowest log offset a queue still reads a message from: the log may only be
+    /// reclaimed below it (and below the checkpoint). `None` when queues hold nothing.
+    /// Visits every entry: call it when a checkpoint is written, not per step.
+    pub fn queue_floor(&self) -> Option<u64> {
+        self.queues.by_name.values().filter_map(|q| q.floor()).min()
+    }
+
+    /// A queue entry's message: from memory, or read back from the log.
+    pub(crate) fn load_body(&self, queue: &str, entry: &Entry) -> Option<Arc<Message>> {
+        let q = self.queues.by_name.get(queue)?;
+        if let Some(m) = q.cached(entry.id) {
+            return Some(m.clone());
+        }
+        let record = self.payloads.as_ref()?.0.read(entry.position)?;
+        crate::journal::read_queue_message(&record, queue, entry.id).map(Arc::new)
+    }
+
     // ---------------------------------------------------------------- admin operations
 
     /// Declares a queue, or changes the definition of an existing one (its messages stay).
@@ -385,6 +463,7 @@ impl Broker {
             bytes: q.bytes(),
             dead_letters: q.dead_count(),
             consumers: self.queues.consumer_count(name),
+            cached_bytes: q.cached_bytes(),
             oldest_age_ms: q.oldest_enqueued().map(|t| now.0.saturating_sub(t.0)),
             stats: q.stats.clone(),
         })
@@ -409,7 +488,7 @@ impl Broker {
         let mut items = Vec::new();
         let mut next_cursor = None;
         for d in q.dead_letters() {
-            let Some(m) = q.body(d.entry.id) else {
+            let Some(m) = self.load_body(name, &d.entry) else {
                 continue;
             };
             if !query.takes(d, &m.topic) {
@@ -422,8 +501,8 @@ impl Broker {
             items.push(DeadLetterView {
                 queue: name.into(),
                 dead: d.clone(),
-                message: m.clone(),
-                trace_id: trace_id(m),
+                trace_id: trace_id(&m),
+                message: m,
             });
         }
         Ok(DeadLetterPage { items, next_cursor })
@@ -436,12 +515,12 @@ impl Broker {
             id,
         };
         let d = q.dead_letter(id).ok_or_else(no)?;
-        let m = q.body(id).ok_or_else(no)?;
+        let m = self.load_body(name, &d.entry).ok_or_else(no)?;
         Ok(DeadLetterView {
             queue: name.into(),
             dead: d.clone(),
-            message: m.clone(),
-            trace_id: trace_id(m),
+            trace_id: trace_id(&m),
+            message: m,
         })
     }
 
@@ -454,7 +533,13 @@ impl Broker {
         let q = self.user_queue(name)?;
         let limit = query.limit.unwrap_or(usize::MAX);
         Ok(q.dead_letters()
-            .filter(|d| q.body(d.entry.id).is_some_and(|m| query.takes(d, &m.topic)))
+            .filter(|d| {
+                // The topic filter needs the message; the others do not.
+                query.topic.is_none() && query.takes(d, "")
+                    || self
+                        .load_body(name, &d.entry)
+                        .is_some_and(|m| query.takes(d, &m.topic))
+            })
             .map(|d| d.entry.id)
             .take(limit)
             .collect())
@@ -488,7 +573,10 @@ impl Broker {
             let Some(q) = self.queues.by_name.get(name) else {
                 break;
             };
-            let Some(m) = q.body(id).filter(|_| q.dead_letter(id).is_some()).cloned() else {
+            let Some(entry) = q.dead_letter(id).map(|d| d.entry) else {
+                continue;
+            };
+            let Some(m) = self.load_body(name, &entry) else {
                 continue;
             };
             match target_topic {
@@ -502,16 +590,22 @@ impl Broker {
                     }
                 }
                 Some(t) => {
+                    // Published first, as a publisher that is answered (all or nothing: a
+                    // full `reject_new` queue refuses it whole); the dead letter goes only
+                    // once someone took it, so a refused or unheard redrive loses nothing.
+                    let mut fresh = (*m).clone();
+                    fresh.topic = t.into();
+                    fresh.received_at = now;
+                    fresh.journaled = Default::default();
+                    let routed = self.route(fresh, crate::queue_full::Promise::Acked, now, out);
+                    if routed.refused || routed.count == 0 {
+                        continue;
+                    }
                     let record = Record::QDiscard {
                         queue: queue.clone(),
                         message: id,
                     };
                     if self.try_commit(record, out).is_ok() {
-                        let mut fresh = (*m).clone();
-                        fresh.topic = t.into();
-                        fresh.received_at = now;
-                        fresh.journaled = Default::default();
-                        self.publish(fresh, now, out);
                         moved += 1;
                     }
                 }
@@ -568,17 +662,21 @@ impl Broker {
         self.queues.matching(&msg.topic)
     }
 
-    /// Whether some target queue would refuse the message (full under `reject_new`, or full
-    /// with nothing it may drop): decided before anything is routed, so a refused publish
-    /// reaches no one.
-    pub(crate) fn queues_refuse(&self, msg: &Message, targets: &[Arc<str>]) -> bool {
+    /// Whether some target queue refuses the message (full under `reject_new`, or full with
+    /// nothing it may drop), counted on each that does: decided before anything is routed,
+    /// so a refused publish reaches no one.
+    pub(crate) fn queues_refuse(&mut self, msg: &Message, targets: &[Arc<str>]) -> bool {
         let size = entry_size(msg);
-        targets.iter().any(|name| {
-            self.queues
-                .by_name
-                .get(name)
-                .is_some_and(|q| q.make_room(size) == Room::Full)
-        })
+        let mut refused = false;
+        for name in targets {
+            if let Some(q) = self.queues.by_name.get_mut(name) {
+                if q.make_room(size) == Room::Full {
+                    q.stats.refused += 1;
+                    refused = true;
+                }
+            }
+        }
+        refused
     }
 
     /// Puts a routed message into each target queue (after `queues_refuse` said they have
@@ -676,7 +774,8 @@ impl Broker {
         });
         let entry = Entry {
             id: msg.id,
-            position: 0,
+            // The QEnqueue record below carries the message: its offset is where it stays.
+            position: self.journal_next_offset().unwrap_or(0),
             size,
             priority,
             attempts: 0,
@@ -686,12 +785,18 @@ impl Broker {
             Record::QEnqueue(Box::new(crate::journal::record::QEnqueue {
                 queue: name.clone(),
                 entry,
-                message: msg,
+                message: Some(msg),
                 due,
                 failures: Vec::new(),
             })),
             out,
         );
+        if self.payloads.is_some() && self.queues.cached_bytes() > self.config.queue_memory_bytes {
+            // Past the budget: dropped from memory once its record is written.
+            self.queues
+                .evictable
+                .push_back((name.clone(), entry.id, entry.position));
+        }
         if due.is_some() {
             self.arm_queue(name);
         }
@@ -725,8 +830,17 @@ impl Broker {
             let Some(entry) = q.next_ready(now) else {
                 return;
             };
-            let Some(body) = q.body(entry.id).cloned() else {
-                // Never: every waiting entry has its body. Drop it rather than spin.
+            let dead_letter_on_expiry = q.def().dead_letter_on_expiry;
+            // Nobody to take it: leave it where it is (and unread).
+            if !self.consumer_has_room(name) {
+                return;
+            }
+            let Some(body) = self.load_body(name, &entry) else {
+                // Its record is not in the log (a damaged or reclaimed log, or a bug): it
+                // cannot be delivered. Dropped and counted, rather than spun on.
+                if let Some(q) = self.queues.by_name.get_mut(name) {
+                    q.stats.unreadable += 1;
+                }
                 let record = Record::QDrop {
                     queue: name.clone(),
                     message: entry.id,
@@ -738,7 +852,7 @@ impl Broker {
                 continue;
             };
             if body.is_expired(now) {
-                let record = if q.def().dead_letter_on_expiry {
+                let record = if dead_letter_on_expiry {
                     Record::QDead {
                         queue: name.clone(),
                         message: entry.id,
@@ -766,6 +880,17 @@ impl Broker {
             };
             self.lease_to(name, entry, body, consumer, now, out);
         }
+    }
+
+    /// Whether some consumer of the queue is connected with room in its window.
+    fn consumer_has_room(&self, name: &str) -> bool {
+        self.queues.consumers.get(name).is_some_and(|c| {
+            c.members.iter().any(|m| {
+                self.sessions
+                    .get(&m.session)
+                    .is_some_and(|s| s.is_connected() && s.has_window())
+            })
+        })
     }
 
     /// The next consumer, round robin, that is connected and has room in its window.
@@ -1155,7 +1280,7 @@ impl Broker {
             let Some(entry) = q.next_ready(now) else {
                 break;
             };
-            let Some(body) = q.body(entry.id).cloned() else {
+            let Some(body) = self.load_body(&name, &entry) else {
                 break;
             };
             let record = Record::QDrop {
@@ -1182,6 +1307,12 @@ impl Broker {
         };
         let m = dlq_message(&view, now);
         self.publish(m, now, out);
+        if self.payloads.is_some() {
+            // Dead letters are read back from the log when looked at, not kept in memory.
+            if let Some(q) = self.queues.by_name.get_mut(queue) {
+                q.uncache(id);
+            }
+        }
     }
 
     /// Sends the dead letters of the queue a `$dlq/{queue}` subscription names (the most

@@ -12,15 +12,15 @@ use crate::session::{OutState, Pending, SharedOrigin};
 use crate::{Broker, ConnId, Message, SessionId, Time};
 
 /// What routing one message did.
-struct Routed {
-    /// Sessions it was routed to.
-    count: usize,
+pub(crate) struct Routed {
+    /// Sessions (and queues) it was routed to.
+    pub(crate) count: usize,
     /// Its id.
-    message: u64,
+    pub(crate) message: u64,
     /// Full sessions that queued it past their limit (`backpressure`).
-    full: Vec<SessionId>,
+    pub(crate) full: Vec<SessionId>,
     /// A full session did not take it (`reject`).
-    refused: bool,
+    pub(crate) refused: bool,
 }
 
 /// One routing target after overlapping subscriptions are merged.
@@ -271,7 +271,13 @@ impl Broker {
 
     /// [`Broker::publish`] for a publisher of `promise`, saying which full queues took it
     /// past their limit or refused it.
-    fn route(&mut self, mut msg: Message, promise: Promise, now: Time, out: &mut Outbox) -> Routed {
+    pub(crate) fn route(
+        &mut self,
+        mut msg: Message,
+        promise: Promise,
+        now: Time,
+        out: &mut Outbox,
+    ) -> Routed {
         msg.id = self.next_message_id;
         self.next_message_id += 1;
         let msg = Arc::new(msg);
@@ -284,8 +290,9 @@ impl Broker {
             refused: false,
         };
         // A work queue that cannot take it (`reject_new`, or full with nothing to drop)
-        // refuses the publish: all or nothing, as `queue_full = reject` below.
-        if !queues.is_empty() && self.queues_refuse(&msg, &queues) {
+        // refuses a publish it could answer: all or nothing, as `queue_full = reject` below.
+        // Anything else (QoS 0, wills, `$delayed` releases) still reaches everyone else.
+        if promise == Promise::Acked && !queues.is_empty() && self.queues_refuse(&msg, &queues) {
             routed.refused = true;
             routed.count = 0;
             return routed;

@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::needless_range_loop)]
 
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use ferrymq_core::queues::DeadLetterQuery;
 use ferrymq_core::workqueue::*;
@@ -19,7 +21,22 @@ struct H {
     b: Broker,
     now: Time,
     out: Outbox,
-    log: Vec<Vec<u8>>,
+    /// Every record written, by log offset (the engine numbers them from 0).
+    log: Log,
+    /// Where replay starts (the last checkpoint's first record).
+    replay_from: usize,
+}
+
+type Log = Arc<Mutex<Vec<Vec<u8>>>>;
+
+/// The log as the engine's payload store: a record by its offset.
+struct LogStore(Log);
+
+impl ferrymq_core::queues::PayloadStore for LogStore {
+    fn read(&self, offset: u64) -> Option<Bytes> {
+        let log = self.0.lock().unwrap();
+        log.get(offset as usize).map(|r| Bytes::copy_from_slice(r))
+    }
 }
 
 /// One delivery to a consumer.
@@ -34,16 +51,38 @@ struct Got {
 
 impl H {
     fn new() -> H {
-        let mut b = Broker::new(BrokerConfig::default());
+        H::with_config(BrokerConfig::default())
+    }
+
+    fn with_config(config: BrokerConfig) -> H {
+        let mut b = Broker::new(config);
         b.set_instance_id(7);
+        let log: Log = Arc::default();
+        b.set_payload_store(Box::new(LogStore(log.clone())));
         let mut out = Outbox::default();
         b.enable_journal(&mut out);
         H {
             b,
             now: Time(START),
             out,
-            log: Vec::new(),
+            log,
+            replay_from: 0,
         }
+    }
+
+    /// Appends what the engine journaled to the log, and tells it so.
+    fn flush(&mut self) {
+        let mut log = self.log.lock().unwrap();
+        log.extend(self.out.journal.records().map(|r| r.to_vec()));
+        self.out.journal.clear();
+        let end = log.len() as u64;
+        drop(log);
+        assert_eq!(
+            self.b.journal_next_offset(),
+            Some(end),
+            "the engine numbers records as the log does"
+        );
+        self.b.journal_written(end);
     }
 
     fn declare(&mut self, def: QueueDef) {
@@ -222,30 +261,29 @@ impl H {
 
     /// Crash (all connections gone) and restart from the journal alone.
     fn restart(&mut self) -> RestoreReport {
-        self.log
-            .extend(self.out.journal.records().map(|r| r.to_vec()));
+        self.flush();
         let mut b = Broker::new(self.b.config().clone());
         b.set_instance_id(8);
+        b.set_payload_store(Box::new(LogStore(self.log.clone())));
+        let records: Vec<Vec<u8>> = self.log.lock().unwrap()[self.replay_from..].to_vec();
         let report = b
-            .restore(self.log.iter().map(|r| r.as_slice()), self.now)
+            .restore(records.iter().map(|r| r.as_slice()), self.now)
             .unwrap();
         assert_eq!(report.skipped, 0, "every record applied: {report:?}");
-        let mut first = Outbox::default();
-        b.enable_journal(&mut first);
-        self.log.extend(first.journal.records().map(|r| r.to_vec()));
+        b.set_journal_base(self.log.lock().unwrap().len() as u64);
         self.b = b;
         self.out = Outbox::default();
+        self.b.enable_journal(&mut self.out);
+        self.flush();
         report
     }
 
-    /// Writes a checkpoint and forgets the log before it.
+    /// Writes a checkpoint; replay starts there from now on.
     fn checkpoint(&mut self) {
-        self.log.clear();
-        self.out.journal.clear();
+        self.flush();
+        self.replay_from = self.log.lock().unwrap().len();
         self.b.checkpoint(&mut self.out).unwrap();
-        self.log
-            .extend(self.out.journal.records().map(|r| r.to_vec()));
-        self.out.journal.clear();
+        self.flush();
     }
 }
 
@@ -666,4 +704,95 @@ fn a_restart_keeps_queued_leased_delayed_and_dead_messages_and_attempts() {
 #[test]
 fn a_restart_from_a_checkpoint_keeps_the_same() {
     restart_keeps_everything(true);
+}
+
+#[test]
+fn a_backlog_past_the_memory_budget_is_read_back_from_the_log() {
+    let mut h = H::with_config(BrokerConfig {
+        queue_memory_bytes: 1_000,
+        ..Default::default()
+    });
+    h.declare(jobs(|_| {}));
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..100 {
+        h.publish(2, "jobs/a", &format!("payload-{i:04}-{}", "x".repeat(40)));
+        h.flush();
+    }
+    let v = h.view("jobs");
+    assert_eq!(v.depth, 100);
+    assert!(
+        v.cached_bytes <= 1_000,
+        "kept {} bytes in memory",
+        v.cached_bytes
+    );
+    assert!(
+        h.b.queue_floor().is_some_and(|f| f > 0),
+        "the floor is the first message's record"
+    );
+    // A checkpoint and a restart hold positions, not messages; the consumer gets them all,
+    // in order, read back from the log.
+    h.checkpoint();
+    h.restart();
+    assert_eq!(h.view("jobs").cached_bytes, 0);
+    h.connect(1, "c", V5, 1000, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    let got = h.payloads(1);
+    let want: Vec<String> = (0..100)
+        .map(|i| format!("payload-{i:04}-{}", "x".repeat(40)))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_record_that_is_not_the_message_is_never_delivered() {
+    let mut h = H::new();
+    h.declare(jobs(|_| {}));
+    h.connect(2, "p", V5, 10, false);
+    h.publish(2, "jobs/a", "real");
+    h.checkpoint();
+    h.restart();
+    // Damage: every record that could hold the message is replaced by something else.
+    {
+        let mut log = h.log.lock().unwrap();
+        for r in log.iter_mut() {
+            if r.first() == Some(&24) {
+                *r = vec![26, 4, b'j', b'o', b'b', b's', 9];
+            }
+        }
+    }
+    h.connect(1, "c", V5, 10, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    assert!(h.payloads(1).is_empty());
+    let v = h.view("jobs");
+    assert_eq!((v.depth, v.stats.unreadable), (0, 1));
+}
+
+#[test]
+fn message_ids_are_not_handed_out_again_after_a_restart() {
+    let mut h = H::new();
+    h.declare(jobs(|_| {}));
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("before-{i}"));
+    }
+    // No checkpoint: the queue's records are all replay has to go on.
+    h.restart();
+    h.connect(2, "p", V5, 10, false);
+    for i in 0..3 {
+        h.publish(2, "jobs/a", &format!("after-{i}"));
+    }
+    assert_eq!(h.view("jobs").depth, 6);
+    h.connect(1, "c", V5, 100, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    let got = h.got(1);
+    let payloads: Vec<_> = got.iter().map(|g| g.payload.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec!["before-0", "before-1", "before-2", "after-0", "after-1", "after-2"]
+    );
+    for g in got {
+        h.ack(1, g.pid.unwrap());
+    }
+    let v = h.view("jobs");
+    assert_eq!((v.depth, v.leased, v.bytes, v.stats.acked), (0, 0, 0, 6));
 }

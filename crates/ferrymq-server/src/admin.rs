@@ -1,4 +1,5 @@
-//! Admin HTTP: `/health`, `/metrics` and `/api/v1/alarms`. The full REST API comes later.
+//! Admin HTTP: `/health`, `/metrics`, `/api/v1/alarms`, and the work-queue REST API under
+//! `/api/v1/queues` (`queue_api.rs`; every route is in docs/api.md).
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub(crate) fn app(state: AdminState) -> axum::Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/api/v1/alarms", get(alarms))
+        .merge(crate::queue_api::routes())
         .with_state(state)
 }
 

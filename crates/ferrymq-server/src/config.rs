@@ -209,6 +209,10 @@ pub struct Limits {
     /// is raised; it clears under 90% of it. Unset: 80% of `mqtt.max_queued_messages`;
     /// 0 = off.
     pub queue_depth_alarm: Option<usize>,
+    /// Work-queue messages (topic and payload bytes) kept in memory across all queues;
+    /// past it a queued message stays only in the log and is read back when leased, so a
+    /// backlog may be larger than memory (docs/queues.md).
+    pub queue_memory_bytes: u64,
 }
 
 /// What a client over its message or byte rate gets.
@@ -378,6 +382,7 @@ impl Default for Limits {
             // limit is a good start; a shared machine: bytes).
             memory_high_watermark: MemoryWatermark::Off,
             queue_depth_alarm: None,
+            queue_memory_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -585,6 +590,7 @@ impl Config {
                 DenyReason::UnspecifiedError => ferrymq_mqtt::ReasonCode::UnspecifiedError,
             },
             default_session_expiry: m.default_session_expiry,
+            queue_memory_bytes: self.limits.queue_memory_bytes,
         }
     }
 }

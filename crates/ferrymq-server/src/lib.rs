@@ -25,6 +25,8 @@ mod fdlimit;
 mod limits;
 pub mod metrics;
 mod persist;
+mod queue_admin;
+mod queue_api;
 pub mod queue_spec;
 mod resources;
 mod router;

@@ -6,6 +6,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use ferrymq_core::queues::QueueView;
+use ferrymq_core::workqueue::Cause;
 use ferrymq_core::Stats;
 
 use crate::alarms::AlarmState;
@@ -32,6 +34,10 @@ pub struct NetMetrics {
     /// Connections the server closed for breaking a rule (malformed packet, protocol error,
     /// keep alive, slow consumer, a bad first packet), by the reason code it gave.
     pub disconnects: ReasonCounts,
+    /// The longest router step since start, in microseconds (a checkpoint, a large batch).
+    pub router_step_max_us: AtomicU64,
+    /// Router steps that took over 10 ms.
+    pub router_steps_over_10ms: AtomicU64,
 }
 
 impl NetMetrics {
@@ -106,6 +112,10 @@ pub struct EngineSnapshot {
     pub storage_held_actions: usize,
     /// The log found the disk full and keeps records in memory until a retry writes them.
     pub storage_blocked: bool,
+    /// Every work queue with its counters.
+    pub queues: Vec<ferrymq_core::queues::QueueView>,
+    /// Messages waiting for a `$delayed/…` publish to come due.
+    pub delayed_publishes: u64,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
@@ -120,9 +130,202 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
+/// One sample per queue (`queue="name"`; names need no escaping: letters, digits, `-_.`).
+fn per_queue(
+    o: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    queues: &[QueueView],
+    value: impl Fn(&QueueView) -> u64,
+) {
+    let labels: Vec<String> = queues
+        .iter()
+        .map(|q| format!("queue=\"{}\"", q.def.name))
+        .collect();
+    let samples: Vec<(&str, u64)> = labels
+        .iter()
+        .zip(queues)
+        .map(|(l, q)| (l.as_str(), value(q)))
+        .collect();
+    metric(o, name, kind, help, &samples);
+}
+
+/// The work-queue metrics (docs/queues.md).
+fn render_queues(o: &mut String, e: &EngineSnapshot) {
+    let q = &e.queues;
+    per_queue(
+        o,
+        "ferrymq_queue_depth",
+        "gauge",
+        "Messages waiting in the queue (ready or delayed).",
+        q,
+        |v| v.depth,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_leased",
+        "gauge",
+        "Messages leased to consumers, not yet acknowledged.",
+        q,
+        |v| v.leased as u64,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_delayed",
+        "gauge",
+        "Waiting messages not due yet (a retry backoff or a delay).",
+        q,
+        |v| v.delayed as u64,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_bytes",
+        "gauge",
+        "Topic and payload bytes held (waiting and leased).",
+        q,
+        |v| v.bytes,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_cached_bytes",
+        "gauge",
+        "Bytes of its messages held in memory (the rest are read back from the log).",
+        q,
+        |v| v.cached_bytes,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_unreadable_total",
+        "counter",
+        "Messages whose record could not be read back from the log (dropped).",
+        q,
+        |v| v.stats.unreadable,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_dead_letters",
+        "gauge",
+        "Dead letters kept for the queue.",
+        q,
+        |v| v.dead_letters as u64,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_consumers",
+        "gauge",
+        "Consumers subscribed to the queue.",
+        q,
+        |v| v.consumers as u64,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_oldest_age_ms",
+        "gauge",
+        "Age of the oldest message held (0 when empty).",
+        q,
+        |v| v.oldest_age_ms.unwrap_or(0),
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_enqueued_total",
+        "counter",
+        "Messages that entered the queue.",
+        q,
+        |v| v.stats.enqueued,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_acked_total",
+        "counter",
+        "Messages acknowledged by a consumer.",
+        q,
+        |v| v.stats.acked,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_nacked_total",
+        "counter",
+        "Failed attempts: nacks, ack timeouts, lost consumers, restarts.",
+        q,
+        |v| v.stats.nacked,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_redelivered_total",
+        "counter",
+        "Deliveries after a failed attempt.",
+        q,
+        |v| v.stats.redelivered,
+    );
+    per_queue(
+        o,
+        "ferrymq_queue_refused_total",
+        "counter",
+        "Publishes the queue refused (full under reject_new, or nothing to displace).",
+        q,
+        |v| v.stats.refused,
+    );
+    let mut dropped: Vec<(String, u64)> = Vec::new();
+    let mut dead: Vec<(String, u64)> = Vec::new();
+    for v in q {
+        let n = &v.def.name;
+        dropped.push((
+            format!("queue=\"{n}\",reason=\"overflow\""),
+            v.stats.dropped_overflow,
+        ));
+        dropped.push((
+            format!("queue=\"{n}\",reason=\"expired\""),
+            v.stats.dropped_expired,
+        ));
+        for c in Cause::ALL {
+            let count = v.stats.dead_lettered.get(&c).copied().unwrap_or(0);
+            dead.push((format!("queue=\"{n}\",cause=\"{}\"", c.as_str()), count));
+        }
+    }
+    let dropped: Vec<(&str, u64)> = dropped.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        o,
+        "ferrymq_queue_dropped_total",
+        "counter",
+        "Messages dropped from the queue unconsumed, by reason.",
+        &dropped,
+    );
+    let dead: Vec<(&str, u64)> = dead.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        o,
+        "ferrymq_queue_dead_lettered_total",
+        "counter",
+        "Messages that became dead letters, by cause.",
+        &dead,
+    );
+    metric(
+        o,
+        "ferrymq_delayed_publishes",
+        "gauge",
+        "$delayed publishes waiting to come due.",
+        &[("", e.delayed_publishes)],
+    );
+}
+
 /// Renders the Prometheus text format (version 0.0.4).
 pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> String {
     let mut o = String::with_capacity(4096);
+    render_queues(&mut o, e);
+    metric(
+        &mut o,
+        "ferrymq_router_step_max_us",
+        "gauge",
+        "The longest router step since start, in microseconds.",
+        &[("", net.router_step_max_us.load(Relaxed))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_router_steps_over_10ms_total",
+        "counter",
+        "Router steps that took over 10 ms (routing stalled meanwhile).",
+        &[("", net.router_steps_over_10ms.load(Relaxed))],
+    );
     let s = &e.stats;
     let g = |c: &AtomicU64| c.load(Relaxed);
     metric(

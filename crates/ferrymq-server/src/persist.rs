@@ -60,6 +60,8 @@ struct Unwritten {
     framed: bytes::Bytes,
     count: u64,
     checkpoint: bool,
+    /// The log offset one past its last record, as the engine numbered them.
+    end: u64,
 }
 
 /// What the commit thread tells the router.
@@ -75,10 +77,24 @@ pub(crate) struct Durable {
     failed: Mutex<Option<String>>,
     /// The commit thread found the disk full: the router takes the unwritten records back.
     no_space: std::sync::atomic::AtomicBool,
+    /// A batch landed at another offset than the engine numbered its records with: queue
+    /// messages are found by those numbers, so this is a bug worth stopping for.
+    misnumbered: Mutex<Option<String>>,
     pub(crate) notify: Notify,
 }
 
 impl Durable {
+    fn check_numbering(&self, expected: u64, got: u64) {
+        if expected != got {
+            let mut m = self.misnumbered.lock().unwrap_or_else(|p| p.into_inner());
+            m.get_or_insert(format!(
+                "the log put records at offset {got}, the engine numbered them from {expected}"
+            ));
+            drop(m);
+            self.notify.notify_one();
+        }
+    }
+
     fn fail(&self, e: String) {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         failed.get_or_insert(e);
@@ -214,6 +230,15 @@ pub(crate) struct Persistence {
     blocked: bool,
     /// Bytes of records handed to the log since start (written or not), for the disk check.
     bytes_submitted: u64,
+    /// The log offset the next record will get (the engine numbers records the same way).
+    next_offset: u64,
+    /// Every record below this offset is in the log (readable by the payload store).
+    written_end: u64,
+    /// The lowest offset work queues read messages from, as of the pending checkpoint, and
+    /// of the last durable one: the log is reclaimed only below both it and the checkpoint.
+    pending_floor: Option<u64>,
+    /// `{log}/CHECKPOINT`: where the newest durable checkpoint begins (replay starts there).
+    pointer: PathBuf,
     /// Held for the process's lifetime: a second broker on the same data_dir would corrupt it.
     _lock: File,
 }
@@ -279,9 +304,30 @@ impl Persistence {
                  and nothing valid followed (a write cut short by a crash or a power loss)"
             );
         }
-        let records = log
-            .read_from(log.start())
-            .map_err(|e| recovery_error(e.to_string()))?;
+        // Replay starts at the newest durable checkpoint when the pointer names one (work
+        // queues keep older segments for their messages; replaying them would only be
+        // undone by the checkpoint), else at the start of the log.
+        let pointer = log_dir.join("CHECKPOINT");
+        let mut records = Vec::new();
+        if let Some(at) = read_pointer(&pointer).filter(|at| *at >= log.start().0) {
+            match log.read_from(Offset(at)) {
+                Ok(r)
+                    if r.first()
+                        .is_some_and(|(_, rec)| ferrymq_core::is_checkpoint_begin(rec)) =>
+                {
+                    records = r;
+                }
+                _ => tracing::warn!(
+                    offset = at,
+                    "the checkpoint pointer does not name a checkpoint: replaying the whole log"
+                ),
+            }
+        }
+        if records.is_empty() {
+            records = log
+                .read_from(log.start())
+                .map_err(|e| recovery_error(e.to_string()))?;
+        }
         let log_bytes: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
         let report = broker
             .restore(records.iter().map(|(_, r)| r.as_ref()), now)
@@ -298,6 +344,12 @@ impl Persistence {
         // Sessions connected when the log ended were disconnected by the crash; their
         // disconnect time is stored now, so the next restart does not move it again.
         let mut first = Outbox::default();
+        // The engine numbers its records as the log will (queue messages are found by it),
+        // and reads queue messages back through its own handle on the log.
+        broker.set_journal_base(log.next().0);
+        let reader =
+            ferrymq_store::LogReader::open(&log_dir).map_err(|e| recovery_error(e.to_string()))?;
+        broker.set_payload_store(Box::new(LogPayloads(Mutex::new(reader))));
         broker.enable_journal(&mut first);
         // A log that ends inside a checkpoint (a crash cut a checkpoint spanning several
         // batches) must not have new records appended after the unfinished checkpoint: the
@@ -322,6 +374,15 @@ impl Persistence {
                 .and_then(|_| log.sync())
                 .map_err(|e| recovery_error(e.to_string()))?;
         }
+        if broker.journal_next_offset() != Some(log.next().0) {
+            return Err(recovery_error(format!(
+                "the engine numbered its records up to {:?}, the log holds up to {}",
+                broker.journal_next_offset(),
+                log.next().0
+            )));
+        }
+        let next_offset = log.next().0;
+        broker.journal_written(next_offset);
         let recovered = Recovered {
             report,
             truncated_bytes: recovery.truncated_bytes,
@@ -371,6 +432,10 @@ impl Persistence {
             unwritten: VecDeque::new(),
             blocked: false,
             bytes_submitted: 0,
+            next_offset,
+            written_end: next_offset,
+            pending_floor: None,
+            pointer,
             _lock: lock,
         };
         Ok((persistence, recovered))
@@ -410,6 +475,8 @@ impl Persistence {
             let started = Instant::now();
             if let Some(begin) = broker.checkpoint(out) {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
+                // Queue entries written before the checkpoint point at records before it.
+                self.pending_floor = broker.queue_floor();
                 let (framed, count) = out.journal.take();
                 let bytes = framed.len() as u64;
                 self.last_checkpoint = bytes;
@@ -434,11 +501,14 @@ impl Persistence {
         self.submitted += 1;
         let ticket = self.submitted;
         let durable = self.durable.clone();
+        let first = self.next_offset;
+        self.next_offset += count;
         let entry = Unwritten {
             ticket,
             framed: framed.clone(),
             count,
             checkpoint,
+            end: self.next_offset,
         };
         if self.blocked {
             self.unwritten.push_back(entry);
@@ -451,6 +521,9 @@ impl Persistence {
                     framed,
                     count,
                     Box::new(move |result| {
+                        if let Ok(offset) = &result {
+                            durable.check_numbering(first, offset.0);
+                        }
                         if let (true, Ok(offset)) = (checkpoint, &result) {
                             durable.checkpoint.store(offset.0 + 1, Ordering::Release);
                         }
@@ -465,6 +538,8 @@ impl Persistence {
             } => {
                 match log.append_framed(&framed, count) {
                     Ok(offset) => {
+                        durable.check_numbering(first, offset.0);
+                        self.written_end = self.next_offset;
                         if checkpoint {
                             durable.checkpoint.store(offset.0 + 1, Ordering::Release);
                         }
@@ -508,9 +583,20 @@ impl Persistence {
             tracing::warn!("the log's disk is full: keeping its records in memory and refusing new durable work until a retry writes them");
             self.blocked = true;
         }
+        if let Some(e) = self
+            .durable
+            .misnumbered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(e);
+        }
         let durable = self.durable.ticket.load(Ordering::Acquire);
         while self.in_flight.front().is_some_and(|u| u.ticket <= durable) {
-            self.in_flight.pop_front();
+            if let Some(u) = self.in_flight.pop_front() {
+                self.written_end = self.written_end.max(u.end);
+            }
         }
         if self.blocked && !self.in_flight.is_empty() {
             for u in self.in_flight.drain(..).rev() {
@@ -533,12 +619,24 @@ impl Persistence {
             self.checkpoint_ticket = None;
             let at = self.durable.checkpoint.load(Ordering::Acquire);
             if at > 0 {
+                // Replay starts here from now on; then segments wholly before both the
+                // checkpoint and every queue message still held can go.
+                let synced = match &mut self.writer {
+                    Writer::Group(_) => Ok(()),
+                    Writer::Inline { log, .. } => log.sync(),
+                };
+                if synced.is_ok() {
+                    if let Err(e) = write_pointer(&self.pointer, at - 1) {
+                        tracing::warn!(error = %e, "writing the checkpoint pointer failed");
+                    }
+                }
+                let keep = self.pending_floor.take().map_or(at - 1, |f| f.min(at - 1));
                 match &mut self.writer {
-                    Writer::Group(commit) => commit.reclaim_before(Offset(at - 1)),
+                    Writer::Group(commit) => commit.reclaim_before(Offset(keep)),
                     Writer::Inline { log, .. } => {
                         // The checkpoint must be on disk before what it replaces is deleted,
                         // whatever the policy (a power loss must not lose both).
-                        let reclaimed = log.sync().and_then(|_| log.reclaim_before(Offset(at - 1)));
+                        let reclaimed = synced.and_then(|_| log.reclaim_before(Offset(keep)));
                         if let Err(e) = reclaimed {
                             tracing::warn!(error = %e, "reclaiming log segments failed");
                         }
@@ -547,6 +645,21 @@ impl Persistence {
             }
         }
         Ok(())
+    }
+
+    /// Every record below this log offset is written (readable).
+    pub(crate) fn written_end(&self) -> u64 {
+        self.written_end
+    }
+
+    /// The ticket of the latest records handed to the log (0 = none yet).
+    pub(crate) fn submitted_ticket(&self) -> u64 {
+        self.submitted
+    }
+
+    /// The highest ticket whose records are stored under the fsync policy.
+    pub(crate) fn durable_ticket(&self) -> u64 {
+        self.durable.ticket.load(Ordering::Acquire)
     }
 
     pub(crate) fn bytes_submitted(&self) -> u64 {
@@ -597,6 +710,13 @@ impl Persistence {
             Ok(base) => {
                 let mut offset = base.0;
                 let mut last = 0;
+                if let Some(u) = self.unwritten.front() {
+                    let first = u.end - u.count;
+                    self.durable.check_numbering(first, base.0);
+                }
+                if let Some(u) = self.unwritten.back() {
+                    self.written_end = self.written_end.max(u.end);
+                }
                 for u in self.unwritten.drain(..) {
                     if u.checkpoint {
                         self.durable.checkpoint.store(offset + 1, Ordering::Release);
@@ -673,4 +793,51 @@ fn needs_durability(action: &Action) -> bool {
         // Acks, PUBREL, CONNACK (session present), SUBACK, DISCONNECT, and the close itself.
         Action::Send(_) | Action::Close => true,
     }
+}
+
+/// The engine's payload store: work-queue messages read back from the log by offset.
+struct LogPayloads(Mutex<ferrymq_store::LogReader>);
+
+impl ferrymq_core::queues::PayloadStore for LogPayloads {
+    fn read(&self, offset: u64) -> Option<bytes::Bytes> {
+        let mut reader = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match reader.read(Offset(offset)) {
+            Ok(Some(r)) => Some(r),
+            Ok(None) => {
+                tracing::error!(offset, "a queued message's record is not in the log");
+                None
+            }
+            Err(e) => {
+                tracing::error!(offset, error = %e, "reading a queued message back from the log failed");
+                None
+            }
+        }
+    }
+}
+
+/// The offset `{log}/CHECKPOINT` names, if the file is there and whole.
+fn read_pointer(path: &Path) -> Option<u64> {
+    let b = std::fs::read(path).ok()?;
+    let (offset, check) = (b.get(..8)?, b.get(8..12)?);
+    (crc32c::crc32c(offset).to_be_bytes() == check).then(|| {
+        let mut o = [0u8; 8];
+        o.copy_from_slice(offset);
+        u64::from_be_bytes(o)
+    })
+}
+
+/// Points `{log}/CHECKPOINT` at `offset`: written aside, synced, renamed over the old one.
+fn write_pointer(path: &Path, offset: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    let o = offset.to_be_bytes();
+    f.write_all(&o)?;
+    f.write_all(&crc32c::crc32c(&o).to_be_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -20,6 +20,7 @@ use crate::alarms::{AlarmName, AlarmState, Alarms};
 use crate::config::SlowConsumer;
 use crate::metrics::{EngineSnapshot, NetMetrics};
 use crate::persist::Persistence;
+use crate::queue_admin::{QueueCommand, QueueResult};
 use crate::resources::Overload;
 use crate::violations::ViolationLog;
 
@@ -48,6 +49,12 @@ pub(crate) enum ToRouter {
         reason: ReasonCode,
     },
     Snapshot(oneshot::Sender<EngineSnapshot>),
+    /// A queue operation from the REST API. It runs like a packet (journaled, its actions
+    /// dispatched); the reply goes once its records are stored.
+    Queue {
+        command: QueueCommand,
+        reply: oneshot::Sender<QueueResult>,
+    },
     Shutdown(oneshot::Sender<()>),
     /// Test hook, in debug builds only: the router panics, as a broken engine invariant would.
     /// Sent only by [`crate::Server::panic_router`]; nothing on the network can send it.
@@ -384,6 +391,18 @@ pub(crate) struct Router {
     pub(crate) alarms: Alarms,
     /// Memory and disk checks, which decide the engine's admission.
     overload: Overload,
+    /// Answers to queue commands, each sent once the records its command made are stored.
+    queue_answers: Vec<QueueAnswer>,
+}
+
+/// The answer to a [`ToRouter::Queue`] command, waiting for its records.
+struct QueueAnswer {
+    reply: oneshot::Sender<QueueResult>,
+    result: QueueResult,
+    /// The command made journal records: the answer waits for them.
+    wrote: bool,
+    /// The persistence ticket that covers them, once the step's records were submitted.
+    ticket: Option<u64>,
 }
 
 /// A subscriber whose outbound queue went over its high mark.
@@ -496,6 +515,7 @@ impl Router {
             load: Default::default(),
             over: Vec::new(),
             strikes: Default::default(),
+            queue_answers: Vec::new(),
         }
     }
 
@@ -531,6 +551,7 @@ impl Router {
                 _ = drains.notify.notified() => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
+            let step = Instant::now();
             let now = self.now();
             // Before the batch: what it brings is admitted under the latest measurements.
             if let Err(e) = self.check_resources(now) {
@@ -572,7 +593,36 @@ impl Router {
             if let Err(e) = self.store() {
                 return self.storage_failed(e, now);
             }
+            self.answer_queue_commands();
             self.dispatch();
+            let took = step.elapsed().as_micros() as u64;
+            self.net.router_step_max_us.fetch_max(took, Relaxed);
+            if took > 10_000 {
+                self.net.router_steps_over_10ms.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Sends the answers of queue commands whose records are stored (under the fsync
+    /// policy, as a client's PUBACK waits): an answer says the change happened, so it must
+    /// survive a crash that follows. Called after [`Router::store`].
+    fn answer_queue_commands(&mut self) {
+        if self.queue_answers.is_empty() {
+            return;
+        }
+        let (submitted, durable) = self.persist.as_ref().map_or((0, u64::MAX), |p| {
+            (p.submitted_ticket(), p.durable_ticket())
+        });
+        for mut a in std::mem::take(&mut self.queue_answers) {
+            if a.wrote && a.ticket.is_none() {
+                a.ticket = Some(submitted);
+            }
+            if a.ticket.is_some_and(|t| t > durable) {
+                self.queue_answers.push(a);
+            } else {
+                // The HTTP side may have given up (its timeout): nothing to do then.
+                let _ = a.reply.send(a.result);
+            }
         }
     }
 
@@ -613,7 +663,9 @@ impl Router {
             return Ok(());
         };
         p.after_step(&mut self.broker, &mut self.out);
-        p.release(&mut self.out)
+        let released = p.release(&mut self.out);
+        self.broker.journal_written(p.written_end());
+        released
     }
 
     fn next_wakeup(&self, next_sys: Instant) -> Instant {
@@ -1046,6 +1098,19 @@ impl Router {
                     storage_disk_bytes: self.persist.as_ref().map_or(0, |p| p.disk_bytes()),
                     storage_held_actions: self.persist.as_ref().map_or(0, |p| p.held_actions()),
                     storage_blocked: self.persist.as_ref().is_some_and(|p| p.is_blocked()),
+                    queues: self.broker.queue_views(now),
+                    delayed_publishes: self.broker.delayed_publishes(),
+                });
+            }
+            ToRouter::Queue { command, reply } => {
+                let records = self.out.journal.len();
+                let result =
+                    crate::queue_admin::execute(&mut self.broker, command, now, &mut self.out);
+                self.queue_answers.push(QueueAnswer {
+                    reply,
+                    result,
+                    wrote: self.out.journal.len() != records,
+                    ticket: None,
                 });
             }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),

@@ -12,7 +12,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// A sealed (not the last) segment holds a bad batch: that is corruption, not a torn
-    /// write, and is not repaired silently.
+    /// write, and is not repaired silently. [`crate::LogReader`] also answers this for a
+    /// complete batch that does not check in any segment, and for a sealed segment that ends
+    /// before the next one begins.
     #[error("corrupt batch in {path} at byte {position}: {reason}")]
     Corrupt {
         path: PathBuf,

@@ -1,10 +1,11 @@
 //! FerryMQ's durable log: an append-only sequence of opaque records, each with a logical
 //! [`Offset`], stored in segment files of bounded size.
 //!
-//! Owns: the on-disk format, recovery after a crash, the sparse index, and reclaiming
-//! segments. Must not depend on: MQTT, sockets, the engine. Records are bytes to it.
-//! Durability policy (group commit, intervals) is the caller's: the log offers `append` and
-//! `sync`, and says what each guarantees.
+//! Owns: the on-disk format, recovery after a crash, the sparse index, reclaiming segments,
+//! and reading records back by offset beside a live writer ([`LogReader`]). Must not depend
+//! on: MQTT, sockets, the engine. Records are bytes to it. Durability policy
+//! (group commit, intervals) is the caller's: the log offers `append` and `sync`, and says
+//! what each guarantees.
 //!
 //! On-disk format (a `DataChange:` commit must accompany any change to it):
 //! ```text
@@ -27,12 +28,14 @@
 mod commit;
 mod error;
 mod log;
+mod reader;
 mod recover;
 mod segment;
 
 pub use commit::{CommitStats, Done, FsyncPolicy, GroupCommit};
 pub use error::StoreError;
 pub use log::{Log, LogConfig, Recovery, TornTail};
+pub use reader::{LogReader, ReaderStats};
 pub use recover::{recover, Kept, RecoverReport, Skipped};
 
 /// A record's position in the log.

@@ -1,5 +1,6 @@
-//! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), `check-config`, and
-//! `recover` (salvage a damaged log).
+//! `ferrymq`: the broker (`serve`), command-line clients (`pub`, `sub`), `check-config`,
+//! `recover` (salvage a damaged log), and work-queue administration over the admin API
+//! (`queue`, `dlq`).
 
 // mimalloc: fewer cycles per allocation than glibc malloc on the publish path (see
 // docs/performance.md), and it returns freed memory to the OS promptly.
@@ -7,8 +8,10 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod admin_client;
 mod bench;
 mod cli_client;
+mod queue_cli;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -50,6 +53,10 @@ enum Command {
     /// DIR/log.damaged-<unix time>, never deleting it, and write a new log from every batch
     /// that checks. The broker must be stopped.
     Recover(RecoverArgs),
+    /// Work queues on a running broker: list, create, show, delete (over its admin API).
+    Queue(queue_cli::QueueArgs),
+    /// A queue's dead letters on a running broker: list, show, redrive, discard, purge.
+    Dlq(queue_cli::DlqArgs),
 }
 
 #[derive(clap::Args)]
@@ -123,6 +130,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Recover(args) => recover(args),
+        Command::Queue(args) => runtime()?.block_on(queue_cli::queue(args)),
+        Command::Dlq(args) => runtime()?.block_on(queue_cli::dlq(args)),
     }
 }
 

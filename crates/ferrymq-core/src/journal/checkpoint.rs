@@ -109,29 +109,28 @@ pub(super) fn session_records(s: &Session, mut emit: impl FnMut(&Record)) {
 
 /// Everything of one queue as the records that rebuild it: its definition, each waiting
 /// message (with its due time, attempts and failures), each leased one (waiting, then its
-/// lease), and each dead letter whole.
+/// lease), and each dead letter. Messages are not written again: each entry points at the
+/// record that holds its message (so the log below the lowest such position stays;
+/// `Broker::queue_floor`).
 fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Record)) {
     emit(&Record::QueueDeclare(Box::new(q.def().clone())));
-    let enqueue = |entry, due, message, failures: &[crate::workqueue::Failure]| {
+    let enqueue = |entry, due, failures: &[crate::workqueue::Failure]| {
         Record::QEnqueue(Box::new(QEnqueue {
             queue: name.clone(),
             entry,
-            message,
+            message: None,
             due,
             failures: failures.to_vec(),
         }))
     };
     for (entry, due) in q.waiting() {
-        if let Some(m) = q.body(entry.id) {
-            emit(&enqueue(entry, due, m.clone(), q.failures(entry.id)));
-        }
+        emit(&enqueue(entry, due, q.failures(entry.id)));
     }
     let mut leases: Vec<_> = q.leases().collect();
     leases.sort_by_key(|l| l.seq);
     for l in leases {
         let id = l.entry.id;
-        let Some(m) = q.body(id) else { continue };
-        emit(&enqueue(l.entry, None, m.clone(), q.failures(id)));
+        emit(&enqueue(l.entry, None, q.failures(id)));
         let at = Time(l.deadline.0.saturating_sub(q.def().ack_timeout_ms));
         emit(&Record::QLease {
             queue: name.clone(),
@@ -141,12 +140,9 @@ fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Re
         });
     }
     for d in q.dead_letters() {
-        if let Some(m) = q.body(d.entry.id) {
-            emit(&Record::QDeadLetter(Box::new(QDeadLetter {
-                queue: name.clone(),
-                dead: d.clone(),
-                message: m.clone(),
-            })));
-        }
+        emit(&Record::QDeadLetter(Box::new(QDeadLetter {
+            queue: name.clone(),
+            dead: d.clone(),
+        })));
     }
 }

@@ -12,14 +12,22 @@ pub(crate) struct Journal {
     /// Current generation: a message's body is in the log since the last checkpoint iff its
     /// mark equals this.
     pub(super) generation: u64,
+    /// The log offset the next record will get. The driver appends every record the engine
+    /// writes, in order, and nothing else, so the engine numbers them as the log does (work
+    /// queues point at their messages' records by offset; `Broker::set_journal_base`).
+    pub(crate) next_offset: u64,
 }
 
 impl Journal {
-    fn new() -> Journal {
-        Journal { generation: 1 }
+    fn new(base: u64) -> Journal {
+        Journal {
+            generation: 1,
+            next_offset: base,
+        }
     }
 
     pub(super) fn push(&mut self, out: &mut Outbox, write: impl FnOnce(&mut Rec<'_>)) {
+        self.next_offset += 1;
         out.journal.push(write);
     }
 
@@ -31,8 +39,6 @@ impl Journal {
             Record::Enqueue { pending, .. } | Record::Sent { pending, .. } => {
                 self.message(out, &pending.message)
             }
-            Record::QEnqueue(e) => self.message(out, &e.message),
-            Record::QDeadLetter(d) => self.message(out, &d.message),
             Record::Will { sid, will, due } => {
                 let m = format::will_message(*sid, will, *due);
                 self.push(out, |b| format::encode_message(b, &m));
@@ -53,6 +59,17 @@ impl Journal {
 }
 
 impl Broker {
+    /// Tells the engine the log offset its next journal record will get (the log's end when
+    /// journaling starts). Call before [`Broker::enable_journal`]; 0 by default.
+    pub fn set_journal_base(&mut self, offset: u64) {
+        self.journal_base = offset;
+    }
+
+    /// The log offset the next journal record will get (`None` without journaling).
+    pub fn journal_next_offset(&self) -> Option<u64> {
+        self.journal.as_ref().map(|j| j.next_offset)
+    }
+
     /// Turns journaling on. Call before the first connection (after [`Broker::restore`]).
     /// Writes into `out` what restore concluded without a record: sessions that were
     /// connected when the log ended were disconnected by the crash at the restore time. The
@@ -62,7 +79,7 @@ impl Broker {
         if self.journal.is_some() {
             return;
         }
-        let mut j = Journal::new();
+        let mut j = Journal::new(self.journal_base);
         for sid in std::mem::take(&mut self.restored_disconnects) {
             if let Some(s) = self.sessions.get(&sid).filter(|s| s.journaled) {
                 let record = Record::Session {

@@ -326,6 +326,12 @@ const MSG_PROPERTIES: u8 = 8;
 
 pub(crate) fn encode_message(b: &mut Rec<'_>, m: &Message) {
     b.put_u8(Tag::Message as u8);
+    encode_message_fields(b, m);
+}
+
+/// A message's fields, as a `Message` record holds them after its tag (a queue's
+/// `QEnqueue` record carries its message the same way).
+pub(crate) fn encode_message_fields(b: &mut Rec<'_>, m: &Message) {
     b.put_u64(m.id);
     b.put_u64(m.received_at.0);
     b.put_u64(m.expires_at.map_or(0, |t| t.0.max(1)));
@@ -546,7 +552,7 @@ pub(crate) fn decode(
         | Tag::QDead
         | Tag::QRedrive
         | Tag::QDiscard
-        | Tag::QDeadLetter => match super::queue_format::decode(tag, &mut f, messages)? {
+        | Tag::QDeadLetter => match super::queue_format::decode(tag, &mut f)? {
             Some(r) => r,
             None => return Ok(Decoded::UnknownMessage),
         },
@@ -606,6 +612,10 @@ fn decode_pending(
     }))
 }
 
+pub(super) fn decode_message_fields(f: &mut Fields<'_>) -> Result<Message, JournalError> {
+    decode_message(f)
+}
+
 fn decode_message(f: &mut Fields<'_>) -> Result<Message, JournalError> {
     let id = f.u64()?;
     let received_at = Time(f.u64()?);
@@ -650,6 +660,10 @@ pub(super) struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    pub(super) fn new(buf: &'a [u8]) -> Fields<'a> {
+        Fields { buf, index: 0 }
+    }
+
     fn need(&self, n: usize) -> Result<(), JournalError> {
         if self.buf.len() < n {
             return Err(JournalError::Truncated { index: self.index });

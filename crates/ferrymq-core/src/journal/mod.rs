@@ -42,6 +42,13 @@ use bytes::{BufMut, BytesMut};
 
 pub(crate) use emit::Journal;
 pub(crate) use format::QUEUE_FRONT;
+pub(crate) use queue_format::read_queue_message;
+
+/// Whether a journal record begins a checkpoint (the driver checks that a replay it starts
+/// part-way through the log starts at one).
+pub fn is_checkpoint_begin(record: &[u8]) -> bool {
+    record.first() == Some(&(format::Tag::CheckpointBegin as u8))
+}
 
 /// A journal record that cannot be replayed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

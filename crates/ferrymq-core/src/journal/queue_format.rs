@@ -10,23 +10,28 @@
 //!                5 list) | fixed: delay_ms | linear: initial_ms max_ms
 //!                | exponential(_jitter): initial_ms max_ms multiplier (f64 bits)
 //!                | list: count varint, delays
-//! entry        = message id | size | priority u8 | attempts u16 | first_enqueued
+//! entry        = message id | position (the log offset of the record holding the message)
+//!                | size | priority u8 | attempts u16 | first_enqueued
 //! failure      = at | reason code u8 | reason string | consumer string
 //! retry        = 0 | due  (ready again at due), or 1 + cause u8 (a dead letter)
 //! cause        = 0 max_attempts, 1 expired, 2 overflow, 3 rejected
 //!
 //! QueueDelete  = name                 QAck, QRedrive, QDiscard = name | message id
 //! QEnqueue     = name | entry | due (0 = ready) | failure count | failures
+//!                | has message u8 | message (as in a `Message` record, without its tag):
+//!                live records carry it (and their entry's position is their own offset);
+//!                checkpoint records do not, and point at the one that does
 //! QLease       = name | message id | consumer session | at
 //! QFail        = name | message id | failure | retry
 //! QDrop        = name | message id | expired u8
 //! QDead        = name | message id | cause | at
 //! QDeadLetter  = name | entry | cause | dead_lettered | failure count | failures
+//!                (its message is at the entry's position)
 //! ```
 
 use std::sync::Arc;
 
-use super::format::{Fields, Messages, Rec, Tag};
+use super::format::{Fields, Rec, Tag};
 use super::record::{QDeadLetter, QEnqueue, Record};
 use super::JournalError;
 use crate::workqueue::{Backoff, Cause, DeadLetter, Entry, Failure, Overflow, QueueDef, Retry};
@@ -48,6 +53,13 @@ pub(super) fn encode(b: &mut Rec<'_>, record: &Record) {
             encode_entry(b, &e.entry);
             b.put_u64(e.due.map_or(0, |t| t.0.max(1)));
             encode_failures(b, &e.failures);
+            match &e.message {
+                Some(m) => {
+                    b.put_u8(1);
+                    super::format::encode_message_fields(b, m);
+                }
+                None => b.put_u8(0),
+            }
         }
         Record::QLease {
             queue,
@@ -114,11 +126,7 @@ pub(super) fn encode(b: &mut Rec<'_>, record: &Record) {
 
 /// Reads a queue record; `None` when the message it names is not in the log (a checkpoint
 /// already wrote it again, or it was never there).
-pub(super) fn decode(
-    tag: Tag,
-    f: &mut Fields<'_>,
-    messages: &mut impl Messages,
-) -> Result<Option<Record>, JournalError> {
+pub(super) fn decode(tag: Tag, f: &mut Fields<'_>) -> Result<Option<Record>, JournalError> {
     let record = match tag {
         Tag::QueueDeclare => Record::QueueDeclare(Box::new(decode_def(f)?)),
         Tag::QueueDelete => Record::QueueDelete(f.str()?.into()),
@@ -127,13 +135,12 @@ pub(super) fn decode(
             let entry = decode_entry(f)?;
             let due = Some(f.u64()?).filter(|t| *t != 0).map(Time);
             let failures = decode_failures(f)?;
-            let Some(message) = messages.message(entry.id) else {
-                return Ok(None);
-            };
+            // The message, if the record has it, is not read: replay keeps positions only
+            // (a backlog larger than memory), and leasing reads it back.
             Record::QEnqueue(Box::new(QEnqueue {
                 queue,
                 entry,
-                message,
+                message: None,
                 due,
                 failures,
             }))
@@ -189,9 +196,6 @@ pub(super) fn decode(
             let cause = decode_cause(f)?;
             let dead_lettered = Time(f.u64()?);
             let failures = decode_failures(f)?;
-            let Some(message) = messages.message(entry.id) else {
-                return Ok(None);
-            };
             Record::QDeadLetter(Box::new(QDeadLetter {
                 queue,
                 dead: DeadLetter {
@@ -200,7 +204,6 @@ pub(super) fn decode(
                     failures,
                     dead_lettered,
                 },
-                message,
             }))
         }
         _ => return Err(f.invalid("not a queue record")),
@@ -216,6 +219,7 @@ fn named(b: &mut Rec<'_>, tag: Tag, queue: &str, message: u64) {
 
 fn encode_entry(b: &mut Rec<'_>, e: &Entry) {
     b.put_u64(e.id);
+    b.put_u64(e.position);
     b.put_u32(e.size);
     b.put_u8(e.priority);
     b.put_u16(e.attempts);
@@ -225,7 +229,7 @@ fn encode_entry(b: &mut Rec<'_>, e: &Entry) {
 fn decode_entry(f: &mut Fields<'_>) -> Result<Entry, JournalError> {
     Ok(Entry {
         id: f.u64()?,
-        position: 0,
+        position: f.u64()?,
         size: f.u32()?,
         priority: f.u8()?,
         attempts: f.u16()?,
@@ -410,4 +414,26 @@ fn decode_def(f: &mut Fields<'_>) -> Result<QueueDef, JournalError> {
         default_priority: f.u8()?,
         dlq_retention_s: Some(f.u64()?).filter(|v| *v != 0),
     })
+}
+
+/// The message a live `QEnqueue` record carries, if `record` is the `QEnqueue` of `queue`
+/// and message `id` (anything else, a record that is not that one, gives `None`).
+pub(crate) fn read_queue_message(record: &[u8], queue: &str, id: u64) -> Option<crate::Message> {
+    let mut f = Fields::new(record);
+    if f.u8().ok()? != Tag::QEnqueue as u8 {
+        return None;
+    }
+    if f.str().ok()? != queue {
+        return None;
+    }
+    let entry = decode_entry(&mut f).ok()?;
+    if entry.id != id {
+        return None;
+    }
+    let _due = f.u64().ok()?;
+    decode_failures(&mut f).ok()?;
+    if f.u8().ok()? != 1 {
+        return None;
+    }
+    super::format::decode_message_fields(&mut f).ok()
 }

@@ -20,24 +20,26 @@ use crate::session::{OutState, Pending, Session, Subscription};
 use crate::workqueue::{Cause, DeadLetter, Entry, Failure, QueueDef, Retry};
 use crate::{Broker, Message, SessionId, SubEntry, Time};
 
-/// A message joining a queue (boxed in [`Record`]: the largest change).
+/// A message joining a queue (boxed in [`Record`]: the largest change). Live, the record
+/// carries the message and its `entry.position` is the record's own log offset: a queue's
+/// payloads are read back from there. A checkpoint writes it without the message, pointing
+/// at the record that has it; replay never loads messages (they are read when needed).
 #[derive(Debug, Clone)]
 pub(crate) struct QEnqueue {
     pub queue: Arc<str>,
     pub entry: Entry,
-    pub message: Arc<Message>,
+    pub message: Option<Arc<Message>>,
     /// Ready at this time (`None`: at once).
     pub due: Option<Time>,
     /// Failures it already had (a checkpoint writes them; a new message has none).
     pub failures: Vec<Failure>,
 }
 
-/// A dead letter whole, as a checkpoint writes it.
+/// A dead letter whole, as a checkpoint writes it (its message stays at its position).
 #[derive(Debug, Clone)]
 pub(crate) struct QDeadLetter {
     pub queue: Arc<str>,
     pub dead: DeadLetter,
-    pub message: Arc<Message>,
 }
 
 /// One change to durable state.
@@ -409,6 +411,9 @@ impl Broker {
             }
             Record::QEnqueue(e) => {
                 let e = *e;
+                // Queue messages have no `Message` record of their own: their ids must not
+                // be handed out again after a restart.
+                self.next_message_id = self.next_message_id.max(e.entry.id + 1);
                 self.queue_mut(&e.queue)?
                     .insert(e.entry, e.message, e.due, e.failures);
             }
@@ -459,7 +464,8 @@ impl Broker {
             }
             Record::QDeadLetter(d) => {
                 let d = *d;
-                self.queue_mut(&d.queue)?.restore_dead(d.dead, d.message);
+                self.next_message_id = self.next_message_id.max(d.dead.entry.id + 1);
+                self.queue_mut(&d.queue)?.restore_dead(d.dead);
             }
         }
         Ok(())

@@ -70,6 +70,11 @@ pub struct DeadLetter {
     pub dead_lettered: Time,
 }
 
+/// What a message counts for in memory and against `max_bytes`: its topic and payload.
+pub fn body_size(m: &Message) -> u64 {
+    (m.topic.len() + m.payload.len()) as u64
+}
+
 /// Whether a new message fits (see [`Queue::make_room`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Room {
@@ -109,6 +114,8 @@ pub struct QueueStats {
     pub dropped_overflow: u64,
     pub dropped_expired: u64,
     pub refused: u64,
+    /// Messages whose record could not be read back from the log (dropped).
+    pub unreadable: u64,
     pub dead_lettered: BTreeMap<Cause, u64>,
 }
 
@@ -123,8 +130,12 @@ pub struct Queue {
     /// Failures of messages still in the queue, by message id.
     failures: HashMap<u64, Vec<Failure>>,
     dead: BTreeMap<u64, DeadLetter>,
-    /// The message of every entry the queue holds (waiting, leased or dead).
+    /// Messages held in memory, by id: a cache. An entry's message is always in the log at
+    /// its `position`; the broker drops bodies from here past its memory budget and reads
+    /// them back when needed (`crate::queues`).
     bodies: HashMap<u64, Arc<Message>>,
+    /// Bytes (topic and payload) of the bodies held in `bodies`.
+    cached_bytes: u64,
     leased_bytes: u64,
     next_lease: u64,
     pub stats: QueueStats,
@@ -140,6 +151,7 @@ impl Queue {
             failures: HashMap::default(),
             dead: BTreeMap::new(),
             bodies: HashMap::default(),
+            cached_bytes: 0,
             leased_bytes: 0,
             next_lease: 1,
             stats: QueueStats::default(),
@@ -192,8 +204,42 @@ impl Queue {
         self.leases.values()
     }
 
-    pub fn body(&self, id: u64) -> Option<&Arc<Message>> {
+    /// The message of entry `id` if it is held in memory.
+    pub fn cached(&self, id: u64) -> Option<&Arc<Message>> {
         self.bodies.get(&id)
+    }
+
+    pub fn cached_bytes(&self) -> u64 {
+        self.cached_bytes
+    }
+
+    /// Keeps entry `id`'s message in memory (it is in the log too).
+    pub fn cache(&mut self, id: u64, body: Arc<Message>) {
+        let size = body_size(&body);
+        if self.bodies.insert(id, body).is_none() {
+            self.cached_bytes += size;
+        }
+    }
+
+    /// Drops entry `id`'s message from memory (it stays in the log); the bytes freed.
+    pub fn uncache(&mut self, id: u64) -> u64 {
+        match self.bodies.remove(&id) {
+            Some(b) => {
+                let size = body_size(&b);
+                self.cached_bytes -= size;
+                size
+            }
+            None => 0,
+        }
+    }
+
+    /// The lowest log position any entry (waiting, leased or dead) points at: the log before
+    /// it may go. Visits every entry.
+    pub fn floor(&self) -> Option<u64> {
+        let waiting = self.backlog.iter().map(|(e, _)| e.position);
+        let leased = self.leases.values().map(|l| l.entry.position);
+        let dead = self.dead.values().map(|d| d.entry.position);
+        waiting.chain(leased).chain(dead).min()
     }
 
     /// Failures so far of a message still in the queue.
@@ -202,8 +248,8 @@ impl Queue {
     }
 
     /// Every waiting entry with its due time (`None` = ready), for checkpoints.
-    pub fn waiting(&self) -> Vec<(Entry, Option<Time>)> {
-        self.backlog.entries()
+    pub fn waiting(&self) -> impl Iterator<Item = (Entry, Option<Time>)> + '_ {
+        self.backlog.iter()
     }
 
     /// The oldest message held (waiting or leased): for the oldest-age metric.
@@ -318,13 +364,12 @@ impl Queue {
     pub fn insert(
         &mut self,
         entry: Entry,
-        body: Arc<Message>,
+        body: Option<Arc<Message>>,
         due: Option<Time>,
         failures: Vec<Failure>,
     ) {
-        if self.bodies.insert(entry.id, body).is_some() {
-            // Already here (a record applied twice): keep the one entry.
-            return;
+        if let Some(body) = body {
+            self.cache(entry.id, body);
         }
         if !failures.is_empty() {
             self.failures.insert(entry.id, failures);
@@ -429,13 +474,12 @@ impl Queue {
         if self.dead.remove(&id).is_none() {
             return false;
         }
-        self.bodies.remove(&id);
+        self.uncache(id);
         true
     }
 
-    /// A dead letter exactly as a checkpoint wrote it.
-    pub fn restore_dead(&mut self, dead: DeadLetter, body: Arc<Message>) {
-        self.bodies.insert(dead.entry.id, body);
+    /// A dead letter exactly as a checkpoint wrote it (its message stays in the log).
+    pub fn restore_dead(&mut self, dead: DeadLetter) {
         self.dead.insert(dead.entry.id, dead);
     }
 
@@ -447,7 +491,7 @@ impl Queue {
 
     fn forget(&mut self, id: u64) {
         self.failures.remove(&id);
-        self.bodies.remove(&id);
+        self.uncache(id);
     }
 
     fn bury(&mut self, entry: Entry, cause: Cause, at: Time) {
