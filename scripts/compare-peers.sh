@@ -16,14 +16,21 @@
 #              default fsync policy (the reference column) and under always / interval / os /
 #              in memory, mosquitto with persistence on, nats-server (JetStream stores MQTT
 #              QoS 1 messages)
+#   --queues   durable work queues instead (issue 11): FerryMQ with a [[queue]] under its
+#              default fsync policy (`ferrymq bench queue`), nats-server JetStream as a work
+#              queue and RabbitMQ with a quorum queue (both driven by bench/peers, a separate
+#              cargo project); 1 and 4 consumers, plain and nack-once. Brokers: "ferrymq nats
+#              rabbitmq"; rabbitmq-server is installed from Debian if missing, and left out
+#              (with a warning) if it does not install. Ports are drawn at random in 20000-29999.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)}
 
-QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0; ONLY=""
+QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0; ONLY=""; QUEUES=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --durable) DURABLE=1 ;;
+    --queues) QUEUES=1 ;;
     --quick) QUICK=1 ;;
     --pin) PIN=1 ;;
     --reps) REPS=$2; shift ;;
@@ -36,7 +43,9 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ -z "$BROKERS" ]; then
-  if [ "$DURABLE" = 1 ]; then
+  if [ "$QUEUES" = 1 ]; then
+    BROKERS="ferrymq nats rabbitmq"
+  elif [ "$DURABLE" = 1 ]; then
     BROKERS="ferrymq ferrymq-always ferrymq-interval ferrymq-os ferrymq-memory mosquitto-persist nats"
   else
     BROKERS="ferrymq mosquitto nats"
@@ -44,30 +53,109 @@ if [ -z "$BROKERS" ]; then
 fi
 
 retry() { "$@" || { sleep 3; "$@"; }; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+APT_UPDATED=0
+apt_install() {
+  if [ "$APT_UPDATED" = 0 ]; then
+    retry $SUDO apt-get update -qq || return 1
+    APT_UPDATED=1
+  fi
+  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
 need_apt=()
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v nats-server >/dev/null || need_apt+=(nats-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  retry $SUDO apt-get update -qq
-  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  apt_install "${need_apt[@]}"
+fi
+# RabbitMQ's own start script (the /usr/sbin wrapper would switch to the rabbitmq user).
+RABBIT=/usr/lib/rabbitmq/bin/rabbitmq-server
+if [ "$QUEUES" = 1 ] && [[ " $BROKERS " == *" rabbitmq "* ]] && [ ! -x "$RABBIT" ]; then
+  if ! apt_install rabbitmq-server || [ ! -x "$RABBIT" ]; then
+    echo "rabbitmq-server did not install: running without it" >&2
+    BROKERS=$(echo " $BROKERS " | sed 's/ rabbitmq / /')
+  fi
 fi
 cargo build --release -q -p ferrymq
 BIN=$PWD/target/release/ferrymq
+PEER=$PWD/bench/peers/target/release/ferrymq-peer-bench
+if [ "$QUEUES" = 1 ]; then
+  cargo build --release -q --manifest-path bench/peers/Cargo.toml
+fi
 WORK=$(mktemp -d)
 RESULTS=$WORK/results.jsonl
 BROKER_PID=""
-cleanup() { [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$WORK"; }
+cleanup() {
+  [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null
+  wait 2>/dev/null
+  # The epmd that RabbitMQ's Erlang VM started on our own port, if any.
+  if [ -n "${EPMD_PORT:-}" ] && command -v epmd >/dev/null; then
+    ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # Ports below the ephemeral range (32768+), which 10K client connections would otherwise
 # occupy and make the next broker's bind fail.
 PORT=11883
+if [ "$QUEUES" = 1 ]; then
+  # Drawn at random (20000-29999, below the ephemeral range) so that other tests on this
+  # machine are unlikely to hold them.
+  BASE=$((20000 + RANDOM % 1000 * 10))
+  PORT=$BASE; HTTP_PORT=$((BASE + 1)); NATS_PORT=$((BASE + 2)); AMQP_PORT=$((BASE + 3))
+  DIST_PORT=$((BASE + 4)); EPMD_PORT=$((BASE + 5))
+fi
+# Each consumer's receive maximum (FerryMQ) or prefetch (JetStream pull batch, RabbitMQ
+# basic.qos), and each publisher's window of unacknowledged publishes, in --queues mode.
+QWIN=256
 BROKER_CPU=(); LOAD_CPU=()
 if [ "$PIN" = 1 ]; then BROKER_CPU=(taskset -c 0); LOAD_CPU=(taskset -c 1); fi
 
+# --queues: one broker with what the work-queue scenario needs, fresh data each time.
+start_queue_broker() {
+  local wait_port=$PORT
+  case "$1" in
+    ferrymq)
+      rm -rf "$WORK/ferrymq"
+      printf '[[queue]]\nname = "bench"\nfilter = "bench/q/#"\nmax_attempts = 5\nbackoff = { kind = "none" }\n' >"$WORK/ferrymq-queues.toml"
+      "${BROKER_CPU[@]}" "$BIN" serve --config "$WORK/ferrymq-queues.toml" --mqtt 127.0.0.1:$PORT \
+        --http 127.0.0.1:$HTTP_PORT --data-dir "$WORK/ferrymq" --log-level warn >"$WORK/ferrymq.log" 2>&1 &
+      ;;
+    nats)
+      rm -rf "$WORK/js"; mkdir -p "$WORK/js"
+      printf 'server_name: qbench\nlisten: 127.0.0.1:%s\njetstream { store_dir: "%s/js" }\n' $NATS_PORT "$WORK" >"$WORK/nats.conf"
+      "${BROKER_CPU[@]}" nats-server -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
+      wait_port=$NATS_PORT
+      ;;
+    rabbitmq)
+      # Its own node name, ports, epmd, cookie (HOME) and data: nothing shared with a system
+      # RabbitMQ, and nothing left behind.
+      local r=$WORK/rabbit
+      rm -rf "$r"; mkdir -p "$r/home" "$r/mnesia" "$r/log"
+      printf 'listeners.tcp.1 = 127.0.0.1:%s\nloopback_users = none\n' $AMQP_PORT >"$r/rabbitmq.conf"
+      echo '[].' >"$r/enabled_plugins"
+      env HOME="$r/home" RABBITMQ_NODENAME="qbench$BASE@localhost" RABBITMQ_CONFIG_FILE="$r/rabbitmq.conf" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$r/enabled_plugins" RABBITMQ_MNESIA_BASE="$r/mnesia" \
+        RABBITMQ_LOG_BASE="$r/log" RABBITMQ_DIST_PORT=$DIST_PORT ERL_EPMD_PORT=$EPMD_PORT \
+        ERL_EPMD_ADDRESS=127.0.0.1 RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+        "${BROKER_CPU[@]}" "$RABBIT" >"$WORK/rabbit.log" 2>&1 &
+      wait_port=$AMQP_PORT
+      ;;
+  esac
+  BROKER_PID=$!
+  # RabbitMQ takes ~10 s to boot here.
+  for _ in $(seq 1 600); do
+    (exec 3<>/dev/tcp/127.0.0.1/$wait_port) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$1 did not start" >&2; return 1
+}
+
 start_broker() {
+  if [ "$QUEUES" = 1 ]; then start_queue_broker "$1"; return; fi
   local flags=()
   case "$1" in
     ferrymq-always) flags=(--fsync always) ;;
@@ -114,7 +202,15 @@ stop_broker() {
 }
 
 # name | bench arguments
-if [ "$DURABLE" = 1 ]; then
+if [ "$QUEUES" = 1 ]; then
+  # The same arguments drive `ferrymq bench queue` and bench/peers (see QWIN).
+  SCENARIOS=(
+    "queue 1→1|-P 1 -C 1 -n 200000 --inflight $QWIN"
+    "queue 4→4|-P 4 -C 4 -n 50000 --inflight $QWIN"
+    "queue nack-once 1→1|-P 1 -C 1 -n 200000 --inflight $QWIN --nack-once"
+    "queue nack-once 4→4|-P 4 -C 4 -n 50000 --inflight $QWIN --nack-once"
+  )
+elif [ "$DURABLE" = 1 ]; then
   SCENARIOS=(
     "durable qos1 1→1 (256 in flight)|--persistent throughput -q 1 -n 200000 --inflight 256"
     "durable qos1 50→1 (64 in flight each)|--persistent fanin -q 1 -n 1500 --inflight 64"
@@ -160,7 +256,16 @@ for broker in $BROKERS; do
       extra=()
       case "$name" in connections*) extra=(--broker-pid "$BROKER_PID") ;; esac
       # shellcheck disable=SC2086
-      if line=$("${LOAD_CPU[@]}" "$BIN" bench $args --port $PORT --timeout 120 --json --label "$broker" "${extra[@]}" 2>"$WORK/bench.err"); then :; else
+      case "$QUEUES:$broker" in
+        1:ferrymq) cmd=("$BIN" bench queue $args --receive-maximum $QWIN --port $PORT) ;;
+        1:nats) cmd=("$PEER" nats --url 127.0.0.1:$NATS_PORT $args --prefetch $QWIN) ;;
+        1:rabbitmq) cmd=("$PEER" rabbitmq --url "amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f" $args --prefetch $QWIN) ;;
+        *) cmd=("$BIN" bench $args --port $PORT) ;;
+      esac
+      if line=$("${LOAD_CPU[@]}" "${cmd[@]}" --timeout 120 --json --label "$broker" "${extra[@]}" 2>"$WORK/bench.err"); then :
+      elif [ "$QUEUES" = 1 ] && [ "${line:0:1}" = "{" ]; then
+        : # It reported and then failed (lost messages): the report shows the loss.
+      else
         line=$(printf '{"label":"%s","failed":true,"error":%s}' "$broker" "$("$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()[-300:]))' <"$WORK/bench.err")")
       fi
       echo "{\"name\":\"$name\",\"broker\":\"$broker\",\"rep\":$rep,\"result\":$line}" >>"$RESULTS"

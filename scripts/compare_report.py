@@ -28,7 +28,7 @@ for r in rows:
         if c.get("kb_per_connection") is not None:
             values[(r["name"], r["broker"], "kb")].append(c["kb_per_connection"])
         values[(r["name"], r["broker"], "held")].append(c["held"])
-    elif res.get("latency_us"):
+    elif res.get("latency_us") and not res.get("queue"):
         for q in ("p50", "p99", "p999"):
             values[(r["name"], r["broker"], q)].append(res["latency_us"][q])
     else:
@@ -39,6 +39,9 @@ for r in rows:
             values[(r["name"], r["broker"], "lossy")].append(res["lost"] / expected if expected else 1.0)
         else:
             values[(r["name"], r["broker"], "rate")].append(res["deliveries_per_sec"])
+            # Work queues (rate rows): publish-to-ack latency under full load, shown beside.
+            if res.get("queue") and res.get("latency_us"):
+                values[(r["name"], r["broker"], "qp99")].append(res["latency_us"]["p99"])
         values[(r["name"], r["broker"], "runs")].append(1)
 
 
@@ -64,6 +67,9 @@ for name in names:
             lossy = values.get((name, b, "lossy"), [])
             runs = len(values.get((name, b, "runs"), []))
             cell = "failed" if med(name, b, "failed") and not runs else fmt_rate(v)
+            qp99 = med(name, b, "qp99")
+            if qp99 is not None:
+                cell += f" (p99 {qp99 / 1000:.0f} ms)"
             if lossy:
                 cell += f" ({len(lossy)}/{runs} runs lost, median {100 * statistics.median(lossy):.1f}% lost)"
             cells.append(cell)
@@ -101,5 +107,8 @@ print()
 if args.ratios_json:
     with open(args.ratios_json, "w") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
+if any(k[2] == "qp99" for k in values):
+    print("Work queues: messages acked per second (distinct, publish to ack); in brackets the p99 "
+          "publish-to-ack latency at that load.")
 print("Rates are deliveries per second (medians of the runs that lost nothing: a run with loss is no result, "
       "and its loss is shown instead); latency p50 / p99 / p99.9; ratios above 1× mean FerryMQ leads.")

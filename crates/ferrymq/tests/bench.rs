@@ -9,7 +9,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{free_port, wait_listening};
+use common::{free_port, scratch_dir, wait_listening};
 
 struct Broker {
     child: Child,
@@ -18,9 +18,34 @@ struct Broker {
 
 impl Broker {
     fn start() -> Broker {
+        Broker::spawn(&["--in-memory"])
+    }
+
+    /// Durable (a data directory, the default fsync policy), with the queue that
+    /// `ferrymq bench queue --help` documents.
+    fn with_bench_queue(name: &str) -> Broker {
+        let dir = scratch_dir(name);
+        let config = dir.join("ferrymq.toml");
+        std::fs::write(
+            &config,
+            "[[queue]]\nname = \"bench\"\nfilter = \"bench/q/#\"\nmax_attempts = 5\n\
+             backoff = { kind = \"none\" }\n",
+        )
+        .unwrap();
+        let data = dir.join("data");
+        Broker::spawn(&[
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+    }
+
+    fn spawn(extra: &[&str]) -> Broker {
         let (mqtt, http) = (free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
-            .args(["serve", "--in-memory", "--log-level", "warn"])
+            .args(["serve", "--log-level", "warn"])
+            .args(extra)
             .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
             .args(["--http", &format!("127.0.0.1:{http}")])
             .stdout(Stdio::null())
@@ -103,6 +128,65 @@ fn idle_connections_are_held_past_their_keep_alive() {
     assert_eq!(c["held"], 50, "{r}");
     assert_eq!(c["failed"], 0, "{r}");
     assert!(c["broker_rss_after_kb"].as_u64().unwrap() > 0, "{r}");
+}
+
+/// Four consumers share the queue: every message is acked once, by one of them, and the
+/// shared count sees each exactly once.
+#[test]
+fn queue_counts_every_message_once_across_consumers() {
+    let broker = Broker::with_bench_queue("bench-queue");
+    let r = report(&bench(
+        broker.mqtt,
+        &[
+            "queue",
+            "-P",
+            "2",
+            "-C",
+            "4",
+            "-n",
+            "3000",
+            "--receive-maximum",
+            "32",
+        ],
+    ));
+    assert_eq!(r["scenario"], "queue", "{r}");
+    assert_eq!(r["published"], 6000, "{r}");
+    assert_eq!(r["received"], 6000, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    let q = &r["queue"];
+    assert_eq!(q["nacked"], 0, "{r}");
+    assert_eq!(q["redelivered"], 0, "{r}");
+    assert_eq!(q["max_attempt"], 1, "{r}");
+    assert!(r["latency_us"]["p99"].as_u64().unwrap() > 0, "{r}");
+}
+
+/// `--nack-once`: every first delivery is nacked (PUBACK 0x80) and comes back as attempt 2,
+/// which is acked; nothing is lost or acked twice.
+#[test]
+fn queue_nack_once_nacks_each_first_delivery_and_acks_the_second() {
+    let broker = Broker::with_bench_queue("bench-queue-nack");
+    let r = report(&bench(
+        broker.mqtt,
+        &["queue", "-C", "2", "-n", "2000", "--nack-once"],
+    ));
+    assert_eq!(r["scenario"], "queue-nack-once", "{r}");
+    assert_eq!(r["received"], 2000, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    let q = &r["queue"];
+    assert_eq!(q["nacked"], 2000, "{r}");
+    assert_eq!(q["redelivered"], 2000, "{r}");
+    assert_eq!(q["max_attempt"], 2, "{r}");
+}
+
+#[test]
+fn queue_bench_against_a_broker_without_the_queue_says_what_is_missing() {
+    let broker = Broker::start();
+    let out = bench(broker.mqtt, &["queue", "-n", "10"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bench ran without a queue");
+    assert!(err.contains("[[queue]]"), "{err}");
 }
 
 #[test]

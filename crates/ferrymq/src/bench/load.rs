@@ -37,22 +37,32 @@ pub struct Plan {
 /// Bytes a bursting publisher writes per call.
 const BURST_WRITE: usize = 256 * 1024;
 
-fn clock() -> u64 {
+pub(super) fn clock() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
 /// Shared progress, for QoS 0 pacing and for knowing when to stop.
-struct Progress {
-    published: AtomicU64,
-    received: AtomicU64,
-    stop: AtomicBool,
-    wake: Notify,
-    errors: Mutex<Vec<String>>,
+pub(super) struct Progress {
+    pub(super) published: AtomicU64,
+    pub(super) received: AtomicU64,
+    pub(super) stop: AtomicBool,
+    pub(super) wake: Notify,
+    pub(super) errors: Mutex<Vec<String>>,
 }
 
 impl Progress {
-    fn error(&self, e: String) {
+    pub(super) fn new() -> Progress {
+        Progress {
+            published: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            wake: Notify::new(),
+            errors: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(super) fn error(&self, e: String) {
         if let Ok(mut v) = self.errors.lock() {
             if v.len() < 10 {
                 v.push(e);
@@ -61,11 +71,61 @@ impl Progress {
         self.stop.store(true, Relaxed);
         self.wake.notify_waiters();
     }
+
+    pub(super) fn errors(&self) -> Vec<String> {
+        self.errors.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `expected` deliveries were counted, or nothing moved for 2 s after every
+    /// publisher finished, or `timeout`; then tells every task to stop. Returns the time from
+    /// `started` to the last delivery that counted, and whether the run timed out.
+    pub(super) async fn wait_for(
+        &self,
+        expected: u64,
+        publishers: &[tokio::task::JoinHandle<anyhow::Result<u64>>],
+        started: Instant,
+        timeout: Duration,
+    ) -> (Duration, bool) {
+        let deadline = started + timeout;
+        let mut last = (0, Instant::now());
+        let mut timed_out = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let got = self.received.load(Relaxed);
+            if got >= expected || self.stop.load(Relaxed) {
+                break;
+            }
+            let all_published = publishers.iter().all(|h| h.is_finished());
+            if got != last.0 {
+                last = (got, Instant::now());
+            } else if all_published && last.1.elapsed() > Duration::from_secs(2) {
+                break; // The rest is not coming.
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+                break;
+            }
+        }
+        let got = self.received.load(Relaxed);
+        let elapsed = if last.0 == got && !timed_out && got < expected {
+            last.1 - started
+        } else {
+            started.elapsed()
+        };
+        self.stop.store(true, Relaxed);
+        self.wake.notify_waiters();
+        (elapsed, timed_out)
+    }
 }
 
 /// Opens a bench connection with the project's client: clean start, or a persistent session
 /// when `persistent`.
-async fn open(t: &Target, id: String, keep_alive: u16, persistent: bool) -> anyhow::Result<Client> {
+pub(super) async fn open(
+    t: &Target,
+    id: String,
+    keep_alive: u16,
+    persistent: bool,
+) -> anyhow::Result<Client> {
     let mut o = ConnectOptions::new(t.addr.clone(), id);
     if persistent {
         o.clean_start = false;
@@ -81,13 +141,7 @@ async fn open(t: &Target, id: String, keep_alive: u16, persistent: bool) -> anyh
 
 pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<Report> {
     let plan = Arc::new(plan);
-    let progress = Arc::new(Progress {
-        published: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        wake: Notify::new(),
-        errors: Mutex::new(Vec::new()),
-    });
+    let progress = Arc::new(Progress::new());
     let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
     let topic = format!("{TOPIC_ROOT}/{run_id}");
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
@@ -116,38 +170,10 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
     }
     ready.wait().await;
     let started = Instant::now();
-    let deadline = started + t.timeout;
     let expected_total = plan.messages * plan.publishers as u64 * plan.subscribers as u64;
-    // Wait until everything arrived, or nothing moved for a while, or the deadline.
-    let mut last = (0, Instant::now());
-    let mut timed_out = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let got = progress.received.load(Relaxed);
-        if got >= expected_total || progress.stop.load(Relaxed) {
-            break;
-        }
-        let all_published = pubs.iter().all(|h| h.is_finished());
-        if got != last.0 {
-            last = (got, Instant::now());
-        } else if all_published && last.1.elapsed() > Duration::from_secs(2) {
-            break; // The rest is not coming.
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            break;
-        }
-    }
-    let elapsed = if last.0 == progress.received.load(Relaxed)
-        && !timed_out
-        && progress.received.load(Relaxed) < expected_total
-    {
-        last.1 - started
-    } else {
-        started.elapsed()
-    };
-    progress.stop.store(true, Relaxed);
-    progress.wake.notify_waiters();
+    let (elapsed, timed_out) = progress
+        .wait_for(expected_total, &pubs, started, t.timeout)
+        .await;
     let mut published = 0;
     for h in pubs {
         match tokio::time::timeout(Duration::from_secs(5), h).await {
@@ -176,11 +202,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
         p999: h.value_at_quantile(0.999) / 1000,
         max: h.max() / 1000,
     });
-    let errors = progress
-        .errors
-        .lock()
-        .map(|v| v.clone())
-        .unwrap_or_default();
+    let errors = progress.errors();
     Ok(Report {
         scenario: scenario.into(),
         publishers: plan.publishers,
@@ -202,7 +224,7 @@ pub async fn run_flow(t: &Target, scenario: &str, plan: Plan) -> anyhow::Result<
     })
 }
 
-async fn publisher(
+pub(super) async fn publisher(
     mut c: Client,
     id: u32,
     topic: String,

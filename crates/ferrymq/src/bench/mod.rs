@@ -6,6 +6,7 @@
 //! command exit non-zero. Every run is bounded by `--timeout`.
 
 mod load;
+mod queue;
 mod report;
 
 use std::time::Duration;
@@ -25,9 +26,9 @@ pub struct BenchArgs {
     /// Broker port.
     #[arg(long, global = true, default_value_t = 1883)]
     port: u16,
-    /// Protocol version, 3 (3.1.1) or 5.
-    #[arg(long = "protocol-version", global = true, default_value = "3")]
-    version: String,
+    /// Protocol version, 3 (3.1.1) or 5 [default: 5 for `queue`, 3 for the others].
+    #[arg(long = "protocol-version", global = true)]
+    version: Option<String>,
     /// Print one JSON object instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -55,6 +56,57 @@ enum Scenario {
     Latency(LatencyArgs),
     /// Hold idle connections and measure the broker's memory per connection.
     Connections(ConnArgs),
+    /// A durable work queue: P publishers (QoS 1) into a queue, C consumers on `$queue/NAME`
+    /// acking each message; messages/s from publish to ack, and every message accounted for.
+    #[command(after_long_help = QUEUE_CONFIG)]
+    Queue(QueueArgs),
+}
+
+/// What the broker needs for `ferrymq bench queue` (its defaults), shown by `--help`.
+const QUEUE_CONFIG: &str = "\
+The broker must define the queue. For the defaults (--queue bench, --topic bench/q), start it
+with this in its config file (`ferrymq serve --config FILE`):
+
+    [[queue]]
+    name = \"bench\"
+    filter = \"bench/q/#\"
+    max_attempts = 5
+    backoff = { kind = \"none\" }
+
+`backoff = none` makes --nack-once measure the nack path itself, not a retry delay. Each run
+publishes under its own topic level (bench/q/RUN/PUBLISHER), so messages left in the durable
+queue by an earlier run that timed out are acked and reported as stale, not counted.";
+
+#[derive(clap::Args, Clone)]
+pub struct QueueArgs {
+    /// Publishers.
+    #[arg(short = 'P', long, default_value_t = 1)]
+    publishers: usize,
+    /// Consumers, each subscribed to `$queue/NAME`.
+    #[arg(short = 'C', long, default_value_t = 1)]
+    consumers: usize,
+    /// Payload size in bytes (at least 20: the stamp).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Messages per publisher (default: 200,000 in total, split over the publishers).
+    #[arg(short = 'n', long)]
+    messages: Option<u64>,
+    /// Unacknowledged publishes per publisher.
+    #[arg(long, default_value_t = 256)]
+    inflight: usize,
+    /// Each consumer's receive maximum (MQTT 5): the most messages it holds unacked.
+    #[arg(long, default_value_t = 256)]
+    receive_maximum: u16,
+    /// The queue's name.
+    #[arg(long, default_value = "bench")]
+    queue: String,
+    /// Topic prefix the queue's filter matches (publishers send to TOPIC/RUN/PUBLISHER).
+    #[arg(long, default_value = "bench/q")]
+    topic: String,
+    /// Nack each message on its first delivery (x-attempt 1, PUBACK 0x80), ack it on the
+    /// next: the nack path. Needs MQTT 5.
+    #[arg(long)]
+    nack_once: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -131,7 +183,11 @@ pub(crate) struct Target {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let version = match a.version.as_str() {
+    let default_version = match a.scenario {
+        Scenario::Queue(_) => "5",
+        _ => "3",
+    };
+    let version = match a.version.as_deref().unwrap_or(default_version) {
         "3" | "311" => ProtocolVersion::V311,
         "5" => ProtocolVersion::V5,
         v => bail!("unknown protocol version {v:?}: use 3 or 5"),
@@ -162,6 +218,24 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             load::run_flow(&target, "latency", plan).await?
         }
         Scenario::Connections(c) => load::run_connections(&target, c).await?,
+        Scenario::Queue(q) => {
+            let publishers = q.publishers.max(1);
+            let plan = queue::QueuePlan {
+                publishers,
+                consumers: q.consumers.max(1),
+                payload: q.payload.max(load::STAMP),
+                messages: q
+                    .messages
+                    .unwrap_or((200_000 / publishers as u64).max(1))
+                    .max(1),
+                inflight: q.inflight.clamp(1, 65_000),
+                receive_maximum: q.receive_maximum.max(1),
+                queue: q.queue,
+                topic: q.topic.trim_end_matches('/').to_string(),
+                nack_once: q.nack_once,
+            };
+            queue::run(&target, plan).await?
+        }
     };
     report.label = a.label;
     if a.json {

@@ -27,6 +27,9 @@ pub struct Report {
     pub latency_us: Option<Latency>,
     /// Connections scenario: how many were held, and the broker's memory.
     pub connections: Option<Connections>,
+    /// Queue scenario: what the consumers did besides acking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStats>,
     pub protocol_errors: Vec<String>,
     pub timed_out: bool,
 }
@@ -48,6 +51,21 @@ pub struct Connections {
     pub broker_rss_before_kb: Option<u64>,
     pub broker_rss_after_kb: Option<u64>,
     pub kb_per_connection: Option<f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    pub receive_maximum: u16,
+    pub nack_once: bool,
+    /// Deliveries nacked (PUBACK 0x80): with `nack_once`, every first delivery.
+    pub nacked: u64,
+    /// Deliveries whose `x-attempt` was above 1.
+    pub redelivered: u64,
+    /// Deliveries of messages from an earlier run, acked and not counted.
+    pub stale: u64,
+    /// Highest `x-attempt` seen (0: the broker sent none).
+    pub max_attempt: u32,
 }
 
 impl Report {
@@ -112,11 +130,31 @@ impl Report {
             self.elapsed_secs,
             if self.timed_out { " (timed out)" } else { "" }
         );
-        let _ = writeln!(
-            o,
-            "  throughput           {:.0} deliveries/s",
-            self.deliveries_per_sec
-        );
+        if let Some(q) = &self.queue {
+            let _ = writeln!(
+                o,
+                "  queue {:?}, receive maximum {}{}",
+                q.queue,
+                q.receive_maximum,
+                if q.nack_once { ", nack once" } else { "" }
+            );
+            let _ = writeln!(
+                o,
+                "  nacked / redelivered {} / {} (highest x-attempt {}, {} stale)",
+                q.nacked, q.redelivered, q.max_attempt, q.stale
+            );
+            let _ = writeln!(
+                o,
+                "  throughput           {:.0} msgs/s (published -> acked, distinct)",
+                self.deliveries_per_sec
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "  throughput           {:.0} deliveries/s",
+                self.deliveries_per_sec
+            );
+        }
         if let Some(l) = &self.latency_us {
             let _ = writeln!(
                 o,
