@@ -50,6 +50,9 @@ use tokio::sync::Notify;
 use crate::config::{Fsync, Storage};
 use crate::ServerError;
 
+/// A checkpoint goes to the log in appends of about this size.
+const CHECKPOINT_CHUNK: usize = 16 * 1024 * 1024;
+
 /// Requests waiting for the commit thread before the router blocks on it (back-pressure).
 const COMMIT_QUEUE: usize = 1024;
 
@@ -290,10 +293,18 @@ impl Persistence {
             path: log_dir.clone(),
             message,
         };
-        let (mut log, recovery) = Log::open(LogConfig {
-            dir: log_dir.clone(),
-            segment_bytes: storage.segment_bytes,
-        })
+        // Replay starts at the newest durable checkpoint when the pointer names one (work
+        // queues keep older segments for their messages; replaying them would only be
+        // undone by the checkpoint), and the log reads only from there at open.
+        let pointer = log_dir.join("CHECKPOINT");
+        let pointed = read_pointer(&pointer);
+        let (mut log, recovery) = Log::open_from(
+            LogConfig {
+                dir: log_dir.clone(),
+                segment_bytes: storage.segment_bytes,
+            },
+            Offset(pointed.unwrap_or(0)),
+        )
         .map_err(|e| recovery_error(open_failure(&e, data_dir)))?;
         if let Some(torn) = &recovery.torn_tail {
             tracing::warn!(
@@ -304,12 +315,8 @@ impl Persistence {
                  and nothing valid followed (a write cut short by a crash or a power loss)"
             );
         }
-        // Replay starts at the newest durable checkpoint when the pointer names one (work
-        // queues keep older segments for their messages; replaying them would only be
-        // undone by the checkpoint), else at the start of the log.
-        let pointer = log_dir.join("CHECKPOINT");
         let mut records = Vec::new();
-        if let Some(at) = read_pointer(&pointer).filter(|at| *at >= log.start().0) {
+        if let Some(at) = pointed.filter(|at| *at >= log.start().0) {
             match log.read_from(Offset(at)) {
                 Ok(r)
                     if r.first()
@@ -473,15 +480,25 @@ impl Persistence {
         // No checkpoint while blocked: it could not be written either.
         if self.checkpoint_ticket.is_none() && !self.blocked && self.since_checkpoint >= threshold {
             let started = Instant::now();
-            if let Some(begin) = broker.checkpoint(out) {
+            // Handed to the log in chunks as it is written: a queue backlog's index is
+            // hundreds of megabytes, and it would otherwise sit in memory whole.
+            let mut first = true;
+            let mut bytes = 0u64;
+            let written = broker.checkpoint_in_chunks(out, CHECKPOINT_CHUNK, &mut |o| {
+                let (framed, count) = o.journal.take();
+                bytes += framed.len() as u64;
+                self.submit(framed, count, first);
+                first = false;
+            });
+            if let Some(begin) = written {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
                 // Queue entries written before the checkpoint point at records before it.
                 self.pending_floor = broker.queue_floor();
                 let (framed, count) = out.journal.take();
-                let bytes = framed.len() as u64;
+                bytes += framed.len() as u64;
                 self.last_checkpoint = bytes;
                 self.since_checkpoint = 0;
-                self.submit(framed, count, true);
+                self.submit(framed, count, first);
                 // The router is stalled for this long (see the issue notes: incremental
                 // checkpoints are the fix if large backlogs make it matter).
                 tracing::info!(

@@ -249,6 +249,30 @@ impl Segment {
         })
     }
 
+    /// Opens a sealed segment without reading it: it ends where the next one begins
+    /// (`next`), its size is its file's, and its index is built when it is read.
+    pub(crate) fn open_unread(
+        dir: &Path,
+        base: Offset,
+        next: Offset,
+    ) -> Result<Segment, StoreError> {
+        let path = segment_path(dir, base);
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let size = file.metadata().map_err(io("stat", &path))?.len();
+        Ok(Segment {
+            base,
+            next,
+            size,
+            path,
+            index: Vec::new(),
+            file,
+        })
+    }
+
     /// Opens an existing segment and scans it. For the last segment a torn tail (a bad batch
     /// with no valid batch after it) is cut off (`Ok` with the number of bytes removed); a bad
     /// batch followed by a valid one is [`StoreError::Damaged`] and nothing is cut. In a

@@ -14,11 +14,24 @@ use crate::workqueue::Queue;
 use crate::{Broker, SessionId, Time};
 
 impl Broker {
-    /// Writes the whole durable state as one checkpoint. The driver must append the records
-    /// of this call as one batch; once it is durable, everything before `CheckpointBegin` is
-    /// no longer needed. Returns how many records `out.journal` held before
+    /// Writes the whole durable state as one checkpoint into `out.journal`; once it is
+    /// durable, everything before `CheckpointBegin` is no longer needed (work queues aside:
+    /// [`Broker::queue_floor`]). Returns how many records `out.journal` held before
     /// `CheckpointBegin`.
     pub fn checkpoint(&mut self, out: &mut Outbox) -> Option<u64> {
+        self.checkpoint_in_chunks(out, usize::MAX, &mut |_| {})
+    }
+
+    /// [`Broker::checkpoint`], handing the records to `flush` whenever `out.journal` holds
+    /// more than `chunk_bytes` (and the rest at the end, left in `out.journal`), so a large
+    /// state never sits in memory twice whole. The driver appends the chunks in order; a
+    /// crash between them leaves an unfinished checkpoint, which replay ignores.
+    pub fn checkpoint_in_chunks(
+        &mut self,
+        out: &mut Outbox,
+        chunk_bytes: usize,
+        flush: &mut dyn FnMut(&mut Outbox),
+    ) -> Option<u64> {
         let j = self.journal.as_mut()?;
         // Every message body is written again in the new generation.
         j.generation += 1;
@@ -27,15 +40,24 @@ impl Broker {
         j.push(out, |b| {
             format::encode_checkpoint_begin(b, next_session, next_message)
         });
+        let mut full = |out: &mut Outbox| {
+            if out.journal.bytes() > chunk_bytes {
+                flush(out);
+            }
+        };
         for m in self.retained.all() {
             if !m.topic.starts_with("$SYS") {
                 j.write(&Record::Retain(m), out);
+                full(out);
             }
         }
         // Queues before sessions: a session's `$share/{queue}/…` subscription is a consumer
         // only if its queue exists when the subscription is applied.
         for (name, q) in &self.queues.by_name {
-            queue_records(name, q, |r| j.write(r, out));
+            queue_records(name, q, |r| {
+                j.write(r, out);
+                full(out);
+            });
         }
         let mut ids: Vec<&SessionId> = self.sessions.keys().collect();
         ids.sort_unstable();
@@ -43,6 +65,7 @@ impl Broker {
             let s = &self.sessions[sid];
             if s.journaled {
                 session_records(s, |r| j.write(r, out));
+                full(out);
             }
         }
         j.push(out, format::encode_checkpoint_end);

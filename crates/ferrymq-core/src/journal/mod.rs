@@ -102,6 +102,11 @@ impl JournalBuf {
         self.count
     }
 
+    /// Bytes held (framing included).
+    pub fn bytes(&self) -> usize {
+        self.framed.len()
+    }
+
     /// Takes every record: the framed bytes and how many records they hold.
     pub fn take(&mut self) -> (bytes::Bytes, u64) {
         let count = std::mem::take(&mut self.count);

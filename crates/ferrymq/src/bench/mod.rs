@@ -107,6 +107,14 @@ pub struct QueueArgs {
     /// next: the nack path. Needs MQTT 5.
     #[arg(long)]
     nack_once: bool,
+    /// Only publish, no consumers: fills the queue with a backlog (the rate is messages
+    /// acknowledged to the publishers per second). Drain it later with `--drain`.
+    #[arg(long, conflicts_with = "drain")]
+    fill_only: bool,
+    /// Only consume what an earlier `--fill-only` run with the same -P and -n left in the
+    /// queue (any run's topic under --topic), counting each message once by its stamp.
+    #[arg(long)]
+    drain: bool,
 }
 
 #[derive(clap::Args, Clone)]
@@ -222,7 +230,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             let publishers = q.publishers.max(1);
             let plan = queue::QueuePlan {
                 publishers,
-                consumers: q.consumers.max(1),
+                consumers: if q.fill_only { 0 } else { q.consumers.max(1) },
                 payload: q.payload.max(load::STAMP),
                 messages: q
                     .messages
@@ -233,6 +241,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 queue: q.queue,
                 topic: q.topic.trim_end_matches('/').to_string(),
                 nack_once: q.nack_once,
+                mode: if q.fill_only {
+                    queue::Mode::FillOnly
+                } else if q.drain {
+                    queue::Mode::Drain
+                } else {
+                    queue::Mode::Both
+                },
             };
             queue::run(&target, plan).await?
         }

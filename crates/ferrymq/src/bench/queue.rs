@@ -41,6 +41,16 @@ pub struct QueuePlan {
     /// Publishers send to `{topic}/{run}/{publisher}`; the queue's filter must match it.
     pub topic: String,
     pub nack_once: bool,
+    pub mode: Mode,
+}
+
+/// Publish and consume in one run, or only one half (a backlog filled by one run and
+/// drained by another, with the broker restarted in between).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Both,
+    FillOnly,
+    Drain,
 }
 
 /// The bitsets of what was acked, one per publisher, shared by every consumer.
@@ -85,8 +95,17 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
     let progress = Arc::new(Progress::new());
     let run_id = format!("{:x}", clock() ^ u64::from(std::process::id()));
     let run_topic = format!("{}/{run_id}", plan.topic);
+    // Draining takes what any earlier run published under the topic.
+    let accept = match plan.mode {
+        Mode::Drain => plan.topic.clone(),
+        _ => run_topic.clone(),
+    };
+    let publishers_now = match plan.mode {
+        Mode::Drain => 0,
+        _ => plan.publishers,
+    };
     let seen = Arc::new(Seen::new(plan.publishers, plan.messages));
-    let ready = Arc::new(Barrier::new(plan.consumers + plan.publishers + 1));
+    let ready = Arc::new(Barrier::new(plan.consumers + publishers_now + 1));
     let flow = load::Plan {
         publishers: plan.publishers,
         subscribers: plan.consumers,
@@ -120,14 +139,14 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
             progress.clone(),
             ready.clone(),
             seen.clone(),
-            run_topic.clone(),
+            accept.clone(),
         );
         consumers.push(tokio::spawn(async move {
             consumer(conn, &plan, &run_topic, &progress, &ready, &seen).await
         }));
     }
     let mut pubs = Vec::new();
-    for p in 0..plan.publishers {
+    for p in 0..publishers_now {
         let conn = load::open(t, format!("qbench-{run_id}-p{p}"), 60, false).await?;
         let (flow, progress, ready) = (flow.clone(), progress.clone(), ready.clone());
         let topic = format!("{run_topic}/{p}");
@@ -138,16 +157,47 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
     ready.wait().await;
     let started = Instant::now();
     let expected_total = plan.messages * plan.publishers as u64;
-    let (elapsed, timed_out) = progress
-        .wait_for(expected_total, &pubs, started, t.timeout)
-        .await;
     let mut published = 0;
+    let (elapsed, timed_out) = if plan.mode == Mode::FillOnly {
+        // Done when every publish is acknowledged (stored in the queue).
+        let mut timed_out = false;
+        for h in pubs.drain(..) {
+            match tokio::time::timeout(t.timeout, h).await {
+                Ok(Ok(Ok(n))) => published += n,
+                Ok(Ok(Err(e))) => progress.error(format!("publisher: {e}")),
+                Ok(Err(_)) => {}
+                Err(_) => timed_out = true,
+            }
+        }
+        (started.elapsed(), timed_out)
+    } else if plan.mode == Mode::Drain {
+        // No publishers to say the rest is not coming: a pause (a checkpoint of a large
+        // backlog stalls the broker for seconds) is not the end. Until all, or the timeout.
+        let deadline = started + t.timeout;
+        let mut timed_out = false;
+        while progress.received.load(Relaxed) < expected_total && !progress.stop.load(Relaxed) {
+            if Instant::now() >= deadline {
+                timed_out = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (started.elapsed(), timed_out)
+    } else {
+        progress
+            .wait_for(expected_total, &pubs, started, t.timeout)
+            .await
+    };
     for h in pubs {
         match tokio::time::timeout(Duration::from_secs(5), h).await {
             Ok(Ok(Ok(n))) => published += n,
             Ok(Ok(Err(e))) => progress.error(format!("publisher: {e}")),
             _ => {}
         }
+    }
+    if plan.mode == Mode::Drain {
+        // Nothing published now: what was expected is what the fill left.
+        published = expected_total;
     }
     let mut tally = ConsumerTally::default();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -187,12 +237,21 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
         payload: plan.payload,
         published,
         expected: published,
-        received: tally.acked_distinct,
-        lost: published.saturating_sub(tally.acked_distinct),
+        received: match plan.mode {
+            Mode::FillOnly => published,
+            _ => tally.acked_distinct,
+        },
+        lost: match plan.mode {
+            Mode::FillOnly => expected_total.saturating_sub(published),
+            _ => published.saturating_sub(tally.acked_distinct),
+        },
         duplicates: tally.duplicates,
         reordered: tally.reordered,
         elapsed_secs: secs,
-        deliveries_per_sec: tally.acked_distinct as f64 / secs,
+        deliveries_per_sec: match plan.mode {
+            Mode::FillOnly => published as f64 / secs,
+            _ => tally.acked_distinct as f64 / secs,
+        },
         latency_us,
         queue: Some(QueueStats {
             queue: plan.queue.clone(),
@@ -306,6 +365,11 @@ async fn consumer(
             let Some(publisher) = publish.topic.strip_prefix(&prefix) else {
                 tally.stale += 1;
                 continue;
+            };
+            // Draining: `{run}/{publisher}` under the topic, whichever run filled it.
+            let publisher = match plan.mode {
+                Mode::Drain => publisher.rsplit('/').next().unwrap_or(publisher),
+                _ => publisher,
             };
             let (pid, seq, sent) = stamp(&publish.payload)?;
             if publisher.parse::<usize>().ok() != Some(pid)
