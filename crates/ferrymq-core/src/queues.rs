@@ -91,6 +91,8 @@ pub(crate) struct Queues {
     /// Messages kept in memory past the budget only until their records are written:
     /// (queue, message, record offset), oldest first (`Broker::journal_written`).
     evictable: std::collections::VecDeque<(Arc<str>, u64, u64)>,
+    /// Every journal record below this log offset is written (`Broker::journal_written`).
+    written_end: u64,
 }
 
 impl Queues {
@@ -359,6 +361,7 @@ impl Broker {
     /// The driver's log holds every record below `offset` (written, readable): messages
     /// held in memory past the budget only until then are dropped from memory.
     pub fn journal_written(&mut self, offset: u64) {
+        self.queues.written_end = offset;
         if self.payloads.is_none() || self.queues.evictable.is_empty() {
             return;
         }
@@ -1307,10 +1310,16 @@ impl Broker {
         };
         let m = dlq_message(&view, now);
         self.publish(m, now, out);
+        // Dead letters are read back from the log when looked at, not kept in memory (once
+        // their record is written: until then memory is the only copy to read).
+        let written = self.queues.written_end;
         if self.payloads.is_some() {
-            // Dead letters are read back from the log when looked at, not kept in memory.
             if let Some(q) = self.queues.by_name.get_mut(queue) {
-                q.uncache(id);
+                if q.dead_letter(id)
+                    .is_some_and(|d| d.entry.position < written)
+                {
+                    q.uncache(id);
+                }
             }
         }
     }

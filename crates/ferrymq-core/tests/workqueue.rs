@@ -796,3 +796,68 @@ fn message_ids_are_not_handed_out_again_after_a_restart() {
     let v = h.view("jobs");
     assert_eq!((v.depth, v.leased, v.bytes, v.stats.acked), (0, 0, 0, 6));
 }
+
+#[test]
+fn a_checkpoint_of_a_large_backlog_keeps_order_failures_and_delays() {
+    let mut h = setup(|d| d.backoff = Backoff::Fixed { delay_ms: 1_000 });
+    h.b.closed(ConnId(1), h.now, &mut h.out);
+    for i in 0..10_000 {
+        h.publish(2, "jobs/a", &format!("m{i:05}"));
+    }
+    // One message fails once (it keeps its failure and waits a second); another of higher
+    // priority jumps the line.
+    h.connect(3, "c3", V5, 1, false);
+    h.subscribe(3, "$queue/jobs", QoS::AtLeastOnce);
+    let first = h.got(3);
+    assert_eq!(first[0].payload, "m00000");
+    h.nack(
+        3,
+        first[0].pid.unwrap(),
+        ReasonCode::UnspecifiedError,
+        "once",
+        None,
+    );
+    let second = h.got(3);
+    h.b.closed(ConnId(3), h.now, &mut h.out);
+    assert_eq!(second[0].payload, "m00001");
+    h.publish_with(2, "jobs/a", "urgent", &[("priority", "9")]);
+    h.checkpoint();
+    h.restart();
+    let v = h.view("jobs");
+    assert_eq!((v.depth, v.delayed), (10_001, 2));
+    h.tick_to(1_000);
+    h.connect(1, "c", V5, 20_000, false);
+    h.subscribe(1, "$queue/jobs", QoS::AtLeastOnce);
+    // The window (at most mqtt.max_inflight, 1,024) bounds the leases: ack as they come.
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        let batch = h.got(1);
+        if batch.is_empty() {
+            break;
+        }
+        for g in &batch {
+            h.ack(1, g.pid.unwrap());
+        }
+        got.extend(batch);
+    }
+    assert_eq!(got.len(), 10_001);
+    assert_eq!(got[0].payload, "urgent");
+    // The rest in order; the two that failed (a nack, then "consumer gone") come back last,
+    // each on its second attempt.
+    let rest: Vec<&str> = got[1..].iter().map(|g| g.payload.as_str()).collect();
+    let want: Vec<String> = (2..10_000).map(|i| format!("m{i:05}")).collect();
+    assert_eq!(
+        rest[..9_998],
+        want.iter().map(String::as_str).collect::<Vec<_>>()[..]
+    );
+    let tail: Vec<(&str, Option<&str>)> = got[9_999..]
+        .iter()
+        .map(|g| (g.payload.as_str(), g.attempt.as_deref()))
+        .collect();
+    assert_eq!(tail, vec![("m00000", Some("2")), ("m00001", Some("2"))]);
+    let failures =
+        h.b.queue_view("jobs", h.now)
+            .map(|v| v.stats.redelivered)
+            .unwrap();
+    assert_eq!(failures, 2);
+}

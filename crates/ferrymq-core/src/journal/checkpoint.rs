@@ -130,6 +130,9 @@ pub(super) fn session_records(s: &Session, mut emit: impl FnMut(&Record)) {
     }
 }
 
+/// Waiting entries per `QEntries` record in a checkpoint.
+const PACK: usize = 4096;
+
 /// Everything of one queue as the records that rebuild it: its definition, each waiting
 /// message (with its due time, attempts and failures), each leased one (waiting, then its
 /// lease), and each dead letter. Messages are not written again: each entry points at the
@@ -146,8 +149,35 @@ fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Re
             failures: failures.to_vec(),
         }))
     };
+    // Most entries have no failures: packed, a few thousand a record, without an
+    // allocation each (a 10M backlog's index is written in a fraction of the time).
+    let mut packed: Vec<(crate::workqueue::Entry, Option<Time>)> = Vec::with_capacity(PACK);
     for (entry, due) in q.waiting() {
-        emit(&enqueue(entry, due, q.failures(entry.id)));
+        let failures = q.failures(entry.id);
+        if failures.is_empty() {
+            packed.push((entry, due));
+            if packed.len() == PACK {
+                emit(&Record::QEntries {
+                    queue: name.clone(),
+                    entries: std::mem::replace(&mut packed, Vec::with_capacity(PACK)),
+                });
+            }
+        } else {
+            // In ring order: what was packed before it goes first.
+            if !packed.is_empty() {
+                emit(&Record::QEntries {
+                    queue: name.clone(),
+                    entries: std::mem::replace(&mut packed, Vec::with_capacity(PACK)),
+                });
+            }
+            emit(&enqueue(entry, due, failures));
+        }
+    }
+    if !packed.is_empty() {
+        emit(&Record::QEntries {
+            queue: name.clone(),
+            entries: packed,
+        });
     }
     let mut leases: Vec<_> = q.leases().collect();
     leases.sort_by_key(|l| l.seq);

@@ -96,6 +96,8 @@ pub(super) enum Tag {
     QRedrive = 30,
     QDiscard = 31,
     QDeadLetter = 32,
+    /// Many waiting entries of one queue without failures, packed (checkpoints).
+    QEntries = 33,
 }
 
 impl Tag {
@@ -134,6 +136,7 @@ impl Tag {
             30 => QRedrive,
             31 => QDiscard,
             32 => QDeadLetter,
+            33 => QEntries,
             _ => return None,
         })
     }
@@ -552,7 +555,8 @@ pub(crate) fn decode(
         | Tag::QDead
         | Tag::QRedrive
         | Tag::QDiscard
-        | Tag::QDeadLetter => match super::queue_format::decode(tag, &mut f)? {
+        | Tag::QDeadLetter
+        | Tag::QEntries => match super::queue_format::decode(tag, &mut f)? {
             Some(r) => r,
             None => return Ok(Decoded::UnknownMessage),
         },

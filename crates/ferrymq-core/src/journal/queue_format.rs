@@ -25,6 +25,8 @@
 //! QFail        = name | message id | failure | retry
 //! QDrop        = name | message id | expired u8
 //! QDead        = name | message id | cause | at
+//! QEntries     = name | count | (entry | due (0 = ready))*count  (checkpoints: entries
+//!                without failures, a few thousand a record)
 //! QDeadLetter  = name | entry | cause | dead_lettered | failure count | failures
 //!                (its message is at the entry's position)
 //! ```
@@ -111,6 +113,15 @@ pub(super) fn encode(b: &mut Rec<'_>, record: &Record) {
         }
         Record::QRedrive { queue, message } => named(b, Tag::QRedrive, queue, *message),
         Record::QDiscard { queue, message } => named(b, Tag::QDiscard, queue, *message),
+        Record::QEntries { queue, entries } => {
+            b.put_u8(Tag::QEntries as u8);
+            b.put_str(queue);
+            b.put_u64(entries.len() as u64);
+            for (e, due) in entries {
+                encode_entry(b, e);
+                b.put_u64(due.map_or(0, |t| t.0.max(1)));
+            }
+        }
         Record::QDeadLetter(d) => {
             b.put_u8(Tag::QDeadLetter as u8);
             b.put_str(&d.queue);
@@ -190,6 +201,21 @@ pub(super) fn decode(tag: Tag, f: &mut Fields<'_>) -> Result<Option<Record>, Jou
             queue: f.str()?.into(),
             message: f.u64()?,
         },
+        Tag::QEntries => {
+            let queue: Arc<str> = f.str()?.into();
+            let n = f.u64()?;
+            // Each entry takes at least 7 bytes: a count larger than what is left is corrupt.
+            if n > f.remaining() as u64 / 7 {
+                return Err(f.invalid("entry count"));
+            }
+            let mut entries = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let e = decode_entry(f)?;
+                let due = Some(f.u64()?).filter(|t| *t != 0).map(Time);
+                entries.push((e, due));
+            }
+            Record::QEntries { queue, entries }
+        }
         Tag::QDeadLetter => {
             let queue: Arc<str> = f.str()?.into();
             let entry = decode_entry(f)?;

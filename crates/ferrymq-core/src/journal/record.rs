@@ -175,6 +175,12 @@ pub(crate) enum Record {
     },
     /// A dead letter whole (checkpoints).
     QDeadLetter(Box<QDeadLetter>),
+    /// Waiting entries of one queue, each with its due time, packed (checkpoints write a
+    /// large backlog's index this way: one record per few thousand entries).
+    QEntries {
+        queue: Arc<str>,
+        entries: Vec<(Entry, Option<Time>)>,
+    },
 }
 
 /// A record named state that is not there (replay counts these; live, it is a bug).
@@ -210,7 +216,8 @@ impl Record {
             | QDead { .. }
             | QRedrive { .. }
             | QDiscard { .. }
-            | QDeadLetter(_) => None,
+            | QDeadLetter(_)
+            | QEntries { .. } => None,
         }
     }
 }
@@ -461,6 +468,14 @@ impl Broker {
             }
             Record::QDiscard { queue, message } => {
                 found(self.queue_mut(&queue)?.discard(message))?;
+            }
+            Record::QEntries { queue, entries } => {
+                let last = entries.iter().map(|(e, _)| e.id).max().unwrap_or(0);
+                self.next_message_id = self.next_message_id.max(last + 1);
+                let q = self.queue_mut(&queue)?;
+                for (entry, due) in entries {
+                    q.insert(entry, None, due, Vec::new());
+                }
             }
             Record::QDeadLetter(d) => {
                 let d = *d;
