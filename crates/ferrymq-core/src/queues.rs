@@ -278,7 +278,8 @@ pub struct DeadLetterQuery {
 }
 
 impl DeadLetterQuery {
-    fn takes(&self, d: &DeadLetter, topic: &str) -> bool {
+    /// Everything but the topic filter: decided without reading the message.
+    fn takes_metadata(&self, d: &DeadLetter) -> bool {
         let at = d.dead_lettered.0;
         self.ids
             .as_ref()
@@ -288,13 +289,15 @@ impl DeadLetterQuery {
                 .reason
                 .as_deref()
                 .is_none_or(|r| d.failures.last().is_some_and(|f| f.reason.contains(r)))
-            && self
-                .topic
-                .as_deref()
-                .is_none_or(|f| ferrymq_mqtt::topic::matches(f, topic))
             && self.since.is_none_or(|t| at >= t)
             && self.until.is_none_or(|t| at < t)
             && self.cursor.is_none_or(|c| d.entry.id > c)
+    }
+
+    fn takes_topic(&self, topic: &str) -> bool {
+        self.topic
+            .as_deref()
+            .is_none_or(|f| ferrymq_mqtt::topic::matches(f, topic))
     }
 }
 
@@ -490,11 +493,15 @@ impl Broker {
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
         let mut items = Vec::new();
         let mut next_cursor = None;
-        for d in q.dead_letters() {
+        // Past the cursor only, and the message read only for what passes the rest.
+        for d in q.dead_letters_after(query.cursor) {
+            if !query.takes_metadata(d) {
+                continue;
+            }
             let Some(m) = self.load_body(name, &d.entry) else {
                 continue;
             };
-            if !query.takes(d, &m.topic) {
+            if !query.takes_topic(&m.topic) {
                 continue;
             }
             if items.len() == limit {
@@ -535,13 +542,14 @@ impl Broker {
     ) -> Result<Vec<u64>, QueueError> {
         let q = self.user_queue(name)?;
         let limit = query.limit.unwrap_or(usize::MAX);
-        Ok(q.dead_letters()
+        Ok(q.dead_letters_after(query.cursor)
             .filter(|d| {
-                // The topic filter needs the message; the others do not.
-                query.topic.is_none() && query.takes(d, "")
-                    || self
-                        .load_body(name, &d.entry)
-                        .is_some_and(|m| query.takes(d, &m.topic))
+                // Only the topic filter needs the message.
+                query.takes_metadata(d)
+                    && (query.topic.is_none()
+                        || self
+                            .load_body(name, &d.entry)
+                            .is_some_and(|m| query.takes_topic(&m.topic)))
             })
             .map(|d| d.entry.id)
             .take(limit)
@@ -583,6 +591,9 @@ impl Broker {
                 continue;
             };
             match target_topic {
+                // Back into its queue only while the queue has room: a redrive does not push
+                // a queue past its limits (what did not fit stays a dead letter).
+                None if q.is_full_for(entry.size) => {}
                 None => {
                     let record = Record::QRedrive {
                         queue: queue.clone(),
@@ -688,11 +699,12 @@ impl Broker {
         &mut self,
         msg: &Arc<Message>,
         targets: Vec<Arc<str>>,
+        keep: bool,
         now: Time,
         out: &mut Outbox,
     ) {
         for name in targets {
-            self.enqueue_in(&name, msg.clone(), None, now, out);
+            self.enqueue_in(&name, msg.clone(), None, keep, now, out);
         }
     }
 
@@ -714,51 +726,61 @@ impl Broker {
         msg.id = self.next_message_id;
         self.next_message_id += 1;
         let name: Arc<str> = DELAYED_QUEUE.into();
-        self.enqueue_in(
-            &name,
-            Arc::new(msg),
-            Some(now.plus_millis(delay_ms)),
-            now,
-            out,
-        )
+        let due = Some(now.plus_millis(delay_ms));
+        self.enqueue_in(&name, Arc::new(msg), due, true, now, out)
     }
 
+    /// Puts one message in one queue, making room under its overflow policy. `keep`: the
+    /// message was already acknowledged to its publisher (a `$delayed` publish coming due,
+    /// a redrive), so a queue that cannot take it keeps it as a dead letter (cause
+    /// `overflow`) rather than lose it.
     fn enqueue_in(
         &mut self,
         name: &Arc<str>,
         msg: Arc<Message>,
         delay: Option<Time>,
+        keep: bool,
         now: Time,
         out: &mut Outbox,
     ) -> bool {
-        let Some(q) = self.queues.by_name.get_mut(name) else {
-            return false;
-        };
         let size = entry_size(&msg);
-        match q.make_room(size) {
-            Room::Full => {
-                q.stats.refused += 1;
+        let mut bury = false;
+        // A large message may need several displaced; each pass takes one.
+        loop {
+            let Some(q) = self.queues.by_name.get_mut(name) else {
                 return false;
-            }
-            Room::Free => {}
-            Room::Displace(old) => {
-                let record = match q.def().overflow {
-                    crate::workqueue::Overflow::DeadLetter => Record::QDead {
-                        queue: name.clone(),
-                        message: old,
-                        cause: Cause::Overflow,
-                        at: now,
-                    },
-                    _ => Record::QDrop {
-                        queue: name.clone(),
-                        message: old,
-                        expired: false,
-                    },
-                };
-                let dead = matches!(record, Record::QDead { .. });
-                self.commit(record, out);
-                if dead {
-                    self.announce_dead_letter(name, old, now, out);
+            };
+            match q.make_room(size) {
+                Room::Free => break,
+                Room::Full if keep => {
+                    bury = true;
+                    break;
+                }
+                Room::Full => {
+                    q.stats.refused += 1;
+                    return false;
+                }
+                Room::Displace(old) => {
+                    let record = match q.def().overflow {
+                        crate::workqueue::Overflow::DeadLetter => Record::QDead {
+                            queue: name.clone(),
+                            message: old,
+                            cause: Cause::Overflow,
+                            at: now,
+                        },
+                        _ => Record::QDrop {
+                            queue: name.clone(),
+                            message: old,
+                            expired: false,
+                        },
+                    };
+                    let dead = matches!(record, Record::QDead { .. });
+                    if self.try_commit(record, out).is_err() {
+                        return false;
+                    }
+                    if dead {
+                        self.announce_dead_letter(name, old, now, out);
+                    }
                 }
             }
         }
@@ -775,6 +797,7 @@ impl Broker {
                 .filter(|d| *d > 0)
                 .map(|d| now.plus_millis(d.min(crate::workqueue::MAX_DELAY_MS)))
         });
+        let expires = msg.expires_at.is_some();
         let entry = Entry {
             id: msg.id,
             // The QEnqueue record below carries the message: its offset is where it stays.
@@ -788,6 +811,7 @@ impl Broker {
             Record::QEnqueue(Box::new(crate::journal::record::QEnqueue {
                 queue: name.clone(),
                 entry,
+                expires: msg.expires_at,
                 message: Some(msg),
                 due,
                 failures: Vec::new(),
@@ -800,7 +824,20 @@ impl Broker {
                 .evictable
                 .push_back((name.clone(), entry.id, entry.position));
         }
-        if due.is_some() {
+        if bury {
+            self.commit(
+                Record::QDead {
+                    queue: name.clone(),
+                    message: entry.id,
+                    cause: Cause::Overflow,
+                    at: now,
+                },
+                out,
+            );
+            self.announce_dead_letter(name, entry.id, now, out);
+            return true;
+        }
+        if due.is_some() || expires {
             self.arm_queue(name);
         }
         self.pump_queue(name, now, out);
@@ -1248,6 +1285,28 @@ impl Broker {
         };
         let overdue = q.overdue_leases(now);
         let old = q.dead_past_retention(now);
+        let expired = q.take_expired(now);
+        let dead_on_expiry = q.def().dead_letter_on_expiry;
+        for id in expired {
+            // Expired while waiting: gone (or a dead letter) now, not when a consumer comes.
+            let record = if dead_on_expiry {
+                Record::QDead {
+                    queue: name.clone(),
+                    message: id,
+                    cause: Cause::Expired,
+                    at: now,
+                }
+            } else {
+                Record::QDrop {
+                    queue: name.clone(),
+                    message: id,
+                    expired: true,
+                }
+            };
+            if self.try_commit(record, out).is_ok() && dead_on_expiry {
+                self.announce_dead_letter(&name, id, now, out);
+            }
+        }
         for (id, sid) in overdue {
             let Some(seq) = q_lease_seq(self, &name, id) else {
                 continue;
@@ -1297,7 +1356,9 @@ impl Broker {
             let mut m = (*body).clone();
             m.journaled = Default::default();
             m.received_at = now;
-            self.publish(m, now, out);
+            // Acknowledged to its publisher when it was held: full queues keep it as a dead
+            // letter, full sessions queue it past their limit, rather than lose it.
+            self.route(m, crate::queue_full::Promise::Accepted, now, out);
         }
         self.arm_queue(&name);
     }
@@ -1395,6 +1456,20 @@ fn dlq_message(v: &DeadLetterView, now: Time) -> Message {
     let mut props = m.properties.clone();
     props.message_expiry_interval = None;
     let d = &v.dead;
+    // Ours, not a publisher's: any it sent under these names are dropped.
+    const OURS: [&str; 8] = [
+        "x-dead-letter-id",
+        "x-original-topic",
+        "x-cause",
+        "x-attempts",
+        "x-first-enqueued-ms",
+        "x-dead-lettered-ms",
+        "x-last-reason",
+        "x-last-reason-code",
+    ];
+    props
+        .user_properties
+        .retain(|(k, _)| !OURS.contains(&k.as_str()));
     let mut add = |k: &str, val: String| props.user_properties.push((k.into(), val));
     add("x-dead-letter-id", d.entry.id.to_string());
     add("x-original-topic", m.topic.to_string());

@@ -230,6 +230,7 @@ impl Broker {
                     self.commit(Record::PubRec { sid, pid }, out);
                     if let Some(lease) = lease {
                         self.answer_lease(sid, &lease, &r, now, out);
+                        self.keep_pubrel(sid, pid, out);
                     }
                 }
                 out.push(
@@ -245,6 +246,30 @@ impl Broker {
                 );
             }
         }
+    }
+
+    /// A queue delivery the consumer PUBREC'd is the session's from now on: it becomes an
+    /// ordinary in-flight QoS 2 message awaiting PUBCOMP, journaled with a durable session,
+    /// so its PUBREL survives a restart and its packet id is not handed out again while the
+    /// consumer still holds it.
+    fn keep_pubrel(&mut self, sid: SessionId, pid: ferrymq_mqtt::PacketId, out: &mut Outbox) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        // Not durable state until now (queue deliveries are never journaled): moved directly.
+        let Some(mut f) = s.inflight.remove(&pid) else {
+            return;
+        };
+        f.pending.queue = None;
+        self.commit(
+            Record::Sent {
+                sid,
+                pid,
+                pending: f.pending,
+            },
+            out,
+        );
+        self.commit(Record::PubRec { sid, pid }, out);
     }
 
     pub(crate) fn on_pubcomp(&mut self, conn: ConnId, r: PubResp, now: Time, out: &mut Outbox) {
@@ -328,7 +353,8 @@ impl Broker {
             }
         }
         if !queues.is_empty() {
-            self.enqueue_in_queues(&msg, queues, now, out);
+            let keep = promise == Promise::Accepted;
+            self.enqueue_in_queues(&msg, queues, keep, now, out);
         }
         routed
     }

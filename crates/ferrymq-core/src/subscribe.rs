@@ -103,13 +103,16 @@ impl Broker {
         if !existed && s.subscriptions.len() >= self.config.max_subscriptions_per_client {
             return Err(ReasonCode::QuotaExceeded);
         }
-        let sub = Subscription {
+        let mut sub = Subscription {
             filter,
             group,
             options,
             identifier,
             queue: None,
         };
+        // Decided now and recorded: a `$share/{name}/…` made while no queue `{name}` exists
+        // stays a shared subscription whatever happens to queues later, after any restart.
+        sub.queue = crate::queues::consumed_queue(raw, &sub, &self.queues);
         let raw = raw.to_string();
         self.commit(Record::Subscribe { sid, raw, sub }, out);
         Ok(existed)

@@ -803,7 +803,9 @@ impl Persistence {
 fn needs_durability(action: &Action) -> bool {
     match action {
         // At least once tolerates a resend; exactly once does not (see the module docs).
-        Action::Deliver(d) => d.qos == QoS::ExactlyOnce,
+        // A work-queue delivery counts an attempt: its lease must be stored before the
+        // consumer sees it, or a crash could hand out the same attempt number twice.
+        Action::Deliver(d) => d.qos == QoS::ExactlyOnce || d.attempt.is_some(),
         Action::Send(Packet::PingResp) => false,
         // A refused publish (0x97 while the disk is full, say) stored nothing.
         Action::Send(Packet::PubAck(r) | Packet::PubRec(r)) if r.reason.is_error() => false,

@@ -140,12 +140,13 @@ const PACK: usize = 4096;
 /// `Broker::queue_floor`).
 fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Record)) {
     emit(&Record::QueueDeclare(Box::new(q.def().clone())));
-    let enqueue = |entry, due, failures: &[crate::workqueue::Failure]| {
+    let enqueue = |entry: crate::workqueue::Entry, due, failures: &[crate::workqueue::Failure]| {
         Record::QEnqueue(Box::new(QEnqueue {
             queue: name.clone(),
             entry,
             message: None,
             due,
+            expires: q.expiry_of(entry.id),
             failures: failures.to_vec(),
         }))
     };
@@ -154,7 +155,7 @@ fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Re
     let mut packed: Vec<(crate::workqueue::Entry, Option<Time>)> = Vec::with_capacity(PACK);
     for (entry, due) in q.waiting() {
         let failures = q.failures(entry.id);
-        if failures.is_empty() {
+        if failures.is_empty() && q.expiry_of(entry.id).is_none() {
             packed.push((entry, due));
             if packed.len() == PACK {
                 emit(&Record::QEntries {

@@ -1,6 +1,7 @@
 //! The journal's byte format: one function that writes a [`Record`], one that reads it back.
 //!
-//! Record format (a `DataChange:` commit must accompany a change):
+//! Record format (a `DataChange:` commit must accompany a change; `Subscribe`'s options byte
+//! has bit 7 set when the subscription consumes a work queue):
 //! ```text
 //! record   = tag u8 | fields
 //! u32, u64 = LEB128 varint (at most 5 / 10 bytes); u8 and u16 (packet ids) are fixed
@@ -255,7 +256,8 @@ pub(crate) fn encode(b: &mut Rec<'_>, record: &Record) {
             b.put_u8(Tag::Subscribe as u8);
             b.put_u64(sid.0);
             b.put_str(raw);
-            b.put_u8(sub.options.to_byte());
+            let consumes = if sub.queue.is_some() { SUB_QUEUE } else { 0 };
+            b.put_u8(sub.options.to_byte() | consumes);
             b.put_u32(sub.identifier.unwrap_or(0));
         }
         Record::Unsubscribe { sid, raw } => {
@@ -324,6 +326,11 @@ pub(crate) fn encode_checkpoint_end(b: &mut Rec<'_>) {
 
 /// Message flags: QoS in bits 0–1, retain in bit 2, bit 3 set when MQTT 5 properties follow
 /// (then the rest is a whole 5.0 PUBLISH, decoded by the codec).
+/// In a `Subscribe` record's options byte (bit 7, reserved in MQTT): the subscription
+/// consumes a work queue (`$queue/{name}`, or `$share/{name}/…` made while `{name}` was a
+/// queue), so replay does not decide it again against whatever queues exist then.
+const SUB_QUEUE: u8 = 0x80;
+
 const MSG_RETAIN: u8 = 4;
 const MSG_PROPERTIES: u8 = 8;
 
@@ -475,20 +482,28 @@ pub(crate) fn decode(
         Tag::Subscribe => {
             let sid = f.sid()?;
             let raw = f.str()?.to_string();
-            let options =
-                SubscriptionOptions::from_byte(f.u8()?).ok_or_else(|| f.invalid("options"))?;
+            let byte = f.u8()?;
+            let options = SubscriptionOptions::from_byte(byte & !SUB_QUEUE)
+                .ok_or_else(|| f.invalid("options"))?;
             let identifier = Some(f.u32()?).filter(|i| *i != 0);
             let (group, filter) = match ferrymq_mqtt::topic::parse_shared(&raw) {
                 Ok(Some(sh)) => (Some(sh.group.to_string()), sh.filter.to_string()),
                 Ok(None) => (None, raw.clone()),
                 Err(_) => return Err(f.invalid("shared subscription filter")),
             };
+            let queue = (byte & SUB_QUEUE != 0)
+                .then(|| {
+                    raw.strip_prefix("$queue/")
+                        .or(group.as_deref())
+                        .map(Arc::from)
+                })
+                .flatten();
             let sub = Subscription {
                 filter,
                 group,
                 options,
                 identifier,
-                queue: None,
+                queue,
             };
             Record::Subscribe { sid, raw, sub }
         }

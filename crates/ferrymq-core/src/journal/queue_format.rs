@@ -17,7 +17,8 @@
 //! cause        = 0 max_attempts, 1 expired, 2 overflow, 3 rejected
 //!
 //! QueueDelete  = name                 QAck, QRedrive, QDiscard = name | message id
-//! QEnqueue     = name | entry | due (0 = ready) | failure count | failures
+//! QEnqueue     = name | entry | due (0 = ready) | expires (0 = never) | failure count
+//!                | failures
 //!                | has message u8 | message (as in a `Message` record, without its tag):
 //!                live records carry it (and their entry's position is their own offset);
 //!                checkpoint records do not, and point at the one that does
@@ -54,6 +55,7 @@ pub(super) fn encode(b: &mut Rec<'_>, record: &Record) {
             b.put_str(&e.queue);
             encode_entry(b, &e.entry);
             b.put_u64(e.due.map_or(0, |t| t.0.max(1)));
+            b.put_u64(e.expires.map_or(0, |t| t.0.max(1)));
             encode_failures(b, &e.failures);
             match &e.message {
                 Some(m) => {
@@ -145,6 +147,7 @@ pub(super) fn decode(tag: Tag, f: &mut Fields<'_>) -> Result<Option<Record>, Jou
             let queue: Arc<str> = f.str()?.into();
             let entry = decode_entry(f)?;
             let due = Some(f.u64()?).filter(|t| *t != 0).map(Time);
+            let expires = Some(f.u64()?).filter(|t| *t != 0).map(Time);
             let failures = decode_failures(f)?;
             // The message, if the record has it, is not read: replay keeps positions only
             // (a backlog larger than memory), and leasing reads it back.
@@ -153,6 +156,7 @@ pub(super) fn decode(tag: Tag, f: &mut Fields<'_>) -> Result<Option<Record>, Jou
                 entry,
                 message: None,
                 due,
+                expires,
                 failures,
             }))
         }
@@ -457,6 +461,7 @@ pub(crate) fn read_queue_message(record: &[u8], queue: &str, id: u64) -> Option<
         return None;
     }
     let _due = f.u64().ok()?;
+    let _expires = f.u64().ok()?;
     decode_failures(&mut f).ok()?;
     if f.u8().ok()? != 1 {
         return None;

@@ -31,6 +31,8 @@ pub(crate) struct QEnqueue {
     pub message: Option<Arc<Message>>,
     /// Ready at this time (`None`: at once).
     pub due: Option<Time>,
+    /// When the message expires (its MQTT 5 message expiry), if it does.
+    pub expires: Option<Time>,
     /// Failures it already had (a checkpoint writes them; a new message has none).
     pub failures: Vec<Failure>,
 }
@@ -319,16 +321,29 @@ impl Broker {
                     }
                 }
             }
-            Record::Subscribe { sid, raw, mut sub } => {
+            Record::Subscribe { sid, raw, sub } => {
                 let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
-                // `$queue/{name}`, or `$share/{name}/…` naming a queue: a consumer of the
-                // queue, not a subscription in the trie.
-                sub.queue = crate::queues::consumed_queue(&raw, &sub, &self.queues);
-                if let Some(old) = s.subscriptions.get(&raw) {
-                    if old.queue.is_some() != sub.queue.is_some() {
-                        return Err(Missing);
+                // `$queue/{name}`, or `$share/{name}/…` that named a queue when it was made
+                // (the record says which): a consumer of the queue, not in the trie.
+                if let Some(old) = s.subscriptions.remove(&raw) {
+                    // Replaced: undo the old one first (it may have been the other kind).
+                    match &old.queue {
+                        Some(q) => {
+                            let still = s
+                                .subscriptions
+                                .values()
+                                .any(|x| x.queue.as_ref() == Some(q));
+                            if !still {
+                                s.consumes.retain(|c| c != q);
+                                self.queues.remove_consumer(q, sid);
+                            }
+                        }
+                        None => {
+                            self.subs.remove(&old.filter, old.group.as_deref(), sid);
+                        }
                     }
                 }
+                let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
                 match &sub.queue {
                     Some(q) => {
                         self.queues.add_consumer(q, sid, sub.options.qos);
@@ -351,6 +366,11 @@ impl Broker {
                 let s = self.sessions.get_mut(&sid).ok_or(Missing)?;
                 let sub = s.subscriptions.remove(&raw).ok_or(Missing)?;
                 match &sub.queue {
+                    // A consumer while any of its subscriptions consumes the queue.
+                    Some(q)
+                        if s.subscriptions
+                            .values()
+                            .any(|x| x.queue.as_ref() == Some(q)) => {}
                     Some(q) => {
                         s.consumes.retain(|c| c != q);
                         self.queues.remove_consumer(q, sid);
@@ -422,7 +442,7 @@ impl Broker {
                 // be handed out again after a restart.
                 self.next_message_id = self.next_message_id.max(e.entry.id + 1);
                 self.queue_mut(&e.queue)?
-                    .insert(e.entry, e.message, e.due, e.failures);
+                    .insert(e.entry, e.message, e.due, e.expires, e.failures);
             }
             Record::QLease {
                 queue,
@@ -474,7 +494,7 @@ impl Broker {
                 self.next_message_id = self.next_message_id.max(last + 1);
                 let q = self.queue_mut(&queue)?;
                 for (entry, due) in entries {
-                    q.insert(entry, None, due, Vec::new());
+                    q.insert(entry, None, due, None, Vec::new());
                 }
             }
             Record::QDeadLetter(d) => {

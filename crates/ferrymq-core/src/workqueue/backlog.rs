@@ -45,6 +45,8 @@ pub struct Backlog {
     delayed: BinaryHeap<Reverse<Delayed>>,
     messages: u64,
     bytes: u64,
+    /// Of `bytes`, those of delayed messages.
+    delayed_bytes: u64,
 }
 
 impl Backlog {
@@ -79,6 +81,7 @@ impl Backlog {
             return self.push_ready(entry);
         }
         self.count_in(&entry);
+        self.delayed_bytes += u64::from(entry.size);
         self.delayed.push(Reverse(Delayed {
             due,
             id: entry.id,
@@ -101,8 +104,17 @@ impl Backlog {
                 break;
             };
             let e = d.entry;
+            self.delayed_bytes -= u64::from(e.size);
             self.ready[ring(e.priority)].push_back(e);
         }
+    }
+
+    /// Messages and bytes that are ready (not delayed): what overflow may drop.
+    pub fn ready_totals(&self) -> (u64, u64) {
+        (
+            self.messages - self.delayed.len() as u64,
+            self.bytes - self.delayed_bytes,
+        )
     }
 
     /// The next message to lease: due delayed ones join their rings first, then the front of
@@ -164,6 +176,9 @@ impl Backlog {
                 true
             }
         });
+        if let Some(e) = &found {
+            self.delayed_bytes -= u64::from(e.size);
+        }
         found
     }
 

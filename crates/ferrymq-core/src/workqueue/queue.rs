@@ -7,8 +7,7 @@
 //! same state without a clock or a random generator (`crate::queues` commits the records).
 //! Every change names the message it changes by id.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
@@ -125,8 +124,14 @@ pub struct Queue {
     def: QueueDef,
     backlog: Backlog,
     leases: HashMap<u64, Lease>,
-    /// Lease deadlines by time; stale after an ack (checked against `leases`).
-    deadlines: BinaryHeap<Reverse<(Time, u64)>>,
+    /// Lease deadlines by time (an ack removes its own: nothing stale piles up).
+    deadlines: BTreeSet<(Time, u64)>,
+    /// Dead letters by when they died, for retention.
+    dead_times: BTreeSet<(Time, u64)>,
+    /// Messages with an expiry, by when (and the expiry of each): expired while waiting,
+    /// they go when they expire, not when a consumer next comes.
+    expiries: BTreeSet<(Time, u64)>,
+    expiry_of: HashMap<u64, Time>,
     /// Failures of messages still in the queue, by message id.
     failures: HashMap<u64, Vec<Failure>>,
     dead: BTreeMap<u64, DeadLetter>,
@@ -147,7 +152,10 @@ impl Queue {
             def,
             backlog: Backlog::default(),
             leases: HashMap::default(),
-            deadlines: BinaryHeap::new(),
+            deadlines: BTreeSet::new(),
+            dead_times: BTreeSet::new(),
+            expiries: BTreeSet::new(),
+            expiry_of: HashMap::default(),
             failures: HashMap::default(),
             dead: BTreeMap::new(),
             bodies: HashMap::default(),
@@ -186,6 +194,12 @@ impl Queue {
 
     pub fn dead_letters(&self) -> impl DoubleEndedIterator<Item = &DeadLetter> {
         self.dead.values()
+    }
+
+    /// Dead letters with ids above `cursor` (all without one), oldest id first.
+    pub fn dead_letters_after(&self, cursor: Option<u64>) -> impl Iterator<Item = &DeadLetter> {
+        let from = cursor.map_or(0, |c| c.saturating_add(1));
+        self.dead.range(from..).map(|(_, d)| d)
     }
 
     pub fn dead_letter(&self, id: u64) -> Option<&DeadLetter> {
@@ -273,18 +287,29 @@ impl Queue {
                 .is_some_and(|max| self.bytes() + u64::from(size) > max)
     }
 
-    /// What overflow does for a new message of `size`.
+    /// What overflow does for a new message of `size`: room, or the oldest waiting message
+    /// to drop (or dead-letter) first (call again after: a large message may need several),
+    /// or refused (`reject_new`, or not even every ready message would make room).
     pub fn make_room(&self, size: u32) -> Room {
         if !self.is_full_for(size) {
             return Room::Free;
         }
-        match self.def.overflow {
-            Overflow::RejectNew => Room::Full,
-            Overflow::DropOldest | Overflow::DeadLetter => self
-                .backlog
-                .oldest_ready()
-                .map_or(Room::Full, |e| Room::Displace(e.id)),
+        if self.def.overflow == Overflow::RejectNew {
+            return Room::Full;
         }
+        let (ready, ready_bytes) = self.backlog.ready_totals();
+        let held = self.backlog.len() + self.leases.len() as u64;
+        let fits_messages = self.def.max_messages.is_none_or(|max| held - ready < max);
+        let fits_bytes = self
+            .def
+            .max_bytes
+            .is_none_or(|max| self.bytes() - ready_bytes + u64::from(size) <= max);
+        if !(fits_messages && fits_bytes) {
+            return Room::Full;
+        }
+        self.backlog
+            .oldest_ready()
+            .map_or(Room::Full, |e| Room::Displace(e.id))
     }
 
     /// The message that leases next at `now`, if any (due delayed messages join their
@@ -297,12 +322,11 @@ impl Queue {
     /// Leases whose deadline passed by `now`: (message, consumer, lease seq).
     pub fn overdue_leases(&mut self, now: Time) -> Vec<(u64, SessionId)> {
         let mut out = Vec::new();
-        while let Some(Reverse((deadline, id))) = self.deadlines.peek().copied() {
+        while let Some(&(deadline, id)) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
-            self.deadlines.pop();
-            // Stale: acked, failed, or leased again since.
+            self.deadlines.pop_first();
             if let Some(l) = self.leases.get(&id).filter(|l| l.deadline == deadline) {
                 out.push((id, l.consumer));
             }
@@ -334,24 +358,24 @@ impl Queue {
             return Vec::new();
         };
         let keep = secs.saturating_mul(1000);
-        self.dead
-            .values()
-            .filter(|d| d.dead_lettered.0.saturating_add(keep) <= now.0)
-            .map(|d| d.entry.id)
+        self.dead_times
+            .iter()
+            .take_while(|(t, _)| t.0.saturating_add(keep) <= now.0)
+            .map(|(_, id)| *id)
             .collect()
     }
 
     /// When the queue next needs the clock: a delayed message due, a lease deadline, or a
     /// dead letter reaching its retention.
     pub fn next_deadline(&self) -> Option<Time> {
-        let lease = self.deadlines.peek().map(|Reverse((t, _))| *t);
+        let lease = self.deadlines.first().map(|(t, _)| *t);
         let retention = self.def.dlq_retention_s.and_then(|secs| {
-            self.dead
-                .values()
-                .map(|d| d.dead_lettered.plus_millis(secs.saturating_mul(1000)))
-                .min()
+            self.dead_times
+                .first()
+                .map(|(t, _)| t.plus_millis(secs.saturating_mul(1000)))
         });
-        [self.backlog.next_due(), lease, retention]
+        let expiry = self.expiries.first().map(|(t, _)| *t);
+        [self.backlog.next_due(), lease, retention, expiry]
             .into_iter()
             .flatten()
             .min()
@@ -366,8 +390,13 @@ impl Queue {
         entry: Entry,
         body: Option<Arc<Message>>,
         due: Option<Time>,
+        expires: Option<Time>,
         failures: Vec<Failure>,
     ) {
+        if let Some(t) = expires {
+            self.expiries.insert((t, entry.id));
+            self.expiry_of.insert(entry.id, t);
+        }
         if let Some(body) = body {
             self.cache(entry.id, body);
         }
@@ -389,7 +418,7 @@ impl Queue {
             self.stats.redelivered += 1;
         }
         let deadline = at.plus_millis(self.def.ack_timeout_ms);
-        self.deadlines.push(Reverse((deadline, id)));
+        self.deadlines.insert((deadline, id));
         self.leased_bytes += u64::from(entry.size);
         let seq = self.next_lease;
         self.next_lease += 1;
@@ -460,6 +489,7 @@ impl Queue {
         let Some(d) = self.dead.remove(&id) else {
             return false;
         };
+        self.dead_times.remove(&(d.dead_lettered, id));
         let mut entry = d.entry;
         entry.attempts = 0;
         if !d.failures.is_empty() {
@@ -471,20 +501,23 @@ impl Queue {
 
     /// Dead letter `id` is gone.
     pub fn discard(&mut self, id: u64) -> bool {
-        if self.dead.remove(&id).is_none() {
+        let Some(d) = self.dead.remove(&id) else {
             return false;
-        }
+        };
+        self.dead_times.remove(&(d.dead_lettered, id));
         self.uncache(id);
         true
     }
 
     /// A dead letter exactly as a checkpoint wrote it (its message stays in the log).
     pub fn restore_dead(&mut self, dead: DeadLetter) {
+        self.dead_times.insert((dead.dead_lettered, dead.entry.id));
         self.dead.insert(dead.entry.id, dead);
     }
 
     fn take_lease(&mut self, id: u64) -> Option<Lease> {
         let lease = self.leases.remove(&id)?;
+        self.deadlines.remove(&(lease.deadline, id));
         self.leased_bytes -= u64::from(lease.entry.size);
         Some(lease)
     }
@@ -492,11 +525,42 @@ impl Queue {
     fn forget(&mut self, id: u64) {
         self.failures.remove(&id);
         self.uncache(id);
+        self.forget_expiry(id);
+    }
+
+    fn forget_expiry(&mut self, id: u64) {
+        if let Some(t) = self.expiry_of.remove(&id) {
+            self.expiries.remove(&(t, id));
+        }
+    }
+
+    /// When message `id` expires, if it has an expiry.
+    pub fn expiry_of(&self, id: u64) -> Option<Time> {
+        self.expiry_of.get(&id).copied()
+    }
+
+    /// Waiting messages whose expiry has passed by `now`, taken off the expiry index (a
+    /// leased one is left to its lease: if it fails, its next lease finds it expired).
+    pub fn take_expired(&mut self, now: Time) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(&(t, id)) = self.expiries.first() {
+            if t > now {
+                break;
+            }
+            self.expiries.pop_first();
+            self.expiry_of.remove(&id);
+            if !self.leases.contains_key(&id) && !self.dead.contains_key(&id) {
+                out.push(id);
+            }
+        }
+        out
     }
 
     fn bury(&mut self, entry: Entry, cause: Cause, at: Time) {
+        self.forget_expiry(entry.id);
         let failures = self.failures.remove(&entry.id).unwrap_or_default();
         *self.stats.dead_lettered.entry(cause).or_default() += 1;
+        self.dead_times.insert((at, entry.id));
         self.dead.insert(
             entry.id,
             DeadLetter {
