@@ -1343,7 +1343,20 @@ impl Broker {
                 break;
             };
             let Some(body) = self.load_body(&name, &entry) else {
-                break;
+                // Not readable from the log: dropped and counted, so it does not hold back
+                // every later delayed publish.
+                if let Some(q) = self.queues.by_name.get_mut(&name) {
+                    q.stats.unreadable += 1;
+                }
+                let record = Record::QDrop {
+                    queue: name.clone(),
+                    message: entry.id,
+                    expired: false,
+                };
+                if self.try_commit(record, out).is_err() {
+                    break;
+                }
+                continue;
             };
             let record = Record::QDrop {
                 queue: name.clone(),
