@@ -434,14 +434,10 @@ impl Broker {
     /// Deletes a queue with everything in it; its consumers stay subscribed and consume
     /// again if a queue of that name is declared.
     pub fn delete_queue(&mut self, name: &str, out: &mut Outbox) -> Result<(), QueueError> {
-        let Some(q) = self.queues.by_name.get(name) else {
-            return Err(QueueError::NoSuchQueue(name.into()));
-        };
-        if name == DELAYED_QUEUE {
+        if name == DELAYED_QUEUE || !self.queues.by_name.contains_key(name) {
             return Err(QueueError::NoSuchQueue(name.into()));
         }
         // Deliveries in flight keep going; their acks find no lease and do nothing.
-        let _ = q;
         self.commit(Record::QueueDelete(name.into()), out);
         Ok(())
     }
