@@ -93,6 +93,9 @@ pub(crate) struct Queues {
     evictable: std::collections::VecDeque<(Arc<str>, u64, u64)>,
     /// Every journal record below this log offset is written (`Broker::journal_written`).
     written_end: u64,
+    /// The lowest position any entry had when the last checkpoint was written (found while
+    /// writing it).
+    pub(crate) checkpoint_floor: Option<u64>,
 }
 
 impl Queues {
@@ -386,6 +389,12 @@ impl Broker {
             // Under budget: what is left may stay.
             self.queues.evictable.clear();
         }
+    }
+
+    /// [`Broker::queue_floor`] as of the last checkpoint, found while it was written (no
+    /// second scan of a large backlog): what the driver keeps the log above.
+    pub fn checkpoint_queue_floor(&self) -> Option<u64> {
+        self.queues.checkpoint_floor
     }
 
     /// The lowest log offset a queue still reads a message from: the log may only be

@@ -437,6 +437,11 @@ fn a_backlog_past_the_memory_budget_is_read_back_from_the_log() {
     // A checkpoint and a restart hold positions, not messages; the consumer gets them all,
     // in order, read back from the log.
     h.checkpoint();
+    assert_eq!(
+        h.b.checkpoint_queue_floor(),
+        h.b.queue_floor(),
+        "the floor found while writing the checkpoint is the queue's"
+    );
     h.restart();
     assert_eq!(h.view("jobs").cached_bytes, 0);
     h.connect(1, "c", V5, 1000, false);

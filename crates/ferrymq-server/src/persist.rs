@@ -493,7 +493,7 @@ impl Persistence {
             if let Some(begin) = written {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
                 // Queue entries written before the checkpoint point at records before it.
-                self.pending_floor = broker.queue_floor();
+                self.pending_floor = broker.checkpoint_queue_floor();
                 let (framed, count) = out.journal.take();
                 bytes += framed.len() as u64;
                 self.last_checkpoint = bytes;

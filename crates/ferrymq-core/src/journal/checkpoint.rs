@@ -53,11 +53,13 @@ impl Broker {
         }
         // Queues before sessions: a session's `$share/{queue}/…` subscription is a consumer
         // only if its queue exists when the subscription is applied.
+        let mut floor: Option<u64> = None;
         for (name, q) in &self.queues.by_name {
-            queue_records(name, q, |r| {
+            let f = queue_records(name, q, |r| {
                 j.write(r, out);
                 full(out);
             });
+            floor = floor.min(f).or(floor).or(f);
         }
         let mut ids: Vec<&SessionId> = self.sessions.keys().collect();
         ids.sort_unstable();
@@ -69,6 +71,8 @@ impl Broker {
             }
         }
         j.push(out, format::encode_checkpoint_end);
+        // Found while writing the index, so the driver need not scan it again.
+        self.queues.checkpoint_floor = floor;
         Some(begin)
     }
 }
@@ -138,7 +142,13 @@ const PACK: usize = 4096;
 /// lease), and each dead letter. Messages are not written again: each entry points at the
 /// record that holds its message (so the log below the lowest such position stays;
 /// `Broker::queue_floor`).
-fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Record)) {
+/// Returns the lowest log position of its entries (the queue's floor).
+fn queue_records(
+    name: &std::sync::Arc<str>,
+    q: &Queue,
+    mut emit: impl FnMut(&Record),
+) -> Option<u64> {
+    let mut floor = u64::MAX;
     emit(&Record::QueueDeclare(Box::new(q.def().clone())));
     let enqueue = |entry: crate::workqueue::Entry, due, failures: &[crate::workqueue::Failure]| {
         Record::QEnqueue(Box::new(QEnqueue {
@@ -153,9 +163,17 @@ fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Re
     // Most entries have no failures: packed, a few thousand a record, without an
     // allocation each (a 10M backlog's index is written in a fraction of the time).
     let mut packed: Vec<(crate::workqueue::Entry, Option<Time>)> = Vec::with_capacity(PACK);
+    // Two lookups per entry cost more than the rest of its record: skipped when no entry
+    // has failures or an expiry (the usual backlog).
+    let (any_failures, any_expiry) = q.has_failures_or_expiries();
     for (entry, due) in q.waiting() {
-        let failures = q.failures(entry.id);
-        if failures.is_empty() && q.expiry_of(entry.id).is_none() {
+        floor = floor.min(entry.position);
+        let failures = if any_failures {
+            q.failures(entry.id)
+        } else {
+            &[]
+        };
+        if failures.is_empty() && !(any_expiry && q.expiry_of(entry.id).is_some()) {
             packed.push((entry, due));
             if packed.len() == PACK {
                 emit(&Record::QEntries {
@@ -184,6 +202,7 @@ fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Re
     leases.sort_by_key(|l| l.seq);
     for l in leases {
         let id = l.entry.id;
+        floor = floor.min(l.entry.position);
         emit(&enqueue(l.entry, None, q.failures(id)));
         let at = Time(l.deadline.0.saturating_sub(q.def().ack_timeout_ms));
         emit(&Record::QLease {
@@ -194,9 +213,11 @@ fn queue_records(name: &std::sync::Arc<str>, q: &Queue, mut emit: impl FnMut(&Re
         });
     }
     for d in q.dead_letters() {
+        floor = floor.min(d.entry.position);
         emit(&Record::QDeadLetter(Box::new(QDeadLetter {
             queue: name.clone(),
             dead: d.clone(),
         })));
     }
+    (floor != u64::MAX).then_some(floor)
 }

@@ -195,6 +195,22 @@ impl Backlog {
         ready.chain(delayed)
     }
 
+    /// The lowest log position of any waiting message: a tight scan of the rings' slices
+    /// and the heap (a checkpoint of a multi-million backlog calls it once).
+    pub fn min_position(&self) -> Option<u64> {
+        let mut min = u64::MAX;
+        for r in &self.ready {
+            let (a, b) = r.as_slices();
+            for e in a.iter().chain(b) {
+                min = min.min(e.position);
+            }
+        }
+        for Reverse(d) in self.delayed.iter() {
+            min = min.min(d.entry.position);
+        }
+        (self.messages > 0).then_some(min)
+    }
+
     /// The first-enqueued time of the messages that have waited longest in each ring and of
     /// the next delayed one: the oldest-age metric, without a scan of the backlog.
     pub fn oldest_enqueued(&self) -> Option<Time> {

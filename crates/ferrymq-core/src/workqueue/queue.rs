@@ -250,10 +250,15 @@ impl Queue {
     /// The lowest log position any entry (waiting, leased or dead) points at: the log before
     /// it may go. Visits every entry.
     pub fn floor(&self) -> Option<u64> {
-        let waiting = self.backlog.iter().map(|(e, _)| e.position);
-        let leased = self.leases.values().map(|l| l.entry.position);
-        let dead = self.dead.values().map(|d| d.entry.position);
-        waiting.chain(leased).chain(dead).min()
+        let waiting = self.backlog.min_position();
+        let leased = self.leases.values().map(|l| l.entry.position).min();
+        let dead = self.dead.values().map(|d| d.entry.position).min();
+        [waiting, leased, dead].into_iter().flatten().min()
+    }
+
+    /// Whether any message has failures, and whether any has an expiry.
+    pub fn has_failures_or_expiries(&self) -> (bool, bool) {
+        (!self.failures.is_empty(), !self.expiry_of.is_empty())
     }
 
     /// Failures so far of a message still in the queue.
