@@ -652,10 +652,24 @@ impl Persistence {
                     Writer::Group(commit) => commit.reclaim_before(Offset(keep)),
                     Writer::Inline { log, .. } => {
                         // The checkpoint must be on disk before what it replaces is deleted,
-                        // whatever the policy (a power loss must not lose both).
-                        let reclaimed = synced.and_then(|_| log.reclaim_before(Offset(keep)));
-                        if let Err(e) = reclaimed {
-                            tracing::warn!(error = %e, "reclaiming log segments failed");
+                        // whatever the policy (a power loss must not lose both). The files
+                        // go on a thread of their own: after a queue drains, hundreds of
+                        // segments can go at once, seconds of unlinking.
+                        match synced.map(|_| log.release_before(Offset(keep))) {
+                            Ok(released) if !released.is_empty() => {
+                                let spawned = std::thread::Builder::new()
+                                    .name("ferrymq-reclaim".into())
+                                    .spawn(move || {
+                                        if let Err(e) = released.delete() {
+                                            tracing::warn!(error = %e, "reclaiming log segments failed");
+                                        }
+                                    });
+                                if let Err(e) = spawned {
+                                    tracing::warn!(error = %e, "reclaiming log segments failed");
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "reclaiming log segments failed"),
                         }
                     }
                 }

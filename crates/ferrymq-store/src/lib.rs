@@ -34,7 +34,7 @@ mod segment;
 
 pub use commit::{CommitStats, Done, FsyncPolicy, GroupCommit};
 pub use error::StoreError;
-pub use log::{Log, LogConfig, Recovery, TornTail};
+pub use log::{Log, LogConfig, Recovery, Released, TornTail};
 pub use reader::{LogReader, ReaderStats};
 pub use recover::{recover, Kept, RecoverReport, Skipped};
 

@@ -339,18 +339,27 @@ impl Log {
     /// Deletes sealed segments whose records are all below `offset` (acknowledged or expired,
     /// as the caller decides). Returns the bytes freed. The active segment is never deleted.
     pub fn reclaim_before(&mut self, offset: Offset) -> Result<u64, StoreError> {
-        let mut freed = 0;
-        let mut removed = false;
-        while self.segments.len() > 1 && self.segments[0].next <= offset {
-            let seg = self.segments.remove(0);
-            fs::remove_file(&seg.path).map_err(io("remove", &seg.path))?;
-            freed += seg.size;
-            removed = true;
+        self.release_before(offset).delete()
+    }
+
+    /// Takes the sealed segments whose records are all below `offset` out of the log
+    /// without deleting their files: [`Released::delete`] does that, on any thread (deleting
+    /// a few hundred 64 MiB files takes seconds, which a router must not wait for).
+    pub fn release_before(&mut self, offset: Offset) -> Released {
+        let mut out = Released {
+            dir: self.config.dir.clone(),
+            segments: Vec::new(),
+        };
+        let n = self
+            .segments
+            .iter()
+            .take(self.segments.len().saturating_sub(1))
+            .take_while(|s| s.next <= offset)
+            .count();
+        for seg in self.segments.drain(..n) {
+            out.segments.push((seg.path.clone(), seg.size));
         }
-        if removed {
-            sync_dir(&self.config.dir)?;
-        }
-        Ok(freed)
+        out
     }
 
     /// Bytes of segment data on disk.
@@ -360,6 +369,33 @@ impl Log {
 
     pub fn segment_count(&self) -> usize {
         self.segments.len()
+    }
+}
+
+/// Segments taken out of the log by [`Log::release_before`], their files not yet deleted.
+#[derive(Debug)]
+pub struct Released {
+    dir: PathBuf,
+    segments: Vec<(PathBuf, u64)>,
+}
+
+impl Released {
+    /// Deletes the files, oldest first, stopping at the first failure (so what is left is
+    /// still a contiguous run of segments), then syncs the directory. Returns bytes freed.
+    pub fn delete(self) -> Result<u64, StoreError> {
+        let mut freed = 0;
+        for (path, size) in &self.segments {
+            fs::remove_file(path).map_err(io("remove", path))?;
+            freed += size;
+        }
+        if !self.segments.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(freed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
     }
 }
 
