@@ -466,3 +466,38 @@ where
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// One HTTP/1.1 request to the admin API; the status and the JSON body (Null if empty, a
+/// string if not JSON: /metrics).
+pub async fn api(
+    server: &Server,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(server.http_addr()).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut response))
+        .await
+        .expect("the admin API answers in time")
+        .unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let text = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.into()))
+    };
+    (status, json)
+}

@@ -10,42 +10,10 @@ use ferrymq_client::{Client, ConnectOptions};
 use ferrymq_mqtt::{Packet, Properties, PubResp, Publish, QoS, ReasonCode, SubscriptionOptions};
 use ferrymq_server::Server;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::common::*;
 
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-
-/// One HTTP/1.1 request to the admin API; the status and the JSON body (Null if empty, a
-/// string if not JSON: /metrics).
-async fn api(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut s = TcpStream::connect(server.http_addr()).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, s.read_to_string(&mut response))
-        .await
-        .expect("the admin API answers in time")
-        .unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let text = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let json = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into()))
-    };
-    (status, json)
-}
 
 async fn create_queue(server: &Server, def: Value) {
     let (status, body) = api(server, "POST", "/api/v1/queues", Some(def)).await;

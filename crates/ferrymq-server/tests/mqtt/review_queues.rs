@@ -11,9 +11,7 @@ use ferrymq_mqtt::{
 };
 use ferrymq_server::queue_spec::QueueSpec;
 use ferrymq_server::Server;
-use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use serde_json::json;
 
 use crate::common::*;
 
@@ -87,30 +85,6 @@ async fn delivery_within(c: &mut Client, d: Duration) -> Option<Publish> {
             Err(_) => return None,
         }
     }
-}
-
-async fn api(server: &Server, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut s = TcpStream::connect(server.http_addr()).await.unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, s.read_to_string(&mut response))
-        .await
-        .expect("the admin API answers in time")
-        .unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let text = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let json = serde_json::from_str(text).unwrap_or(Value::Null);
-    (status, json)
 }
 
 async fn queue_metric(server: &Server, name: &str) -> u64 {
