@@ -98,7 +98,7 @@ mosquitto_pub -h 127.0.0.1 -p $PORT -V mqttv311 -q 1 -t interop/cli2 -m "from mo
 wait "$SUB_PID" 2>/dev/null || true
 expect "mosquitto_pub -> ferrymq sub" "interop/cli2 from mosquitto_pub" "$(cat "$OUT")"
 
-if "$PY" scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
+if INTEROP_HTTP=$HTTP "$PY" scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
 
 if kill -0 "$SERVER" 2>/dev/null; then pass "broker still running"; else fail "broker still running" "it exited; log: $(tail -5 "$LOG")"; fi
 echo "interop: $PASSED passed, $FAILED failed"

@@ -205,6 +205,63 @@ def _():
     other.stop()
 
 
+def create_queue(definition):
+    """POST /api/v1/queues on the admin listener (INTEROP_HTTP)."""
+    import json
+    import os
+    import urllib.request
+    http = os.environ["INTEROP_HTTP"]
+    req = urllib.request.Request(
+        f"http://{HOST}:{http}/api/v1/queues",
+        data=json.dumps(definition).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        assert r.status in (200, 201), r.status
+
+
+@check("paho 3.1.1 + 5.0: a work queue hands each message to one consumer, with x-attempt")
+def _():
+    name = f"paho-{uuid.uuid4().hex[:6]}"
+    create_queue({"name": name, "filter": f"{name}/#"})
+    v5 = Client(mqtt.MQTTv5)
+    v3 = Client(mqtt.MQTTv311)
+    for c in (v5, v3):
+        c.subscribe(f"$queue/{name}", qos=1)
+    pub = Client(mqtt.MQTTv5)
+    for i in range(20):
+        pub.publish(f"{name}/jobs", f"job {i}".encode(), qos=1)
+    deadline = time.time() + TIMEOUT
+    while len(v5.messages) + len(v3.messages) < 20 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    got = sorted(m.payload.decode() for m in v5.messages + v3.messages)
+    assert got == sorted(f"job {i}" for i in range(20)), got
+    assert v5.messages and v3.messages, (len(v5.messages), len(v3.messages))
+    attempts = {dict(m.properties.UserProperty).get("x-attempt") for m in v5.messages}
+    assert attempts == {"1"}, attempts
+    for c in (v5, v3, pub):
+        c.stop()
+
+
+@check("paho 3.1.1: a queue consumer that never acks gets the message again after the ack timeout")
+def _():
+    name = f"paho-{uuid.uuid4().hex[:6]}"
+    create_queue({"name": name, "filter": f"{name}/#", "ack_timeout_ms": 500})
+    lazy = Client(mqtt.MQTTv311)
+    lazy.c.manual_ack_set(True)
+    lazy.subscribe(f"$queue/{name}", qos=1)
+    pub = Client(mqtt.MQTTv311)
+    started = time.time()
+    pub.publish(f"{name}/x", b"work", qos=1)
+    got = lazy.wait(2)
+    assert [m.payload for m in got] == [b"work", b"work"], got
+    assert time.time() - started >= 0.45, time.time() - started
+    lazy.stop()
+    pub.stop()
+
+
 passed = sum(1 for _, ok, _ in RESULTS if ok)
 failed = len(RESULTS) - passed
 print(f"paho: {passed} passed, {failed} failed")
