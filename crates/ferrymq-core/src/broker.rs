@@ -15,7 +15,6 @@ use std::collections::BinaryHeap;
 
 // Integer-keyed maps use FxHash (keys are ours); string-keyed ones keep SipHash, whose random
 // keys resist collision attacks through client-chosen ids.
-use std::collections::HashMap as SipHashMap;
 
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
@@ -234,7 +233,9 @@ pub struct Broker {
     /// Boxed: a session is ~230 bytes and the table keeps up to half its slots empty, so
     /// inline every idle connection paid for two; boxed the spare slots cost 16 bytes.
     pub(crate) sessions: HashMap<SessionId, Box<Session>>,
-    pub(crate) by_client_id: SipHashMap<Arc<str>, SessionId>,
+    /// Ordered: client ids come from the network (no hash to flood), and the admin API pages
+    /// through clients from a cursor (`views.rs`).
+    pub(crate) by_client_id: std::collections::BTreeMap<Arc<str>, SessionId>,
     pub(crate) subs: SubscriptionTree,
     pub(crate) retained: RetainedStore,
     pub(crate) stats: Stats,
@@ -265,7 +266,7 @@ impl Broker {
             config,
             conns: HashMap::default(),
             sessions: HashMap::default(),
-            by_client_id: SipHashMap::new(),
+            by_client_id: Default::default(),
             subs: SubscriptionTree::default(),
             retained: RetainedStore::default(),
             stats: Stats::default(),

@@ -31,6 +31,7 @@ mod routing;
 pub mod session;
 mod subscribe;
 mod trie;
+pub mod views;
 pub mod workqueue;
 
 pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};

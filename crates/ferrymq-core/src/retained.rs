@@ -1,13 +1,16 @@
-//! Retained messages: a trie keyed by topic level, walked by a filter on subscribe.
+//! Retained messages: a trie keyed by topic level, walked by a filter on subscribe. Levels are
+//! kept in order, so the admin API pages through topics (level by level) from a cursor
+//! without visiting what comes before it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use crate::Message;
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: BTreeMap<Box<str>, Node>,
     message: Option<Arc<Message>>,
 }
 
@@ -57,6 +60,26 @@ impl RetainedStore {
     pub fn all(&self) -> Vec<Arc<Message>> {
         let mut out = Vec::with_capacity(self.count);
         all(&self.root, &mut out);
+        out
+    }
+
+    /// The retained message of `topic`.
+    pub fn get(&self, topic: &str) -> Option<Arc<Message>> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.clone()
+    }
+
+    /// Up to `limit` retained messages whose topics come after `after`, in level order (a
+    /// topic before those below it: `a`, `a/b`, `a/c`, `b`).
+    pub fn page_after(&self, after: Option<&str>, limit: usize) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        if limit > 0 {
+            let levels: Option<Vec<&str>> = after.map(|a| a.split('/').collect());
+            page(&self.root, levels.as_deref(), limit, &mut out);
+        }
         out
     }
 
@@ -111,6 +134,49 @@ fn walk(node: &Node, levels: &[&str], root: bool, out: &mut Vec<Arc<Message>>) {
                 walk(child, rest, false, out);
             }
         }
+    }
+}
+
+/// Messages at and below `node` in level order, after the path `after` (relative to `node`;
+/// `None`: all of them), until `out` holds `limit`.
+fn page(node: &Node, after: Option<&[&str]>, limit: usize, out: &mut Vec<Arc<Message>>) {
+    let rest = match after {
+        // At or above the cursor: this node's message comes before it.
+        Some(levels) => levels,
+        None => {
+            if let Some(m) = &node.message {
+                out.push(m.clone());
+            }
+            for child in node.children.values() {
+                if out.len() >= limit {
+                    return;
+                }
+                page(child, None, limit, out);
+            }
+            return;
+        }
+    };
+    let Some((first, below)) = rest.split_first() else {
+        // The cursor is this node: everything below it comes after.
+        for child in node.children.values() {
+            if out.len() >= limit {
+                return;
+            }
+            page(child, None, limit, out);
+        }
+        return;
+    };
+    if let Some(child) = node.children.get(*first) {
+        page(child, Some(below), limit, out);
+    }
+    let later = node
+        .children
+        .range::<str, _>((Bound::Excluded(*first), Bound::Unbounded));
+    for (_, child) in later {
+        if out.len() >= limit {
+            return;
+        }
+        page(child, None, limit, out);
     }
 }
 

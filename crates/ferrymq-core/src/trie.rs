@@ -108,6 +108,9 @@ pub struct SubscriptionTree {
     /// the broker's time on a repeated topic; a hit costs one hash of the topic.
     /// (SipHash: topics come from clients, so the cache must resist collision floods.)
     cache: RefCell<HashMap<Box<str>, Arc<[SubEntry]>>>,
+    /// Filter → subscriptions on it (plain and shared), in order: the admin API pages
+    /// through filters without walking the trie.
+    filters: std::collections::BTreeMap<Box<str>, u32>,
 }
 
 impl SubscriptionTree {
@@ -153,8 +156,28 @@ impl SubscriptionTree {
         } else {
             list.push(entry);
             self.count += 1;
+            *self.filters.entry(filter.into()).or_default() += 1;
             false
         }
+    }
+
+    /// Up to `limit` subscribed filters after `after`, with their subscription counts, and
+    /// the cursor for the next page.
+    pub fn filters_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(String, u32)>, Option<String>) {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = self.filters.range::<str, _>((from, Bound::Unbounded));
+        let items: Vec<(String, u32)> = it
+            .by_ref()
+            .take(limit)
+            .map(|(f, n)| (f.to_string(), *n))
+            .collect();
+        let next = it.next().and(items.last()).map(|(f, _)| f.clone());
+        (items, next)
     }
 
     /// Removes the subscription of `session` on `filter`; true when it existed.
@@ -164,6 +187,12 @@ impl SubscriptionTree {
         let removed = remove_at(&mut self.root, &levels, group, session);
         if removed {
             self.count -= 1;
+            if let Some(n) = self.filters.get_mut(filter) {
+                *n -= 1;
+                if *n == 0 {
+                    self.filters.remove(filter);
+                }
+            }
         }
         removed
     }

@@ -687,7 +687,7 @@ fn a_queue_snapshot_is_the_queue_at_its_checkpoint_and_a_lost_one_is_void() {
         let r = h.restart_losing_snapshot();
         assert_eq!(r.void_checkpoints, 1, "{r:?}");
         assert!(r
-            .void_reason
+            .snapshot_error
             .as_deref()
             .is_some_and(|w| w.contains("no snapshot")));
     });
@@ -703,4 +703,30 @@ fn a_queue_snapshot_is_the_queue_at_its_checkpoint_and_a_lost_one_is_void() {
         want,
         "restart from an inline checkpoint"
     );
+}
+
+/// The driver finds the snapshot a checkpoint names from its records alone (to check it is
+/// there before replaying from that checkpoint, and to keep only the files replay needs).
+#[test]
+fn the_snapshot_a_checkpoint_names_is_found_in_its_records() {
+    for id in [0, 1, 127, 128, 300, 1 << 40, u64::MAX] {
+        let mut h = setup(|_| {});
+        h.publish(2, "jobs/a", "x");
+        h.flush();
+        let begin = h.log.lock().unwrap().len();
+        let (_, snapshot) =
+            h.b.checkpoint_in_chunks(&mut h.out, usize::MAX, &mut |_| {}, id)
+                .unwrap();
+        assert_eq!(snapshot.map(|s| s.id()), Some(id));
+        h.flush();
+        let log = h.log.lock().unwrap();
+        let named: Vec<u64> = log[begin..]
+            .iter()
+            .filter_map(|r| queue_snapshot_named(r))
+            .collect();
+        assert_eq!(named, vec![id]);
+        assert!(log[..begin]
+            .iter()
+            .all(|r| queue_snapshot_named(r).is_none()));
+    }
 }

@@ -1,5 +1,6 @@
-//! Admin HTTP: `/health`, `/metrics`, `/api/v1/alarms`, and the work-queue REST API under
-//! `/api/v1/queues` (`queue_api.rs`; every route is in docs/api.md).
+//! Admin HTTP: `/health`, `/ready`, `/metrics`, `/api/v1/alarms`, the work-queue REST API
+//! under `/api/v1/queues` (`queue_api.rs`), and the views of clients, subscriptions and
+//! retained messages (`views_api.rs`); every route is in docs/api.md.
 
 use std::sync::Arc;
 
@@ -18,18 +19,22 @@ pub(crate) struct AdminState {
     pub router: mpsc::Sender<ToRouter>,
     pub net: Arc<NetMetrics>,
     pub alarms: Alarms,
+    /// Set when the server starts shutting down: `/ready` answers 503 from then on.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 pub(crate) fn app(state: AdminState) -> axum::Router {
     axum::Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/alarms", get(alarms))
         .merge(crate::queue_api::routes())
+        .merge(crate::views_api::routes())
         .with_state(state)
 }
 
-async fn snapshot(state: &AdminState) -> Option<crate::metrics::EngineSnapshot> {
+pub(crate) async fn snapshot(state: &AdminState) -> Option<crate::metrics::EngineSnapshot> {
     let (tx, rx) = oneshot::channel();
     state.router.send(ToRouter::Snapshot(tx)).await.ok()?;
     tokio::time::timeout(std::time::Duration::from_secs(5), rx)
@@ -56,6 +61,27 @@ async fn health(State(state): State<AdminState>) -> impl IntoResponse {
             "{\"status\":\"unavailable\"}".to_string(),
         ),
     }
+}
+
+/// 200 once the broker serves: its listeners are bound and its log recovered (both happen
+/// before this listener starts), it is not shutting down, and the router answers; 503
+/// otherwise, with the reason. For load balancers and orchestrators.
+async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    let json = || [(header::CONTENT_TYPE, "application/json")];
+    let not_ready = |why: &str| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json(),
+            serde_json::json!({ "status": "not ready", "reason": why }).to_string(),
+        )
+    };
+    if *state.stopping.borrow() {
+        return not_ready("shutting down");
+    }
+    if snapshot(&state).await.is_none() {
+        return not_ready("the router does not answer");
+    }
+    (StatusCode::OK, json(), "{\"status\":\"ready\"}".to_string())
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

@@ -30,6 +30,7 @@ mod queue_api;
 pub mod queue_spec;
 mod resources;
 mod router;
+mod views_api;
 mod violations;
 
 use std::net::SocketAddr;
@@ -190,6 +191,7 @@ impl Server {
             router: tx.clone(),
             net,
             alarms,
+            stopping: stop_rx.clone(),
         };
         let mut stop_http = stop_rx;
         let admin = tokio::spawn(async move {

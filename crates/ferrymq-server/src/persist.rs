@@ -250,6 +250,11 @@ pub(crate) struct Persistence {
     log_dir: PathBuf,
     /// The pending checkpoint's queue snapshot, being written on its own thread.
     snapshot: Option<SnapshotJob>,
+    /// The snapshot of the checkpoint replay starts at (the pointer's), and older ones that
+    /// go once the next checkpoint is adopted: each file is removed by its id, never by a
+    /// listing (which would race with a snapshot being written).
+    adopted_snapshot: Option<u64>,
+    old_snapshots: Vec<u64>,
     /// Held for the process's lifetime: a second broker on the same data_dir would corrupt it.
     _lock: File,
 }
@@ -323,16 +328,14 @@ impl Persistence {
                  and nothing valid followed (a write cut short by a crash or a power loss)"
             );
         }
-        // A crash while a queue snapshot was written leaves its unfinished file.
-        if let Err(e) = ferrymq_store::remove_snapshots(&log_dir, &|_| true) {
-            tracing::warn!(error = %e, "removing unfinished queue snapshots failed");
-        }
         let mut records = Vec::new();
         // The snapshot of the checkpoint replay starts at, read while checking it is there.
         let mut preloaded: Option<(u64, Vec<bytes::Bytes>)> = None;
+        // The snapshot of the checkpoint the pointer names: in use until the next one.
+        let mut pointed_snapshot: Option<u64> = None;
         if let Some(at) = pointed.filter(|at| *at >= log.start().0) {
             match log.read_from(Offset(at)) {
-                Ok(r)
+                Ok(mut r)
                     if r.first()
                         .is_some_and(|(_, rec)| ferrymq_core::is_checkpoint_begin(rec)) =>
                 {
@@ -340,21 +343,23 @@ impl Persistence {
                         .iter()
                         .take_while(|(_, rec)| !ferrymq_core::is_checkpoint_end(rec))
                         .find_map(|(_, rec)| ferrymq_core::queue_snapshot_named(rec));
+                    pointed_snapshot = named;
                     match named.map(|id| (id, ferrymq_store::read_snapshot(&log_dir, id))) {
-                        None => records = r,
-                        Some((id, Ok(snapshot))) => {
-                            preloaded = Some((id, snapshot));
-                            records = r;
-                        }
+                        Some((id, Ok(snapshot))) => preloaded = Some((id, snapshot)),
+                        // The whole history is still there: replaying it all loses nothing.
+                        Some((_, Err(_))) if log.start().0 == 0 => r.clear(),
                         Some((id, Err(e))) => tracing::error!(
                             offset = at,
                             error = %e,
                             path = %ferrymq_store::snapshot_path(&log_dir, id).display(),
                             "the checkpoint the pointer names has lost its queue snapshot \
-                             (the file was removed or damaged): replaying the whole log; \
-                             queue messages only that snapshot held are lost"
+                             (the file was removed or damaged by something else than the \
+                             broker): its sessions, retained messages and queue definitions \
+                             are kept; the queue messages only that snapshot held are lost"
                         ),
+                        None => {}
                     }
+                    records = r;
                 }
                 _ => tracing::warn!(
                     offset = at,
@@ -362,30 +367,53 @@ impl Persistence {
                 ),
             }
         }
+        // Replaying from a checkpoint, or from the very first record: what comes before
+        // either is whole (a checkpoint whose snapshot is missing may then be ignored).
+        let pointer_used = !records.is_empty();
+        let whole_history = !pointer_used && log.start().0 == 0;
         if records.is_empty() {
             records = log
                 .read_from(log.start())
                 .map_err(|e| recovery_error(e.to_string()))?;
         }
         let log_bytes: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
-        let report =
-            broker
-                .restore_with(records.iter().map(|(_, r)| r.as_ref()), now, &mut |id| {
-                    match preloaded.take() {
-                        Some((p, snapshot)) if p == id => Ok(snapshot),
-                        _ => ferrymq_store::read_snapshot(&log_dir, id).map_err(|e| e.to_string()),
-                    }
-                })
-                .map_err(|e| recovery_error(e.to_string()))?;
+        // The snapshots the replayed checkpoints name: any other file is of no use.
+        let named: Vec<u64> = records
+            .iter()
+            .filter_map(|(_, r)| ferrymq_core::queue_snapshot_named(r))
+            .collect();
+        let report = broker
+            .restore_with(
+                records.iter().map(|(_, r)| r.as_ref()),
+                now,
+                whole_history,
+                &mut |id| match preloaded.take() {
+                    Some((p, snapshot)) if p == id => Ok(snapshot),
+                    _ => ferrymq_store::read_snapshot(&log_dir, id).map_err(|e| e.to_string()),
+                },
+            )
+            .map_err(|e| recovery_error(e.to_string()))?;
         drop(records);
         if report.void_checkpoints > 0 {
             // A crash before a checkpoint's snapshot was whole: the state before that
             // checkpoint, still in the log, stands with everything after it.
             tracing::warn!(
                 checkpoints = report.void_checkpoints,
-                reason = report.void_reason.as_deref().unwrap_or(""),
+                reason = report.snapshot_error.as_deref().unwrap_or(""),
                 "ignored checkpoints whose queue snapshot was not written whole"
             );
+        }
+        if report.lost_snapshots > 0 {
+            tracing::error!(
+                checkpoints = report.lost_snapshots,
+                reason = report.snapshot_error.as_deref().unwrap_or(""),
+                "checkpoints applied without their queue snapshot: the queue messages only \
+                 those snapshots held are lost"
+            );
+        }
+        // (No snapshot is being written yet: unfinished files are a crash's.)
+        if let Err(e) = ferrymq_store::remove_snapshots(&log_dir, &|id| named.contains(&id), true) {
+            tracing::warn!(error = %e, "removing unused queue snapshots failed");
         }
         if report.skipped > 0 || report.incomplete_checkpoint {
             tracing::warn!(
@@ -492,6 +520,12 @@ impl Persistence {
             pointer,
             log_dir,
             snapshot: None,
+            adopted_snapshot: pointed_snapshot.filter(|_| pointer_used),
+            old_snapshots: named
+                .iter()
+                .copied()
+                .filter(|id| !(pointer_used && Some(*id) == pointed_snapshot))
+                .collect(),
             _lock: lock,
         };
         Ok((persistence, recovered))
@@ -533,12 +567,13 @@ impl Persistence {
             // hundreds of megabytes, and it would otherwise sit in memory whole.
             let mut first = true;
             let mut bytes = 0u64;
-            let written = broker.checkpoint_in_chunks(out, CHECKPOINT_CHUNK, &mut |o| {
+            let flush = &mut |o: &mut Outbox| {
                 let (framed, count) = o.journal.take();
                 bytes += framed.len() as u64;
                 self.submit(framed, count, first);
                 first = false;
-            });
+            };
+            let written = broker.checkpoint_in_chunks(out, CHECKPOINT_CHUNK, flush, snapshot_id());
             if let Some((begin, snapshot)) = written {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
                 // Queue entries written before the checkpoint point at records before it
@@ -712,7 +747,6 @@ impl Persistence {
             };
             if let Err(e) = &snapshot {
                 tracing::warn!(error = %e, "writing the queue snapshot failed: the checkpoint is not used, and the log before it stays");
-                let _ = ferrymq_store::remove_snapshots(&self.log_dir, &|_| true);
             }
             if let (true, Ok(snapshot)) = (at > 0, snapshot) {
                 // Replay starts here from now on; then segments wholly before both the
@@ -724,16 +758,21 @@ impl Persistence {
                 if synced.is_ok() {
                     match write_pointer(&self.pointer, at - 1) {
                         Ok(()) => {
-                            // Replay starts at this checkpoint now: older snapshots are
-                            // not needed.
-                            if let Err(e) = ferrymq_store::remove_snapshots(&self.log_dir, &|id| {
-                                Some(id) == snapshot
-                            }) {
-                                tracing::warn!(error = %e, "removing old queue snapshots failed");
+                            // Replay starts at this checkpoint now: the snapshots before
+                            // it are not needed.
+                            if let Some(old) =
+                                std::mem::replace(&mut self.adopted_snapshot, snapshot)
+                            {
+                                self.old_snapshots.push(old);
                             }
+                            let old = std::mem::take(&mut self.old_snapshots);
+                            remove_snapshots_later(self.log_dir.clone(), old);
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "writing the checkpoint pointer failed")
+                            tracing::warn!(error = %e, "writing the checkpoint pointer failed");
+                            // Replay still starts at the older checkpoint; this one's
+                            // snapshot goes with the next adoption.
+                            self.old_snapshots.extend(snapshot);
                         }
                     }
                 }
@@ -1045,4 +1084,44 @@ fn write_snapshot(
     }
     let bytes = w.finish().map_err(|e| e.to_string())?;
     Ok((bytes, floor))
+}
+
+/// A new snapshot's id: random, so that no file of an earlier run, or of a log that a crash
+/// or `ferrymq recover` cut or renumbered, is ever taken for it.
+fn snapshot_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // No randomness: the clock is unique enough for one process's checkpoints.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return nanos;
+    }
+    u64::from_be_bytes(b)
+}
+
+/// Removes the snapshot files `ids` on a thread (a snapshot can be hundreds of megabytes
+/// to unlink).
+fn remove_snapshots_later(dir: PathBuf, ids: Vec<u64>) {
+    if ids.is_empty() {
+        return;
+    }
+    let remove = move || {
+        for id in ids {
+            let path = ferrymq_store::snapshot_path(&dir, id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "removing an old queue snapshot failed")
+                }
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("ferrymq-snapshot-rm".into())
+        .spawn(remove)
+    {
+        tracing::warn!(error = %e, "removing old queue snapshots failed");
+    }
 }

@@ -49,8 +49,8 @@ pub(crate) fn routes() -> axum::Router<AdminState> {
 /// A failed request: its status and `{"error", "field"?, "queue"?}`.
 #[derive(Debug)]
 pub(crate) struct ApiError {
-    status: StatusCode,
-    body: Value,
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
 }
 
 impl ApiError {
@@ -530,7 +530,7 @@ fn set_json_filter(q: &mut DeadLetterQuery, key: &str, value: Value) -> Result<(
 }
 
 /// `a=1&b=x%2By` into decoded pairs (`+` is a space, as in HTML forms).
-fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     raw.split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
@@ -591,7 +591,7 @@ fn dead_letter_json(v: &DeadLetterView) -> Value {
 }
 
 /// A message's own properties: user properties in order, and the others it has.
-fn properties_json(p: &ferrymq_mqtt::Properties) -> Value {
+pub(crate) fn properties_json(p: &ferrymq_mqtt::Properties) -> Value {
     let user_properties: Vec<Value> = p
         .user_properties
         .iter()
@@ -622,7 +622,7 @@ fn properties_json(p: &ferrymq_mqtt::Properties) -> Value {
 }
 
 /// Standard base64 with padding (RFC 4648), for binary payloads in JSON.
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

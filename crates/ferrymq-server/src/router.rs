@@ -55,6 +55,12 @@ pub(crate) enum ToRouter {
         command: QueueCommand,
         reply: oneshot::Sender<QueueResult>,
     },
+    /// A view or admin action from the REST API (`views_api.rs`), answered like a queue
+    /// command.
+    Admin {
+        command: crate::views_api::AdminCommand,
+        reply: oneshot::Sender<crate::views_api::AdminReply>,
+    },
     Shutdown(oneshot::Sender<()>),
     /// Test hook, in debug builds only: the router panics, as a broken engine invariant would.
     /// Sent only by [`crate::Server::panic_router`]; nothing on the network can send it.
@@ -395,10 +401,11 @@ pub(crate) struct Router {
     queue_answers: Vec<QueueAnswer>,
 }
 
-/// The answer to a [`ToRouter::Queue`] command, waiting for its records.
+/// The answer to a [`ToRouter::Queue`] or [`ToRouter::Admin`] command, waiting for its
+/// records.
 struct QueueAnswer {
-    reply: oneshot::Sender<QueueResult>,
-    result: QueueResult,
+    /// Sends the answer (the HTTP side may have given up: nothing to do then).
+    send: Box<dyn FnOnce() + Send>,
     /// The command made journal records: the answer waits for them.
     wrote: bool,
     /// The persistence ticket that covers them, once the step's records were submitted.
@@ -621,7 +628,7 @@ impl Router {
                 self.queue_answers.push(a);
             } else {
                 // The HTTP side may have given up (its timeout): nothing to do then.
-                let _ = a.reply.send(a.result);
+                (a.send)();
             }
         }
     }
@@ -1107,8 +1114,21 @@ impl Router {
                 let result =
                     crate::queue_admin::execute(&mut self.broker, command, now, &mut self.out);
                 self.queue_answers.push(QueueAnswer {
-                    reply,
-                    result,
+                    send: Box::new(move || {
+                        let _ = reply.send(result);
+                    }),
+                    wrote: self.out.journal.len() != records,
+                    ticket: None,
+                });
+            }
+            ToRouter::Admin { command, reply } => {
+                let records = self.out.journal.len();
+                let result =
+                    crate::views_api::execute(&mut self.broker, command, now, &mut self.out);
+                self.queue_answers.push(QueueAnswer {
+                    send: Box::new(move || {
+                        let _ = reply.send(result);
+                    }),
                     wrote: self.out.journal.len() != records,
                     ticket: None,
                 });

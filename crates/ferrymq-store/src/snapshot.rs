@@ -31,10 +31,11 @@ pub fn snapshot_path(dir: &Path, id: u64) -> PathBuf {
 }
 
 /// Writes one snapshot file: records in, [`SnapshotWriter::finish`] makes it durable and
-/// visible. Dropped unfinished, it leaves only a `.tmp` file (removed by
-/// [`remove_snapshots`]).
+/// visible. Dropped unfinished (an error), it removes its `.tmp` file; a crash leaves it,
+/// for [`remove_snapshots`] at the next start.
 pub struct SnapshotWriter {
-    out: BufWriter<File>,
+    /// `None` once finished.
+    out: Option<BufWriter<File>>,
     tmp: PathBuf,
     path: PathBuf,
     crc: u32,
@@ -46,9 +47,16 @@ impl SnapshotWriter {
     pub fn create(dir: &Path, id: u64) -> Result<SnapshotWriter, StoreError> {
         let path = snapshot_path(dir, id);
         let tmp = path.with_extension("snap.tmp");
+        // A file of that id from before (ids are meant to be unique; this makes sure) must
+        // not stand for this one if we die before ours is whole.
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove", &path)(e)),
+        }
         let file = File::create(&tmp).map_err(io("create", &tmp))?;
         let mut w = SnapshotWriter {
-            out: BufWriter::with_capacity(1 << 20, file),
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
             tmp,
             path,
             crc: 0,
@@ -77,7 +85,8 @@ impl SnapshotWriter {
         self.put(&self.count.to_be_bytes())?;
         let crc = self.crc;
         self.put(&crc.to_be_bytes())?;
-        let file = self.out.into_inner().map_err(|e| StoreError::Io {
+        let out = self.out.take().ok_or(StoreError::Stopped)?;
+        let file = out.into_inner().map_err(|e| StoreError::Io {
             op: "write",
             path: self.tmp.clone(),
             source: e.into_error(),
@@ -93,7 +102,17 @@ impl SnapshotWriter {
     fn put(&mut self, b: &[u8]) -> Result<(), StoreError> {
         self.crc = crc32c::crc32c_append(self.crc, b);
         self.bytes += b.len() as u64;
-        self.out.write_all(b).map_err(io("write", &self.tmp))
+        let out = self.out.as_mut().ok_or(StoreError::Stopped)?;
+        out.write_all(b).map_err(io("write", &self.tmp))
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            // Unfinished: a partial file is of no use, and may be large.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -144,9 +163,13 @@ pub fn list_snapshots(dir: &Path) -> Result<Vec<u64>, StoreError> {
     Ok(ids)
 }
 
-/// Removes every snapshot file in `dir` whose id `keep` refuses, and every unfinished one.
-/// Returns how many files went.
-pub fn remove_snapshots(dir: &Path, keep: &dyn Fn(u64) -> bool) -> Result<usize, StoreError> {
+/// Removes every snapshot file in `dir` whose id `keep` refuses, and with `unfinished` every
+/// unfinished one (only when none is being written: at start). Returns how many files went.
+pub fn remove_snapshots(
+    dir: &Path,
+    keep: &dyn Fn(u64) -> bool,
+    unfinished: bool,
+) -> Result<usize, StoreError> {
     let mut removed = 0;
     for e in std::fs::read_dir(dir).map_err(io("read dir", dir))? {
         let Ok(e) = e else { continue };
@@ -155,7 +178,7 @@ pub fn remove_snapshots(dir: &Path, keep: &dyn Fn(u64) -> bool) -> Result<usize,
         let stale = if let Some(id) = name.strip_suffix(SUFFIX) {
             id.parse::<u64>().is_ok_and(|id| !keep(id))
         } else {
-            name.ends_with(".snap.tmp")
+            unfinished && name.ends_with(".snap.tmp")
         };
         if stale {
             let path = e.path();
@@ -225,20 +248,27 @@ mod tests {
         assert_eq!(got, vec![&b"one"[..], b"", b"three"]);
         assert_eq!(list_snapshots(dir.path()).unwrap(), vec![42]);
 
-        // Dropped unfinished: only a .tmp file, which the cleanup removes with older ones.
+        // Dropped unfinished: its file goes; a crash would leave a .tmp, which the cleanup
+        // at start removes.
         let mut w = SnapshotWriter::create(dir.path(), 50).unwrap();
         w.write_framed(&framed(&[b"x"]), 1).unwrap();
         drop(w);
         assert!(read_snapshot(dir.path(), 50).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only 42");
+        std::fs::write(dir.path().join("00000000000000000050.snap.tmp"), b"partial").unwrap();
         let mut w = SnapshotWriter::create(dir.path(), 60).unwrap();
         w.write_framed(&framed(&[b"y"]), 1).unwrap();
         w.finish().unwrap();
         assert_eq!(
-            remove_snapshots(dir.path(), &|_| true).unwrap(),
+            remove_snapshots(dir.path(), &|_| true, true).unwrap(),
             1,
             "the unfinished one"
         );
-        assert_eq!(remove_snapshots(dir.path(), &|id| id == 60).unwrap(), 1);
+        assert_eq!(remove_snapshots(dir.path(), &|_| true, false).unwrap(), 0);
+        assert_eq!(
+            remove_snapshots(dir.path(), &|id| id == 60, false).unwrap(),
+            1
+        );
         assert_eq!(list_snapshots(dir.path()).unwrap(), vec![60]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -269,5 +299,36 @@ mod tests {
         let mut w = SnapshotWriter::create(dir.path(), 9).unwrap();
         assert!(w.write_framed(&framed(&[b"a"]), 2).is_err());
         assert!(w.write_framed(&[0, 0, 0, 9, 1], 1).is_err());
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// From the independent review: a snapshot file of an earlier run with the same id must
+    /// not stand for an unfinished one of this run (the broker now picks ids at random too).
+    #[test]
+    fn an_unfinished_snapshot_does_not_leave_an_older_one_of_the_same_id_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = |r: &[u8]| {
+            let mut f = (r.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(r);
+            f
+        };
+        let mut w = SnapshotWriter::create(dir.path(), 1000).unwrap();
+        w.write_framed(&one(b"entries of the previous run"), 1)
+            .unwrap();
+        w.finish().unwrap();
+        let mut w = SnapshotWriter::create(dir.path(), 1000).unwrap();
+        w.write_framed(&one(b"entries of this run"), 1).unwrap();
+        drop(w);
+        remove_snapshots(dir.path(), &|_| true, true).unwrap();
+        let got = read_snapshot(dir.path(), 1000);
+        assert!(
+            got.is_err(),
+            "this run's unfinished snapshot 1000 reads as the previous run's: {got:?}"
+        );
     }
 }

@@ -29,7 +29,7 @@ impl Broker {
     /// (work queues aside: [`Broker::queue_floor`]). Returns how many records `out.journal`
     /// held before `CheckpointBegin`.
     pub fn checkpoint(&mut self, out: &mut Outbox) -> Option<u64> {
-        self.write_checkpoint(out, usize::MAX, &mut |_| {}, false)
+        self.write_checkpoint(out, usize::MAX, &mut |_| {}, None)
             .map(|(begin, _)| begin)
     }
 
@@ -38,7 +38,8 @@ impl Broker {
     /// state never sits in memory twice whole; and with the queues' entries (millions, in a
     /// large backlog) not written here but taken as a [`QueueSnapshot`] that the driver
     /// writes on another thread, beside the log, while the engine goes on. The checkpoint
-    /// names the snapshot; the driver must treat the checkpoint as durable only once the
+    /// names the snapshot `snapshot_id` (the driver's choice: unique, so that no file of
+    /// an earlier run or another history is ever taken for it); the driver must treat the checkpoint as durable only once the
     /// snapshot is too (a checkpoint whose snapshot is missing is void on replay, see
     /// [`Broker::restore_with`]). The driver appends the chunks in order; a crash between
     /// them leaves an unfinished checkpoint, which replay ignores.
@@ -47,8 +48,9 @@ impl Broker {
         out: &mut Outbox,
         chunk_bytes: usize,
         flush: &mut dyn FnMut(&mut Outbox),
+        snapshot_id: u64,
     ) -> Option<(u64, Option<QueueSnapshot>)> {
-        self.write_checkpoint(out, chunk_bytes, flush, true)
+        self.write_checkpoint(out, chunk_bytes, flush, Some(snapshot_id))
     }
 
     fn write_checkpoint(
@@ -56,13 +58,12 @@ impl Broker {
         out: &mut Outbox,
         chunk_bytes: usize,
         flush: &mut dyn FnMut(&mut Outbox),
-        snapshot: bool,
+        snapshot: Option<u64>,
     ) -> Option<(u64, Option<QueueSnapshot>)> {
         let j = self.journal.as_mut()?;
         // Every message body is written again in the new generation.
         j.generation += 1;
         let begin = out.journal.len();
-        let id = j.next_offset;
         let (next_session, next_message) = (self.next_session, self.next_message_id);
         j.push(out, |b| {
             format::encode_checkpoint_begin(b, next_session, next_message)
@@ -88,7 +89,7 @@ impl Broker {
             }
         }
         let mut taken = None;
-        if snapshot && !images.is_empty() {
+        if let Some(id) = snapshot.filter(|_| !images.is_empty()) {
             j.push(out, |b| format::encode_queue_snapshot(b, id));
             // Known once the snapshot is written (`QueueSnapshot::write`).
             self.queues.checkpoint_floor = None;
@@ -129,8 +130,7 @@ pub struct QueueSnapshot {
 }
 
 impl QueueSnapshot {
-    /// What the checkpoint calls it (the log offset of its `CheckpointBegin`): replay asks
-    /// for it by this number.
+    /// What the checkpoint calls it (the driver chose it): replay asks for it by this number.
     pub fn id(&self) -> u64 {
         self.id
     }

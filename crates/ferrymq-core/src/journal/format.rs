@@ -99,7 +99,7 @@ pub(super) enum Tag {
     QDeadLetter = 32,
     /// Many waiting entries of one queue without failures, packed (checkpoints).
     QEntries = 33,
-    /// snapshot id u64 (its checkpoint's first offset): inside a checkpoint, where the
+    /// snapshot id u64 (unique, chosen by the driver): inside a checkpoint, where the
     /// queues' entries go; they are in a snapshot file beside the log, written off the
     /// router (`checkpoint.rs`)
     QueueSnapshot = 34,

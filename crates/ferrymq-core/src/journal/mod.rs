@@ -60,11 +60,9 @@ pub fn is_checkpoint_end(record: &[u8]) -> bool {
 /// (the driver checks that the snapshot a checkpoint needs is there before it starts a
 /// replay at that checkpoint).
 pub fn queue_snapshot_named(record: &[u8]) -> Option<u64> {
-    match record {
-        [tag, id @ ..] if *tag == format::Tag::QueueSnapshot as u8 && id.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(id);
-            Some(u64::from_be_bytes(b))
+    match record.split_first() {
+        Some((tag, id)) if *tag == format::Tag::QueueSnapshot as u8 => {
+            format::Fields::new(id).u64().ok()
         }
         _ => None,
     }
@@ -102,9 +100,14 @@ pub struct RestoreReport {
     /// The log ended inside a checkpoint (a crash while writing it); it was ignored.
     pub incomplete_checkpoint: bool,
     /// Checkpoints ignored because their queue snapshot was missing or damaged (a crash
-    /// before it was durable), and why the last one was.
+    /// before it was durable; the state before them stood).
     pub void_checkpoints: u64,
-    pub void_reason: Option<String>,
+    /// Checkpoints applied without their queue snapshot, because no whole state came before
+    /// them to fall back to: their queue entries are lost (a snapshot file removed or
+    /// damaged by something else than the broker).
+    pub lost_snapshots: u64,
+    /// Why the last snapshot could not be read.
+    pub snapshot_error: Option<String>,
 }
 
 /// Journal records of one or more engine calls, each framed as `length u32 | record`: the

@@ -16,7 +16,7 @@ use crate::{Broker, Message, SessionId, Time, SESSION_NEVER_EXPIRES};
 /// (still in the log, as nothing is reclaimed before a checkpoint is durable) stands.
 struct Saved {
     sessions: HashMap<SessionId, Box<Session>>,
-    by_client_id: std::collections::HashMap<Arc<str>, SessionId>,
+    by_client_id: std::collections::BTreeMap<Arc<str>, SessionId>,
     subs: crate::SubscriptionTree,
     retained: crate::RetainedStore,
     queues: crate::queues::Queues,
@@ -60,24 +60,36 @@ impl Broker {
         records: impl IntoIterator<Item = &'a [u8]>,
         now: Time,
     ) -> Result<RestoreReport, JournalError> {
-        self.restore_with(records, now, &mut |_| {
+        self.restore_with(records, now, true, &mut |_| {
             Err("no queue snapshots were given to replay".into())
         })
     }
 
     /// [`Broker::restore`], with `snapshots` giving the records of queue snapshot `id`
     /// (written by [`QueueSnapshot::write`](super::QueueSnapshot::write)) when a checkpoint
-    /// names one. A checkpoint whose snapshot cannot be had is void: the state before it
-    /// stands and the records after it apply to that (nothing before a checkpoint is
-    /// reclaimed until its snapshot is durable, so that state is whole).
+    /// names one. `whole_history`: the records start at the beginning of the log's history
+    /// (nothing was ever reclaimed before them).
+    ///
+    /// A checkpoint whose snapshot cannot be had is *void* when the state before it is
+    /// whole (the history so far, or a checkpoint read whole): that state stands and the
+    /// records after it apply to it — the driver reclaims nothing before a checkpoint until
+    /// its snapshot is durable, so this is the crash-before-the-snapshot case. Otherwise
+    /// (replay starts at that checkpoint, or after reclaimed history) it is applied without
+    /// its queue entries, which are lost and counted (`lost_snapshots`): its sessions,
+    /// retained messages and queue definitions are kept.
     pub fn restore_with<'a>(
         &mut self,
         records: impl IntoIterator<Item = &'a [u8]>,
         now: Time,
+        whole_history: bool,
         snapshots: &mut dyn FnMut(u64) -> Result<Vec<bytes::Bytes>, String>,
     ) -> Result<RestoreReport, JournalError> {
         let mut bodies = Bodies::default();
         let mut saved: Option<Saved> = None;
+        // Whether the state built so far is whole: what a void checkpoint falls back to.
+        let mut whole = whole_history;
+        // Whether the checkpoint being read may be void (the state before it was whole).
+        let mut may_void = false;
         // Why the checkpoint being read is void, if it is.
         let mut void: Option<String> = None;
         let mut r = RestoreReport::default();
@@ -120,6 +132,7 @@ impl Broker {
                     }
                     // A void checkpoint cut short is over: this one stands on its own.
                     void = None;
+                    may_void = whole;
                     bodies.messages.clear();
                     self.next_session = self.next_session.max(next_session);
                     self.next_message_id = self.next_message_id.max(next_message);
@@ -151,16 +164,21 @@ impl Broker {
                                 }
                             }
                         }
-                        Err(e) => void = Some(format!("queue snapshot {id}: {e}")),
+                        Err(e) if may_void => void = Some(format!("queue snapshot {id}: {e}")),
+                        Err(e) => {
+                            r.lost_snapshots += 1;
+                            r.snapshot_error = Some(format!("queue snapshot {id}: {e}"));
+                        }
                     }
                 }
                 Decoded::CheckpointEnd => {
                     if let (Some(why), Some(before)) = (void.take(), saved.take()) {
                         before.put_back(self);
                         r.void_checkpoints += 1;
-                        r.void_reason = Some(why);
+                        r.snapshot_error = Some(why);
                     }
                     saved = None;
+                    whole = true;
                 }
             }
         }

@@ -38,5 +38,6 @@ mod sys_topics;
 mod takeover;
 mod topic_alias;
 mod topic_levels_limit;
+mod views_api;
 mod will;
 mod work_queue;
