@@ -34,7 +34,7 @@ cleanup() { [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null; wait 2>/dev/null || tru
 trap cleanup EXIT
 start() {
   "$BIN" serve --config "$DATA/ferrymq.toml" --mqtt "127.0.0.1:$MQTT" --http "127.0.0.1:$HTTP" \
-    --data-dir "$DATA/data" --log-level warn 2>>"$DATA/broker.log" &
+    --data-dir "$DATA/data" --log-level info 2>>"$DATA/broker.log" &
   PID=$!
 }
 wait_accepting() {

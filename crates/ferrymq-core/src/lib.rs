@@ -35,7 +35,10 @@ pub mod workqueue;
 
 pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
 pub use config::{BrokerConfig, QueueFull};
-pub use journal::{is_checkpoint_begin, JournalBuf, JournalError, RestoreReport};
+pub use journal::{
+    is_checkpoint_begin, is_checkpoint_end, queue_snapshot_named, JournalBuf, JournalError,
+    QueueSnapshot, RestoreReport,
+};
 pub use message::Message;
 pub use retained::RetainedStore;
 pub use trie::{Lookup, Matches, SharedGroup, SubEntry, SubscriptionTree};

@@ -437,10 +437,17 @@ fn a_backlog_past_the_memory_budget_is_read_back_from_the_log() {
     // A checkpoint and a restart hold positions, not messages; the consumer gets them all,
     // in order, read back from the log.
     h.checkpoint();
+    h.write_snapshot();
+    assert_eq!(
+        h.snapshot_floor,
+        h.b.queue_floor(),
+        "the floor found while writing the snapshot is the queue's"
+    );
+    h.inline_checkpoint();
     assert_eq!(
         h.b.checkpoint_queue_floor(),
         h.b.queue_floor(),
-        "the floor found while writing the checkpoint is the queue's"
+        "the floor found while writing an inline checkpoint is the queue's"
     );
     h.restart();
     assert_eq!(h.view("jobs").cached_bytes, 0);
@@ -570,4 +577,130 @@ fn a_checkpoint_of_a_large_backlog_keeps_order_failures_and_delays() {
             .map(|v| v.stats.redelivered)
             .unwrap();
     assert_eq!(failures, 2);
+}
+
+/// What a fresh consumer drains from `jobs`, acking all: (payload, attempt), sorted, with the
+/// queue's depth, delayed count and dead letter ids before it starts.
+fn drained(h: &mut H) -> (u64, usize, Vec<u64>, Vec<(String, String)>) {
+    let v = h.view("jobs");
+    let dead: Vec<u64> = h.dead("jobs").iter().map(|d| d.dead.entry.id).collect();
+    h.tick_to(10_000);
+    h.connect(9, "drain", V5, 1000, false);
+    h.subscribe(9, "$queue/jobs", QoS::AtLeastOnce);
+    let mut got = Vec::new();
+    loop {
+        let batch = h.got(9);
+        if batch.is_empty() {
+            break;
+        }
+        for g in batch {
+            h.ack(9, g.pid.unwrap());
+            got.push((g.payload, g.attempt.unwrap_or_default()));
+        }
+    }
+    got.sort();
+    (v.depth, v.delayed, dead, got)
+}
+
+/// The history every run below shares: a backlog across several of the ring's chunks, with
+/// leased, failed, delayed and dead messages, a checkpoint, then everything changing after
+/// it (acks, new messages, a redrive, a new dead letter). `after` runs between the two.
+fn snapshot_history(after: impl FnOnce(&mut H)) -> H {
+    let mut h = setup(|d| {
+        d.backoff = Backoff::Fixed { delay_ms: 1_000 };
+        d.max_attempts = 3;
+    });
+    h.b.closed(ConnId(1), h.now, &mut h.out);
+    for i in 0..3_000 {
+        h.publish(2, "jobs/a", &format!("m{i:05}"));
+    }
+    h.connect(3, "c3", V5, 6, false);
+    h.subscribe(3, "$queue/jobs", QoS::AtLeastOnce);
+    let leased = h.got(3);
+    assert_eq!(leased.len(), 6);
+    h.ack(3, leased[0].pid.unwrap());
+    h.nack(
+        3,
+        leased[1].pid.unwrap(),
+        ReasonCode::UnspecifiedError,
+        "later",
+        None,
+    );
+    h.nack(
+        3,
+        leased[2].pid.unwrap(),
+        ReasonCode::PayloadFormatInvalid,
+        "bad",
+        None,
+    );
+    let _ = h.got(3);
+    h.checkpoint();
+    // Everything moves after the image was taken.
+    for g in &leased[3..] {
+        h.ack(3, g.pid.unwrap());
+    }
+    let more = h.got(3);
+    for g in &more {
+        h.ack(3, g.pid.unwrap());
+    }
+    h.b.closed(ConnId(3), h.now, &mut h.out);
+    for i in 0..500 {
+        h.publish(2, "jobs/a", &format!("n{i:05}"));
+    }
+    let dead = h.dead("jobs");
+    assert_eq!(dead.len(), 1);
+    h.b.redrive_dead_letters("jobs", &[dead[0].dead.entry.id], None, h.now, &mut h.out)
+        .unwrap();
+    h.connect(4, "c4", V5, 2, false);
+    h.subscribe(4, "$queue/jobs", QoS::AtLeastOnce);
+    let two = h.got(4);
+    h.nack(
+        4,
+        two[0].pid.unwrap(),
+        ReasonCode::PayloadFormatInvalid,
+        "bad again",
+        None,
+    );
+    h.b.closed(ConnId(4), h.now, &mut h.out);
+    after(&mut h);
+    h
+}
+
+/// A checkpoint's queue snapshot is the queues as they were at the checkpoint, whatever
+/// happens to them while it is written; and a crash before it is written leaves a void
+/// checkpoint whose replay gives the same state from the log before it.
+#[test]
+fn a_queue_snapshot_is_the_queue_at_its_checkpoint_and_a_lost_one_is_void() {
+    let mut live = snapshot_history(|_| {});
+    let want = drained(&mut live);
+    assert_eq!(want.3.len() as u64, want.0, "every waiting message drained");
+    assert!(want.0 > 2_000 && want.2.len() == 1);
+
+    let mut written = snapshot_history(|h| {
+        let r = h.restart();
+        assert_eq!((r.void_checkpoints, r.skipped), (0, 0), "{r:?}");
+    });
+    assert!(written.snapshots.len() == 1, "the snapshot was written");
+    assert_eq!(drained(&mut written), want, "restart from the snapshot");
+
+    let mut lost = snapshot_history(|h| {
+        let r = h.restart_losing_snapshot();
+        assert_eq!(r.void_checkpoints, 1, "{r:?}");
+        assert!(r
+            .void_reason
+            .as_deref()
+            .is_some_and(|w| w.contains("no snapshot")));
+    });
+    assert_eq!(drained(&mut lost), want, "restart without the snapshot");
+
+    // And a checkpoint with the entries in the log gives the same again.
+    let mut inline = snapshot_history(|h| {
+        h.inline_checkpoint();
+        h.restart();
+    });
+    assert_eq!(
+        drained(&mut inline),
+        want,
+        "restart from an inline checkpoint"
+    );
 }

@@ -21,7 +21,12 @@
 //!
 //! Compaction: once `compact_after_bytes` were written since the last checkpoint (and twice
 //! that checkpoint's size), the engine writes a checkpoint; once it is durable, segments
-//! wholly before it are deleted.
+//! wholly before it are deleted. The work queues' entries (millions in a large backlog) are
+//! not written in the router's step: the engine hands them over as a `QueueSnapshot`, which
+//! a thread writes to `{log}/{id:020}.snap` while routing goes on. The checkpoint counts as
+//! durable (the pointer moves to it, the log before it may go, older snapshot files are
+//! removed) only once both its records and its snapshot are; until then, or if writing the
+//! snapshot fails, replay ignores it (see `Broker::restore_with`).
 //!
 //! A full disk (issue 10): a write that finds no space (ENOSPC) leaves the log as it was (the
 //! store cuts a partial batch back) and the step's records unwritten. They are kept here, in
@@ -242,6 +247,9 @@ pub(crate) struct Persistence {
     pending_floor: Option<u64>,
     /// `{log}/CHECKPOINT`: where the newest durable checkpoint begins (replay starts there).
     pointer: PathBuf,
+    log_dir: PathBuf,
+    /// The pending checkpoint's queue snapshot, being written on its own thread.
+    snapshot: Option<SnapshotJob>,
     /// Held for the process's lifetime: a second broker on the same data_dir would corrupt it.
     _lock: File,
 }
@@ -315,14 +323,38 @@ impl Persistence {
                  and nothing valid followed (a write cut short by a crash or a power loss)"
             );
         }
+        // A crash while a queue snapshot was written leaves its unfinished file.
+        if let Err(e) = ferrymq_store::remove_snapshots(&log_dir, &|_| true) {
+            tracing::warn!(error = %e, "removing unfinished queue snapshots failed");
+        }
         let mut records = Vec::new();
+        // The snapshot of the checkpoint replay starts at, read while checking it is there.
+        let mut preloaded: Option<(u64, Vec<bytes::Bytes>)> = None;
         if let Some(at) = pointed.filter(|at| *at >= log.start().0) {
             match log.read_from(Offset(at)) {
                 Ok(r)
                     if r.first()
                         .is_some_and(|(_, rec)| ferrymq_core::is_checkpoint_begin(rec)) =>
                 {
-                    records = r;
+                    let named = r
+                        .iter()
+                        .take_while(|(_, rec)| !ferrymq_core::is_checkpoint_end(rec))
+                        .find_map(|(_, rec)| ferrymq_core::queue_snapshot_named(rec));
+                    match named.map(|id| (id, ferrymq_store::read_snapshot(&log_dir, id))) {
+                        None => records = r,
+                        Some((id, Ok(snapshot))) => {
+                            preloaded = Some((id, snapshot));
+                            records = r;
+                        }
+                        Some((id, Err(e))) => tracing::error!(
+                            offset = at,
+                            error = %e,
+                            path = %ferrymq_store::snapshot_path(&log_dir, id).display(),
+                            "the checkpoint the pointer names has lost its queue snapshot \
+                             (the file was removed or damaged): replaying the whole log; \
+                             queue messages only that snapshot held are lost"
+                        ),
+                    }
                 }
                 _ => tracing::warn!(
                     offset = at,
@@ -336,10 +368,25 @@ impl Persistence {
                 .map_err(|e| recovery_error(e.to_string()))?;
         }
         let log_bytes: u64 = records.iter().map(|(_, r)| r.len() as u64).sum();
-        let report = broker
-            .restore(records.iter().map(|(_, r)| r.as_ref()), now)
-            .map_err(|e| recovery_error(e.to_string()))?;
+        let report =
+            broker
+                .restore_with(records.iter().map(|(_, r)| r.as_ref()), now, &mut |id| {
+                    match preloaded.take() {
+                        Some((p, snapshot)) if p == id => Ok(snapshot),
+                        _ => ferrymq_store::read_snapshot(&log_dir, id).map_err(|e| e.to_string()),
+                    }
+                })
+                .map_err(|e| recovery_error(e.to_string()))?;
         drop(records);
+        if report.void_checkpoints > 0 {
+            // A crash before a checkpoint's snapshot was whole: the state before that
+            // checkpoint, still in the log, stands with everything after it.
+            tracing::warn!(
+                checkpoints = report.void_checkpoints,
+                reason = report.void_reason.as_deref().unwrap_or(""),
+                "ignored checkpoints whose queue snapshot was not written whole"
+            );
+        }
         if report.skipped > 0 || report.incomplete_checkpoint {
             tracing::warn!(
                 skipped = report.skipped,
@@ -443,6 +490,8 @@ impl Persistence {
             written_end: next_offset,
             pending_floor: None,
             pointer,
+            log_dir,
+            snapshot: None,
             _lock: lock,
         };
         Ok((persistence, recovered))
@@ -490,20 +539,29 @@ impl Persistence {
                 self.submit(framed, count, first);
                 first = false;
             });
-            if let Some(begin) = written {
+            if let Some((begin, snapshot)) = written {
                 debug_assert_eq!(begin, 0, "earlier records were submitted above");
-                // Queue entries written before the checkpoint point at records before it.
+                // Queue entries written before the checkpoint point at records before it
+                // (with a snapshot, its thread finds the floor).
                 self.pending_floor = broker.checkpoint_queue_floor();
                 let (framed, count) = out.journal.take();
                 bytes += framed.len() as u64;
                 self.last_checkpoint = bytes;
                 self.since_checkpoint = 0;
                 self.submit(framed, count, first);
-                // The router is stalled for this long (see the issue notes: incremental
-                // checkpoints are the fix if large backlogs make it matter).
+                let queue_messages = snapshot.as_ref().map_or(0, |s| s.messages());
+                if let Some(s) = snapshot {
+                    self.snapshot = Some(SnapshotJob::start(
+                        s,
+                        self.log_dir.clone(),
+                        self.durable.clone(),
+                    ));
+                }
+                // The router stalls this long (the queues' entries are written elsewhere).
                 tracing::info!(
                     bytes,
                     records = count,
+                    queue_messages,
                     took_ms = started.elapsed().as_millis() as u64,
                     "checkpoint written"
                 );
@@ -632,10 +690,31 @@ impl Persistence {
             }
             out.actions.push((conn, action));
         }
-        if self.checkpoint_ticket.is_some_and(|t| t <= durable) {
+        let snapshot_done = self.snapshot.as_ref().is_none_or(SnapshotJob::is_finished);
+        if snapshot_done && self.checkpoint_ticket.is_some_and(|t| t <= durable) {
             self.checkpoint_ticket = None;
             let at = self.durable.checkpoint.load(Ordering::Acquire);
-            if at > 0 {
+            // The checkpoint stands only with its queue snapshot whole on disk.
+            let snapshot = match self.snapshot.take().map(SnapshotJob::join) {
+                None => Ok(None),
+                Some(Ok(w)) => {
+                    tracing::info!(
+                        id = w.id,
+                        bytes = w.bytes,
+                        took_ms = w.millis,
+                        "queue snapshot written"
+                    );
+                    self.last_checkpoint += w.bytes;
+                    self.pending_floor = w.floor;
+                    Ok(Some(w.id))
+                }
+                Some(Err(e)) => Err(e),
+            };
+            if let Err(e) = &snapshot {
+                tracing::warn!(error = %e, "writing the queue snapshot failed: the checkpoint is not used, and the log before it stays");
+                let _ = ferrymq_store::remove_snapshots(&self.log_dir, &|_| true);
+            }
+            if let (true, Ok(snapshot)) = (at > 0, snapshot) {
                 // Replay starts here from now on; then segments wholly before both the
                 // checkpoint and every queue message still held can go.
                 let synced = match &mut self.writer {
@@ -643,8 +722,19 @@ impl Persistence {
                     Writer::Inline { log, .. } => log.sync(),
                 };
                 if synced.is_ok() {
-                    if let Err(e) = write_pointer(&self.pointer, at - 1) {
-                        tracing::warn!(error = %e, "writing the checkpoint pointer failed");
+                    match write_pointer(&self.pointer, at - 1) {
+                        Ok(()) => {
+                            // Replay starts at this checkpoint now: older snapshots are
+                            // not needed.
+                            if let Err(e) = ferrymq_store::remove_snapshots(&self.log_dir, &|id| {
+                                Some(id) == snapshot
+                            }) {
+                                tracing::warn!(error = %e, "removing old queue snapshots failed");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "writing the checkpoint pointer failed")
+                        }
                     }
                 }
                 let keep = self.pending_floor.take().map_or(at - 1, |f| f.min(at - 1));
@@ -789,6 +879,12 @@ impl Persistence {
         // Records a full disk kept back get one more try; if it fails, what waits on them is
         // never sent (it was never acknowledged, and the next start does without it).
         let written = matches!(self.retry(), Ok(true));
+        // A snapshot being written is finished (a later start can use its checkpoint).
+        if let Some(job) = self.snapshot.take() {
+            if let Err(e) = job.join() {
+                tracing::warn!(error = %e, "writing the queue snapshot failed");
+            }
+        }
         let Persistence {
             writer,
             mut held,
@@ -873,4 +969,80 @@ fn write_pointer(path: &Path, offset: u64) -> std::io::Result<()> {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// A queue snapshot being written to `{log}/{id:020}.snap` on a thread of its own.
+struct SnapshotJob {
+    /// Err: no thread could be started (the checkpoint is then not used).
+    thread: Result<std::thread::JoinHandle<Result<SnapshotWritten, String>>, String>,
+}
+
+/// A queue snapshot on disk, whole and synced.
+struct SnapshotWritten {
+    id: u64,
+    bytes: u64,
+    millis: u64,
+    /// The lowest log position its entries point at.
+    floor: Option<u64>,
+}
+
+impl SnapshotJob {
+    fn start(
+        snapshot: ferrymq_core::QueueSnapshot,
+        dir: PathBuf,
+        durable: Arc<Durable>,
+    ) -> SnapshotJob {
+        let id = snapshot.id();
+        let write = move || {
+            let started = Instant::now();
+            let result = write_snapshot(&snapshot, &dir);
+            drop(snapshot);
+            // The router finishes the checkpoint on its next step.
+            durable.notify.notify_one();
+            result.map(|(bytes, floor)| SnapshotWritten {
+                id,
+                bytes,
+                millis: started.elapsed().as_millis() as u64,
+                floor,
+            })
+        };
+        let thread = std::thread::Builder::new()
+            .name("ferrymq-snapshot".into())
+            .spawn(write)
+            .map_err(|e| format!("cannot start the snapshot thread: {e}"));
+        SnapshotJob { thread }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_ok_and(|t| t.is_finished()) || self.thread.is_err()
+    }
+
+    fn join(self) -> Result<SnapshotWritten, String> {
+        self.thread?
+            .join()
+            .unwrap_or_else(|_| Err("the snapshot thread panicked".into()))
+    }
+}
+
+/// Writes `snapshot` into `dir`; its size and floor.
+fn write_snapshot(
+    snapshot: &ferrymq_core::QueueSnapshot,
+    dir: &Path,
+) -> Result<(u64, Option<u64>), String> {
+    let mut w =
+        ferrymq_store::SnapshotWriter::create(dir, snapshot.id()).map_err(|e| e.to_string())?;
+    let mut failed = None;
+    let floor = snapshot.write(CHECKPOINT_CHUNK, &mut |buf| {
+        let (framed, count) = buf.take();
+        if failed.is_none() {
+            if let Err(e) = w.write_framed(&framed, count) {
+                failed = Some(e.to_string());
+            }
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let bytes = w.finish().map_err(|e| e.to_string())?;
+    Ok((bytes, floor))
 }

@@ -22,6 +22,8 @@
 //!   batch with a valid one after it, or any bad batch in a sealed segment, is damage: opening
 //!   fails naming the file and byte, nothing is cut, and [`recover`] keeps every valid batch
 //!   in a new log and moves the original aside.
+//! - Snapshot files (`snapshot.rs`) sit beside the segments: records a checkpoint keeps out
+//!   of the log, each file whole or absent.
 //! - The sparse index (first offset of a batch → file position, every 64 KiB) is an
 //!   optimisation only, built while scanning or appending; it is not yet stored on disk.
 
@@ -31,12 +33,16 @@ mod log;
 mod reader;
 mod recover;
 mod segment;
+mod snapshot;
 
 pub use commit::{CommitStats, Done, FsyncPolicy, GroupCommit};
 pub use error::StoreError;
 pub use log::{Log, LogConfig, Recovery, Released, TornTail};
 pub use reader::{LogReader, ReaderStats};
 pub use recover::{recover, Kept, RecoverReport, Skipped};
+pub use snapshot::{
+    list_snapshots, read_snapshot, remove_snapshots, snapshot_path, SnapshotWriter,
+};
 
 /// A record's position in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -222,6 +222,20 @@ pub fn recover(config: &LogConfig) -> Result<RecoverReport, StoreError> {
     }
     out.sync()?;
     drop(out);
+    // Checkpoints in the kept batches name their snapshot files by id (records keep their
+    // bytes): the whole, checked ones come along (copies; the originals stay aside).
+    for id in crate::list_snapshots(dir)? {
+        if crate::read_snapshot(dir, id).is_ok() {
+            let (from, to) = (
+                crate::snapshot_path(dir, id),
+                crate::snapshot_path(&tmp, id),
+            );
+            fs::copy(&from, &to).map_err(io("copy", &from))?;
+            fs::File::open(&to)
+                .and_then(|f| f.sync_all())
+                .map_err(io("sync", &to))?;
+        }
+    }
     sync_dir(&tmp)?;
     fs::rename(dir, &moved_to).map_err(io("rename", dir))?;
     fs::rename(&tmp, dir).map_err(io("rename", &tmp))?;

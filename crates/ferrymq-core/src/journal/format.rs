@@ -99,6 +99,10 @@ pub(super) enum Tag {
     QDeadLetter = 32,
     /// Many waiting entries of one queue without failures, packed (checkpoints).
     QEntries = 33,
+    /// snapshot id u64 (its checkpoint's first offset): inside a checkpoint, where the
+    /// queues' entries go; they are in a snapshot file beside the log, written off the
+    /// router (`checkpoint.rs`)
+    QueueSnapshot = 34,
 }
 
 impl Tag {
@@ -138,6 +142,7 @@ impl Tag {
             31 => QDiscard,
             32 => QDeadLetter,
             33 => QEntries,
+            34 => QueueSnapshot,
             _ => return None,
         })
     }
@@ -320,6 +325,11 @@ pub(crate) fn encode_checkpoint_begin(b: &mut Rec<'_>, next_session: u64, next_m
     b.put_u64(next_message);
 }
 
+pub(crate) fn encode_queue_snapshot(b: &mut Rec<'_>, id: u64) {
+    b.put_u8(Tag::QueueSnapshot as u8);
+    b.put_u64(id);
+}
+
 pub(crate) fn encode_checkpoint_end(b: &mut Rec<'_>) {
     b.put_u8(Tag::CheckpointEnd as u8);
 }
@@ -427,6 +437,10 @@ pub(crate) enum Decoded {
         next_message: u64,
     },
     CheckpointEnd,
+    /// The queues' entries of this checkpoint are snapshot `id`.
+    QueueSnapshot {
+        id: u64,
+    },
     /// A record naming a message whose body is not in the log (counted, harmless).
     UnknownMessage,
 }
@@ -458,6 +472,7 @@ pub(crate) fn decode(
             })
         }
         Tag::CheckpointEnd => return Ok(Decoded::CheckpointEnd),
+        Tag::QueueSnapshot => return Ok(Decoded::QueueSnapshot { id: f.u64()? }),
         Tag::Retain => match messages.message(f.u64()?) {
             Some(m) => Record::Retain(m),
             None => return Ok(Decoded::UnknownMessage),

@@ -40,6 +40,7 @@ mod tests;
 
 use bytes::{BufMut, BytesMut};
 
+pub use checkpoint::QueueSnapshot;
 pub(crate) use emit::Journal;
 pub(crate) use format::QUEUE_FRONT;
 pub(crate) use queue_format::read_queue_message;
@@ -48,6 +49,25 @@ pub(crate) use queue_format::read_queue_message;
 /// part-way through the log starts at one).
 pub fn is_checkpoint_begin(record: &[u8]) -> bool {
     record.first() == Some(&(format::Tag::CheckpointBegin as u8))
+}
+
+/// Whether a journal record ends a checkpoint.
+pub fn is_checkpoint_end(record: &[u8]) -> bool {
+    record.first() == Some(&(format::Tag::CheckpointEnd as u8))
+}
+
+/// The queue snapshot a journal record names, if it is a checkpoint's `QueueSnapshot` record
+/// (the driver checks that the snapshot a checkpoint needs is there before it starts a
+/// replay at that checkpoint).
+pub fn queue_snapshot_named(record: &[u8]) -> Option<u64> {
+    match record {
+        [tag, id @ ..] if *tag == format::Tag::QueueSnapshot as u8 && id.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(id);
+            Some(u64::from_be_bytes(b))
+        }
+        _ => None,
+    }
 }
 
 /// A journal record that cannot be replayed.
@@ -81,6 +101,10 @@ pub struct RestoreReport {
     pub skipped: u64,
     /// The log ended inside a checkpoint (a crash while writing it); it was ignored.
     pub incomplete_checkpoint: bool,
+    /// Checkpoints ignored because their queue snapshot was missing or damaged (a crash
+    /// before it was durable), and why the last one was.
+    pub void_checkpoints: u64,
+    pub void_reason: Option<String>,
 }
 
 /// Journal records of one or more engine calls, each framed as `length u32 | record`: the

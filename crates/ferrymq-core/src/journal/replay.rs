@@ -22,6 +22,16 @@ struct Saved {
     queues: crate::queues::Queues,
 }
 
+impl Saved {
+    fn put_back(self, b: &mut Broker) {
+        b.sessions = self.sessions;
+        b.by_client_id = self.by_client_id;
+        b.subs = self.subs;
+        b.retained = self.retained;
+        b.queues = self.queues;
+    }
+}
+
 /// Message bodies read so far (since the last checkpoint began).
 #[derive(Default)]
 struct Bodies {
@@ -43,13 +53,33 @@ impl Broker {
     /// Rebuilds durable state from journal records, oldest first. Call on a fresh broker,
     /// before [`Broker::enable_journal`] and before any connection. `now` becomes the
     /// disconnect time of sessions that were connected when the journal ended.
+    /// A checkpoint whose queues are in a snapshot file cannot be used this way (it counts
+    /// as void, see [`Broker::restore_with`]).
     pub fn restore<'a>(
         &mut self,
         records: impl IntoIterator<Item = &'a [u8]>,
         now: Time,
     ) -> Result<RestoreReport, JournalError> {
+        self.restore_with(records, now, &mut |_| {
+            Err("no queue snapshots were given to replay".into())
+        })
+    }
+
+    /// [`Broker::restore`], with `snapshots` giving the records of queue snapshot `id`
+    /// (written by [`QueueSnapshot::write`](super::QueueSnapshot::write)) when a checkpoint
+    /// names one. A checkpoint whose snapshot cannot be had is void: the state before it
+    /// stands and the records after it apply to that (nothing before a checkpoint is
+    /// reclaimed until its snapshot is durable, so that state is whole).
+    pub fn restore_with<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = &'a [u8]>,
+        now: Time,
+        snapshots: &mut dyn FnMut(u64) -> Result<Vec<bytes::Bytes>, String>,
+    ) -> Result<RestoreReport, JournalError> {
         let mut bodies = Bodies::default();
         let mut saved: Option<Saved> = None;
+        // Why the checkpoint being read is void, if it is.
+        let mut void: Option<String> = None;
         let mut r = RestoreReport::default();
         for (index, record) in records.into_iter().enumerate() {
             r.records += 1;
@@ -88,20 +118,55 @@ impl Broker {
                     if saved.is_none() {
                         saved = Some(before);
                     }
+                    // A void checkpoint cut short is over: this one stands on its own.
+                    void = None;
                     bodies.messages.clear();
                     self.next_session = self.next_session.max(next_session);
                     self.next_message_id = self.next_message_id.max(next_message);
                 }
-                Decoded::CheckpointEnd => saved = None,
+                Decoded::QueueSnapshot { id } => {
+                    if saved.is_none() || void.is_some() {
+                        // Only a checkpoint names a snapshot (and a void one needs none).
+                        r.skipped += u64::from(saved.is_none());
+                        continue;
+                    }
+                    match snapshots(id) {
+                        Ok(records) => {
+                            for rec in &records {
+                                match format::decode(rec, index as u64, &mut bodies)? {
+                                    Decoded::Change(change) => {
+                                        if self.apply(change).is_err() {
+                                            r.skipped += 1;
+                                        }
+                                    }
+                                    _ => {
+                                        return Err(JournalError::Invalid {
+                                            index: index as u64,
+                                            what: format!(
+                                                "queue snapshot {id} holds a record that is \
+                                                 not a queue change"
+                                            ),
+                                        })
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => void = Some(format!("queue snapshot {id}: {e}")),
+                    }
+                }
+                Decoded::CheckpointEnd => {
+                    if let (Some(why), Some(before)) = (void.take(), saved.take()) {
+                        before.put_back(self);
+                        r.void_checkpoints += 1;
+                        r.void_reason = Some(why);
+                    }
+                    saved = None;
+                }
             }
         }
         if let Some(saved) = saved.take() {
             // The log ends inside a checkpoint: the state before it stands.
-            self.sessions = saved.sessions;
-            self.by_client_id = saved.by_client_id;
-            self.subs = saved.subs;
-            self.retained = saved.retained;
-            self.queues = saved.queues;
+            saved.put_back(self);
             r.incomplete_checkpoint = true;
         }
         // Sessions connected at the crash were disconnected by it.

@@ -4,9 +4,15 @@
 //! Ready messages wait in ten FIFO rings, one per priority, and the highest non-empty ring
 //! leases first. Delayed messages (a backoff after a failed attempt, `$delayed/…`,
 //! `delay-ms`) wait in a heap by due time and join the back of their ring when due.
+//!
+//! A checkpoint takes a [`BacklogImage`] and writes it on another thread: the rings keep
+//! their entries in shared chunks, so the image of a multi-million backlog shares them (a
+//! reference count per thousand entries) instead of copying, and the ring copies a chunk
+//! only when it changes one an image still holds.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
 
 use crate::Time;
 
@@ -41,7 +47,7 @@ struct Delayed {
 /// The waiting messages of one queue (leased ones are tracked elsewhere).
 #[derive(Debug, Default)]
 pub struct Backlog {
-    ready: [VecDeque<Entry>; PRIORITIES],
+    ready: [Ring; PRIORITIES],
     delayed: BinaryHeap<Reverse<Delayed>>,
     messages: u64,
     bytes: u64,
@@ -121,7 +127,7 @@ impl Backlog {
     /// the highest non-empty ring.
     pub fn pop_next(&mut self, now: Time) -> Option<Entry> {
         self.promote(now);
-        let entry = self.ready.iter_mut().rev().find_map(VecDeque::pop_front)?;
+        let entry = self.ready.iter_mut().rev().find_map(Ring::pop_front)?;
         self.count_out(&entry);
         Some(entry)
     }
@@ -159,10 +165,8 @@ impl Backlog {
         {
             return r.pop_front();
         }
-        for r in self.ready.iter_mut() {
-            if let Some(at) = r.iter().position(|e| e.id == id) {
-                return r.remove(at);
-            }
+        if let Some(e) = self.ready.iter_mut().find_map(|r| r.remove(id)) {
+            return Some(e);
         }
         if !self.delayed.iter().any(|Reverse(d)| d.id == id) {
             return None;
@@ -200,9 +204,10 @@ impl Backlog {
     pub fn min_position(&self) -> Option<u64> {
         let mut min = u64::MAX;
         for r in &self.ready {
-            let (a, b) = r.as_slices();
-            for e in a.iter().chain(b) {
-                min = min.min(e.position);
+            for chunk in r.slices() {
+                for e in chunk {
+                    min = min.min(e.position);
+                }
             }
         }
         for Reverse(d) in self.delayed.iter() {
@@ -219,6 +224,21 @@ impl Backlog {
         fronts.chain(next_delayed).map(|e| e.first_enqueued).min()
     }
 
+    /// The waiting entries as they are now, for a checkpoint written elsewhere: the rings'
+    /// chunks are shared (cheap whatever the backlog), delayed entries are copied.
+    pub fn image(&self) -> BacklogImage {
+        let mut ready: Vec<RingImage> = self.ready.iter().rev().map(Ring::image).collect();
+        ready.retain(|r| !r.chunks.is_empty());
+        BacklogImage {
+            ready,
+            delayed: self
+                .delayed
+                .iter()
+                .map(|Reverse(d)| (d.entry, d.due))
+                .collect(),
+        }
+    }
+
     fn count_in(&mut self, e: &Entry) {
         self.messages += 1;
         self.bytes += u64::from(e.size);
@@ -232,6 +252,121 @@ impl Backlog {
 
 fn ring(priority: u8) -> usize {
     usize::from(priority).min(PRIORITIES - 1)
+}
+
+/// Entries per chunk of a ring: an image of 10M entries holds ~10K references.
+const CHUNK: usize = 1024;
+
+/// A FIFO of entries in chunks that images share ([`Backlog::image`]). Only the back chunk
+/// takes pushes and only the front one pops (by moving `head`, which writes nothing), so
+/// after an image is taken the ring copies at most the back chunk, plus any chunk a removal
+/// from the middle (expiry, overflow found out of order) changes.
+#[derive(Debug, Default)]
+struct Ring {
+    chunks: VecDeque<Arc<Vec<Entry>>>,
+    /// Entries of the front chunk already popped.
+    head: usize,
+}
+
+impl Ring {
+    fn push_back(&mut self, e: Entry) {
+        match self.chunks.back_mut() {
+            Some(c) if c.len() < CHUNK => Arc::make_mut(c).push(e),
+            _ => self.chunks.push_back(Arc::new(vec![e])),
+        }
+    }
+
+    fn front(&self) -> Option<&Entry> {
+        // An emptied ring may keep its one chunk, empty, for reuse.
+        self.chunks.front().and_then(|c| c.get(self.head))
+    }
+
+    fn pop_front(&mut self) -> Option<Entry> {
+        let only = self.chunks.len() == 1;
+        let c = self.chunks.front_mut()?;
+        let e = *c.get(self.head)?;
+        self.head += 1;
+        if self.head == c.len() {
+            self.head = 0;
+            // A queue that is emptied as fast as it fills keeps reusing its one small chunk
+            // instead of allocating a new one per message.
+            match Arc::get_mut(c) {
+                Some(v) if only && v.capacity() <= 64 => v.clear(),
+                _ => {
+                    self.chunks.pop_front();
+                }
+            }
+        }
+        Some(e)
+    }
+
+    /// Takes out entry `id` from anywhere (a scan: rare, see [`Backlog::take`]).
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let (i, at) = self.slices().enumerate().find_map(|(i, s)| {
+            s.iter()
+                .position(|e| e.id == id)
+                .map(|at| (i, at + if i == 0 { self.head } else { 0 }))
+        })?;
+        let c = Arc::make_mut(&mut self.chunks[i]);
+        let e = c.remove(at);
+        let live = if i == 0 { c.len() - self.head } else { c.len() };
+        if live == 0 {
+            self.chunks.remove(i);
+            if i == 0 {
+                self.head = 0;
+            }
+        }
+        Some(e)
+    }
+
+    /// The entries, front to back, as slices.
+    fn slices(&self) -> impl Iterator<Item = &[Entry]> {
+        let head = self.head;
+        self.chunks
+            .iter()
+            .enumerate()
+            .map(move |(i, c)| if i == 0 { &c[head..] } else { &c[..] })
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.slices().flatten()
+    }
+
+    fn image(&self) -> RingImage {
+        RingImage {
+            chunks: self.chunks.iter().cloned().collect(),
+            head: self.head,
+        }
+    }
+}
+
+/// One ring's entries at the time of [`Backlog::image`].
+#[derive(Debug, Clone)]
+struct RingImage {
+    chunks: Vec<Arc<Vec<Entry>>>,
+    head: usize,
+}
+
+/// A backlog's waiting entries at one moment ([`Backlog::image`]): owned, `Send`, and
+/// unchanged by what the queue does next.
+#[derive(Debug, Clone, Default)]
+pub struct BacklogImage {
+    /// Non-empty rings, highest priority first.
+    ready: Vec<RingImage>,
+    delayed: Vec<(Entry, Time)>,
+}
+
+impl BacklogImage {
+    /// Every entry with its due time (`None` = ready), in the order of [`Backlog::iter`].
+    pub fn iter(&self) -> impl Iterator<Item = (Entry, Option<Time>)> + '_ {
+        let ready = self.ready.iter().flat_map(|r| {
+            r.chunks.iter().enumerate().flat_map(move |(i, c)| {
+                let from = if i == 0 { r.head } else { 0 };
+                c[from..].iter().map(|e| (*e, None))
+            })
+        });
+        ready.chain(self.delayed.iter().map(|(e, due)| (*e, Some(*due))))
+    }
 }
 
 #[cfg(test)]
@@ -337,5 +472,68 @@ mod tests {
         assert_eq!((b.len(), b.bytes(), b.delayed()), (2, 20, 0));
         assert_eq!(b.peek_next().map(|e| e.id), Some(3));
         assert_eq!(drain(&mut b, Time(0)), vec![3, 1]);
+    }
+
+    #[test]
+    fn an_image_keeps_the_backlog_as_it_was_while_the_rings_change() {
+        let mut b = Backlog::default();
+        // Three and a half chunks in one ring, a few in another, one delayed.
+        for id in 1..=3_500 {
+            b.push_ready(entry(id, 4));
+        }
+        for id in 3_501..=3_510 {
+            b.push_ready(entry(id, 7));
+        }
+        b.push_delayed(entry(4_000, 4), Time(100), Time(0));
+        let before: Vec<(u64, Option<Time>)> = b.iter().map(|(e, d)| (e.id, d)).collect();
+        let image = b.image();
+        // Pops across a chunk boundary, pushes into the shared back chunk, removals from the
+        // middle of a shared chunk and of the back one, and the delayed one promoted.
+        let popped: Vec<u64> = (0..1_100)
+            .filter_map(|_| b.pop_next(Time(0)))
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(popped[..10], (3_501..=3_510).collect::<Vec<_>>()[..]);
+        assert_eq!(popped[10..], (1..=1_090).collect::<Vec<_>>()[..]);
+        for id in 5_000..5_010 {
+            b.push_ready(entry(id, 4));
+        }
+        assert_eq!(b.take(2_000).map(|e| e.id), Some(2_000));
+        assert_eq!(b.take(3_499).map(|e| e.id), Some(3_499));
+        b.promote(Time(100));
+        let seen: Vec<(u64, Option<Time>)> = image.iter().map(|(e, d)| (e.id, d)).collect();
+        assert_eq!(seen, before, "the image is the backlog when it was taken");
+        // And the backlog itself is what the changes made it.
+        let rest = drain(&mut b, Time(100));
+        let mut want: Vec<u64> = (1_091..=3_500)
+            .filter(|&i| i != 2_000 && i != 3_499)
+            .collect();
+        want.extend(5_000..5_010);
+        want.push(4_000);
+        assert_eq!(rest, want);
+        assert_eq!((b.len(), b.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_ring_emptied_as_fast_as_it_fills_keeps_its_order() {
+        let mut b = Backlog::default();
+        let mut next = 1;
+        let mut want = 1;
+        for round in 0..3_000u64 {
+            for _ in 0..(round % 5) {
+                b.push_ready(entry(next, 3));
+                next += 1;
+            }
+            if round % 7 == 0 {
+                let image = b.image();
+                assert_eq!(image.iter().count() as u64, b.len());
+            }
+            while let Some(e) = b.pop_next(Time(0)) {
+                assert_eq!(e.id, want);
+                want += 1;
+            }
+            assert!(b.peek_next().is_none());
+        }
+        assert_eq!(want, next);
     }
 }

@@ -11,6 +11,6 @@ mod backlog;
 mod policy;
 mod queue;
 
-pub use backlog::{Backlog, Entry, PRIORITIES};
+pub use backlog::{Backlog, BacklogImage, Entry, PRIORITIES};
 pub use policy::{Backoff, Overflow, QueueDef, QueueDefError, MAX_DELAY_MS};
-pub use queue::{Cause, DeadLetter, Failure, Lease, Queue, QueueStats, Retry, Room};
+pub use queue::{Cause, DeadLetter, Failure, Lease, Queue, QueueImage, QueueStats, Retry, Room};

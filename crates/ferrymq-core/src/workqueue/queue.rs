@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::backlog::{Backlog, Entry};
+use super::backlog::{Backlog, BacklogImage, Entry};
 use super::policy::{Overflow, QueueDef};
 use crate::{Message, SessionId, Time};
 
@@ -118,6 +118,35 @@ pub struct QueueStats {
     pub dead_lettered: BTreeMap<Cause, u64>,
 }
 
+/// One queue as a checkpoint writes it ([`Queue::image`]).
+#[derive(Debug, Clone)]
+pub struct QueueImage {
+    pub def: QueueDef,
+    pub waiting: BacklogImage,
+    /// In lease order.
+    pub leases: Vec<Lease>,
+    failures: HashMap<u64, Vec<Failure>>,
+    expiry_of: HashMap<u64, Time>,
+    pub dead: Vec<Arc<DeadLetter>>,
+    /// Messages in it: waiting, leased and dead.
+    pub messages: u64,
+}
+
+impl QueueImage {
+    pub fn failures(&self, id: u64) -> &[Failure] {
+        self.failures.get(&id).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn expiry_of(&self, id: u64) -> Option<Time> {
+        self.expiry_of.get(&id).copied()
+    }
+
+    /// Whether any message has failures, and whether any has an expiry.
+    pub fn has_failures_or_expiries(&self) -> (bool, bool) {
+        (!self.failures.is_empty(), !self.expiry_of.is_empty())
+    }
+}
+
 /// A queue: its definition, what waits, what is leased, and its dead letters.
 #[derive(Debug)]
 pub struct Queue {
@@ -134,7 +163,8 @@ pub struct Queue {
     expiry_of: HashMap<u64, Time>,
     /// Failures of messages still in the queue, by message id.
     failures: HashMap<u64, Vec<Failure>>,
-    dead: BTreeMap<u64, DeadLetter>,
+    /// Shared so that a checkpoint's image of many dead letters costs a count each.
+    dead: BTreeMap<u64, Arc<DeadLetter>>,
     /// Messages held in memory, by id: a cache. An entry's message is always in the log at
     /// its `position`; the broker drops bodies from here past its memory budget and reads
     /// them back when needed (`crate::queues`).
@@ -193,17 +223,17 @@ impl Queue {
     }
 
     pub fn dead_letters(&self) -> impl DoubleEndedIterator<Item = &DeadLetter> {
-        self.dead.values()
+        self.dead.values().map(|d| &**d)
     }
 
     /// Dead letters with ids above `cursor` (all without one), oldest id first.
     pub fn dead_letters_after(&self, cursor: Option<u64>) -> impl Iterator<Item = &DeadLetter> {
         let from = cursor.map_or(0, |c| c.saturating_add(1));
-        self.dead.range(from..).map(|(_, d)| d)
+        self.dead.range(from..).map(|(_, d)| &**d)
     }
 
     pub fn dead_letter(&self, id: u64) -> Option<&DeadLetter> {
-        self.dead.get(&id)
+        self.dead.get(&id).map(|d| &**d)
     }
 
     pub fn dead_count(&self) -> usize {
@@ -269,6 +299,24 @@ impl Queue {
     /// Every waiting entry with its due time (`None` = ready), for checkpoints.
     pub fn waiting(&self) -> impl Iterator<Item = (Entry, Option<Time>)> + '_ {
         self.backlog.iter()
+    }
+
+    /// Everything a checkpoint writes of this queue, as it is now: owned, `Send`, and
+    /// unchanged by what the queue does next, so it can be written on another thread. Cheap
+    /// for ready messages and dead letters (shared, not copied); delayed, leased and failed
+    /// messages and expiry times are copied.
+    pub fn image(&self) -> QueueImage {
+        let mut leases: Vec<Lease> = self.leases.values().cloned().collect();
+        leases.sort_by_key(|l| l.seq);
+        QueueImage {
+            def: self.def.clone(),
+            waiting: self.backlog.image(),
+            leases,
+            failures: self.failures.clone(),
+            expiry_of: self.expiry_of.clone(),
+            dead: self.dead.values().cloned().collect(),
+            messages: self.depth() + self.leases.len() as u64 + self.dead.len() as u64,
+        }
     }
 
     /// The oldest message held (waiting or leased): for the oldest-age metric.
@@ -495,6 +543,7 @@ impl Queue {
             return false;
         };
         self.dead_times.remove(&(d.dead_lettered, id));
+        let d = Arc::unwrap_or_clone(d);
         let mut entry = d.entry;
         entry.attempts = 0;
         if !d.failures.is_empty() {
@@ -517,7 +566,7 @@ impl Queue {
     /// A dead letter exactly as a checkpoint wrote it (its message stays in the log).
     pub fn restore_dead(&mut self, dead: DeadLetter) {
         self.dead_times.insert((dead.dead_lettered, dead.entry.id));
-        self.dead.insert(dead.entry.id, dead);
+        self.dead.insert(dead.entry.id, Arc::new(dead));
     }
 
     fn take_lease(&mut self, id: u64) -> Option<Lease> {
@@ -568,12 +617,12 @@ impl Queue {
         self.dead_times.insert((at, entry.id));
         self.dead.insert(
             entry.id,
-            DeadLetter {
+            Arc::new(DeadLetter {
                 entry,
                 cause,
                 failures,
                 dead_lettered: at,
-            },
+            }),
         );
     }
 }

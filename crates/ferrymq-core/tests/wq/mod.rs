@@ -24,6 +24,13 @@ pub struct H {
     pub log: Log,
     /// Where replay starts (the last checkpoint's first record).
     pub replay_from: usize,
+    /// Queue snapshots written, by id (the driver's files beside the log).
+    pub snapshots: std::collections::HashMap<u64, Vec<Bytes>>,
+    /// The last checkpoint's snapshot, not written yet (the driver writes it on another
+    /// thread while the engine goes on), and where that checkpoint begins.
+    pub unwritten: Option<(QueueSnapshot, usize)>,
+    /// The floor the last written snapshot found.
+    pub snapshot_floor: Option<u64>,
 }
 
 pub type Log = Arc<Mutex<Vec<Vec<u8>>>>;
@@ -76,6 +83,9 @@ impl H {
             out,
             log,
             replay_from: 0,
+            snapshots: Default::default(),
+            unwritten: None,
+            snapshot_floor: None,
         }
     }
 
@@ -279,13 +289,31 @@ impl H {
 
     /// Crash (all connections gone) and restart from the journal alone.
     pub fn restart(&mut self) -> RestoreReport {
+        self.write_snapshot();
+        self.restart_as_is()
+    }
+
+    /// A crash before the last checkpoint's snapshot was written: replay starts where it
+    /// started before that checkpoint (nothing was reclaimed), and the checkpoint is void.
+    pub fn restart_losing_snapshot(&mut self) -> RestoreReport {
+        self.unwritten = None;
+        self.restart_as_is()
+    }
+
+    fn restart_as_is(&mut self) -> RestoreReport {
         self.flush();
         let mut b = Broker::new(self.b.config().clone());
         b.set_instance_id(8);
         b.set_payload_store(Box::new(LogStore(self.log.clone())));
         let records: Vec<Vec<u8>> = self.log.lock().unwrap()[self.replay_from..].to_vec();
+        let snapshots = &self.snapshots;
         let report = b
-            .restore(records.iter().map(|r| r.as_slice()), self.now)
+            .restore_with(records.iter().map(|r| r.as_slice()), self.now, &mut |id| {
+                snapshots
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| format!("no snapshot {id}"))
+            })
             .unwrap();
         assert_eq!(report.skipped, 0, "every record applied: {report:?}");
         b.set_journal_base(self.log.lock().unwrap().len() as u64);
@@ -296,12 +324,54 @@ impl H {
         report
     }
 
-    /// Writes a checkpoint; replay starts there from now on.
+    /// Writes a checkpoint as the server does: the queues' entries as a snapshot, written
+    /// later (at the next checkpoint or restart, or [`H::write_snapshot`]), after whatever
+    /// the test does next has changed the queues. Replay starts at the checkpoint once its
+    /// snapshot is written.
     pub fn checkpoint(&mut self) {
+        self.write_snapshot();
+        self.flush();
+        let begin = self.log.lock().unwrap().len();
+        let (_, snapshot) = self
+            .b
+            .checkpoint_in_chunks(&mut self.out, usize::MAX, &mut |_| {})
+            .unwrap();
+        self.flush();
+        match snapshot {
+            Some(s) => {
+                assert_eq!(
+                    s.id(),
+                    begin as u64,
+                    "a snapshot is named by its checkpoint"
+                );
+                self.unwritten = Some((s, begin));
+            }
+            None => self.replay_from = begin,
+        }
+    }
+
+    /// A checkpoint with the queues' entries in the log.
+    pub fn inline_checkpoint(&mut self) {
+        self.write_snapshot();
         self.flush();
         self.replay_from = self.log.lock().unwrap().len();
         self.b.checkpoint(&mut self.out).unwrap();
         self.flush();
+    }
+
+    /// Writes the last checkpoint's snapshot (as the driver's thread does); replay starts at
+    /// that checkpoint from now on.
+    pub fn write_snapshot(&mut self) {
+        let Some((s, begin)) = self.unwritten.take() else {
+            return;
+        };
+        let mut records = Vec::new();
+        self.snapshot_floor = s.write(1 << 16, &mut |buf| {
+            records.extend(buf.records().map(Bytes::copy_from_slice));
+            buf.clear();
+        });
+        self.snapshots.insert(s.id(), records);
+        self.replay_from = begin;
     }
 }
 
