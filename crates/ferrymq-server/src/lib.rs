@@ -177,12 +177,18 @@ impl Server {
         })?;
         let (stop_accepting, stop_rx) = watch::channel(false);
 
+        // One budget for every listener: the bound is on the broker's memory.
+        let preauth = Arc::new(limits::PreauthBudget::new(
+            config.limits.preauth_buffer_bytes,
+            net.clone(),
+        ));
         let accept = tokio::spawn(accept_loop(
             mqtt,
             tx.clone(),
             net.clone(),
             config.clone(),
             max_connections,
+            preauth,
             drains,
             stop_rx.clone(),
         ));
@@ -336,12 +342,15 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     }
 }
 
+// What every listener shares; the listener work of issue 12 gathers these in one place.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     router: mpsc::Sender<ToRouter>,
     net: Arc<NetMetrics>,
     config: Config,
     max_connections: u64,
+    preauth: Arc<limits::PreauthBudget>,
     drains: Arc<router::Drains>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -360,6 +369,10 @@ async fn accept_loop(
         drains,
         rates: limits::RateLimits::from_config(&config.limits),
         addresses: limits::AddressCounts::new(config.limits.max_connections_per_address),
+        connect_limits: Limits {
+            max_packet_size: config.max_connect_size(),
+        },
+        preauth,
     });
     let mut rates = limits::ConnectionLimits::new(&config.limits, tokio::time::Instant::now());
     loop {
