@@ -273,7 +273,11 @@ fn v5_short_acks_decode_as_success() {
 #[test]
 fn packet_len_is_known_from_the_fixed_header_alone() {
     assert_eq!(packet_len(&[0x10]).unwrap(), None);
-    assert_eq!(packet_len(&[0x10, 0x80]).unwrap(), None, "remaining length goes on");
+    assert_eq!(
+        packet_len(&[0x10, 0x80]).unwrap(),
+        None,
+        "remaining length goes on"
+    );
     assert_eq!(packet_len(&[0x10, 0x0A]).unwrap(), Some(12));
     assert_eq!(packet_len(&[0x10, 0xFC, 0xFF, 0x03]).unwrap(), Some(65536));
     assert!(packet_len(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]).is_err());

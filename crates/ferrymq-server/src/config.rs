@@ -851,6 +851,53 @@ mod tests {
     }
 
     #[test]
+    fn pre_auth_limits_parse_and_are_checked() {
+        let d = Config::default();
+        assert_eq!(d.max_connect_size(), 64 * 1024);
+        assert_eq!(d.limits.preauth_buffer_bytes, 64 * 1024 * 1024);
+        let c = Config::parse("[mqtt]\nmax_connect_size = 2000000\n").unwrap();
+        assert_eq!(c.max_connect_size(), 1 << 20, "max_packet_size applies too");
+        for (bad, key) in [
+            ("[mqtt]\nmax_connect_size = 10", "mqtt.max_connect_size"),
+            (
+                "[limits]\npreauth_buffer_bytes = 1000",
+                "limits.preauth_buffer_bytes",
+            ),
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_admin_api_needs_a_token_off_loopback() {
+        assert_eq!(Config::default().admin_token().unwrap(), None);
+        let err = Config::parse("[listeners]\nhttp = \"0.0.0.0:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listeners.http") && err.contains("token"),
+            "{err}"
+        );
+        let c = Config::parse("[listeners]\nhttp = \"0.0.0.0:8080\"\n[admin]\ntoken = \"x1\"\n")
+            .unwrap();
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("x1"));
+        for bad in [
+            "[admin]\ntoken = \" \"",
+            "[admin]\ntoken = \"a\"\ntoken_file = \"/t\"",
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("admin.token"), "{bad}: {err}");
+        }
+        let c = Config::parse("[admin]\ntoken_file = \"/nonexistent/ferrymq.token\"\n").unwrap();
+        let err = c.admin_token().unwrap_err().to_string();
+        assert!(
+            err.contains("admin.token_file") && err.contains("/nonexistent"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn anonymous_defaults_to_loopback_only() {
         assert!(Config::default().allow_anonymous());
         let c = Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n").unwrap();

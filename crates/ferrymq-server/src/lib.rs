@@ -70,6 +70,8 @@ impl Server {
     /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        // Read before anything starts, so that an unreadable token file stops nothing.
+        let token = config.admin_token()?.map(|t| admin::AdminToken::new(&t));
         // Connections past what the open-files limit leaves room for are refused with Server
         // Busy like any over the configured maximum, while descriptors remain to accept and
         // answer them, instead of failing in accept() and leaving clients hanging.
@@ -192,6 +194,14 @@ impl Server {
             drains,
             stop_rx.clone(),
         ));
+        if token.is_some() {
+            tracing::info!(http = %http_addr, "admin API: every route but /health and /ready requires the token");
+        } else {
+            tracing::info!(
+                http = %http_addr,
+                "admin API: no [admin] token, so it listens on loopback only and asks for no token"
+            );
+        }
         let state = admin::AdminState {
             router: tx.clone(),
             net,
@@ -202,7 +212,7 @@ impl Server {
             let shutdown = async move {
                 let _ = stop_http.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = axum::serve(http, admin::app(state))
+            if let Err(e) = axum::serve(http, admin::app(state, token))
                 .with_graceful_shutdown(shutdown)
                 .await
             {

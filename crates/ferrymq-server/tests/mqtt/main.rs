@@ -7,6 +7,7 @@
 mod common;
 
 mod admin_http;
+mod admin_token;
 mod backpressure;
 mod client_rate_limit;
 mod connect_churn;
