@@ -311,7 +311,9 @@ where
         // none). Read only into that room (`read_some` with a zero chunk does not reserve).
         if buf.capacity() == buf.len() {
             let declared = ferrymq_mqtt::packet_len(buf).ok().flatten();
-            let want = crate::limits::next_connect_capacity(buf.capacity(), declared, MIN_READ);
+            let largest = ctx.listener.connect_limits.max_packet_size;
+            let want = crate::limits::next_connect_capacity(buf.capacity(), declared, MIN_READ)
+                .min(largest);
             let grant = tokio::time::timeout_at(deadline, share.grow_to(want)).await;
             if grant.is_err() {
                 tracing::debug!(

@@ -133,3 +133,17 @@ async fn a_connect_at_the_limit_is_accepted_and_the_limit_can_be_raised() {
         "{ack:?}"
     );
 }
+
+/// The smallest settings still serve: a first read never asks the budget for more than the
+/// largest CONNECT.
+#[tokio::test]
+async fn the_smallest_limit_and_budget_still_take_a_small_connect() {
+    let mut config = test_config();
+    config.mqtt.max_connect_size = 64;
+    config.limits.preauth_buffer_bytes = 64;
+    let server = start_with(config).await;
+    for i in 0..3 {
+        Raw::connected(&server, &format!("small-{i}"), ProtocolVersion::V5).await;
+    }
+    assert_eq!(metric(&server, "ferrymq_preauth_buffer_bytes").await, 0);
+}
