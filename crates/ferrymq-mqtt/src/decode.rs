@@ -62,6 +62,33 @@ pub fn decode(
     Ok(Some(packet))
 }
 
+/// The whole length (fixed header included) of the packet at the front of `buf`, as soon as
+/// its fixed header is in: `Ok(None)` until then. What a reader checks against its limits
+/// before it buffers the rest (the broker's CONNECT size limit, `mqtt.max_connect_size`).
+pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    Ok(read_varint(&buf[1..])?.map(|(remaining, len_bytes)| 1 + len_bytes + remaining as usize))
+}
+
+/// The protocol version of the CONNECT at the front of `buf`, read from its first bytes
+/// (fixed header, protocol name `MQTT`, level) before the rest has arrived; `None` until
+/// they are in, or when they are not a CONNECT of a supported version. Lets a server answer a
+/// CONNECT it refuses unread (too large) with a CONNACK the client understands.
+pub fn connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let (_, len_bytes) = read_varint(buf.get(1..)?).ok()??;
+    let header = buf.get(1 + len_bytes..1 + len_bytes + 7)?;
+    match header {
+        [0, 4, b'M', b'Q', b'T', b'T', 4] => Some(ProtocolVersion::V311),
+        [0, 4, b'M', b'Q', b'T', b'T', 5] => Some(ProtocolVersion::V5),
+        _ => None,
+    }
+}
+
 fn expect_flags(header: u8, flags: u8) -> Result<(), DecodeError> {
     if header & 0x0F != flags {
         return Err(DecodeError::Malformed("reserved fixed header flags"));

@@ -23,7 +23,7 @@ mod properties;
 mod reason;
 pub mod topic;
 
-pub use decode::{decode, validate_utf8, Limits};
+pub use decode::{connect_version, decode, packet_len, validate_utf8, Limits};
 pub use encode::{encode, encode_publish, encoded_len, PublishView};
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;

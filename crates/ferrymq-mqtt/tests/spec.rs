@@ -267,3 +267,33 @@ fn v5_short_acks_decode_as_success() {
     };
     assert_eq!(d.reason, ReasonCode::Success);
 }
+
+/// A server checks a packet's size (the broker: its CONNECT limit) as soon as the fixed
+/// header is in, before the rest arrives.
+#[test]
+fn packet_len_is_known_from_the_fixed_header_alone() {
+    assert_eq!(packet_len(&[0x10]).unwrap(), None);
+    assert_eq!(
+        packet_len(&[0x10, 0x80]).unwrap(),
+        None,
+        "remaining length goes on"
+    );
+    assert_eq!(packet_len(&[0x10, 0x0A]).unwrap(), Some(12));
+    assert_eq!(packet_len(&[0x10, 0xFC, 0xFF, 0x03]).unwrap(), Some(65536));
+    assert!(packet_len(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]).is_err());
+}
+
+/// The version of a CONNECT too large to read is known from its first bytes, so that a 5.0
+/// client can be told 0x95.
+#[test]
+fn connect_version_is_read_from_the_first_bytes_of_a_connect() {
+    let c5 = connect_bytes(5, 0x02, &[0, 0]);
+    let c3 = connect_bytes(4, 0x02, &[0, 0]);
+    assert_eq!(connect_version(&c5), Some(V5));
+    assert_eq!(connect_version(&c3), Some(V3));
+    assert_eq!(connect_version(&c5[..8]), None, "level not in yet");
+    assert_eq!(connect_version(&connect_bytes(3, 0x02, &[0, 0])), None);
+    let mut publish = c5.clone();
+    publish[0] = 0x30;
+    assert_eq!(connect_version(&publish), None, "not a CONNECT");
+}

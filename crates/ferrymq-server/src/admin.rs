@@ -1,12 +1,18 @@
 //! Admin HTTP: `/health`, `/ready`, `/metrics`, `/api/v1/alarms`, the work-queue REST API
 //! under `/api/v1/queues` (`queue_api.rs`), and the views of clients, subscriptions and
 //! retained messages (`views_api.rs`); every route is in docs/api.md.
+//!
+//! With `[admin] token` (or `token_file`) every route but [`OPEN_PATHS`] requires
+//! `Authorization: Bearer <token>`, checked by one layer over the whole router, so a route
+//! added later is protected without anyone remembering to. Without a token the listener must
+//! be on a loopback address (`Config::validate`).
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,15 +29,84 @@ pub(crate) struct AdminState {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-pub(crate) fn app(state: AdminState) -> axum::Router {
-    axum::Router::new()
+/// Paths answered without the token: liveness and readiness probes (load balancers and
+/// orchestrators call them without credentials, and they reveal nothing).
+pub(crate) const OPEN_PATHS: [&str; 2] = ["/health", "/ready"];
+
+/// The admin API's bearer token (`[admin] token` or `token_file`).
+#[derive(Clone)]
+pub(crate) struct AdminToken(Arc<[u8]>);
+
+impl AdminToken {
+    pub(crate) fn new(token: &str) -> AdminToken {
+        AdminToken(Arc::from(token.as_bytes()))
+    }
+
+    /// Whether `Authorization` carries this token as `Bearer`, compared in constant time:
+    /// how long the comparison takes does not tell how much of a guess was right.
+    fn admits(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        else {
+            return false;
+        };
+        constant_time_eq(given.trim_ascii(), &self.0)
+    }
+}
+
+/// Equal bytes, comparing every byte of both whatever differs (a length difference included,
+/// which only tells a guess's length).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= std::hint::black_box(x ^ y);
+    }
+    diff == 0
+}
+
+pub(crate) fn app(state: AdminState, token: Option<AdminToken>) -> axum::Router {
+    let router = axum::Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/alarms", get(alarms))
         .merge(crate::queue_api::routes())
         .merge(crate::views_api::routes())
-        .with_state(state)
+        .with_state(state);
+    match token {
+        // Over the whole router (unknown paths included: 401, not 404, tells a caller
+        // without the token nothing about which routes exist).
+        Some(token) => router.layer(axum::middleware::from_fn(move |req, next| {
+            require_token(token.clone(), req, next)
+        })),
+        None => router,
+    }
+}
+
+/// 401 with `WWW-Authenticate: Bearer` unless the request carries the token or asks for an
+/// open path.
+async fn require_token(token: AdminToken, req: Request, next: Next) -> Response {
+    if OPEN_PATHS.contains(&req.uri().path()) || token.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    let message = if req.headers().contains_key(header::AUTHORIZATION) {
+        "the admin API token is wrong"
+    } else {
+        "the admin API needs a token: send Authorization: Bearer <token>"
+    };
+    let body = serde_json::json!({ "error": message }).to_string();
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (header::WWW_AUTHENTICATE, "Bearer"),
+            (header::CONTENT_TYPE, "application/json"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 pub(crate) async fn snapshot(state: &AdminState) -> Option<crate::metrics::EngineSnapshot> {
@@ -109,4 +184,27 @@ async fn alarms(State(state): State<AdminState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_compared_whole() {
+        let t = AdminToken::new("s3cret-token");
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            t.admits(&h)
+        };
+        assert!(with("Bearer s3cret-token"));
+        assert!(!with("Bearer s3cret-toke"));
+        assert!(!with("Bearer s3cret-token2"));
+        assert!(!with("Bearer S3cret-token"));
+        assert!(!with("Basic s3cret-token"));
+        assert!(!with("s3cret-token"));
+        assert!(!t.admits(&HeaderMap::new()));
+        assert!(!with("Bearer "));
+    }
 }

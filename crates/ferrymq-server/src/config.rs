@@ -20,6 +20,7 @@ pub struct Config {
     pub limits: Limits,
     pub sys: Sys,
     pub log: Log,
+    pub admin: Admin,
     /// Work queues declared at start (`[[queue]]` tables; see docs/queues.md). Queues
     /// created over the API live in the log, not here.
     #[serde(rename = "queue")]
@@ -112,6 +113,10 @@ pub struct Mqtt {
     pub deny_subscribe: Vec<String>,
     pub deny_subscribe_reason: DenyReason,
     pub default_session_expiry: u32,
+    /// Largest CONNECT accepted (fixed header included), checked as soon as its fixed header
+    /// is read, before the rest is buffered: a larger one is refused (5.0: CONNACK 0x95) and
+    /// closed. Raise it for large will payloads; `max_packet_size` applies too.
+    pub max_connect_size: u32,
 }
 
 /// What a new QoS 1/2 message does for a session whose queue holds `max_queued_messages`
@@ -213,6 +218,10 @@ pub struct Limits {
     /// past it a queued message stays only in the log and is read back when leased, so a
     /// backlog may be larger than memory (docs/queues.md).
     pub queue_memory_bytes: u64,
+    /// Bytes of read buffer that connections which have not completed CONNECT may hold, all
+    /// listeners together. Past it, connections still reading their CONNECT (new ones
+    /// included) are not read until room is made, or their connect timeout closes them.
+    pub preauth_buffer_bytes: usize,
 }
 
 /// What a client over its message or byte rate gets.
@@ -292,6 +301,19 @@ impl TryFrom<WatermarkText> for MemoryWatermark {
     }
 }
 
+/// The admin HTTP API (`listeners.http`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// With a token, every admin route but `/health` and `/ready` requires
+    /// `Authorization: Bearer <token>`. Without one (and no `token_file`), the admin
+    /// listener must be on a loopback address: the broker refuses to start otherwise.
+    pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace is ignored), read at start; instead
+    /// of `token`.
+    pub token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sys {
@@ -324,6 +346,7 @@ impl Default for Config {
             limits: Limits::default(),
             sys: Sys::default(),
             log: Log::default(),
+            admin: Admin::default(),
             queues: Vec::new(),
         }
     }
@@ -357,6 +380,7 @@ impl Default for Mqtt {
             deny_subscribe: Vec::new(),
             deny_subscribe_reason: DenyReason::NotAuthorized,
             default_session_expiry: b.default_session_expiry,
+            max_connect_size: 64 * 1024,
         }
     }
 }
@@ -383,6 +407,8 @@ impl Default for Limits {
             memory_high_watermark: MemoryWatermark::Off,
             queue_depth_alarm: None,
             queue_memory_bytes: 256 * 1024 * 1024,
+            // A thousand CONNECTs of the largest default size at once.
+            preauth_buffer_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -545,6 +571,38 @@ impl Config {
                 "must be at least 65536",
             ));
         }
+        if m.max_connect_size < 64 {
+            return Err(invalid("mqtt.max_connect_size", "must be at least 64"));
+        }
+        if self.limits.preauth_buffer_bytes < self.max_connect_size() {
+            return Err(invalid(
+                "limits.preauth_buffer_bytes",
+                "must hold at least one whole CONNECT (mqtt.max_connect_size)",
+            ));
+        }
+        let admin = &self.admin;
+        if admin.token.is_some() && admin.token_file.is_some() {
+            return Err(invalid(
+                "admin.token_file",
+                "give admin.token or admin.token_file, not both",
+            ));
+        }
+        if admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(invalid("admin.token", "must not be empty"));
+        }
+        if admin.token.is_none()
+            && admin.token_file.is_none()
+            && !self.listeners.http.ip().is_loopback()
+        {
+            return Err(invalid(
+                "listeners.http",
+                format!(
+                    "{} is not a loopback address, and the admin API has no token: set \
+                     [admin] token or token_file, or bind it to 127.0.0.1 or ::1",
+                    self.listeners.http
+                ),
+            ));
+        }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -557,6 +615,37 @@ impl Config {
         self.mqtt
             .allow_anonymous
             .unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
+    }
+
+    /// The largest CONNECT read, in bytes: `mqtt.max_connect_size`, or `mqtt.max_packet_size`
+    /// when that is smaller.
+    pub fn max_connect_size(&self) -> usize {
+        self.mqtt.max_connect_size.min(self.mqtt.max_packet_size) as usize
+    }
+
+    /// The admin API's token: `admin.token`, or the contents of `admin.token_file` (trimmed);
+    /// `None` when neither is set. Read when called (at start).
+    pub fn admin_token(&self) -> Result<Option<String>, ServerError> {
+        if let Some(t) = &self.admin.token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.admin.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "admin.token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(invalid(
+                "admin.token_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(Some(token.to_string()))
     }
 
     /// The `queue_depth` alarm's threshold in messages (None: off).
@@ -759,6 +848,53 @@ mod tests {
         assert_eq!(c.queue_depth_alarm(), None);
         let c = Config::parse("[limits]\nqueue_depth_alarm = 7\n").unwrap();
         assert_eq!(c.queue_depth_alarm(), Some(7));
+    }
+
+    #[test]
+    fn pre_auth_limits_parse_and_are_checked() {
+        let d = Config::default();
+        assert_eq!(d.max_connect_size(), 64 * 1024);
+        assert_eq!(d.limits.preauth_buffer_bytes, 64 * 1024 * 1024);
+        let c = Config::parse("[mqtt]\nmax_connect_size = 2000000\n").unwrap();
+        assert_eq!(c.max_connect_size(), 1 << 20, "max_packet_size applies too");
+        for (bad, key) in [
+            ("[mqtt]\nmax_connect_size = 10", "mqtt.max_connect_size"),
+            (
+                "[limits]\npreauth_buffer_bytes = 1000",
+                "limits.preauth_buffer_bytes",
+            ),
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_admin_api_needs_a_token_off_loopback() {
+        assert_eq!(Config::default().admin_token().unwrap(), None);
+        let err = Config::parse("[listeners]\nhttp = \"0.0.0.0:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listeners.http") && err.contains("token"),
+            "{err}"
+        );
+        let c = Config::parse("[listeners]\nhttp = \"0.0.0.0:8080\"\n[admin]\ntoken = \"x1\"\n")
+            .unwrap();
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("x1"));
+        for bad in [
+            "[admin]\ntoken = \" \"",
+            "[admin]\ntoken = \"a\"\ntoken_file = \"/t\"",
+        ] {
+            let err = Config::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("admin.token"), "{bad}: {err}");
+        }
+        let c = Config::parse("[admin]\ntoken_file = \"/nonexistent/ferrymq.token\"\n").unwrap();
+        let err = c.admin_token().unwrap_err().to_string();
+        assert!(
+            err.contains("admin.token_file") && err.contains("/nonexistent"),
+            "{err}"
+        );
     }
 
     #[test]

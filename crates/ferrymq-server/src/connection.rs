@@ -6,6 +6,9 @@
 //! ```
 //! Until CONNECT is accepted the reader handles the connection alone: a bad first packet gets a
 //! CONNACK (when its version is known) or a plain close, and never reaches the engine.
+//! Before authentication a connection holds little: its CONNECT's declared size is checked
+//! against `mqtt.max_connect_size` as soon as the fixed header is in, and its read buffer
+//! grows only with a share of the listeners' pre-auth budget (`limits::PreauthBudget`).
 //!
 //! Bounded: the reader does not read while its connection has too much queued for writing or
 //! waiting for the router (`Outbound::poll_read_allowed`) or while the client is over its
@@ -33,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::RateExceeded;
-use crate::limits::{AddressCounts, ClientRates, RateLimits, Refusal};
+use crate::limits::{AddressCounts, ClientRates, PreauthBudget, RateLimits, Refusal};
 use crate::metrics::NetMetrics;
 use crate::router::{Drains, Outbound, ToRouter};
 
@@ -75,6 +78,11 @@ pub(crate) struct Listener {
     pub rates: Option<RateLimits>,
     /// Open connections per source address, when `limits.max_connections_per_address` is set.
     pub addresses: Option<AddressCounts>,
+    /// Limits of the first packet: `limits` with `max_packet_size` cut to the largest CONNECT
+    /// (`Config::max_connect_size`).
+    pub connect_limits: Limits,
+    /// Read buffer of connections still reading their CONNECT, shared by every listener.
+    pub preauth: Arc<PreauthBudget>,
 }
 
 /// How often a reader held back by its rate limit marks the connection as read: the client's
@@ -261,29 +269,64 @@ where
     W: AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + ctx.listener.connect_timeout;
+    // This connection's part of the pre-auth budget: taken before the buffer grows, given
+    // back when this function returns, however it returns (dropped with its future).
+    let mut share = ctx.listener.preauth.share();
     let first = loop {
-        match decode(buf, ProtocolVersion::V5, &ctx.listener.limits) {
+        // The CONNECT size limit is the decoder's packet limit here: checked from the fixed
+        // header, before the rest is buffered.
+        match decode(buf, ProtocolVersion::V5, &ctx.listener.connect_limits) {
             Ok(Some(p)) => break p,
             Ok(None) => {}
             Err(e) => {
                 NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
                 ctx.listener.net.disconnects.add(e.reason_code());
                 tracing::debug!(conn = ctx.conn.0, error = %e, "bad first packet");
-                if let DecodeError::UnsupportedProtocol { level } = e {
+                let answer = match e {
                     // A 3.x client understands a 3.1.1 CONNACK; a 5.0+ one a 5.0 CONNACK.
-                    let v = if level < 5 {
-                        ProtocolVersion::V311
-                    } else {
-                        ProtocolVersion::V5
-                    };
-                    refuse(wr, v, ReasonCode::UnsupportedProtocolVersion).await;
+                    DecodeError::UnsupportedProtocol { level } if level < 5 => Some((
+                        ProtocolVersion::V311,
+                        ReasonCode::UnsupportedProtocolVersion,
+                    )),
+                    DecodeError::UnsupportedProtocol { .. } => {
+                        Some((ProtocolVersion::V5, ReasonCode::UnsupportedProtocolVersion))
+                    }
+                    // 3.1.1 has no code for it: just closed.
+                    DecodeError::PacketTooLarge { .. } => ferrymq_mqtt::connect_version(buf)
+                        .filter(|v| *v == ProtocolVersion::V5)
+                        .map(|v| (v, ReasonCode::PacketTooLarge)),
+                    _ => None,
+                };
+                if let Some((v, reason)) = answer {
+                    // Nothing more of it is read: its buffer and share go before the linger.
+                    *buf = BytesMut::new();
+                    drop(share);
+                    refuse(wr, v, reason).await;
                     linger(rd).await;
                 }
                 return None;
             }
         }
-        let mut chunk = MIN_READ;
-        let read = tokio::time::timeout_at(deadline, read_some(rd, buf, &mut chunk)).await;
+        // Room for the next read, granted by the budget first (waiting, unread, while it has
+        // none). Read only into that room (`read_some` with a zero chunk does not reserve).
+        if buf.capacity() == buf.len() {
+            let declared = ferrymq_mqtt::packet_len(buf).ok().flatten();
+            let largest = ctx.listener.connect_limits.max_packet_size;
+            let want = crate::limits::next_connect_capacity(buf.capacity(), declared, MIN_READ)
+                .min(largest);
+            let grant = tokio::time::timeout_at(deadline, share.grow_to(want)).await;
+            if grant.is_err() {
+                tracing::debug!(
+                    conn = ctx.conn.0,
+                    "no CONNECT within the connect timeout (pre-auth budget full)"
+                );
+                return None;
+            }
+            let mut grown = BytesMut::with_capacity(want);
+            grown.extend_from_slice(buf);
+            *buf = grown;
+        }
+        let read = tokio::time::timeout_at(deadline, read_some(rd, buf, &mut 0)).await;
         match read {
             Ok(Ok(n)) if n > 0 => NetMetrics::add(&ctx.listener.net.bytes_received, n as u64),
             Ok(_) => return None,

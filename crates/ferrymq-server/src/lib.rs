@@ -71,6 +71,8 @@ impl Server {
     /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        // Read before anything starts, so that an unreadable token file stops nothing.
+        let token = config.admin_token()?.map(|t| admin::AdminToken::new(&t));
         // Connections past what the open-files limit leaves room for are refused with Server
         // Busy like any over the configured maximum, while descriptors remain to accept and
         // answer them, instead of failing in accept() and leaving clients hanging.
@@ -178,15 +180,29 @@ impl Server {
         })?;
         let (stop_accepting, stop_rx) = watch::channel(false);
 
+        // One budget for every listener: the bound is on the broker's memory.
+        let preauth = Arc::new(limits::PreauthBudget::new(
+            config.limits.preauth_buffer_bytes,
+            net.clone(),
+        ));
         let accept = tokio::spawn(accept_loop(
             mqtt,
             tx.clone(),
             net.clone(),
             config.clone(),
             max_connections,
+            preauth,
             drains,
             stop_rx.clone(),
         ));
+        if token.is_some() {
+            tracing::info!(http = %http_addr, "admin API: every route but /health and /ready requires the token");
+        } else {
+            tracing::info!(
+                http = %http_addr,
+                "admin API: no [admin] token, so it listens on loopback only and asks for no token"
+            );
+        }
         let state = admin::AdminState {
             router: tx.clone(),
             net,
@@ -198,7 +214,7 @@ impl Server {
             let shutdown = async move {
                 let _ = stop_http.wait_for(|stop| *stop).await;
             };
-            if let Err(e) = axum::serve(http, admin::app(state))
+            if let Err(e) = axum::serve(http, admin::app(state, token))
                 .with_graceful_shutdown(shutdown)
                 .await
             {
@@ -338,12 +354,15 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     }
 }
 
+// What every listener shares; the listener work of issue 12 gathers these in one place.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     router: mpsc::Sender<ToRouter>,
     net: Arc<NetMetrics>,
     config: Config,
     max_connections: u64,
+    preauth: Arc<limits::PreauthBudget>,
     drains: Arc<router::Drains>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -362,6 +381,10 @@ async fn accept_loop(
         drains,
         rates: limits::RateLimits::from_config(&config.limits),
         addresses: limits::AddressCounts::new(config.limits.max_connections_per_address),
+        connect_limits: Limits {
+            max_packet_size: config.max_connect_size(),
+        },
+        preauth,
     });
     let mut rates = limits::ConnectionLimits::new(&config.limits, tokio::time::Instant::now());
     loop {

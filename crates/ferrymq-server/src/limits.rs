@@ -4,6 +4,10 @@
 //! ([`ConnectionLimits`]: new connections/s per listener and per source address, and
 //! concurrent connections per source address, [`AddressCounts`]).
 //!
+//! Before authentication ([`PreauthBudget`]): the read buffers of connections whose CONNECT
+//! is not complete are bounded in total (`limits.preauth_buffer_bytes`), so unauthenticated
+//! clients cannot grow the broker's memory.
+//!
 //! Invariants:
 //! - With every rate at 0 (the default) nothing here runs on the publish path: the reader has
 //!   no [`ClientRates`] and reads no clock for it.
@@ -14,7 +18,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrymq_core::ConnId;
@@ -22,6 +27,96 @@ use ferrymq_mqtt::ReasonCode;
 use tokio::time::Instant;
 
 use crate::config::{Limits, RateExceeded};
+use crate::metrics::NetMetrics;
+
+/// The bytes of read buffer that connections still reading their CONNECT may hold, all
+/// listeners together (`limits.preauth_buffer_bytes`). A connection takes its share before
+/// its buffer grows ([`PreauthShare::grow_to`]) and waits, unread, while the budget has no
+/// room: what it sends meanwhile stays in the kernel's socket buffer, and its connect timeout
+/// still runs. Its share goes back when the share is dropped, which is when its handshake
+/// ends, however it ends (CONNACK, refusal, timeout, error, close).
+///
+/// A semaphore of bytes: FIFO, so a large request at the head is not starved by small ones
+/// behind it (and those wait behind it).
+#[derive(Debug)]
+pub(crate) struct PreauthBudget {
+    permits: tokio::sync::Semaphore,
+    /// Where the bytes held are shown (`ferrymq_preauth_buffer_bytes`).
+    net: Arc<NetMetrics>,
+}
+
+impl PreauthBudget {
+    /// A budget of `bytes`.
+    pub(crate) fn new(bytes: usize, net: Arc<NetMetrics>) -> PreauthBudget {
+        PreauthBudget {
+            permits: tokio::sync::Semaphore::new(bytes.min(tokio::sync::Semaphore::MAX_PERMITS)),
+            net,
+        }
+    }
+
+    /// A share of nothing yet, for one connection's handshake.
+    pub(crate) fn share(&self) -> PreauthShare<'_> {
+        PreauthShare {
+            budget: self,
+            permit: None,
+        }
+    }
+}
+
+/// One connection's part of the [`PreauthBudget`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct PreauthShare<'a> {
+    budget: &'a PreauthBudget,
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl PreauthShare<'_> {
+    /// Bytes this share holds.
+    pub(crate) fn held(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    /// Waits until the share holds at least `bytes` (at once when it already does). The
+    /// caller keeps `bytes` within the budget (config validation: `limits.preauth_buffer_bytes`
+    /// is at least `mqtt.max_connect_size`), or this waits until the connect timeout.
+    pub(crate) async fn grow_to(&mut self, bytes: usize) {
+        let more = bytes.saturating_sub(self.held());
+        if more == 0 {
+            return;
+        }
+        let more = u32::try_from(more).unwrap_or(u32::MAX);
+        let Ok(granted) = self.budget.permits.acquire_many(more).await else {
+            // Never closed; should it be, waiting for ever is the connect timeout's job.
+            return std::future::pending().await;
+        };
+        let held = &self.budget.net.preauth_buffer_bytes;
+        held.fetch_add(u64::from(more), Relaxed);
+        match &mut self.permit {
+            Some(p) => p.merge(granted),
+            None => self.permit = Some(granted),
+        }
+    }
+}
+
+impl Drop for PreauthShare<'_> {
+    fn drop(&mut self) {
+        let held = self.held() as u64;
+        let gauge = &self.budget.net.preauth_buffer_bytes;
+        gauge.fetch_sub(held, Relaxed);
+    }
+}
+
+/// The read-buffer capacity a connection reading its CONNECT grows to next, from its
+/// `capacity` and the `declared` whole length of the CONNECT once its fixed header is in:
+/// double (at least `min`, the first read), as reads fill it, and never past the declared
+/// CONNECT, so that what a connection holds is about what it sent, and at most its CONNECT.
+pub(crate) fn next_connect_capacity(capacity: usize, declared: Option<usize>, min: usize) -> usize {
+    let doubled = capacity.saturating_mul(2).max(min);
+    match declared {
+        Some(total) => doubled.min(total),
+        None => doubled,
+    }
+}
 
 /// A token bucket: `rate` tokens a second, holding at most `capacity`. Its level may go below
 /// zero (a debt, see [`ClientRates`]); it then refills from there.
@@ -423,6 +518,45 @@ mod tests {
 
     fn limits() -> Limits {
         Limits::default()
+    }
+
+    #[tokio::test]
+    async fn preauth_shares_wait_for_room_and_give_it_back_when_dropped() {
+        let net = Arc::new(NetMetrics::default());
+        let budget = PreauthBudget::new(1000, net.clone());
+        let load = || net.preauth_buffer_bytes.load(Relaxed);
+        let mut a = budget.share();
+        a.grow_to(600).await;
+        a.grow_to(400).await; // holds more already: nothing taken
+        assert_eq!((a.held(), load()), (600, 600));
+        let mut b = budget.share();
+        b.grow_to(400).await;
+        assert_eq!(load(), 1000);
+        let mut c = budget.share();
+        {
+            let wait = c.grow_to(1);
+            tokio::pin!(wait);
+            let waited = tokio::time::timeout(Duration::from_millis(20), wait.as_mut()).await;
+            assert!(waited.is_err(), "no room: the share waits");
+            drop(a);
+            tokio::time::timeout(Duration::from_secs(5), wait)
+                .await
+                .expect("room again once a share is dropped");
+        }
+        assert_eq!(load(), 401);
+        drop(b);
+        drop(c);
+        assert_eq!(load(), 0, "every byte given back");
+        assert_eq!(budget.permits.available_permits(), 1000);
+    }
+
+    #[test]
+    fn a_connect_buffer_doubles_from_the_first_read_up_to_the_declared_connect() {
+        assert_eq!(next_connect_capacity(0, None, 512), 512);
+        assert_eq!(next_connect_capacity(512, None, 512), 1024);
+        assert_eq!(next_connect_capacity(512, Some(700), 512), 700);
+        assert_eq!(next_connect_capacity(0, Some(20), 512), 20);
+        assert_eq!(next_connect_capacity(32768, Some(65536), 512), 65536);
     }
 
     #[test]

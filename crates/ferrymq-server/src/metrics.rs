@@ -23,6 +23,9 @@ pub struct NetMetrics {
     /// `limits::Refusal::ALL`).
     pub connections_refused: [AtomicU64; Refusal::ALL.len()],
     pub connections_open: AtomicU64,
+    /// Bytes of read buffer held by connections whose CONNECT is not complete (bounded by
+    /// `limits.preauth_buffer_bytes`; see `limits::PreauthBudget`).
+    pub preauth_buffer_bytes: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub dropped_slow_consumer: AtomicU64,
@@ -341,6 +344,14 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         "gauge",
         "Open TCP connections, including those not yet past CONNECT.",
         &[("", g(&net.connections_open))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_preauth_buffer_bytes",
+        "gauge",
+        "Bytes of read buffer held by connections that have not completed CONNECT \
+         (at most limits.preauth_buffer_bytes).",
+        &[("", g(&net.preauth_buffer_bytes))],
     );
     metric(
         &mut o,

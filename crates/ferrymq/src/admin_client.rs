@@ -22,6 +22,8 @@ pub struct Api {
     port: u16,
     /// A path the base URL has (behind a proxy), without a trailing `/`.
     prefix: String,
+    /// Sent as `Authorization: Bearer` (`--token`, `FERRYMQ_ADMIN_TOKEN`).
+    token: Option<String>,
 }
 
 /// A successful answer (status below 400).
@@ -31,7 +33,7 @@ pub struct Answer {
 }
 
 impl Api {
-    pub fn new(url: &str) -> anyhow::Result<Api> {
+    pub fn new(url: &str, token: Option<String>) -> anyhow::Result<Api> {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("--url {url:?} is not a URL"))?;
@@ -51,6 +53,7 @@ impl Api {
                 .to_string(),
             port: uri.port_u16().unwrap_or(80),
             prefix: uri.path().trim_end_matches('/').to_string(),
+            token,
         })
     }
 
@@ -80,7 +83,7 @@ impl Api {
             .await
             .map_err(|_| anyhow::anyhow!("{what}: no answer within {REQUEST_TIMEOUT:?}"))?
             .with_context(|| what.clone())
-            .and_then(|a| check(a, &what))
+            .and_then(|a| check(a, &what, self.token.is_some()))
     }
 
     async fn exchange(
@@ -94,7 +97,11 @@ impl Api {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(conn);
         let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-        let request = Request::builder()
+        let mut request = Request::builder();
+        if let Some(token) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .method(method)
             .uri(format!("{}{path}", self.prefix))
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
@@ -114,10 +121,23 @@ impl Api {
     }
 }
 
-/// An answer of 400 or more as an error: the API's `error` (and `field`), or the status.
-fn check(a: Answer, what: &str) -> anyhow::Result<Answer> {
+/// An answer of 400 or more as an error: the API's `error` (and `field`), or the status;
+/// a 401 says what to do about the token (`sent_token`: whether one was sent).
+fn check(a: Answer, what: &str, sent_token: bool) -> anyhow::Result<Answer> {
     if a.status < 400 {
         return Ok(a);
+    }
+    if a.status == 401 {
+        if sent_token {
+            bail!(
+                "{what}: 401: the broker refused the admin API token: check --token, \
+                 --token-file or FERRYMQ_ADMIN_TOKEN against its [admin] token"
+            );
+        }
+        bail!(
+            "{what}: 401: the broker's admin API requires a token: pass --token or \
+             --token-file, or set FERRYMQ_ADMIN_TOKEN (its [admin] token)"
+        );
     }
     let message = a.body["error"]
         .as_str()

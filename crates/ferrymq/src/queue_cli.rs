@@ -27,6 +27,39 @@ pub struct ApiArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// The admin API token (the broker's `[admin] token`), sent as `Authorization: Bearer`.
+    /// Prefer the environment variable or --token-file: arguments show in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRYMQ_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// A file holding the admin API token (surrounding whitespace ignored).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRYMQ_ADMIN_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The admin API client these arguments describe.
+    fn api(&self) -> anyhow::Result<Api> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--token-file {}", path.display()))?;
+                Some(text.trim().to_string())
+            }
+            (None, None) => None,
+        };
+        Api::new(&self.url, token.filter(|t| !t.is_empty()))
+    }
 }
 
 #[derive(clap::Args)]
@@ -220,7 +253,7 @@ fn print_json(v: &Value) {
 }
 
 pub async fn queue(args: QueueArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api.url)?;
+    let api = args.api.api()?;
     let (body, text_out) = match args.command {
         QueueCommand::List => {
             let a = api.call(Method::GET, "/api/v1/queues", None).await?;
@@ -380,7 +413,7 @@ fn show_queue(q: &Value) -> String {
 }
 
 pub async fn dlq(args: DlqArgs) -> anyhow::Result<()> {
-    let api = Api::new(&args.api.url)?;
+    let api = args.api.api()?;
     let (body, text_out) = match args.command {
         DlqCommand::List {
             queue,

@@ -475,10 +475,22 @@ pub async fn api(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> (u16, serde_json::Value) {
+    api_with_token(server, None, method, path, body).await
+}
+
+/// [`api`] with `Authorization: Bearer <token>` when a token is given (`[admin] token`).
+pub async fn api_with_token(
+    server: &Server,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(server.http_addr()).await.unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );

@@ -7,9 +7,11 @@
 mod common;
 
 mod admin_http;
+mod admin_token;
 mod backpressure;
 mod client_rate_limit;
 mod connect_churn;
+mod connect_size_limit;
 mod connection_limits;
 mod disconnect_reaches_sending_client;
 mod durability;
