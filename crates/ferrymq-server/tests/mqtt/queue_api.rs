@@ -641,7 +641,10 @@ async fn every_documented_route_is_served() {
             guide.contains(&format!("{method} {doc_path}")),
             "api.md lacks {method} {doc_path}"
         );
-        let concrete = path.replace("{name}", "nosuch").replace("{id}", "1");
+        let concrete = path
+            .replace("{name}", "nosuch")
+            .replace("{id}", "1")
+            .replace("{topic}", "no/such");
         let (status, body) = api(&server, &method, &concrete, None).await;
         assert_ne!(status, 405, "{method} {path}");
         // A handler's 404 says what is missing; the router's own is empty.
