@@ -87,12 +87,18 @@ EOF
     fi
     MQTT_PORT=$(free_port)
     HTTP_PORT=$(free_port)
+    TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+    export FERRYMQ_HTTP_URL="http://127.0.0.1:$HTTP_PORT" FERRYMQ_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT"
+    export FERRYMQ_ADMIN_TOKEN="$TOKEN"
     # listeners.ws is MQTT over WebSocket (path /mqtt by default; issue 12).
     cat >"$WORK/ferrymq.toml" <<EOF
 [listeners]
 mqtt = "127.0.0.1:$MQTT_PORT"
 http = "127.0.0.1:$HTTP_PORT"
 ws = "127.0.0.1:$WS_PORT"
+
+[admin]
+token = "$TOKEN"
 
 [storage]
 persistence = false

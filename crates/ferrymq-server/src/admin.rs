@@ -33,6 +33,9 @@ pub(crate) struct AdminState {
 /// orchestrators call them without credentials, and they reveal nothing).
 pub(crate) const OPEN_PATHS: [&str; 2] = ["/health", "/ready"];
 
+/// The cookie a browser carries the token in once signed in on `/login` (the dashboard).
+const COOKIE: &str = "ferrymq_admin_token";
+
 /// The admin API's bearer token (`[admin] token` or `token_file`).
 #[derive(Clone)]
 pub(crate) struct AdminToken(Arc<[u8]>);
@@ -52,6 +55,20 @@ impl AdminToken {
             return false;
         };
         constant_time_eq(given.trim_ascii(), &self.0)
+    }
+
+    /// Whether the request's cookie `ferrymq_admin_token` holds this token (percent-encoded).
+    fn admits_cookie(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
+            .any(|v| {
+                let given: Vec<u8> = percent_encoding::percent_decode_str(v).collect();
+                constant_time_eq(&given, &self.0)
+            })
     }
 }
 
@@ -75,6 +92,7 @@ pub(crate) fn app(state: AdminState, token: Option<AdminToken>) -> axum::Router 
         .route("/api/v1/alarms", get(alarms))
         .merge(crate::queue_api::routes())
         .merge(crate::views_api::routes())
+        .merge(crate::dashboard::routes())
         .with_state(state);
     match token {
         // Over the whole router (unknown paths included: 401, not 404, tells a caller
@@ -89,8 +107,24 @@ pub(crate) fn app(state: AdminState, token: Option<AdminToken>) -> axum::Router 
 /// 401 with `WWW-Authenticate: Bearer` unless the request carries the token or asks for an
 /// open path.
 async fn require_token(token: AdminToken, req: Request, next: Next) -> Response {
-    if OPEN_PATHS.contains(&req.uri().path()) || token.admits(req.headers()) {
+    let path = req.uri().path();
+    if path == "/login" {
+        if req.method() == axum::http::Method::POST {
+            return sign_in(&token, req).await;
+        }
+        return crate::dashboard::asset("text/html; charset=utf-8", crate::dashboard::LOGIN);
+    }
+    // The stylesheet too: the sign-in page uses it, and it holds nothing.
+    if OPEN_PATHS.contains(&path)
+        || path == "/dashboard/style.css"
+        || token.admits(req.headers())
+        || token.admits_cookie(req.headers())
+    {
         return next.run(req).await;
+    }
+    if path == "/" || path.starts_with("/dashboard/") {
+        // A browser: to the sign-in page, not a bare 401.
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
     }
     let message = if req.headers().contains_key(header::AUTHORIZATION) {
         "the admin API token is wrong"
@@ -105,6 +139,30 @@ async fn require_token(token: AdminToken, req: Request, next: Next) -> Response 
             (header::CONTENT_TYPE, "application/json"),
         ],
         body,
+    )
+        .into_response()
+}
+
+/// `POST /login` with `token=…` (a form): the right token sets the cookie the dashboard's
+/// requests carry and goes to `/`; a wrong one goes back to the form.
+async fn sign_in(token: &AdminToken, req: Request) -> Response {
+    let body = axum::body::to_bytes(req.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let given = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|b| crate::queue_api::query_pairs(b).ok())
+        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "token"))
+        .map(|(_, v)| v)
+        .unwrap_or_default();
+    if !constant_time_eq(given.as_bytes(), &token.0) {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login?failed")]).into_response();
+    }
+    let value = percent_encoding::utf8_percent_encode(&given, percent_encoding::NON_ALPHANUMERIC);
+    let cookie = format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict");
+    (
+        StatusCode::SEE_OTHER,
+        [(header::LOCATION, "/".to_string()), (header::SET_COOKIE, cookie)],
     )
         .into_response()
 }

@@ -20,6 +20,7 @@ mod admin;
 pub mod alarms;
 pub mod config;
 mod connection;
+mod dashboard;
 mod error;
 mod fdlimit;
 mod limits;
