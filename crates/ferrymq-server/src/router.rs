@@ -94,6 +94,8 @@ pub(crate) fn clock_ms() -> u64 {
 /// How often the router looks for connections silent past their keep alive: a timeout
 /// fires at most this late.
 const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(250);
+/// A router step this long is logged with where its time went (`Router::run`).
+const SLOW_STEP: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Default)]
 struct OutQueue {
@@ -399,6 +401,8 @@ pub(crate) struct Router {
     overload: Overload,
     /// Answers to queue commands, each sent once the records its command made are stored.
     queue_answers: Vec<QueueAnswer>,
+    /// When a slow step was last logged (at most one line a second).
+    slow_step_logged: Instant,
 }
 
 /// The answer to a [`ToRouter::Queue`] or [`ToRouter::Admin`] command, waiting for its
@@ -523,6 +527,7 @@ impl Router {
             over: Vec::new(),
             strikes: Default::default(),
             queue_answers: Vec::new(),
+            slow_step_logged: Instant::now(),
         }
     }
 
@@ -597,15 +602,31 @@ impl Router {
                 let _ = done.send(());
                 return Ok(());
             }
+            let engine = step.elapsed();
             if let Err(e) = self.store() {
                 return self.storage_failed(e, now);
             }
+            let stored = step.elapsed();
             self.answer_queue_commands();
             self.dispatch();
-            let took = step.elapsed().as_micros() as u64;
+            let elapsed = step.elapsed();
+            let took = elapsed.as_micros() as u64;
             self.net.router_step_max_us.fetch_max(took, Relaxed);
             if took > 10_000 {
                 self.net.router_steps_over_10ms.fetch_add(1, Relaxed);
+            }
+            // Where a slow step went (at most one line a second): the engine (packets,
+            // timers, queue payloads read back from the log), the log (writes, checkpoints)
+            // or handing out what the step made.
+            if elapsed >= SLOW_STEP && self.slow_step_logged.elapsed() >= Duration::from_secs(1) {
+                self.slow_step_logged = Instant::now();
+                tracing::info!(
+                    took_ms = elapsed.as_millis() as u64,
+                    engine_ms = engine.as_millis() as u64,
+                    log_ms = (stored - engine).as_millis() as u64,
+                    dispatch_ms = (elapsed - stored).as_millis() as u64,
+                    "slow router step"
+                );
             }
         }
     }
