@@ -16,14 +16,18 @@
 //!   panic's message: the broker is dead, and the binary closes the listeners and exits
 //!   non-zero so that a supervisor restarts it.
 
+pub mod acl;
 mod admin;
 pub mod alarms;
+pub mod auth;
 pub mod config;
 mod connection;
 mod error;
 mod fdlimit;
+pub mod jwt;
 mod limits;
 pub mod metrics;
+pub mod password_file;
 mod persist;
 mod queue_admin;
 mod queue_api;
@@ -139,6 +143,19 @@ impl Server {
             }
             (None, None)
         };
+        // Authentication: the password file and the JWT key are read once, here (a bad one
+        // stops the start, naming file and line).
+        let auth = Arc::new(auth::Authenticator::new(
+            &config.auth,
+            config.allow_anonymous(),
+        )?);
+        tracing::info!(
+            anonymous = config.allow_anonymous(),
+            password_file = config.auth.password_file.is_some(),
+            jwt = config.auth.jwt.is_some(),
+            acl_rules = config.acl.rules.len() + config.mqtt.deny_subscribe.len(),
+            "authentication"
+        );
         let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
         let alarms = alarms::Alarms::default();
@@ -184,6 +201,7 @@ impl Server {
             config.clone(),
             max_connections,
             drains,
+            auth,
             stop_rx.clone(),
         ));
         let state = admin::AdminState {
@@ -343,6 +361,7 @@ async fn accept_loop(
     config: Config,
     max_connections: u64,
     drains: Arc<router::Drains>,
+    auth: Arc<auth::Authenticator>,
     mut stop: watch::Receiver<bool>,
 ) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -360,6 +379,7 @@ async fn accept_loop(
         drains,
         rates: limits::RateLimits::from_config(&config.limits),
         addresses: limits::AddressCounts::new(config.limits.max_connections_per_address),
+        auth,
     });
     let mut rates = limits::ConnectionLimits::new(&config.limits, tokio::time::Instant::now());
     loop {

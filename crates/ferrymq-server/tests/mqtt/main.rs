@@ -6,7 +6,9 @@
 
 mod common;
 
+mod acl;
 mod admin_http;
+mod auth;
 mod backpressure;
 mod client_rate_limit;
 mod connect_churn;
