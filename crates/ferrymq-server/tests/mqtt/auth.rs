@@ -104,7 +104,10 @@ async fn a_jwt_in_the_password_authenticates_and_bad_ones_are_refused() {
         assert!(login(&server, v, Some("ignored"), Some(&good))
             .await
             .is_ok());
-        assert!(login(&server, v, None, Some(&good)).await.is_ok());
+        if v == V5 {
+            // 3.1.1 forbids a password without a user name (MQTT-3.1.2-22); 5.0 allows it.
+            assert!(login(&server, v, None, Some(&good)).await.is_ok());
+        }
         for (what, t) in [
             ("expired", &expired),
             ("not yet valid", &early),
