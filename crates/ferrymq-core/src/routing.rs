@@ -36,6 +36,8 @@ impl Broker {
     pub(crate) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now: Time, out: &mut Outbox) {
         let c = self.conns.get_mut(&conn).expect("attached");
         let sid = c.session;
+        // Read here, with the entry at hand: without ACLs a publish pays this test only.
+        let has_acl = c.acl.is_some();
         // A client never sends subscription identifiers (MQTT-3.3.4-6).
         if !p.properties.subscription_identifiers.is_empty() {
             return self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
@@ -77,7 +79,7 @@ impl Broker {
         };
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
-        if refusal.is_none() && self.publish_denied(conn, &topic) {
+        if has_acl && refusal.is_none() && self.publish_denied(conn, &topic) {
             return self.deny_publish(conn, qos, pid, topic, out);
         }
         if qos == QoS::ExactlyOnce {

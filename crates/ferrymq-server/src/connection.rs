@@ -325,7 +325,7 @@ where
     let check = ctx.listener.auth.authenticate(&connect, source, None);
     let checked = tokio::time::timeout(ctx.listener.connect_timeout, check).await;
     let who = match checked.unwrap_or(Err(crate::auth::AuthRefusal::Busy)) {
-        Ok(who) => who,
+        Ok(who) => Box::new(who),
         Err(refusal) => {
             tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
             refuse(wr, connect.version, refusal.reason_code()).await;

@@ -29,8 +29,9 @@ pub(crate) enum ToRouter {
     Connect {
         conn: ConnId,
         connect: Box<Connect>,
-        /// Who the client authenticated as (`auth.rs`).
-        who: ferrymq_core::Identity,
+        /// Who the client authenticated as (`auth.rs`). Boxed: 64 bytes inline would widen
+        /// every message on the router's channel, packets included.
+        who: Box<ferrymq_core::Identity>,
         outbound: Arc<Outbound>,
         reply: oneshot::Sender<ConnectOutcome>,
     },
@@ -1063,7 +1064,7 @@ impl Router {
             } => {
                 let outcome = self
                     .broker
-                    .connect_as(conn, *connect, who, now, &mut self.out);
+                    .connect_as(conn, *connect, *who, now, &mut self.out);
                 if outcome.accepted {
                     let limit = u64::from(outcome.keep_alive) * 1500;
                     outbound.keep_alive_ms.store(limit, Relaxed);
