@@ -184,3 +184,65 @@ async fn repeated_failures_ban_the_address_until_the_cooling_off_time_passes() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn rs256_and_es256_tokens_are_checked_with_the_configured_public_key() {
+    use jsonwebtoken::Algorithm;
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mqtt/jwt-keys");
+    for (alg, name) in [(Algorithm::RS256, "rs256"), (Algorithm::ES256, "es256")] {
+        let mut c = test_config();
+        c.auth.allow_anonymous = Some(false);
+        c.auth.jwt = Some(
+            toml::from_str(&format!(
+                "algorithm = \"{alg:?}\"\npublic_key = {:?}\nusername_claim = \"device\"\n",
+                keys.join(format!("{name}-public.pem"))
+                    .display()
+                    .to_string()
+            ))
+            .unwrap(),
+        );
+        let server = start_with(c).await;
+        let pem = std::fs::read(keys.join(format!("{name}-private.pem"))).unwrap();
+        let key = match alg {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+            _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        let sign = |claims: serde_json::Value, header: Header| {
+            encode(&header, &claims, &key).unwrap().into_bytes()
+        };
+        let good = sign(
+            serde_json::json!({"device": "d-1", "exp": now() + 60}),
+            Header::new(alg),
+        );
+        assert!(
+            login(&server, V5, Some("x"), Some(&good)).await.is_ok(),
+            "{alg:?}"
+        );
+        assert!(
+            login(&server, V3, Some("x"), Some(&good)).await.is_ok(),
+            "{alg:?}"
+        );
+        // The user name must be in the configured claim.
+        let no_user = sign(
+            serde_json::json!({"sub": "d-1", "exp": now() + 60}),
+            Header::new(alg),
+        );
+        // An HS256 token "signed" with the public key (the classic confusion) is refused.
+        let public = std::fs::read(keys.join(format!("{name}-public.pem"))).unwrap();
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"device": "d-1", "exp": now() + 60}),
+            &EncodingKey::from_secret(&public).unwrap(),
+        )
+        .unwrap()
+        .into_bytes();
+        for (what, t) in [
+            ("no user claim", no_user),
+            ("HS256 with the public key", confused),
+        ] {
+            let r = login(&server, V5, Some("x"), Some(&t)).await.err();
+            assert_eq!(r, Some(ReasonCode::BadUserNameOrPassword), "{what} {alg:?}");
+        }
+        server.shutdown().await;
+    }
+}
