@@ -7,7 +7,7 @@
 //!  TLS client-certificate user ─────────────────────────────▶ that user
 //!  user name in the password file ─argon2id (blocking pool)─▶ that user   | 0x86 (4)
 //!  password set and [auth.jwt] ────JWT checks (blocking pool)▶ its claim   | 0x86 (4)
-//!  user name, a password file, no JWT ───────────────────────────────────▶ 0x86 (4)
+//!  user name, a password file, no JWT ──argon2id of a dummy hash──────────▶ 0x86 (4)
 //!  otherwise: anonymous ─allow_anonymous?─▶ no user name (its CONNECT's proves nothing)
 //!                                        └─▶ 0x87 (3.1.1: 5)
 //! ```
@@ -122,6 +122,11 @@ impl AuthRefusal {
 const MAX_TRACKED: usize = 65_536;
 /// Most successful password checks remembered.
 const MAX_CACHED: usize = 16_384;
+/// What an unknown user's password is checked against: a well-formed argon2id hash with the
+/// parameters `hash_password` uses (no password matches it in practice, and it does not
+/// matter: the answer is a refusal either way).
+const UNKNOWN_USER_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$ZDnDYI7h8NVNJVBgrpBQvUQyNSiNDNG2MMSjdQ0yYDQ";
 
 /// Failures per source address, and bans.
 struct FailureLimiter {
@@ -317,9 +322,11 @@ impl Authenticator {
             };
         }
         if user.is_some() && self.passwords.is_some() {
-            // An unknown user: refused like a wrong password (same code, and a hash
-            // verified against nothing would only tell the timing apart less: the ban
-            // bounds guessing either way).
+            // An unknown user: refused like a wrong password, after as long a check (a hash
+            // with the same parameters), so the time taken does not tell which users exist.
+            let password = password.unwrap_or_default().to_vec();
+            self.blocking(move || verify_password(UNKNOWN_USER_HASH, &password))
+                .await?;
             return Err(AuthRefusal::BadCredentials);
         }
         if self.allow_anonymous {

@@ -205,7 +205,7 @@ fn line_user(line: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
-    // A real hash of "secret", made once with `hash_password` (hashing is slow in debug builds).
+    // A well-formed argon2id PHC string (not the hash of any password we use).
     const SECRET: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$ZDnDYI7h8NVNJVBgrpBQvUQyNSiNDNG2MMSjdQ0yYDQ";
 
     #[test]
