@@ -275,3 +275,60 @@ async fn messages_queued_while_away_are_checked_against_the_rules_on_resume() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn queue_consumption_and_dead_letters_are_checked_on_their_own_topics() {
+    let mut config = test_config();
+    config.queues = vec![toml::from_str("name = \"orders\"\nfilter = \"orders/#\"\n").unwrap()];
+    config.acl = toml::from_str(
+        r#"
+        default = "deny"
+        [[rule]]
+        permission = "allow"
+        action = "subscribe"
+        topic = "$queue/orders"
+        client_id = "worker"
+        [[rule]]
+        permission = "allow"
+        action = "subscribe"
+        topic = "$dlq/#"
+        client_id = "ops"
+        [[rule]]
+        permission = "allow"
+        action = "publish"
+        topic = "orders/#"
+        "#,
+    )
+    .unwrap();
+    let server = start_with(config).await;
+    for v in [V3, V5] {
+        let d = denied(v);
+        let mut worker = client(&server, "worker", v, true).await;
+        assert_eq!(
+            subscribe(
+                &mut worker,
+                &["$queue/orders", "$dlq/orders"],
+                QoS::AtLeastOnce
+            )
+            .await,
+            [1, d]
+        );
+        let mut ops = client(&server, "ops", v, true).await;
+        assert_eq!(
+            subscribe(
+                &mut ops,
+                &["$queue/orders", "$dlq/orders"],
+                QoS::AtLeastOnce
+            )
+            .await,
+            [d, 1]
+        );
+        // The worker reads the queue's messages without a rule for their topics.
+        let mut shop = client(&server, "shop", V5, true).await;
+        let p = publish(&format!("orders/{v:?}"), "o", QoS::AtLeastOnce, false);
+        assert_eq!(shop.publish(p).await.unwrap(), ReasonCode::Success);
+        let seen = topics_until(&mut worker, &format!("orders/{v:?}")).await;
+        assert_eq!(seen, [format!("orders/{v:?}")]);
+    }
+    server.shutdown().await;
+}
