@@ -107,6 +107,23 @@ pub(crate) enum AuthRefusal {
 }
 
 impl AuthRefusal {
+    pub(crate) const ALL: [AuthRefusal; 4] = [
+        AuthRefusal::BadCredentials,
+        AuthRefusal::NotAuthorized,
+        AuthRefusal::Banned,
+        AuthRefusal::Busy,
+    ];
+
+    /// The label in `ferrymq_auth_refused_total{reason}`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            AuthRefusal::BadCredentials => "bad_credentials",
+            AuthRefusal::NotAuthorized => "not_authorized",
+            AuthRefusal::Banned => "banned",
+            AuthRefusal::Busy => "busy",
+        }
+    }
+
     pub(crate) fn reason_code(self) -> ReasonCode {
         match self {
             AuthRefusal::BadCredentials => ReasonCode::BadUserNameOrPassword,

@@ -327,6 +327,7 @@ where
     let who = match checked.unwrap_or(Err(crate::auth::AuthRefusal::Busy)) {
         Ok(who) => Box::new(who),
         Err(refusal) => {
+            NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
             tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
             refuse(wr, connect.version, refusal.reason_code()).await;
             linger(rd).await;

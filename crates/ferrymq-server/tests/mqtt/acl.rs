@@ -146,6 +146,8 @@ async fn publish_is_allowed_or_denied_per_rule_on_both_versions() {
         assert_eq!(r.unwrap(), ReasonCode::Success);
         assert_eq!(topics_until(&mut reader, "a/ok").await, ["a/ok"], "{v:?}");
     }
+    let denied = metric(&server, "ferrymq_acl_denied_total{action=\"publish\"}").await;
+    assert_eq!(denied, 6, "three denied publishes per version");
     server.shutdown().await;
 }
 

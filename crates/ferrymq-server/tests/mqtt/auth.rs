@@ -74,6 +74,16 @@ async fn password_file_users_get_in_and_wrong_or_unknown_ones_get_0x86_or_code_4
         let r = login(&server, v, None, None).await.err();
         assert_eq!(r, Some(ReasonCode::NotAuthorized), "anonymous {v:?}");
     }
+    let refused = |reason: &'static str| {
+        let server = &server;
+        async move {
+            let name = format!("ferrymq_auth_refused_total{{reason=\"{reason}\"}}");
+            metric(server, &name).await
+        }
+    };
+    assert_eq!(refused("bad_credentials").await, 4);
+    assert_eq!(refused("not_authorized").await, 2);
+    assert_eq!(refused("banned").await, 0);
     server.shutdown().await;
 }
 
