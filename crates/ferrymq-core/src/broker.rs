@@ -107,6 +107,9 @@ pub struct Outbox {
     /// that sees a pause must stop feeding that connection's packets at once, even in the
     /// middle of a batch.
     pub flow: Vec<(ConnId, Flow)>,
+    /// Publishes the ACL refused, with their topics, for the driver's log (a 3.1.1 client is
+    /// not told: MQTT 3.1.1 has no negative acknowledgement).
+    pub denied: Vec<(ConnId, Arc<str>)>,
 }
 
 /// A flow-control instruction for one connection's input (see [`Outbox::flow`]).
@@ -172,6 +175,13 @@ pub struct Stats {
     /// QoS 1/2 publishes, new durable sessions and their subscriptions refused while the log
     /// could not take new writes.
     pub refused_storage_full: u64,
+    /// Publishes refused by the ACL.
+    pub acl_denied_publishes: u64,
+    /// Subscriptions refused by the ACL.
+    pub acl_denied_subscriptions: u64,
+    /// Messages not delivered because the ACL does not let the subscriber read their topic
+    /// (routed, retained, replayed on resume).
+    pub acl_denied_deliveries: u64,
 }
 
 /// What the driver's resource checks let the engine take in. The driver measures (memory,
@@ -203,6 +213,9 @@ pub(crate) struct Conn {
     #[allow(clippy::box_collection)]
     pub topic_aliases: Option<Box<HashMap<u16, Arc<str>>>>,
     pub client_max_packet_size: u32,
+    /// The ACL resolved for this client at CONNECT; `None` when nothing can be denied to it.
+    /// Boxed: 8 bytes in every connection's entry, most of which have none.
+    pub acl: Option<Box<crate::acl::ClientAcl>>,
 }
 
 /// What happens to a connection's will when it detaches.
@@ -345,10 +358,25 @@ impl Broker {
 
     /// Handles a CONNECT on a new connection. A refused connection gets its CONNACK and a
     /// `Close`; an accepted one gets CONNACK, then any redelivered and queued messages.
+    /// The client is anonymous as far as the ACL goes (see [`Broker::connect_as`]).
     pub fn connect(
         &mut self,
         conn: ConnId,
         c: Connect,
+        now: Time,
+        out: &mut Outbox,
+    ) -> ConnectOutcome {
+        self.connect_as(conn, c, crate::Identity::default(), now, out)
+    }
+
+    /// [`Broker::connect`] for a client the driver authenticated as `who`: the ACL rules
+    /// are resolved for its user name and client id (and its token's claim) here, and a will
+    /// on a topic it may not publish to refuses the CONNECT (0x87, 3.1.1 code 5).
+    pub fn connect_as(
+        &mut self,
+        conn: ConnId,
+        c: Connect,
+        who: crate::Identity,
         now: Time,
         out: &mut Outbox,
     ) -> ConnectOutcome {
@@ -375,6 +403,14 @@ impl Broker {
         } else {
             c.client_id.as_str().into()
         };
+        let acl = self.config.acl.for_client(&who, &client_id).map(Box::new);
+        if let (Some(acl), Some(w)) = (&acl, &c.will) {
+            if !acl.may_publish(&w.topic) {
+                self.stats.acl_denied_publishes += 1;
+                self.refuse_connect(conn, ReasonCode::NotAuthorized, out);
+                return outcome;
+            }
+        }
         let expiry = self.granted_expiry(&c, &mut props);
         if expiry > 0 && self.admission.storage_full && !self.resumes_durable(&client_id, &c) {
             // A new durable session is a write the log cannot take now (3.1.1: code 3).
@@ -440,6 +476,7 @@ impl Broker {
                 will: c.will.map(Box::new),
                 topic_aliases: None,
                 client_max_packet_size: outcome.client_max_packet_size,
+                acl,
             },
         );
         let ack = ConnAck {
@@ -482,11 +519,6 @@ impl Broker {
         }
         if c.client_id.is_empty() && !c.clean_start && c.version == ProtocolVersion::V311 {
             return Err(ReasonCode::ClientIdentifierNotValid);
-        }
-        // No authentication exists yet: a user name proves nothing, so a client that sends
-        // one is as anonymous as one that does not.
-        if !self.config.allow_anonymous {
-            return Err(ReasonCode::NotAuthorized);
         }
         if let Some(w) = &c.will {
             if w.topic.split('/').count() > self.config.max_topic_levels
@@ -735,8 +767,19 @@ impl Broker {
             return;
         };
         let Some(conn) = s.conn else { return };
+        let acl = self.conns.get(&conn).and_then(|c| c.acl.as_deref());
+        let mut denied = Vec::new();
         for pid in s.inflight_in_order() {
             let f = &s.inflight[&pid];
+            // The rules may have changed while it was away: a message it may not read now is
+            // dropped as if acknowledged (a PUBREL already owed still goes out).
+            if f.state != OutState::AwaitPubComp
+                && f.pending.queue.is_none()
+                && acl.is_some_and(|a| !a.may_read(&f.pending.message.topic))
+            {
+                denied.push(pid);
+                continue;
+            }
             let action = match f.state {
                 OutState::AwaitPubComp => Action::Send(Packet::PubRel(ferrymq_mqtt::PubResp::new(
                     pid,
@@ -754,6 +797,10 @@ impl Broker {
                 }),
             };
             out.push(conn, action);
+        }
+        for pid in denied {
+            self.stats.acl_denied_deliveries += 1;
+            self.commit(Record::Acked { sid, pid }, out);
         }
         self.fill_window(sid, now, out);
     }
@@ -778,8 +825,17 @@ impl Broker {
                 return;
             };
             let message = front.message.id;
-            if front.message.is_expired(now) {
-                self.stats.dropped_expired += 1;
+            let unreadable = front.queue.is_none()
+                && s.conn
+                    .and_then(|c| self.conns.get(&c))
+                    .and_then(|c| c.acl.as_deref())
+                    .is_some_and(|a| !a.may_read(&front.message.topic));
+            if unreadable || front.message.is_expired(now) {
+                if unreadable {
+                    self.stats.acl_denied_deliveries += 1;
+                } else {
+                    self.stats.dropped_expired += 1;
+                }
                 if self
                     .try_commit(Record::Removed { sid, message }, out)
                     .is_err()

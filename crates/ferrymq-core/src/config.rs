@@ -27,11 +27,9 @@ pub struct BrokerConfig {
     pub max_subscriptions_per_client: usize,
     /// Largest session expiry interval granted, in seconds.
     pub max_session_expiry: u32,
-    /// Whether anonymous clients may connect. Until authentication exists every client is
-    /// anonymous, user name or not, so `false` refuses every CONNECT.
-    pub allow_anonymous: bool,
-    /// Topic filters no subscriber may use (a requested filter covered by one is refused).
-    pub deny_subscribe: Vec<String>,
+    /// Who may publish to and read which topics (`acl.rs`). Authentication (and refusing
+    /// anonymous clients) is the driver's job: the engine takes the identity it established.
+    pub acl: crate::AclConfig,
     /// The SUBACK reason a 5.0 client gets for a denied filter (3.1.1 always gets 0x80).
     pub deny_subscribe_reason: ferrymq_mqtt::ReasonCode,
     /// Session expiry granted to a 5.0 client whose CONNECT has none. MQTT 5 says 0
@@ -62,8 +60,7 @@ impl Default for BrokerConfig {
             max_topic_levels: 32,
             max_subscriptions_per_client: 1024,
             max_session_expiry: u32::MAX,
-            allow_anonymous: true,
-            deny_subscribe: Vec::new(),
+            acl: crate::AclConfig::default(),
             deny_subscribe_reason: ferrymq_mqtt::ReasonCode::NotAuthorized,
             default_session_expiry: 0,
             queue_memory_bytes: 256 * 1024 * 1024,

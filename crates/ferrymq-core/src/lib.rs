@@ -20,6 +20,7 @@
 //! code commits records (journaled into [`Outbox::journal`] when journaling is on), and
 //! [`Broker::restore`] applies the same records read back from the log.
 
+pub mod acl;
 mod broker;
 mod config;
 mod journal;
@@ -34,6 +35,7 @@ mod trie;
 pub mod views;
 pub mod workqueue;
 
+pub use acl::{AclConfig, Identity};
 pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Flow, Outbox, Stats};
 pub use config::{BrokerConfig, QueueFull};
 pub use journal::{

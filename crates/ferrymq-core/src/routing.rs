@@ -36,6 +36,8 @@ impl Broker {
     pub(crate) fn on_publish(&mut self, conn: ConnId, mut p: Publish, now: Time, out: &mut Outbox) {
         let c = self.conns.get_mut(&conn).expect("attached");
         let sid = c.session;
+        // Read here, with the entry at hand: without ACLs a publish pays this test only.
+        let has_acl = c.acl.is_some();
         // A client never sends subscription identifiers (MQTT-3.3.4-6).
         if !p.properties.subscription_identifiers.is_empty() {
             return self.kill(conn, Some(ReasonCode::ProtocolError), now, out);
@@ -77,6 +79,9 @@ impl Broker {
         };
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
+        if has_acl && refusal.is_none() && self.publish_denied(conn, &topic) {
+            return self.deny_publish(conn, qos, pid, topic, out);
+        }
         if qos == QoS::ExactlyOnce {
             let s = self
                 .sessions
@@ -146,6 +151,48 @@ impl Broker {
             self.send_ack(conn, ack, out);
         } else {
             self.hold_ack(conn, ack, routed.message, routed.full, now, out);
+        }
+    }
+
+    /// Whether the connection's ACL refuses a publish to `topic` (for `$delayed/{s}/{t}`,
+    /// the topic it will be published to).
+    fn publish_denied(&self, conn: ConnId, topic: &str) -> bool {
+        let Some(acl) = self.conns.get(&conn).and_then(|c| c.acl.as_deref()) else {
+            return false;
+        };
+        let target = match crate::queues::parse_delayed(topic) {
+            Some(Ok((_, real))) => real,
+            _ => topic,
+        };
+        !acl.may_publish(target)
+    }
+
+    /// A publish the ACL refused: 5.0 gets PUBACK/PUBREC 0x87; 3.1.1, which has no negative
+    /// acknowledgement, gets a plain one (or, for QoS 0, nothing) and the message is dropped.
+    /// Either way the driver logs it (`Outbox::denied`).
+    fn deny_publish(
+        &mut self,
+        conn: ConnId,
+        qos: QoS,
+        pid: u16,
+        topic: Arc<str>,
+        out: &mut Outbox,
+    ) {
+        self.stats.acl_denied_publishes += 1;
+        out.denied.push((conn, topic));
+        let v5 = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.version == ferrymq_mqtt::ProtocolVersion::V5);
+        let reason = if v5 {
+            ReasonCode::NotAuthorized
+        } else {
+            ReasonCode::Success
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send_ack(conn, Packet::PubAck(PubResp::new(pid, reason)), out),
+            QoS::ExactlyOnce => self.send_ack(conn, Packet::PubRec(PubResp::new(pid, reason)), out),
         }
     }
 
@@ -435,15 +482,21 @@ impl Broker {
             return Placed::Done;
         };
         let conn = s.conn;
-        if let Some(conn) = conn {
-            let max = self
-                .conns
-                .get(&conn)
-                .map_or(u32::MAX, |c| c.client_max_packet_size);
+        if let Some(c) = conn.and_then(|conn| self.conns.get(&conn)) {
             // Too large for this client: discard as if sent (MQTT-3.1.2-25).
-            if p.message.wire_size(p.subscription_ids.len()) > max as usize {
+            if p.message.wire_size(p.subscription_ids.len()) > c.client_max_packet_size as usize {
                 self.stats.dropped_too_large += 1;
                 return Placed::Done;
+            }
+            // Every path to a subscriber passes here (routed, retained on subscribe, wills,
+            // `$SYS`, dead letters): one it may not read is dropped. Work-queue leases were
+            // granted with the `$queue/{name}` subscription. (An offline session queues it,
+            // and `move_into_flight` checks it when the session is back.)
+            if let Some(acl) = c.acl.as_deref() {
+                if p.queue.is_none() && !acl.may_read(&p.message.topic) {
+                    self.stats.acl_denied_deliveries += 1;
+                    return Placed::Done;
+                }
             }
         }
         match (conn, p.qos) {

@@ -1,6 +1,6 @@
-//! SUBSCRIBE and UNSUBSCRIBE: validation, the deny list, retained-message replay.
+//! SUBSCRIBE and UNSUBSCRIBE: validation, the ACL, retained-message replay.
 
-use ferrymq_mqtt::topic::{matches, parse_shared, valid_topic_filter};
+use ferrymq_mqtt::topic::{parse_shared, valid_topic_filter};
 use ferrymq_mqtt::{
     Packet, Properties, ProtocolVersion, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     SubscriptionOptions, UnsubAck, Unsubscribe,
@@ -26,7 +26,7 @@ impl Broker {
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut replay = Vec::new();
         for (filter, options) in s.filters {
-            match self.add_subscription(sid, &filter, options, identifier, out) {
+            match self.add_subscription(conn, sid, &filter, options, identifier, out) {
                 Ok(existed) => {
                     reasons.push(match options.qos {
                         QoS::AtMostOnce => ReasonCode::Success,
@@ -67,6 +67,7 @@ impl Broker {
     /// Adds one subscription; `Ok(true)` when it replaced an existing one.
     fn add_subscription(
         &mut self,
+        conn: ConnId,
         sid: SessionId,
         raw: &str,
         options: SubscriptionOptions,
@@ -90,7 +91,10 @@ impl Broker {
                 return Err(ReasonCode::TopicFilterInvalid);
             }
         }
-        if self.is_denied(&filter) {
+        // `$queue/{name}` and `$dlq/{queue}` are checked as they are: the rules name them.
+        let acl = self.conns.get(&conn).and_then(|c| c.acl.as_deref());
+        if acl.is_some_and(|a| !a.may_subscribe(&filter)) {
+            self.stats.acl_denied_subscriptions += 1;
             return Err(self.config.deny_subscribe_reason);
         }
         let s = self.sessions.get(&sid).expect("session of attached conn");
@@ -116,15 +120,6 @@ impl Broker {
         let raw = raw.to_string();
         self.commit(Record::Subscribe { sid, raw, sub }, out);
         Ok(existed)
-    }
-
-    /// A requested filter is denied when a deny-list filter covers it, reading the
-    /// requested filter's wildcards literally (deny `secret/#` covers `secret/+/x`).
-    fn is_denied(&self, filter: &str) -> bool {
-        self.config
-            .deny_subscribe
-            .iter()
-            .any(|d| d == filter || matches(d, filter))
     }
 
     fn replay_retained(

@@ -678,9 +678,18 @@ fn oversized_messages_are_not_sent_to_small_clients() {
 }
 
 #[test]
-fn deny_list_refuses_covered_filters() {
+fn deny_rule_refuses_covered_filters() {
+    use ferrymq_core::acl::{AclAction, AclConfig, AclRule, Permission, Principal};
     let mut h = Harness::with(BrokerConfig {
-        deny_subscribe: vec!["secret/#".into()],
+        acl: AclConfig {
+            rules: vec![AclRule {
+                permission: Permission::Deny,
+                action: AclAction::Subscribe,
+                topic: "secret/#".into(),
+                who: Principal::Anyone,
+            }],
+            ..AclConfig::default()
+        },
         ..Default::default()
     });
     h.connect_simple(1, "v5", V5);
@@ -727,12 +736,29 @@ fn assigned_client_identifier_for_empty_id() {
 }
 
 #[test]
-fn anonymous_refused_when_disallowed() {
+fn a_will_on_a_topic_the_client_may_not_publish_to_refuses_the_connect() {
+    use ferrymq_core::acl::{AclAction, AclConfig, AclRule, Permission, Principal};
     let mut h = Harness::with(BrokerConfig {
-        allow_anonymous: false,
+        acl: AclConfig {
+            rules: vec![AclRule {
+                permission: Permission::Deny,
+                action: AclAction::Publish,
+                topic: "alarm/#".into(),
+                who: Principal::Anyone,
+            }],
+            ..AclConfig::default()
+        },
         ..Default::default()
     });
-    let ack = h.connect(1, connect_packet("x", V5, true));
+    let mut c = connect_packet("x", V5, true);
+    c.will = Some(ferrymq_mqtt::Will {
+        topic: "alarm/x".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let ack = h.connect(1, c);
     assert_eq!(ack.reason, ReasonCode::NotAuthorized);
 }
 

@@ -162,7 +162,10 @@ async fn sign_in(token: &AdminToken, req: Request) -> Response {
     let cookie = format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict");
     (
         StatusCode::SEE_OTHER,
-        [(header::LOCATION, "/".to_string()), (header::SET_COOKIE, cookie)],
+        [
+            (header::LOCATION, "/".to_string()),
+            (header::SET_COOKIE, cookie),
+        ],
     )
         .into_response()
 }

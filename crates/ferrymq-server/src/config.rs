@@ -21,6 +21,10 @@ pub struct Config {
     pub sys: Sys,
     pub log: Log,
     pub admin: Admin,
+    /// Authentication (`auth.rs`).
+    pub auth: crate::auth::AuthConfig,
+    /// Access control rules (`acl.rs`).
+    pub acl: crate::acl::AclSection,
     /// Work queues declared at start (`[[queue]]` tables; see docs/queues.md). Queues
     /// created over the API live in the log, not here.
     #[serde(rename = "queue")]
@@ -347,6 +351,8 @@ impl Default for Config {
             sys: Sys::default(),
             log: Log::default(),
             admin: Admin::default(),
+            auth: crate::auth::AuthConfig::default(),
+            acl: crate::acl::AclSection::default(),
             queues: Vec::new(),
         }
     }
@@ -488,6 +494,16 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.auth.validate()?;
+        self.acl.validate()?;
+        if let (Some(a), Some(b)) = (self.auth.allow_anonymous, m.allow_anonymous) {
+            if a != b {
+                return Err(invalid(
+                    "auth.allow_anonymous",
+                    "disagrees with mqtt.allow_anonymous (the older spelling): set one",
+                ));
+            }
+        }
         for (i, f) in m.deny_subscribe.iter().enumerate() {
             if !ferrymq_mqtt::topic::valid_topic_filter(f) {
                 return Err(invalid(
@@ -609,11 +625,13 @@ impl Config {
         Ok(())
     }
 
-    /// Whether clients without a user name are let in: as configured, or, when unset, only
+    /// Whether clients that do not authenticate are let in: `auth.allow_anonymous` (or its
+    /// older spelling `mqtt.allow_anonymous`), or, when unset, only
     /// when the MQTT listener is on a loopback address.
     pub fn allow_anonymous(&self) -> bool {
-        self.mqtt
+        self.auth
             .allow_anonymous
+            .or(self.mqtt.allow_anonymous)
             .unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
     }
 
@@ -672,8 +690,7 @@ impl Config {
             max_topic_levels: m.max_topic_levels,
             max_subscriptions_per_client: m.max_subscriptions_per_client,
             max_session_expiry: m.max_session_expiry,
-            allow_anonymous: self.allow_anonymous(),
-            deny_subscribe: m.deny_subscribe.clone(),
+            acl: self.acl.to_engine(&m.deny_subscribe),
             deny_subscribe_reason: match m.deny_subscribe_reason {
                 DenyReason::NotAuthorized => ferrymq_mqtt::ReasonCode::NotAuthorized,
                 DenyReason::UnspecifiedError => ferrymq_mqtt::ReasonCode::UnspecifiedError,

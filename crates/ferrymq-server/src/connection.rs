@@ -83,6 +83,8 @@ pub(crate) struct Listener {
     pub connect_limits: Limits,
     /// Read buffer of connections still reading their CONNECT, shared by every listener.
     pub preauth: Arc<PreauthBudget>,
+    /// Who a client is (`auth.rs`), decided in the handshake.
+    pub auth: Arc<crate::auth::Authenticator>,
 }
 
 /// How often a reader held back by its rate limit marks the connection as read: the client's
@@ -359,12 +361,30 @@ where
         linger(rd).await;
         return None;
     }
+    // ---- authentication (auth.rs): the one hook between CONNECT and the engine ----
+    // The peer's address keys the failure rate limit; a TLS client-certificate user name
+    // goes in the last argument once transports provide it.
+    let source = rd.peer_addr().ok().map(|a| a.ip());
+    let check = ctx.listener.auth.authenticate(&connect, source, None);
+    let checked = tokio::time::timeout(ctx.listener.connect_timeout, check).await;
+    let who = match checked.unwrap_or(Err(crate::auth::AuthRefusal::Busy)) {
+        Ok(who) => Box::new(who),
+        Err(refusal) => {
+            NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
+            tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
+            refuse(wr, connect.version, refusal.reason_code()).await;
+            linger(rd).await;
+            return None;
+        }
+    };
+    // ---- end of the authentication hook ----
     let outbound = Arc::new(Outbound::new(ctx.conn, ctx.listener.drains.clone()));
     outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
     let msg = ToRouter::Connect {
         conn: ctx.conn,
         connect,
+        who,
         outbound: outbound.clone(),
         reply,
     };

@@ -18,7 +18,10 @@ pub(crate) const LOGIN: &str = include_str!("dashboard/login.html");
 
 pub(crate) fn routes() -> axum::Router<AdminState> {
     axum::Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
         .route(
             "/dashboard/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP) }),

@@ -16,15 +16,19 @@
 //!   panic's message: the broker is dead, and the binary closes the listeners and exits
 //!   non-zero so that a supervisor restarts it.
 
+pub mod acl;
 mod admin;
 pub mod alarms;
+pub mod auth;
 pub mod config;
 mod connection;
 mod dashboard;
 mod error;
 mod fdlimit;
+pub mod jwt;
 mod limits;
 pub mod metrics;
+pub mod password_file;
 mod persist;
 mod queue_admin;
 mod queue_api;
@@ -143,6 +147,19 @@ impl Server {
             }
             (None, None)
         };
+        // Authentication: the password file and the JWT key are read once, here (a bad one
+        // stops the start, naming file and line).
+        let auth = Arc::new(auth::Authenticator::new(
+            &config.auth,
+            config.allow_anonymous(),
+        )?);
+        tracing::info!(
+            anonymous = config.allow_anonymous(),
+            password_file = config.auth.password_file.is_some(),
+            jwt = config.auth.jwt.is_some(),
+            acl_rules = config.acl.rules.len() + config.mqtt.deny_subscribe.len(),
+            "authentication"
+        );
         let (fatal_tx, fatal) = watch::channel(None);
         let (tx, rx) = mpsc::channel(ROUTER_QUEUE);
         let alarms = alarms::Alarms::default();
@@ -194,6 +211,7 @@ impl Server {
             max_connections,
             preauth,
             drains,
+            auth,
             stop_rx.clone(),
         ));
         if token.is_some() {
@@ -365,6 +383,7 @@ async fn accept_loop(
     max_connections: u64,
     preauth: Arc<limits::PreauthBudget>,
     drains: Arc<router::Drains>,
+    auth: Arc<auth::Authenticator>,
     mut stop: watch::Receiver<bool>,
 ) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -386,6 +405,7 @@ async fn accept_loop(
             max_packet_size: config.max_connect_size(),
         },
         preauth,
+        auth,
     });
     let mut rates = limits::ConnectionLimits::new(&config.limits, tokio::time::Instant::now());
     loop {

@@ -26,6 +26,8 @@ pub struct NetMetrics {
     /// Bytes of read buffer held by connections whose CONNECT is not complete (bounded by
     /// `limits.preauth_buffer_bytes`; see `limits::PreauthBudget`).
     pub preauth_buffer_bytes: AtomicU64,
+    /// CONNECTs refused by authentication, per `auth::AuthRefusal` (in the order of its `ALL`).
+    pub auth_refused: [AtomicU64; crate::auth::AuthRefusal::ALL.len()],
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub dropped_slow_consumer: AtomicU64,
@@ -377,6 +379,34 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         "counter",
         "Connections refused, by the limit reached (CONNACK 0x89/0x9F) or connect (CONNECT refused).",
         &samples,
+    );
+    let auth: Vec<(String, u64)> = crate::auth::AuthRefusal::ALL
+        .iter()
+        .map(|r| {
+            let n = g(&net.auth_refused[*r as usize]);
+            (format!("reason=\"{}\"", r.label()), n)
+        })
+        .collect();
+    let samples: Vec<(&str, u64)> = auth.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        &mut o,
+        "ferrymq_auth_refused_total",
+        "counter",
+        "CONNECTs refused by authentication: bad_credentials (0x86), not_authorized (0x87, \
+         anonymous), banned (0x8A), busy (not checked within the connect timeout).",
+        &samples,
+    );
+    metric(
+        &mut o,
+        "ferrymq_acl_denied_total",
+        "counter",
+        "What the ACL refused: publishes, subscriptions, and deliveries (messages not sent to \
+         a subscriber that may not read their topic: routed, retained, replayed on resume).",
+        &[
+            ("action=\"publish\"", s.acl_denied_publishes),
+            ("action=\"subscribe\"", s.acl_denied_subscriptions),
+            ("action=\"deliver\"", s.acl_denied_deliveries),
+        ],
     );
     metric(
         &mut o,

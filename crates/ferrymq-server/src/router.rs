@@ -29,6 +29,9 @@ pub(crate) enum ToRouter {
     Connect {
         conn: ConnId,
         connect: Box<Connect>,
+        /// Who the client authenticated as (`auth.rs`). Boxed: 64 bytes inline would widen
+        /// every message on the router's channel, packets included.
+        who: Box<ferrymq_core::Identity>,
         outbound: Arc<Outbound>,
         reply: oneshot::Sender<ConnectOutcome>,
     },
@@ -375,6 +378,8 @@ pub(crate) struct Router {
     next_keep_alive_check: Instant,
     /// The rate-limited log of connections closed for breaking a rule.
     violations: ViolationLog,
+    /// Publishes the ACL refused (`auth::DenialLog`).
+    denials: crate::auth::DenialLog,
     /// Back-pressure: subscribers over their high mark, and connections whose input waits.
     congested: HashMap<ConnId, Congested>,
     held: HashMap<ConnId, Held>,
@@ -509,6 +514,7 @@ impl Router {
             persist,
             next_keep_alive_check: Instant::now(),
             violations: ViolationLog::new(Instant::now()),
+            denials: crate::auth::DenialLog::new(Instant::now()),
             broker,
             conns: HashMap::new(),
             net,
@@ -1080,10 +1086,13 @@ impl Router {
             ToRouter::Connect {
                 conn,
                 connect,
+                who,
                 outbound,
                 reply,
             } => {
-                let outcome = self.broker.connect(conn, *connect, now, &mut self.out);
+                let outcome = self
+                    .broker
+                    .connect_as(conn, *connect, *who, now, &mut self.out);
                 if outcome.accepted {
                     let limit = u64::from(outcome.keep_alive) * 1500;
                     outbound.keep_alive_ms.store(limit, Relaxed);
@@ -1197,6 +1206,7 @@ impl Router {
             self.net.disconnects.add(reason);
             tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
         }
+        self.denials.log(&mut self.out.denied);
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();

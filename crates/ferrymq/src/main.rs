@@ -11,6 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod admin_client;
 mod bench;
 mod cli_client;
+mod passwd_cli;
 mod queue_cli;
 
 use std::io::{IsTerminal, Write};
@@ -57,6 +58,9 @@ enum Command {
     Queue(queue_cli::QueueArgs),
     /// A queue's dead letters on a running broker: list, show, redrive, discard, purge.
     Dlq(queue_cli::DlqArgs),
+    /// Add, update (prompting for the password) or delete (-D) a user of a password file
+    /// (`[auth] password_file`), as mosquitto_passwd does.
+    Passwd(passwd_cli::PasswdArgs),
 }
 
 #[derive(clap::Args)]
@@ -132,6 +136,7 @@ fn main() -> anyhow::Result<()> {
         Command::Recover(args) => recover(args),
         Command::Queue(args) => runtime()?.block_on(queue_cli::queue(args)),
         Command::Dlq(args) => runtime()?.block_on(queue_cli::dlq(args)),
+        Command::Passwd(args) => passwd_cli::passwd(args),
     }
 }
 

@@ -6,8 +6,10 @@
 
 mod common;
 
+mod acl;
 mod admin_http;
 mod admin_token;
+mod auth;
 mod backpressure;
 mod client_rate_limit;
 mod connect_churn;
