@@ -245,9 +245,11 @@ async fn a_backlog_larger_than_its_memory_budget_is_read_back_from_the_log() {
     let log_dir = config.data_dir.join("log");
     let snapshots = ferrymq_store::list_snapshots(&log_dir).unwrap();
     assert!((1..=2).contains(&snapshots.len()), "{snapshots:?}");
-    assert!(std::fs::read_dir(&log_dir)
+    assert!(std::fs::read_dir(&log_dir).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
 
     let server = start_with(config).await;
     // The durable session still consumes the queue: its deliveries start with the CONNACK
