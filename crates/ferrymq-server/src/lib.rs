@@ -78,6 +78,11 @@ impl Server {
     /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        // TLS first: a bad certificate or key is reported before anything starts.
+        let tls = match &config.tls {
+            Some(t) => Some(tls::TlsState::load(t)?),
+            None => None,
+        };
         // Connections past what the open-files limit leaves room for are refused with Server
         // Busy like any over the configured maximum, while descriptors remain to accept and
         // answer them, instead of failing in accept() and leaving clients hanging.
@@ -168,11 +173,6 @@ impl Server {
         );
         let router_thread = spawn_router(router, rx, fatal_tx)?;
 
-        // TLS first: a bad certificate or key is reported before anything binds.
-        let tls = match &config.tls {
-            Some(t) => Some(tls::TlsState::load(t)?),
-            None => None,
-        };
         let bound = listen::bind_all(&config).await?;
         let mut http = Vec::new();
         for &addr in &config.listeners.http.0 {

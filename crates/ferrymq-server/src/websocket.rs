@@ -55,6 +55,14 @@ pub fn ws_config(max_packet_size: usize) -> WebSocketConfig {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
+    /// An adapter over an upgraded WebSocket (a client's, in tests and tools).
+    pub fn new(ws: WebSocketStream<S>) -> Self {
+        WsStream {
+            ws,
+            incoming: Bytes::new(),
+        }
+    }
+
     /// An adapter over a stream that is already past its HTTP upgrade (the fuzz target uses
     /// this with `Role::Server` on raw bytes).
     pub async fn from_upgraded(stream: S, role: Role, max_packet_size: usize) -> Self {
