@@ -242,3 +242,158 @@ async fn tls_accept(
     }
     Ok(tls)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{CertUsername, Tls};
+    use crate::router::ToRouter;
+    use bytes::BytesMut;
+    use ferrymq_mqtt::{Packet, ProtocolVersion};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::mpsc;
+
+    struct Pki {
+        ca_pem: String,
+        server: (String, String),
+        client: (String, String),
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate with CN `sensor-42`
+    /// and the SANs `DNS:device-7.example`, `email:ops@example.com`.
+    fn pki() -> Pki {
+        use rcgen::{CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "test CA");
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+        let issue = |params: CertificateParams| {
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = issue(CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap());
+        let mut client = CertificateParams::default();
+        client
+            .distinguished_name
+            .push(DnType::CommonName, "sensor-42");
+        client.subject_alt_names = vec![
+            SanType::Rfc822Name("ops@example.com".try_into().unwrap()),
+            SanType::DnsName("device-7.example".try_into().unwrap()),
+        ];
+        let client = issue(client);
+        Pki {
+            ca_pem,
+            server,
+            client,
+        }
+    }
+
+    /// The CONNECT the router receives from a TLS client with the client certificate, which
+    /// sent the user name `spoofed`, under `cert_username = mode`.
+    async fn connect_as_seen_by_the_router(pki: &Pki, mode: CertUsername) -> Option<String> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ferrymq-listen-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let tls = Tls {
+            cert: file("server.pem", &pki.server.0),
+            key: file("server.key", &pki.server.1),
+            client_ca: Some(file("ca.pem", &pki.ca_pem)),
+            require_client_cert: true,
+            cert_username: mode,
+        };
+        let (state, _) = TlsState::load(&tls).unwrap();
+        let (router, mut routed) = mpsc::channel(8);
+        let shared = Arc::new(connection::Listener {
+            kind: Transport::Mqtts,
+            router,
+            net: Arc::new(NetMetrics::default()),
+            limits: ferrymq_mqtt::Limits::default(),
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_outbound_bytes: 1 << 20,
+            drains: Arc::default(),
+            rates: None,
+            addresses: None,
+        });
+        let admissions = Arc::new(Admissions {
+            max_connections: 10,
+            rates: Mutex::new(None),
+        });
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let accept = accept_loop(socket, shared, Edge::Tls(state), admissions, stop_rx);
+        let accept = tokio::spawn(accept);
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let chain = vec![CertificateDer::from_pem_slice(pki.client.0.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(pki.client.1.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let connect = ferrymq_mqtt::Connect {
+            version: ProtocolVersion::V5,
+            client_id: "c".into(),
+            clean_start: true,
+            keep_alive: 30,
+            username: Some("spoofed".into()),
+            password: None,
+            will: None,
+            properties: Default::default(),
+        };
+        let mut out = BytesMut::new();
+        ferrymq_mqtt::encode(
+            &Packet::Connect(Box::new(connect)),
+            ProtocolVersion::V5,
+            &mut out,
+        )
+        .unwrap();
+        tls.write_all(&out).await.unwrap();
+        let routed = tokio::time::timeout(Duration::from_secs(10), routed.recv()).await;
+        accept.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        match routed.unwrap().unwrap() {
+            ToRouter::Connect { connect, .. } => connect.username,
+            _ => panic!("expected the CONNECT"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_verified_client_certificate_names_the_user_the_router_sees() {
+        let pki = pki();
+        let seen = connect_as_seen_by_the_router(&pki, CertUsername::Cn).await;
+        assert_eq!(seen.as_deref(), Some("sensor-42"));
+        let seen = connect_as_seen_by_the_router(&pki, CertUsername::San).await;
+        assert_eq!(seen.as_deref(), Some("device-7.example"));
+        let seen = connect_as_seen_by_the_router(&pki, CertUsername::None).await;
+        assert_eq!(seen.as_deref(), Some("spoofed"), "none: the CONNECT's own");
+    }
+}
