@@ -177,45 +177,45 @@ impl ListenAddrs {
 
 /// The MQTT transports, as named in `[listeners]`, in metrics (`listener` label) and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
+pub enum ListenerKind {
     Mqtt,
     Mqtts,
     Ws,
     Wss,
 }
 
-impl Transport {
-    pub const ALL: [Transport; 4] = [
-        Transport::Mqtt,
-        Transport::Mqtts,
-        Transport::Ws,
-        Transport::Wss,
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 4] = [
+        ListenerKind::Mqtt,
+        ListenerKind::Mqtts,
+        ListenerKind::Ws,
+        ListenerKind::Wss,
     ];
 
     /// The `[listeners]` key.
     pub fn name(self) -> &'static str {
         match self {
-            Transport::Mqtt => "mqtt",
-            Transport::Mqtts => "mqtts",
-            Transport::Ws => "ws",
-            Transport::Wss => "wss",
+            ListenerKind::Mqtt => "mqtt",
+            ListenerKind::Mqtts => "mqtts",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
         }
     }
 
     pub fn tls(self) -> bool {
-        matches!(self, Transport::Mqtts | Transport::Wss)
+        matches!(self, ListenerKind::Mqtts | ListenerKind::Wss)
     }
 
     pub fn websocket(self) -> bool {
-        matches!(self, Transport::Ws | Transport::Wss)
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
     }
 
     fn default_port(self) -> u16 {
         match self {
-            Transport::Mqtt => 1883,
-            Transport::Mqtts => 8883,
-            Transport::Ws => 8083,
-            Transport::Wss => 8084,
+            ListenerKind::Mqtt => 1883,
+            ListenerKind::Mqtts => 8883,
+            ListenerKind::Ws => 8083,
+            ListenerKind::Wss => 8084,
         }
     }
 }
@@ -223,7 +223,7 @@ impl Transport {
 /// One MQTT listener to bind, after defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MqttListener {
-    pub transport: Transport,
+    pub kind: ListenerKind,
     pub addrs: ListenAddrs,
     /// Set from a default rather than the file or a flag: a port already taken is a warning
     /// and the listener is skipped, instead of a failed start.
@@ -231,25 +231,28 @@ pub struct MqttListener {
 }
 
 impl Listeners {
-    /// The MQTT listeners to bind (`tls`: whether `[tls]` is set), in `Transport::ALL` order,
+    /// The MQTT listeners to bind (`tls`: whether `[tls]` is set), in `ListenerKind::ALL` order,
     /// without those that are off.
     pub fn mqtt_listeners(&self, tls: bool) -> Vec<MqttListener> {
-        Transport::ALL
+        ListenerKind::ALL
             .into_iter()
             .filter_map(|t| {
                 let set = match t {
-                    Transport::Mqtt => Some(&self.mqtt),
-                    Transport::Mqtts => self.mqtts.as_ref(),
-                    Transport::Ws => self.ws.as_ref(),
-                    Transport::Wss => self.wss.as_ref(),
+                    ListenerKind::Mqtt => Some(&self.mqtt),
+                    ListenerKind::Mqtts => self.mqtts.as_ref(),
+                    ListenerKind::Ws => self.ws.as_ref(),
+                    ListenerKind::Wss => self.wss.as_ref(),
                 };
                 let (addrs, implicit) = match set {
                     Some(a) => (a.clone(), false),
                     None if t.tls() && !tls => return None,
-                    None => (self.mqtt.with_port(t.default_port()), t != Transport::Mqtts),
+                    None => (
+                        self.mqtt.with_port(t.default_port()),
+                        t != ListenerKind::Mqtts,
+                    ),
                 };
                 (!addrs.is_off()).then_some(MqttListener {
-                    transport: t,
+                    kind: t,
                     addrs,
                     implicit,
                 })
@@ -804,7 +807,7 @@ impl Config {
                 m.addrs
                     .0
                     .iter()
-                    .map(move |a| (*a, m.transport.name(), m.implicit))
+                    .map(move |a| (*a, m.kind.name(), m.implicit))
             })
             .chain(l.http.0.iter().map(|a| (*a, "http", false)));
         // A default address that is taken is skipped at start, so only set ones are checked.
@@ -1029,7 +1032,7 @@ mod tests {
             c.listeners
                 .mqtt_listeners(c.tls.is_some())
                 .into_iter()
-                .map(|l| (l.transport.name(), l.addrs.0, l.implicit))
+                .map(|l| (l.kind.name(), l.addrs.0, l.implicit))
                 .collect()
         };
         let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));

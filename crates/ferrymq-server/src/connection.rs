@@ -34,7 +34,7 @@ use ferrymq_mqtt::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::{RateExceeded, Transport as ListenerKind};
+use crate::config::{ListenerKind, RateExceeded};
 use crate::limits::{AddressCounts, ClientRates, RateLimits, Refusal};
 use crate::metrics::NetMetrics;
 use crate::router::{Drains, Outbound, ToRouter};

@@ -37,7 +37,7 @@ mod transport;
 mod violations;
 pub mod websocket;
 
-pub use config::Transport;
+pub use config::ListenerKind;
 pub use tls::names as cert_names;
 
 use std::net::SocketAddr;
@@ -64,7 +64,7 @@ const ROUTER_QUEUE: usize = 4096;
 /// A running server.
 pub struct Server {
     /// Every bound MQTT address, with its listener.
-    mqtt_addrs: Vec<(Transport, SocketAddr)>,
+    mqtt_addrs: Vec<(ListenerKind, SocketAddr)>,
     http_addrs: Vec<SocketAddr>,
     router: mpsc::Sender<ToRouter>,
     stop_accepting: watch::Sender<bool>,
@@ -198,12 +198,11 @@ impl Server {
         let mut mqtt_addrs = Vec::new();
         for b in bound {
             let tls_state = tls.as_ref().map(|(state, _)| state);
-            let Some(edge) = listen::Edge::new(b.transport, tls_state, &config.listeners.ws_path)
-            else {
+            let Some(edge) = listen::Edge::new(b.kind, tls_state, &config.listeners.ws_path) else {
                 continue;
             };
-            let shared = listener_shared(&config, b.transport, &tx, &net, &drains, &addresses);
-            mqtt_addrs.push((b.transport, b.addr));
+            let shared = listener_shared(&config, b.kind, &tx, &net, &drains, &addresses);
+            mqtt_addrs.push((b.kind, b.addr));
             tasks.push(tokio::spawn(listen::accept_loop(
                 b.socket,
                 shared,
@@ -282,12 +281,12 @@ impl Server {
 
     /// The first address of the plain `mqtt` listener (`0.0.0.0:0` when it is off).
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.listener_addr(Transport::Mqtt)
+        self.listener_addr(ListenerKind::Mqtt)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The first bound address of a listener, if it is on.
-    pub fn listener_addr(&self, transport: Transport) -> Option<SocketAddr> {
+    pub fn listener_addr(&self, transport: ListenerKind) -> Option<SocketAddr> {
         self.mqtt_addrs
             .iter()
             .find(|(t, _)| *t == transport)
@@ -295,7 +294,7 @@ impl Server {
     }
 
     /// Every bound MQTT address, with its listener.
-    pub fn mqtt_addrs(&self) -> &[(Transport, SocketAddr)] {
+    pub fn mqtt_addrs(&self) -> &[(ListenerKind, SocketAddr)] {
         &self.mqtt_addrs
     }
 
@@ -397,7 +396,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 /// What the connections of one listener share.
 fn listener_shared(
     config: &Config,
-    kind: Transport,
+    kind: ListenerKind,
     router: &mpsc::Sender<ToRouter>,
     net: &Arc<NetMetrics>,
     drains: &Arc<router::Drains>,

@@ -16,7 +16,7 @@ use ferrymq_core::ConnId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::config::{Config, Transport};
+use crate::config::{Config, ListenerKind};
 use crate::connection::{self, Admission, ConnContext, PeerIdentity};
 use crate::limits;
 use crate::metrics::NetMetrics;
@@ -27,7 +27,7 @@ use crate::ServerError;
 
 /// A bound listening socket.
 pub(crate) struct Bound {
-    pub transport: Transport,
+    pub kind: ListenerKind,
     pub socket: TcpListener,
     pub addr: SocketAddr,
 }
@@ -46,23 +46,23 @@ pub(crate) async fn bind_all(config: &Config) -> Result<Vec<Bound>, ServerError>
                         .local_addr()
                         .map_err(|source| ServerError::Bind { addr, source })?;
                     bound.push(Bound {
-                        transport: l.transport,
+                        kind: l.kind,
                         socket,
                         addr,
                     });
                 }
                 Err(e) if l.implicit => tracing::warn!(
-                    listener = l.transport.name(),
+                    listener = l.kind.name(),
                     %addr,
                     error = %e,
                     "default listener not started (set listeners.{} to choose an address, or [] to turn it off)",
-                    l.transport.name()
+                    l.kind.name()
                 ),
                 Err(source) => return Err(ServerError::Bind { addr, source }),
             }
         }
     }
-    bound.sort_by_key(|b| b.transport as usize);
+    bound.sort_by_key(|b| b.kind as usize);
     Ok(bound)
 }
 
@@ -77,15 +77,15 @@ pub(crate) enum Edge {
 
 impl Edge {
     pub(crate) fn new(
-        transport: Transport,
+        transport: ListenerKind,
         tls: Option<&Arc<TlsState>>,
         ws_path: &str,
     ) -> Option<Edge> {
         Some(match transport {
-            Transport::Mqtt => Edge::Tcp,
-            Transport::Mqtts => Edge::Tls(tls?.clone()),
-            Transport::Ws => Edge::Ws(ws_path.into()),
-            Transport::Wss => Edge::Wss(tls?.clone(), ws_path.into()),
+            ListenerKind::Mqtt => Edge::Tcp,
+            ListenerKind::Mqtts => Edge::Tls(tls?.clone()),
+            ListenerKind::Ws => Edge::Ws(ws_path.into()),
+            ListenerKind::Wss => Edge::Wss(tls?.clone(), ws_path.into()),
         })
     }
 }
@@ -319,7 +319,7 @@ mod tests {
         let (state, _) = TlsState::load(&tls).unwrap();
         let (router, mut routed) = mpsc::channel(8);
         let shared = Arc::new(connection::Listener {
-            kind: Transport::Mqtts,
+            kind: ListenerKind::Mqtts,
             router,
             net: Arc::new(NetMetrics::default()),
             limits: ferrymq_mqtt::Limits::default(),

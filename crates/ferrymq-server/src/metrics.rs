@@ -13,7 +13,7 @@ use ferrymq_core::Stats;
 use crate::alarms::AlarmState;
 use ferrymq_mqtt::ReasonCode;
 
-use crate::config::Transport;
+use crate::config::ListenerKind;
 use crate::limits::Refusal;
 
 /// Counters updated by connection tasks.
@@ -24,12 +24,12 @@ pub struct NetMetrics {
     /// `limits::Refusal::ALL`).
     pub connections_refused: [AtomicU64; Refusal::ALL.len()],
     pub connections_open: AtomicU64,
-    /// Connections accepted, per listener (in the order of `config::Transport::ALL`).
-    pub listener_accepted: [AtomicU64; Transport::ALL.len()],
+    /// Connections accepted, per listener (in the order of `config::ListenerKind::ALL`).
+    pub listener_accepted: [AtomicU64; ListenerKind::ALL.len()],
     /// Open connections, per listener.
-    pub listener_open: [AtomicU64; Transport::ALL.len()],
+    pub listener_open: [AtomicU64; ListenerKind::ALL.len()],
     /// TLS or WebSocket handshakes that failed or timed out, per listener.
-    pub handshake_failures: [AtomicU64; Transport::ALL.len()],
+    pub handshake_failures: [AtomicU64; ListenerKind::ALL.len()],
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub dropped_slow_consumer: AtomicU64,
@@ -356,8 +356,8 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         "Connections accepted (every listener).",
         &[("", g(&net.connections_accepted))],
     );
-    let per_listener = |counters: &[AtomicU64; Transport::ALL.len()]| -> Vec<(String, u64)> {
-        Transport::ALL
+    let per_listener = |counters: &[AtomicU64; ListenerKind::ALL.len()]| -> Vec<(String, u64)> {
+        ListenerKind::ALL
             .iter()
             .map(|t| {
                 let n = g(&counters[*t as usize]);

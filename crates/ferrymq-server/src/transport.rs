@@ -166,12 +166,8 @@ impl WriteSide for WriteHalf<'_> {
         false
     }
 
-    fn write_stalled<'a>(
-        &'a mut self,
-        mut rest: &'a [u8],
-        timeout: Duration,
-    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        async move {
+    async fn write_stalled(&mut self, mut rest: &[u8], timeout: Duration) -> io::Result<()> {
+        {
             let mut deadline = Instant::now() + timeout;
             while !rest.is_empty() {
                 match tokio::time::timeout_at(deadline, self.writable()).await {
@@ -193,10 +189,8 @@ impl WriteSide for WriteHalf<'_> {
     }
 
     /// A TCP half-close does not wait.
-    fn shutdown(&mut self) -> impl Future<Output = ()> + Send + '_ {
-        async move {
-            let _ = AsyncWriteExt::shutdown(self).await;
-        }
+    async fn shutdown(&mut self) {
+        let _ = AsyncWriteExt::shutdown(self).await;
     }
 }
 
@@ -312,12 +306,8 @@ impl<S: AsyncRead + AsyncWrite + Send> WriteSide for &mut StreamWrite<S> {
         self.unflushed
     }
 
-    fn write_stalled<'a>(
-        &'a mut self,
-        mut rest: &'a [u8],
-        timeout: Duration,
-    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        async move {
+    async fn write_stalled(&mut self, mut rest: &[u8], timeout: Duration) -> io::Result<()> {
+        {
             let mut deadline = Instant::now() + timeout;
             while !rest.is_empty() {
                 match tokio::time::timeout_at(deadline, self.wr.write(rest)).await {
@@ -341,9 +331,7 @@ impl<S: AsyncRead + AsyncWrite + Send> WriteSide for &mut StreamWrite<S> {
         }
     }
 
-    fn shutdown(&mut self) -> impl Future<Output = ()> + Send + '_ {
-        async move {
-            let _ = tokio::time::timeout(SHUTDOWN_TIME, self.wr.shutdown()).await;
-        }
+    async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(SHUTDOWN_TIME, self.wr.shutdown()).await;
     }
 }

@@ -84,6 +84,8 @@ pub enum UpgradeError {
 }
 
 /// Answers the HTTP upgrade on `stream`: path `path`, subprotocol `mqtt` or `mqttv3.1`.
+// The refusal is tungstenite's own `ErrorResponse` type, returned once per upgrade.
+#[allow(clippy::result_large_err)]
 pub async fn accept<S>(
     stream: S,
     path: &str,

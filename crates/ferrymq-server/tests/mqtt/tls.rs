@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferrymq_mqtt::ProtocolVersion;
 use ferrymq_server::config::{CertUsername, Tls};
-use ferrymq_server::{Config, Server, Transport};
+use ferrymq_server::{Config, ListenerKind, Server};
 
 use crate::common::{self, eventually, metric, test_config, WAIT};
 use crate::edge::{self, Ca, Issued, Role, Wire};
@@ -30,7 +30,9 @@ pub fn tls_config(dir: &Path, server: &Issued, client_ca: Option<&Ca>, require: 
 }
 
 fn mqtts(server: &Server) -> std::net::SocketAddr {
-    server.listener_addr(Transport::Mqtts).expect("mqtts is on")
+    server
+        .listener_addr(ListenerKind::Mqtts)
+        .expect("mqtts is on")
 }
 
 #[tokio::test]

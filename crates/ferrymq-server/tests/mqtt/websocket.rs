@@ -3,7 +3,7 @@
 //! path and subprotocol checks, and WebSocket over TLS.
 
 use ferrymq_mqtt::ProtocolVersion;
-use ferrymq_server::{Server, Transport};
+use ferrymq_server::{ListenerKind, Server};
 use tokio::net::TcpStream;
 
 use crate::common::{self, metric, test_config};
@@ -15,13 +15,13 @@ async fn ws_server() -> Server {
     common::start_with(c).await
 }
 
-fn url(server: &Server, transport: Transport, path: &str) -> String {
+fn url(server: &Server, transport: ListenerKind, path: &str) -> String {
     let a = server.listener_addr(transport).expect("listener is on");
     let scheme = if transport.tls() { "wss" } else { "ws" };
     format!("{scheme}://127.0.0.1:{}{path}", a.port())
 }
 
-async fn tcp(server: &Server, transport: Transport) -> TcpStream {
+async fn tcp(server: &Server, transport: ListenerKind) -> TcpStream {
     TcpStream::connect(server.listener_addr(transport).unwrap())
         .await
         .unwrap()
@@ -30,8 +30,8 @@ async fn tcp(server: &Server, transport: Transport) -> TcpStream {
 #[tokio::test]
 async fn a_websocket_client_subscribes_and_publishes() {
     let server = ws_server().await;
-    let u = url(&server, Transport::Ws, "/mqtt");
-    let (ws, chosen) = edge::ws_connect(tcp(&server, Transport::Ws).await, &u, Some("mqtt"))
+    let u = url(&server, ListenerKind::Ws, "/mqtt");
+    let (ws, chosen) = edge::ws_connect(tcp(&server, ListenerKind::Ws).await, &u, Some("mqtt"))
         .await
         .unwrap();
     assert_eq!(chosen.as_deref(), Some("mqtt"), "subprotocol negotiated");
@@ -39,7 +39,7 @@ async fn a_websocket_client_subscribes_and_publishes() {
     sub.subscribe(1, "ws/#").await;
     // A 3.1.1 client offering the old subprotocol name first gets that name back.
     let (ws, chosen) = edge::ws_connect(
-        tcp(&server, Transport::Ws).await,
+        tcp(&server, ListenerKind::Ws).await,
         &u,
         Some("mqttv3.1, mqtt"),
     )
@@ -75,20 +75,20 @@ async fn a_websocket_client_subscribes_and_publishes() {
 #[tokio::test]
 async fn a_wrong_path_or_subprotocol_is_refused() {
     let server = ws_server().await;
-    let wrong = url(&server, Transport::Ws, "/not-mqtt");
-    let err = edge::ws_connect(tcp(&server, Transport::Ws).await, &wrong, Some("mqtt"))
+    let wrong = url(&server, ListenerKind::Ws, "/not-mqtt");
+    let err = edge::ws_connect(tcp(&server, ListenerKind::Ws).await, &wrong, Some("mqtt"))
         .await
         .err()
         .expect("refused");
     assert!(err.to_string().contains("404"), "{err}");
-    let u = url(&server, Transport::Ws, "/mqtt");
-    let err = edge::ws_connect(tcp(&server, Transport::Ws).await, &u, Some("chat"))
+    let u = url(&server, ListenerKind::Ws, "/mqtt");
+    let err = edge::ws_connect(tcp(&server, ListenerKind::Ws).await, &u, Some("chat"))
         .await
         .err()
         .expect("refused");
     assert!(err.to_string().contains("400"), "{err}");
     // A client that offers no subprotocol at all is served without one.
-    let (ws, chosen) = edge::ws_connect(tcp(&server, Transport::Ws).await, &u, None)
+    let (ws, chosen) = edge::ws_connect(tcp(&server, ListenerKind::Ws).await, &u, None)
         .await
         .unwrap();
     assert_eq!(chosen, None);
@@ -111,16 +111,16 @@ async fn websocket_over_tls_round_trip_with_a_custom_path() {
     c.listeners.wss = Some("127.0.0.1:0".parse().unwrap());
     c.listeners.ws_path = "/brokers/mqtt".into();
     let server = common::start_with(c).await;
-    let u = url(&server, Transport::Wss, "/brokers/mqtt");
+    let u = url(&server, ListenerKind::Wss, "/brokers/mqtt");
     let client = edge::client_config(&ca.pem, None);
-    let addr = server.listener_addr(Transport::Wss).unwrap();
+    let addr = server.listener_addr(ListenerKind::Wss).unwrap();
     let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
     let (ws, chosen) = edge::ws_connect(tls, &u, Some("mqtt")).await.unwrap();
     assert_eq!(chosen.as_deref(), Some("mqtt"));
     let mut sub = Wire::connected(ws, "wss-sub", ProtocolVersion::V5).await;
     sub.subscribe(1, "wss/#").await;
     // Published over plain TLS, received over WebSocket over TLS.
-    let tls = edge::tls_connect(server.listener_addr(Transport::Mqtts).unwrap(), client)
+    let tls = edge::tls_connect(server.listener_addr(ListenerKind::Mqtts).unwrap(), client)
         .await
         .unwrap();
     let mut publisher = Wire::connected(tls, "tls-pub", ProtocolVersion::V311).await;
