@@ -382,6 +382,12 @@ pub fn connection_future_bytes() -> usize {
     output_size(connection::run::<tokio::net::TcpStream>)
 }
 
+/// Loads the `[tls]` certificate, key and client CA files as the server would at start
+/// (`ferrymq check-config` uses it); the error names the file at fault.
+pub fn check_tls(tls: &config::Tls) -> Result<(), ServerError> {
+    tls::TlsState::load(tls).map(|_| ())
+}
+
 /// The message of a panic payload (`panic!` with a literal or a format string).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {

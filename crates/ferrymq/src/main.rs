@@ -125,6 +125,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            if let Some(tls) = &config.tls {
+                ferrymq_server::check_tls(tls)?;
+            }
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = writeln!(
                 std::io::stdout(),
