@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::config::{Config, ListenerKind};
-use crate::connection::{self, Admission, ConnContext, PeerIdentity};
+use crate::connection::{self, Admission, ConnContext};
 use crate::limits;
 use crate::metrics::NetMetrics;
 use crate::tls::TlsState;
@@ -154,18 +154,16 @@ pub(crate) async fn accept_loop(
             };
             rates.as_mut().and_then(|r| r.admit(ip, now).err())
         };
-        let admission = Admission {
-            refusal,
-            peer: PeerIdentity {
-                addr: peer,
-                listener: kind,
+        let admission = refusal.map(|refusal| {
+            Box::new(Admission {
+                refusal: Some(refusal),
                 cert_user: None,
-            },
-        };
+            })
+        });
         let ctx = ConnContext {
             conn,
             listener: shared.clone(),
-            admission: Some(Box::new(admission)),
+            admission,
         };
         match &edge {
             // The plain TCP task is exactly the connection future: nothing wraps it.
@@ -173,14 +171,14 @@ pub(crate) async fn accept_loop(
                 tokio::spawn(connection::run(stream, ctx));
             }
             other => {
-                tokio::spawn(upgrade(stream, ctx, other.clone()));
+                tokio::spawn(upgrade(stream, peer, ctx, other.clone()));
             }
         }
     }
 }
 
 /// TLS and/or the WebSocket upgrade, then the MQTT connection on top, in one task.
-async fn upgrade(stream: TcpStream, mut ctx: ConnContext, edge: Edge) {
+async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge: Edge) {
     let listener = ctx.listener.clone();
     let deadline = tokio::time::Instant::now() + listener.connect_timeout;
     let max_packet = listener.limits.max_packet_size;
@@ -199,13 +197,13 @@ async fn upgrade(stream: TcpStream, mut ctx: ConnContext, edge: Edge) {
         Edge::Ws(path) => {
             let ws = websocket::accept(stream, &path, max_packet);
             match tokio::time::timeout_at(deadline, ws).await {
-                Ok(Ok(ws)) => connection::run(Split::new(ws), ctx).await,
+                Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
                 Ok(Err(e)) => failed(&ctx, "WebSocket", &e),
                 Err(_) => failed(&ctx, "WebSocket", &timed_out),
             }
         }
         Edge::Tls(state) => match tls_accept(stream, &state, &mut ctx, deadline).await {
-            Ok(tls) => connection::run(Split::new(tls), ctx).await,
+            Ok(tls) => connection::run(Split::new(tls, peer), ctx).await,
             Err(e) => failed(&ctx, "TLS", &e),
         },
         Edge::Wss(state, path) => {
@@ -215,7 +213,7 @@ async fn upgrade(stream: TcpStream, mut ctx: ConnContext, edge: Edge) {
             };
             let ws = websocket::accept(tls, &path, max_packet);
             match tokio::time::timeout_at(deadline, ws).await {
-                Ok(Ok(ws)) => connection::run(Split::new(ws), ctx).await,
+                Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
                 Ok(Err(e)) => failed(&ctx, "WebSocket", &e),
                 Err(_) => failed(&ctx, "WebSocket", &timed_out),
             }
@@ -224,7 +222,7 @@ async fn upgrade(stream: TcpStream, mut ctx: ConnContext, edge: Edge) {
 }
 
 /// The TLS handshake; a verified client certificate's user name goes into the connection's
-/// [`PeerIdentity`].
+/// [`Admission`], from where the CONNECT handshake puts it into its `PeerIdentity`.
 async fn tls_accept(
     stream: TcpStream,
     state: &TlsState,
@@ -237,8 +235,8 @@ async fn tls_accept(
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("no handshake within limits.connect_timeout_secs".into()),
     };
-    if let Some(a) = ctx.admission.as_deref_mut() {
-        a.peer.cert_user = state.cert_user(tls.get_ref().1);
+    if let Some(user) = state.cert_user(tls.get_ref().1) {
+        ctx.admission.get_or_insert_with(Box::default).cert_user = Some(user);
     }
     Ok(tls)
 }

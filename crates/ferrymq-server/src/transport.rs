@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -52,6 +53,10 @@ pub(crate) trait ReadSide: Send {
         buf: &mut BytesMut,
         chunk: &mut usize,
     ) -> Poll<io::Result<usize>>;
+
+    /// The client's address (of the TCP connection under any TLS or WebSocket); `None` when
+    /// the socket is already gone.
+    fn peer_addr(&self) -> Option<SocketAddr>;
 
     /// Reads into `scratch` to discard it (a lingering close).
     fn poll_discard(&mut self, cx: &mut Context<'_>, scratch: &mut [u8])
@@ -139,6 +144,10 @@ impl ReadSide for ReadHalf<'_> {
         }
     }
 
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        ReadHalf::peer_addr(self).ok()
+    }
+
     fn poll_discard(
         &mut self,
         cx: &mut Context<'_>,
@@ -206,10 +215,11 @@ pub(crate) struct Split<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send> Split<S> {
-    pub(crate) fn new(stream: S) -> Self {
+    /// `peer`: the client's address (the stream may not know it).
+    pub(crate) fn new(stream: S, peer: SocketAddr) -> Self {
         let (rd, wr) = tokio::io::split(stream);
         Split {
-            read: StreamRead(rd),
+            read: StreamRead { rd, peer },
             write: StreamWrite {
                 wr,
                 unflushed: false,
@@ -233,7 +243,10 @@ impl<S: AsyncRead + AsyncWrite + Send> Transport for Split<S> {
     }
 }
 
-pub(crate) struct StreamRead<S>(tokio::io::ReadHalf<S>);
+pub(crate) struct StreamRead<S> {
+    rd: tokio::io::ReadHalf<S>,
+    peer: SocketAddr,
+}
 
 pub(crate) struct StreamWrite<S> {
     wr: tokio::io::WriteHalf<S>,
@@ -253,7 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Send> ReadSide for &mut StreamRead<S> {
     ) -> Poll<io::Result<usize>> {
         let room = reserve(buf, *chunk);
         // `read_buf`'s future holds nothing but its two references: made anew on each poll.
-        match std::pin::pin!(self.0.read_buf(buf)).poll(cx) {
+        match std::pin::pin!(self.rd.read_buf(buf)).poll(cx) {
             Poll::Ready(Ok(n)) => {
                 adapt(chunk, n, room);
                 Poll::Ready(Ok(n))
@@ -268,13 +281,17 @@ impl<S: AsyncRead + AsyncWrite + Send> ReadSide for &mut StreamRead<S> {
         }
     }
 
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+
     fn poll_discard(
         &mut self,
         cx: &mut Context<'_>,
         scratch: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let mut rb = ReadBuf::new(scratch);
-        std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut rb))?;
+        std::task::ready!(Pin::new(&mut self.rd).poll_read(cx, &mut rb))?;
         Poll::Ready(Ok(rb.filled().len()))
     }
 }
