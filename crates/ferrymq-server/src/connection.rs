@@ -89,9 +89,8 @@ pub(crate) struct ConnContext {
     pub listener: Arc<Listener>,
     /// What only the CONNECT handshake uses beyond the socket, boxed and taken by the
     /// handshake: 8 bytes in every connection (the size of the field it replaced), and no
-    /// allocation for a plain TCP connection under its limits (None). Allocated in the accept
-    /// loop and freed on another thread, a box per connection cost ~50 bytes of resident
-    /// memory per connection after a burst of 5,000 (`ferrymq bench connections`).
+    /// allocation for a plain TCP connection under its limits (None): the peer's address
+    /// comes from the socket, its listener from `listener`.
     pub admission: Option<Box<Admission>>,
 }
 
