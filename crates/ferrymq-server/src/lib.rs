@@ -242,8 +242,17 @@ impl Server {
         if http_addrs.is_empty() {
             tracing::info!("admin HTTP is off (listeners.http = [])");
         }
+        // `mqtt` and `http`: the first address of each ("off" if none), as before listener
+        // lists (tools read them from this line); every MQTT listener is logged above.
+        let first = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+        let mqtt_first = mqtt_addrs
+            .iter()
+            .find(|(kind, _)| *kind == ListenerKind::Mqtt)
+            .map(|(_, a)| *a);
         tracing::info!(
-            http = ?http_addrs,
+            mqtt = %first(mqtt_first),
+            http = %first(http_addrs.first().copied()),
+            listeners = mqtt_addrs.len(),
             connection_future_bytes = connection_future_bytes(),
             "ferrymq listening"
         );
