@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Interop: mosquitto_pub/mosquitto_sub (3.1.1 and 5) and paho-mqtt (3.1.1 and 5) against a
-# freshly started `ferrymq serve`. Needs mosquitto-clients (scripts/test.sh installs them) and
-# runs Python from the venv in target/venv (FERRYMQ_PYTHON, else made by scripts/venv.sh).
+# Interop: mosquitto_pub/mosquitto_sub (3.1.1 and 5) and paho-mqtt (3.1.1 and 5, over TCP and
+# WebSocket) against a freshly started `ferrymq serve`. Needs mosquitto-clients
+# (scripts/test.sh installs them) and runs Python from the venv in target/venv
+# (FERRYMQ_PYTHON, else made by scripts/venv.sh).
 # Prints one line per check and "N passed, N failed"; exits 1 on failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +12,12 @@ PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)} || { echo "FAIL no Python venv (sc
 BIN=${FERRYMQ_BIN:-target/debug/ferrymq}
 PORT=${INTEROP_PORT:-21883}
 HTTP=${INTEROP_HTTP_PORT:-28080}
+WS=${INTEROP_WS_PORT:-28083}
 DATA=$(mktemp -d)
 LOG=$DATA/ferrymq.log
 [ -x "$BIN" ] || cargo build -q -p ferrymq
 
-"$BIN" serve --mqtt 127.0.0.1:$PORT --http 127.0.0.1:$HTTP --data-dir "$DATA" >"$LOG" 2>&1 &
+"$BIN" serve --mqtt 127.0.0.1:$PORT --ws 127.0.0.1:$WS --http 127.0.0.1:$HTTP --data-dir "$DATA" >"$LOG" 2>&1 &
 SERVER=$!
 cleanup() { kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; rm -rf "$DATA"; }
 trap cleanup EXIT
@@ -98,7 +100,7 @@ mosquitto_pub -h 127.0.0.1 -p $PORT -V mqttv311 -q 1 -t interop/cli2 -m "from mo
 wait "$SUB_PID" 2>/dev/null || true
 expect "mosquitto_pub -> ferrymq sub" "interop/cli2 from mosquitto_pub" "$(cat "$OUT")"
 
-if INTEROP_HTTP=$HTTP "$PY" scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
+if INTEROP_HTTP=$HTTP INTEROP_WS=$WS "$PY" scripts/interop_paho.py 127.0.0.1 $PORT; then pass "paho-mqtt 3.1.1 and 5.0 checks (TCP and WebSocket)"; else fail "paho-mqtt 3.1.1 and 5.0 checks" "see above"; fi
 
 if kill -0 "$SERVER" 2>/dev/null; then pass "broker still running"; else fail "broker still running" "it exited; log: $(tail -5 "$LOG")"; fi
 echo "interop: $PASSED passed, $FAILED failed"

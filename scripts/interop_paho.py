@@ -3,8 +3,10 @@
 
 Usage: interop_paho.py HOST PORT, with the python of the venv in target/venv (scripts/venv.sh
 creates it and prints its path; scripts/interop.sh runs this so). Prints one line per check
-and exits non-zero on failure.
+and exits non-zero on failure. With INTEROP_WS set (the port of the broker's `ws` listener,
+path /mqtt), the WebSocket checks run too (paho's transport="websockets").
 """
+import os
 import sys
 import threading
 import time
@@ -15,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 HOST, PORT = sys.argv[1], int(sys.argv[2])
+WS_PORT = int(os.environ["INTEROP_WS"]) if os.environ.get("INTEROP_WS") else None
 TIMEOUT = 10
 RESULTS = []
 
@@ -22,12 +25,18 @@ RESULTS = []
 class Client:
     """A paho client whose received messages land in a list."""
 
-    def __init__(self, version, client_id=None, clean=True, will=None, props=None):
+    def __init__(self, version, client_id=None, clean=True, will=None, props=None, ws=False):
         cid = client_id or f"paho-{uuid.uuid4().hex[:8]}"
         kwargs = {"callback_api_version": mqtt.CallbackAPIVersion.VERSION2, "client_id": cid, "protocol": version}
         if version != mqtt.MQTTv5:
             kwargs["clean_session"] = clean
+        if ws:
+            kwargs["transport"] = "websockets"
         self.c = mqtt.Client(**kwargs)
+        port = PORT
+        if ws:
+            self.c.ws_set_options(path="/mqtt")
+            port = WS_PORT
         self.messages = []
         self.lock = threading.Condition()
         self.c.on_message = self._on_message
@@ -36,9 +45,9 @@ class Client:
         if will:
             self.c.will_set(*will)
         if version == mqtt.MQTTv5:
-            self.c.connect(HOST, PORT, keepalive=30, clean_start=clean, properties=props)
+            self.c.connect(HOST, port, keepalive=30, clean_start=clean, properties=props)
         else:
-            self.c.connect(HOST, PORT, keepalive=30)
+            self.c.connect(HOST, port, keepalive=30)
         self.c.loop_start()
         assert self.connected.wait(TIMEOUT), "no CONNACK"
 
@@ -160,6 +169,31 @@ for version, tag in [(mqtt.MQTTv311, "3.1.1"), (mqtt.MQTTv5, "5.0")]:
         assert len(a.messages) + len(b.messages) == 10, (a.messages, b.messages)
         assert len(a.messages) == 5, (len(a.messages), len(b.messages))
         for c in (a, b, pub):
+            c.stop()
+
+
+for version, tag in [(mqtt.MQTTv311, "3.1.1"), (mqtt.MQTTv5, "5.0")]:
+    if WS_PORT is None:
+        break
+
+    @check(f"paho {tag} over WebSocket: QoS 0/1/2 round trip, and to a TCP subscriber")
+    def _():
+        sub = Client(version, ws=True)
+        sub.subscribe("interop/ws/😀/#", qos=2)
+        tcp = Client(version)
+        tcp.subscribe("interop/ws/😀/#", qos=1)
+        pub = Client(version, ws=True)
+        big = b"x" * (200 * 1024)
+        for q in (0, 1, 2):
+            pub.publish(f"interop/ws/😀/{q}", f"payload {q} 🚀".encode(), qos=q)
+        pub.publish("interop/ws/😀/big", big, qos=1)
+        got = {m.topic: m for m in sub.wait(4)}
+        for q in (0, 1, 2):
+            m = got[f"interop/ws/😀/{q}"]
+            assert (m.qos, m.payload) == (q, f"payload {q} 🚀".encode()), m
+        assert got["interop/ws/😀/big"].payload == big
+        assert len(tcp.wait(4)) == 4, tcp.messages
+        for c in (pub, sub, tcp):
             c.stop()
 
 

@@ -16,6 +16,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub storage: Storage,
     pub listeners: Listeners,
+    /// TLS for the `mqtts` and `wss` listeners; unset: they are off.
+    pub tls: Option<Tls>,
     pub mqtt: Mqtt,
     pub limits: Limits,
     pub sys: Sys,
@@ -87,13 +89,216 @@ impl Default for Storage {
     }
 }
 
+/// Where the broker listens. Each key takes an address or a list of addresses; an empty list
+/// turns that listener off. The MQTT transports share everything past the socket (see
+/// `transport.rs`); defaults follow shared/DESIGN.md.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listeners {
     /// MQTT over TCP.
-    pub mqtt: SocketAddr,
-    /// Admin HTTP: `/health`, `/metrics`.
-    pub http: SocketAddr,
+    pub mqtt: ListenAddrs,
+    /// MQTT over TLS. Unset: port 8883 on the `mqtt` listener's addresses, when `[tls]` is set.
+    pub mqtts: Option<ListenAddrs>,
+    /// MQTT over WebSocket. Unset: port 8083 on the `mqtt` listener's addresses; when that
+    /// default port is taken the broker says so and runs without it (an address set here
+    /// must bind).
+    pub ws: Option<ListenAddrs>,
+    /// MQTT over WebSocket over TLS. Unset: port 8084 on the `mqtt` listener's addresses,
+    /// when `[tls]` is set (skipped, like `ws`, when that default port is taken).
+    pub wss: Option<ListenAddrs>,
+    /// The HTTP path WebSocket clients connect to; any other path gets 404.
+    pub ws_path: String,
+    /// Admin HTTP: REST API, `/health`, `/metrics`. Off with `[]`.
+    pub http: ListenAddrs,
+}
+
+/// A listener's addresses: `"127.0.0.1:1883"` or `["0.0.0.0:1883", "[::]:1883"]` in the file,
+/// `"a,b"` on the command line; empty = off.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(from = "AddrsText")]
+pub struct ListenAddrs(pub Vec<SocketAddr>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AddrsText {
+    One(SocketAddr),
+    Many(Vec<SocketAddr>),
+}
+
+impl From<AddrsText> for ListenAddrs {
+    fn from(t: AddrsText) -> Self {
+        match t {
+            AddrsText::One(a) => ListenAddrs(vec![a]),
+            AddrsText::Many(v) => ListenAddrs(v),
+        }
+    }
+}
+
+impl From<SocketAddr> for ListenAddrs {
+    fn from(a: SocketAddr) -> Self {
+        ListenAddrs(vec![a])
+    }
+}
+
+impl std::str::FromStr for ListenAddrs {
+    type Err = std::net::AddrParseError;
+
+    /// Comma-separated addresses; an empty string is no address (the listener is off).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(ListenAddrs)
+    }
+}
+
+impl ListenAddrs {
+    /// The first address, if the listener is on.
+    pub fn first(&self) -> Option<SocketAddr> {
+        self.0.first().copied()
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The same IP addresses with another port (how the unset MQTT listeners default).
+    fn with_port(&self, port: u16) -> ListenAddrs {
+        let mut ips: Vec<SocketAddr> = Vec::new();
+        for a in &self.0 {
+            let a = SocketAddr::new(a.ip(), port);
+            if !ips.contains(&a) {
+                ips.push(a);
+            }
+        }
+        if ips.is_empty() {
+            ips.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        ListenAddrs(ips)
+    }
+}
+
+/// The MQTT transports, as named in `[listeners]`, in metrics (`listener` label) and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    Mqtt,
+    Mqtts,
+    Ws,
+    Wss,
+}
+
+impl ListenerKind {
+    pub const ALL: [ListenerKind; 4] = [
+        ListenerKind::Mqtt,
+        ListenerKind::Mqtts,
+        ListenerKind::Ws,
+        ListenerKind::Wss,
+    ];
+
+    /// The `[listeners]` key.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Mqtt => "mqtt",
+            ListenerKind::Mqtts => "mqtts",
+            ListenerKind::Ws => "ws",
+            ListenerKind::Wss => "wss",
+        }
+    }
+
+    pub fn tls(self) -> bool {
+        matches!(self, ListenerKind::Mqtts | ListenerKind::Wss)
+    }
+
+    pub fn websocket(self) -> bool {
+        matches!(self, ListenerKind::Ws | ListenerKind::Wss)
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            ListenerKind::Mqtt => 1883,
+            ListenerKind::Mqtts => 8883,
+            ListenerKind::Ws => 8083,
+            ListenerKind::Wss => 8084,
+        }
+    }
+}
+
+/// One MQTT listener to bind, after defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttListener {
+    pub kind: ListenerKind,
+    pub addrs: ListenAddrs,
+    /// Set from a default rather than the file or a flag: a port already taken is a warning
+    /// and the listener is skipped, instead of a failed start.
+    pub implicit: bool,
+}
+
+impl Listeners {
+    /// The MQTT listeners to bind (`tls`: whether `[tls]` is set), in `ListenerKind::ALL` order,
+    /// without those that are off.
+    pub fn mqtt_listeners(&self, tls: bool) -> Vec<MqttListener> {
+        ListenerKind::ALL
+            .into_iter()
+            .filter_map(|t| {
+                let set = match t {
+                    ListenerKind::Mqtt => Some(&self.mqtt),
+                    ListenerKind::Mqtts => self.mqtts.as_ref(),
+                    ListenerKind::Ws => self.ws.as_ref(),
+                    ListenerKind::Wss => self.wss.as_ref(),
+                };
+                let (addrs, implicit) = match set {
+                    Some(a) => (a.clone(), false),
+                    None if t.tls() && !tls => return None,
+                    None => (
+                        self.mqtt.with_port(t.default_port()),
+                        t != ListenerKind::Mqtts,
+                    ),
+                };
+                (!addrs.is_off()).then_some(MqttListener {
+                    kind: t,
+                    addrs,
+                    implicit,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `[tls]`: the server certificate for `mqtts` and `wss`, and client certificates (mutual TLS).
+/// The files are read again when they change (checked every few seconds): new handshakes use
+/// the new certificates, open connections keep theirs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, server certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that client certificates are verified against. Unset: clients are
+    /// not asked for a certificate.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (needs `client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// Which name of a verified client certificate becomes the MQTT user name.
+    #[serde(default)]
+    pub cert_username: CertUsername,
+}
+
+/// `tls.cert_username`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertUsername {
+    /// The subject's common name.
+    Cn,
+    /// The first DNS name, else the first e-mail address, of the subject alternative names.
+    San,
+    /// The certificate gives no user name; the CONNECT's own is used.
+    #[default]
+    None,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -346,6 +551,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             storage: Storage::default(),
             listeners: Listeners::default(),
+            tls: None,
             mqtt: Mqtt::default(),
             limits: Limits::default(),
             sys: Sys::default(),
@@ -361,8 +567,12 @@ impl Default for Config {
 impl Default for Listeners {
     fn default() -> Self {
         Listeners {
-            mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)),
-            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mqtt: SocketAddr::from(([127, 0, 0, 1], 1883)).into(),
+            mqtts: None,
+            ws: None,
+            wss: None,
+            ws_path: "/mqtt".into(),
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)).into(),
         }
     }
 }
@@ -562,9 +772,7 @@ impl Config {
                 ));
             }
         }
-        if self.listeners.mqtt == self.listeners.http && self.listeners.mqtt.port() != 0 {
-            return Err(invalid("listeners.http", "must differ from listeners.mqtt"));
-        }
+        self.validate_listeners()?;
         let st = &self.storage;
         if st.persistence && self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
@@ -606,16 +814,13 @@ impl Config {
         if admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(invalid("admin.token", "must not be empty"));
         }
-        if admin.token.is_none()
-            && admin.token_file.is_none()
-            && !self.listeners.http.ip().is_loopback()
-        {
+        let open = self.listeners.http.0.iter().find(|a| !a.ip().is_loopback());
+        if let (None, None, Some(addr)) = (&admin.token, &admin.token_file, open) {
             return Err(invalid(
                 "listeners.http",
                 format!(
-                    "{} is not a loopback address, and the admin API has no token: set \
-                     [admin] token or token_file, or bind it to 127.0.0.1 or ::1",
-                    self.listeners.http
+                    "{addr} is not a loopback address, and the admin API has no token: set \
+                     [admin] token or token_file, or bind it to 127.0.0.1 or ::1"
                 ),
             ));
         }
@@ -626,13 +831,71 @@ impl Config {
     }
 
     /// Whether clients that do not authenticate are let in: `auth.allow_anonymous` (or its
-    /// older spelling `mqtt.allow_anonymous`), or, when unset, only
-    /// when the MQTT listener is on a loopback address.
+    /// older spelling `mqtt.allow_anonymous`), or, when unset, only when every MQTT listener
+    /// is on a loopback address.
     pub fn allow_anonymous(&self) -> bool {
         self.auth
             .allow_anonymous
             .or(self.mqtt.allow_anonymous)
-            .unwrap_or_else(|| self.listeners.mqtt.ip().is_loopback())
+            .unwrap_or_else(|| {
+                self.listeners
+                    .mqtt_listeners(self.tls.is_some())
+                    .iter()
+                    .flat_map(|l| &l.addrs.0)
+                    .all(|a| a.ip().is_loopback())
+            })
+    }
+
+    /// Listener addresses: no fixed port twice, TLS listeners only with `[tls]`, a WebSocket
+    /// path that is one.
+    fn validate_listeners(&self) -> Result<(), ServerError> {
+        let l = &self.listeners;
+        if self.tls.is_none() {
+            for (key, set) in [("listeners.mqtts", &l.mqtts), ("listeners.wss", &l.wss)] {
+                if set.as_ref().is_some_and(|a| !a.is_off()) {
+                    return Err(invalid(key, "needs a [tls] table (cert and key)"));
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if tls.require_client_cert && tls.client_ca.is_none() {
+                return Err(invalid(
+                    "tls.require_client_cert",
+                    "needs tls.client_ca (the CA that client certificates are verified against)",
+                ));
+            }
+            if tls.cert_username != CertUsername::None && tls.client_ca.is_none() {
+                return Err(invalid(
+                    "tls.cert_username",
+                    "needs tls.client_ca: only a verified client certificate gives a user name",
+                ));
+            }
+        }
+        if !l.ws_path.starts_with('/') {
+            return Err(invalid("listeners.ws_path", "must start with '/'"));
+        }
+        let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
+        let mqtt = l.mqtt_listeners(self.tls.is_some());
+        let all = mqtt
+            .iter()
+            .flat_map(|m| {
+                m.addrs
+                    .0
+                    .iter()
+                    .map(move |a| (*a, m.kind.name(), m.implicit))
+            })
+            .chain(l.http.0.iter().map(|a| (*a, "http", false)));
+        // A default address that is taken is skipped at start, so only set ones are checked.
+        for (addr, key, _) in all.filter(|(a, _, implicit)| !implicit && a.port() != 0) {
+            if let Some((_, other)) = seen.iter().find(|(a, _)| *a == addr) {
+                return Err(invalid(
+                    &format!("listeners.{key}"),
+                    format!("{addr} is also listeners.{other}"),
+                ));
+            }
+            seen.push((addr, key));
+        }
+        Ok(())
     }
 
     /// The largest CONNECT read, in bytes: `mqtt.max_connect_size`, or `mqtt.max_packet_size`
@@ -883,6 +1146,72 @@ mod tests {
         ] {
             let err = Config::parse(bad).unwrap_err().to_string();
             assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn listeners_take_one_address_or_a_list_and_default_by_transport() {
+        let c = Config::default();
+        let names = |c: &Config| -> Vec<(&'static str, Vec<SocketAddr>, bool)> {
+            c.listeners
+                .mqtt_listeners(c.tls.is_some())
+                .into_iter()
+                .map(|l| (l.kind.name(), l.addrs.0, l.implicit))
+                .collect()
+        };
+        let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        assert_eq!(
+            names(&c),
+            vec![
+                ("mqtt", vec![lo(1883)], false),
+                ("ws", vec![lo(8083)], true)
+            ]
+        );
+        assert_eq!(c.listeners.ws_path, "/mqtt");
+        let c = Config::parse(
+            "[listeners]\nmqtt = [\"0.0.0.0:1883\", \"[::1]:1884\"]\nws = []\nhttp = []\n\
+             [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        let any = |p: u16| SocketAddr::from(([0, 0, 0, 0], p));
+        let v6 = |p: u16| SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p));
+        assert_eq!(
+            names(&c),
+            vec![
+                ("mqtt", vec![any(1883), v6(1884)], false),
+                ("mqtts", vec![any(8883), v6(8883)], false),
+                ("wss", vec![any(8084), v6(8084)], true),
+            ]
+        );
+        assert!(c.listeners.http.is_off());
+        assert_eq!(
+            "127.0.0.1:1,127.0.0.1:2".parse::<ListenAddrs>().unwrap().0,
+            vec![lo(1), lo(2)]
+        );
+        assert!("".parse::<ListenAddrs>().unwrap().is_off());
+    }
+
+    #[test]
+    fn listener_and_tls_mistakes_name_their_key() {
+        for (text, key) in [
+            (
+                "[listeners]\nmqtts = \"127.0.0.1:8883\"\n",
+                "listeners.mqtts",
+            ),
+            ("[listeners]\nwss = \"127.0.0.1:8884\"\n", "listeners.wss"),
+            ("[listeners]\nws_path = \"mqtt\"\n", "listeners.ws_path"),
+            ("[listeners]\nws = \"127.0.0.1:1883\"\n", "listeners.ws"),
+            (
+                "[tls]\ncert = \"c\"\nkey = \"k\"\nrequire_client_cert = true\n",
+                "tls.require_client_cert",
+            ),
+            (
+                "[tls]\ncert = \"c\"\nkey = \"k\"\ncert_username = \"cn\"\n",
+                "tls.cert_username",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
         }
     }
 

@@ -10,6 +10,10 @@
 //! against `mqtt.max_connect_size` as soon as the fixed header is in, and its read buffer
 //! grows only with a share of the listeners' pre-auth budget (`limits::PreauthBudget`).
 //!
+//! One protocol path for every transport: the socket operations are behind the seam in
+//! `transport.rs` (plain TCP on its borrowed halves; TLS and WebSocket as split byte
+//! streams), and [`run`] is generic over it.
+//!
 //! Bounded: the reader does not read while its connection has too much queued for writing or
 //! waiting for the router (`Outbound::poll_read_allowed`) or while the client is over its
 //! message or byte rate (`limits::ClientRates`: it decodes only what the buckets admit), a
@@ -19,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -29,22 +34,14 @@ use ferrymq_mqtt::{
     decode, encode, encode_publish, ConnAck, DecodeError, Limits, Packet, Properties,
     ProtocolVersion, PublishView, ReasonCode,
 };
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::RateExceeded;
+use crate::config::{ListenerKind, RateExceeded};
 use crate::limits::{AddressCounts, ClientRates, PreauthBudget, RateLimits, Refusal};
 use crate::metrics::NetMetrics;
 use crate::router::{Drains, Outbound, ToRouter};
-
-/// Smallest and largest read reservation. A connection starts small (a CONNECT fits) and
-/// doubles its reservation while reads fill it, so idle connections never touch a big buffer
-/// and busy ones read 64 KiB per syscall.
-const MIN_READ: usize = 512;
-const MAX_READ: usize = 64 * 1024;
+use crate::transport::{ReadSide, Transport, WriteSide, MIN_READ};
 /// A connection whose reservation has decayed to this size is treated as quiet.
 const QUIET_READ: usize = 2 * 1024;
 /// A batch is encoded and written in pieces of about this many bytes.
@@ -62,6 +59,8 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// What every connection of a listener shares.
 pub(crate) struct Listener {
+    /// Which `[listeners]` entry accepted the connection (the `listener` label in metrics).
+    pub kind: ListenerKind,
     pub router: mpsc::Sender<ToRouter>,
     pub net: Arc<NetMetrics>,
     pub limits: Limits,
@@ -77,7 +76,7 @@ pub(crate) struct Listener {
     /// buckets and reads no clock for them).
     pub rates: Option<RateLimits>,
     /// Open connections per source address, when `limits.max_connections_per_address` is set.
-    pub addresses: Option<AddressCounts>,
+    pub addresses: Option<Arc<AddressCounts>>,
     /// Limits of the first packet: `limits` with `max_packet_size` cut to the largest CONNECT
     /// (`Config::max_connect_size`).
     pub connect_limits: Limits,
@@ -98,8 +97,34 @@ const THROTTLE_MARK: Duration = Duration::from_millis(500);
 pub(crate) struct ConnContext {
     pub conn: ConnId,
     pub listener: Arc<Listener>,
+    /// What only the CONNECT handshake uses beyond the socket, boxed and taken by the
+    /// handshake: 8 bytes in every connection (the size of the field it replaced), and no
+    /// allocation for a plain TCP connection under its limits (None): the peer's address
+    /// comes from the socket, its listener from `listener`.
+    pub admission: Option<Box<Admission>>,
+}
+
+/// The handshake's inputs from the accept loop and the transport, when there are any.
+#[derive(Default)]
+pub(crate) struct Admission {
     /// A connection limit is reached: answer CONNECT with its refusal.
     pub refusal: Option<Refusal>,
+    /// See [`PeerIdentity::cert_user`].
+    pub cert_user: Option<Arc<str>>,
+}
+
+/// Who is at the other end, as the transport knows it: what authentication may use besides
+/// the CONNECT itself. Made by [`handshake`] (from the socket, the listener and the
+/// [`Admission`]) and used there only: nothing of it outlives the handshake.
+pub(crate) struct PeerIdentity {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The listener that accepted it.
+    pub listener: ListenerKind,
+    /// The user name of a verified TLS client certificate, when `tls.cert_username` asks for
+    /// one (`cn` or `san`) and the certificate has that name. The handshake makes it the
+    /// CONNECT's user name, replacing what the client sent, before the router sees it.
+    pub cert_user: Option<Arc<str>>,
 }
 
 /// Why the reader stopped.
@@ -134,17 +159,18 @@ enum WriteEnd {
 /// until dropped, whichever way the task ends.
 impl Drop for ConnContext {
     fn drop(&mut self) {
-        self.listener
-            .net
-            .connections_open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let net = &self.listener.net;
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        net.connections_open.fetch_sub(1, relaxed);
+        net.listener_open[self.listener.kind as usize].fetch_sub(1, relaxed);
         if let Some(addresses) = &self.listener.addresses {
             addresses.close(self.conn);
         }
     }
 }
 
-/// The connection's whole life.
+/// The connection's whole life, on any transport (a `TcpStream`, or a TLS or WebSocket
+/// stream in `transport::Split`).
 ///
 /// A plain fn returning an `async move` block, here and for the two loops: an `async fn`
 /// moves its arguments into locals and keeps both copies for the life of the future, while
@@ -152,45 +178,49 @@ impl Drop for ConnContext {
 /// level of nesting would store its arguments again.
 // Not an `async fn` on purpose: see above.
 #[allow(clippy::manual_async_fn)]
-pub(crate) fn run(mut stream: TcpStream, ctx: ConnContext) -> impl Future<Output = ()> + Send {
+pub(crate) fn run<T: Transport>(
+    mut stream: T,
+    mut ctx: ConnContext,
+) -> impl Future<Output = ()> + Send {
     async move {
-        // Borrowed halves: `into_split` would put the stream in an `Arc` (another allocation
-        // per connection) for nothing, since both halves live in this task.
-        let (mut rd, mut wr) = stream.split();
+        let (mut rd, mut wr) = stream.halves();
         let mut buf = BytesMut::new();
+        let admission = ctx.admission.take();
         // Boxed: the handshake's state lives on the heap only while it runs, instead of
         // widening this future (which every idle connection keeps for life) by its size.
-        let Some((outcome, outbound)) = Box::pin(handshake(&mut rd, &mut wr, &mut buf, &ctx)).await
-        else {
+        let handshake = handshake(&mut rd, &mut wr, &mut buf, &ctx, admission);
+        let Some((outcome, outbound)) = Box::pin(handshake).await else {
             return;
         };
-        // The loops borrow what they use: owned arguments would be stored again in each
-        // loop's future next to this one's copies.
-        // Each loop gets only the fields of the outcome it uses.
-        let writer = write_loop(
-            &mut wr,
-            &outbound,
-            outcome.version,
-            outcome.client_topic_alias_maximum,
-            &ctx.listener,
-        );
-        let accepted = outcome.accepted.then_some(outcome.version);
-        let reader = read_loop(&rd, &mut buf, accepted, &ctx, &outbound);
-        // Whichever ends first. One pinned pair: a pin per loop and a `poll_fn` over both
-        // kept 32 bytes here, this 16 (`select!` kept 40).
-        let loops = Loops { reader, writer };
-        tokio::pin!(loops);
-        let first = loops.as_mut().await;
-        let end = match first {
-            Ok(ReadEnd::Gone) => WriteEnd::Failed,
-            Ok(ReadEnd::Ending) => {
-                // Let the writer flush the DISCONNECT, but not forever. (Boxed, like every
-                // one-off wait here, so it does not widen the long-lived future.)
-                let writer = loops.as_mut().project().writer;
-                let flush = tokio::time::timeout(Duration::from_secs(5), writer);
-                Box::pin(flush).await.unwrap_or(WriteEnd::Failed)
+        let end = {
+            // The loops borrow what they use: owned arguments would be stored again in each
+            // loop's future next to this one's copies.
+            // Each loop gets only the fields of the outcome it uses.
+            let writer = write_loop(
+                &mut wr,
+                &outbound,
+                outcome.version,
+                outcome.client_topic_alias_maximum,
+                &ctx.listener,
+            );
+            let accepted = outcome.accepted.then_some(outcome.version);
+            let reader = read_loop(&mut rd, &mut buf, accepted, &ctx, &outbound);
+            // Whichever ends first. One pinned pair: a pin per loop and a `poll_fn` over both
+            // kept 32 bytes here, this 16 (`select!` kept 40).
+            let loops = Loops { reader, writer };
+            tokio::pin!(loops);
+            let first = loops.as_mut().await;
+            match first {
+                Ok(ReadEnd::Gone) => WriteEnd::Failed,
+                Ok(ReadEnd::Ending) => {
+                    // Let the writer flush the DISCONNECT, but not forever. (Boxed, like every
+                    // one-off wait here, so it does not widen the long-lived future.)
+                    let writer = loops.as_mut().project().writer;
+                    let flush = tokio::time::timeout(Duration::from_secs(5), writer);
+                    Box::pin(flush).await.unwrap_or(WriteEnd::Failed)
+                }
+                Err(end) => end,
             }
-            Err(end) => end,
         };
         if let WriteEnd::Stalled = end {
             tracing::debug!(
@@ -201,7 +231,7 @@ pub(crate) fn run(mut stream: TcpStream, ctx: ConnContext) -> impl Future<Output
         if let WriteEnd::Closed = end {
             // We ended it and the peer may still be sending: linger so that it reads our last
             // packets (a DISCONNECT with its reason) instead of a reset.
-            Box::pin(linger(&rd)).await;
+            Box::pin(linger(&mut rd)).await;
         } else {
             let closed = ToRouter::Closed { conn: ctx.conn };
             let _ = Box::pin(ctx.listener.router.send(closed)).await;
@@ -238,38 +268,34 @@ where
 /// Lingering close, once our last bytes are written and the socket half-closed: reads and
 /// discards input until EOF, [`LINGER_BYTES`] or [`LINGER_TIME`], whichever comes first
 /// (see there for why). Only a stack buffer, and only while a read runs.
-async fn linger(rd: &ReadHalf<'_>) {
+async fn linger<R: ReadSide>(rd: &mut R) {
     let mut drained = 0;
     let drain = std::future::poll_fn(|cx| loop {
-        if std::task::ready!(rd.as_ref().poll_read_ready(cx)).is_err() {
-            return Poll::Ready(());
-        }
         let mut scratch = [0u8; 2048];
-        match rd.try_read(&mut scratch) {
-            Ok(0) => return Poll::Ready(()),
+        match std::task::ready!(rd.poll_discard(cx, &mut scratch)) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
             Ok(n) => {
                 drained += n;
                 if drained >= LINGER_BYTES {
                     return Poll::Ready(());
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return Poll::Ready(()),
         }
     });
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 /// Reads the CONNECT and hands it to the router. `None` when the connection ends here.
-async fn handshake<W>(
-    rd: &mut ReadHalf<'_>,
+///
+/// Builds the connection's [`PeerIdentity`]; with a certificate user name, that name replaces
+/// the CONNECT's before the router sees it. (Authentication takes `peer` from here.)
+async fn handshake<R: ReadSide, W: WriteSide>(
+    rd: &mut R,
     wr: &mut W,
     buf: &mut BytesMut,
     ctx: &ConnContext,
-) -> Option<(ConnectOutcome, Arc<Outbound>)>
-where
-    W: AsyncWrite + Unpin,
-{
+    admission: Option<Box<Admission>>,
+) -> Option<(ConnectOutcome, Arc<Outbound>)> {
     let deadline = Instant::now() + ctx.listener.connect_timeout;
     // This connection's part of the pre-auth budget: taken before the buffer grows, given
     // back when this function returns, however it returns (dropped with its future).
@@ -303,7 +329,7 @@ where
                     // Nothing more of it is read: its buffer and share go before the linger.
                     *buf = BytesMut::new();
                     drop(share);
-                    refuse(wr, v, reason).await;
+                    refuse(wr, v, reason, ctx).await;
                     linger(rd).await;
                 }
                 return None;
@@ -338,7 +364,7 @@ where
             }
         }
     };
-    let Packet::Connect(connect) = first else {
+    let Packet::Connect(mut connect) = first else {
         // The first packet must be CONNECT (MQTT-3.1.0-1).
         NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
         ctx.listener.net.disconnects.add(ReasonCode::ProtocolError);
@@ -349,35 +375,49 @@ where
         );
         return None;
     };
-    if let Some(refusal) = ctx.refusal {
+    let admission = admission.map(|a| *a).unwrap_or_default();
+    let peer = PeerIdentity {
+        addr: rd.peer_addr()?,
+        listener: ctx.listener.kind,
+        cert_user: admission.cert_user,
+    };
+    if let Some(refusal) = admission.refusal {
         // Counted per limit, logged at debug only: hostile clients must not fill the log.
         NetMetrics::add(&ctx.listener.net.connections_refused[refusal as usize], 1);
         tracing::debug!(
             conn = ctx.conn.0,
+            peer = %peer.addr,
+            listener = peer.listener.name(),
             limit = refusal.label(),
             "connection refused"
         );
-        refuse(wr, connect.version, refusal.reason_code()).await;
+        refuse(wr, connect.version, refusal.reason_code(), ctx).await;
         linger(rd).await;
         return None;
     }
     // ---- authentication (auth.rs): the one hook between CONNECT and the engine ----
-    // The peer's address keys the failure rate limit; a TLS client-certificate user name
-    // goes in the last argument once transports provide it.
-    let source = rd.peer_addr().ok().map(|a| a.ip());
-    let check = ctx.listener.auth.authenticate(&connect, source, None);
+    // The peer's address keys the failure rate limit; a verified TLS client certificate's
+    // user name (`[tls] cert_username`) authenticates by itself.
+    let check =
+        ctx.listener
+            .auth
+            .authenticate(&connect, Some(peer.addr.ip()), peer.cert_user.as_deref());
     let checked = tokio::time::timeout(ctx.listener.connect_timeout, check).await;
     let who = match checked.unwrap_or(Err(crate::auth::AuthRefusal::Busy)) {
         Ok(who) => Box::new(who),
         Err(refusal) => {
             NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
             tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
-            refuse(wr, connect.version, refusal.reason_code()).await;
+            refuse(wr, connect.version, refusal.reason_code(), ctx).await;
             linger(rd).await;
             return None;
         }
     };
     // ---- end of the authentication hook ----
+    // A verified certificate's name is who the client is, whatever its CONNECT claimed.
+    if let Some(user) = peer.cert_user {
+        connect.username = Some(user.to_string());
+    }
     let outbound = Arc::new(Outbound::new(ctx.conn, ctx.listener.drains.clone()));
     outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
@@ -393,7 +433,12 @@ where
     Some((outcome, outbound))
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, v: ProtocolVersion, reason: ReasonCode) {
+async fn refuse<W: WriteSide>(
+    wr: &mut W,
+    v: ProtocolVersion,
+    reason: ReasonCode,
+    ctx: &ConnContext,
+) {
     let ack = ConnAck {
         session_present: false,
         reason,
@@ -401,54 +446,36 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, v: ProtocolVersion, reason: R
     };
     let mut out = BytesMut::new();
     if encode(&Packet::ConnAck(ack), v, &mut out).is_ok() {
-        let _ = wr.write_all(&out).await;
-        let _ = wr.shutdown().await;
+        let sent = wr.try_write(&out).unwrap_or(out.len());
+        if sent < out.len() || wr.unflushed() {
+            let timeout = ctx.listener.write_timeout;
+            if wr.write_stalled(&out[sent..], timeout).await.is_err() {
+                return;
+            }
+        }
+        wr.shutdown().await;
     }
 }
 
-/// Waits for data, then reads it. The buffer is only allocated once the socket is readable,
-/// so an idle connection holds no read buffer (the caller frees it when it empties).
-/// `chunk` is the connection's current reservation size, adapted to its traffic.
+/// Waits for data, then reads it (see [`ReadSide::poll_read_some`]). The buffer is only
+/// allocated once the socket is readable, so an idle connection holds no read buffer (the
+/// caller frees it when it empties). `chunk` is the connection's current reservation size,
+/// adapted to its traffic.
 ///
 /// One `poll_fn` over the socket's own reader slot: it holds just the three references
 /// (an `async fn` held 64 bytes, and `readable()` would add a 168-byte waiter).
-fn read_some<'a>(
-    rd: &'a ReadHalf<'_>,
+fn read_some<'a, R: ReadSide>(
+    rd: &'a mut R,
     buf: &'a mut BytesMut,
     chunk: &'a mut usize,
 ) -> impl Future<Output = std::io::Result<usize>> + 'a {
-    std::future::poll_fn(move |cx| loop {
-        std::task::ready!(rd.as_ref().poll_read_ready(cx))?;
-        if buf.capacity() - buf.len() < *chunk / 2 {
-            buf.reserve(*chunk);
-        }
-        let room = buf.capacity() - buf.len();
-        match rd.try_read_buf(buf) {
-            Ok(n) => {
-                if n == room {
-                    *chunk = (*chunk * 2).min(MAX_READ);
-                } else if n < room / 4 {
-                    *chunk = (*chunk / 2).max(MIN_READ);
-                }
-                return Poll::Ready(Ok(n));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // The readiness was stale (tokio clears it only on WouldBlock; the read after
-                // every CONNECT ends here). Do not wait holding an empty reservation: that was
-                // ~500 bytes in every idle connection.
-                if buf.is_empty() {
-                    *buf = BytesMut::new();
-                }
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    })
+    std::future::poll_fn(move |cx| rd.poll_read_some(cx, buf, chunk))
 }
 
 // Not an `async fn` on purpose: see `run`.
 #[allow(clippy::manual_async_fn)]
-fn read_loop<'a>(
-    rd: &'a ReadHalf<'a>,
+fn read_loop<'a, R: ReadSide>(
+    rd: &'a mut R,
     buf: &'a mut BytesMut,
     accepted: Option<ProtocolVersion>,
     ctx: &'a ConnContext,
@@ -658,8 +685,8 @@ struct AliasMap {
 /// Writes until the router closes the connection or the socket fails or stalls.
 // Not an `async fn` on purpose: see `run`.
 #[allow(clippy::manual_async_fn)]
-fn write_loop<'a>(
-    wr: &'a mut WriteHalf<'a>,
+fn write_loop<'a, W: WriteSide>(
+    wr: &'a mut W,
     outbound: &'a Outbound,
     version: ProtocolVersion,
     alias_max: u16,
@@ -719,12 +746,11 @@ fn write_loop<'a>(
                 // with its timer, is boxed so that it does not widen every connection.
                 let sent = match wr.try_write(&out) {
                     Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                     Err(_) => return WriteEnd::Failed,
                 };
-                if sent < out.len() {
+                if sent < out.len() || wr.unflushed() {
                     let rest = &out[sent..];
-                    match Box::pin(write_stalled(wr, rest, listener.write_timeout)).await {
+                    match Box::pin(wr.write_stalled(rest, listener.write_timeout)).await {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                             return WriteEnd::Stalled
@@ -740,38 +766,11 @@ fn write_loop<'a>(
             }
             if close {
                 // Half-close: the peer reads our FIN after everything written; `run` lingers.
-                let _ = wr.shutdown().await;
+                wr.shutdown().await;
                 return WriteEnd::Closed;
             }
         }
     }
-}
-
-/// Writes what the socket did not take at once, waiting for room. Fails with `TimedOut` when
-/// the socket accepts no byte for `timeout`: a client that does not read would otherwise hold
-/// this connection, and everything queued for it, forever.
-async fn write_stalled(
-    wr: &WriteHalf<'_>,
-    mut rest: &[u8],
-    timeout: Duration,
-) -> std::io::Result<()> {
-    let mut deadline = Instant::now() + timeout;
-    while !rest.is_empty() {
-        match tokio::time::timeout_at(deadline, wr.writable()).await {
-            Ok(ready) => ready?,
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-        }
-        match wr.try_write(rest) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                rest = &rest[n..];
-                deadline = Instant::now() + timeout;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Encodes a delivery straight from the shared message: no copy of topic or payload into an

@@ -22,6 +22,9 @@ pub enum ServerError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// A TLS certificate, key or CA file could not be read or used.
+    #[error("TLS: {path}: {message}")]
+    Tls { path: PathBuf, message: String },
     /// The data directory could not be opened or locked.
     #[error("data directory {path}: {message}")]
     DataDir { path: PathBuf, message: String },

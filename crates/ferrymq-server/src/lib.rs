@@ -1,5 +1,6 @@
-//! The FerryMQ network server: TCP listener, one task per connection, the router task that
-//! owns the engine, admin HTTP, and the configuration file.
+//! The FerryMQ network server: MQTT listeners (TCP, TLS, WebSocket, WebSocket over TLS), one
+//! task per connection, the router task that owns the engine, admin HTTP, and the
+//! configuration file.
 //!
 //! Must not depend on: packet bytes (it uses the codec) or routing rules (the engine owns
 //! them). Listeners stay thin: accept, read, decode, hand to the router, write what comes back.
@@ -27,6 +28,7 @@ mod error;
 mod fdlimit;
 pub mod jwt;
 mod limits;
+mod listen;
 pub mod metrics;
 pub mod password_file;
 mod persist;
@@ -35,15 +37,20 @@ mod queue_api;
 pub mod queue_spec;
 mod resources;
 mod router;
+mod tls;
+mod transport;
 mod views_api;
 mod violations;
+pub mod websocket;
+
+pub use config::ListenerKind;
+pub use tls::names as cert_names;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrymq_core::{Broker, ConnId};
+use ferrymq_core::Broker;
 use ferrymq_mqtt::Limits;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -62,8 +69,9 @@ const ROUTER_QUEUE: usize = 4096;
 
 /// A running server.
 pub struct Server {
-    mqtt_addr: SocketAddr,
-    http_addr: SocketAddr,
+    /// Every bound MQTT address, with its listener.
+    mqtt_addrs: Vec<(ListenerKind, SocketAddr)>,
+    http_addrs: Vec<SocketAddr>,
     router: mpsc::Sender<ToRouter>,
     stop_accepting: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -78,6 +86,11 @@ impl Server {
         config.validate()?;
         // Read before anything starts, so that an unreadable token file stops nothing.
         let token = config.admin_token()?.map(|t| admin::AdminToken::new(&t));
+        // TLS first: a bad certificate or key is reported before anything starts.
+        let tls = match &config.tls {
+            Some(t) => Some(tls::TlsState::load(t)?),
+            None => None,
+        };
         // Connections past what the open-files limit leaves room for are refused with Server
         // Busy like any over the configured maximum, while descriptors remain to accept and
         // answer them, instead of failing in accept() and leaving clients hanging.
@@ -181,46 +194,54 @@ impl Server {
         );
         let router_thread = spawn_router(router, rx, fatal_tx)?;
 
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
+        let bound = listen::bind_all(&config).await?;
+        let mut http = Vec::new();
+        for &addr in &config.listeners.http.0 {
+            let socket = TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServerError::Bind { addr, source })
-        };
-        let mqtt = bind(config.listeners.mqtt).await?;
-        let http = bind(config.listeners.http).await?;
-        let mqtt_addr = mqtt.local_addr().map_err(|source| ServerError::Bind {
-            addr: config.listeners.mqtt,
-            source,
-        })?;
-        let http_addr = http.local_addr().map_err(|source| ServerError::Bind {
-            addr: config.listeners.http,
-            source,
-        })?;
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let local = socket
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            http.push((socket, local));
+        }
         let (stop_accepting, stop_rx) = watch::channel(false);
-
+        let mut tasks = Vec::new();
         // One budget for every listener: the bound is on the broker's memory.
         let preauth = Arc::new(limits::PreauthBudget::new(
             config.limits.preauth_buffer_bytes,
             net.clone(),
         ));
-        let accept = tokio::spawn(accept_loop(
-            mqtt,
-            tx.clone(),
-            net.clone(),
-            config.clone(),
+        let admissions = Arc::new(listen::Admissions {
             max_connections,
-            preauth,
-            drains,
-            auth,
-            stop_rx.clone(),
-        ));
-        if token.is_some() {
-            tracing::info!(http = %http_addr, "admin API: every route but /health and /ready requires the token");
-        } else {
-            tracing::info!(
-                http = %http_addr,
-                "admin API: no [admin] token, so it listens on loopback only and asks for no token"
+            rates: std::sync::Mutex::new(limits::ConnectionLimits::new(
+                &config.limits,
+                tokio::time::Instant::now(),
+            )),
+        });
+        let addresses =
+            limits::AddressCounts::new(config.limits.max_connections_per_address).map(Arc::new);
+        let mut mqtt_addrs = Vec::new();
+        for b in bound {
+            let tls_state = tls.as_ref().map(|(state, _)| state);
+            let Some(edge) = listen::Edge::new(b.kind, tls_state, &config.listeners.ws_path) else {
+                continue;
+            };
+            let shared = listener_shared(
+                &config, b.kind, &tx, &net, &drains, &addresses, &preauth, &auth,
             );
+            mqtt_addrs.push((b.kind, b.addr));
+            tasks.push(tokio::spawn(listen::accept_loop(
+                b.socket,
+                shared,
+                edge,
+                admissions.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        if let (Some((state, files)), Some(t)) = (tls, &config.tls) {
+            let reload = tls::reload_loop(t.clone(), state, files, stop_rx.clone());
+            tasks.push(tokio::spawn(reload));
         }
         let state = admin::AdminState {
             router: tx.clone(),
@@ -228,30 +249,54 @@ impl Server {
             alarms,
             stopping: stop_rx.clone(),
         };
-        let mut stop_http = stop_rx;
-        let admin = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop_http.wait_for(|stop| *stop).await;
-            };
-            if let Err(e) = axum::serve(http, admin::app(state, token))
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "admin HTTP server failed");
-            }
-        });
+        let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
+        for (socket, _) in http {
+            let mut stop_http = stop_rx.clone();
+            let app = admin::app(state.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop_http.wait_for(|stop| *stop).await;
+                };
+                if let Err(e) = axum::serve(socket, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!(error = %e, "admin HTTP server failed");
+                }
+            }));
+        }
+        for (transport, addr) in &mqtt_addrs {
+            tracing::info!(listener = transport.name(), %addr, "listening for MQTT");
+        }
+        if http_addrs.is_empty() {
+            tracing::info!("admin HTTP is off (listeners.http = [])");
+        } else if token.is_some() {
+            tracing::info!("admin API: every route but /health and /ready requires the token");
+        } else {
+            tracing::info!(
+                "admin API: no [admin] token, so it listens on loopback only and asks for no token"
+            );
+        }
+        // `mqtt` and `http`: the first address of each ("off" if none), as before listener
+        // lists (tools read them from this line); every MQTT listener is logged above.
+        let first = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
+        let mqtt_first = mqtt_addrs
+            .iter()
+            .find(|(kind, _)| *kind == ListenerKind::Mqtt)
+            .map(|(_, a)| *a);
         tracing::info!(
-            mqtt = %mqtt_addr,
-            http = %http_addr,
+            mqtt = %first(mqtt_first),
+            http = %first(http_addrs.first().copied()),
+            listeners = mqtt_addrs.len(),
             connection_future_bytes = connection_future_bytes(),
             "ferrymq listening"
         );
         Ok(Server {
-            mqtt_addr,
-            http_addr,
+            mqtt_addrs,
+            http_addrs,
             router: tx,
             stop_accepting,
-            tasks: vec![accept, admin],
+            tasks,
             router_thread,
             recovered,
             fatal,
@@ -278,12 +323,31 @@ impl Server {
         }
     }
 
+    /// The first address of the plain `mqtt` listener (`0.0.0.0:0` when it is off).
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.mqtt_addr
+        self.listener_addr(ListenerKind::Mqtt)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The first bound address of a listener, if it is on.
+    pub fn listener_addr(&self, transport: ListenerKind) -> Option<SocketAddr> {
+        self.mqtt_addrs
+            .iter()
+            .find(|(t, _)| *t == transport)
+            .map(|(_, a)| *a)
+    }
+
+    /// Every bound MQTT address, with its listener.
+    pub fn mqtt_addrs(&self) -> &[(ListenerKind, SocketAddr)] {
+        &self.mqtt_addrs
+    }
+
+    /// The first admin HTTP address (`0.0.0.0:0` when the admin listener is off).
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.http_addrs
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Stops accepting, sends 5.0 clients DISCONNECT 0x8B, lets writers flush, and returns.
@@ -359,7 +423,13 @@ pub fn connection_future_bytes() -> usize {
     {
         std::mem::size_of::<R>()
     }
-    output_size(connection::run)
+    output_size(connection::run::<tokio::net::TcpStream>)
+}
+
+/// Loads the `[tls]` certificate, key and client CA files as the server would at start
+/// (`ferrymq check-config` uses it); the error names the file at fault.
+pub fn check_tls(tls: &config::Tls) -> Result<(), ServerError> {
+    tls::TlsState::load(tls).map(|_| ())
 }
 
 /// The message of a panic payload (`panic!` with a literal or a format string).
@@ -373,88 +443,35 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     }
 }
 
-// What every listener shares; the listener work of issue 12 gathers these in one place.
+/// What the connections of one listener share.
 #[allow(clippy::too_many_arguments)]
-async fn accept_loop(
-    listener: TcpListener,
-    router: mpsc::Sender<ToRouter>,
-    net: Arc<NetMetrics>,
-    config: Config,
-    max_connections: u64,
-    preauth: Arc<limits::PreauthBudget>,
-    drains: Arc<router::Drains>,
-    auth: Arc<auth::Authenticator>,
-    mut stop: watch::Receiver<bool>,
-) {
-    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-    let limits = Limits {
-        max_packet_size: config.mqtt.max_packet_size as usize,
-    };
-    let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
-    let shared = Arc::new(connection::Listener {
-        router,
+fn listener_shared(
+    config: &Config,
+    kind: ListenerKind,
+    router: &mpsc::Sender<ToRouter>,
+    net: &Arc<NetMetrics>,
+    drains: &Arc<router::Drains>,
+    addresses: &Option<Arc<limits::AddressCounts>>,
+    preauth: &Arc<limits::PreauthBudget>,
+    auth: &Arc<auth::Authenticator>,
+) -> Arc<connection::Listener> {
+    Arc::new(connection::Listener {
+        kind,
+        router: router.clone(),
         net: net.clone(),
-        limits,
-        connect_timeout,
+        limits: Limits {
+            max_packet_size: config.mqtt.max_packet_size as usize,
+        },
+        connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
         write_timeout: Duration::from_millis(config.limits.write_timeout_ms),
         max_outbound_bytes: config.limits.max_outbound_bytes,
-        drains,
+        drains: drains.clone(),
         rates: limits::RateLimits::from_config(&config.limits),
-        addresses: limits::AddressCounts::new(config.limits.max_connections_per_address),
+        addresses: addresses.clone(),
         connect_limits: Limits {
             max_packet_size: config.max_connect_size(),
         },
-        preauth,
-        auth,
-    });
-    let mut rates = limits::ConnectionLimits::new(&config.limits, tokio::time::Instant::now());
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        NetMetrics::add(&net.connections_accepted, 1);
-        let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
-        // Per-address limits count an IPv6 client per /64 prefix.
-        let ip = limits::source_key(peer.ip());
-        // Counted as open (per address too) until its task ends, refused or not.
-        let address = match &shared.addresses {
-            Some(a) => a.open(conn, ip),
-            None => limits::AddressCheck::Allowed,
-        };
-        if address == limits::AddressCheck::Drop {
-            // Twice over its limit: a client ignoring the refusals gets no more of our time.
-            let refused = &net.connections_refused[limits::Refusal::AddressConnections as usize];
-            NetMetrics::add(refused, 1);
-            tracing::debug!(conn = conn.0, %peer, "dropped: too many connections from its address");
-            continue;
-        }
-        let open = net.connections_open.fetch_add(1, Relaxed) + 1;
-        tracing::debug!(conn = conn.0, %peer, "accepted");
-        // Limits in order; a refused connection takes no connection-rate token.
-        let refusal = if open > max_connections {
-            Some(limits::Refusal::MaxConnections)
-        } else if address == limits::AddressCheck::Busy {
-            Some(limits::Refusal::AddressConnections)
-        } else {
-            let now = tokio::time::Instant::now;
-            rates.as_mut().and_then(|r| r.admit(ip, now()).err())
-        };
-        let ctx = connection::ConnContext {
-            conn,
-            listener: shared.clone(),
-            refusal,
-        };
-        tokio::spawn(connection::run(stream, ctx));
-    }
+        preauth: preauth.clone(),
+        auth: auth.clone(),
+    })
 }

@@ -13,6 +13,7 @@ use ferrymq_core::Stats;
 use crate::alarms::AlarmState;
 use ferrymq_mqtt::ReasonCode;
 
+use crate::config::ListenerKind;
 use crate::limits::Refusal;
 
 /// Counters updated by connection tasks.
@@ -28,6 +29,12 @@ pub struct NetMetrics {
     pub preauth_buffer_bytes: AtomicU64,
     /// CONNECTs refused by authentication, per `auth::AuthRefusal` (in the order of its `ALL`).
     pub auth_refused: [AtomicU64; crate::auth::AuthRefusal::ALL.len()],
+    /// Connections accepted, per listener (in the order of `config::ListenerKind::ALL`).
+    pub listener_accepted: [AtomicU64; ListenerKind::ALL.len()],
+    /// Open connections, per listener.
+    pub listener_open: [AtomicU64; ListenerKind::ALL.len()],
+    /// TLS or WebSocket handshakes that failed or timed out, per listener.
+    pub handshake_failures: [AtomicU64; ListenerKind::ALL.len()],
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub dropped_slow_consumer: AtomicU64,
@@ -344,7 +351,7 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         &mut o,
         "ferrymq_connections_open",
         "gauge",
-        "Open TCP connections, including those not yet past CONNECT.",
+        "Open connections (every listener), including those not yet past CONNECT.",
         &[("", g(&net.connections_open))],
     );
     metric(
@@ -359,9 +366,42 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         &mut o,
         "ferrymq_connections_accepted_total",
         "counter",
-        "TCP connections accepted.",
+        "Connections accepted (every listener).",
         &[("", g(&net.connections_accepted))],
     );
+    let per_listener = |counters: &[AtomicU64; ListenerKind::ALL.len()]| -> Vec<(String, u64)> {
+        ListenerKind::ALL
+            .iter()
+            .map(|t| {
+                let n = g(&counters[*t as usize]);
+                (format!("listener=\"{}\"", t.name()), n)
+            })
+            .collect()
+    };
+    for (name, kind, help, counters) in [
+        (
+            "ferrymq_listener_connections_open",
+            "gauge",
+            "Open connections, by listener (mqtt, mqtts, ws, wss).",
+            &net.listener_open,
+        ),
+        (
+            "ferrymq_listener_connections_accepted_total",
+            "counter",
+            "Connections accepted, by listener.",
+            &net.listener_accepted,
+        ),
+        (
+            "ferrymq_listener_handshake_failures_total",
+            "counter",
+            "TLS or WebSocket handshakes that failed or timed out, by listener.",
+            &net.handshake_failures,
+        ),
+    ] {
+        let samples = per_listener(counters);
+        let samples: Vec<(&str, u64)> = samples.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        metric(&mut o, name, kind, help, &samples);
+    }
     // One sample per connection limit (named after its key), and `connect` for CONNECTs the
     // engine refused (not authorized, bad client id, ...).
     let refused: Vec<(String, u64)> = Refusal::ALL

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferrymq_server::config::{Fsync, LogFormat};
+use ferrymq_server::config::{Fsync, ListenAddrs, LogFormat};
 use ferrymq_server::{Config, Server};
 
 #[derive(Parser)]
@@ -75,12 +75,16 @@ struct ServeArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, short = 'c', env = "FERRYMQ_CONFIG")]
     config: Option<PathBuf>,
-    /// MQTT listener address, e.g. 0.0.0.0:1883.
+    /// MQTT (TCP) listener addresses, comma-separated, e.g. 0.0.0.0:1883; "" turns it off.
     #[arg(long, env = "FERRYMQ_MQTT")]
-    mqtt: Option<std::net::SocketAddr>,
-    /// Admin HTTP listener address.
+    mqtt: Option<ListenAddrs>,
+    /// MQTT over WebSocket listener addresses (default: port 8083 on the MQTT addresses);
+    /// "" turns it off.
+    #[arg(long, env = "FERRYMQ_WS")]
+    ws: Option<ListenAddrs>,
+    /// Admin HTTP listener addresses; "" turns it off.
     #[arg(long, env = "FERRYMQ_HTTP")]
-    http: Option<std::net::SocketAddr>,
+    http: Option<ListenAddrs>,
     /// Data directory.
     #[arg(long, env = "FERRYMQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -125,6 +129,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
+            if let Some(tls) = &config.tls {
+                ferrymq_server::check_tls(tls)?;
+            }
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = writeln!(
                 std::io::stdout(),
@@ -208,6 +215,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     if let Some(a) = args.mqtt {
         config.listeners.mqtt = a;
+    }
+    if let Some(a) = args.ws {
+        config.listeners.ws = Some(a);
     }
     if let Some(a) = args.http {
         config.listeners.http = a;

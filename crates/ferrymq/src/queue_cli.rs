@@ -13,9 +13,10 @@ use crate::admin_client::{escape, Api};
 
 /// The admin API's default address: the broker's default `listeners.http`.
 fn default_url() -> String {
+    let http = ferrymq_server::Config::default().listeners.http.first();
     format!(
         "http://{}",
-        ferrymq_server::Config::default().listeners.http
+        http.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)))
     )
 }
 

@@ -28,6 +28,8 @@ pub fn test_config() -> Config {
     let mut c = Config::default();
     c.listeners.mqtt = "127.0.0.1:0".parse().unwrap();
     c.listeners.http = "127.0.0.1:0".parse().unwrap();
+    // Off unless a test asks for it: parallel tests must not race for the default port.
+    c.listeners.ws = Some(Default::default());
     c.sys.interval_secs = 0;
     c.data_dir = fresh_data_dir();
     c
