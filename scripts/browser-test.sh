@@ -21,7 +21,8 @@ DIR=tests/browser
 retry() { "$@" || { sleep 3; "$@"; }; }
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-updated=
+# scripts/test.sh may have updated the package lists already (one `apt-get update`).
+updated=${FERRYMQ_APT_UPDATED:-}
 apt_install() {
   if [ -z "$updated" ]; then
     retry $SUDO apt-get update -qq

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, property and integration tests (cargo test), then interop with
-# mosquitto-clients and paho-mqtt against a freshly started broker. Installs the interop tools
+# mosquitto-clients and paho-mqtt against a freshly started broker, then the browser tests
+# (scripts/browser-test.sh: chromium driven by playwright-core). Installs the interop tools
 # when they are missing (Debian's mosquitto-clients; paho-mqtt from PyPI into the virtual
 # environment target/venv, see scripts/venv.sh); safe to rerun.
 set -euo pipefail
@@ -11,6 +12,8 @@ retry() { "$@" || { sleep 3; "$@"; }; }
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   retry $SUDO apt-get update -qq
+  # The browser tests install with the same package lists (one `apt-get update`).
+  export FERRYMQ_APT_UPDATED=1
   retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients
 fi
 FERRYMQ_PYTHON=$(bash scripts/venv.sh)
@@ -19,3 +22,5 @@ export FERRYMQ_PYTHON
 cargo test --workspace
 cargo build -p ferrymq
 bash scripts/interop.sh
+# MQTT.js over WebSocket and the web dashboard in Debian's chromium (installed when missing).
+bash scripts/browser-test.sh
