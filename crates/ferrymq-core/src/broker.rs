@@ -526,6 +526,11 @@ impl Broker {
             {
                 return Err(ReasonCode::TopicNameInvalid);
             }
+            // A will is a publish made later: the same topics are closed to it (a will on
+            // `$dlq/{queue}` would forge a dead letter).
+            if let Some(reason) = crate::routing::reserved_topic(&w.topic) {
+                return Err(reason);
+            }
             if w.properties.payload_format_indicator == Some(1)
                 && ferrymq_mqtt::validate_utf8(&w.payload).is_err()
             {
@@ -768,9 +773,34 @@ impl Broker {
         };
         let Some(conn) = s.conn else { return };
         let acl = self.conns.get(&conn).and_then(|c| c.acl.as_deref());
+        // The session may have been made by another identity, or under other rules: what
+        // this connection may not subscribe to now goes (a queue consumed through
+        // `$share/{queue}/…` by its `$queue/{queue}` rule).
+        let may_consume = |q: &str| acl.is_none_or(|a| a.may_subscribe(&format!("$queue/{q}")));
+        let revoked: Vec<String> = match acl {
+            Some(a) => s
+                .subscriptions
+                .iter()
+                .filter(|(_, sub)| {
+                    !a.may_subscribe(&sub.filter)
+                        || sub.queue.as_deref().is_some_and(|q| !may_consume(q))
+                })
+                .map(|(raw, _)| raw.clone())
+                .collect(),
+            None => Vec::new(),
+        };
         let mut denied = Vec::new();
         for pid in s.inflight_in_order() {
             let f = &s.inflight[&pid];
+            // A lease of a queue it may no longer consume is not sent again: the lease runs
+            // out and the message goes back to its queue (acking it here would consume it).
+            if f.pending
+                .queue
+                .as_ref()
+                .is_some_and(|l| !may_consume(&l.queue))
+            {
+                continue;
+            }
             // The rules may have changed while it was away: a message it may not read now is
             // dropped as if acknowledged (a PUBREL already owed still goes out).
             if f.state != OutState::AwaitPubComp
@@ -801,6 +831,10 @@ impl Broker {
         for pid in denied {
             self.stats.acl_denied_deliveries += 1;
             self.commit(Record::Acked { sid, pid }, out);
+        }
+        for raw in revoked {
+            self.stats.acl_denied_subscriptions += 1;
+            self.commit(Record::Unsubscribe { sid, raw }, out);
         }
         self.fill_window(sid, now, out);
     }

@@ -67,15 +67,8 @@ impl Broker {
             && ferrymq_mqtt::validate_utf8(&p.payload).is_err()
         {
             Some(ReasonCode::PayloadFormatInvalid)
-        } else if topic.starts_with("$SYS")
-            || topic.starts_with("$queue/")
-            || topic.starts_with("$dlq/")
-        {
-            Some(ReasonCode::NotAuthorized)
-        } else if matches!(crate::queues::parse_delayed(&topic), Some(Err(()))) {
-            Some(ReasonCode::TopicNameInvalid)
         } else {
-            None
+            reserved_topic(&topic)
         };
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
@@ -559,5 +552,18 @@ impl Broker {
             }
         }
         self.queue_shrunk(sid, out);
+    }
+}
+
+/// Why a client may not publish to `topic` whoever it is (a PUBLISH and a will alike):
+/// topics the broker itself publishes (`$SYS`, `$dlq/…`) or consumes (`$queue/…`) are not
+/// authorized, a malformed `$delayed/…` is an invalid topic.
+pub(crate) fn reserved_topic(topic: &str) -> Option<ReasonCode> {
+    if topic.starts_with("$SYS") || topic.starts_with("$queue/") || topic.starts_with("$dlq/") {
+        Some(ReasonCode::NotAuthorized)
+    } else if matches!(crate::queues::parse_delayed(topic), Some(Err(()))) {
+        Some(ReasonCode::TopicNameInvalid)
+    } else {
+        None
     }
 }

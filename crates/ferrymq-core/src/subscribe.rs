@@ -83,6 +83,13 @@ impl Broker {
         {
             return Err(ReasonCode::TopicFilterInvalid);
         }
+        // `$queue/{name}` and `$dlq/{queue}` are checked as they are: the rules name them.
+        // Before the queue's existence, so that a denied client cannot tell which queues exist.
+        let acl = self.conns.get(&conn).and_then(|c| c.acl.as_deref());
+        if acl.is_some_and(|a| !a.may_subscribe(&filter)) {
+            self.stats.acl_denied_subscriptions += 1;
+            return Err(self.config.deny_subscribe_reason);
+        }
         if let Some(name) = raw.strip_prefix("$queue/") {
             // A consumer of a queue that exists: `$queue/{name}`, no wildcards, not shared.
             let user_queue =
@@ -90,12 +97,6 @@ impl Broker {
             if !user_queue {
                 return Err(ReasonCode::TopicFilterInvalid);
             }
-        }
-        // `$queue/{name}` and `$dlq/{queue}` are checked as they are: the rules name them.
-        let acl = self.conns.get(&conn).and_then(|c| c.acl.as_deref());
-        if acl.is_some_and(|a| !a.may_subscribe(&filter)) {
-            self.stats.acl_denied_subscriptions += 1;
-            return Err(self.config.deny_subscribe_reason);
         }
         let s = self.sessions.get(&sid).expect("session of attached conn");
         if self.admission.storage_full && s.expiry_interval > 0 {
@@ -117,6 +118,14 @@ impl Broker {
         // Decided now and recorded: a `$share/{name}/…` made while no queue `{name}` exists
         // stays a shared subscription whatever happens to queues later, after any restart.
         sub.queue = crate::queues::consumed_queue(raw, &sub, &self.queues);
+        // `$share/{queue}/…` consumes the queue as `$queue/{queue}` does: the same rule
+        // decides (its filter part alone would not name the queue).
+        if let (Some(q), Some(acl)) = (&sub.queue, acl) {
+            if !acl.may_subscribe(&format!("$queue/{q}")) {
+                self.stats.acl_denied_subscriptions += 1;
+                return Err(self.config.deny_subscribe_reason);
+            }
+        }
         let raw = raw.to_string();
         self.commit(Record::Subscribe { sid, raw, sub }, out);
         Ok(existed)

@@ -94,14 +94,79 @@ pub(crate) fn app(state: AdminState, token: Option<AdminToken>) -> axum::Router 
         .merge(crate::views_api::routes())
         .merge(crate::dashboard::routes())
         .with_state(state);
-    match token {
+    let guarded = token.is_some();
+    let router = match token {
         // Over the whole router (unknown paths included: 401, not 404, tells a caller
         // without the token nothing about which routes exist).
         Some(token) => router.layer(axum::middleware::from_fn(move |req, next| {
             require_token(token.clone(), req, next)
         })),
         None => router,
+    };
+    // Outermost: web pages of other origins get nothing done here (see `same_origin`).
+    router.layer(axum::middleware::from_fn(move |req, next| {
+        same_origin(guarded, req, next)
+    }))
+}
+
+/// Refuses (403) what a web page of another origin could make a browser send: a request
+/// that changes something (any method but GET, HEAD, OPTIONS) whose `Origin` is not this
+/// listener's own, or that the browser marks as not same-origin (`Sec-Fetch-Site`) — a
+/// "simple" cross-origin POST needs no preflight, and the dashboard's cookie rides along on
+/// requests from another port of the same host. Without a token the admin API is on loopback,
+/// where any local page could reach it, so there the `Host` must be loopback too (a page
+/// that rebinds its own name to 127.0.0.1 sends its name). Clients that are not browsers
+/// (the CLI, curl) send none of these headers and are not affected.
+async fn same_origin(guarded: bool, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let forbidden = |why: &str| {
+        let body = serde_json::json!({ "error": why }).to_string();
+        (
+            StatusCode::FORBIDDEN,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    };
+    if !guarded && !host.is_empty() && !loopback_host(host) {
+        return forbidden("the admin API without a token answers only to a loopback Host");
     }
+    let writes = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if writes {
+        let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        let foreign_origin = origin.is_some_and(|o| {
+            o.split_once("://")
+                .map(|(_, authority)| authority.trim_end_matches('/'))
+                != Some(host)
+        });
+        let fetch_site = headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("same-origin");
+        if foreign_origin || !matches!(fetch_site, "same-origin" | "none") {
+            return forbidden("requests from another web origin may not change anything here");
+        }
+    }
+    next.run(req).await
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// 401 with `WWW-Authenticate: Bearer` unless the request carries the token or asks for an

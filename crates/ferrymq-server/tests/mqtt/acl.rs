@@ -334,3 +334,106 @@ async fn queue_consumption_and_dead_letters_are_checked_on_their_own_topics() {
     }
     server.shutdown().await;
 }
+
+/// Review finding: `$share/{name}/{filter}` consumes queue `{name}` when it exists (the filter
+/// part is ignored, docs/queues.md), but the ACL checks only `{filter}`; the queue's messages
+/// are then delivered without a per-message check. A client denied `$queue/orders` reads the
+/// queue through `$share/orders/<any filter it may subscribe to>`.
+#[tokio::test]
+async fn a_shared_subscription_named_after_a_queue_does_not_bypass_the_queue_rule() {
+    let mut config = test_config();
+    config.queues = vec![toml::from_str("name = \"orders\"\nfilter = \"orders/#\"\n").unwrap()];
+    config.acl = toml::from_str(
+        r#"
+        default = "deny"
+        [[rule]]
+        permission = "allow"
+        action = "subscribe"
+        topic = "public/#"
+        [[rule]]
+        permission = "allow"
+        action = "publish"
+        topic = "orders/#"
+        "#,
+    )
+    .unwrap();
+    let server = start_with(config).await;
+    for v in [V3, V5] {
+        let d = denied(v);
+        let mut snoop = client(&server, "snoop", v, true).await;
+        assert_eq!(
+            subscribe(&mut snoop, &["$queue/orders"], QoS::AtLeastOnce).await,
+            [d],
+            "the queue itself is denied"
+        );
+        let granted = subscribe(&mut snoop, &["$share/orders/public/x"], QoS::AtLeastOnce).await;
+        let mut shop = client(&server, "shop", V5, true).await;
+        let topic = format!("orders/{v:?}");
+        let p = publish(&topic, "secret order", QoS::AtLeastOnce, false);
+        assert_eq!(shop.publish(p).await.unwrap(), ReasonCode::Success);
+        let leaked = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            loop {
+                if let Packet::Publish(p) = snoop.recv().await.unwrap() {
+                    return p.topic.to_string();
+                }
+            }
+        })
+        .await;
+        assert!(
+            leaked.is_err(),
+            "{v:?}: SUBACK {granted:?} to $share/orders/public/x, then read {leaked:?} from \
+             queue orders, which the rules deny it"
+        );
+        drop(snoop);
+        drop(shop);
+    }
+    server.shutdown().await;
+}
+
+/// Review finding: a PUBLISH to `$dlq/…` or `$queue/…` is refused for everyone (0x87), but a
+/// will is only refused for `$SYS` (`check_connect`). Any client can forge a dead letter (or,
+/// with retain, a retained one that every later `$dlq/{queue}` reader gets) by setting its
+/// will topic to `$dlq/{queue}` and dropping the connection.
+#[tokio::test]
+async fn a_will_cannot_publish_where_a_publish_may_not() {
+    use ferrymq_mqtt::Will;
+    let mut config = test_config();
+    config.queues = vec![toml::from_str("name = \"orders\"\nfilter = \"orders/#\"\n").unwrap()];
+    let server = start_with(config).await;
+    let mut ops = client(&server, "ops", V5, true).await;
+    assert_eq!(
+        subscribe(&mut ops, &["$dlq/orders"], QoS::AtLeastOnce).await,
+        [1]
+    );
+    // A direct publish is refused...
+    let mut forger = client(&server, "forger", V5, true).await;
+    let r = forger
+        .publish(publish("$dlq/orders", "forged", QoS::AtLeastOnce, false))
+        .await;
+    assert_eq!(r.unwrap(), ReasonCode::NotAuthorized);
+    drop(forger);
+    // ...but the same message as a will is accepted and delivered.
+    let mut o = ConnectOptions::new(server.mqtt_addr().to_string(), "forger2");
+    o.version = V5;
+    o.will = Some(Will {
+        topic: "$dlq/orders".into(),
+        payload: Bytes::from_static(b"forged dead letter"),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Default::default(),
+    });
+    let connected = Client::connect(o).await;
+    if let Ok((c, _)) = connected {
+        drop(c); // no DISCONNECT: the will goes out
+    }
+    let got = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        loop {
+            if let Packet::Publish(p) = ops.recv().await.unwrap() {
+                return (p.topic.to_string(), p.payload.clone());
+            }
+        }
+    })
+    .await;
+    assert!(got.is_err(), "a will forged a dead letter: {got:?}");
+    server.shutdown().await;
+}

@@ -93,3 +93,80 @@ async fn without_a_token_the_admin_api_must_be_on_loopback() {
         .validate()
         .expect("a non-loopback admin API with a token");
 }
+
+/// A raw request as a browser on another origin would send it: a "simple" cross-origin
+/// POST (text/plain, no preflight) with its `Origin`, and the browser's cookies if any.
+async fn browser_request(
+    server: &ferrymq_server::Server,
+    method: &str,
+    path: &str,
+    origin: &str,
+    cookie: Option<&str>,
+    body: &str,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server.http_addr())
+        .await
+        .unwrap();
+    let cookie = cookie.map_or(String::new(), |c| format!("Cookie: {c}\r\n"));
+    let host = server.http_addr();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nOrigin: {origin}\r\n\
+         {cookie}Content-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).await.unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Review finding (CSRF, token-less admin): "without a token the admin listener binds
+/// loopback only" is the whole protection, but a web page the operator opens on that host can
+/// send a no-preflight cross-origin POST to 127.0.0.1 (text/plain body; the handlers parse
+/// JSON whatever the Content-Type, and nothing checks `Origin`). The write takes effect even
+/// though the page cannot read the answer.
+#[tokio::test]
+async fn a_cross_origin_simple_post_does_not_write_on_a_token_less_admin_api() {
+    let server = start().await;
+    let body = r#"{"name":"csrf","filter":"csrf/#"}"#;
+    let status = browser_request(
+        &server,
+        "POST",
+        "/api/v1/queues",
+        "http://evil.example",
+        None,
+        body,
+    )
+    .await;
+    let (_, listed) = api(&server, "GET", "/api/v1/queues/csrf", None).await;
+    assert_ne!(status, 201, "a cross-origin page created a queue: {listed}");
+}
+
+/// Review finding (CSRF, token with the dashboard cookie): SameSite=Strict keeps the cookie off
+/// cross-*site* requests only. Another origin on the same site (another port of the broker's
+/// host, e.g. the ws listener's host serving a page, or a sibling subdomain) gets the cookie
+/// attached, and no `Origin` check stops its POST.
+#[tokio::test]
+async fn the_dashboard_cookie_does_not_authorize_a_cross_origin_post() {
+    let server = server_with_token().await;
+    let cookie = format!("ferrymq_admin_token={TOKEN}");
+    let body = r#"{"name":"csrf2","filter":"csrf2/#"}"#;
+    let status = browser_request(
+        &server,
+        "POST",
+        "/api/v1/queues",
+        "http://127.0.0.1:9999",
+        Some(&cookie),
+        body,
+    )
+    .await;
+    assert_ne!(
+        status, 201,
+        "a same-site, cross-origin page created a queue with the cookie"
+    );
+}

@@ -256,3 +256,81 @@ async fn rs256_and_es256_tokens_are_checked_with_the_configured_public_key() {
         server.shutdown().await;
     }
 }
+
+/// Review finding: a resumed session keeps its `$queue/{name}` subscription whoever resumes
+/// it, and queue messages are delivered without a per-message ACL check. alice (allowed
+/// `$queue/orders`) leaves a durable session; an anonymous client that the rules deny
+/// `$queue/orders` connects with her client id, clean_start = false, and consumes the queue.
+#[tokio::test]
+async fn resuming_another_users_session_does_not_inherit_its_queue_grant() {
+    use ferrymq_mqtt::{Packet, QoS, SubscriptionOptions};
+    let mut c = test_config();
+    c.auth.password_file = Some(password_file());
+    c.auth.allow_anonymous = Some(true);
+    c.queues = vec![toml::from_str("name = \"orders\"\nfilter = \"orders/#\"\n").unwrap()];
+    c.acl = toml::from_str(
+        r#"
+        default = "deny"
+        [[rule]]
+        permission = "allow"
+        action = "subscribe"
+        topic = "$queue/orders"
+        user = "alice"
+        [[rule]]
+        permission = "allow"
+        action = "publish"
+        topic = "orders/#"
+        "#,
+    )
+    .unwrap();
+    let server = start_with(c).await;
+    let options = |user: Option<&str>| {
+        let mut o = ConnectOptions::new(server.mqtt_addr().to_string(), "worker-1");
+        o.version = V5;
+        o.clean_start = false;
+        o.properties.session_expiry_interval = Some(3600);
+        o.username = user.map(Into::into);
+        o.password = user.map(|_| Bytes::from_static(b"wonderland"));
+        o
+    };
+    let (mut alice, _) = Client::connect(options(Some("alice"))).await.unwrap();
+    let sub = SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        ..Default::default()
+    };
+    let ack = alice
+        .subscribe(vec![("$queue/orders".to_string(), sub)], Default::default())
+        .await
+        .unwrap();
+    assert_eq!(ack.reasons[0].as_u8(), 1, "alice may consume the queue");
+    alice.disconnect().await.unwrap();
+    // The anonymous client is denied the queue itself...
+    let mut probe_opts = options(None);
+    probe_opts.client_id = "probe".into();
+    let (mut probe, _) = Client::connect(probe_opts).await.unwrap();
+    let ack = probe
+        .subscribe(vec![("$queue/orders".to_string(), sub)], Default::default())
+        .await
+        .unwrap();
+    assert_eq!(ack.reasons[0].as_u8(), 0x87);
+    // ...but resumes alice's session.
+    let (mut mallory, _) = Client::connect(options(None)).await.unwrap();
+    let mut shop_opts = ConnectOptions::new(server.mqtt_addr().to_string(), "shop");
+    shop_opts.version = V5;
+    let (mut shop, _) = Client::connect(shop_opts).await.unwrap();
+    let p = crate::acl::publish("orders/1", "secret order", QoS::AtLeastOnce, false);
+    assert_eq!(shop.publish(p).await.unwrap(), ReasonCode::Success);
+    let leaked = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Packet::Publish(p) = mallory.recv().await.unwrap() {
+                return p.topic.to_string();
+            }
+        }
+    })
+    .await;
+    assert!(
+        leaked.is_err(),
+        "an anonymous client read {leaked:?} from queue orders through alice's session"
+    );
+    server.shutdown().await;
+}

@@ -130,3 +130,46 @@ async fn websocket_over_tls_round_trip_with_a_custom_path() {
         ("wss/a".into(), b"through two layers".to_vec())
     );
 }
+
+/// Review finding (suspicion, design): with `allow_anonymous` unset, a broker whose listeners
+/// are all on loopback lets anonymous clients in, on the premise that only local processes
+/// reach it. The `ws` listener (on by default, next to `mqtt`) breaks that premise: every web
+/// page open in a browser on the host can open `ws://127.0.0.1:8083/mqtt` (WebSocket is not
+/// subject to CORS) and publish/subscribe anonymously. Nothing looks at `Origin`.
+#[tokio::test]
+async fn a_foreign_web_origin_does_not_get_anonymous_mqtt_over_loopback_websocket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = ws_server().await;
+    let mut s = tcp(&server, ListenerKind::Ws).await;
+    let req = "GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+               Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+               Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\
+               Origin: https://evil.example\r\n\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read_exact(&mut byte).await.is_err() {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if !head.starts_with("HTTP/1.1 101") {
+        return; // refused: what we want
+    }
+    // A 3.1.1 CONNECT, client id "evil", in one masked (key 0) binary frame.
+    let connect = [
+        0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 4, b'e', b'v', b'i', b'l',
+    ];
+    let mut frame = vec![0x82, 0x80 | connect.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(&connect);
+    s.write_all(&frame).await.unwrap();
+    let mut ack = [0u8; 6];
+    s.read_exact(&mut ack).await.unwrap();
+    assert_ne!(
+        &ack[2..6],
+        &[0x20, 2, 0, 0],
+        "a page from https://evil.example got an anonymous MQTT session (upgrade: {head:?})"
+    );
+}
