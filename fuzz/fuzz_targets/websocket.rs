@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = client.shutdown().await;
         let upgrade = tokio::time::timeout(
             std::time::Duration::from_millis(200),
-            accept(server, "/mqtt", MAX_PACKET),
+            accept(server, "/mqtt", &[], MAX_PACKET),
         )
         .await;
         if let Ok(Ok(ws)) = upgrade {

@@ -108,6 +108,12 @@ pub struct Listeners {
     pub wss: Option<ListenAddrs>,
     /// The HTTP path WebSocket clients connect to; any other path gets 404.
     pub ws_path: String,
+    /// Web origins (`https://app.example`, or `*` for any) whose pages may open MQTT over
+    /// WebSocket, besides loopback ones (`http://localhost:…`, `http://127.0.0.1:…`). An
+    /// upgrade from a browser page of another origin gets 403: WebSocket is not subject to
+    /// CORS, and without this any page open on a host could use its broker. Clients that are
+    /// not browsers send no `Origin` and are not affected.
+    pub ws_origins: Vec<String>,
     /// Admin HTTP: REST API, `/health`, `/metrics`. Off with `[]`.
     pub http: ListenAddrs,
 }
@@ -572,6 +578,7 @@ impl Default for Listeners {
             ws: None,
             wss: None,
             ws_path: "/mqtt".into(),
+            ws_origins: Vec::new(),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)).into(),
         }
     }

@@ -222,9 +222,13 @@ impl Server {
         let addresses =
             limits::AddressCounts::new(config.limits.max_connections_per_address).map(Arc::new);
         let mut mqtt_addrs = Vec::new();
+        let ws_route = Arc::new(listen::WsRoute {
+            path: config.listeners.ws_path.clone(),
+            origins: config.listeners.ws_origins.clone(),
+        });
         for b in bound {
             let tls_state = tls.as_ref().map(|(state, _)| state);
-            let Some(edge) = listen::Edge::new(b.kind, tls_state, &config.listeners.ws_path) else {
+            let Some(edge) = listen::Edge::new(b.kind, tls_state, &ws_route) else {
                 continue;
             };
             let shared = listener_shared(

@@ -71,21 +71,27 @@ pub(crate) async fn bind_all(config: &Config) -> Result<Vec<Bound>, ServerError>
 pub(crate) enum Edge {
     Tcp,
     Tls(Arc<TlsState>),
-    Ws(Arc<str>),
-    Wss(Arc<TlsState>, Arc<str>),
+    Ws(Arc<WsRoute>),
+    Wss(Arc<TlsState>, Arc<WsRoute>),
+}
+
+/// Where WebSocket clients connect, and which web origins may.
+pub(crate) struct WsRoute {
+    pub path: String,
+    pub origins: Vec<String>,
 }
 
 impl Edge {
     pub(crate) fn new(
         transport: ListenerKind,
         tls: Option<&Arc<TlsState>>,
-        ws_path: &str,
+        ws: &Arc<WsRoute>,
     ) -> Option<Edge> {
         Some(match transport {
             ListenerKind::Mqtt => Edge::Tcp,
             ListenerKind::Mqtts => Edge::Tls(tls?.clone()),
-            ListenerKind::Ws => Edge::Ws(ws_path.into()),
-            ListenerKind::Wss => Edge::Wss(tls?.clone(), ws_path.into()),
+            ListenerKind::Ws => Edge::Ws(ws.clone()),
+            ListenerKind::Wss => Edge::Wss(tls?.clone(), ws.clone()),
         })
     }
 }
@@ -194,8 +200,8 @@ async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge
     let timed_out = "no handshake within limits.connect_timeout_secs";
     match edge {
         Edge::Tcp => connection::run(stream, ctx).await,
-        Edge::Ws(path) => {
-            let ws = websocket::accept(stream, &path, max_packet);
+        Edge::Ws(route) => {
+            let ws = websocket::accept(stream, &route.path, &route.origins, max_packet);
             match tokio::time::timeout_at(deadline, ws).await {
                 Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
                 Ok(Err(e)) => failed(&ctx, "WebSocket", &e),
@@ -206,12 +212,12 @@ async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge
             Ok(tls) => connection::run(Split::new(tls, peer), ctx).await,
             Err(e) => failed(&ctx, "TLS", &e),
         },
-        Edge::Wss(state, path) => {
+        Edge::Wss(state, route) => {
             let tls = match tls_accept(stream, &state, &mut ctx, deadline).await {
                 Ok(tls) => tls,
                 Err(e) => return failed(&ctx, "TLS", &e),
             };
-            let ws = websocket::accept(tls, &path, max_packet);
+            let ws = websocket::accept(tls, &route.path, &route.origins, max_packet);
             match tokio::time::timeout_at(deadline, ws).await {
                 Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
                 Ok(Err(e)) => failed(&ctx, "WebSocket", &e),

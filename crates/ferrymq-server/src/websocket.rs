@@ -83,12 +83,14 @@ pub enum UpgradeError {
     Handshake(#[from] WsError),
 }
 
-/// Answers the HTTP upgrade on `stream`: path `path`, subprotocol `mqtt` or `mqttv3.1`.
+/// Answers the HTTP upgrade on `stream`: path `path`, subprotocol `mqtt` or `mqttv3.1`, and
+/// a browser's `Origin` loopback or among `origins` (`*`: any).
 // The refusal is tungstenite's own `ErrorResponse` type, returned once per upgrade.
 #[allow(clippy::result_large_err)]
 pub async fn accept<S>(
     stream: S,
     path: &str,
+    origins: &[String],
     max_packet_size: usize,
 ) -> Result<WsStream<S>, UpgradeError>
 where
@@ -100,6 +102,14 @@ where
                 StatusCode::NOT_FOUND,
                 "no MQTT endpoint at this path",
             ));
+        }
+        if let Some(origin) = req.headers().get("Origin") {
+            if !origin_allowed(origin.to_str().unwrap_or(""), origins) {
+                return Err(refusal(
+                    StatusCode::FORBIDDEN,
+                    "pages of this web origin may not use this broker (listeners.ws_origins)",
+                ));
+            }
         }
         match choose_subprotocol(req) {
             Subprotocol::Chosen(p) => {
@@ -123,6 +133,29 @@ where
         ws,
         incoming: Bytes::new(),
     })
+}
+
+/// Whether a browser page of `origin` may connect: a loopback origin (a page served on this
+/// host to this host), or one listed (`*` lists them all).
+fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    let origin = origin.trim().trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let Some((_, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn refusal(status: StatusCode, why: &str) -> ErrorResponse {
@@ -281,5 +314,40 @@ mod tests {
         let mut got = [0u8; 1];
         let err = ws.read(&mut got).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn loopback_and_listed_origins_may_connect_others_may_not() {
+        let none: &[String] = &[];
+        for ok in [
+            "http://localhost:3000",
+            "http://127.0.0.1:8080",
+            "http://[::1]:9000",
+            "https://LOCALHOST",
+        ] {
+            assert!(origin_allowed(ok, none), "{ok}");
+        }
+        for bad in [
+            "https://evil.example",
+            "http://127.0.0.1.evil.example",
+            "null",
+            "",
+            "http://localhost.evil.example:80",
+        ] {
+            assert!(!origin_allowed(bad, none), "{bad}");
+        }
+        let listed = ["https://app.example".to_string()];
+        assert!(origin_allowed("https://app.example", &listed));
+        assert!(origin_allowed("https://app.example/", &listed));
+        assert!(!origin_allowed("https://app.example.evil", &listed));
+        assert!(origin_allowed(
+            "https://anything.example",
+            &["*".to_string()]
+        ));
     }
 }
