@@ -111,6 +111,9 @@ pub(crate) struct Admission {
     pub refusal: Option<Refusal>,
     /// See [`PeerIdentity::cert_user`].
     pub cert_user: Option<Arc<str>>,
+    /// A WebSocket connection's part of the pre-auth budget for its framing layer, given
+    /// back when the handshake ends (`listen.rs`).
+    pub preauth: Option<crate::limits::PreauthHold>,
 }
 
 /// Who is at the other end, as the transport knows it: what authentication may use besides

@@ -40,7 +40,9 @@ use crate::metrics::NetMetrics;
 /// behind it (and those wait behind it).
 #[derive(Debug)]
 pub(crate) struct PreauthBudget {
-    permits: tokio::sync::Semaphore,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Its size, in bytes.
+    total: usize,
     /// Where the bytes held are shown (`ferrymq_preauth_buffer_bytes`).
     net: Arc<NetMetrics>,
 }
@@ -48,9 +50,30 @@ pub(crate) struct PreauthBudget {
 impl PreauthBudget {
     /// A budget of `bytes`.
     pub(crate) fn new(bytes: usize, net: Arc<NetMetrics>) -> PreauthBudget {
+        let total = bytes.min(tokio::sync::Semaphore::MAX_PERMITS);
         PreauthBudget {
-            permits: tokio::sync::Semaphore::new(bytes.min(tokio::sync::Semaphore::MAX_PERMITS)),
+            permits: Arc::new(tokio::sync::Semaphore::new(total)),
+            total,
             net,
+        }
+    }
+
+    /// Holds `bytes` (at most the whole budget) until the returned hold is dropped: what a
+    /// WebSocket connection's framing layer may buffer before its CONNECT is through (a frame
+    /// is read whole, up to `max_packet_size`, before the MQTT handshake sees a byte of it).
+    pub(crate) async fn hold(&self, bytes: usize) -> PreauthHold {
+        let n = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
+        let Ok(permit) = self.permits.clone().acquire_many_owned(n).await else {
+            // Never closed; should it be, waiting for ever is the connect timeout's job.
+            return std::future::pending().await;
+        };
+        self.net
+            .preauth_buffer_bytes
+            .fetch_add(u64::from(n), Relaxed);
+        PreauthHold {
+            _permit: permit,
+            net: self.net.clone(),
+            bytes: n,
         }
     }
 
@@ -60,6 +83,22 @@ impl PreauthBudget {
             budget: self,
             permit: None,
         }
+    }
+}
+
+/// Bytes of the [`PreauthBudget`] held for a WebSocket connection's framing until its
+/// CONNECT is through; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct PreauthHold {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    net: Arc<NetMetrics>,
+    bytes: u32,
+}
+
+impl Drop for PreauthHold {
+    fn drop(&mut self) {
+        let gauge = &self.net.preauth_buffer_bytes;
+        gauge.fetch_sub(u64::from(self.bytes), Relaxed);
     }
 }
 

@@ -163,7 +163,7 @@ pub(crate) async fn accept_loop(
         let admission = refusal.map(|refusal| {
             Box::new(Admission {
                 refusal: Some(refusal),
-                cert_user: None,
+                ..Admission::default()
             })
         });
         let ctx = ConnContext {
@@ -201,6 +201,9 @@ async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge
     match edge {
         Edge::Tcp => connection::run(stream, ctx).await,
         Edge::Ws(route) => {
+            if !hold_preauth(&mut ctx, deadline, max_packet).await {
+                return failed(&ctx, "WebSocket", &timed_out);
+            }
             let ws = websocket::accept(stream, &route.path, &route.origins, max_packet);
             match tokio::time::timeout_at(deadline, ws).await {
                 Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
@@ -217,6 +220,9 @@ async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge
                 Ok(tls) => tls,
                 Err(e) => return failed(&ctx, "TLS", &e),
             };
+            if !hold_preauth(&mut ctx, deadline, max_packet).await {
+                return failed(&ctx, "WebSocket", &timed_out);
+            }
             let ws = websocket::accept(tls, &route.path, &route.origins, max_packet);
             match tokio::time::timeout_at(deadline, ws).await {
                 Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
@@ -229,6 +235,27 @@ async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge
 
 /// The TLS handshake; a verified client certificate's user name goes into the connection's
 /// [`Admission`], from where the CONNECT handshake puts it into its `PeerIdentity`.
+/// Before a WebSocket upgrade: the pre-auth budget's part for what the framing layer may
+/// buffer before the CONNECT is through (the upgrade request, and a whole frame, up to
+/// `max_packet_size`, before MQTT sees a byte), held by the handshake and given back when it
+/// ends. Without it, unauthenticated WebSocket clients could each make the broker hold a
+/// megabyte the budget never saw. False when the connect timeout ran out waiting for it.
+async fn hold_preauth(
+    ctx: &mut ConnContext,
+    deadline: tokio::time::Instant,
+    max_packet: usize,
+) -> bool {
+    let bytes = max_packet + websocket::FRAME_SLACK + websocket::UPGRADE_BUFFER;
+    let hold = ctx.listener.preauth.hold(bytes);
+    match tokio::time::timeout_at(deadline, hold).await {
+        Ok(hold) => {
+            ctx.admission.get_or_insert_with(Box::default).preauth = Some(hold);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 async fn tls_accept(
     stream: TcpStream,
     state: &TlsState,

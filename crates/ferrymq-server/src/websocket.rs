@@ -33,7 +33,9 @@ pub const SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
 const MAX_MESSAGE_OUT: usize = 64 * 1024;
 
 /// Room for the WebSocket frame header and a packet's fixed header around a largest packet.
-const FRAME_SLACK: usize = 64;
+pub(crate) const FRAME_SLACK: usize = 64;
+/// About what the HTTP upgrade request may make the handshake buffer (its headers).
+pub(crate) const UPGRADE_BUFFER: usize = 64 * 1024;
 
 /// A WebSocket connection as a byte stream of its binary messages.
 pub struct WsStream<S> {
