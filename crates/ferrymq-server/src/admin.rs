@@ -7,9 +7,11 @@
 //! added later is protected without anyone remembering to. Without a token the listener must
 //! be on a loopback address (`Config::validate`).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +19,7 @@ use axum::routing::get;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::alarms::Alarms;
+use crate::auth::FailureLimiter;
 use crate::metrics::{render, NetMetrics};
 use crate::router::ToRouter;
 
@@ -36,13 +39,33 @@ pub(crate) const OPEN_PATHS: [&str; 2] = ["/health", "/ready"];
 /// The cookie a browser carries the token in once signed in on `/login` (the dashboard).
 const COOKIE: &str = "ferrymq_admin_token";
 
-/// The admin API's bearer token (`[admin] token` or `token_file`).
+/// The admin API's bearer token (`[admin] token` or `token_file`), and the wrong guesses
+/// per source address (limited as MQTT password failures are, with the `[auth]` settings).
 #[derive(Clone)]
-pub(crate) struct AdminToken(Arc<[u8]>);
+pub(crate) struct AdminToken {
+    token: Arc<[u8]>,
+    guesses: Arc<FailureLimiter>,
+}
 
 impl AdminToken {
-    pub(crate) fn new(token: &str) -> AdminToken {
-        AdminToken(Arc::from(token.as_bytes()))
+    pub(crate) fn new(token: &str, guesses: FailureLimiter) -> AdminToken {
+        AdminToken {
+            token: Arc::from(token.as_bytes()),
+            guesses: Arc::new(guesses),
+        }
+    }
+
+    /// Counts a wrong token from `source` (nothing without an address).
+    fn wrong_guess(&self, source: Option<IpAddr>) {
+        if let Some(ip) = source {
+            if self.guesses.fail(ip, Instant::now()) {
+                tracing::warn!(
+                    source = %ip,
+                    ban_ms = self.guesses.ban_time().as_millis() as u64,
+                    "admin API: address banned after repeated wrong tokens"
+                );
+            }
+        }
     }
 
     /// Whether `Authorization` carries this token as `Bearer`, compared in constant time:
@@ -54,7 +77,7 @@ impl AdminToken {
         else {
             return false;
         };
-        constant_time_eq(given.trim_ascii(), &self.0)
+        constant_time_eq(given.trim_ascii(), &self.token)
     }
 
     /// Whether the request's cookie `ferrymq_admin_token` holds this token (percent-encoded).
@@ -67,8 +90,18 @@ impl AdminToken {
             .filter_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
             .any(|v| {
                 let given: Vec<u8> = percent_encoding::percent_decode_str(v).collect();
-                constant_time_eq(&given, &self.0)
+                constant_time_eq(&given, &self.token)
             })
+    }
+
+    /// Whether the request offers a token at all (the header or the cookie), right or not.
+    fn offered(headers: &HeaderMap) -> bool {
+        headers.contains_key(header::AUTHORIZATION)
+            || headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains(COOKIE))
     }
 }
 
@@ -170,28 +203,52 @@ fn loopback_host(host: &str) -> bool {
 }
 
 /// 401 with `WWW-Authenticate: Bearer` unless the request carries the token or asks for an
-/// open path.
+/// open path; 429 for every request from an address banned for wrong tokens (the right token
+/// included: otherwise guessing would go on at full speed during the ban).
 async fn require_token(token: AdminToken, req: Request, next: Next) -> Response {
     let path = req.uri().path();
+    // The stylesheet too: the sign-in page uses it, and it holds nothing.
+    if OPEN_PATHS.contains(&path) || path == "/dashboard/style.css" {
+        return next.run(req).await;
+    }
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| crate::limits::source_key(c.0.ip()));
+    if source.is_some_and(|ip| token.guesses.is_banned(ip, Instant::now())) {
+        let retry = token.guesses.ban_time().as_secs().max(1).to_string();
+        let body = serde_json::json!({
+            "error": "too many wrong admin API tokens from this address; try again later"
+        })
+        .to_string();
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::RETRY_AFTER, retry),
+                (header::CONTENT_TYPE, "application/json".to_string()),
+            ],
+            body,
+        )
+            .into_response();
+    }
     if path == "/login" {
         if req.method() == axum::http::Method::POST {
-            return sign_in(&token, req).await;
+            return sign_in(&token, source, req).await;
         }
         return crate::dashboard::asset("text/html; charset=utf-8", crate::dashboard::LOGIN);
     }
-    // The stylesheet too: the sign-in page uses it, and it holds nothing.
-    if OPEN_PATHS.contains(&path)
-        || path == "/dashboard/style.css"
-        || token.admits(req.headers())
-        || token.admits_cookie(req.headers())
-    {
+    if token.admits(req.headers()) || token.admits_cookie(req.headers()) {
         return next.run(req).await;
+    }
+    let offered = AdminToken::offered(req.headers());
+    if offered {
+        token.wrong_guess(source);
     }
     if path == "/" || path.starts_with("/dashboard/") {
         // A browser: to the sign-in page, not a bare 401.
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
     }
-    let message = if req.headers().contains_key(header::AUTHORIZATION) {
+    let message = if offered {
         "the admin API token is wrong"
     } else {
         "the admin API needs a token: send Authorization: Bearer <token>"
@@ -210,7 +267,7 @@ async fn require_token(token: AdminToken, req: Request, next: Next) -> Response 
 
 /// `POST /login` with `token=…` (a form): the right token sets the cookie the dashboard's
 /// requests carry and goes to `/`; a wrong one goes back to the form.
-async fn sign_in(token: &AdminToken, req: Request) -> Response {
+async fn sign_in(token: &AdminToken, source: Option<IpAddr>, req: Request) -> Response {
     let body = axum::body::to_bytes(req.into_body(), 4096)
         .await
         .unwrap_or_default();
@@ -220,7 +277,8 @@ async fn sign_in(token: &AdminToken, req: Request) -> Response {
         .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "token"))
         .map(|(_, v)| v)
         .unwrap_or_default();
-    if !constant_time_eq(given.as_bytes(), &token.0) {
+    if !constant_time_eq(given.as_bytes(), &token.token) {
+        token.wrong_guess(source);
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login?failed")]).into_response();
     }
     let value = percent_encoding::utf8_percent_encode(&given, percent_encoding::NON_ALPHANUMERIC);
@@ -318,7 +376,10 @@ mod tests {
 
     #[test]
     fn the_token_is_compared_whole() {
-        let t = AdminToken::new("s3cret-token");
+        let t = AdminToken::new(
+            "s3cret-token",
+            FailureLimiter::new(&crate::auth::AuthConfig::default()),
+        );
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::AUTHORIZATION, v.parse().unwrap());

@@ -1,10 +1,11 @@
 //! `[auth]`: who a connecting client is, decided between its CONNECT and the engine.
 //!
 //! ```text
-//!  CONNECT ─▶ banned address? ─yes─▶ CONNACK 0x8A (3.1.1: 5)
-//!               │no
+//!  CONNECT ─▶ TLS client-certificate user ─────────────────▶ that user
+//!               │none
 //!               ▼
-//!  TLS client-certificate user ─────────────────────────────▶ that user
+//!             banned address? ─yes─▶ CONNACK 0x8A (3.1.1: 5)
+//!               │no
 //!  user name in the password file ─argon2id (blocking pool)─▶ that user   | 0x86 (4)
 //!  password set and [auth.jwt] ────JWT checks (blocking pool)▶ its claim   | 0x86 (4)
 //!  user name, a password file, no JWT ──argon2id of a dummy hash──────────▶ 0x86 (4)
@@ -145,8 +146,9 @@ const MAX_CACHED: usize = 16_384;
 const UNKNOWN_USER_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$ZDnDYI7h8NVNJVBgrpBQvUQyNSiNDNG2MMSjdQ0yYDQ";
 
-/// Failures per source address, and bans.
-struct FailureLimiter {
+/// Failures per source address, and bans (MQTT passwords and tokens here; the admin API's
+/// token guesses in `admin`).
+pub(crate) struct FailureLimiter {
     max_failures: u32,
     window: Duration,
     ban: Duration,
@@ -161,7 +163,20 @@ struct Failures {
 }
 
 impl FailureLimiter {
-    fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn new(cfg: &AuthConfig) -> FailureLimiter {
+        FailureLimiter {
+            max_failures: cfg.max_failures,
+            window: Duration::from_millis(cfg.failure_window_ms),
+            ban: Duration::from_millis(cfg.ban_ms),
+            by_address: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn ban_time(&self) -> Duration {
+        self.ban
+    }
+
+    pub(crate) fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
         let map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&ip)
             .and_then(|f| f.banned_until)
@@ -169,7 +184,7 @@ impl FailureLimiter {
     }
 
     /// Counts a failure; true when it starts a ban.
-    fn fail(&self, ip: IpAddr, now: Instant) -> bool {
+    pub(crate) fn fail(&self, ip: IpAddr, now: Instant) -> bool {
         let mut map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
             let window = self.window;
@@ -270,12 +285,7 @@ impl Authenticator {
             allow_anonymous,
             passwords,
             jwt,
-            limiter: FailureLimiter {
-                max_failures: cfg.max_failures,
-                window: Duration::from_millis(cfg.failure_window_ms),
-                ban: Duration::from_millis(cfg.ban_ms),
-                by_address: Mutex::new(HashMap::new()),
-            },
+            limiter: FailureLimiter::new(cfg),
             checks: Arc::new(Semaphore::new(permits)),
             verified: Mutex::new(HashMap::new()),
             digest_keys: Default::default(),
@@ -291,15 +301,17 @@ impl Authenticator {
         source: Option<IpAddr>,
         cert_user: Option<&str>,
     ) -> Result<Identity, AuthRefusal> {
-        let key = source.map(crate::limits::source_key);
-        if key.is_some_and(|ip| self.limiter.is_banned(ip, Instant::now())) {
-            return Err(AuthRefusal::Banned);
-        }
+        // A verified certificate first: it cannot be guessed, and its holder may share an
+        // address (NAT, a proxy) with someone who is guessing passwords.
         if let Some(user) = cert_user {
             return Ok(Identity {
                 user: Some(user.into()),
                 token_acl: None,
             });
+        }
+        let key = source.map(crate::limits::source_key);
+        if key.is_some_and(|ip| self.limiter.is_banned(ip, Instant::now())) {
+            return Err(AuthRefusal::Banned);
         }
         let result = self.check_credentials(connect).await;
         if result == Err(AuthRefusal::BadCredentials) {

@@ -85,7 +85,9 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
         // Read before anything starts, so that an unreadable token file stops nothing.
-        let token = config.admin_token()?.map(|t| admin::AdminToken::new(&t));
+        let token = config
+            .admin_token()?
+            .map(|t| admin::AdminToken::new(&t, auth::FailureLimiter::new(&config.auth)));
         // TLS first: a bad certificate or key is reported before anything starts.
         let tls = match &config.tls {
             Some(t) => Some(tls::TlsState::load(t)?),
@@ -261,6 +263,9 @@ impl Server {
                 let shutdown = async move {
                     let _ = stop_http.wait_for(|stop| *stop).await;
                 };
+                // The peer's address reaches the token check (wrong guesses are limited per
+                // address).
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 if let Err(e) = axum::serve(socket, app)
                     .with_graceful_shutdown(shutdown)
                     .await

@@ -16,7 +16,11 @@ async fn server_with_token() -> ferrymq_server::Server {
 
 #[tokio::test]
 async fn admin_routes_answer_401_without_the_token_or_with_a_wrong_one_and_200_with_it() {
-    let server = server_with_token().await;
+    // 15 wrong tokens below: more than the default allows before a ban (see the next test).
+    let mut config = test_config();
+    config.admin.token = Some(TOKEN.into());
+    config.auth.max_failures = 1_000;
+    let server = start_with(config).await;
     for (method, path) in [
         ("GET", "/metrics"),
         ("GET", "/api/v1/alarms"),
@@ -50,6 +54,57 @@ async fn admin_routes_answer_401_without_the_token_or_with_a_wrong_one_and_200_w
     assert_eq!(status, 201, "{body}");
     let (status, _) = api_with_token(&server, Some(TOKEN), "GET", "/no-such-route", None).await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn wrong_tokens_ban_the_address_for_a_while_the_right_token_included() {
+    let mut config = test_config();
+    config.admin.token = Some(TOKEN.into());
+    config.auth.max_failures = 3;
+    config.auth.ban_ms = 1_500;
+    let server = start_with(config).await;
+    // Two wrong bearer tokens and one wrong sign-in on the dashboard's form.
+    for wrong in ["guess-1", "guess-2"] {
+        let (status, _) = api_with_token(&server, Some(wrong), "GET", "/metrics", None).await;
+        assert_eq!(status, 401);
+    }
+    let own_origin = format!("http://{}", server.http_addr());
+    let status = browser_request(
+        &server,
+        "POST",
+        "/login",
+        &own_origin,
+        None,
+        "token=guess-3",
+    )
+    .await;
+    assert_eq!(status, 303, "a wrong sign-in goes back to the form");
+    let (status, body) = api_with_token(&server, Some(TOKEN), "GET", "/api/v1/queues", None).await;
+    assert_eq!(status, 429, "banned, even with the right token: {body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("too many"),
+        "{body}"
+    );
+    let (status, _) = http_get(&server, "/health").await;
+    assert_eq!(status, 200, "probes stay open during a ban");
+    // The ban ends by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, _) = api_with_token(&server, Some(TOKEN), "GET", "/api/v1/queues", None).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(std::time::Instant::now() < deadline, "the ban never ended");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Requests that offer no token are not guesses: they never ban.
+    for _ in 0..5 {
+        let (status, _) = api(&server, "GET", "/metrics", None).await;
+        assert_eq!(status, 401);
+    }
+    let (status, _) = api_with_token(&server, Some(TOKEN), "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

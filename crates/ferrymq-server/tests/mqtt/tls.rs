@@ -381,3 +381,54 @@ async fn a_bad_certificate_file_fails_the_start_naming_the_file() {
         .to_string();
     assert!(err.contains("server.key"), "{err}");
 }
+
+/// Edge review note: the per-address ban came before certificate users, so behind NAT or a
+/// proxy a few wrong passwords from anyone shut out clients with valid certificates, which
+/// cannot be guessed. A verified certificate user is now let in from a banned address.
+#[tokio::test]
+async fn a_certificate_user_gets_in_from_an_address_banned_for_wrong_passwords() {
+    use bytes::Bytes;
+    use ferrymq_client::{Client, ClientError, ConnectOptions};
+    use ferrymq_mqtt::ReasonCode;
+
+    let ca = Ca::new("ferrymq test CA");
+    let dir = edge::cert_dir("tls-cert-user-ban");
+    let mut config = tls_config(&dir, &ca.issue(Role::Server, 11), Some(&ca), false);
+    if let Some(t) = config.tls.as_mut() {
+        t.cert_username = CertUsername::Cn;
+    }
+    let hash = ferrymq_server::password_file::hash_password(b"wonderland").unwrap();
+    config.auth.password_file = Some(edge::write(&dir, "passwd", &format!("alice:{hash}\n")));
+    config.auth.max_failures = 2;
+    config.auth.ban_ms = 60_000;
+    let server = common::start_with(config).await;
+    let password_login = |password: &'static [u8]| {
+        let mut o = ConnectOptions::new(server.mqtt_addr().to_string(), "guesser");
+        o.username = Some("alice".into());
+        o.password = Some(Bytes::from_static(password));
+        async move {
+            match Client::connect(o).await {
+                Ok(_) => None,
+                Err(ClientError::Refused(r)) => Some(r),
+                Err(e) => panic!("connect failed: {e}"),
+            }
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            password_login(b"guess").await,
+            Some(ReasonCode::BadUserNameOrPassword)
+        );
+    }
+    assert_eq!(
+        password_login(b"wonderland").await,
+        Some(ReasonCode::Banned),
+        "the address is banned, the right password included"
+    );
+    let client = ca.issue(Role::Client("sensor-7"), 12);
+    let stream = edge::tls_connect(mqtts(&server), edge::client_config(&ca.pem, Some(&client)))
+        .await
+        .unwrap();
+    let mut wire = Wire::connected(stream, "sensor-7", ProtocolVersion::V5).await;
+    wire.subscribe(1, "cert/t").await;
+}
