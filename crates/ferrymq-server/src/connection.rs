@@ -394,6 +394,10 @@ async fn handshake<R: ReadSide, W: WriteSide>(
             limit = refusal.label(),
             "connection refused"
         );
+        // Nothing more of it is read: its buffer and share go before the linger (a WebSocket
+        // hold stays: the framing layer may still read a frame while lingering).
+        *buf = BytesMut::new();
+        drop(share);
         refuse(wr, connect.version, refusal.reason_code(), ctx).await;
         linger(rd).await;
         return None;
@@ -411,6 +415,8 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         Err(refusal) => {
             NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
             tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
+            *buf = BytesMut::new();
+            drop(share);
             refuse(wr, connect.version, refusal.reason_code(), ctx).await;
             linger(rd).await;
             return None;

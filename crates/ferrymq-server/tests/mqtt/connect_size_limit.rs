@@ -147,3 +147,35 @@ async fn the_smallest_limit_and_budget_still_take_a_small_connect() {
     }
     assert_eq!(metric(&server, "ferrymq_preauth_buffer_bytes").await, 0);
 }
+
+/// Edge review note: a refused CONNECT kept its share of the pre-auth budget through the
+/// refusal's linger (up to 2 s), so refused clients that keep their sockets open held budget
+/// that connecting clients wait for. The share goes back before the CONNACK is sent.
+#[tokio::test]
+async fn a_refused_connect_gives_its_budget_share_back_before_the_linger() {
+    let dir = fresh_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let passwd = dir.join("passwd");
+    let hash = ferrymq_server::password_file::hash_password(b"wonderland").unwrap();
+    std::fs::write(&passwd, format!("alice:{hash}\n")).unwrap();
+    let mut config = test_config();
+    config.auth.password_file = Some(passwd);
+    config.auth.max_failures = 1_000;
+    let server = start_with(config).await;
+    let mut raw = Raw::connect(&server, ProtocolVersion::V5).await;
+    let mut p = connect_of_size(ProtocolVersion::V5, "refused", 60 * 1024);
+    let Packet::Connect(c) = &mut p else {
+        unreachable!()
+    };
+    c.username = Some("alice".into());
+    c.password = Some(Bytes::from_static(b"a wrong password"));
+    raw.send(&p).await;
+    let ack = raw.recv().await;
+    assert!(
+        matches!(&ack, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::BadUserNameOrPassword),
+        "{ack:?}"
+    );
+    // The socket is still open (the broker lingers, reading) and holds no budget.
+    assert_eq!(metric(&server, "ferrymq_preauth_buffer_bytes").await, 0);
+    drop(raw);
+}
