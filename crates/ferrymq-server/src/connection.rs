@@ -84,6 +84,8 @@ pub(crate) struct Listener {
     pub preauth: Arc<PreauthBudget>,
     /// Who a client is (`auth.rs`), decided in the handshake.
     pub auth: Arc<crate::auth::Authenticator>,
+    /// Connects, disconnects and authentication failures are recorded here (`audit.rs`).
+    pub audit: crate::audit::Audit,
 }
 
 /// How often a reader held back by its rate limit marks the connection as read: the client's
@@ -158,6 +160,17 @@ enum WriteEnd {
     Stalled,
 }
 
+impl WriteEnd {
+    /// How the connection ended, as the audit log says it.
+    fn label(&self) -> &'static str {
+        match self {
+            WriteEnd::Closed => "closed_by_broker",
+            WriteEnd::Failed => "connection_lost",
+            WriteEnd::Stalled => "write_timeout",
+        }
+    }
+}
+
 /// The context lives as long as the connection's task, so it counts the connection as open
 /// until dropped, whichever way the task ends.
 impl Drop for ConnContext {
@@ -195,6 +208,8 @@ pub(crate) fn run<T: Transport>(
         let Some((outcome, outbound)) = Box::pin(handshake).await else {
             return;
         };
+        // Only a connection the engine accepted has a `connect` line to end.
+        let audited = outcome.accepted && ctx.listener.audit.on();
         let end = {
             // The loops borrow what they use: owned arguments would be stored again in each
             // loop's future next to this one's copies.
@@ -230,6 +245,9 @@ pub(crate) fn run<T: Transport>(
                 conn = ctx.conn.0,
                 "closing connection: no write progress within the write timeout"
             );
+        }
+        if audited {
+            crate::audit::disconnected(&ctx.listener, ctx.conn, end.label());
         }
         if let WriteEnd::Closed = end {
             // We ended it and the peer may still be sending: linger so that it reads our last
@@ -410,6 +428,7 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         Ok(who) => Box::new(who),
         Err(refusal) => {
             NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
+            crate::audit::auth_failure(&ctx.listener, &peer.addr, &connect, refusal.label());
             tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
             refuse(wr, connect.version, refusal.reason_code(), ctx).await;
             linger(rd).await;
@@ -421,6 +440,11 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     if let Some(user) = peer.cert_user {
         connect.username = Some(user.to_string());
     }
+    let audit = ctx
+        .listener
+        .audit
+        .on()
+        .then(|| crate::audit::Connected::new(&connect, &who));
     let outbound = Arc::new(Outbound::new(ctx.conn, ctx.listener.drains.clone()));
     outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
@@ -433,6 +457,9 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     };
     ctx.listener.router.send(msg).await.ok()?;
     let outcome = outcome.await.ok()?;
+    if let (Some(a), true) = (audit, outcome.accepted) {
+        a.record(&ctx.listener, ctx.conn, &peer.addr);
+    }
     Some((outcome, outbound))
 }
 
