@@ -100,6 +100,10 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "FERRYMQ_LOG_FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// Do not reload when the config file changes (SIGHUP and POST /api/v1/reload still do):
+    /// for tools that write a configuration in several steps and then signal.
+    #[arg(long, env = "FERRYMQ_NO_WATCH_CONFIG")]
+    no_watch_config: bool,
 }
 
 /// `--fsync`: parsed by clap, so a mistyped value is an error that lists the valid ones.
@@ -220,7 +224,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 std::sync::Arc::new(move || load_config(&args));
             load
         }),
-        watch: args.config.clone(),
+        watch: args.config.clone().filter(|_| !args.no_watch_config),
         sighup: true,
         log_level: Some(log_level),
     };
