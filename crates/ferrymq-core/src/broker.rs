@@ -112,6 +112,20 @@ pub struct Outbox {
     pub denied: Vec<(ConnId, Arc<str>)>,
     /// Subscriptions the ACL refused, with their filters as requested, for the driver's log.
     pub denied_subscriptions: Vec<(ConnId, Arc<str>)>,
+    /// Connections that ended, with their client id and why, for the driver's audit log.
+    pub ended: Vec<(ConnId, Arc<str>, Ended)>,
+}
+
+/// Why a connection ended ([`Outbox::ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client sent DISCONNECT with this reason (0x00 normal, 0x04 with will, ...).
+    ByClient(ReasonCode),
+    /// The network connection closed without a DISCONNECT, or the driver gave up on it.
+    Lost,
+    /// The broker ended it with this reason (a protocol error, keep alive, session taken
+    /// over, administrative action, shutting down); `None`: closed without a reason.
+    ByServer(Option<ReasonCode>),
 }
 
 /// A flow-control instruction for one connection's input (see [`Outbox::flow`]).
@@ -606,6 +620,7 @@ impl Broker {
     /// The network connection closed without a DISCONNECT (or the driver gave up on it).
     /// The will is published, subject to its delay.
     pub fn closed(&mut self, conn: ConnId, now: Time, out: &mut Outbox) {
+        self.note_end(conn, Ended::Lost, out);
         self.detach(conn, WillOnClose::Publish, None, now, out);
     }
 
@@ -626,7 +641,20 @@ impl Broker {
             out.violations.push((conn, r));
         }
         out.push(conn, Action::Close);
+        self.note_end(conn, Ended::ByServer(reason), out);
         self.detach(conn, WillOnClose::Publish, None, now, out);
+    }
+
+    /// Records why a connection ends, before it is detached ([`Outbox::ended`]).
+    pub(crate) fn note_end(&self, conn: ConnId, why: Ended, out: &mut Outbox) {
+        let Some(s) = self
+            .conns
+            .get(&conn)
+            .and_then(|c| self.sessions.get(&c.session))
+        else {
+            return;
+        };
+        out.ended.push((conn, s.client_id.clone(), why));
     }
 
     /// Disconnects every client because the server is stopping (5.0 clients get 0x8B).
@@ -638,6 +666,8 @@ impl Broker {
                 out.push(conn, Action::Send(Packet::Disconnect(d)));
             }
             out.push(conn, Action::Close);
+            let why = Ended::ByServer(Some(ReasonCode::ServerShuttingDown));
+            self.note_end(conn, why, out);
             self.detach(conn, WillOnClose::Discard, None, now, out);
         }
     }
@@ -797,6 +827,7 @@ impl Broker {
             _ => WillOnClose::Discard,
         };
         out.push(conn, Action::Close);
+        self.note_end(conn, Ended::ByClient(d.reason), out);
         self.detach(conn, will, granted, now, out);
     }
 

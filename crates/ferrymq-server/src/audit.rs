@@ -229,14 +229,40 @@ impl Connected {
     }
 }
 
-/// `disconnect`: the connection (as its `connect` line names it) and how it ended.
-pub(crate) fn disconnected(
-    l: &crate::connection::Listener,
-    conn: ferrymq_core::ConnId,
-    reason: &str,
+/// This router step's ACL denials and ended connections (the router calls it when the
+/// audit log is on, before it clears them).
+pub(crate) fn engine_events(
+    audit: &Audit,
+    broker: &ferrymq_core::Broker,
+    out: &ferrymq_core::Outbox,
 ) {
-    l.audit
-        .record("disconnect", json!({ "conn": conn.0, "reason": reason }));
+    for (action, list) in [
+        ("publish", &out.denied),
+        ("subscribe", &out.denied_subscriptions),
+    ] {
+        for (conn, topic) in list {
+            let (client_id, user) = broker.client_of(*conn).unwrap_or(("", None));
+            audit.record(
+                "acl_denied",
+                json!({ "conn": conn.0, "client_id": client_id, "user": user,
+                    "action": action, "topic": topic.as_ref() }),
+            );
+        }
+    }
+    for (conn, client_id, why) in &out.ended {
+        use ferrymq_core::Ended;
+        let (by, reason) = match why {
+            Ended::ByClient(r) => ("client", Some(*r)),
+            Ended::Lost => ("network", None),
+            Ended::ByServer(r) => ("broker", *r),
+        };
+        audit.record(
+            "disconnect",
+            json!({ "conn": conn.0, "client_id": client_id.as_ref(), "by": by,
+                "reason": reason.map(|r| format!("{r:?}")),
+                "reason_code": reason.map(|r| r.as_u8()) }),
+        );
+    }
 }
 
 /// `auth_failure`: a CONNECT authentication refused (the user name is the one it claimed).

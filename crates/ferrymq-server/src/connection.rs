@@ -160,17 +160,6 @@ enum WriteEnd {
     Stalled,
 }
 
-impl WriteEnd {
-    /// How the connection ended, as the audit log says it.
-    fn label(&self) -> &'static str {
-        match self {
-            WriteEnd::Closed => "closed_by_broker",
-            WriteEnd::Failed => "connection_lost",
-            WriteEnd::Stalled => "write_timeout",
-        }
-    }
-}
-
 /// The context lives as long as the connection's task, so it counts the connection as open
 /// until dropped, whichever way the task ends.
 impl Drop for ConnContext {
@@ -208,8 +197,6 @@ pub(crate) fn run<T: Transport>(
         let Some((outcome, outbound)) = Box::pin(handshake).await else {
             return;
         };
-        // Only a connection the engine accepted has a `connect` line to end.
-        let audited = outcome.accepted && ctx.listener.audit.on();
         let end = {
             // The loops borrow what they use: owned arguments would be stored again in each
             // loop's future next to this one's copies.
@@ -245,9 +232,6 @@ pub(crate) fn run<T: Transport>(
                 conn = ctx.conn.0,
                 "closing connection: no write progress within the write timeout"
             );
-        }
-        if audited {
-            crate::audit::disconnected(&ctx.listener, ctx.conn, end.label());
         }
         if let WriteEnd::Closed = end {
             // We ended it and the peer may still be sending: linger so that it reads our last

@@ -733,27 +733,6 @@ pub(crate) async fn watch_file(
     }
 }
 
-/// Records this step's ACL denials in the audit log (the router calls it when it is on).
-pub(crate) fn audit_denials(
-    audit: &Audit,
-    broker: &ferrymq_core::Broker,
-    out: &ferrymq_core::Outbox,
-) {
-    for (action, list) in [
-        ("publish", &out.denied),
-        ("subscribe", &out.denied_subscriptions),
-    ] {
-        for (conn, topic) in list {
-            let (client_id, user) = broker.client_of(*conn).unwrap_or(("", None));
-            audit.record(
-                "acl_denied",
-                json!({ "conn": conn.0, "client_id": client_id, "user": user,
-                    "action": action, "topic": topic.as_ref() }),
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

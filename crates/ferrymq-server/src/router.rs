@@ -1239,9 +1239,10 @@ impl Router {
             tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
         }
         if self.audit.on() {
-            crate::reload::audit_denials(&self.audit, &self.broker, &self.out);
+            crate::audit::engine_events(&self.audit, &self.broker, &self.out);
         }
         self.out.denied_subscriptions.clear();
+        self.out.ended.clear();
         self.denials.log(&mut self.out.denied);
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
