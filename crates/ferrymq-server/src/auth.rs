@@ -40,7 +40,8 @@ pub struct AuthConfig {
     /// Whether clients that do not authenticate are let in. Unset: `mqtt.allow_anonymous`,
     /// and if that is unset too, only when every listener is on a loopback address.
     pub allow_anonymous: Option<bool>,
-    /// `user:argon2id-hash` lines, written by `ferrymq passwd`. Read at start.
+    /// `user:argon2id-hash` lines, written by `ferrymq passwd`. Read at start and at every
+    /// reload (`reload.rs`).
     pub password_file: Option<PathBuf>,
     pub jwt: Option<JwtConfig>,
     /// Failed authentications from one address within `failure_window_ms` that ban it.
