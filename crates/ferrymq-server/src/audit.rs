@@ -219,7 +219,7 @@ impl Connected {
     ) {
         let protocol = match self.version {
             ferrymq_mqtt::ProtocolVersion::V5 => "5.0",
-            _ => "3.1.1",
+            ferrymq_mqtt::ProtocolVersion::V311 => "3.1.1",
         };
         l.audit.record(
             "connect",

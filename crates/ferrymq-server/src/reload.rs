@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Each part ([`LivePart`]) says which keys it takes and how to prepare them; a later
-//! feature plugs in with one more part in [`Server::start`](crate::Server::start).
+//! feature plugs in with one more part in [`Server::start_with`](crate::Server::start_with).
 //!
 //! What applies to whom:
 //! - `limits` (connect timeout, write timeout, message and byte rates, `max_connections`,
@@ -162,7 +162,7 @@ impl Reloader {
     /// error is the message for whoever asked (the running configuration is unchanged).
     pub(crate) async fn reload(&self, trigger: Trigger) -> Result<ReloadReport, String> {
         let _one = self.one_at_a_time.lock().await;
-        let result = self.run(trigger).await;
+        let result = self.run().await;
         match &result {
             Ok(r) => {
                 NetMetrics::add(&self.net.config_reloads_ok, 1);
@@ -194,7 +194,7 @@ impl Reloader {
         result
     }
 
-    async fn run(&self, _trigger: Trigger) -> Result<ReloadReport, String> {
+    async fn run(&self) -> Result<ReloadReport, String> {
         let Some(load) = self.load.clone() else {
             return Err("this server was started without a configuration file".into());
         };
