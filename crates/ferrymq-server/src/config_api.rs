@@ -38,7 +38,10 @@ async fn reload(State(state): State<AdminState>) -> Response {
                 "failed": report.failed.iter().map(|(part, error)| json!({ "part": part, "error": error })).collect::<Vec<_>>(),
             }),
         ),
-        Err(error) => json_response(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": error })),
+        Err(error) => json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": error.to_string() }),
+        ),
     }
 }
 

@@ -23,6 +23,17 @@ pub enum ServerError {
         key: Option<String>,
         message: String,
     },
+    /// A reload was asked of a server started without a configuration file.
+    #[error("this server was started without a configuration file: nothing to reload")]
+    NoConfigFile,
+    /// A reloaded value that applies live does not fit one that waits for a restart.
+    #[error(
+        "{0} (with the values that need a restart kept as they run): restart to apply them together"
+    )]
+    ReloadConflict(Box<ServerError>),
+    /// The server is stopping (its router or a task it needed is gone).
+    #[error("the server is stopping")]
+    Stopping,
     /// A configuration value is out of range; `key` is its dotted path.
     #[error("invalid config value for `{key}`: {message}")]
     Config { key: String, message: String },

@@ -371,10 +371,11 @@ impl Server {
         })
     }
 
-    /// Reloads the configuration as SIGHUP does (see `reload.rs`); the error says why the
-    /// new one was refused (the running one stays).
-    pub async fn reload(&self) -> Result<ReloadReport, String> {
-        self.reloader.reload(Trigger::Signal).await
+    /// Reloads the configuration (see `reload.rs`); `trigger` is what the log and the audit
+    /// log say asked for it. The error says why the new one was refused (the running one
+    /// stays).
+    pub async fn reload(&self, trigger: Trigger) -> Result<ReloadReport, ServerError> {
+        self.reloader.reload(trigger).await
     }
 
     /// The configuration in force (after any reloads).

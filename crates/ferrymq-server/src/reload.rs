@@ -35,19 +35,22 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrymq_core::acl::AclConfig;
-use ferrymq_mqtt::ReasonCode;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+
+mod parts;
+
+pub(crate) use parts::{
+    current, AclPart, AuthPart, LimitsPart, LiveListener, LogPart, QueuePart, RouterChange,
+    RouterPart, TlsPart,
+};
 
 use crate::audit::Audit;
-use crate::config::{Config, ListenerKind, SlowConsumer};
+use crate::config::Config;
 use crate::metrics::NetMetrics;
-use crate::router::ToRouter;
 use crate::ServerError;
 
 /// Reads the configuration as the server was started with it (the file, with any
@@ -160,7 +163,7 @@ impl Reloader {
 
     /// Reads, checks and applies the configuration; logs, counts and audits the result. The
     /// error is the message for whoever asked (the running configuration is unchanged).
-    pub(crate) async fn reload(&self, trigger: Trigger) -> Result<ReloadReport, String> {
+    pub(crate) async fn reload(&self, trigger: Trigger) -> Result<ReloadReport, ServerError> {
         let _one = self.one_at_a_time.lock().await;
         let result = self.run().await;
         match &result {
@@ -187,21 +190,22 @@ impl Reloader {
             let fields = match &result {
                 Ok(r) => json!({ "trigger": trigger.name(), "result": "ok", "applied": r.applied,
                     "restart_required": r.restart_required, "failed": r.failed }),
-                Err(e) => json!({ "trigger": trigger.name(), "result": "error", "error": e }),
+                Err(e) => {
+                    json!({ "trigger": trigger.name(), "result": "error", "error": e.to_string() })
+                }
             };
             self.audit.record("config_reload", fields);
         }
         result
     }
 
-    async fn run(&self) -> Result<ReloadReport, String> {
+    async fn run(&self) -> Result<ReloadReport, ServerError> {
         let Some(load) = self.load.clone() else {
-            return Err("this server was started without a configuration file".into());
+            return Err(ServerError::NoConfigFile);
         };
         let new = tokio::task::spawn_blocking(move || load())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| ServerError::Stopping)??;
         let old = self.running();
         let taken = |key: &str| self.parts.iter().any(|p| p.takes(key));
         let (effective, restart_required) = effective(&old, &new, taken)?;
@@ -209,10 +213,7 @@ impl Reloader {
         let mut prepared = Vec::new();
         for part in &self.parts {
             let mine: Vec<String> = changed.iter().filter(|k| part.takes(k)).cloned().collect();
-            if let Some(apply) = part
-                .prepare(&mine, &old, &effective)
-                .map_err(|e| e.to_string())?
-            {
+            if let Some(apply) = part.prepare(&mine, &old, &effective)? {
                 prepared.push((part.name(), apply));
             }
         }
@@ -231,8 +232,10 @@ impl Reloader {
     }
 }
 
-fn to_json(c: &Config) -> Result<Value, String> {
-    serde_json::to_value(c).map_err(|e| e.to_string())
+/// The configuration as JSON, to diff by key (every type in it serializes: a failure would
+/// be a bug, reported as a refused reload).
+fn to_json(c: &Config) -> Result<Value, ServerError> {
+    serde_json::to_value(c).map_err(|e| ServerError::ConfigSyntax(e.to_string()))
 }
 
 /// The configuration that will run: `new`, except that every changed key no part takes
@@ -242,7 +245,7 @@ fn effective(
     old: &Config,
     new: &Config,
     taken: impl Fn(&str) -> bool,
-) -> Result<(Config, Vec<String>), String> {
+) -> Result<(Config, Vec<String>), ServerError> {
     let (old_json, mut new_json) = (to_json(old)?, to_json(new)?);
     let mut restart = Vec::new();
     for key in changed_keys(&old_json, &new_json) {
@@ -259,10 +262,11 @@ fn effective(
         put_back(&mut new_json, &old_json, &key);
         restart.push(key);
     }
-    let effective: Config = serde_json::from_value(new_json).map_err(|e| e.to_string())?;
-    effective.validate().map_err(|e| {
-        format!("{e} (with the values that need a restart kept as they run: restart to apply them together)")
-    })?;
+    let effective: Config =
+        serde_json::from_value(new_json).map_err(|e| ServerError::ConfigSyntax(e.to_string()))?;
+    effective
+        .validate()
+        .map_err(|e| ServerError::ReloadConflict(Box::new(e)))?;
     Ok((effective, restart))
 }
 
@@ -328,338 +332,6 @@ fn put_back(new: &mut Value, old: &Value, key: &str) {
                 obj.insert((*last).to_string(), Value::Null);
             }
         }
-    }
-}
-
-/// Whether `key` is one of `keys` or under one of them.
-fn under(key: &str, keys: &[&str]) -> bool {
-    keys.iter()
-        .any(|k| key == *k || key.starts_with(&format!("{k}.")))
-}
-
-// ---- the parts ----
-
-/// What the router applies: flow settings and `$SYS` interval, and ACL rules.
-#[derive(Default)]
-pub(crate) struct RouterChange {
-    pub settings: Option<LiveSettings>,
-    pub acl: Option<(AclConfig, ReasonCode)>,
-}
-
-pub(crate) struct LiveSettings {
-    pub max_outbound_bytes: usize,
-    pub slow_consumer: SlowConsumer,
-    pub slow_consumer_grace: Duration,
-    pub sys_interval: Duration,
-}
-
-impl LiveSettings {
-    pub(crate) fn from_config(c: &Config) -> LiveSettings {
-        LiveSettings {
-            max_outbound_bytes: c.limits.max_outbound_bytes,
-            slow_consumer: c.limits.slow_consumer,
-            slow_consumer_grace: Duration::from_millis(c.limits.slow_consumer_grace_ms),
-            sys_interval: Duration::from_secs(c.sys.interval_secs),
-        }
-    }
-}
-
-fn to_router(router: &mpsc::Sender<ToRouter>, change: RouterChange) -> Apply {
-    let router = router.clone();
-    Box::pin(async move {
-        let (done, wait) = oneshot::channel();
-        router
-            .send(ToRouter::Reconfigure(Box::new(change), done))
-            .await
-            .map_err(|_| "the router has stopped".to_string())?;
-        wait.await.map_err(|_| "the router has stopped".to_string())
-    })
-}
-
-/// `router`: flow control and `$SYS`.
-pub(crate) struct RouterPart(pub mpsc::Sender<ToRouter>);
-
-impl LivePart for RouterPart {
-    fn name(&self) -> &'static str {
-        "router"
-    }
-    fn takes(&self, key: &str) -> bool {
-        under(
-            key,
-            &[
-                "limits.max_outbound_bytes",
-                "limits.slow_consumer",
-                "limits.slow_consumer_grace_ms",
-                "sys.interval_secs",
-            ],
-        )
-    }
-    fn prepare(
-        &self,
-        changed: &[String],
-        _: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        if changed.is_empty() {
-            return Ok(None);
-        }
-        let change = RouterChange {
-            settings: Some(LiveSettings::from_config(new)),
-            acl: None,
-        };
-        Ok(Some(to_router(&self.0, change)))
-    }
-}
-
-/// `acl`: the rules, in the engine.
-pub(crate) struct AclPart(pub mpsc::Sender<ToRouter>);
-
-impl LivePart for AclPart {
-    fn name(&self) -> &'static str {
-        "acl"
-    }
-    fn takes(&self, key: &str) -> bool {
-        under(
-            key,
-            &["acl", "mqtt.deny_subscribe", "mqtt.deny_subscribe_reason"],
-        )
-    }
-    fn prepare(
-        &self,
-        changed: &[String],
-        _: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        if changed.is_empty() {
-            return Ok(None);
-        }
-        let engine = new.broker_config();
-        let change = RouterChange {
-            settings: None,
-            acl: Some((engine.acl, engine.deny_subscribe_reason)),
-        };
-        Ok(Some(to_router(&self.0, change)))
-    }
-}
-
-/// `auth`: users (the password file), JWT settings and key, anonymous access, bans.
-pub(crate) struct AuthPart(pub Arc<crate::auth::Authenticator>);
-
-impl LivePart for AuthPart {
-    fn name(&self) -> &'static str {
-        "auth"
-    }
-    fn takes(&self, key: &str) -> bool {
-        (under(key, &["auth"]) && key != "auth.max_concurrent_checks")
-            || key == "mqtt.allow_anonymous"
-    }
-    fn prepare(
-        &self,
-        _: &[String],
-        _: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        let creds = crate::auth::Credentials::read(&new.auth, new.allow_anonymous())?;
-        if !self.0.differs(&creds) {
-            return Ok(None);
-        }
-        let auth = self.0.clone();
-        Ok(Some(Box::pin(async move {
-            tracing::info!(users = creds.users(), "authentication settings reloaded");
-            auth.replace(creds);
-            Ok(())
-        })))
-    }
-}
-
-/// `queues`: `[[queue]]` definitions, declared through the router like the REST API's.
-pub(crate) struct QueuePart(pub mpsc::Sender<ToRouter>);
-
-impl LivePart for QueuePart {
-    fn name(&self) -> &'static str {
-        "queues"
-    }
-    fn takes(&self, key: &str) -> bool {
-        key == "queue"
-    }
-    fn prepare(
-        &self,
-        changed: &[String],
-        old: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        if changed.is_empty() {
-            return Ok(None);
-        }
-        let before = old.queue_defs();
-        let declare: Vec<_> = new
-            .queue_defs()
-            .into_iter()
-            .filter(|d| !before.contains(d))
-            .collect();
-        for gone in before
-            .iter()
-            .filter(|d| !new.queues.iter().any(|q| q.name == d.name))
-        {
-            tracing::warn!(
-                queue = %gone.name,
-                "queue removed from the configuration file: it stays, with its messages (delete it with the API)"
-            );
-        }
-        let router = self.0.clone();
-        Ok(Some(Box::pin(async move {
-            for def in declare {
-                let name = def.name.clone();
-                let (reply, answer) = oneshot::channel();
-                let command = crate::queue_admin::QueueCommand::Declare(def);
-                router
-                    .send(ToRouter::Queue { command, reply })
-                    .await
-                    .map_err(|_| "the router has stopped".to_string())?;
-                match answer.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return Err(format!("queue {name}: {e}")),
-                    Err(_) => return Err("the router has stopped".into()),
-                }
-            }
-            Ok(())
-        })))
-    }
-}
-
-/// `log`: the level filter, through the binary's hook.
-pub(crate) struct LogPart(pub LogLevelHook);
-
-impl LivePart for LogPart {
-    fn name(&self) -> &'static str {
-        "log"
-    }
-    fn takes(&self, key: &str) -> bool {
-        key == "log.level"
-    }
-    fn prepare(
-        &self,
-        changed: &[String],
-        _: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        if changed.is_empty() {
-            return Ok(None);
-        }
-        let apply = (self.0)(&new.log.level).map_err(|message| ServerError::Config {
-            key: "log.level".into(),
-            message,
-        })?;
-        Ok(Some(Box::pin(async move {
-            apply();
-            Ok(())
-        })))
-    }
-}
-
-/// `tls`: certificate, key and client CA paths (the files' contents reload by themselves).
-pub(crate) struct TlsPart(pub Arc<crate::tls::TlsState>);
-
-impl LivePart for TlsPart {
-    fn name(&self) -> &'static str {
-        "tls"
-    }
-    fn takes(&self, key: &str) -> bool {
-        under(
-            key,
-            &[
-                "tls.cert",
-                "tls.key",
-                "tls.client_ca",
-                "tls.require_client_cert",
-            ],
-        )
-    }
-    fn prepare(
-        &self,
-        changed: &[String],
-        _: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        let (false, Some(tls)) = (changed.is_empty(), &new.tls) else {
-            return Ok(None);
-        };
-        let prepared = crate::tls::TlsState::prepare(tls)?;
-        let state = self.0.clone();
-        Ok(Some(Box::pin(async move {
-            state.install(prepared);
-            Ok(())
-        })))
-    }
-}
-
-/// One listener's shared state, replaced whole by a reload: a connection takes the one in
-/// force when it is accepted, and keeps it.
-pub(crate) type LiveListener = Arc<RwLock<Arc<crate::connection::Listener>>>;
-
-/// The listener state in force.
-pub(crate) fn current(l: &LiveListener) -> Arc<crate::connection::Listener> {
-    l.read().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// `limits`: per-connection limits (for connections accepted from now on) and admission.
-pub(crate) struct LimitsPart {
-    pub listeners: Vec<(ListenerKind, LiveListener)>,
-    pub deps: crate::ListenerDeps,
-    pub admissions: Arc<crate::listen::Admissions>,
-    /// Connections the open-files limit leaves room for (`fdlimit`).
-    pub fd_room: Option<u64>,
-}
-
-impl LivePart for LimitsPart {
-    fn name(&self) -> &'static str {
-        "limits"
-    }
-    fn takes(&self, key: &str) -> bool {
-        under(
-            key,
-            &[
-                "limits.max_connections",
-                "limits.connect_timeout_secs",
-                "limits.write_timeout_ms",
-                "limits.max_outbound_bytes",
-                "limits.max_messages_per_sec",
-                "limits.max_bytes_per_sec",
-                "limits.rate_burst_ms",
-                "limits.rate_exceeded",
-                "limits.max_connection_rate",
-                "limits.max_connection_rate_per_address",
-            ],
-        )
-    }
-    fn prepare(
-        &self,
-        changed: &[String],
-        _: &Config,
-        new: &Config,
-    ) -> Result<Option<Apply>, ServerError> {
-        if changed.is_empty() {
-            return Ok(None);
-        }
-        let fresh: Vec<_> = self
-            .listeners
-            .iter()
-            .map(|(kind, live)| (live.clone(), crate::listener_shared(new, *kind, &self.deps)))
-            .collect();
-        let configured = new.limits.max_connections as u64;
-        let max = self.fd_room.map_or(configured, |room| room.min(configured));
-        let admissions = self.admissions.clone();
-        let rates = crate::limits::ConnectionLimits::new(&new.limits, tokio::time::Instant::now());
-        Ok(Some(Box::pin(async move {
-            for (live, shared) in fresh {
-                *live.write().unwrap_or_else(|e| e.into_inner()) = shared;
-            }
-            admissions
-                .max_connections
-                .store(max, std::sync::atomic::Ordering::Relaxed);
-            *admissions.rates.lock().unwrap_or_else(|e| e.into_inner()) = rates;
-            Ok(())
-        })))
     }
 }
 
@@ -802,6 +474,11 @@ mod tests {
         let old = parse("[limits]\nmax_connections = 100\nmax_connections_per_address = 50\n");
         let new = parse("[limits]\nmax_connections = 10\nmax_connections_per_address = 5\n");
         let err = effective(&old, &new, |k| k == "limits.max_connections").unwrap_err();
-        assert!(err.contains("limits.max_connections_per_address"), "{err}");
+        assert!(matches!(err, ServerError::ReloadConflict(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("limits.max_connections_per_address"),
+            "{err}"
+        );
     }
 }

@@ -411,7 +411,11 @@ async fn a_config_reload_with_new_certificate_paths_swaps_them() {
     let mut broken = config.clone();
     broken.tls.as_mut().unwrap().cert = dir.join("missing.pem");
     *next.lock().unwrap() = broken;
-    let err = server.reload().await.unwrap_err();
+    let err = server
+        .reload(ferrymq_server::Trigger::Api)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.pem"), "{err}");
     let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
     assert_eq!(edge::served_certificate(&tls), first.der, "still the first");
@@ -422,7 +426,7 @@ async fn a_config_reload_with_new_certificate_paths_swaps_them() {
     t.cert = edge::write(&dir, "renewed.pem", &second.cert);
     t.key = edge::write(&dir, "renewed.key", &second.key);
     *next.lock().unwrap() = swapped;
-    let report = server.reload().await.unwrap();
+    let report = server.reload(ferrymq_server::Trigger::Api).await.unwrap();
     assert_eq!(report.applied, vec!["tls"], "{report:?}");
     assert!(report.restart_required.is_empty(), "{report:?}");
     let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
