@@ -77,8 +77,15 @@ pub(crate) struct Audit {
 }
 
 struct Inner {
-    tx: SyncSender<Value>,
+    tx: SyncSender<Msg>,
     net: Arc<NetMetrics>,
+}
+
+/// What goes to the writer thread.
+enum Msg {
+    Line(Value),
+    /// Answered once every line sent before it is written and flushed.
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 impl std::fmt::Debug for Audit {
@@ -102,6 +109,7 @@ impl Audit {
         })?;
         let (tx, rx) = sync_channel(QUEUE);
         let writer = Writer {
+            net: net.clone(),
             size: file.metadata().map_or(0, |m| m.len()),
             file: std::io::BufWriter::new(file),
             path,
@@ -134,7 +142,7 @@ impl Audit {
         if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
             l.extend(f);
         }
-        match inner.tx.try_send(line) {
+        match inner.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 inner.net.audit_dropped.fetch_add(1, Relaxed);
@@ -282,6 +290,33 @@ pub(crate) fn auth_failure(
     );
 }
 
+impl Audit {
+    /// Waits (blocking, at most `limit`) until every line recorded before is written and
+    /// flushed: the server's shutdown calls it last, so that the disconnects it caused are in
+    /// the file when the process exits.
+    pub(crate) fn flush(&self, limit: std::time::Duration) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let (done, wait) = std::sync::mpsc::channel();
+        let deadline = std::time::Instant::now() + limit;
+        let mut msg = Msg::Flush(done);
+        // The queue may be full: retry until there is room or time is up.
+        loop {
+            match inner.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let _ = wait.recv_timeout(left);
+    }
+}
+
 fn open(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -290,6 +325,7 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 struct Writer {
+    net: Arc<NetMetrics>,
     file: std::io::BufWriter<std::fs::File>,
     path: PathBuf,
     size: u64,
@@ -298,22 +334,37 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Value>) {
+    fn run(mut self, rx: Receiver<Msg>) {
         let mut failing = false;
         while let Ok(first) = rx.recv() {
             // Everything waiting goes in one write and one flush.
-            let mut result = self.write(&first);
-            while let Ok(more) = rx.try_recv() {
-                result = result.and_then(|()| self.write(&more));
+            let mut flushed = Vec::new();
+            let mut error = None;
+            for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match msg {
+                    Msg::Line(line) => {
+                        if let Err(e) = self.write(&line) {
+                            // Not in the file: counted like a line the queue dropped.
+                            self.net.audit_dropped.fetch_add(1, Relaxed);
+                            error = Some(e);
+                        }
+                    }
+                    Msg::Flush(done) => flushed.push(done),
+                }
             }
-            result = result.and_then(|()| self.file.flush());
-            match result {
-                Ok(()) => failing = false,
-                Err(e) if !failing => {
+            if let Err(e) = self.file.flush() {
+                error = Some(e);
+            }
+            for done in flushed {
+                let _ = done.send(());
+            }
+            match error {
+                None => failing = false,
+                Some(e) if !failing => {
                     failing = true;
                     tracing::warn!(file = %self.path.display(), error = %e, "cannot write the audit log");
                 }
-                Err(_) => {}
+                Some(_) => {}
             }
         }
     }
@@ -378,6 +429,28 @@ fn timestamp(t: std::time::SystemTime) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_drops_the_line_and_counts_it() {
+        let net = Arc::new(NetMetrics::default());
+        let (tx, rx) = sync_channel(1);
+        let audit = Audit {
+            inner: Some(Arc::new(Inner {
+                tx,
+                net: net.clone(),
+            })),
+        };
+        audit.record("connect", json!({ "conn": 1 }));
+        audit.record("connect", json!({ "conn": 2 }));
+        assert_eq!(net.audit_dropped.load(Relaxed), 1);
+        let Ok(Msg::Line(kept)) = rx.try_recv() else {
+            panic!("the first line is queued");
+        };
+        assert_eq!(
+            (&kept["event"], &kept["conn"]),
+            (&json!("connect"), &json!(1))
+        );
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

@@ -83,6 +83,7 @@ pub struct Server {
     recovered: Option<Recovered>,
     fatal: watch::Receiver<Option<String>>,
     reloader: Arc<reload::Reloader>,
+    audit: audit::Audit,
 }
 
 impl Server {
@@ -314,7 +315,7 @@ impl Server {
             alarms,
             stopping: stop_rx.clone(),
             reloader: reloader.clone(),
-            audit,
+            audit: audit.clone(),
         };
         let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
         for (socket, _) in http {
@@ -368,6 +369,7 @@ impl Server {
             recovered,
             fatal,
             reloader,
+            audit,
         })
     }
 
@@ -446,6 +448,10 @@ impl Server {
         // the log is closed and the data directory unlocked when this returns.
         let router = tokio::task::spawn_blocking(move || self.router_thread.join());
         let _ = tokio::time::timeout(Duration::from_secs(2), router).await;
+        // The disconnects the shutdown made are in the audit file before the process ends.
+        let audit = self.audit;
+        let flushed = tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(2)));
+        let _ = flushed.await;
         tracing::info!("ferrymq stopped");
     }
 

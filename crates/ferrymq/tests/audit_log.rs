@@ -95,13 +95,14 @@ fn every_event_kind_is_one_json_line() {
     );
     std::fs::write(&config, &text).unwrap();
     let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let mut broker = serve(&config, mqtt, http, &dir.join("data"));
     let addr = format!("127.0.0.1:{mqtt}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let _bystander = rt.block_on(async {
+        let bystander = login(&addr, "bystander", "alice", "pw").await.unwrap();
         let mut alice = login(&addr, "alice-1", "alice", "pw").await.unwrap();
         assert!(matches!(
             login(&addr, "mallory-1", "mallory", "guess").await,
@@ -126,6 +127,7 @@ fn every_event_kind_is_one_json_line() {
             .unwrap();
         assert!(ack.reasons[0].is_error());
         alice.disconnect().await.unwrap();
+        bystander
     });
     assert_eq!(
         post(
@@ -181,6 +183,23 @@ fn every_event_kind_is_one_json_line() {
         "{refused}"
     );
     assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+
+    // A shutdown's disconnects are written before the process ends.
+    let pid = broker.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(broker.0.wait().unwrap().success());
+    let stopped = lines(&audit)
+        .into_iter()
+        .find(|l| l["event"] == "disconnect" && l["client_id"] == "bystander")
+        .expect("the bystander's disconnect is in the file");
+    assert_eq!(
+        (&stopped["by"], &stopped["reason"]),
+        (&"broker".into(), &"ServerShuttingDown".into())
+    );
 }
 
 #[test]
