@@ -110,6 +110,22 @@ pub struct Outbox {
     /// Publishes the ACL refused, with their topics, for the driver's log (a 3.1.1 client is
     /// not told: MQTT 3.1.1 has no negative acknowledgement).
     pub denied: Vec<(ConnId, Arc<str>)>,
+    /// Subscriptions the ACL refused, with their filters as requested, for the driver's log.
+    pub denied_subscriptions: Vec<(ConnId, Arc<str>)>,
+    /// Connections that ended, with their client id and why, for the driver's audit log.
+    pub ended: Vec<(ConnId, Arc<str>, Ended)>,
+}
+
+/// Why a connection ended ([`Outbox::ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client sent DISCONNECT with this reason (0x00 normal, 0x04 with will, ...).
+    ByClient(ReasonCode),
+    /// The network connection closed without a DISCONNECT, or the driver gave up on it.
+    Lost,
+    /// The broker ended it with this reason (a protocol error, keep alive, session taken
+    /// over, administrative action, shutting down); `None`: closed without a reason.
+    ByServer(Option<ReasonCode>),
 }
 
 /// A flow-control instruction for one connection's input (see [`Outbox::flow`]).
@@ -216,6 +232,9 @@ pub(crate) struct Conn {
     /// The ACL resolved for this client at CONNECT; `None` when nothing can be denied to it.
     /// Boxed: 8 bytes in every connection's entry, most of which have none.
     pub acl: Option<Box<crate::acl::ClientAcl>>,
+    /// Who it authenticated as, kept to resolve new rules for it ([`Broker::set_acl`]);
+    /// `None` for an anonymous client without a token (boxed like `acl`).
+    pub who: Option<Box<crate::Identity>>,
 }
 
 /// What happens to a connection's will when it detaches.
@@ -318,6 +337,34 @@ impl Broker {
 
     pub fn config(&self) -> &BrokerConfig {
         &self.config
+    }
+
+    /// Replaces the ACL rules and the SUBACK reason for a denied filter (a configuration
+    /// reload), and resolves the new rules for every connected client at once: its next
+    /// publish, subscribe and every delivery from now on (routed, retained, `$SYS`, its
+    /// queued messages as they go into flight) are checked against them. Subscriptions it
+    /// made under the old rules stay, but deliver only what the new rules let it read; when
+    /// its session resumes, those the new rules do not allow are removed (`resume_session`).
+    pub fn set_acl(&mut self, acl: crate::AclConfig, deny_subscribe_reason: ReasonCode) {
+        self.config.acl = acl;
+        self.config.deny_subscribe_reason = deny_subscribe_reason;
+        let anonymous = crate::Identity::default();
+        for c in self.conns.values_mut() {
+            let Some(s) = self.sessions.get(&c.session) else {
+                continue;
+            };
+            let who = c.who.as_deref().unwrap_or(&anonymous);
+            c.acl = self.config.acl.for_client(who, &s.client_id).map(Box::new);
+        }
+    }
+
+    /// The client id and authenticated user name of a connection (for the driver's audit
+    /// log).
+    pub fn client_of(&self, conn: ConnId) -> Option<(&str, Option<&str>)> {
+        let c = self.conns.get(&conn)?;
+        let s = self.sessions.get(&c.session)?;
+        let user = c.who.as_deref().and_then(|w| w.user.as_deref());
+        Some((&s.client_id, user))
     }
 
     pub fn stats(&self) -> &Stats {
@@ -477,6 +524,7 @@ impl Broker {
                 topic_aliases: None,
                 client_max_packet_size: outcome.client_max_packet_size,
                 acl,
+                who: (who != crate::Identity::default()).then(|| Box::new(who)),
             },
         );
         let ack = ConnAck {
@@ -572,6 +620,7 @@ impl Broker {
     /// The network connection closed without a DISCONNECT (or the driver gave up on it).
     /// The will is published, subject to its delay.
     pub fn closed(&mut self, conn: ConnId, now: Time, out: &mut Outbox) {
+        self.note_end(conn, Ended::Lost, out);
         self.detach(conn, WillOnClose::Publish, None, now, out);
     }
 
@@ -592,7 +641,20 @@ impl Broker {
             out.violations.push((conn, r));
         }
         out.push(conn, Action::Close);
+        self.note_end(conn, Ended::ByServer(reason), out);
         self.detach(conn, WillOnClose::Publish, None, now, out);
+    }
+
+    /// Records why a connection ends, before it is detached ([`Outbox::ended`]).
+    pub(crate) fn note_end(&self, conn: ConnId, why: Ended, out: &mut Outbox) {
+        let Some(s) = self
+            .conns
+            .get(&conn)
+            .and_then(|c| self.sessions.get(&c.session))
+        else {
+            return;
+        };
+        out.ended.push((conn, s.client_id.clone(), why));
     }
 
     /// Disconnects every client because the server is stopping (5.0 clients get 0x8B).
@@ -604,6 +666,8 @@ impl Broker {
                 out.push(conn, Action::Send(Packet::Disconnect(d)));
             }
             out.push(conn, Action::Close);
+            let why = Ended::ByServer(Some(ReasonCode::ServerShuttingDown));
+            self.note_end(conn, why, out);
             self.detach(conn, WillOnClose::Discard, None, now, out);
         }
     }
@@ -763,6 +827,7 @@ impl Broker {
             _ => WillOnClose::Discard,
         };
         out.push(conn, Action::Close);
+        self.note_end(conn, Ended::ByClient(d.reason), out);
         self.detach(conn, will, granted, now, out);
     }
 

@@ -88,6 +88,7 @@ impl Broker {
         let acl = self.conns.get(&conn).and_then(|c| c.acl.as_deref());
         if acl.is_some_and(|a| !a.may_subscribe(&filter)) {
             self.stats.acl_denied_subscriptions += 1;
+            out.denied_subscriptions.push((conn, raw.into()));
             return Err(self.config.deny_subscribe_reason);
         }
         if let Some(name) = raw.strip_prefix("$queue/") {
@@ -123,6 +124,7 @@ impl Broker {
         if let (Some(q), Some(acl)) = (&sub.queue, acl) {
             if !acl.may_subscribe(&format!("$queue/{q}")) {
                 self.stats.acl_denied_subscriptions += 1;
+                out.denied_subscriptions.push((conn, raw.into()));
                 return Err(self.config.deny_subscribe_reason);
             }
         }

@@ -246,6 +246,8 @@ impl Broker {
             out.push(conn, Action::Send(Packet::Disconnect(d)));
         }
         out.push(conn, Action::Close);
+        let why = crate::broker::Ended::ByServer(Some(ReasonCode::AdministrativeAction));
+        self.note_end(conn, why, out);
         self.detach(conn, WillOnClose::Publish, None, now, out);
         true
     }

@@ -990,3 +990,82 @@ fn a_checkpoint_cut_short_by_a_crash_is_ignored() {
     assert!(!r.incomplete_checkpoint);
     assert_eq!((r.sessions, r.subscriptions, r.queued), (1, 1, 3), "{r:?}");
 }
+
+/// A reload's new rules (`Broker::set_acl`) hold for connections made before them: the
+/// next publish is refused, and a subscription made while it was allowed delivers only
+/// what the new rules let its client read; the user's own rules follow its identity.
+#[test]
+fn new_acl_rules_apply_to_connected_clients_and_their_subscriptions() {
+    use ferrymq_core::acl::{AclAction, AclConfig, AclRule, Permission, Principal};
+    use ferrymq_core::Identity;
+    let mut h = Harness::new();
+    h.connect_simple(1, "sub", V5);
+    let alice = Identity {
+        user: Some("alice".into()),
+        token_acl: None,
+    };
+    h.broker.connect_as(
+        ConnId(2),
+        connect_packet("pub", V5, true),
+        alice,
+        h.now,
+        &mut h.out,
+    );
+    h.take(2);
+    let qos0 = SubscriptionOptions::default();
+    assert_eq!(
+        h.subscribe(1, vec![("secret/#".into(), qos0)]),
+        vec![ReasonCode::Success]
+    );
+    h.packet(
+        2,
+        Packet::Publish(publish("secret/a", "before", QoS::AtMostOnce, 0)),
+    );
+    assert_eq!(h.payloads(1), vec!["before"]);
+
+    let deny = |action, topic: &str, who| AclRule {
+        permission: Permission::Deny,
+        action,
+        topic: topic.into(),
+        who,
+    };
+    h.broker.set_acl(
+        AclConfig {
+            rules: vec![
+                // Reading: anyone; publishing: only alice may not.
+                deny(AclAction::Subscribe, "secret/#", Principal::Anyone),
+                deny(
+                    AclAction::Publish,
+                    "news/#",
+                    Principal::User("alice".into()),
+                ),
+            ],
+            ..AclConfig::default()
+        },
+        ReasonCode::NotAuthorized,
+    );
+    h.packet(
+        2,
+        Packet::Publish(publish("secret/b", "after", QoS::AtMostOnce, 0)),
+    );
+    assert!(
+        h.payloads(1).is_empty(),
+        "the old subscription reads nothing denied"
+    );
+    assert_eq!(h.out.denied.len(), 0, "alice may still publish there");
+    h.packet(
+        2,
+        Packet::Publish(publish("news/x", "hi", QoS::AtLeastOnce, 7)),
+    );
+    assert!(
+        h.take(2).iter().any(|a| matches!(a,
+            Action::Send(Packet::PubAck(r)) if r.reason == ReasonCode::NotAuthorized)),
+        "alice's own rule holds on her open connection"
+    );
+    assert_eq!(h.out.denied.len(), 1);
+    assert_eq!(
+        h.subscribe(1, vec![("secret/x".into(), qos0)]),
+        vec![ReasonCode::NotAuthorized]
+    );
+    assert_eq!(h.out.denied_subscriptions.len(), 1);
+}

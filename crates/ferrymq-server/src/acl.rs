@@ -3,12 +3,12 @@
 //! rules placed before them.
 
 use ferrymq_core::acl::{AclAction, AclConfig, AclRule, Permission, Principal};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ServerError;
 
 /// `[acl]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AclSection {
     /// When no rule matches. Unset = `allow`, so a configuration without rules keeps working.
@@ -18,14 +18,14 @@ pub struct AclSection {
     pub rules: Vec<RuleSetting>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PermissionSetting {
     Allow,
     Deny,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionSetting {
     Publish,
@@ -34,7 +34,7 @@ pub enum ActionSetting {
 }
 
 /// One `[[acl.rule]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSetting {
     pub permission: PermissionSetting,

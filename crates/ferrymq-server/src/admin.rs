@@ -1,6 +1,7 @@
 //! Admin HTTP: `/health`, `/ready`, `/metrics`, `/api/v1/alarms`, the work-queue REST API
 //! under `/api/v1/queues` (`queue_api.rs`), and the views of clients, subscriptions and
-//! retained messages (`views_api.rs`); every route is in docs/api.md.
+//! retained messages (`views_api.rs`), configuration reload and view (`config_api.rs`);
+//! every route is in docs/api.md.
 //!
 //! With `[admin] token` (or `token_file`) every route but [`OPEN_PATHS`] requires
 //! `Authorization: Bearer <token>`, checked by one layer over the whole router, so a route
@@ -30,6 +31,10 @@ pub(crate) struct AdminState {
     pub alarms: Alarms,
     /// Set when the server starts shutting down: `/ready` answers 503 from then on.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// `POST /api/v1/reload`, `GET /api/v1/config` (`config_api.rs`).
+    pub reloader: Arc<crate::reload::Reloader>,
+    /// Calls that change something are recorded here (`audit.rs`).
+    pub audit: crate::audit::Audit,
 }
 
 /// Paths answered without the token: liveness and readiness probes (load balancers and
@@ -126,7 +131,13 @@ pub(crate) fn app(state: AdminState, token: Option<AdminToken>) -> axum::Router 
         .merge(crate::queue_api::routes())
         .merge(crate::views_api::routes())
         .merge(crate::dashboard::routes())
-        .with_state(state);
+        .merge(crate::config_api::routes())
+        .with_state(state.clone());
+    // Innermost: only calls that passed the guards below are recorded.
+    let audit = state.audit.clone();
+    let router = router.layer(axum::middleware::from_fn(move |req, next| {
+        crate::audit::admin_call(audit.clone(), req, next)
+    }));
     let guarded = token.is_some();
     let router = match token {
         // Over the whole router (unknown paths included: 401, not 404, tells a caller

@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ferrymq_core::Identity;
 use ferrymq_mqtt::{Connect, ReasonCode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::jwt::{JwtConfig, JwtVerifier};
@@ -35,13 +35,14 @@ use crate::password_file::{parse_password_file, verify_password, PasswordFile};
 use crate::ServerError;
 
 /// `[auth]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Whether clients that do not authenticate are let in. Unset: `mqtt.allow_anonymous`,
     /// and if that is unset too, only when every listener is on a loopback address.
     pub allow_anonymous: Option<bool>,
-    /// `user:argon2id-hash` lines, written by `ferrymq passwd`. Read at start.
+    /// `user:argon2id-hash` lines, written by `ferrymq passwd`. Read at start and at every
+    /// reload (`reload.rs`).
     pub password_file: Option<PathBuf>,
     pub jwt: Option<JwtConfig>,
     /// Failed authentications from one address within `failure_window_ms` that ban it.
@@ -219,14 +220,15 @@ impl FailureLimiter {
     }
 }
 
-/// Decides who a connecting client is. One per server, shared by every listener.
+/// Decides who a connecting client is. One per server, shared by every listener. What the
+/// configuration and its files say ([`Credentials`]) is replaced whole by a reload
+/// ([`Authenticator::replace`]); failure counts and bans carry over.
 pub(crate) struct Authenticator {
-    allow_anonymous: bool,
-    passwords: Option<PasswordFile>,
-    jwt: Option<Arc<JwtVerifier>>,
-    limiter: FailureLimiter,
+    credentials: RwLock<Arc<Credentials>>,
+    limiter: RwLock<FailureLimiter>,
     checks: Arc<Semaphore>,
-    /// Successful password checks: user → keyed digest of the password.
+    /// Successful password checks: user → keyed digest of the password. Emptied by a
+    /// reload (a changed password must be checked again).
     verified: Mutex<HashMap<String, u128>>,
     digest_keys: (
         std::collections::hash_map::RandomState,
@@ -234,15 +236,78 @@ pub(crate) struct Authenticator {
     ),
 }
 
+/// What `[auth]` and the files it names say: read whole before it is used, so that a
+/// reload with an unreadable password file or key changes nothing.
+pub(crate) struct Credentials {
+    allow_anonymous: bool,
+    passwords: Option<PasswordFile>,
+    jwt: Option<Arc<JwtVerifier>>,
+    /// `[auth]`'s failure settings (max_failures, failure_window_ms, ban_ms).
+    policy: (u32, u64, u64),
+    /// A digest of all of the above as read (files' bytes included): equal digests, nothing
+    /// to reload.
+    fingerprint: u64,
+}
+
+impl Credentials {
+    /// Reads the password file and the JWT key; the error names the key and the file.
+    pub(crate) fn read(
+        cfg: &AuthConfig,
+        allow_anonymous: bool,
+    ) -> Result<Credentials, ServerError> {
+        let mut print = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&format!("{cfg:?}"), &mut print);
+        std::hash::Hash::hash(&cfg.jwt.as_ref().and_then(|j| j.secret.clone()), &mut print);
+        std::hash::Hash::hash(&allow_anonymous, &mut print);
+        let passwords = match &cfg.password_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ServerError::Config {
+                    key: "auth.password_file".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                std::hash::Hash::hash(&text, &mut print);
+                let file = parse_password_file(&text).map_err(|e| ServerError::Config {
+                    key: "auth.password_file".into(),
+                    message: format!("{}: {e}", path.display()),
+                })?;
+                Some(file)
+            }
+        };
+        if let Some(key) = cfg.jwt.as_ref().and_then(|j| j.public_key.as_ref()) {
+            std::hash::Hash::hash(&std::fs::read(key).unwrap_or_default(), &mut print);
+        }
+        let jwt = match &cfg.jwt {
+            None => None,
+            Some(j) => Some(Arc::new(JwtVerifier::new(j).map_err(|e| {
+                ServerError::Config {
+                    key: "auth.jwt".into(),
+                    message: e.to_string(),
+                }
+            })?)),
+        };
+        Ok(Credentials {
+            allow_anonymous,
+            passwords,
+            jwt,
+            policy: (cfg.max_failures, cfg.failure_window_ms, cfg.ban_ms),
+            fingerprint: print.finish(),
+        })
+    }
+
+    /// How many users the password file has (for the log).
+    pub(crate) fn users(&self) -> usize {
+        self.passwords.as_ref().map_or(0, PasswordFile::len)
+    }
+}
+
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = self.credentials();
         f.debug_struct("Authenticator")
-            .field("allow_anonymous", &self.allow_anonymous)
-            .field(
-                "users",
-                &self.passwords.as_ref().map_or(0, PasswordFile::len),
-            )
-            .field("jwt", &self.jwt.is_some())
+            .field("allow_anonymous", &c.allow_anonymous)
+            .field("users", &c.users())
+            .field("jwt", &c.jwt.is_some())
             .finish()
     }
 }
@@ -254,42 +319,52 @@ impl Authenticator {
         cfg: &AuthConfig,
         allow_anonymous: bool,
     ) -> Result<Authenticator, ServerError> {
-        let passwords = match &cfg.password_file {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ServerError::Config {
-                    key: "auth.password_file".into(),
-                    message: format!("cannot read {}: {e}", path.display()),
-                })?;
-                let file = parse_password_file(&text).map_err(|e| ServerError::Config {
-                    key: "auth.password_file".into(),
-                    message: format!("{}: {e}", path.display()),
-                })?;
-                Some(file)
-            }
-        };
-        let jwt = match &cfg.jwt {
-            None => None,
-            Some(j) => Some(Arc::new(JwtVerifier::new(j).map_err(|e| {
-                ServerError::Config {
-                    key: "auth.jwt".into(),
-                    message: e.to_string(),
-                }
-            })?)),
-        };
+        let credentials = Credentials::read(cfg, allow_anonymous)?;
         let permits = match cfg.max_concurrent_checks {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
         Ok(Authenticator {
-            allow_anonymous,
-            passwords,
-            jwt,
-            limiter: FailureLimiter::new(cfg),
+            limiter: RwLock::new(FailureLimiter::new(cfg)),
+            credentials: RwLock::new(Arc::new(credentials)),
             checks: Arc::new(Semaphore::new(permits)),
             verified: Mutex::new(HashMap::new()),
             digest_keys: Default::default(),
         })
+    }
+
+    /// The credentials in force.
+    pub(crate) fn credentials(&self) -> Arc<Credentials> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether `new` differs from the credentials in force.
+    pub(crate) fn differs(&self, new: &Credentials) -> bool {
+        self.credentials().fingerprint != new.fingerprint
+    }
+
+    /// Puts `new` in force for every authentication that starts from now on (one under way
+    /// finishes with what it started with); forgets remembered password checks.
+    pub(crate) fn replace(&self, new: Credentials) {
+        let (max_failures, window, ban) = new.policy;
+        {
+            let mut l = self.limiter.write().unwrap_or_else(|e| e.into_inner());
+            l.max_failures = max_failures;
+            l.window = Duration::from_millis(window);
+            l.ban = Duration::from_millis(ban);
+        }
+        *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    fn limiter(&self) -> std::sync::RwLockReadGuard<'_, FailureLimiter> {
+        self.limiter.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The identity of a client, or why it is refused. `source` is the peer's address (None
@@ -310,17 +385,18 @@ impl Authenticator {
             });
         }
         let key = source.map(crate::limits::source_key);
-        if key.is_some_and(|ip| self.limiter.is_banned(ip, Instant::now())) {
+        if key.is_some_and(|ip| self.limiter().is_banned(ip, Instant::now())) {
             return Err(AuthRefusal::Banned);
         }
         let result = self.check_credentials(connect).await;
         if result == Err(AuthRefusal::BadCredentials) {
             if let Some(ip) = key {
-                if self.limiter.fail(ip, Instant::now()) {
+                let limiter = self.limiter();
+                if limiter.fail(ip, Instant::now()) {
                     tracing::warn!(
                         source = %ip,
-                        failures = self.limiter.max_failures,
-                        ban_ms = self.limiter.ban.as_millis() as u64,
+                        failures = limiter.max_failures,
+                        ban_ms = limiter.ban.as_millis() as u64,
                         "address banned after repeated authentication failures"
                     );
                 }
@@ -330,15 +406,16 @@ impl Authenticator {
     }
 
     async fn check_credentials(&self, c: &Connect) -> Result<Identity, AuthRefusal> {
+        let creds = self.credentials();
         let user = c.username.as_deref();
         let password = c.password.as_deref();
-        if let (Some(user), Some(file)) = (user, &self.passwords) {
+        if let (Some(user), Some(file)) = (user, &creds.passwords) {
             if let Some(hash) = file.hash_of(user) {
                 let password = password.unwrap_or_default();
                 return self.check_password(user, hash, password).await;
             }
         }
-        if let (Some(token), Some(jwt)) = (password, &self.jwt) {
+        if let (Some(token), Some(jwt)) = (password, &creds.jwt) {
             let jwt = jwt.clone();
             let token = token.to_vec();
             let checked = self.blocking(move || jwt.verify(&token)).await?;
@@ -350,7 +427,7 @@ impl Authenticator {
                 }
             };
         }
-        if user.is_some() && self.passwords.is_some() {
+        if user.is_some() && creds.passwords.is_some() {
             // An unknown user: refused like a wrong password, after as long a check (a hash
             // with the same parameters), so the time taken does not tell which users exist.
             let password = password.unwrap_or_default().to_vec();
@@ -358,7 +435,7 @@ impl Authenticator {
                 .await?;
             return Err(AuthRefusal::BadCredentials);
         }
-        if self.allow_anonymous {
+        if creds.allow_anonymous {
             Ok(Identity::default())
         } else {
             Err(AuthRefusal::NotAuthorized)

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use ferrymq_core::BrokerConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ServerError;
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where durable state lives (the log is in `{data_dir}/log`).
@@ -31,10 +31,12 @@ pub struct Config {
     /// created over the API live in the log, not here.
     #[serde(rename = "queue")]
     pub queues: Vec<crate::queue_spec::QueueSpec>,
+    /// The audit log (`audit.rs`); off unless `file` is set.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Durability: what is written, when it is synced, how much disk it may use.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
     /// false: a pure in-memory broker; nothing survives a restart.
@@ -58,7 +60,7 @@ pub struct Storage {
 }
 
 /// When an acknowledged message is on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fsync {
     /// fdatasync before acknowledging (group commit: one sync covers every waiting writer).
@@ -92,7 +94,7 @@ impl Default for Storage {
 /// Where the broker listens. Each key takes an address or a list of addresses; an empty list
 /// turns that listener off. The MQTT transports share everything past the socket (see
 /// `transport.rs`); defaults follow shared/DESIGN.md.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listeners {
     /// MQTT over TCP.
@@ -120,8 +122,8 @@ pub struct Listeners {
 
 /// A listener's addresses: `"127.0.0.1:1883"` or `["0.0.0.0:1883", "[::]:1883"]` in the file,
 /// `"a,b"` on the command line; empty = off.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
-#[serde(from = "AddrsText")]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(from = "AddrsText", into = "Vec<SocketAddr>")]
 pub struct ListenAddrs(pub Vec<SocketAddr>);
 
 #[derive(Deserialize)]
@@ -137,6 +139,12 @@ impl From<AddrsText> for ListenAddrs {
             AddrsText::One(a) => ListenAddrs(vec![a]),
             AddrsText::Many(v) => ListenAddrs(v),
         }
+    }
+}
+
+impl From<ListenAddrs> for Vec<SocketAddr> {
+    fn from(a: ListenAddrs) -> Self {
+        a.0
     }
 }
 
@@ -275,7 +283,7 @@ impl Listeners {
 /// `[tls]`: the server certificate for `mqtts` and `wss`, and client certificates (mutual TLS).
 /// The files are read again when they change (checked every few seconds): new handshakes use
 /// the new certificates, open connections keep theirs.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     /// PEM certificate chain, server certificate first.
@@ -295,7 +303,7 @@ pub struct Tls {
 }
 
 /// `tls.cert_username`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CertUsername {
     /// The subject's common name.
@@ -307,7 +315,7 @@ pub enum CertUsername {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Mqtt {
     pub max_keep_alive: u16,
@@ -336,7 +344,7 @@ pub struct Mqtt {
 
 /// What a new QoS 1/2 message does for a session whose queue holds `max_queued_messages`
 /// (the engine's [`ferrymq_core::QueueFull`], which documents each).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueFull {
     /// Queue it, hold the publisher's PUBACK/PUBREC and stop reading it until there is room;
@@ -369,7 +377,7 @@ impl From<ferrymq_core::QueueFull> for QueueFull {
 }
 
 /// SUBACK reason for a denied subscription (5.0 clients).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DenyReason {
     /// 0x87 Not authorized.
@@ -378,7 +386,7 @@ pub enum DenyReason {
     UnspecifiedError,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowConsumer {
     /// Drop QoS 0 messages for a connection whose outbound buffer is full.
@@ -387,7 +395,7 @@ pub enum SlowConsumer {
     Disconnect,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_connections: usize,
@@ -440,7 +448,7 @@ pub struct Limits {
 }
 
 /// What a client over its message or byte rate gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RateExceeded {
     /// Its reader stops reading until the bucket refills, so TCP slows the client; nothing is
@@ -452,8 +460,8 @@ pub enum RateExceeded {
 
 /// `limits.memory_high_watermark`: an integer (bytes) or a string (`"512MiB"`, `"2GB"`,
 /// `"80%"`).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
-#[serde(try_from = "WatermarkText")]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
+#[serde(try_from = "WatermarkText", into = "WatermarkText")]
 pub enum MemoryWatermark {
     #[default]
     Off,
@@ -462,11 +470,21 @@ pub enum MemoryWatermark {
     Percent(f64),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(untagged)]
 enum WatermarkText {
     Bytes(u64),
     Text(String),
+}
+
+impl From<MemoryWatermark> for WatermarkText {
+    fn from(m: MemoryWatermark) -> Self {
+        match m {
+            MemoryWatermark::Off => WatermarkText::Bytes(0),
+            MemoryWatermark::Bytes(b) => WatermarkText::Bytes(b),
+            MemoryWatermark::Percent(p) => WatermarkText::Text(format!("{p}%")),
+        }
+    }
 }
 
 impl TryFrom<WatermarkText> for MemoryWatermark {
@@ -517,7 +535,7 @@ impl TryFrom<WatermarkText> for MemoryWatermark {
 }
 
 /// The admin HTTP API (`listeners.http`).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// With a token, every admin route but `/health` and `/ready` requires
@@ -529,21 +547,21 @@ pub struct Admin {
     pub token_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sys {
     /// Seconds between `$SYS/` updates; 0 turns them off.
     pub interval_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     /// A `tracing` filter: `info`, `debug`, `ferrymq_server=debug,info`, ...
@@ -566,6 +584,7 @@ impl Default for Config {
             auth: crate::auth::AuthConfig::default(),
             acl: crate::acl::AclSection::default(),
             queues: Vec::new(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -651,6 +670,102 @@ impl Default for Log {
     }
 }
 
+/// What a secret shows as in [`Config::redacted_json`].
+pub const REDACTED: &str = "(redacted)";
+
+/// `file:line: invalid config value for `key`: message` (parts left out when unknown).
+pub(crate) fn located(
+    path: &Path,
+    line: Option<usize>,
+    key: Option<&str>,
+    message: &str,
+) -> String {
+    let place = match line {
+        Some(l) => format!("{}:{l}", path.display()),
+        None => path.display().to_string(),
+    };
+    match key {
+        Some(k) => format!("{place}: invalid config value for `{k}`: {message}"),
+        None => format!("{place}: {message}"),
+    }
+}
+
+/// The 1-based line of a byte offset.
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// A table header line (`[a.b]` or `[[a.b]]`): its name and whether it is an array's.
+fn header(line: &str) -> Option<(String, bool)> {
+    let t = line.split('#').next().unwrap_or("").trim();
+    if let Some(inner) = t.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+        return Some((inner.trim().to_string(), true));
+    }
+    let inner = t.strip_prefix('[')?.strip_suffix(']')?;
+    Some((inner.trim().to_string(), false))
+}
+
+/// The key defined on a line (`table.key`), for errors toml reports by position only.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let mut table = String::new();
+    for (i, l) in text.lines().enumerate() {
+        if let Some((name, _)) = header(l) {
+            table = name;
+        }
+        if i + 1 == line {
+            let (k, _) = l.split_once('=')?;
+            let k = k.trim();
+            return Some(if table.is_empty() {
+                k.to_string()
+            } else {
+                format!("{table}.{k}")
+            });
+        }
+    }
+    None
+}
+
+/// The line that sets a dotted key as `validate` names it (`limits.rate_burst_ms`,
+/// `acl.rule[2].topic`, `queue[0].name`, `mqtt.deny_subscribe[0]`), if it is written as
+/// `key = …` under its table's header; None otherwise (a default, or another spelling).
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let (table, leaf) = match key.rsplit_once('.') {
+        Some((t, l)) => (t, l),
+        None => ("", key),
+    };
+    let leaf = leaf.split('[').next().unwrap_or(leaf);
+    // `acl.rule[2]` is the third `[[acl.rule]]`.
+    let (table, index) = match table.split_once('[') {
+        Some((t, rest)) => (t, rest.trim_end_matches(']').parse::<usize>().ok()),
+        None => (table, None),
+    };
+    let mut seen = 0usize;
+    let mut in_place = table.is_empty();
+    for (i, l) in text.lines().enumerate() {
+        if let Some((name, array)) = header(l) {
+            in_place = name == table && (!array || index.is_none_or(|n| n == seen));
+            if array && name == table {
+                seen += 1;
+            }
+            continue;
+        }
+        if !in_place {
+            continue;
+        }
+        if let Some((k, _)) = l.split_once('=') {
+            if k.trim() == leaf {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ServerError {
     ServerError::Config {
         key: key.into(),
@@ -664,13 +779,33 @@ impl Config {
         self.queues.iter().filter_map(|q| q.to_def().ok()).collect()
     }
 
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file. The error names the file, the line (where toml or
+    /// the key shows it) and the key: the one function behind the start, every reload and
+    /// `ferrymq check-config`, so all three say the same.
     pub fn load(path: &Path) -> Result<Config, ServerError> {
         let text = std::fs::read_to_string(path).map_err(|source| ServerError::ConfigRead {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text)
+        let at =
+            |line: Option<usize>, key: Option<String>, message: String| ServerError::ConfigAt {
+                path: path.to_path_buf(),
+                line,
+                key,
+                message,
+            };
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            let line = e.span().map(|s| line_of_offset(&text, s.start));
+            let key = line.and_then(|l| key_at_line(&text, l));
+            at(line, key, e.message().trim().to_string())
+        })?;
+        config.validate().map_err(|e| match e {
+            ServerError::Config { key, message } => {
+                at(line_of_key(&text, &key), Some(key), message)
+            }
+            other => other,
+        })?;
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -679,6 +814,22 @@ impl Config {
             toml::from_str(text).map_err(|e| ServerError::ConfigSyntax(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration as JSON with every secret replaced by `"(redacted)"`: the admin
+    /// token and the JWT secret (passwords live in the password file, which is not shown).
+    pub fn redacted_json(&self) -> serde_json::Value {
+        let mut c = self.clone();
+        let hidden = || Some(REDACTED.to_string());
+        if c.admin.token.is_some() {
+            c.admin.token = hidden();
+        }
+        if let Some(j) = c.auth.jwt.as_mut() {
+            if j.secret.is_some() {
+                j.secret = hidden();
+            }
+        }
+        serde_json::to_value(&c).unwrap_or(serde_json::Value::Null)
     }
 
     /// Checks every value; the error names the offending key.
@@ -713,6 +864,7 @@ impl Config {
         }
         self.auth.validate()?;
         self.acl.validate()?;
+        self.audit.validate()?;
         if let (Some(a), Some(b)) = (self.auth.allow_anonymous, m.allow_anonymous) {
             if a != b {
                 return Err(invalid(
@@ -1248,6 +1400,34 @@ mod tests {
             err.contains("admin.token_file") && err.contains("/nonexistent"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn file_errors_name_the_file_the_line_and_the_key() {
+        let dir = std::env::temp_dir().join(format!("ferrymq-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        let check = |text: &str, want: &str| {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(&path).unwrap_err().to_string();
+            assert!(err.starts_with(&path.display().to_string()), "{err}");
+            assert!(err.contains(want), "{text:?}: {err}");
+        };
+        check(
+            "[limits]\n\nrate_burst_ms = 0\n",
+            ":3: invalid config value for `limits.rate_burst_ms`",
+        );
+        check(
+            "[mqtt]\nmax_keepalive = 5\n",
+            ":2: invalid config value for `mqtt.max_keepalive`",
+        );
+        check("[limits]\nmax_connections = \"many\"\n", ":2:");
+        check(
+            "[[acl.rule]]\npermission = \"deny\"\naction = \"all\"\ntopic = \"a\"\n\
+             [[acl.rule]]\npermission = \"deny\"\naction = \"all\"\ntopic = \"a/#/b\"\n",
+            ":8: invalid config value for `acl.rule[1].topic`",
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -84,6 +84,8 @@ pub(crate) struct Listener {
     pub preauth: Arc<PreauthBudget>,
     /// Who a client is (`auth.rs`), decided in the handshake.
     pub auth: Arc<crate::auth::Authenticator>,
+    /// Connects, disconnects and authentication failures are recorded here (`audit.rs`).
+    pub audit: crate::audit::Audit,
 }
 
 /// How often a reader held back by its rate limit marks the connection as read: the client's
@@ -414,6 +416,7 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         Ok(who) => Box::new(who),
         Err(refusal) => {
             NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
+            crate::audit::auth_failure(&ctx.listener, &peer.addr, &connect, refusal.label());
             tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
             *buf = BytesMut::new();
             drop(share);
@@ -427,6 +430,11 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     if let Some(user) = peer.cert_user {
         connect.username = Some(user.to_string());
     }
+    let audit = ctx
+        .listener
+        .audit
+        .on()
+        .then(|| crate::audit::Connected::new(&connect, &who));
     let outbound = Arc::new(Outbound::new(ctx.conn, ctx.listener.drains.clone()));
     outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
@@ -439,6 +447,9 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     };
     ctx.listener.router.send(msg).await.ok()?;
     let outcome = outcome.await.ok()?;
+    if let (Some(a), true) = (audit, outcome.accepted) {
+        a.record(&ctx.listener, ctx.conn, &peer.addr);
+    }
     Some((outcome, outbound))
 }
 

@@ -13,6 +13,27 @@ pub enum ServerError {
     /// The configuration file is not valid TOML for our schema.
     #[error("invalid config: {0}")]
     ConfigSyntax(String),
+    /// The configuration file is wrong: its path, the line where toml or the key shows it,
+    /// the key (dotted path) when known, and why. What `ferrymq check-config`, a refused
+    /// reload and a refused start all print.
+    #[error("{}", crate::config::located(path, *line, key.as_deref(), message))]
+    ConfigAt {
+        path: PathBuf,
+        line: Option<usize>,
+        key: Option<String>,
+        message: String,
+    },
+    /// A reload was asked of a server started without a configuration file.
+    #[error("this server was started without a configuration file: nothing to reload")]
+    NoConfigFile,
+    /// A reloaded value that applies live does not fit one that waits for a restart.
+    #[error(
+        "{0} (with the values that need a restart kept as they run): restart to apply them together"
+    )]
+    ReloadConflict(Box<ServerError>),
+    /// The server is stopping (its router or a task it needed is gone).
+    #[error("the server is stopping")]
+    Stopping,
     /// A configuration value is out of range; `key` is its dotted path.
     #[error("invalid config value for `{key}`: {message}")]
     Config { key: String, message: String },

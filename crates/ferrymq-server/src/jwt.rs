@@ -16,10 +16,10 @@ use std::sync::Arc;
 use ferrymq_core::acl::TokenAcl;
 use ferrymq_core::Identity;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[auth.jwt]`. Its `Debug` leaves the secret out (`ferrymq check-config` prints it).
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     pub algorithm: JwtAlgorithm,
@@ -61,7 +61,7 @@ fn default_username_claim() -> String {
     "sub".into()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum JwtAlgorithm {
     HS256,
     RS256,

@@ -20,8 +20,10 @@
 pub mod acl;
 mod admin;
 pub mod alarms;
+pub mod audit;
 pub mod auth;
 pub mod config;
+mod config_api;
 mod connection;
 mod dashboard;
 mod error;
@@ -35,6 +37,7 @@ mod persist;
 mod queue_admin;
 mod queue_api;
 pub mod queue_spec;
+pub mod reload;
 mod resources;
 mod router;
 mod tls;
@@ -59,6 +62,7 @@ use tokio::task::JoinHandle;
 pub use config::Config;
 pub use error::ServerError;
 pub use persist::Recovered;
+pub use reload::{ConfigLoader, LogLevelHook, ReloadReport, Reloading, Trigger};
 
 use crate::metrics::NetMetrics;
 use crate::persist::Persistence;
@@ -78,11 +82,19 @@ pub struct Server {
     router_thread: std::thread::JoinHandle<()>,
     recovered: Option<Recovered>,
     fatal: watch::Receiver<Option<String>>,
+    reloader: Arc<reload::Reloader>,
+    audit: audit::Audit,
 }
 
 impl Server {
-    /// Binds the listeners and starts serving. Must be called inside a tokio runtime.
+    /// Binds the listeners and starts serving, without live reloads. Must be called inside a
+    /// tokio runtime.
     pub async fn start(config: Config) -> Result<Server, ServerError> {
+        Server::start_with(config, Reloading::default()).await
+    }
+
+    /// [`Server::start`], with what reloads the configuration (`reload.rs`).
+    pub async fn start_with(config: Config, reloading: Reloading) -> Result<Server, ServerError> {
         config.validate()?;
         // Read before anything starts, so that an unreadable token file stops nothing.
         let token = config
@@ -103,6 +115,7 @@ impl Server {
             .connections()
             .map_or(configured_max, |room| room.min(configured_max));
         let net = Arc::new(NetMetrics::default());
+        let audit = audit::Audit::start(&config.audit, net.clone())?;
         let mut broker = Broker::new(config.broker_config());
         // Assigned client ids carry this process's random instance id, so none is handed out
         // twice across restarts (a repeat would resume or wipe a stranger's session).
@@ -186,7 +199,7 @@ impl Server {
             config.queue_depth_alarm(),
         );
         let drains = Arc::new(router::Drains::default());
-        let router = Router::new(
+        let mut router = Router::new(
             broker,
             net.clone(),
             settings,
@@ -194,6 +207,7 @@ impl Server {
             drains.clone(),
             overload,
         );
+        router.audit = audit.clone();
         let router_thread = spawn_router(router, rx, fatal_tx)?;
 
         let bound = listen::bind_all(&config).await?;
@@ -215,7 +229,7 @@ impl Server {
             net.clone(),
         ));
         let admissions = Arc::new(listen::Admissions {
-            max_connections,
+            max_connections: std::sync::atomic::AtomicU64::new(max_connections),
             rates: std::sync::Mutex::new(limits::ConnectionLimits::new(
                 &config.limits,
                 tokio::time::Instant::now(),
@@ -228,14 +242,24 @@ impl Server {
             path: config.listeners.ws_path.clone(),
             origins: config.listeners.ws_origins.clone(),
         });
+        let deps = ListenerDeps {
+            router: tx.clone(),
+            net: net.clone(),
+            drains: drains.clone(),
+            addresses,
+            preauth,
+            auth: auth.clone(),
+            audit: audit.clone(),
+        };
+        let mut live_listeners = Vec::new();
         for b in bound {
-            let tls_state = tls.as_ref().map(|(state, _)| state);
-            let Some(edge) = listen::Edge::new(b.kind, tls_state, &ws_route) else {
+            let Some(edge) = listen::Edge::new(b.kind, tls.as_ref(), &ws_route) else {
                 continue;
             };
-            let shared = listener_shared(
-                &config, b.kind, &tx, &net, &drains, &addresses, &preauth, &auth,
-            );
+            let shared: reload::LiveListener = Arc::new(std::sync::RwLock::new(listener_shared(
+                &config, b.kind, &deps,
+            )));
+            live_listeners.push((b.kind, shared.clone()));
             mqtt_addrs.push((b.kind, b.addr));
             tasks.push(tokio::spawn(listen::accept_loop(
                 b.socket,
@@ -245,15 +269,55 @@ impl Server {
                 stop_rx.clone(),
             )));
         }
-        if let (Some((state, files)), Some(t)) = (tls, &config.tls) {
-            let reload = tls::reload_loop(t.clone(), state, files, stop_rx.clone());
-            tasks.push(tokio::spawn(reload));
+        if let Some(state) = &tls {
+            tasks.push(tokio::spawn(tls::reload_loop(
+                state.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        // Every part that takes configuration changes live, in the order they apply.
+        let mut parts: Vec<Box<dyn reload::LivePart>> = vec![
+            Box::new(reload::LimitsPart {
+                listeners: live_listeners,
+                deps,
+                admissions: admissions.clone(),
+                fd_room: fd_limit.connections(),
+            }),
+            Box::new(reload::RouterPart(tx.clone())),
+            Box::new(reload::AuthPart(auth.clone())),
+            Box::new(reload::AclPart(tx.clone())),
+            Box::new(reload::QueuePart(tx.clone())),
+        ];
+        if let Some(hook) = reloading.log_level.clone() {
+            parts.push(Box::new(reload::LogPart(hook)));
+        }
+        if let Some(state) = &tls {
+            parts.push(Box::new(reload::TlsPart(state.clone())));
+        }
+        let reloader = Arc::new(reload::Reloader::new(
+            reloading.load.clone(),
+            config.clone(),
+            parts,
+            net.clone(),
+            audit.clone(),
+        ));
+        if reloading.sighup {
+            tasks.push(tokio::spawn(reload::on_sighup(
+                reloader.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        if let Some(path) = reloading.watch.clone() {
+            let watch = reload::watch_file(reloader.clone(), path, stop_rx.clone());
+            tasks.push(tokio::spawn(watch));
         }
         let state = admin::AdminState {
             router: tx.clone(),
             net,
             alarms,
             stopping: stop_rx.clone(),
+            reloader: reloader.clone(),
+            audit: audit.clone(),
         };
         let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
         for (socket, _) in http {
@@ -309,7 +373,21 @@ impl Server {
             router_thread,
             recovered,
             fatal,
+            reloader,
+            audit,
         })
+    }
+
+    /// Reloads the configuration (see `reload.rs`); `trigger` is what the log and the audit
+    /// log say asked for it. The error says why the new one was refused (the running one
+    /// stays).
+    pub async fn reload(&self, trigger: Trigger) -> Result<ReloadReport, ServerError> {
+        self.reloader.reload(trigger).await
+    }
+
+    /// The configuration in force (after any reloads).
+    pub fn running_config(&self) -> Arc<Config> {
+        self.reloader.running()
     }
 
     /// What was recovered from the data directory at start (None without persistence).
@@ -375,6 +453,10 @@ impl Server {
         // the log is closed and the data directory unlocked when this returns.
         let router = tokio::task::spawn_blocking(move || self.router_thread.join());
         let _ = tokio::time::timeout(Duration::from_secs(2), router).await;
+        // The disconnects the shutdown made are in the audit file before the process ends.
+        let audit = self.audit;
+        let flushed = tokio::task::spawn_blocking(move || audit.flush(Duration::from_secs(2)));
+        let _ = flushed.await;
         tracing::info!("ferrymq stopped");
     }
 
@@ -452,35 +534,41 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     }
 }
 
-/// What the connections of one listener share.
-#[allow(clippy::too_many_arguments)]
-fn listener_shared(
+/// What every listener's shared state is built with, besides the configuration.
+pub(crate) struct ListenerDeps {
+    pub router: mpsc::Sender<ToRouter>,
+    pub net: Arc<NetMetrics>,
+    pub drains: Arc<router::Drains>,
+    pub addresses: Option<Arc<limits::AddressCounts>>,
+    pub preauth: Arc<limits::PreauthBudget>,
+    pub auth: Arc<auth::Authenticator>,
+    pub audit: audit::Audit,
+}
+
+/// What the connections of one listener share (built again by a reload of `limits`).
+pub(crate) fn listener_shared(
     config: &Config,
     kind: ListenerKind,
-    router: &mpsc::Sender<ToRouter>,
-    net: &Arc<NetMetrics>,
-    drains: &Arc<router::Drains>,
-    addresses: &Option<Arc<limits::AddressCounts>>,
-    preauth: &Arc<limits::PreauthBudget>,
-    auth: &Arc<auth::Authenticator>,
+    deps: &ListenerDeps,
 ) -> Arc<connection::Listener> {
     Arc::new(connection::Listener {
         kind,
-        router: router.clone(),
-        net: net.clone(),
+        router: deps.router.clone(),
+        net: deps.net.clone(),
         limits: Limits {
             max_packet_size: config.mqtt.max_packet_size as usize,
         },
         connect_timeout: Duration::from_secs(config.limits.connect_timeout_secs),
         write_timeout: Duration::from_millis(config.limits.write_timeout_ms),
         max_outbound_bytes: config.limits.max_outbound_bytes,
-        drains: drains.clone(),
+        drains: deps.drains.clone(),
         rates: limits::RateLimits::from_config(&config.limits),
-        addresses: addresses.clone(),
+        addresses: deps.addresses.clone(),
         connect_limits: Limits {
             max_packet_size: config.max_connect_size(),
         },
-        preauth: preauth.clone(),
-        auth: auth.clone(),
+        preauth: deps.preauth.clone(),
+        auth: deps.auth.clone(),
+        audit: deps.audit.clone(),
     })
 }

@@ -98,20 +98,23 @@ impl Edge {
 
 /// What every accept loop shares: the connection limits are the broker's, not a listener's.
 pub(crate) struct Admissions {
-    pub max_connections: u64,
+    /// `limits.max_connections` (or what the open-files limit leaves room for); a reload
+    /// may change it.
+    pub max_connections: AtomicU64,
     pub rates: Mutex<Option<limits::ConnectionLimits>>,
 }
 
 pub(crate) async fn accept_loop(
     socket: TcpListener,
-    shared: Arc<connection::Listener>,
+    live: crate::reload::LiveListener,
     edge: Edge,
     admissions: Arc<Admissions>,
     mut stop: watch::Receiver<bool>,
 ) {
     static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-    let net = shared.net.clone();
-    let kind = shared.kind;
+    let first = crate::reload::current(&live);
+    let (net, kind) = (first.net.clone(), first.kind);
+    drop(first);
     loop {
         let accepted = tokio::select! {
             a = socket.accept() => a,
@@ -127,6 +130,8 @@ pub(crate) async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        // The listener state in force now (a reload replaces it): this connection keeps it.
+        let shared = crate::reload::current(&live);
         NetMetrics::add(&net.connections_accepted, 1);
         NetMetrics::add(&net.listener_accepted[kind as usize], 1);
         let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
@@ -148,7 +153,7 @@ pub(crate) async fn accept_loop(
         net.listener_open[kind as usize].fetch_add(1, Relaxed);
         tracing::debug!(conn = conn.0, %peer, listener = kind.name(), "accepted");
         // Limits in order; a refused connection takes no connection-rate token.
-        let refusal = if open > admissions.max_connections {
+        let refusal = if open > admissions.max_connections.load(Relaxed) {
             Some(limits::Refusal::MaxConnections)
         } else if address == limits::AddressCheck::Busy {
             Some(limits::Refusal::AddressConnections)
@@ -347,7 +352,7 @@ mod tests {
             require_client_cert: true,
             cert_username: mode,
         };
-        let (state, _) = TlsState::load(&tls).unwrap();
+        let state = TlsState::load(&tls).unwrap();
         let (router, mut routed) = mpsc::channel(8);
         let shared = Arc::new(connection::Listener {
             kind: ListenerKind::Mqtts,
@@ -368,9 +373,11 @@ mod tests {
             auth: Arc::new(
                 crate::auth::Authenticator::new(&crate::auth::AuthConfig::default(), true).unwrap(),
             ),
+            audit: Default::default(),
         });
+        let shared = Arc::new(std::sync::RwLock::new(shared));
         let admissions = Arc::new(Admissions {
-            max_connections: 10,
+            max_connections: AtomicU64::new(10),
             rates: Mutex::new(None),
         });
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -50,6 +50,11 @@ pub struct NetMetrics {
     pub router_step_max_us: AtomicU64,
     /// Router steps that took over 10 ms.
     pub router_steps_over_10ms: AtomicU64,
+    /// Configuration reloads applied, and refused (an invalid file: nothing changed).
+    pub config_reloads_ok: AtomicU64,
+    pub config_reloads_error: AtomicU64,
+    /// Audit log lines dropped because its writer fell behind (`audit.rs`).
+    pub audit_dropped: AtomicU64,
 }
 
 impl NetMetrics {
@@ -361,6 +366,23 @@ pub fn render(net: &NetMetrics, e: &EngineSnapshot, alarms: &[AlarmState]) -> St
         "Bytes of read buffer held by connections that have not completed CONNECT \
          (at most limits.preauth_buffer_bytes).",
         &[("", g(&net.preauth_buffer_bytes))],
+    );
+    metric(
+        &mut o,
+        "ferrymq_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result (error: the file was refused whole).",
+        &[
+            ("result=\"ok\"", g(&net.config_reloads_ok)),
+            ("result=\"error\"", g(&net.config_reloads_error)),
+        ],
+    );
+    metric(
+        &mut o,
+        "ferrymq_audit_dropped_total",
+        "counter",
+        "Audit log lines dropped because the writer could not keep up.",
+        &[("", g(&net.audit_dropped))],
     );
     metric(
         &mut o,

@@ -64,6 +64,8 @@ pub(crate) enum ToRouter {
         command: crate::views_api::AdminCommand,
         reply: oneshot::Sender<crate::views_api::AdminReply>,
     },
+    /// A configuration reload's part for the router (`reload.rs`); answered once applied.
+    Reconfigure(Box<crate::reload::RouterChange>, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
     /// Test hook, in debug builds only: the router panics, as a broken engine invariant would.
     /// Sent only by [`crate::Server::panic_router`]; nothing on the network can send it.
@@ -408,6 +410,10 @@ pub(crate) struct Router {
     queue_answers: Vec<QueueAnswer>,
     /// When a slow step was last logged (at most one line a second).
     slow_step_logged: Instant,
+    /// Where ACL denials are recorded (`audit.rs`; off by default).
+    pub(crate) audit: crate::audit::Audit,
+    /// A reload changed `sys.interval_secs`: the next update is due now.
+    sys_rescheduled: bool,
 }
 
 /// The answer to a [`ToRouter::Queue`] or [`ToRouter::Admin`] command, waiting for its
@@ -534,6 +540,8 @@ impl Router {
             strikes: Default::default(),
             queue_answers: Vec::new(),
             slow_step_logged: Instant::now(),
+            audit: Default::default(),
+            sys_rescheduled: false,
         }
     }
 
@@ -592,6 +600,9 @@ impl Router {
                 self.check_keep_alive(now);
                 self.apply_flow();
                 self.next_keep_alive_check = Instant::now() + KEEP_ALIVE_CHECK;
+            }
+            if std::mem::take(&mut self.sys_rescheduled) {
+                next_sys = Instant::now();
             }
             if !self.settings.sys_interval.is_zero() && Instant::now() >= next_sys {
                 self.publish_sys(now);
@@ -1163,9 +1174,30 @@ impl Router {
                     ticket: None,
                 });
             }
+            ToRouter::Reconfigure(change, done) => {
+                self.reconfigure(*change);
+                let _ = done.send(());
+            }
             ToRouter::Shutdown(_) => unreachable!("handled by run"),
             #[cfg(debug_assertions)]
             ToRouter::Panic => panic!("router panic injected by a test"),
+        }
+    }
+
+    /// A reload's settings and ACL rules (see `reload.rs`, which says what each applies to).
+    fn reconfigure(&mut self, change: crate::reload::RouterChange) {
+        if let Some(live) = change.settings {
+            let s = &mut self.settings;
+            s.max_outbound_bytes = live.max_outbound_bytes;
+            s.slow_consumer = live.slow_consumer;
+            s.slow_consumer_grace = live.slow_consumer_grace;
+            if s.sys_interval != live.sys_interval {
+                s.sys_interval = live.sys_interval;
+                self.sys_rescheduled = true;
+            }
+        }
+        if let Some((acl, reason)) = change.acl {
+            self.broker.set_acl(acl, reason);
         }
     }
 
@@ -1206,6 +1238,11 @@ impl Router {
             self.net.disconnects.add(reason);
             tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
         }
+        if self.audit.on() {
+            crate::audit::engine_events(&self.audit, &self.broker, &self.out);
+        }
+        self.out.denied_subscriptions.clear();
+        self.out.ended.clear();
         self.denials.log(&mut self.out.denied);
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);

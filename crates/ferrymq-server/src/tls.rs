@@ -8,7 +8,7 @@
 //! its certificate, a bad file) is logged and the previous configuration stays.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
@@ -26,18 +26,46 @@ pub(crate) const RELOAD_POLL: Duration = Duration::from_secs(2);
 pub(crate) struct TlsState {
     current: RwLock<Arc<ServerConfig>>,
     cert_username: CertUsername,
+    /// The `[tls]` table in force and the bytes of its files, which the reload task compares
+    /// with what the files hold now; a configuration reload replaces both ([`TlsState::install`]).
+    watched: Mutex<(Tls, Snapshot)>,
+}
+
+/// A `[tls]` table whose files were read and built into a configuration, ready to install.
+pub(crate) struct Prepared {
+    tls: Tls,
+    files: Snapshot,
+    config: Arc<ServerConfig>,
 }
 
 impl TlsState {
     /// Loads the files named by `[tls]`; the error names the file at fault.
-    pub(crate) fn load(tls: &Tls) -> Result<(Arc<TlsState>, Snapshot), ServerError> {
-        let files = Snapshot::read(tls)?;
-        let config = build(tls, &files)?;
+    pub(crate) fn load(tls: &Tls) -> Result<Arc<TlsState>, ServerError> {
+        let Prepared { tls, files, config } = TlsState::prepare(tls)?;
         let state = TlsState {
             current: RwLock::new(config),
             cert_username: tls.cert_username,
+            watched: Mutex::new((tls, files)),
         };
-        Ok((Arc::new(state), files))
+        Ok(Arc::new(state))
+    }
+
+    /// Reads and builds a `[tls]` table without using it (a reload checks before it applies).
+    pub(crate) fn prepare(tls: &Tls) -> Result<Prepared, ServerError> {
+        let files = Snapshot::read(tls)?;
+        let config = build(tls, &files)?;
+        Ok(Prepared {
+            tls: tls.clone(),
+            files,
+            config,
+        })
+    }
+
+    /// Puts a prepared table in force: new handshakes use it, and the reload task watches its
+    /// files from now on. (`cert_username` is taken at start only.)
+    pub(crate) fn install(&self, p: Prepared) {
+        self.replace(p.config);
+        *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = (p.tls, p.files);
     }
 
     /// The acceptor for a new connection (with the configuration in force now).
@@ -146,9 +174,7 @@ fn build(tls: &Tls, files: &Snapshot) -> Result<Arc<ServerConfig>, ServerError> 
 /// Watches the certificate files and swaps in a new configuration when they change, until
 /// `stop` is set.
 pub(crate) async fn reload_loop(
-    tls: Tls,
     state: Arc<TlsState>,
-    mut files: Snapshot,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut failed: Option<PathBuf> = None;
@@ -157,6 +183,12 @@ pub(crate) async fn reload_loop(
             _ = tokio::time::sleep(RELOAD_POLL) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+        let tls = state
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
         let read = {
             let tls = tls.clone();
             tokio::task::spawn_blocking(move || Snapshot::read(&tls)).await
@@ -169,13 +201,20 @@ pub(crate) async fn reload_loop(
             }
             Err(_) => continue,
         };
-        if now == files {
-            continue;
+        {
+            let watched = state.watched.lock().unwrap_or_else(|e| e.into_inner());
+            // Unchanged, or a configuration reload replaced the table meanwhile.
+            if watched.1 == now || watched.0 != tls {
+                continue;
+            }
         }
         match build(&tls, &now) {
             Ok(config) => {
-                state.replace(config);
-                files = now;
+                state.install(Prepared {
+                    tls: tls.clone(),
+                    files: now,
+                    config,
+                });
                 failed = None;
                 tracing::info!(cert = %tls.cert.display(), "TLS certificates reloaded");
             }

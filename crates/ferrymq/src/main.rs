@@ -70,7 +70,7 @@ struct RecoverArgs {
     data_dir: PathBuf,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct ServeArgs {
     /// TOML configuration file; flags and environment variables override it.
     #[arg(long, short = 'c', env = "FERRYMQ_CONFIG")]
@@ -100,6 +100,10 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "FERRYMQ_LOG_FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// Do not reload when the config file changes (SIGHUP and POST /api/v1/reload still do):
+    /// for tools that write a configuration in several steps and then signal.
+    #[arg(long, env = "FERRYMQ_NO_WATCH_CONFIG")]
+    no_watch_config: bool,
 }
 
 /// `--fsync`: parsed by clap, so a mistyped value is an error that lists the valid ones.
@@ -209,43 +213,23 @@ fn serve_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(a) = args.mqtt {
-        config.listeners.mqtt = a;
-    }
-    if let Some(a) = args.ws {
-        config.listeners.ws = Some(a);
-    }
-    if let Some(a) = args.http {
-        config.listeners.http = a;
-    }
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
-    }
-    if args.in_memory {
-        config.storage.persistence = false;
-    }
-    if let Some(f) = args.fsync {
-        config.storage.fsync = f.into();
-    }
-    if let Some(l) = args.log_level {
-        config.log.level = l;
-    }
-    if let Some(f) = args.log_format.as_deref() {
-        config.log.format = if f == "json" {
-            LogFormat::Json
-        } else {
-            LogFormat::Text
-        };
-    }
-    config.validate()?;
-    init_logging(&config)?;
+    let config = load_config(&args)?;
+    let log_level = init_logging(&config)?;
     log_panics();
+    // A reload reads the file again and applies the same flags over it (flags win, as at start).
+    let reloading = ferrymq_server::Reloading {
+        load: args.config.is_some().then(|| {
+            let args = args.clone();
+            let load: ferrymq_server::ConfigLoader =
+                std::sync::Arc::new(move || load_config(&args));
+            load
+        }),
+        watch: args.config.clone().filter(|_| !args.no_watch_config),
+        sighup: true,
+        log_level: Some(log_level),
+    };
     serve_runtime()?.block_on(async move {
-        let server = Server::start(config).await?;
+        let server = Server::start_with(config, reloading).await?;
         let failure = tokio::select! {
             r = wait_for_signal() => { r?; None }
             reason = server.failed() => Some(reason),
@@ -259,6 +243,45 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None => Ok(()),
         }
     })
+}
+
+/// The configuration file (or the defaults) with the command-line flags over it, validated:
+/// what `serve` starts with and what every reload reads.
+fn load_config(args: &ServeArgs) -> Result<Config, ferrymq_server::ServerError> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.mqtt.clone() {
+        config.listeners.mqtt = a;
+    }
+    if let Some(a) = args.ws.clone() {
+        config.listeners.ws = Some(a);
+    }
+    if let Some(a) = args.http.clone() {
+        config.listeners.http = a;
+    }
+    if let Some(d) = args.data_dir.clone() {
+        config.data_dir = d;
+    }
+    if args.in_memory {
+        config.storage.persistence = false;
+    }
+    if let Some(f) = args.fsync {
+        config.storage.fsync = f.into();
+    }
+    if let Some(l) = args.log_level.clone() {
+        config.log.level = l;
+    }
+    if let Some(f) = args.log_format.as_deref() {
+        config.log.format = if f == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+    }
+    config.validate()?;
+    Ok(config)
 }
 
 /// Sends every panic, from any thread, to the log (with its thread and location) instead of
@@ -299,7 +322,8 @@ async fn test_hooks(server: &Server) {
     std::future::pending().await
 }
 
-fn init_logging(config: &Config) -> anyhow::Result<()> {
+/// Installs the subscriber; returns the hook that changes its level filter on a reload.
+fn init_logging(config: &Config) -> anyhow::Result<ferrymq_server::LogLevelHook> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).with_context(|| {
         format!(
             "invalid config value for `log.level`: {:?}",
@@ -311,11 +335,36 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-    Ok(())
+    Ok(match config.log.format {
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            level_hook(handle)
+        }
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            level_hook(handle)
+        }
+    })
+}
+
+/// Checks a `log.level` filter and returns what puts it in force.
+fn level_hook<S: 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> ferrymq_server::LogLevelHook {
+    std::sync::Arc::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let handle = handle.clone();
+        let apply: Box<dyn FnOnce() + Send> = Box::new(move || {
+            if let Err(e) = handle.reload(filter) {
+                tracing::warn!(error = %e, "log level not changed");
+            }
+        });
+        Ok(apply)
+    })
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

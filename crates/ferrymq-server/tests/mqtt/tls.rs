@@ -432,3 +432,64 @@ async fn a_certificate_user_gets_in_from_an_address_banned_for_wrong_passwords()
     let mut wire = Wire::connected(stream, "sensor-7", ProtocolVersion::V5).await;
     wire.subscribe(1, "cert/t").await;
 }
+
+/// A configuration reload that names other certificate files swaps them in for new
+/// handshakes (open connections keep theirs); one whose files do not load is refused whole
+/// and the running certificate stays.
+#[tokio::test]
+async fn a_config_reload_with_new_certificate_paths_swaps_them() {
+    let ca = Ca::new("ferrymq test CA");
+    let dir = edge::cert_dir("tls-config-reload");
+    let first = ca.issue(Role::Server, 300);
+    let config = tls_config(&dir, &first, None, false);
+    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
+    let source = next.clone();
+    let reloading = ferrymq_server::Reloading {
+        load: Some(std::sync::Arc::new(move || {
+            Ok(source.lock().unwrap().clone())
+        })),
+        ..Default::default()
+    };
+    let server = ferrymq_server::Server::start_with(config.clone(), reloading)
+        .await
+        .unwrap();
+    let addr = mqtts(&server);
+    let client = edge::client_config(&ca.pem, None);
+    let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
+    let mut before = Wire::connected(tls, "before", ProtocolVersion::V5).await;
+    before.subscribe(1, "swap/#").await;
+
+    let mut broken = config.clone();
+    broken.tls.as_mut().unwrap().cert = dir.join("missing.pem");
+    *next.lock().unwrap() = broken;
+    let err = server
+        .reload(ferrymq_server::Trigger::Api)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.pem"), "{err}");
+    let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
+    assert_eq!(edge::served_certificate(&tls), first.der, "still the first");
+
+    let second = ca.issue(Role::Server, 301);
+    let mut swapped = config.clone();
+    let t = swapped.tls.as_mut().unwrap();
+    t.cert = edge::write(&dir, "renewed.pem", &second.cert);
+    t.key = edge::write(&dir, "renewed.key", &second.key);
+    *next.lock().unwrap() = swapped;
+    let report = server.reload(ferrymq_server::Trigger::Api).await.unwrap();
+    assert_eq!(report.applied, vec!["tls"], "{report:?}");
+    assert!(report.restart_required.is_empty(), "{report:?}");
+    let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
+    assert_eq!(edge::served_certificate(&tls), second.der);
+    let mut after = Wire::connected(tls, "after", ProtocolVersion::V5).await;
+    after.publish(1, "swap/x", b"new cert").await;
+    assert_eq!(
+        before.next_publish().await,
+        ("swap/x".into(), b"new cert".to_vec())
+    );
+    assert_eq!(
+        server.running_config().tls.as_ref().unwrap().cert,
+        dir.join("renewed.pem")
+    );
+}

@@ -1,0 +1,463 @@
+//! The audit log (`[audit]`): one JSON line per event that says who came, who was refused and
+//! who changed what — connects, disconnects, authentication failures, ACL denials, admin API
+//! calls that change something, configuration reloads.
+//!
+//! Off the hot path: the code that sees an event builds a small [`serde_json::Value`] and
+//! `try_send`s it on a bounded channel ([`QUEUE`] lines) to the `ferrymq-audit` thread, which
+//! adds nothing but the write. A full channel (the disk cannot keep up) drops the line and
+//! counts it in `ferrymq_audit_dropped_total`; nothing ever waits for the audit log.
+//!
+//! Rotation by size: once `file` reaches `max_bytes`, `file.{keep-1}` becomes `file.{keep}`
+//! (the oldest is deleted), …, `file` becomes `file.1`, and a new `file` is started.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::metrics::NetMetrics;
+use crate::ServerError;
+
+/// Lines waiting for the writer before new ones are dropped: a few seconds of connect storms
+/// at the rates the broker accepts, and ~1 MiB at the sizes lines have.
+const QUEUE: usize = 4096;
+
+/// `[audit]`. Off unless `file` is set; taken at start (a change needs a restart).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The JSON-lines file; relative paths are relative to the working directory. Unset: off.
+    pub file: Option<PathBuf>,
+    /// Size at which the file is rotated.
+    pub max_bytes: u64,
+    /// Rotated files kept (`file.1` … `file.{keep}`).
+    pub keep: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: None,
+            max_bytes: 64 * 1024 * 1024,
+            keep: 5,
+        }
+    }
+}
+
+impl AuditConfig {
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let bad = |key: &str, message: &str| ServerError::Config {
+            key: key.into(),
+            message: message.into(),
+        };
+        if self.max_bytes < 1024 {
+            return Err(bad("audit.max_bytes", "must be at least 1024"));
+        }
+        if self.keep == 0 || self.keep > 1000 {
+            return Err(bad("audit.keep", "must be between 1 and 1000"));
+        }
+        if self.file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            return Err(bad(
+                "audit.file",
+                "must not be empty (leave it unset for off)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where events go: a cheap handle (clone it freely); a no-op when the audit log is off.
+#[derive(Clone, Default)]
+pub(crate) struct Audit {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: SyncSender<Msg>,
+    net: Arc<NetMetrics>,
+}
+
+/// What goes to the writer thread.
+enum Msg {
+    Line(Value),
+    /// Answered once every line sent before it is written and flushed.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("on", &self.inner.is_some())
+            .finish()
+    }
+}
+
+impl Audit {
+    /// Opens the file (an unwritable one stops the start, naming it) and starts the writer
+    /// thread, which ends when the last handle is dropped.
+    pub(crate) fn start(cfg: &AuditConfig, net: Arc<NetMetrics>) -> Result<Audit, ServerError> {
+        let Some(path) = cfg.file.clone() else {
+            return Ok(Audit::default());
+        };
+        let file = open(&path).map_err(|e| ServerError::Config {
+            key: "audit.file".into(),
+            message: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let writer = Writer {
+            net: net.clone(),
+            size: file.metadata().map_or(0, |m| m.len()),
+            file: std::io::BufWriter::new(file),
+            path,
+            max_bytes: cfg.max_bytes,
+            keep: cfg.keep,
+        };
+        std::thread::Builder::new()
+            .name("ferrymq-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| ServerError::Thread {
+                name: "ferrymq-audit",
+                source,
+            })?;
+        Ok(Audit {
+            inner: Some(Arc::new(Inner { tx, net })),
+        })
+    }
+
+    /// Whether events are recorded (callers skip building them otherwise).
+    pub(crate) fn on(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Records one event: `fields` (a JSON object) with `ts` and `event` added. Never waits.
+    pub(crate) fn record(&self, event: &str, fields: Value) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let mut line = json!({ "ts": timestamp(std::time::SystemTime::now()), "event": event });
+        if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
+            l.extend(f);
+        }
+        match inner.tx.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                inner.net.audit_dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// Largest request body taken while the audit log is on (axum's default limit).
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Largest request body recorded with an admin call; a larger one is recorded by its size.
+const BODY_RECORDED: usize = 16 * 1024;
+
+/// Records every admin API call that may change something (any method but GET, HEAD and
+/// OPTIONS; the sign-in form excepted): method, path (which names what it changes: a queue,
+/// a client), the response status, and the JSON body it sent (the change itself).
+pub(crate) async fn admin_call(
+    audit: Audit,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::Method;
+    use axum::response::IntoResponse;
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !audit.on() || reads || req.uri().path() == "/login" {
+        return next.run(req).await;
+    }
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let (parts, body) = req.into_parts();
+    // Whole bodies of the admin API are small (a queue definition, a patch); the handler's
+    // own limit still applies to what is passed on.
+    let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(_) => {
+            let body = json!({ "error": "request body too large" }).to_string();
+            return (axum::http::StatusCode::PAYLOAD_TOO_LARGE, body).into_response();
+        }
+    };
+    let change = if bytes.is_empty() {
+        Value::Null
+    } else if bytes.len() > BODY_RECORDED {
+        json!({ "bytes": bytes.len() })
+    } else {
+        serde_json::from_slice::<Value>(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    let response = next.run(req).await;
+    audit.record(
+        "admin",
+        json!({ "method": method, "path": path, "query": query,
+            "status": response.status().as_u16(), "change": change }),
+    );
+    response
+}
+
+/// A CONNECT's client id and authenticated user, kept until the engine accepts it.
+pub(crate) struct Connected {
+    client_id: String,
+    user: Option<Arc<str>>,
+    version: ferrymq_mqtt::ProtocolVersion,
+}
+
+impl Connected {
+    pub(crate) fn new(c: &ferrymq_mqtt::Connect, who: &ferrymq_core::Identity) -> Connected {
+        Connected {
+            client_id: c.client_id.clone(),
+            user: who.user.clone(),
+            version: c.version,
+        }
+    }
+
+    /// `connect` (an empty client id is one the broker assigned: see `conn` in later lines).
+    pub(crate) fn record(
+        self,
+        l: &crate::connection::Listener,
+        conn: ferrymq_core::ConnId,
+        addr: &std::net::SocketAddr,
+    ) {
+        let protocol = match self.version {
+            ferrymq_mqtt::ProtocolVersion::V5 => "5.0",
+            ferrymq_mqtt::ProtocolVersion::V311 => "3.1.1",
+        };
+        l.audit.record(
+            "connect",
+            json!({ "conn": conn.0, "client_id": self.client_id, "user": self.user.as_deref(),
+                "address": addr.to_string(), "listener": l.kind.name(), "protocol": protocol }),
+        );
+    }
+}
+
+/// This router step's ACL denials and ended connections (the router calls it when the
+/// audit log is on, before it clears them).
+pub(crate) fn engine_events(
+    audit: &Audit,
+    broker: &ferrymq_core::Broker,
+    out: &ferrymq_core::Outbox,
+) {
+    for (action, list) in [
+        ("publish", &out.denied),
+        ("subscribe", &out.denied_subscriptions),
+    ] {
+        for (conn, topic) in list {
+            let (client_id, user) = broker.client_of(*conn).unwrap_or(("", None));
+            audit.record(
+                "acl_denied",
+                json!({ "conn": conn.0, "client_id": client_id, "user": user,
+                    "action": action, "topic": topic.as_ref() }),
+            );
+        }
+    }
+    for (conn, client_id, why) in &out.ended {
+        use ferrymq_core::Ended;
+        let (by, reason) = match why {
+            Ended::ByClient(r) => ("client", Some(*r)),
+            Ended::Lost => ("network", None),
+            Ended::ByServer(r) => ("broker", *r),
+        };
+        audit.record(
+            "disconnect",
+            json!({ "conn": conn.0, "client_id": client_id.as_ref(), "by": by,
+                "reason": reason.map(|r| format!("{r:?}")),
+                "reason_code": reason.map(|r| r.as_u8()) }),
+        );
+    }
+}
+
+/// `auth_failure`: a CONNECT authentication refused (the user name is the one it claimed).
+pub(crate) fn auth_failure(
+    l: &crate::connection::Listener,
+    addr: &std::net::SocketAddr,
+    c: &ferrymq_mqtt::Connect,
+    reason: &str,
+) {
+    if !l.audit.on() {
+        return;
+    }
+    l.audit.record(
+        "auth_failure",
+        json!({ "client_id": c.client_id, "user": c.username, "address": addr.to_string(),
+            "listener": l.kind.name(), "reason": reason }),
+    );
+}
+
+impl Audit {
+    /// Waits (blocking, at most `limit`) until every line recorded before is written and
+    /// flushed: the server's shutdown calls it last, so that the disconnects it caused are in
+    /// the file when the process exits.
+    pub(crate) fn flush(&self, limit: std::time::Duration) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let (done, wait) = std::sync::mpsc::channel();
+        let deadline = std::time::Instant::now() + limit;
+        let mut msg = Msg::Flush(done);
+        // The queue may be full: retry until there is room or time is up.
+        loop {
+            match inner.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let _ = wait.recv_timeout(left);
+    }
+}
+
+fn open(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+struct Writer {
+    net: Arc<NetMetrics>,
+    file: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    size: u64,
+    max_bytes: u64,
+    keep: u32,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut failing = false;
+        while let Ok(first) = rx.recv() {
+            // Everything waiting goes in one write and one flush.
+            let mut flushed = Vec::new();
+            let mut error = None;
+            for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match msg {
+                    Msg::Line(line) => {
+                        if let Err(e) = self.write(&line) {
+                            // Not in the file: counted like a line the queue dropped.
+                            self.net.audit_dropped.fetch_add(1, Relaxed);
+                            error = Some(e);
+                        }
+                    }
+                    Msg::Flush(done) => flushed.push(done),
+                }
+            }
+            if let Err(e) = self.file.flush() {
+                error = Some(e);
+            }
+            for done in flushed {
+                let _ = done.send(());
+            }
+            match error {
+                None => failing = false,
+                Some(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot write the audit log");
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn write(&mut self, line: &Value) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(&bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file.flush()?;
+        let numbered = |n: u32| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(format!(".{n}"));
+            PathBuf::from(p)
+        };
+        let _ = std::fs::remove_file(numbered(self.keep));
+        for n in (1..self.keep).rev() {
+            let from = numbered(n);
+            if from.exists() {
+                std::fs::rename(&from, numbered(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(1))?;
+        self.file = std::io::BufWriter::new(open(&self.path)?);
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-11-30T01:02:03.456Z`).
+fn timestamp(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_the_line_and_counts_it() {
+        let net = Arc::new(NetMetrics::default());
+        let (tx, rx) = sync_channel(1);
+        let audit = Audit {
+            inner: Some(Arc::new(Inner {
+                tx,
+                net: net.clone(),
+            })),
+        };
+        audit.record("connect", json!({ "conn": 1 }));
+        audit.record("connect", json!({ "conn": 2 }));
+        assert_eq!(net.audit_dropped.load(Relaxed), 1);
+        let Ok(Msg::Line(kept)) = rx.try_recv() else {
+            panic!("the first line is queued");
+        };
+        assert_eq!(
+            (&kept["event"], &kept["conn"]),
+            (&json!("connect"), &json!(1))
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_000_523_456);
+        assert_eq!(timestamp(t), "2026-11-30T01:02:03.456Z");
+        assert_eq!(timestamp(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(timestamp(leap), "2000-02-29T00:00:00.000Z");
+    }
+}

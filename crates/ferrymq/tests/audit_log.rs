@@ -1,0 +1,250 @@
+//! The audit log of a real `ferrymq` process: one JSON line for each kind of event (connect,
+//! disconnect, authentication failure, ACL denial on publish and on subscribe, an admin call
+//! that changes something, a configuration reload, refused and applied), and size rotation.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use ferrymq_client::{Client, ClientError, ConnectOptions};
+use ferrymq_mqtt::{Properties, Publish, QoS, ReasonCode, SubscriptionOptions};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn serve(config: &Path, mqtt: u16, http: u16, data: &Path) -> KillOnDrop {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .args(["serve", "--no-watch-config", "--config"])
+        .arg(config)
+        .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args(["--http", &format!("127.0.0.1:{http}")])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    forward_stderr(&mut child);
+    wait_listening(mqtt, LIMIT);
+    KillOnDrop(child)
+}
+
+fn post(port: u16, path: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Every line of the audit file (and its rotations), parsed.
+fn lines(file: &Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The first line of `event` for which `pick` holds, waiting for it.
+fn event(file: &Path, event: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    wait_for(&format!("an audit line {event}"), LIMIT, || {
+        lines(file)
+            .into_iter()
+            .find(|l| l["event"] == event && pick(l))
+    })
+}
+
+async fn login(addr: &str, id: &str, user: &str, password: &str) -> Result<Client, ClientError> {
+    let mut o = ConnectOptions::new(addr, id);
+    o.timeout = LIMIT;
+    o.username = Some(user.into());
+    o.password = Some(Bytes::copy_from_slice(password.as_bytes()));
+    Client::connect(o).await.map(|(c, _)| c)
+}
+
+#[test]
+fn every_event_kind_is_one_json_line() {
+    let dir = scratch_dir("audit-events");
+    let users = dir.join("users");
+    let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    let text = format!(
+        "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
+         [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n\
+         [[acl.rule]]\npermission = \"deny\"\naction = \"subscribe\"\ntopic = \"private/#\"\n",
+        audit.display().to_string(),
+        users.display().to_string()
+    );
+    std::fs::write(&config, &text).unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let mut broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _bystander = rt.block_on(async {
+        let bystander = login(&addr, "bystander", "alice", "pw").await.unwrap();
+        let mut alice = login(&addr, "alice-1", "alice", "pw").await.unwrap();
+        assert!(matches!(
+            login(&addr, "mallory-1", "mallory", "guess").await,
+            Err(ClientError::Refused(ReasonCode::BadUserNameOrPassword))
+        ));
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "secret/plans".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        assert_eq!(alice.publish(p).await.unwrap(), ReasonCode::NotAuthorized);
+        let ack = alice
+            .subscribe(
+                vec![("private/#".into(), SubscriptionOptions::default())],
+                Properties::default(),
+            )
+            .await
+            .unwrap();
+        assert!(ack.reasons[0].is_error());
+        alice.disconnect().await.unwrap();
+        bystander
+    });
+    assert_eq!(
+        post(
+            http,
+            "/api/v1/queues",
+            r#"{"name":"jobs","filter":"jobs/#"}"#
+        ),
+        201
+    );
+    assert_eq!(post(http, "/api/v1/reload", ""), 200);
+    std::fs::write(&config, format!("{text}[limits]\nrate_burst_ms = 0\n")).unwrap();
+    assert_eq!(post(http, "/api/v1/reload", ""), 422);
+
+    let connect = event(&audit, "connect", |l| l["client_id"] == "alice-1");
+    assert_eq!(connect["user"], "alice");
+    assert_eq!(connect["listener"], "mqtt");
+    assert_eq!(connect["protocol"], "5.0");
+    assert!(connect["address"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(connect["ts"].as_str().unwrap().ends_with('Z'), "{connect}");
+    let failure = event(&audit, "auth_failure", |_| true);
+    assert_eq!(failure["user"], "mallory");
+    assert_eq!(failure["client_id"], "mallory-1");
+    assert_eq!(failure["reason"], "bad_credentials");
+    let denied = event(&audit, "acl_denied", |l| l["action"] == "publish");
+    assert_eq!(
+        (&denied["client_id"], &denied["user"], &denied["topic"]),
+        (&"alice-1".into(), &"alice".into(), &"secret/plans".into())
+    );
+    let denied = event(&audit, "acl_denied", |l| l["action"] == "subscribe");
+    assert_eq!(denied["topic"], "private/#");
+    let gone = event(&audit, "disconnect", |l| l["client_id"] == "alice-1");
+    assert_eq!(gone["conn"], connect["conn"]);
+    assert_eq!(
+        (&gone["by"], &gone["reason_code"]),
+        (&"client".into(), &0.into())
+    );
+    let admin = event(&audit, "admin", |l| l["path"] == "/api/v1/queues");
+    assert_eq!(admin["method"], "POST");
+    assert_eq!(admin["status"], 201);
+    assert_eq!(admin["change"]["name"], "jobs");
+    event(&audit, "admin", |l| l["path"] == "/api/v1/reload");
+    let ok = event(&audit, "config_reload", |l| l["result"] == "ok");
+    assert_eq!(ok["trigger"], "api");
+    let refused = event(&audit, "config_reload", |l| l["result"] == "error");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("limits.rate_burst_ms"),
+        "{refused}"
+    );
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+
+    // A shutdown's disconnects are written before the process ends.
+    let pid = broker.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(broker.0.wait().unwrap().success());
+    let stopped = lines(&audit)
+        .into_iter()
+        .find(|l| l["event"] == "disconnect" && l["client_id"] == "bystander")
+        .expect("the bystander's disconnect is in the file");
+    assert_eq!(
+        (&stopped["by"], &stopped["reason"]),
+        (&"broker".into(), &"ServerShuttingDown".into())
+    );
+}
+
+#[test]
+fn the_audit_file_rotates_at_max_bytes_and_keeps_keep_files() {
+    let dir = scratch_dir("audit-rotation");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\nmax_bytes = 2048\nkeep = 2\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // ~180 bytes a connect line and ~130 a disconnect: 60 of each is over 5 files' worth.
+    rt.block_on(async {
+        for i in 0..60 {
+            let mut o = ConnectOptions::new(&addr, format!("rotating-client-{i}"));
+            o.timeout = LIMIT;
+            let (c, _) = Client::connect(o).await.unwrap();
+            c.disconnect().await.unwrap();
+        }
+    });
+    event(&audit, "disconnect", |l| {
+        l["client_id"] == "rotating-client-59"
+    });
+    let rotated = |n: u32| dir.join(format!("audit.jsonl.{n}"));
+    assert!(rotated(1).exists() && rotated(2).exists());
+    assert!(!rotated(3).exists(), "keep = 2");
+    for f in [audit.clone(), rotated(1), rotated(2)] {
+        let size = std::fs::metadata(&f).unwrap().len();
+        assert!(size <= 2048, "{} is {size} bytes", f.display());
+        assert!(!lines(&f).is_empty());
+    }
+    // The newest rotation holds the lines just before the current file's.
+    let last_rotated = lines(&rotated(1)).last().cloned().unwrap();
+    let first_current = lines(&audit).first().cloned().unwrap();
+    assert!(last_rotated["ts"].as_str() <= first_current["ts"].as_str());
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}

@@ -1,0 +1,401 @@
+//! Live reconfiguration of a running `ferrymq` process, with clients connected throughout:
+//! a valid change applies (a limit, an ACL rule, a user, a queue policy, the log level), an
+//! invalid file is refused whole with the old configuration still running, a restart-only
+//! change is reported; each trigger (POST /api/v1/reload, SIGHUP, a change to the file).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use ferrymq_client::{Client, ClientError, ConnectOptions};
+use ferrymq_mqtt::{Packet, Properties, Publish, QoS, ReasonCode, SubscriptionOptions};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A broker process on a config file it can be asked to reload, with its log kept.
+struct Broker {
+    _child: KillOnDrop,
+    pid: u32,
+    mqtt: u16,
+    http: u16,
+    config: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Broker {
+    /// No `--log-level`: the file's `log.level` is in force (a flag would win over it, at
+    /// start and at every reload).
+    fn start(name: &str, config_text: &str, watch: bool) -> (Broker, PathBuf) {
+        let dir = scratch_dir(name);
+        let config = dir.join("ferrymq.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let (mqtt, http) = (free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrymq"));
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
+            .args(["--http", &format!("127.0.0.1:{http}")])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if !watch {
+            cmd.arg("--no-watch-config");
+        }
+        let mut child = cmd.spawn().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("broker: {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        wait_listening(mqtt, LIMIT);
+        let pid = child.id();
+        let broker = Broker {
+            _child: KillOnDrop(child),
+            pid,
+            mqtt,
+            http,
+            config,
+            log,
+        };
+        (broker, dir)
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.mqtt)
+    }
+
+    /// Replaces the config file whole (written aside, then renamed over it).
+    fn write_config(&self, text: &str) {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    fn reloads(&self, result: &str) -> u64 {
+        metric(
+            self.http,
+            &format!("ferrymq_config_reloads_total{{result=\"{result}\"}}"),
+        )
+    }
+
+    fn sighup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// The first log line containing every one of `parts`, waiting for it.
+    fn log_line(&self, parts: &[&str]) -> String {
+        wait_for(&format!("a log line with {parts:?}"), LIMIT, || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .cloned()
+        })
+    }
+
+    fn has_log_line(&self, part: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(part))
+    }
+}
+
+/// An HTTP/1.0 request to the admin API: the status and the body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+async fn connect(addr: &str, id: &str) -> Client {
+    let mut o = ConnectOptions::new(addr, id);
+    o.timeout = LIMIT;
+    Client::connect(o).await.unwrap().0
+}
+
+async fn login(addr: &str, id: &str, user: &str, password: &str) -> Result<Client, ClientError> {
+    let mut o = ConnectOptions::new(addr, id);
+    o.timeout = LIMIT;
+    o.username = Some(user.into());
+    o.password = Some(Bytes::copy_from_slice(password.as_bytes()));
+    Client::connect(o).await.map(|(c, _)| c)
+}
+
+/// A subscriber to `secret/#` and `news/#`, connected before any reload and kept throughout.
+async fn watcher(addr: &str) -> Client {
+    let mut c = connect(addr, "watcher").await;
+    let qos1 = SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        ..SubscriptionOptions::default()
+    };
+    let ack = c
+        .subscribe(
+            vec![("secret/#".into(), qos1), ("news/#".into(), qos1)],
+            Properties::default(),
+        )
+        .await
+        .unwrap();
+    assert!(ack.reasons.iter().all(|r| !r.is_error()), "{ack:?}");
+    c
+}
+
+async fn publish(c: &mut Client, topic: &str) -> ReasonCode {
+    let p = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: None,
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"x"),
+    };
+    tokio::time::timeout(LIMIT, c.publish(p))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The topic of the next message `c` receives (acknowledged).
+async fn next_topic(c: &mut Client) -> String {
+    loop {
+        let packet = tokio::time::timeout(LIMIT, c.recv())
+            .await
+            .expect("a delivery in time")
+            .unwrap();
+        if let Packet::Publish(p) = packet {
+            c.queue_ack(&p).unwrap();
+            c.flush().await.unwrap();
+            return p.topic;
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn users(dir: &Path, names: &[&str]) -> PathBuf {
+    let file = dir.join("users");
+    let text: String = names
+        .iter()
+        .map(|n| {
+            let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
+            format!("{n}:{hash}\n")
+        })
+        .collect();
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+const DENY_SECRET: &str =
+    "[[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n";
+
+#[test]
+fn a_valid_change_applies_live_through_the_api_with_clients_connected() {
+    let text = |users: &Path, acl: &str, attempts: u32, level: &str, extra: &str| {
+        format!(
+            "[log]\nlevel = \"{level}\"\n[auth]\nallow_anonymous = true\npassword_file = {:?}\n\
+             {extra}\n[[queue]]\nname = \"jobs\"\nfilter = \"jobs/#\"\nmax_attempts = {attempts}\n{acl}",
+            users.display().to_string()
+        )
+    };
+    let dir0 = scratch_dir("reload-api-users");
+    let file = users(&dir0, &["alice"]);
+    let (b, _dir) = Broker::start("reload-api", &text(&file, "", 3, "info", ""), false);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::Success
+        );
+        assert_eq!(next_topic(&mut watcher).await, "secret/a");
+        assert!(matches!(
+            login(&addr, "bob1", "bob", "pw").await,
+            Err(ClientError::Refused(ReasonCode::BadUserNameOrPassword))
+        ));
+        assert!(!b.has_log_line("\"level\":\"DEBUG\""), "info at start");
+
+        // An ACL rule, a user, a queue policy and the log level, in one reload.
+        users(&dir0, &["alice", "bob"]);
+        b.write_config(&text(&file, DENY_SECRET, 7, "debug", ""));
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let report = json(&body);
+        for part in ["acl", "auth", "queues", "log"] {
+            assert!(
+                report["applied"].as_array().unwrap().contains(&part.into()),
+                "{part} not applied: {report}"
+            );
+        }
+        assert_eq!(
+            report["restart_required"],
+            serde_json::json!([]),
+            "{report}"
+        );
+
+        // The rule holds for a connection made before it.
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::NotAuthorized
+        );
+        assert_eq!(publish(&mut publisher, "news/1").await, ReasonCode::Success);
+        assert_eq!(
+            next_topic(&mut watcher).await,
+            "news/1",
+            "secret/b never came"
+        );
+        let bob = login(&addr, "bob2", "bob", "pw")
+            .await
+            .expect("bob was added");
+        bob.disconnect().await.unwrap();
+        let (_, queue) = http(b.http, "GET", "/api/v1/queues/jobs", "");
+        assert_eq!(json(&queue)["definition"]["max_attempts"], 7, "{queue}");
+        b.log_line(&["\"level\":\"DEBUG\""]);
+
+        // A limit, and a key that needs a restart.
+        b.write_config(&text(
+            &file,
+            DENY_SECRET,
+            7,
+            "debug",
+            "[limits]\nmax_connections = 2\n[storage]\nfsync = \"always\"\n",
+        ));
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let report = json(&body);
+        assert_eq!(report["applied"], serde_json::json!(["limits"]), "{report}");
+        assert_eq!(
+            report["restart_required"],
+            serde_json::json!(["storage.fsync"]),
+            "{report}"
+        );
+        let config = json(&http(b.http, "GET", "/api/v1/config", "").1);
+        assert_eq!(config["storage"]["fsync"], "interval", "runs as started");
+        assert_eq!(config["limits"]["max_connections"], 2);
+        // Two are open (watcher, publisher): a third is refused, they go on.
+        let mut o = ConnectOptions::new(&addr, "third");
+        o.timeout = LIMIT;
+        assert!(matches!(
+            Client::connect(o).await,
+            Err(ClientError::Refused(ReasonCode::ServerBusy))
+        ));
+        assert_eq!(publish(&mut publisher, "news/2").await, ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/2");
+    });
+    assert_eq!(b.reloads("ok"), 2);
+    assert_eq!(b.reloads("error"), 0);
+}
+
+#[test]
+fn an_invalid_file_is_refused_whole_on_sighup_and_the_old_config_keeps_running() {
+    let (b, _dir) = Broker::start("reload-sighup", "", false);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+
+        // A valid rule next to an invalid value: nothing of it applies.
+        let bad = format!("{DENY_SECRET}[limits]\nrate_burst_ms = 0\n");
+        b.write_config(&bad);
+        b.sighup();
+        wait_for("the refused reload", LIMIT, || (b.reloads("error") == 1).then_some(()));
+        let config_path = b.config.display().to_string();
+        let want = format!(
+            "{config_path}:6: invalid config value for `limits.rate_burst_ms`: must be between 1 and 60000"
+        );
+        b.log_line(&["configuration not reloaded", &want]);
+        assert_eq!(publish(&mut publisher, "secret/a").await, ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "secret/a");
+        // `ferrymq check-config` says the same.
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+            .arg("check-config")
+            .arg(&b.config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&want), "{stderr}");
+
+        // Fixed: the rule applies, to the connection that was there all along.
+        b.write_config(DENY_SECRET);
+        b.sighup();
+        wait_for("the applied reload", LIMIT, || (b.reloads("ok") == 1).then_some(()));
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::NotAuthorized
+        );
+        assert_eq!(publish(&mut publisher, "news/1").await, ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/1");
+    });
+    assert_eq!(b.reloads("error"), 1);
+}
+
+#[test]
+fn a_change_to_the_file_is_reloaded_with_clients_connected() {
+    let (b, _dir) = Broker::start("reload-watch", "", true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+        b.write_config(&format!("{DENY_SECRET}[sys]\ninterval_secs = 1\n"));
+        wait_for("the file's reload", LIMIT, || {
+            (b.reloads("ok") >= 1).then_some(())
+        });
+        b.log_line(&["configuration reloaded", "file"]);
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::NotAuthorized
+        );
+        assert_eq!(publish(&mut publisher, "news/1").await, ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/1");
+    });
+    assert_eq!(b.reloads("error"), 0);
+}
