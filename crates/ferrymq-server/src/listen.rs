@@ -40,7 +40,7 @@ pub(crate) async fn bind_all(config: &Config) -> Result<Vec<Bound>, ServerError>
     let mut bound = Vec::new();
     for l in listeners {
         for &addr in &l.addrs.0 {
-            match TcpListener::bind(addr).await {
+            match bind_listener(addr) {
                 Ok(socket) => {
                     let addr = socket
                         .local_addr()
@@ -64,6 +64,23 @@ pub(crate) async fn bind_all(config: &Config) -> Result<Vec<Bound>, ServerError>
     }
     bound.sort_by_key(|b| b.kind as usize);
     Ok(bound)
+}
+
+/// Connections the kernel may queue for `accept` (it caps this at `net.core.somaxconn`).
+/// std's 128 overflows when a few hundred clients connect at once (a reconnect storm after a
+/// restart): each SYN dropped there is retried by the client only after 1 s, then 3 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr`, as `TcpListener::bind` makes it but with [`LISTEN_BACKLOG`].
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// What a listener does with an accepted socket before the MQTT protocol starts.
