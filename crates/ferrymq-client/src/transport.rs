@@ -271,7 +271,7 @@ impl Transport {
     pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Transport::Stream(s) => s.shutdown().await,
-            Transport::Ws(ws) => match ws.close(None).await {
+            Transport::Ws(ws) => match WebSocketStream::close(ws.as_mut(), None).await {
                 Ok(()) | Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Ok(()),
                 Err(e) => Err(ws_io(e)),
             },

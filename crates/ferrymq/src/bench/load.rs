@@ -533,7 +533,7 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
             Ok(Err(e)) => {
                 failed += 1;
                 if errors.len() < 3 {
-                    errors.push(format!("connection {}: {e:#}", held.len() + failed));
+                    errors.push(format!("connection {}: {e}", held.len() + failed));
                 }
             }
             Err(_) => failed += 1,
@@ -593,8 +593,8 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
                 0.0
             },
             concurrency,
+            errors,
         }),
-        protocol_errors: errors,
         ..Default::default()
     })
 }

@@ -59,6 +59,8 @@ pub struct Connections {
     pub connections_per_sec: f64,
     /// Connections being set up at once.
     pub concurrency: usize,
+    /// Why the first few connections that failed did.
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -90,8 +92,13 @@ impl Report {
         }
         if let Some(c) = &self.connections {
             if c.failed > 0 {
+                let first = c
+                    .errors
+                    .first()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default();
                 return Some(format!(
-                    "{} of {} connections failed",
+                    "{} of {} connections failed{first}",
                     c.failed, c.requested
                 ));
             }
