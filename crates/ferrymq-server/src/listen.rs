@@ -201,6 +201,10 @@ pub(crate) async fn accept_loop(
 }
 
 /// TLS and/or the WebSocket upgrade, then the MQTT connection on top, in one task.
+///
+/// The TLS and WebSocket handshakes are boxed: a task is as large as its future's largest
+/// state for its whole life, and their state (rustls's handshake, tungstenite's upgrade)
+/// made every idle TLS or WebSocket connection's task ~13 KiB.
 async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge: Edge) {
     let listener = ctx.listener.clone();
     let deadline = tokio::time::Instant::now() + listener.connect_timeout;
@@ -221,26 +225,36 @@ async fn upgrade(stream: TcpStream, peer: SocketAddr, mut ctx: ConnContext, edge
             if !hold_preauth(&mut ctx, deadline, max_packet).await {
                 return failed(&ctx, "WebSocket", &timed_out);
             }
-            let ws = websocket::accept(stream, &route.path, &route.origins, max_packet);
+            let ws = Box::pin(websocket::accept(
+                stream,
+                &route.path,
+                &route.origins,
+                max_packet,
+            ));
             match tokio::time::timeout_at(deadline, ws).await {
                 Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
                 Ok(Err(e)) => failed(&ctx, "WebSocket", &e),
                 Err(_) => failed(&ctx, "WebSocket", &timed_out),
             }
         }
-        Edge::Tls(state) => match tls_accept(stream, &state, &mut ctx, deadline).await {
+        Edge::Tls(state) => match Box::pin(tls_accept(stream, &state, &mut ctx, deadline)).await {
             Ok(tls) => connection::run(Split::new(tls, peer), ctx).await,
             Err(e) => failed(&ctx, "TLS", &e),
         },
         Edge::Wss(state, route) => {
-            let tls = match tls_accept(stream, &state, &mut ctx, deadline).await {
+            let tls = match Box::pin(tls_accept(stream, &state, &mut ctx, deadline)).await {
                 Ok(tls) => tls,
                 Err(e) => return failed(&ctx, "TLS", &e),
             };
             if !hold_preauth(&mut ctx, deadline, max_packet).await {
                 return failed(&ctx, "WebSocket", &timed_out);
             }
-            let ws = websocket::accept(tls, &route.path, &route.origins, max_packet);
+            let ws = Box::pin(websocket::accept(
+                tls,
+                &route.path,
+                &route.origins,
+                max_packet,
+            ));
             match tokio::time::timeout_at(deadline, ws).await {
                 Ok(Ok(ws)) => connection::run(Split::new(ws, peer), ctx).await,
                 Ok(Err(e)) => failed(&ctx, "WebSocket", &e),
