@@ -27,7 +27,7 @@
 #              an EC P-256 server certificate made here with openssl): QoS 0 1→1 throughput,
 #              the connection-setup rate (TCP + TLS/WebSocket handshakes + CONNECT/CONNACK,
 #              64 at a time, full TLS handshakes: no session resumption) and, without --quick,
-#              broker memory per idle connection with 10K connections held over TCP and TLS.
+#              broker memory per idle connection with 10K connections held over each.
 #              mosquitto 2.0's WebSocket listener (libwebsockets) starts only next to a plain
 #              one and binds an interface, not an address: it gets `listener PORT lo`.
 set -euo pipefail
@@ -277,7 +277,7 @@ elif [ "$EDGE" = 1 ]; then
     SCENARIOS+=("setup rate $t|connections -c $C --hold 0 --concurrency 64")
   done
   if [ "$QUICK" = 0 ]; then
-    for t in tcp tls; do
+    for t in tcp tls ws; do
       SCENARIOS+=("idle 10K $t|connections -c 10000 --hold 3 --concurrency 64")
     done
   fi
