@@ -22,15 +22,24 @@
 #              cargo project); 1 and 4 consumers, plain and nack-once. Brokers: "ferrymq nats
 #              rabbitmq"; rabbitmq-server is installed from Debian if missing, and left out
 #              (with a warning) if it does not install. Ports are drawn at random in 20000-29999.
+#   --edge     the network edge instead (issue 12): FerryMQ and mosquitto over TCP, TLS and
+#              WebSocket, each broker with all three listeners and one certificate (a CA and
+#              an EC P-256 server certificate made here with openssl): QoS 0 1→1 throughput,
+#              the connection-setup rate (TCP + TLS/WebSocket handshakes + CONNECT/CONNACK,
+#              64 at a time, full TLS handshakes: no session resumption) and, without --quick,
+#              broker memory per idle connection with 10K connections held over each.
+#              mosquitto 2.0's WebSocket listener (libwebsockets) starts only next to a plain
+#              one and binds an interface, not an address: it gets `listener PORT lo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${FERRYMQ_PYTHON:-$(bash scripts/venv.sh)}
 
-QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0; ONLY=""; QUEUES=0
+QUICK=0; PIN=0; REPS=3; OUT=""; RATIOS=""; BROKERS=""; DURABLE=0; ONLY=""; QUEUES=0; EDGE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --durable) DURABLE=1 ;;
     --queues) QUEUES=1 ;;
+    --edge) EDGE=1 ;;
     --quick) QUICK=1 ;;
     --pin) PIN=1 ;;
     --reps) REPS=$2; shift ;;
@@ -45,6 +54,8 @@ done
 if [ -z "$BROKERS" ]; then
   if [ "$QUEUES" = 1 ]; then
     BROKERS="ferrymq nats rabbitmq"
+  elif [ "$EDGE" = 1 ]; then
+    BROKERS="ferrymq mosquitto"
   elif [ "$DURABLE" = 1 ]; then
     BROKERS="ferrymq ferrymq-always ferrymq-interval ferrymq-os ferrymq-memory mosquitto-persist nats"
   else
@@ -65,6 +76,7 @@ apt_install() {
 need_apt=()
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v nats-server >/dev/null || need_apt+=(nats-server)
+if [ "$EDGE" = 1 ]; then command -v openssl >/dev/null || need_apt+=(openssl); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt_install "${need_apt[@]}"
 fi
@@ -96,6 +108,9 @@ cleanup() {
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$EDGE" = 1 ] && [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
+  echo "the open-files limit ($(ulimit -n)) is under 10500: the 10K idle rows will fail" >&2
+fi
 
 # Ports below the ephemeral range (32768+), which 10K client connections would otherwise
 # occupy and make the next broker's bind fail.
@@ -107,6 +122,28 @@ if [ "$QUEUES" = 1 ]; then
   PORT=$BASE; HTTP_PORT=$((BASE + 1)); NATS_PORT=$((BASE + 2)); AMQP_PORT=$((BASE + 3))
   DIST_PORT=$((BASE + 4)); EPMD_PORT=$((BASE + 5))
 fi
+# --edge: TLS and WebSocket listeners next to the TCP one, and one certificate for both brokers.
+TLS_PORT=$((PORT + 1)); WS_PORT=$((PORT + 2))
+if [ "$EDGE" = 1 ]; then
+  CERTS=$WORK/certs; mkdir -p "$CERTS"
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 2 -subj "/CN=compare-peers CA" \
+    -keyout "$CERTS/ca.key" -out "$CERTS/ca.pem" 2>/dev/null
+  openssl req "${ec[@]}" -subj "/CN=localhost" -keyout "$CERTS/server.key" \
+    -out "$CERTS/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$CERTS/ext.cnf"
+  openssl x509 -req -in "$CERTS/server.csr" -CA "$CERTS/ca.pem" -CAkey "$CERTS/ca.key" \
+    -CAcreateserial -days 2 -extfile "$CERTS/ext.cnf" -out "$CERTS/server.pem" 2>/dev/null
+fi
+# `ferrymq bench` flags for each transport (--edge scenario names end with the transport).
+transport_flags() {
+  case "$1" in
+    *" tls") echo "--port $TLS_PORT --tls-ca $CERTS/ca.pem" ;;
+    *" ws") echo "--port $WS_PORT --ws" ;;
+    *) echo "--port $PORT" ;;
+  esac
+}
+
 # Each consumer's receive maximum (FerryMQ) or prefetch (JetStream pull batch, RabbitMQ
 # basic.qos), and each publisher's window of unacknowledged publishes, in --queues mode.
 QWIN=256
@@ -163,34 +200,52 @@ start_broker() {
     ferrymq-os) flags=(--fsync os) ;;
     ferrymq-memory) flags=(--in-memory) ;;
   esac
-  case "$1" in
-    ferrymq*)
+  case "$EDGE:$1" in
+    1:ferrymq)
+      printf '[listeners]\nmqtt = "127.0.0.1:%s"\nmqtts = "127.0.0.1:%s"\nws = "127.0.0.1:%s"\nwss = []\nhttp = "127.0.0.1:18080"\n[tls]\ncert = "%s"\nkey = "%s"\n' \
+        $PORT $TLS_PORT $WS_PORT "$CERTS/server.pem" "$CERTS/server.key" >"$WORK/ferrymq-edge.toml"
+      "${BROKER_CPU[@]}" "$BIN" serve --config "$WORK/ferrymq-edge.toml" --in-memory \
+        --log-level warn >"$WORK/ferrymq.log" 2>&1 &
+      ;;
+    1:mosquitto)
+      # As root, mosquitto switches to its own user, who cannot read the key in $WORK.
+      printf 'user %s\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' "$(id -un)" >"$WORK/mosquitto.conf"
+      printf 'listener %s 127.0.0.1\nlistener %s 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\nlistener %s lo\nprotocol websockets\n' \
+        $PORT $TLS_PORT "$CERTS/ca.pem" "$CERTS/server.pem" "$CERTS/server.key" $WS_PORT >>"$WORK/mosquitto.conf"
+      "${BROKER_CPU[@]}" mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+      ;;
+    *:ferrymq*)
       rm -rf "$WORK/ferrymq"
       "${BROKER_CPU[@]}" "$BIN" serve --mqtt 127.0.0.1:$PORT --http 127.0.0.1:18080 \
         --data-dir "$WORK/ferrymq" --log-level warn "${flags[@]}" >"$WORK/ferrymq.log" 2>&1 &
       ;;
-    mosquitto)
+    *:mosquitto)
       printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' $PORT >"$WORK/mosquitto.conf"
       "${BROKER_CPU[@]}" mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
       ;;
-    mosquitto-persist)
+    *:mosquitto-persist)
       # mosquitto's persistence writes a snapshot of its whole database every
       # autosave_interval (default 1800 s) and at exit; nothing is synced per message.
       rm -rf "$WORK/mosq"; mkdir -p "$WORK/mosq"
       printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/mosq/\nmax_queued_messages 100000\n' $PORT "$WORK" >"$WORK/mosquitto.conf"
       "${BROKER_CPU[@]}" mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
       ;;
-    nats)
+    *:nats)
       rm -rf "$WORK/js"; mkdir -p "$WORK/js"
       printf 'server_name: bench\nlisten: 127.0.0.1:14222\njetstream { store_dir: "%s/js" }\nmqtt { listen: 127.0.0.1:%s }\n' "$WORK" $PORT >"$WORK/nats.conf"
       "${BROKER_CPU[@]}" nats-server -c "$WORK/nats.conf" >"$WORK/nats.log" 2>&1 &
       ;;
   esac
   BROKER_PID=$!
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
-    sleep 0.1
+  local port
+  for port in $PORT $([ "$EDGE" = 1 ] && echo "$TLS_PORT $WS_PORT"); do
+    for _ in $(seq 1 100); do
+      (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && continue 2
+      sleep 0.1
+    done
+    echo "$1 did not start" >&2; return 1
   done
+  return 0
   echo "$1 did not start" >&2; return 1
 }
 
@@ -210,6 +265,22 @@ if [ "$QUEUES" = 1 ]; then
     "queue nack-once 1→1|-P 1 -C 1 -n 200000 --inflight $QWIN --nack-once"
     "queue nack-once 4→4|-P 4 -C 4 -n 50000 --inflight $QWIN --nack-once"
   )
+elif [ "$EDGE" = 1 ]; then
+  # The transport is the last word of each name (see transport_flags).
+  N=1000000; C=5000
+  [ "$QUICK" = 1 ] && { N=300000; C=2000; }
+  SCENARIOS=()
+  for t in tcp tls ws; do
+    SCENARIOS+=("qos0 1→1 $t|throughput -n $N --inflight 5000")
+  done
+  for t in tcp tls ws; do
+    SCENARIOS+=("setup rate $t|connections -c $C --hold 0 --concurrency 64")
+  done
+  if [ "$QUICK" = 0 ]; then
+    for t in tcp tls ws; do
+      SCENARIOS+=("idle 10K $t|connections -c 10000 --hold 3 --concurrency 64")
+    done
+  fi
 elif [ "$DURABLE" = 1 ]; then
   SCENARIOS=(
     "durable qos1 1→1 (256 in flight)|--persistent throughput -q 1 -n 200000 --inflight 256"
@@ -245,7 +316,7 @@ for broker in $BROKERS; do
     name=${entry%%|*}; args=${entry#*|}
     case "$name" in *"$ONLY"*) ;; *) continue ;; esac
     reps=$REPS
-    case "$name" in connections*) reps=1 ;; esac
+    case "$name" in connections*|idle*) reps=1 ;; esac
     for rep in $(seq 1 "$reps"); do
       # A fresh broker per run, so memory baselines are clean and one run cannot slow the next.
       if ! start_broker "$broker"; then
@@ -254,13 +325,15 @@ for broker in $BROKERS; do
         continue
       fi
       extra=()
-      case "$name" in connections*) extra=(--broker-pid "$BROKER_PID") ;; esac
+      case "$name" in connections*|idle*) extra=(--broker-pid "$BROKER_PID") ;; esac
+      # shellcheck disable=SC2207
+      [ "$EDGE" = 1 ] && extra+=($(transport_flags "$name"))
       # shellcheck disable=SC2086
       case "$QUEUES:$broker" in
         1:ferrymq) cmd=("$BIN" bench queue $args --receive-maximum $QWIN --port $PORT) ;;
         1:nats) cmd=("$PEER" nats --url 127.0.0.1:$NATS_PORT $args --prefetch $QWIN) ;;
         1:rabbitmq) cmd=("$PEER" rabbitmq --url "amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f" $args --prefetch $QWIN) ;;
-        *) cmd=("$BIN" bench $args --port $PORT) ;;
+        *) cmd=("$BIN" bench $args $([ "$EDGE" = 1 ] || echo "--port $PORT")) ;;
       esac
       if line=$("${LOAD_CPU[@]}" "${cmd[@]}" --timeout 120 --json --label "$broker" "${extra[@]}" 2>"$WORK/bench.err"); then :
       elif [ "$QUEUES" = 1 ] && [ "${line:0:1}" = "{" ]; then

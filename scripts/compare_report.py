@@ -28,6 +28,8 @@ for r in rows:
         if c.get("kb_per_connection") is not None:
             values[(r["name"], r["broker"], "kb")].append(c["kb_per_connection"])
         values[(r["name"], r["broker"], "held")].append(c["held"])
+        if c.get("connections_per_sec"):
+            values[(r["name"], r["broker"], "cps")].append(c["connections_per_sec"])
     elif res.get("latency_us") and not res.get("queue"):
         for q in ("p50", "p99", "p999"):
             values[(r["name"], r["broker"], q)].append(res["latency_us"][q])
@@ -61,7 +63,20 @@ print("| " + " | ".join(header) + " |")
 print("|" + "---|" * len(header))
 for name in names:
     cells, ratios = [name], []
-    if any(med(name, b, "rate") is not None for b in brokers):
+    if name.startswith("setup"):
+        # Connection-setup rate (connections/s, higher is better).
+        for b in brokers:
+            v = med(name, b, "cps")
+            cells.append("failed" if v is None and med(name, b, "failed") else
+                         ("—" if v is None else f"{v:,.0f} conn/s"))
+        f = med(name, "ferrymq", "cps")
+        for p in peers:
+            pv = med(name, p, "cps")
+            ratios.append(f"{f/pv:.2f}×" if f and pv else "—")
+            if f and pv:
+                summary["ratios"].setdefault(p, {})[name] = round(f / pv, 3)
+        summary["medians"][name] = {b: med(name, b, "cps") for b in brokers}
+    elif any(med(name, b, "rate") is not None for b in brokers):
         for b in brokers:
             v = med(name, b, "rate")
             lossy = values.get((name, b, "lossy"), [])
@@ -94,7 +109,10 @@ for name in names:
     else:
         for b in brokers:
             kb, held = med(name, b, "kb"), med(name, b, "held")
-            cells.append("—" if kb is None else f"{kb:.2f} KB/conn ({int(held)} held)")
+            if kb is None and med(name, b, "failed"):
+                cells.append("failed")
+            else:
+                cells.append("—" if kb is None else f"{kb:.2f} KB/conn ({int(held)} held)")
         f = med(name, "ferrymq", "kb")
         for p in peers:
             pv = med(name, p, "kb")
@@ -110,5 +128,9 @@ if args.ratios_json:
 if any(k[2] == "qp99" for k in values):
     print("Work queues: messages acked per second (distinct, publish to ack); in brackets the p99 "
           "publish-to-ack latency at that load.")
+if any(k[2] == "cps" for k in values) and any(n.startswith("setup") for n in names):
+    print("Setup rate: connections per second, each a new TCP connection, its TLS handshake (full, no "
+          "resumption) or WebSocket upgrade, and CONNECT/CONNACK, 64 at a time (median of the runs); "
+          "a run in which any connection failed is marked failed.")
 print("Rates are deliveries per second (medians of the runs that lost nothing: a run with loss is no result, "
       "and its loss is shown instead); latency p50 / p99 / p99.9; ratios above 1× mean FerryMQ leads.")

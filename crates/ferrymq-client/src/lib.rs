@@ -2,8 +2,14 @@
 //! the benchmark. It speaks both 3.1.1 and 5.0 and exposes packets directly: callers that want
 //! pipelining use [`Client::send`] and [`Client::recv`]; the helpers wait for each ack.
 //!
+//! Transports: TCP, TLS (rustls on ring) and MQTT over WebSocket on either
+//! ([`ConnectOptions::tls`], [`ConnectOptions::websocket`]); see `transport`.
+//!
 //! Not a general-purpose client: no automatic reconnect, no offline buffering.
 
+mod transport;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -12,8 +18,10 @@ use ferrymq_mqtt::{
     Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode, SubAck, Subscribe,
     SubscriptionOptions, Will,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+use transport::Transport;
+pub use transport::{TlsFiles, TlsOptions, WsOptions};
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +42,15 @@ pub enum ClientError {
     Unexpected(&'static str),
     #[error("timed out waiting for the server")]
     Timeout,
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    TlsSetup(String),
+    #[error("WebSocket upgrade failed: {0}")]
+    WebSocket(String),
 }
 
 /// How to connect.
@@ -52,6 +69,10 @@ pub struct ConnectOptions {
     /// Local address to connect from (each has its own ephemeral ports); `None` lets the
     /// kernel choose.
     pub source: Option<std::net::IpAddr>,
+    /// TLS on the TCP connection (under the WebSocket, if both).
+    pub tls: Option<TlsOptions>,
+    /// MQTT over WebSocket (`ws://`, or `wss://` with `tls`).
+    pub websocket: Option<WsOptions>,
 }
 
 impl ConnectOptions {
@@ -68,13 +89,15 @@ impl ConnectOptions {
             properties: Properties::default(),
             timeout: Duration::from_secs(10),
             source: None,
+            tls: None,
+            websocket: None,
         }
     }
 }
 
 /// A connected client.
 pub struct Client {
-    stream: TcpStream,
+    stream: Transport,
     version: ProtocolVersion,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -83,32 +106,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and waits for CONNACK; a refusal is an error.
+    /// Connects (TCP, then TLS and the WebSocket upgrade if asked) and waits for CONNACK; a
+    /// refusal is an error. `timeout` bounds the connection's setup and, apart, the CONNACK.
     pub async fn connect(opts: ConnectOptions) -> Result<(Client, ConnAck), ClientError> {
         let connecting = async {
-            match opts.source {
-                None => TcpStream::connect(&opts.addr).await,
-                Some(ip) => {
-                    let remote = tokio::net::lookup_host(&opts.addr)
-                        .await?
-                        .next()
-                        .ok_or_else(|| {
-                            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
-                        })?;
-                    let socket = if ip.is_ipv4() {
-                        TcpSocket::new_v4()?
-                    } else {
-                        TcpSocket::new_v6()?
-                    };
-                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
-                    socket.connect(remote).await
-                }
-            }
+            let tcp = tcp_connect(&opts).await?;
+            tcp.set_nodelay(true)?;
+            Transport::open(tcp, &opts.addr, opts.tls.as_ref(), opts.websocket.as_ref()).await
         };
         let stream = tokio::time::timeout(opts.timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout)??;
-        stream.set_nodelay(true)?;
         let mut c = Client {
             stream,
             version: opts.version,
@@ -154,8 +162,7 @@ impl Client {
 
     pub async fn flush(&mut self) -> Result<(), ClientError> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
+            self.stream.write_all(&mut self.wbuf).await?;
         }
         Ok(())
     }
@@ -194,11 +201,10 @@ impl Client {
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
             self.rbuf.reserve(64 * 1024);
         }
-        match self.stream.try_read_buf(&mut self.rbuf) {
-            Ok(0) => Err(ClientError::Closed),
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
-            Err(e) => Err(e.into()),
+        match self.stream.try_read_buf(&mut self.rbuf)? {
+            Some(0) => Err(ClientError::Closed),
+            Some(_) => Ok(true),
+            None => Ok(false),
         }
     }
 
@@ -308,4 +314,22 @@ impl Client {
         self.stream.shutdown().await?;
         Ok(())
     }
+}
+
+/// The TCP connection, from `opts.source` if set.
+async fn tcp_connect(opts: &ConnectOptions) -> std::io::Result<TcpStream> {
+    let Some(ip) = opts.source else {
+        return TcpStream::connect(&opts.addr).await;
+    };
+    let remote = tokio::net::lookup_host(&opts.addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+    socket.connect(remote).await
 }

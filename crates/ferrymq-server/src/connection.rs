@@ -305,6 +305,11 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     // This connection's part of the pre-auth budget: taken before the buffer grows, given
     // back when this function returns, however it returns (dropped with its future).
     let mut share = ctx.listener.preauth.share();
+    // A WebSocket connection already holds its part (a whole frame and the upgrade's buffer,
+    // more than a largest CONNECT): asking the budget again would be hold-and-wait. The
+    // budget is FIFO, so with a WebSocket hold waiting at its head no holder could grow, none
+    // would finish, and every pre-auth connection stalled until its connect timeout.
+    let covered = admission.as_ref().is_some_and(|a| a.preauth.is_some());
     let first = loop {
         // The CONNECT size limit is the decoder's packet limit here: checked from the fixed
         // header, before the rest is buffered.
@@ -347,7 +352,10 @@ async fn handshake<R: ReadSide, W: WriteSide>(
             let largest = ctx.listener.connect_limits.max_packet_size;
             let want = crate::limits::next_connect_capacity(buf.capacity(), declared, MIN_READ)
                 .min(largest);
-            let grant = tokio::time::timeout_at(deadline, share.grow_to(want)).await;
+            let grant = match covered {
+                true => Ok(()),
+                false => tokio::time::timeout_at(deadline, share.grow_to(want)).await,
+            };
             if grant.is_err() {
                 tracing::debug!(
                     conn = ctx.conn.0,

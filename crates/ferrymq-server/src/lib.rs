@@ -362,6 +362,7 @@ impl Server {
             http = %first(http_addrs.first().copied()),
             listeners = mqtt_addrs.len(),
             connection_future_bytes = connection_future_bytes(),
+            upgrade_future_bytes = upgrade_future_bytes(),
             "ferrymq listening"
         );
         Ok(Server {
@@ -515,6 +516,12 @@ pub fn connection_future_bytes() -> usize {
         std::mem::size_of::<R>()
     }
     output_size(connection::run::<tokio::net::TcpStream>)
+}
+
+/// Bytes of the task future of a TLS or WebSocket connection (handshake, then the
+/// connection), which such an idle connection keeps for life, as [`connection_future_bytes`].
+pub fn upgrade_future_bytes() -> usize {
+    listen::upgrade_future_bytes()
 }
 
 /// Loads the `[tls]` certificate, key and client CA files as the server would at start

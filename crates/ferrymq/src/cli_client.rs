@@ -38,6 +38,9 @@ pub struct ConnArgs {
     /// A user property KEY=VALUE on each PUBLISH (repeatable).
     #[arg(long = "user-property", value_name = "KEY=VALUE")]
     user_properties: Vec<String>,
+    /// TLS (`--tls-ca`), WebSocket (`--ws`) or a broker URL (`--url mqtts://host:8883`).
+    #[command(flatten)]
+    transport: crate::transport_args::TransportArgs,
 }
 
 fn version(s: &str) -> anyhow::Result<ProtocolVersion> {
@@ -68,7 +71,9 @@ fn options(
     clean_start: bool,
     properties: Properties,
 ) -> anyhow::Result<ConnectOptions> {
-    let mut o = ConnectOptions::new(format!("{}:{}", c.host, c.port), c.id.clone());
+    let endpoint = c.transport.endpoint(&c.host, c.port, true)?;
+    let mut o = ConnectOptions::new(endpoint.addr.clone(), c.id.clone());
+    endpoint.apply(&mut o);
     o.version = version(&c.version)?;
     o.username = c.username.clone();
     o.password = c.password.clone().map(Bytes::from);

@@ -13,6 +13,7 @@ mod bench;
 mod cli_client;
 mod passwd_cli;
 mod queue_cli;
+mod transport_args;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use ferrymq_client::{Client, ConnectOptions};
+use ferrymq_client::Client;
 use ferrymq_mqtt::{
     Packet, Properties, PubResp, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions,
 };
@@ -126,15 +126,12 @@ pub(super) async fn open(
     keep_alive: u16,
     persistent: bool,
 ) -> anyhow::Result<Client> {
-    let mut o = ConnectOptions::new(t.addr.clone(), id);
+    let mut o = t.options(id);
     if persistent {
         o.clean_start = false;
         o.properties.session_expiry_interval = Some(300);
     }
-    o.version = t.version;
     o.keep_alive = keep_alive;
-    o.timeout = t.timeout;
-    o.source = t.source;
     let (client, _) = Client::connect(o).await?;
     Ok(client)
 }
@@ -506,30 +503,40 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
     let ping_every =
         (a.keep_alive > 0).then(|| Duration::from_millis(u64::from(a.keep_alive) * 500));
     let mut next_ping = ping_every.map(|every| Instant::now() + every);
-    for chunk in (0..a.connections).collect::<Vec<_>>().chunks(256) {
-        let mut tasks = Vec::with_capacity(chunk.len());
-        for &i in chunk {
-            let target = Target {
-                addr: t.addr.clone(),
-                version: t.version,
-                timeout: t.timeout,
-                source: sources[i % sources.len()],
-                persistent: false,
-            };
-            let id = format!("idle-{run_id}-{i}");
+    // `concurrency` setups in flight; as each ends the next starts.
+    let concurrency = a.concurrency.clamp(1, a.connections.max(1));
+    let mut setting_up = tokio::task::JoinSet::new();
+    let mut started = 0;
+    let setup_started = Instant::now();
+    let mut last_connack = setup_started;
+    let mut timed_out = false;
+    let mut errors = Vec::new();
+    while held.len() + failed < a.connections {
+        while started < a.connections && setting_up.len() < concurrency && !timed_out {
+            let mut target = t.clone();
+            target.source = sources[started % sources.len()];
+            target.persistent = false;
+            let id = format!("idle-{run_id}-{started}");
             let ka = a.keep_alive;
-            tasks.push(tokio::spawn(
-                async move { open(&target, id, ka, false).await },
-            ));
+            setting_up.spawn(async move { open(&target, id, ka, false).await });
+            started += 1;
         }
-        for task in tasks {
-            match task.await {
-                Ok(Ok(c)) => {
-                    held.push(c);
-                    alive.push(true);
-                }
-                _ => failed += 1,
+        let Some(done) = setting_up.join_next().await else {
+            break;
+        };
+        match done {
+            Ok(Ok(c)) => {
+                held.push(c);
+                alive.push(true);
+                last_connack = Instant::now();
             }
+            Ok(Err(e)) => {
+                failed += 1;
+                if errors.len() < 3 {
+                    errors.push(format!("connection {}: {e}", held.len() + failed));
+                }
+            }
+            Err(_) => failed += 1,
         }
         if let (Some(at), Some(every)) = (next_ping, ping_every) {
             if Instant::now() >= at {
@@ -537,11 +544,14 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
                 next_ping = Some(Instant::now() + every);
             }
         }
-        if Instant::now() > deadline {
-            failed += a.connections - held.len() - failed;
-            break;
+        if Instant::now() > deadline && !timed_out {
+            // Count what was never tried; what is in flight ends within its own timeout.
+            timed_out = true;
+            failed += a.connections - started;
         }
     }
+    let setup_secs = (last_connack - setup_started).as_secs_f64();
+    let opened = held.len();
     let hold_until = Instant::now() + Duration::from_secs(a.hold);
     loop {
         let now = Instant::now();
@@ -576,6 +586,14 @@ pub async fn run_connections(t: &Target, a: ConnArgs) -> anyhow::Result<Report> 
             broker_rss_before_kb: rss_before,
             broker_rss_after_kb: rss_after,
             kb_per_connection: per,
+            setup_secs,
+            connections_per_sec: if setup_secs > 0.0 {
+                opened as f64 / setup_secs
+            } else {
+                0.0
+            },
+            concurrency,
+            errors,
         }),
         ..Default::default()
     })

@@ -42,6 +42,9 @@ pub struct BenchArgs {
     /// so a broker with persistence must store QoS 1/2 messages for them: the durable case.
     #[arg(long, global = true)]
     persistent: bool,
+    /// TLS (`--tls-ca`), WebSocket (`--ws`) or a broker URL (`--url wss://host:8084/mqtt`).
+    #[command(flatten)]
+    transport: crate::transport_args::TransportArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -54,7 +57,8 @@ enum Scenario {
     Fanin(Flow),
     /// End-to-end latency at a paced rate, from timestamps in the payload.
     Latency(LatencyArgs),
-    /// Hold idle connections and measure the broker's memory per connection.
+    /// Open idle connections (`--concurrency` at a time): the connection-setup rate (TCP, TLS
+    /// and WebSocket handshakes, CONNECT/CONNACK) and the broker's memory per connection held.
     Connections(ConnArgs),
     /// A durable work queue: P publishers (QoS 1) into a queue, C consumers on `$queue/NAME`
     /// acking each message; messages/s from publish to ack, and every message accounted for.
@@ -170,6 +174,9 @@ pub struct ConnArgs {
     /// Seconds to hold them once all are open.
     #[arg(long, default_value_t = 3)]
     hold: u64,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
     /// PID of the broker, to read its resident memory from /proc.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -180,6 +187,7 @@ pub struct ConnArgs {
     source_addrs: Vec<std::net::IpAddr>,
 }
 
+#[derive(Clone)]
 pub(crate) struct Target {
     pub addr: String,
     pub version: ProtocolVersion,
@@ -188,6 +196,22 @@ pub(crate) struct Target {
     pub source: Option<std::net::IpAddr>,
     /// Subscribers connect with persistent sessions.
     pub persistent: bool,
+    /// TLS and WebSocket, if not plain TCP.
+    pub tls: Option<ferrymq_client::TlsOptions>,
+    pub websocket: Option<ferrymq_client::WsOptions>,
+}
+
+impl Target {
+    /// Options for one connection to the target (its address, version, timeout, transport).
+    pub(crate) fn options(&self, id: String) -> ferrymq_client::ConnectOptions {
+        let mut o = ferrymq_client::ConnectOptions::new(self.addr.clone(), id);
+        o.version = self.version;
+        o.timeout = self.timeout;
+        o.source = self.source;
+        o.tls = self.tls.clone();
+        o.websocket = self.websocket.clone();
+        o
+    }
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -200,12 +224,17 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         "5" => ProtocolVersion::V5,
         v => bail!("unknown protocol version {v:?}: use 3 or 5"),
     };
+    // No TLS session resumption: every connection pays a full handshake, as a fleet of
+    // devices connecting for the first time (or after the broker restarted) does.
+    let endpoint = a.transport.endpoint(&a.host, a.port, false)?;
     let target = Target {
-        addr: format!("{}:{}", a.host, a.port),
+        addr: endpoint.addr.clone(),
         version,
         timeout: Duration::from_secs(a.timeout),
         source: None,
         persistent: a.persistent,
+        tls: endpoint.tls.clone(),
+        websocket: endpoint.websocket.clone(),
     };
     let qos = |q: u8| QoS::from_u8(q).ok_or_else(|| anyhow::anyhow!("QoS must be 0, 1 or 2"));
     let mut report = match a.scenario {
@@ -253,6 +282,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     report.label = a.label;
+    report.transport = endpoint.transport().into();
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferrymq_client::{Client, ConnectOptions};
+use ferrymq_client::Client;
 use ferrymq_mqtt::{
     Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode, Subscribe,
     SubscriptionOptions,
@@ -271,11 +271,8 @@ pub async fn run(t: &Target, plan: QueuePlan) -> anyhow::Result<Report> {
 /// A consumer's connection: a clean session (the queue, not the session, holds its messages)
 /// whose receive maximum bounds its leases.
 async fn open_consumer(t: &Target, id: String, receive_maximum: u16) -> anyhow::Result<Client> {
-    let mut o = ConnectOptions::new(t.addr.clone(), id);
-    o.version = t.version;
+    let mut o = t.options(id);
     o.keep_alive = 60;
-    o.timeout = t.timeout;
-    o.source = t.source;
     if t.version == ProtocolVersion::V5 {
         o.properties.receive_maximum = Some(receive_maximum.max(1));
     }

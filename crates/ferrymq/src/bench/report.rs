@@ -8,6 +8,8 @@ use serde::Serialize;
 pub struct Report {
     pub label: String,
     pub scenario: String,
+    /// `tcp`, `tls`, `ws` or `wss`.
+    pub transport: String,
     pub publishers: usize,
     pub subscribers: usize,
     pub qos: u8,
@@ -51,6 +53,14 @@ pub struct Connections {
     pub broker_rss_before_kb: Option<u64>,
     pub broker_rss_after_kb: Option<u64>,
     pub kb_per_connection: Option<f64>,
+    /// Seconds from the first connection attempt to the last CONNACK.
+    pub setup_secs: f64,
+    /// Connections set up per second (TCP, TLS/WebSocket handshakes, CONNECT/CONNACK).
+    pub connections_per_sec: f64,
+    /// Connections being set up at once.
+    pub concurrency: usize,
+    /// Why the first few connections that failed did.
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -82,8 +92,13 @@ impl Report {
         }
         if let Some(c) = &self.connections {
             if c.failed > 0 {
+                let first = c
+                    .errors
+                    .first()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default();
                 return Some(format!(
-                    "{} of {} connections failed",
+                    "{} of {} connections failed{first}",
                     c.failed, c.requested
                 ));
             }
@@ -93,8 +108,17 @@ impl Report {
 
     pub fn table(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "{} / {}", self.label, self.scenario);
+        let _ = writeln!(
+            o,
+            "{} / {} over {}",
+            self.label, self.scenario, self.transport
+        );
         if let Some(c) = &self.connections {
+            let _ = writeln!(
+                o,
+                "  setup                {:.0} connections/s ({:.3} s, {} at a time)",
+                c.connections_per_sec, c.setup_secs, c.concurrency
+            );
             let _ = writeln!(
                 o,
                 "  connections held     {} of {} ({} failed)",
