@@ -289,13 +289,6 @@ async fn handshakes(
     }
 }
 
-/// The TLS handshake; a verified client certificate's user name goes into the connection's
-/// [`Admission`], from where the CONNECT handshake puts it into its `PeerIdentity`.
-/// Before a WebSocket upgrade: the pre-auth budget's part for what the framing layer may
-/// buffer before the CONNECT is through (the upgrade request, and a whole frame, up to
-/// `max_packet_size`, before MQTT sees a byte), held by the handshake and given back when it
-/// ends. Without it, unauthenticated WebSocket clients could each make the broker hold a
-/// megabyte the budget never saw. False when the connect timeout ran out waiting for it.
 /// Bytes of an [`upgrade`] future (see `connection_future_bytes` in lib.rs).
 pub(crate) fn upgrade_future_bytes() -> usize {
     fn output_size<F, R>(_: F) -> usize
@@ -307,12 +300,21 @@ pub(crate) fn upgrade_future_bytes() -> usize {
     output_size(upgrade)
 }
 
+/// Before a WebSocket upgrade: the pre-auth budget's part for what the connection may buffer
+/// before its CONNECT is through — the upgrade request, then a whole frame (up to
+/// `max_packet_size`, read before MQTT sees a byte) and the CONNECT's own buffer (up to
+/// `max_connect_size`; the handshake reads it within this hold instead of asking the budget
+/// again, see `connection::handshake`). Held by the handshake and given back when it ends.
+/// Without it, unauthenticated WebSocket clients could each make the broker hold a megabyte
+/// the budget never saw. False when the connect timeout ran out waiting for it.
 async fn hold_preauth(
     ctx: &mut ConnContext,
     deadline: tokio::time::Instant,
     max_packet: usize,
 ) -> bool {
-    let bytes = max_packet + websocket::FRAME_SLACK + websocket::UPGRADE_BUFFER;
+    // The upgrade's buffer is gone before the CONNECT's grows.
+    let connect = ctx.listener.connect_limits.max_packet_size;
+    let bytes = max_packet + websocket::FRAME_SLACK + websocket::UPGRADE_BUFFER.max(connect);
     let hold = ctx.listener.preauth.hold(bytes);
     match tokio::time::timeout_at(deadline, hold).await {
         Ok(hold) => {
@@ -323,6 +325,8 @@ async fn hold_preauth(
     }
 }
 
+/// The TLS handshake; a verified client certificate's user name goes into the connection's
+/// [`Admission`], from where the CONNECT handshake puts it into its `PeerIdentity`.
 async fn tls_accept(
     stream: TcpStream,
     state: &TlsState,
