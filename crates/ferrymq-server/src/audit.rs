@@ -394,7 +394,13 @@ impl Writer {
                 std::fs::rename(&from, numbered(n + 1))?;
             }
         }
-        std::fs::rename(&self.path, numbered(1))?;
+        // The file may be gone (deleted by hand or by a log shipper while its lines went on
+        // into it): there is nothing to keep then, and a new one starts all the same, or
+        // every line from now on would fail here.
+        match std::fs::rename(&self.path, numbered(1)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         self.file = std::io::BufWriter::new(open(&self.path)?);
         self.size = 0;
         Ok(())

@@ -248,3 +248,49 @@ fn the_audit_file_rotates_at_max_bytes_and_keeps_keep_files() {
     assert!(last_rotated["ts"].as_str() <= first_current["ts"].as_str());
     assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
 }
+
+/// An operator (or a log shipper) deletes the audit file while the broker runs: the lines go
+/// to the deleted file until it is due for rotation, and the rotation then starts a new file
+/// instead of failing at every line from then on.
+#[test]
+fn a_deleted_audit_file_is_started_again_at_the_next_rotation() {
+    let dir = scratch_dir("audit-deleted");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\nmax_bytes = 2048\nkeep = 2\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect_and_leave = |id: String| {
+        let addr = addr.clone();
+        async move {
+            let mut o = ConnectOptions::new(&addr, id);
+            o.timeout = LIMIT;
+            let (c, _) = Client::connect(o).await.unwrap();
+            c.disconnect().await.unwrap();
+        }
+    };
+    rt.block_on(connect_and_leave("before-delete".into()));
+    event(&audit, "disconnect", |l| l["client_id"] == "before-delete");
+    std::fs::remove_file(&audit).unwrap();
+    // ~310 bytes a client: 30 of them are well past one rotation.
+    rt.block_on(async {
+        for i in 0..30 {
+            connect_and_leave(format!("after-delete-{i}")).await;
+        }
+    });
+    event(&audit, "disconnect", |l| {
+        l["client_id"] == "after-delete-29"
+    });
+}
