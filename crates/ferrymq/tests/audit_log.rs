@@ -294,3 +294,144 @@ fn a_deleted_audit_file_is_started_again_at_the_next_rotation() {
         l["client_id"] == "after-delete-29"
     });
 }
+
+/// Every line of the audit file and its rotations, oldest first.
+fn all_lines(file: &Path, keep: u32) -> Vec<Value> {
+    let mut out = Vec::new();
+    for n in (1..=keep).rev() {
+        let mut p = file.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        out.extend(lines(Path::new(&p)));
+    }
+    out.extend(lines(file));
+    out
+}
+
+/// One client publishing where the ACL denies it, as fast as it can, must not write the
+/// audit log full and rotate away what came before it (the record of who connected): its
+/// denials are recorded up to a bound, and the rest are counted on its disconnect line.
+#[test]
+fn a_flood_of_acl_denials_does_not_rotate_the_audit_history_away() {
+    let dir = scratch_dir("audit-denial-flood");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\nmax_bytes = 16384\nkeep = 1\n\
+             [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const FLOOD: usize = 3000;
+    rt.block_on(async {
+        let mut o = ConnectOptions::new(&addr, "victim");
+        o.timeout = LIMIT;
+        let (_victim, _) = Client::connect(o).await.unwrap();
+        event(&audit, "connect", |l| l["client_id"] == "victim");
+        let mut o = ConnectOptions::new(&addr, "flooder");
+        o.timeout = LIMIT;
+        let (mut flooder, _) = Client::connect(o).await.unwrap();
+        let denied = |qos| Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: "secret/x".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        for _ in 0..FLOOD / 100 {
+            for _ in 0..100 {
+                flooder
+                    .queue(&ferrymq_mqtt::Packet::Publish(denied(QoS::AtMostOnce)))
+                    .unwrap();
+            }
+            flooder.flush().await.unwrap();
+        }
+        // Answered after every one before it was denied.
+        let last = tokio::time::timeout(LIMIT, flooder.publish(denied(QoS::AtLeastOnce)));
+        assert_eq!(last.await.unwrap().unwrap(), ReasonCode::NotAuthorized);
+        flooder.disconnect().await.unwrap();
+    });
+    let gone = event(&audit, "disconnect", |l| l["client_id"] == "flooder");
+    let all = all_lines(&audit, 1);
+    assert!(
+        all.iter()
+            .any(|l| l["event"] == "connect" && l["client_id"] == "victim"),
+        "the victim's connect line was rotated away by the flood"
+    );
+    let mine: Vec<&Value> = all
+        .iter()
+        .filter(|l| l["event"] == "acl_denied" && l["client_id"] == "flooder")
+        .collect();
+    let recorded = mine.iter().filter(|l| l["topic"] == "secret/x").count();
+    assert!(recorded > 0 && recorded <= 40, "{recorded} denial lines");
+    // Each denial is in the file once: as a line, or counted in a later one.
+    let count = |l: &Value, key: &str| l[key].as_u64().unwrap_or(0) as usize;
+    let counted: usize = mine
+        .iter()
+        .map(|l| count(l, "unrecorded_before") + count(l, "unrecorded"))
+        .sum();
+    let total = recorded + counted + count(&gone, "acl_denied_unrecorded");
+    assert_eq!(total, FLOOD + 1, "{gone}");
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}
+
+/// An address that keeps connecting once it is banned (each refusal costs it one CONNECT,
+/// and the broker no password check) writes a bounded number of `auth_failure` lines; the
+/// rest are counted in the lines that follow.
+#[test]
+fn a_banned_address_reconnecting_in_a_loop_writes_a_bounded_number_of_lines() {
+    let dir = scratch_dir("audit-auth-flood");
+    let users = dir.join("users");
+    let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
+             max_failures = 3\nban_ms = 600000\n",
+            audit.display().to_string(),
+            users.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const ATTEMPTS: usize = 300;
+    rt.block_on(async {
+        for i in 0..ATTEMPTS {
+            let refused = login(&addr, &format!("guess-{i}"), "alice", "guess").await;
+            assert!(matches!(refused, Err(ClientError::Refused(_))), "{i}");
+        }
+    });
+    // A line after the flood: everything before it is in the file.
+    assert_eq!(post(http, "/api/v1/reload", ""), 200);
+    event(&audit, "config_reload", |_| true);
+    let failures: Vec<Value> = lines(&audit)
+        .into_iter()
+        .filter(|l| l["event"] == "auth_failure")
+        .collect();
+    assert!(
+        !failures.is_empty() && failures.len() <= 40,
+        "{} auth_failure lines",
+        failures.len()
+    );
+    assert!(failures.iter().any(|l| l["reason"] == "bad_credentials"));
+}
