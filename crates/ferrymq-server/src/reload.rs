@@ -383,6 +383,7 @@ pub(crate) async fn watch_file(
     };
     let mut seen = read(path.clone()).await;
     let mut pending: Option<Vec<u8>> = None;
+    let mut empty_noted = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(WATCH_POLL) => {}
@@ -392,6 +393,19 @@ pub(crate) async fn watch_file(
         let Some(now) = read(path.clone()).await else {
             continue;
         };
+        // Nor is an empty one: a write under way (truncated, not yet written), however long
+        // it takes, not a configuration of every default (no ACL rules, no users). SIGHUP
+        // and the API still take it.
+        if now.iter().all(u8::is_ascii_whitespace) {
+            if !std::mem::replace(&mut empty_noted, true) {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the configuration file is empty: not reloaded until it has contents (SIGHUP or POST /api/v1/reload take it as it is)"
+                );
+            }
+            continue;
+        }
+        empty_noted = false;
         if Some(&now) == seen.as_ref() {
             pending = None;
             continue;

@@ -36,6 +36,11 @@ impl Broker {
         let dir = scratch_dir(name);
         let config = dir.join("ferrymq.toml");
         std::fs::write(&config, config_text).unwrap();
+        (Broker::spawn(&dir, config, watch), dir)
+    }
+
+    /// A broker on `config` (already written), its data under `dir`.
+    fn spawn(dir: &Path, config: PathBuf, watch: bool) -> Broker {
         let (mqtt, http) = (free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrymq"));
         cmd.args(["serve", "--config"])
@@ -66,15 +71,14 @@ impl Broker {
         });
         wait_listening(mqtt, LIMIT);
         let pid = child.id();
-        let broker = Broker {
+        Broker {
             _child: KillOnDrop(child),
             pid,
             mqtt,
             http,
             config,
             log,
-        };
-        (broker, dir)
+        }
     }
 
     fn addr(&self) -> String {
@@ -399,3 +403,125 @@ fn a_change_to_the_file_is_reloaded_with_clients_connected() {
     });
     assert_eq!(b.reloads("error"), 0);
 }
+
+/// A Kubernetes config map's layout: `ferrymq.toml -> ..data/ferrymq.toml`, `..data ->
+/// ..v1`; an update writes `..v2` and renames a new `..data` link over the old one.
+#[test]
+fn a_config_map_symlink_swap_is_reloaded_once() {
+    let dir = scratch_dir("reload-configmap");
+    let version = |n: u32, text: &str| {
+        let d = dir.join(format!("..v{n}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("ferrymq.toml"), text).unwrap();
+        d
+    };
+    version(1, "");
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    let config = dir.join("ferrymq.toml");
+    std::os::unix::fs::symlink("..data/ferrymq.toml", &config).unwrap();
+    let b = Broker::spawn(&dir, config, true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+        version(2, DENY_SECRET);
+        std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+        wait_for("the swap's reload", LIMIT, || {
+            (b.reloads("ok") >= 1).then_some(())
+        });
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::NotAuthorized
+        );
+        assert_eq!(publish(&mut publisher, "news/1").await, ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/1");
+        // One more swap: still watched.
+        version(3, "# every default\n");
+        std::os::unix::fs::symlink("..v3", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        wait_for("the second swap's reload", LIMIT, || {
+            (b.reloads("ok") >= 2).then_some(())
+        });
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::Success
+        );
+        assert_eq!(next_topic(&mut watcher).await, "secret/b");
+    });
+    assert_eq!(b.reloads("ok"), 2, "one reload per swap");
+    assert_eq!(b.reloads("error"), 0);
+}
+
+/// The file deleted (an editor's save, a deployment tool) and written again later: no
+/// reload while it is missing, one when it is back, and it is still watched after.
+#[test]
+fn a_deleted_and_recreated_config_file_is_reloaded_and_still_watched() {
+    let (b, _dir) = Broker::start("reload-recreate", "", true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut publisher = connect(&addr, "publisher").await;
+        std::fs::remove_file(&b.config).unwrap();
+        // Four looks at the missing file: nothing happens.
+        std::thread::sleep(WATCH_POLL * 4);
+        assert_eq!((b.reloads("ok"), b.reloads("error")), (0, 0));
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::Success
+        );
+        std::fs::write(&b.config, DENY_SECRET).unwrap();
+        wait_for("the reload", LIMIT, || (b.reloads("ok") >= 1).then_some(()));
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::NotAuthorized
+        );
+        b.write_config("# every default\n");
+        wait_for("the next reload", LIMIT, || {
+            (b.reloads("ok") >= 2).then_some(())
+        });
+        assert_eq!(
+            publish(&mut publisher, "secret/c").await,
+            ReasonCode::Success
+        );
+    });
+    assert_eq!(b.reloads("error"), 0);
+}
+
+/// The file emptied and left so for a while (a truncate, then a slow write; `: > file`
+/// before an editor opens it) is a write under way, not a configuration: the watch does not
+/// put every default in force (no ACL rules, no users) meanwhile.
+#[test]
+fn an_emptied_config_file_is_not_taken_for_a_configuration_by_the_watch() {
+    let (b, _dir) = Broker::start("reload-emptied", DENY_SECRET, true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut publisher = connect(&addr, "publisher").await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&b.config)
+            .unwrap();
+        // Four looks at the empty file.
+        std::thread::sleep(WATCH_POLL * 4);
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::NotAuthorized,
+            "the rule still holds"
+        );
+        assert_eq!(b.reloads("ok"), 0);
+        // The rest of the write: taken.
+        std::fs::write(
+            &b.config,
+            format!("{DENY_SECRET}[sys]\ninterval_secs = 1\n"),
+        )
+        .unwrap();
+        wait_for("the reload", LIMIT, || (b.reloads("ok") >= 1).then_some(()));
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::NotAuthorized
+        );
+    });
+}
+
+const WATCH_POLL: Duration = Duration::from_millis(500);
