@@ -525,3 +525,23 @@ fn an_emptied_config_file_is_not_taken_for_a_configuration_by_the_watch() {
 }
 
 const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// A secret written with the wrong type (a numeric JWT secret or admin token) is refused,
+/// and the error, which goes to the HTTP response, the log and the audit log, names the key
+/// but not the value.
+#[test]
+fn a_refused_secret_is_not_echoed_in_the_reload_error() {
+    let (b, _dir) = Broker::start("reload-secret-echo", "", false);
+    b.write_config("[auth.jwt]\nalgorithm = \"HS256\"\nsecret = 8675309123\n");
+    let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("auth.jwt.secret"), "{body}");
+    assert!(!body.contains("8675309123"), "the secret is echoed: {body}");
+    b.write_config("[admin]\ntoken = 8675309123\n");
+    let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("admin.token"), "{body}");
+    assert!(!body.contains("8675309123"), "the secret is echoed: {body}");
+    b.log_line(&["configuration not reloaded", "admin.token"]);
+    assert!(!b.has_log_line("8675309123"), "the secret is in the log");
+}
