@@ -435,3 +435,44 @@ fn a_banned_address_reconnecting_in_a_loop_writes_a_bounded_number_of_lines() {
     );
     assert!(failures.iter().any(|l| l["reason"] == "bad_credentials"));
 }
+
+/// An audit file on a full disk (`/dev/full`: every write fails with ENOSPC) neither stops
+/// nor slows the broker: clients connect and publish, and the lines that could not be
+/// written are counted.
+#[test]
+fn an_audit_file_on_a_full_disk_counts_its_lost_lines_and_the_broker_serves_on() {
+    let dir = scratch_dir("audit-full-disk");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(&config, "[audit]\nfile = \"/dev/full\"\nmax_bytes = 4096\n").unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..100 {
+            let mut o = ConnectOptions::new(&addr, format!("full-disk-{i}"));
+            o.timeout = LIMIT;
+            let (mut c, _) = tokio::time::timeout(LIMIT, Client::connect(o))
+                .await
+                .unwrap()
+                .unwrap();
+            let p = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "t".into(),
+                packet_id: None,
+                properties: Properties::default(),
+                payload: Bytes::from_static(b"x"),
+            };
+            assert_eq!(c.publish(p).await.unwrap(), ReasonCode::Success);
+            c.disconnect().await.unwrap();
+        }
+    });
+    wait_for("lost lines counted", LIMIT, || {
+        (metric(http, "ferrymq_audit_dropped_total") > 0).then_some(())
+    });
+}
