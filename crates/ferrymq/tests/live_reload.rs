@@ -545,3 +545,127 @@ fn a_refused_secret_is_not_echoed_in_the_reload_error() {
     b.log_line(&["configuration not reloaded", "admin.token"]);
     assert!(!b.has_log_line("8675309123"), "the secret is in the log");
 }
+
+/// The payload of the next message `c` receives, and whether it is a redelivery (`dup`);
+/// not acknowledged.
+async fn next_publish(c: &mut Client) -> Publish {
+    loop {
+        let packet = tokio::time::timeout(LIMIT, c.recv())
+            .await
+            .expect("a delivery in time")
+            .unwrap();
+        if let Packet::Publish(p) = packet {
+            return p;
+        }
+    }
+}
+
+/// Reloads that swap the ACL and a queue's policy while a job is leased to a consumer, and
+/// a burst of reloads while a publisher streams: every job is delivered once and acked for
+/// good, every stream message arrives once and in order, and the ACL in force is the one
+/// the last reload put there.
+#[test]
+fn reloads_with_leased_jobs_and_a_stream_in_flight_lose_and_duplicate_nothing() {
+    let config = |acl: &str, attempts: u32, rate: u32| {
+        format!(
+            "[[queue]]\nname = \"jobs\"\nfilter = \"jobs/#\"\nmax_attempts = {attempts}\n\
+             [limits]\nmax_connection_rate = {rate}\n{acl}"
+        )
+    };
+    let (b, _dir) = Broker::start("reload-burst", &config(DENY_SECRET, 3, 0), false);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut consumer = connect(&addr, "consumer").await;
+        let qos1 = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        };
+        let ack = consumer
+            .subscribe(vec![("$queue/jobs".into(), qos1)], Properties::default())
+            .await
+            .unwrap();
+        assert!(!ack.reasons[0].is_error(), "{ack:?}");
+        let mut publisher = connect(&addr, "publisher").await;
+
+        // One job at a time, leased while a reload changes its queue's policy and the ACL.
+        for i in 0..10u32 {
+            assert_eq!(
+                publish(&mut publisher, &format!("jobs/{i}")).await,
+                ReasonCode::Success
+            );
+            let job = next_publish(&mut consumer).await;
+            assert_eq!(job.topic, format!("jobs/{i}"));
+            assert!(!job.dup, "job {i} delivered twice");
+            let deny = i % 2 == 0;
+            let acl = if deny { DENY_SECRET } else { "" };
+            b.write_config(&config(acl, 3 + i % 2, 0));
+            let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+            assert_eq!(status, 200, "{body}");
+            consumer.queue_ack(&job).unwrap();
+            consumer.flush().await.unwrap();
+            let secret = format!("secret/{i}");
+            let want = if deny {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            assert_eq!(publish(&mut publisher, &secret).await, want, "after {i}");
+            let news = format!("news/{i}");
+            assert_eq!(publish(&mut publisher, &news).await, ReasonCode::Success);
+            let mut expected = vec![news];
+            if !deny {
+                expected.insert(0, secret);
+            }
+            for topic in expected {
+                assert_eq!(next_topic(&mut watcher).await, topic);
+            }
+        }
+        let (_, queue) = http(b.http, "GET", "/api/v1/queues/jobs", "");
+        let stats = &json(&queue)["stats"];
+        let got: Vec<u64> = ["acked", "depth", "leased", "redelivered", "dead_letters"]
+            .iter()
+            .map(|k| stats[*k].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, [10, 0, 0, 0, 0], "{stats}");
+
+        // A burst of reloads from another thread while 400 messages stream.
+        let (port, path) = (b.http, b.config.clone());
+        let reloader = std::thread::spawn(move || {
+            let mut ok = 0;
+            for i in 0..30u32 {
+                let text = config("", 3 + i % 2, 1000 + i);
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+                let (status, _) = http(port, "POST", "/api/v1/reload", "");
+                ok += u32::from(status == 200);
+            }
+            ok
+        });
+        const STREAM: u32 = 400;
+        let stream = async {
+            for i in 0..STREAM {
+                let code = publish(&mut publisher, &format!("news/s{i}")).await;
+                assert_eq!(code, ReasonCode::Success);
+            }
+        };
+        let receive = async {
+            for i in 0..STREAM {
+                assert_eq!(next_topic(&mut watcher).await, format!("news/s{i}"));
+            }
+        };
+        tokio::join!(stream, receive);
+        assert_eq!(reloader.join().unwrap(), 30);
+        // Nothing more: no duplicate came after the last.
+        publish(&mut publisher, "news/end").await;
+        assert_eq!(next_topic(&mut watcher).await, "news/end");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), consumer.recv())
+                .await
+                .is_err(),
+            "no job came back"
+        );
+    });
+    assert_eq!(b.reloads("error"), 0);
+}
