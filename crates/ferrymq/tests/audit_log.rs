@@ -476,3 +476,53 @@ fn an_audit_file_on_a_full_disk_counts_its_lost_lines_and_the_broker_serves_on()
         (metric(http, "ferrymq_audit_dropped_total") > 0).then_some(())
     });
 }
+
+/// A client id, user name and topic with newlines, quotes and braces stay inside their JSON
+/// strings: one line per event, none of them forged.
+#[test]
+fn a_client_cannot_write_a_line_of_its_own_into_the_audit_log() {
+    let dir = scratch_dir("audit-injection");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = true\n\
+             [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let forged = "x\"}\n{\"event\":\"admin\",\"forged\":true}\r\n\u{2028}";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut o = ConnectOptions::new(&addr, forged);
+        o.timeout = LIMIT;
+        let (mut c, _) = Client::connect(o).await.unwrap();
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("secret/{forged}"),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        assert_eq!(c.publish(p).await.unwrap(), ReasonCode::NotAuthorized);
+        c.disconnect().await.unwrap();
+    });
+    let gone = event(&audit, "disconnect", |l| l["client_id"] == forged);
+    assert_eq!(gone["by"], "client");
+    let all = lines(&audit);
+    assert!(all.iter().all(|l| l["forged"].is_null()), "{all:?}");
+    assert_eq!(all.len(), 3, "connect, acl_denied, disconnect: {all:?}");
+    let denied = all.iter().find(|l| l["event"] == "acl_denied").unwrap();
+    assert_eq!(denied["topic"], format!("secret/{forged}"));
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}
