@@ -669,3 +669,56 @@ fn reloads_with_leased_jobs_and_a_stream_in_flight_lose_and_duplicate_nothing() 
     });
     assert_eq!(b.reloads("error"), 0);
 }
+
+/// An HTTP/1.0 request with extra header lines: the status and the body.
+fn http_with(port: u16, method: &str, path: &str, headers: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `GET /api/v1/config` and `POST /api/v1/reload` answer only with the admin token, and a
+/// web page of another origin cannot make a browser reload; the config shown holds neither
+/// the token (from `token_file`) nor the JWT secret.
+#[test]
+fn the_config_and_reload_routes_are_guarded_and_show_no_secret() {
+    let dir = scratch_dir("reload-guarded-secrets");
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, "t0ken-0f-the-admin\n").unwrap();
+    let text = format!(
+        "[admin]\ntoken_file = {:?}\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-s3cret-value\"\n",
+        token_file.display().to_string()
+    );
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(&config, text).unwrap();
+    let b = Broker::spawn(&dir, config, false);
+    let bearer = "Authorization: Bearer t0ken-0f-the-admin\r\n";
+    assert_eq!(http_with(b.http, "GET", "/api/v1/config", "").0, 401);
+    assert_eq!(http_with(b.http, "POST", "/api/v1/reload", "").0, 401);
+    let evil = format!("{bearer}Origin: http://evil.example\r\n");
+    assert_eq!(http_with(b.http, "POST", "/api/v1/reload", &evil).0, 403);
+    let (status, body) = http_with(b.http, "GET", "/api/v1/config", bearer);
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("t0ken-0f-the-admin"), "{body}");
+    assert!(!body.contains("jwt-s3cret-value"), "{body}");
+    assert_eq!(json(&body)["auth"]["jwt"]["secret"], "(redacted)");
+    assert_eq!(http_with(b.http, "POST", "/api/v1/reload", bearer).0, 200);
+    let (_, metrics) = http_with(b.http, "GET", "/metrics", bearer);
+    assert!(
+        metrics.contains("ferrymq_config_reloads_total{result=\"ok\"} 1\n"),
+        "only the one with the token reloaded: {metrics}"
+    );
+}
