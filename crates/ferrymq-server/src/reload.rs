@@ -214,22 +214,41 @@ impl Reloader {
         for part in &self.parts {
             let mine: Vec<String> = changed.iter().filter(|k| part.takes(k)).cloned().collect();
             if let Some(apply) = part.prepare(&mine, &old, &effective)? {
-                prepared.push((part.name(), apply));
+                prepared.push((part.name(), mine, apply));
             }
         }
         let mut report = ReloadReport {
             restart_required,
             ..ReloadReport::default()
         };
-        for (name, apply) in prepared {
+        let mut not_applied = Vec::new();
+        for (name, mine, apply) in prepared {
             match apply.await {
                 Ok(()) => report.applied.push(name),
-                Err(e) => report.failed.push((name, e)),
+                Err(e) => {
+                    report.failed.push((name, e));
+                    not_applied.extend(mine);
+                }
             }
         }
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(effective);
+        let running = kept(&old, effective, &not_applied)?;
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(running);
         Ok(report)
     }
+}
+
+/// `effective` with the keys of the parts that failed to apply put back to their `old`
+/// values: what runs, so that the configuration shown says so and the next reload of the
+/// same file tries those parts again.
+fn kept(old: &Config, effective: Config, failed: &[String]) -> Result<Config, ServerError> {
+    if failed.is_empty() {
+        return Ok(effective);
+    }
+    let (old_json, mut json) = (to_json(old)?, to_json(&effective)?);
+    for key in failed {
+        put_back(&mut json, &old_json, key);
+    }
+    serde_json::from_value(json).map_err(|e| ServerError::ConfigSyntax(e.to_string()))
 }
 
 /// The configuration as JSON, to diff by key (every type in it serializes: a failure would

@@ -722,3 +722,36 @@ fn the_config_and_reload_routes_are_guarded_and_show_no_secret() {
         "only the one with the token reloaded: {metrics}"
     );
 }
+
+/// A part that fails while applying (a queue declared with the disk full: the data directory
+/// is under `storage.min_free_bytes`) is reported, and its change is not taken for applied:
+/// the config shown does not list the queue, and the same file reloaded again tries again
+/// (and says so) instead of reporting nothing to do.
+#[test]
+fn a_part_that_fails_to_apply_is_tried_again_by_the_next_reload() {
+    let full = "[storage]\nmin_free_bytes = 1152921504606846976\n";
+    let (b, _dir) = Broker::start("reload-part-fails", full, false);
+    wait_for("the disk_low alarm", LIMIT, || {
+        let (_, alarms) = http(b.http, "GET", "/api/v1/alarms", "");
+        alarms.contains("disk_low").then_some(())
+    });
+    b.write_config(&format!(
+        "{full}[[queue]]\nname = \"jobs\"\nfilter = \"jobs/#\"\n"
+    ));
+    for attempt in 0..2 {
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let report = json(&body);
+        assert_eq!(
+            report["failed"][0]["part"], "queues",
+            "attempt {attempt}: {report}"
+        );
+    }
+    assert_eq!(http(b.http, "GET", "/api/v1/queues/jobs", "").0, 404);
+    let config = json(&http(b.http, "GET", "/api/v1/config", "").1);
+    assert_eq!(
+        config["queue"],
+        serde_json::json!([]),
+        "not running: {config}"
+    );
+}
