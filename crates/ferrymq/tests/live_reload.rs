@@ -755,3 +755,53 @@ fn a_part_that_fails_to_apply_is_tried_again_by_the_next_reload() {
         "not running: {config}"
     );
 }
+
+/// A reload that changes only keys that need a restart applies nothing, reports each of
+/// them, and none of them changes what the broker does meanwhile.
+#[test]
+fn a_reload_of_restart_only_keys_reports_them_and_changes_nothing() {
+    let (b, dir) = Broker::start("reload-restart-only", "", false);
+    let addr = b.addr();
+    let audit = dir.join("audit.jsonl");
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+        b.write_config(&format!(
+            "[mqtt]\nmax_packet_size = 128\n[audit]\nfile = {:?}\n\
+             [storage]\nsegment_bytes = 1048576\n",
+            audit.display().to_string()
+        ));
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let report = json(&body);
+        assert_eq!(report["applied"], serde_json::json!([]), "{report}");
+        assert_eq!(
+            report["restart_required"],
+            serde_json::json!([
+                "audit.file",
+                "mqtt.max_packet_size",
+                "storage.segment_bytes"
+            ]),
+            "{report}"
+        );
+        // A publish over the new packet size still goes through, and no audit file is
+        // started.
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "news/big".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from(vec![b'x'; 1024]),
+        };
+        let code = tokio::time::timeout(LIMIT, publisher.publish(p)).await;
+        assert_eq!(code.unwrap().unwrap(), ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/big");
+        let config = json(&http(b.http, "GET", "/api/v1/config", "").1);
+        assert_eq!(config["mqtt"]["max_packet_size"], 1_048_576, "{config}");
+        assert!(config["audit"]["file"].is_null(), "{config}");
+    });
+    b.log_line(&["\"message\":\"configuration reloaded\""]);
+    assert!(!audit.exists(), "the audit log waits for a restart");
+}
