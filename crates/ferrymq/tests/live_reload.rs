@@ -805,3 +805,37 @@ fn a_reload_of_restart_only_keys_reports_them_and_changes_nothing() {
     b.log_line(&["\"message\":\"configuration reloaded\""]);
     assert!(!audit.exists(), "the audit log waits for a restart");
 }
+
+/// What a reload refuses, `ferrymq check-config` refuses too, with the same key: a password
+/// file that cannot be read and a log filter that does not parse (it said "valid" to both).
+#[test]
+fn check_config_refuses_what_a_reload_refuses() {
+    let (b, dir) = Broker::start("reload-check-config", "", false);
+    let cases = [
+        (
+            format!(
+                "[auth]\npassword_file = {:?}\n",
+                dir.join("no-such-users").display().to_string()
+            ),
+            "auth.password_file",
+        ),
+        (
+            "[log]\nlevel = \"ferrymq=notalevel\"\n".to_string(),
+            "log.level",
+        ),
+    ];
+    for (text, key) in cases {
+        b.write_config(&text);
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 422, "{key}: {body}");
+        assert!(body.contains(key), "{body}");
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+            .arg("check-config")
+            .arg(&b.config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: check-config said valid");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+}
