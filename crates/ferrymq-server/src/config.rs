@@ -534,8 +534,9 @@ impl TryFrom<WatermarkText> for MemoryWatermark {
     }
 }
 
-/// The admin HTTP API (`listeners.http`).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+/// The admin HTTP API (`listeners.http`). Its `Debug` leaves the token out (`ferrymq
+/// check-config` prints the configuration).
+#[derive(Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// With a token, every admin route but `/health` and `/ready` requires
@@ -545,6 +546,15 @@ pub struct Admin {
     /// A file holding the token (surrounding whitespace is ignored), read at start; instead
     /// of `token`.
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &self.token.as_ref().map(|_| "(set, not shown)"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

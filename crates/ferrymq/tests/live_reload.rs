@@ -839,3 +839,26 @@ fn check_config_refuses_what_a_reload_refuses() {
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
 }
+
+/// `ferrymq check-config` prints the configuration it read (CI logs keep it): the admin
+/// token is not in it, as the JWT secret is not.
+#[test]
+fn check_config_does_not_print_the_admin_token() {
+    let dir = scratch_dir("check-config-secrets");
+    let file = dir.join("ferrymq.toml");
+    std::fs::write(
+        &file,
+        "[admin]\ntoken = \"adm1n-t0ken-value\"\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-s3cret-value\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(!stdout.contains("adm1n-t0ken-value"), "{stdout}");
+    assert!(!stdout.contains("jwt-s3cret-value"), "{stdout}");
+}
