@@ -362,37 +362,44 @@ pub(crate) async fn admin_call(
     response
 }
 
-/// A CONNECT's client id and authenticated user, kept until the engine accepts it.
+/// A CONNECT's client id, authenticated user, address and listener, carried to the router
+/// with it and recorded there as the engine accepts it: before anything the router records
+/// of that connection next (a takeover's `disconnect` can follow in the same step).
 pub(crate) struct Connected {
     client_id: String,
     user: Option<Arc<str>>,
     version: ferrymq_mqtt::ProtocolVersion,
+    address: std::net::SocketAddr,
+    listener: &'static str,
 }
 
 impl Connected {
-    pub(crate) fn new(c: &ferrymq_mqtt::Connect, who: &ferrymq_core::Identity) -> Connected {
+    pub(crate) fn new(
+        c: &ferrymq_mqtt::Connect,
+        who: &ferrymq_core::Identity,
+        address: std::net::SocketAddr,
+        listener: &'static str,
+    ) -> Connected {
         Connected {
             client_id: c.client_id.clone(),
             user: who.user.clone(),
             version: c.version,
+            address,
+            listener,
         }
     }
 
     /// `connect` (an empty client id is one the broker assigned: see `conn` in later lines).
-    pub(crate) fn record(
-        self,
-        l: &crate::connection::Listener,
-        conn: ferrymq_core::ConnId,
-        addr: &std::net::SocketAddr,
-    ) {
+    pub(crate) fn record(self, audit: &Audit, conn: ferrymq_core::ConnId) {
         let protocol = match self.version {
             ferrymq_mqtt::ProtocolVersion::V5 => "5.0",
             ferrymq_mqtt::ProtocolVersion::V311 => "3.1.1",
         };
-        l.audit.record(
+        audit.record(
             "connect",
             json!({ "conn": conn.0, "client_id": self.client_id, "user": self.user.as_deref(),
-                "address": addr.to_string(), "listener": l.kind.name(), "protocol": protocol }),
+                "address": self.address.to_string(), "listener": self.listener,
+                "protocol": protocol }),
         );
     }
 }

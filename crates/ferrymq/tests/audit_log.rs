@@ -526,3 +526,67 @@ fn a_client_cannot_write_a_line_of_its_own_into_the_audit_log() {
     assert_eq!(denied["topic"], format!("secret/{forged}"));
     assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
 }
+
+/// Two clients with one client id connecting at once: the broker takes the first over as
+/// soon as it let it in. Each connection's `connect` line comes before its `disconnect`
+/// line, however the connection tasks and the router are scheduled.
+#[test]
+fn a_connection_taken_over_at_once_has_its_connect_line_before_its_disconnect_line() {
+    let dir = scratch_dir("audit-takeover-order");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!("[audit]\nfile = {:?}\n", audit.display().to_string()),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    const ROUNDS: usize = 100;
+    rt.block_on(async {
+        for i in 0..ROUNDS {
+            let id = format!("twin-{i}");
+            let one = |addr: String, id: String| async move {
+                let mut o = ConnectOptions::new(&addr, id);
+                o.timeout = LIMIT;
+                Client::connect(o).await.map(|(c, _)| c)
+            };
+            let (a, b) = tokio::join!(
+                tokio::spawn(one(addr.clone(), id.clone())),
+                tokio::spawn(one(addr.clone(), id.clone()))
+            );
+            drop((a, b));
+        }
+        let mut o = ConnectOptions::new(&addr, "last");
+        o.timeout = LIMIT;
+        let (c, _) = Client::connect(o).await.unwrap();
+        c.disconnect().await.unwrap();
+    });
+    event(&audit, "disconnect", |l| l["client_id"] == "last");
+    let all = lines(&audit);
+    let mut seen_connect = std::collections::HashSet::new();
+    let mut out_of_order = Vec::new();
+    for l in &all {
+        let conn = l["conn"].as_u64();
+        match l["event"].as_str() {
+            Some("connect") => {
+                seen_connect.insert(conn);
+            }
+            Some("disconnect") if !seen_connect.contains(&conn) => out_of_order.push(l.clone()),
+            _ => {}
+        }
+    }
+    assert!(
+        out_of_order.is_empty(),
+        "{} disconnect lines before their connect: {:?}",
+        out_of_order.len(),
+        out_of_order.first()
+    );
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}
