@@ -7,6 +7,15 @@
 //! adds nothing but the write. A full channel (the disk cannot keep up) drops the line and
 //! counts it in `ferrymq_audit_dropped_total`; nothing ever waits for the audit log.
 //!
+//! Bounded per source: the events a client can cause at will (its ACL denials, an address's
+//! authentication failures) are written at most [`SOURCE_LINES`] per [`SOURCE_WINDOW`] for
+//! each connection or address, and [`ALL_LINES`] for all of them together; the rest are
+//! counted, and the count is written with the source's next line (`unrecorded_before`), its
+//! disconnect line (`acl_denied_unrecorded`), or a line of its own once the window is over
+//! (`unrecorded`). Without it one client publishing where it may not would write the file
+//! full and rotate away everything before it. Connects, disconnects, admin calls and
+//! reloads are not bounded here.
+//!
 //! Rotation by size: once `file` reaches `max_bytes`, `file.{keep-1}` becomes `file.{keep}`
 //! (the oldest is deleted), …, `file` becomes `file.1`, and a new `file` is started.
 
@@ -14,7 +23,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -79,6 +89,102 @@ pub(crate) struct Audit {
 struct Inner {
     tx: SyncSender<Msg>,
     net: Arc<NetMetrics>,
+    budgets: Mutex<Budgets>,
+}
+
+/// Lines one source (a connection, an address) may write per [`SOURCE_WINDOW`].
+const SOURCE_LINES: u32 = 20;
+/// Lines every source together may write per [`SOURCE_WINDOW`].
+const ALL_LINES: u32 = 2000;
+const SOURCE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Who caused a bounded event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Source {
+    /// A connection's ACL denials.
+    Conn(u64),
+    /// Authentication failures from an address (IPv6: its /64).
+    Address(std::net::IpAddr),
+}
+
+/// What each source wrote in its window, and what was not written.
+#[derive(Default)]
+struct Budgets {
+    by_source: std::collections::HashMap<Source, Budget>,
+    /// Lines written by all sources in the current window, and when it ends.
+    all: u32,
+    window_ends: Option<Instant>,
+}
+
+struct Budget {
+    window_ends: Instant,
+    written: u32,
+    unrecorded: u64,
+    /// The event and the fields that name the source (for the `unrecorded` line).
+    event: &'static str,
+    who: Value,
+}
+
+/// What [`Budgets::take`] decided for one line.
+enum Take {
+    /// Write it; with how many before it were not.
+    Write(u64),
+    Skip,
+}
+
+impl Budgets {
+    /// Whether a line from `source` may be written now; ends windows that are over, with
+    /// the `unrecorded` lines of the sources they leave out.
+    fn take(
+        &mut self,
+        source: Source,
+        event: &'static str,
+        who: &Value,
+        now: Instant,
+        ended: &mut Vec<Value>,
+    ) -> Take {
+        if self.window_ends.is_none_or(|t| now >= t) {
+            self.window_ends = Some(now + SOURCE_WINDOW);
+            self.all = 0;
+            self.by_source.retain(|_, b| {
+                if now < b.window_ends {
+                    return true;
+                }
+                if b.unrecorded > 0 {
+                    ended.push(unrecorded_line(b));
+                }
+                false
+            });
+        }
+        let b = self.by_source.entry(source).or_insert_with(|| Budget {
+            window_ends: now + SOURCE_WINDOW,
+            written: 0,
+            unrecorded: 0,
+            event,
+            who: Value::Null,
+        });
+        b.who = who.clone();
+        if now >= b.window_ends {
+            b.window_ends = now + SOURCE_WINDOW;
+            b.written = 0;
+        }
+        if b.written >= SOURCE_LINES || self.all >= ALL_LINES {
+            b.unrecorded += 1;
+            return Take::Skip;
+        }
+        b.written += 1;
+        self.all += 1;
+        Take::Write(std::mem::take(&mut b.unrecorded))
+    }
+}
+
+/// `{event, ...who, "unrecorded": n}`: a source's lines not written in a window now over.
+fn unrecorded_line(b: &Budget) -> Value {
+    let mut fields = b.who.clone();
+    if let Some(f) = fields.as_object_mut() {
+        f.insert("unrecorded".into(), b.unrecorded.into());
+    }
+    json!({ "event": b.event, "fields": fields })
 }
 
 /// What goes to the writer thread.
@@ -124,13 +230,67 @@ impl Audit {
                 source,
             })?;
         Ok(Audit {
-            inner: Some(Arc::new(Inner { tx, net })),
+            inner: Some(Arc::new(Inner {
+                tx,
+                net,
+                budgets: Mutex::default(),
+            })),
         })
     }
 
     /// Whether events are recorded (callers skip building them otherwise).
     pub(crate) fn on(&self) -> bool {
         self.inner.is_some()
+    }
+
+    /// Records one event that `source` can cause at will, within its bound (see the module
+    /// doc): `who` (an object) names the source and goes in every line, `detail` adds to it.
+    pub(crate) fn record_bounded(
+        &self,
+        source: Source,
+        event: &'static str,
+        who: Value,
+        detail: Value,
+    ) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let mut ended = Vec::new();
+        let take = inner
+            .budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(source, event, &who, Instant::now(), &mut ended);
+        for line in ended {
+            self.record(
+                line["event"].as_str().unwrap_or(event),
+                line["fields"].clone(),
+            );
+        }
+        let Take::Write(unrecorded) = take else {
+            return;
+        };
+        let mut fields = who;
+        if let (Some(f), Value::Object(d)) = (fields.as_object_mut(), detail) {
+            f.extend(d);
+            if unrecorded > 0 {
+                f.insert("unrecorded_before".into(), unrecorded.into());
+            }
+        }
+        self.record(event, fields);
+    }
+
+    /// A source that is gone (a connection that ended): how many of its lines were not
+    /// written since its last one.
+    pub(crate) fn forget(&self, source: Source) -> u64 {
+        let Some(inner) = &self.inner else {
+            return 0;
+        };
+        let mut budgets = inner.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets
+            .by_source
+            .remove(&source)
+            .map_or(0, |b| b.unrecorded)
     }
 
     /// Records one event: `fields` (a JSON object) with `ts` and `event` added. Never waits.
@@ -202,37 +362,44 @@ pub(crate) async fn admin_call(
     response
 }
 
-/// A CONNECT's client id and authenticated user, kept until the engine accepts it.
+/// A CONNECT's client id, authenticated user, address and listener, carried to the router
+/// with it and recorded there as the engine accepts it: before anything the router records
+/// of that connection next (a takeover's `disconnect` can follow in the same step).
 pub(crate) struct Connected {
     client_id: String,
     user: Option<Arc<str>>,
     version: ferrymq_mqtt::ProtocolVersion,
+    address: std::net::SocketAddr,
+    listener: &'static str,
 }
 
 impl Connected {
-    pub(crate) fn new(c: &ferrymq_mqtt::Connect, who: &ferrymq_core::Identity) -> Connected {
+    pub(crate) fn new(
+        c: &ferrymq_mqtt::Connect,
+        who: &ferrymq_core::Identity,
+        address: std::net::SocketAddr,
+        listener: &'static str,
+    ) -> Connected {
         Connected {
             client_id: c.client_id.clone(),
             user: who.user.clone(),
             version: c.version,
+            address,
+            listener,
         }
     }
 
     /// `connect` (an empty client id is one the broker assigned: see `conn` in later lines).
-    pub(crate) fn record(
-        self,
-        l: &crate::connection::Listener,
-        conn: ferrymq_core::ConnId,
-        addr: &std::net::SocketAddr,
-    ) {
+    pub(crate) fn record(self, audit: &Audit, conn: ferrymq_core::ConnId) {
         let protocol = match self.version {
             ferrymq_mqtt::ProtocolVersion::V5 => "5.0",
             ferrymq_mqtt::ProtocolVersion::V311 => "3.1.1",
         };
-        l.audit.record(
+        audit.record(
             "connect",
             json!({ "conn": conn.0, "client_id": self.client_id, "user": self.user.as_deref(),
-                "address": addr.to_string(), "listener": l.kind.name(), "protocol": protocol }),
+                "address": self.address.to_string(), "listener": self.listener,
+                "protocol": protocol }),
         );
     }
 }
@@ -250,10 +417,11 @@ pub(crate) fn engine_events(
     ] {
         for (conn, topic) in list {
             let (client_id, user) = broker.client_of(*conn).unwrap_or(("", None));
-            audit.record(
+            audit.record_bounded(
+                Source::Conn(conn.0),
                 "acl_denied",
-                json!({ "conn": conn.0, "client_id": client_id, "user": user,
-                    "action": action, "topic": topic.as_ref() }),
+                json!({ "conn": conn.0, "client_id": client_id, "user": user }),
+                json!({ "action": action, "topic": topic.as_ref() }),
             );
         }
     }
@@ -264,12 +432,14 @@ pub(crate) fn engine_events(
             Ended::Lost => ("network", None),
             Ended::ByServer(r) => ("broker", *r),
         };
-        audit.record(
-            "disconnect",
-            json!({ "conn": conn.0, "client_id": client_id.as_ref(), "by": by,
-                "reason": reason.map(|r| format!("{r:?}")),
-                "reason_code": reason.map(|r| r.as_u8()) }),
-        );
+        let mut line = json!({ "conn": conn.0, "client_id": client_id.as_ref(), "by": by,
+            "reason": reason.map(|r| format!("{r:?}")),
+            "reason_code": reason.map(|r| r.as_u8()) });
+        let unrecorded = audit.forget(Source::Conn(conn.0));
+        if let (Some(l), true) = (line.as_object_mut(), unrecorded > 0) {
+            l.insert("acl_denied_unrecorded".into(), unrecorded.into());
+        }
+        audit.record("disconnect", line);
     }
 }
 
@@ -283,8 +453,10 @@ pub(crate) fn auth_failure(
     if !l.audit.on() {
         return;
     }
-    l.audit.record(
+    l.audit.record_bounded(
+        Source::Address(crate::limits::source_key(addr.ip())),
         "auth_failure",
+        json!({ "address": addr.ip().to_string() }),
         json!({ "client_id": c.client_id, "user": c.username, "address": addr.to_string(),
             "listener": l.kind.name(), "reason": reason }),
     );
@@ -394,7 +566,13 @@ impl Writer {
                 std::fs::rename(&from, numbered(n + 1))?;
             }
         }
-        std::fs::rename(&self.path, numbered(1))?;
+        // The file may be gone (deleted by hand or by a log shipper while its lines went on
+        // into it): there is nothing to keep then, and a new one starts all the same, or
+        // every line from now on would fail here.
+        match std::fs::rename(&self.path, numbered(1)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         self.file = std::io::BufWriter::new(open(&self.path)?);
         self.size = 0;
         Ok(())
@@ -438,6 +616,7 @@ mod tests {
             inner: Some(Arc::new(Inner {
                 tx,
                 net: net.clone(),
+                budgets: Mutex::default(),
             })),
         };
         audit.record("connect", json!({ "conn": 1 }));
@@ -450,6 +629,46 @@ mod tests {
             (&kept["event"], &kept["conn"]),
             (&json!("connect"), &json!(1))
         );
+    }
+
+    #[test]
+    fn a_source_over_its_bound_is_counted_and_the_count_written_later() {
+        let mut b = Budgets::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (me, other) = (Source::Conn(1), Source::Conn(2));
+        let who = json!({ "conn": 1 });
+        let mut ended = Vec::new();
+        let mut take = |b: &mut Budgets, s, t| b.take(s, "acl_denied", &who, t, &mut ended);
+        let window = SOURCE_WINDOW.as_millis() as u64;
+        assert!(matches!(take(&mut b, other, at(0)), Take::Write(0)));
+        for _ in 0..SOURCE_LINES {
+            assert!(matches!(take(&mut b, me, at(1)), Take::Write(0)));
+        }
+        for _ in 0..5 {
+            assert!(matches!(take(&mut b, me, at(1)), Take::Skip));
+        }
+        assert!(
+            matches!(take(&mut b, other, at(2)), Take::Write(0)),
+            "its own"
+        );
+        // All sources' window ends first (`me`'s is still on), then `me`'s: its next line
+        // carries the count.
+        assert!(matches!(take(&mut b, other, at(window)), Take::Write(0)));
+        let next = take(&mut b, me, at(window + 2));
+        assert!(matches!(next, Take::Write(5)));
+        for _ in 0..SOURCE_LINES + 3 {
+            take(&mut b, me, at(window + 2));
+        }
+        // `me` goes quiet: once all sources' window ends too, a line of its own counts 4.
+        assert!(matches!(
+            take(&mut b, other, at(3 * window)),
+            Take::Write(0)
+        ));
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0]["fields"]["unrecorded"], 4);
+        assert_eq!(ended[0]["fields"]["conn"], 1);
+        assert!(!b.by_source.contains_key(&me), "forgotten");
     }
 
     #[test]

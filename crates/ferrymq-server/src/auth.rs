@@ -448,7 +448,7 @@ impl Authenticator {
         hash: &str,
         password: &[u8],
     ) -> Result<Identity, AuthRefusal> {
-        let digest = self.digest(user, password);
+        let digest = self.digest(user, hash, password);
         let known = self
             .verified
             .lock()
@@ -476,12 +476,17 @@ impl Authenticator {
         })
     }
 
-    /// A keyed digest (two SipHash-1-3 keys of this process, 128 bits) of user and password:
-    /// what the cache of successful checks compares, so it never holds a password.
-    fn digest(&self, user: &str, password: &[u8]) -> u128 {
+    /// A keyed digest (two SipHash-1-3 keys of this process, 128 bits) of user, the hash the
+    /// password was checked against, and password: what the cache of successful checks
+    /// compares, so it never holds a password. With the hash in it, a check that was under
+    /// way when a reload changed the user's password (and finished against the old hash after
+    /// [`Authenticator::replace`] emptied the cache) remembers nothing the new hash matches.
+    fn digest(&self, user: &str, hash: &str, password: &[u8]) -> u128 {
         let half = |k: &std::collections::hash_map::RandomState| {
             let mut h = k.build_hasher();
             h.write(user.as_bytes());
+            h.write_u8(0xff);
+            h.write(hash.as_bytes());
             h.write_u8(0xff);
             h.write(password);
             h.finish()
@@ -589,5 +594,69 @@ mod tests {
         assert!(!l.fail(ip, t0));
         assert!(!l.fail(ip, t0 + Duration::from_secs(2)));
         assert!(l.fail(ip, t0 + Duration::from_millis(2500)));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod reload_tests {
+    use super::*;
+
+    fn users(dir: &std::path::Path, password: &[u8]) -> AuthConfig {
+        let file = dir.join("users");
+        let hash = crate::password_file::hash_password(password).unwrap();
+        std::fs::write(&file, format!("alice:{hash}\n")).unwrap();
+        AuthConfig {
+            password_file: Some(file),
+            max_concurrent_checks: 1,
+            ..AuthConfig::default()
+        }
+    }
+
+    fn connect(password: &[u8]) -> Connect {
+        Connect {
+            version: ferrymq_mqtt::ProtocolVersion::V5,
+            client_id: "c".into(),
+            clean_start: true,
+            keep_alive: 0,
+            username: Some("alice".into()),
+            password: Some(bytes::Bytes::copy_from_slice(password)),
+            will: None,
+            properties: Default::default(),
+        }
+    }
+
+    /// A check that started before a reload changed alice's password finishes against the
+    /// old hash (it was under way); what it remembers must not let the old password in after.
+    #[tokio::test]
+    async fn a_check_under_way_during_a_password_change_does_not_let_the_old_password_in_after() {
+        let dir = std::env::temp_dir().join(format!("ferrymq-auth-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let auth = Arc::new(Authenticator::new(&users(&dir, b"old"), false).unwrap());
+        // Hold the one check permit, so alice's check waits with the old hash in hand.
+        let permit = auth.checks.clone().acquire_owned().await.unwrap();
+        let under_way = {
+            let auth = auth.clone();
+            tokio::spawn(async move { auth.authenticate(&connect(b"old"), None, None).await })
+        };
+        // On this one-thread runtime the task runs, when this one yields, up to the wait
+        // for the permit (the first await that is not ready).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        auth.replace(Credentials::read(&users(&dir, b"new"), false).unwrap());
+        drop(permit);
+        let first = tokio::time::timeout(Duration::from_secs(60), under_way)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.is_ok(), "checked against the hash it started with");
+        let after = auth.authenticate(&connect(b"old"), None, None).await;
+        assert_eq!(after.err(), Some(AuthRefusal::BadCredentials));
+        assert!(auth
+            .authenticate(&connect(b"new"), None, None)
+            .await
+            .is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -534,8 +534,9 @@ impl TryFrom<WatermarkText> for MemoryWatermark {
     }
 }
 
-/// The admin HTTP API (`listeners.http`).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+/// The admin HTTP API (`listeners.http`). Its `Debug` leaves the token out (`ferrymq
+/// check-config` prints the configuration).
+#[derive(Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     /// With a token, every admin route but `/health` and `/ready` requires
@@ -545,6 +546,15 @@ pub struct Admin {
     /// A file holding the token (surrounding whitespace is ignored), read at start; instead
     /// of `token`.
     pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &self.token.as_ref().map(|_| "(set, not shown)"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -673,6 +683,24 @@ impl Default for Log {
 /// What a secret shows as in [`Config::redacted_json`].
 pub const REDACTED: &str = "(redacted)";
 
+/// Keys whose values are secrets: never shown by [`Config::redacted_json`] nor in an error.
+const SECRET_KEYS: &[&str] = &["admin.token", "auth.jwt.secret"];
+
+/// A parse error's message for `key`, with the value it quotes (`` invalid type: integer
+/// `123`, expected a string ``) left out when the key holds a secret: the message goes to the
+/// log, the reload's HTTP response and the audit log.
+fn hide_secret(key: Option<&str>, message: &str) -> String {
+    if !key.is_some_and(|k| SECRET_KEYS.contains(&k)) {
+        return message.to_string();
+    }
+    // Every other piece between backticks is a quoted value.
+    message
+        .split('`')
+        .enumerate()
+        .map(|(i, piece)| if i % 2 == 1 { REDACTED } else { piece })
+        .collect()
+}
+
 /// `file:line: invalid config value for `key`: message` (parts left out when unknown).
 pub(crate) fn located(
     path: &Path,
@@ -797,7 +825,8 @@ impl Config {
         let config: Config = toml::from_str(&text).map_err(|e| {
             let line = e.span().map(|s| line_of_offset(&text, s.start));
             let key = line.and_then(|l| key_at_line(&text, l));
-            at(line, key, e.message().trim().to_string())
+            let message = hide_secret(key.as_deref(), e.message().trim());
+            at(line, key, message)
         })?;
         config.validate().map_err(|e| match e {
             ServerError::Config { key, message } => {

@@ -438,11 +438,12 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     if let Some(user) = peer.cert_user {
         connect.username = Some(user.to_string());
     }
-    let audit = ctx
-        .listener
-        .audit
-        .on()
-        .then(|| crate::audit::Connected::new(&connect, &who));
+    let audit = ctx.listener.audit.on().then(|| {
+        let kind = ctx.listener.kind.name();
+        Box::new(crate::audit::Connected::new(
+            &connect, &who, peer.addr, kind,
+        ))
+    });
     let outbound = Arc::new(Outbound::new(ctx.conn, ctx.listener.drains.clone()));
     outbound.mark_read();
     let (reply, outcome) = oneshot::channel();
@@ -452,12 +453,10 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         who,
         outbound: outbound.clone(),
         reply,
+        audit,
     };
     ctx.listener.router.send(msg).await.ok()?;
     let outcome = outcome.await.ok()?;
-    if let (Some(a), true) = (audit, outcome.accepted) {
-        a.record(&ctx.listener, ctx.conn, &peer.addr);
-    }
     Some((outcome, outbound))
 }
 

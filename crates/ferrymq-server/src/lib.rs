@@ -530,6 +530,12 @@ pub fn check_tls(tls: &config::Tls) -> Result<(), ServerError> {
     tls::TlsState::load(tls).map(|_| ())
 }
 
+/// Reads the password file and the JWT public key `[auth]` names, as the server does at start
+/// and at every reload (`ferrymq check-config` uses it); the error names the key and the file.
+pub fn check_auth(config: &Config) -> Result<(), ServerError> {
+    auth::Credentials::read(&config.auth, config.allow_anonymous()).map(|_| ())
+}
+
 /// The message of a panic payload (`panic!` with a literal or a format string).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     if let Some(s) = payload.downcast_ref::<&str>() {

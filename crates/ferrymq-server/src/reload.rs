@@ -214,22 +214,41 @@ impl Reloader {
         for part in &self.parts {
             let mine: Vec<String> = changed.iter().filter(|k| part.takes(k)).cloned().collect();
             if let Some(apply) = part.prepare(&mine, &old, &effective)? {
-                prepared.push((part.name(), apply));
+                prepared.push((part.name(), mine, apply));
             }
         }
         let mut report = ReloadReport {
             restart_required,
             ..ReloadReport::default()
         };
-        for (name, apply) in prepared {
+        let mut not_applied = Vec::new();
+        for (name, mine, apply) in prepared {
             match apply.await {
                 Ok(()) => report.applied.push(name),
-                Err(e) => report.failed.push((name, e)),
+                Err(e) => {
+                    report.failed.push((name, e));
+                    not_applied.extend(mine);
+                }
             }
         }
-        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(effective);
+        let running = kept(&old, effective, &not_applied)?;
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(running);
         Ok(report)
     }
+}
+
+/// `effective` with the keys of the parts that failed to apply put back to their `old`
+/// values: what runs, so that the configuration shown says so and the next reload of the
+/// same file tries those parts again.
+fn kept(old: &Config, effective: Config, failed: &[String]) -> Result<Config, ServerError> {
+    if failed.is_empty() {
+        return Ok(effective);
+    }
+    let (old_json, mut json) = (to_json(old)?, to_json(&effective)?);
+    for key in failed {
+        put_back(&mut json, &old_json, key);
+    }
+    serde_json::from_value(json).map_err(|e| ServerError::ConfigSyntax(e.to_string()))
 }
 
 /// The configuration as JSON, to diff by key (every type in it serializes: a failure would
@@ -383,6 +402,7 @@ pub(crate) async fn watch_file(
     };
     let mut seen = read(path.clone()).await;
     let mut pending: Option<Vec<u8>> = None;
+    let mut empty_noted = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(WATCH_POLL) => {}
@@ -392,6 +412,19 @@ pub(crate) async fn watch_file(
         let Some(now) = read(path.clone()).await else {
             continue;
         };
+        // Nor is an empty one: a write under way (truncated, not yet written), however long
+        // it takes, not a configuration of every default (no ACL rules, no users). SIGHUP
+        // and the API still take it.
+        if now.iter().all(u8::is_ascii_whitespace) {
+            if !std::mem::replace(&mut empty_noted, true) {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the configuration file is empty: not reloaded until it has contents (SIGHUP or POST /api/v1/reload take it as it is)"
+                );
+            }
+            continue;
+        }
+        empty_noted = false;
         if Some(&now) == seen.as_ref() {
             pending = None;
             continue;

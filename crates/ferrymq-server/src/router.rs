@@ -34,6 +34,9 @@ pub(crate) enum ToRouter {
         who: Box<ferrymq_core::Identity>,
         outbound: Arc<Outbound>,
         reply: oneshot::Sender<ConnectOutcome>,
+        /// Its `connect` line, when the audit log is on: recorded here as the engine accepts
+        /// it, so that it comes before any line about its end (`audit.rs`).
+        audit: Option<Box<crate::audit::Connected>>,
     },
     Packets {
         conn: ConnId,
@@ -1100,10 +1103,14 @@ impl Router {
                 who,
                 outbound,
                 reply,
+                audit,
             } => {
                 let outcome = self
                     .broker
                     .connect_as(conn, *connect, *who, now, &mut self.out);
+                if let (Some(a), true) = (audit, outcome.accepted) {
+                    a.record(&self.audit, conn);
+                }
                 if outcome.accepted {
                     let limit = u64::from(outcome.keep_alive) * 1500;
                     outbound.keep_alive_ms.store(limit, Relaxed);

@@ -137,6 +137,15 @@ fn main() -> anyhow::Result<()> {
             if let Some(tls) = &config.tls {
                 ferrymq_server::check_tls(tls)?;
             }
+            // What the start and every reload read besides: the password file and the JWT
+            // key, and the log filter.
+            ferrymq_server::check_auth(&config)?;
+            log_filter(&config.log.level).map_err(|message| {
+                ferrymq_server::ServerError::Config {
+                    key: "log.level".into(),
+                    message,
+                }
+            })?;
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = writeln!(
                 std::io::stdout(),
@@ -352,12 +361,17 @@ fn init_logging(config: &Config) -> anyhow::Result<ferrymq_server::LogLevelHook>
     })
 }
 
+/// A `log.level` filter, or why it does not parse (a reload and `check-config` say the same).
+fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())
+}
+
 /// Checks a `log.level` filter and returns what puts it in force.
 fn level_hook<S: 'static>(
     handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
 ) -> ferrymq_server::LogLevelHook {
     std::sync::Arc::new(move |level: &str| {
-        let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        let filter = log_filter(level)?;
         let handle = handle.clone();
         let apply: Box<dyn FnOnce() + Send> = Box::new(move || {
             if let Err(e) = handle.reload(filter) {

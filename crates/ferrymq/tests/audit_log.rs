@@ -248,3 +248,345 @@ fn the_audit_file_rotates_at_max_bytes_and_keeps_keep_files() {
     assert!(last_rotated["ts"].as_str() <= first_current["ts"].as_str());
     assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
 }
+
+/// An operator (or a log shipper) deletes the audit file while the broker runs: the lines go
+/// to the deleted file until it is due for rotation, and the rotation then starts a new file
+/// instead of failing at every line from then on.
+#[test]
+fn a_deleted_audit_file_is_started_again_at_the_next_rotation() {
+    let dir = scratch_dir("audit-deleted");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\nmax_bytes = 2048\nkeep = 2\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let connect_and_leave = |id: String| {
+        let addr = addr.clone();
+        async move {
+            let mut o = ConnectOptions::new(&addr, id);
+            o.timeout = LIMIT;
+            let (c, _) = Client::connect(o).await.unwrap();
+            c.disconnect().await.unwrap();
+        }
+    };
+    rt.block_on(connect_and_leave("before-delete".into()));
+    event(&audit, "disconnect", |l| l["client_id"] == "before-delete");
+    std::fs::remove_file(&audit).unwrap();
+    // ~310 bytes a client: 30 of them are well past one rotation.
+    rt.block_on(async {
+        for i in 0..30 {
+            connect_and_leave(format!("after-delete-{i}")).await;
+        }
+    });
+    event(&audit, "disconnect", |l| {
+        l["client_id"] == "after-delete-29"
+    });
+}
+
+/// Every line of the audit file and its rotations, oldest first.
+fn all_lines(file: &Path, keep: u32) -> Vec<Value> {
+    let mut out = Vec::new();
+    for n in (1..=keep).rev() {
+        let mut p = file.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        out.extend(lines(Path::new(&p)));
+    }
+    out.extend(lines(file));
+    out
+}
+
+/// One client publishing where the ACL denies it, as fast as it can, must not write the
+/// audit log full and rotate away what came before it (the record of who connected): its
+/// denials are recorded up to a bound, and the rest are counted on its disconnect line.
+#[test]
+fn a_flood_of_acl_denials_does_not_rotate_the_audit_history_away() {
+    let dir = scratch_dir("audit-denial-flood");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\nmax_bytes = 16384\nkeep = 1\n\
+             [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const FLOOD: usize = 3000;
+    rt.block_on(async {
+        let mut o = ConnectOptions::new(&addr, "victim");
+        o.timeout = LIMIT;
+        let (_victim, _) = Client::connect(o).await.unwrap();
+        event(&audit, "connect", |l| l["client_id"] == "victim");
+        let mut o = ConnectOptions::new(&addr, "flooder");
+        o.timeout = LIMIT;
+        let (mut flooder, _) = Client::connect(o).await.unwrap();
+        let denied = |qos| Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: "secret/x".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        for _ in 0..FLOOD / 100 {
+            for _ in 0..100 {
+                flooder
+                    .queue(&ferrymq_mqtt::Packet::Publish(denied(QoS::AtMostOnce)))
+                    .unwrap();
+            }
+            flooder.flush().await.unwrap();
+        }
+        // Answered after every one before it was denied.
+        let last = tokio::time::timeout(LIMIT, flooder.publish(denied(QoS::AtLeastOnce)));
+        assert_eq!(last.await.unwrap().unwrap(), ReasonCode::NotAuthorized);
+        flooder.disconnect().await.unwrap();
+    });
+    let gone = event(&audit, "disconnect", |l| l["client_id"] == "flooder");
+    let all = all_lines(&audit, 1);
+    assert!(
+        all.iter()
+            .any(|l| l["event"] == "connect" && l["client_id"] == "victim"),
+        "the victim's connect line was rotated away by the flood"
+    );
+    let mine: Vec<&Value> = all
+        .iter()
+        .filter(|l| l["event"] == "acl_denied" && l["client_id"] == "flooder")
+        .collect();
+    let recorded = mine.iter().filter(|l| l["topic"] == "secret/x").count();
+    assert!(recorded > 0 && recorded <= 40, "{recorded} denial lines");
+    // Each denial is in the file once: as a line, or counted in a later one.
+    let count = |l: &Value, key: &str| l[key].as_u64().unwrap_or(0) as usize;
+    let counted: usize = mine
+        .iter()
+        .map(|l| count(l, "unrecorded_before") + count(l, "unrecorded"))
+        .sum();
+    let total = recorded + counted + count(&gone, "acl_denied_unrecorded");
+    assert_eq!(total, FLOOD + 1, "{gone}");
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}
+
+/// An address that keeps connecting once it is banned (each refusal costs it one CONNECT,
+/// and the broker no password check) writes a bounded number of `auth_failure` lines; the
+/// rest are counted in the lines that follow.
+#[test]
+fn a_banned_address_reconnecting_in_a_loop_writes_a_bounded_number_of_lines() {
+    let dir = scratch_dir("audit-auth-flood");
+    let users = dir.join("users");
+    let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
+             max_failures = 3\nban_ms = 600000\n",
+            audit.display().to_string(),
+            users.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const ATTEMPTS: usize = 300;
+    rt.block_on(async {
+        for i in 0..ATTEMPTS {
+            let refused = login(&addr, &format!("guess-{i}"), "alice", "guess").await;
+            assert!(matches!(refused, Err(ClientError::Refused(_))), "{i}");
+        }
+    });
+    // A line after the flood: everything before it is in the file.
+    assert_eq!(post(http, "/api/v1/reload", ""), 200);
+    event(&audit, "config_reload", |_| true);
+    let failures: Vec<Value> = lines(&audit)
+        .into_iter()
+        .filter(|l| l["event"] == "auth_failure")
+        .collect();
+    assert!(
+        !failures.is_empty() && failures.len() <= 40,
+        "{} auth_failure lines",
+        failures.len()
+    );
+    assert!(failures.iter().any(|l| l["reason"] == "bad_credentials"));
+}
+
+/// An audit file on a full disk (`/dev/full`: every write fails with ENOSPC) neither stops
+/// nor slows the broker: clients connect and publish, and the lines that could not be
+/// written are counted.
+#[test]
+fn an_audit_file_on_a_full_disk_counts_its_lost_lines_and_the_broker_serves_on() {
+    let dir = scratch_dir("audit-full-disk");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(&config, "[audit]\nfile = \"/dev/full\"\nmax_bytes = 4096\n").unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for i in 0..100 {
+            let mut o = ConnectOptions::new(&addr, format!("full-disk-{i}"));
+            o.timeout = LIMIT;
+            let (mut c, _) = tokio::time::timeout(LIMIT, Client::connect(o))
+                .await
+                .unwrap()
+                .unwrap();
+            let p = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "t".into(),
+                packet_id: None,
+                properties: Properties::default(),
+                payload: Bytes::from_static(b"x"),
+            };
+            assert_eq!(c.publish(p).await.unwrap(), ReasonCode::Success);
+            c.disconnect().await.unwrap();
+        }
+    });
+    wait_for("lost lines counted", LIMIT, || {
+        (metric(http, "ferrymq_audit_dropped_total") > 0).then_some(())
+    });
+}
+
+/// A client id, user name and topic with newlines, quotes and braces stay inside their JSON
+/// strings: one line per event, none of them forged.
+#[test]
+fn a_client_cannot_write_a_line_of_its_own_into_the_audit_log() {
+    let dir = scratch_dir("audit-injection");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = true\n\
+             [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let forged = "x\"}\n{\"event\":\"admin\",\"forged\":true}\r\n\u{2028}";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut o = ConnectOptions::new(&addr, forged);
+        o.timeout = LIMIT;
+        let (mut c, _) = Client::connect(o).await.unwrap();
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: format!("secret/{forged}"),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from_static(b"x"),
+        };
+        assert_eq!(c.publish(p).await.unwrap(), ReasonCode::NotAuthorized);
+        c.disconnect().await.unwrap();
+    });
+    let gone = event(&audit, "disconnect", |l| l["client_id"] == forged);
+    assert_eq!(gone["by"], "client");
+    let all = lines(&audit);
+    assert!(all.iter().all(|l| l["forged"].is_null()), "{all:?}");
+    assert_eq!(all.len(), 3, "connect, acl_denied, disconnect: {all:?}");
+    let denied = all.iter().find(|l| l["event"] == "acl_denied").unwrap();
+    assert_eq!(denied["topic"], format!("secret/{forged}"));
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}
+
+/// Two clients with one client id connecting at once: the broker takes the first over as
+/// soon as it let it in. Each connection's `connect` line comes before its `disconnect`
+/// line, however the connection tasks and the router are scheduled.
+#[test]
+fn a_connection_taken_over_at_once_has_its_connect_line_before_its_disconnect_line() {
+    let dir = scratch_dir("audit-takeover-order");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!("[audit]\nfile = {:?}\n", audit.display().to_string()),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let addr = format!("127.0.0.1:{mqtt}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    const ROUNDS: usize = 100;
+    rt.block_on(async {
+        for i in 0..ROUNDS {
+            let id = format!("twin-{i}");
+            let one = |addr: String, id: String| async move {
+                let mut o = ConnectOptions::new(&addr, id);
+                o.timeout = LIMIT;
+                Client::connect(o).await.map(|(c, _)| c)
+            };
+            let (a, b) = tokio::join!(
+                tokio::spawn(one(addr.clone(), id.clone())),
+                tokio::spawn(one(addr.clone(), id.clone()))
+            );
+            drop((a, b));
+        }
+        let mut o = ConnectOptions::new(&addr, "last");
+        o.timeout = LIMIT;
+        let (c, _) = Client::connect(o).await.unwrap();
+        c.disconnect().await.unwrap();
+    });
+    event(&audit, "disconnect", |l| l["client_id"] == "last");
+    let all = lines(&audit);
+    let mut seen_connect = std::collections::HashSet::new();
+    let mut out_of_order = Vec::new();
+    for l in &all {
+        let conn = l["conn"].as_u64();
+        match l["event"].as_str() {
+            Some("connect") => {
+                seen_connect.insert(conn);
+            }
+            Some("disconnect") if !seen_connect.contains(&conn) => out_of_order.push(l.clone()),
+            _ => {}
+        }
+    }
+    assert!(
+        out_of_order.is_empty(),
+        "{} disconnect lines before their connect: {:?}",
+        out_of_order.len(),
+        out_of_order.first()
+    );
+    assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
+}

@@ -36,6 +36,11 @@ impl Broker {
         let dir = scratch_dir(name);
         let config = dir.join("ferrymq.toml");
         std::fs::write(&config, config_text).unwrap();
+        (Broker::spawn(&dir, config, watch), dir)
+    }
+
+    /// A broker on `config` (already written), its data under `dir`.
+    fn spawn(dir: &Path, config: PathBuf, watch: bool) -> Broker {
         let (mqtt, http) = (free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrymq"));
         cmd.args(["serve", "--config"])
@@ -66,15 +71,14 @@ impl Broker {
         });
         wait_listening(mqtt, LIMIT);
         let pid = child.id();
-        let broker = Broker {
+        Broker {
             _child: KillOnDrop(child),
             pid,
             mqtt,
             http,
             config,
             log,
-        };
-        (broker, dir)
+        }
     }
 
     fn addr(&self) -> String {
@@ -398,4 +402,463 @@ fn a_change_to_the_file_is_reloaded_with_clients_connected() {
         assert_eq!(next_topic(&mut watcher).await, "news/1");
     });
     assert_eq!(b.reloads("error"), 0);
+}
+
+/// A Kubernetes config map's layout: `ferrymq.toml -> ..data/ferrymq.toml`, `..data ->
+/// ..v1`; an update writes `..v2` and renames a new `..data` link over the old one.
+#[test]
+fn a_config_map_symlink_swap_is_reloaded_once() {
+    let dir = scratch_dir("reload-configmap");
+    let version = |n: u32, text: &str| {
+        let d = dir.join(format!("..v{n}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("ferrymq.toml"), text).unwrap();
+        d
+    };
+    version(1, "");
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    let config = dir.join("ferrymq.toml");
+    std::os::unix::fs::symlink("..data/ferrymq.toml", &config).unwrap();
+    let b = Broker::spawn(&dir, config, true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+        version(2, DENY_SECRET);
+        std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+        wait_for("the swap's reload", LIMIT, || {
+            (b.reloads("ok") >= 1).then_some(())
+        });
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::NotAuthorized
+        );
+        assert_eq!(publish(&mut publisher, "news/1").await, ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/1");
+        // One more swap: still watched.
+        version(3, "# every default\n");
+        std::os::unix::fs::symlink("..v3", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        wait_for("the second swap's reload", LIMIT, || {
+            (b.reloads("ok") >= 2).then_some(())
+        });
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::Success
+        );
+        assert_eq!(next_topic(&mut watcher).await, "secret/b");
+    });
+    assert_eq!(b.reloads("ok"), 2, "one reload per swap");
+    assert_eq!(b.reloads("error"), 0);
+}
+
+/// The file deleted (an editor's save, a deployment tool) and written again later: no
+/// reload while it is missing, one when it is back, and it is still watched after.
+#[test]
+fn a_deleted_and_recreated_config_file_is_reloaded_and_still_watched() {
+    let (b, _dir) = Broker::start("reload-recreate", "", true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut publisher = connect(&addr, "publisher").await;
+        std::fs::remove_file(&b.config).unwrap();
+        // Four looks at the missing file: nothing happens.
+        std::thread::sleep(WATCH_POLL * 4);
+        assert_eq!((b.reloads("ok"), b.reloads("error")), (0, 0));
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::Success
+        );
+        std::fs::write(&b.config, DENY_SECRET).unwrap();
+        wait_for("the reload", LIMIT, || (b.reloads("ok") >= 1).then_some(()));
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::NotAuthorized
+        );
+        b.write_config("# every default\n");
+        wait_for("the next reload", LIMIT, || {
+            (b.reloads("ok") >= 2).then_some(())
+        });
+        assert_eq!(
+            publish(&mut publisher, "secret/c").await,
+            ReasonCode::Success
+        );
+    });
+    assert_eq!(b.reloads("error"), 0);
+}
+
+/// The file emptied and left so for a while (a truncate, then a slow write; `: > file`
+/// before an editor opens it) is a write under way, not a configuration: the watch does not
+/// put every default in force (no ACL rules, no users) meanwhile.
+#[test]
+fn an_emptied_config_file_is_not_taken_for_a_configuration_by_the_watch() {
+    let (b, _dir) = Broker::start("reload-emptied", DENY_SECRET, true);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut publisher = connect(&addr, "publisher").await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&b.config)
+            .unwrap();
+        // Four looks at the empty file.
+        std::thread::sleep(WATCH_POLL * 4);
+        assert_eq!(
+            publish(&mut publisher, "secret/a").await,
+            ReasonCode::NotAuthorized,
+            "the rule still holds"
+        );
+        assert_eq!(b.reloads("ok"), 0);
+        // The rest of the write: taken.
+        std::fs::write(
+            &b.config,
+            format!("{DENY_SECRET}[sys]\ninterval_secs = 1\n"),
+        )
+        .unwrap();
+        wait_for("the reload", LIMIT, || (b.reloads("ok") >= 1).then_some(()));
+        assert_eq!(
+            publish(&mut publisher, "secret/b").await,
+            ReasonCode::NotAuthorized
+        );
+    });
+}
+
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// A secret written with the wrong type (a numeric JWT secret or admin token) is refused,
+/// and the error, which goes to the HTTP response, the log and the audit log, names the key
+/// but not the value.
+#[test]
+fn a_refused_secret_is_not_echoed_in_the_reload_error() {
+    let (b, _dir) = Broker::start("reload-secret-echo", "", false);
+    b.write_config("[auth.jwt]\nalgorithm = \"HS256\"\nsecret = 8675309123\n");
+    let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("auth.jwt.secret"), "{body}");
+    assert!(!body.contains("8675309123"), "the secret is echoed: {body}");
+    b.write_config("[admin]\ntoken = 8675309123\n");
+    let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("admin.token"), "{body}");
+    assert!(!body.contains("8675309123"), "the secret is echoed: {body}");
+    b.log_line(&["configuration not reloaded", "admin.token"]);
+    assert!(!b.has_log_line("8675309123"), "the secret is in the log");
+}
+
+/// The payload of the next message `c` receives, and whether it is a redelivery (`dup`);
+/// not acknowledged.
+async fn next_publish(c: &mut Client) -> Publish {
+    loop {
+        let packet = tokio::time::timeout(LIMIT, c.recv())
+            .await
+            .expect("a delivery in time")
+            .unwrap();
+        if let Packet::Publish(p) = packet {
+            return p;
+        }
+    }
+}
+
+/// Reloads that swap the ACL and a queue's policy while a job is leased to a consumer, and
+/// a burst of reloads while a publisher streams: every job is delivered once and acked for
+/// good, every stream message arrives once and in order, and the ACL in force is the one
+/// the last reload put there.
+#[test]
+fn reloads_with_leased_jobs_and_a_stream_in_flight_lose_and_duplicate_nothing() {
+    let config = |acl: &str, attempts: u32, rate: u32| {
+        format!(
+            "[[queue]]\nname = \"jobs\"\nfilter = \"jobs/#\"\nmax_attempts = {attempts}\n\
+             [limits]\nmax_connection_rate = {rate}\n{acl}"
+        )
+    };
+    let (b, _dir) = Broker::start("reload-burst", &config(DENY_SECRET, 3, 0), false);
+    let addr = b.addr();
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut consumer = connect(&addr, "consumer").await;
+        let qos1 = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            ..SubscriptionOptions::default()
+        };
+        let ack = consumer
+            .subscribe(vec![("$queue/jobs".into(), qos1)], Properties::default())
+            .await
+            .unwrap();
+        assert!(!ack.reasons[0].is_error(), "{ack:?}");
+        let mut publisher = connect(&addr, "publisher").await;
+
+        // One job at a time, leased while a reload changes its queue's policy and the ACL.
+        for i in 0..10u32 {
+            assert_eq!(
+                publish(&mut publisher, &format!("jobs/{i}")).await,
+                ReasonCode::Success
+            );
+            let job = next_publish(&mut consumer).await;
+            assert_eq!(job.topic, format!("jobs/{i}"));
+            assert!(!job.dup, "job {i} delivered twice");
+            let deny = i % 2 == 0;
+            let acl = if deny { DENY_SECRET } else { "" };
+            b.write_config(&config(acl, 3 + i % 2, 0));
+            let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+            assert_eq!(status, 200, "{body}");
+            consumer.queue_ack(&job).unwrap();
+            consumer.flush().await.unwrap();
+            let secret = format!("secret/{i}");
+            let want = if deny {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            assert_eq!(publish(&mut publisher, &secret).await, want, "after {i}");
+            let news = format!("news/{i}");
+            assert_eq!(publish(&mut publisher, &news).await, ReasonCode::Success);
+            let mut expected = vec![news];
+            if !deny {
+                expected.insert(0, secret);
+            }
+            for topic in expected {
+                assert_eq!(next_topic(&mut watcher).await, topic);
+            }
+        }
+        let (_, queue) = http(b.http, "GET", "/api/v1/queues/jobs", "");
+        let stats = &json(&queue)["stats"];
+        let got: Vec<u64> = ["acked", "depth", "leased", "redelivered", "dead_letters"]
+            .iter()
+            .map(|k| stats[*k].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, [10, 0, 0, 0, 0], "{stats}");
+
+        // A burst of reloads from another thread while 400 messages stream.
+        let (port, path) = (b.http, b.config.clone());
+        let reloader = std::thread::spawn(move || {
+            let mut ok = 0;
+            for i in 0..30u32 {
+                let text = config("", 3 + i % 2, 1000 + i);
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+                let (status, _) = http(port, "POST", "/api/v1/reload", "");
+                ok += u32::from(status == 200);
+            }
+            ok
+        });
+        const STREAM: u32 = 400;
+        let stream = async {
+            for i in 0..STREAM {
+                let code = publish(&mut publisher, &format!("news/s{i}")).await;
+                assert_eq!(code, ReasonCode::Success);
+            }
+        };
+        let receive = async {
+            for i in 0..STREAM {
+                assert_eq!(next_topic(&mut watcher).await, format!("news/s{i}"));
+            }
+        };
+        tokio::join!(stream, receive);
+        assert_eq!(reloader.join().unwrap(), 30);
+        // Nothing more: no duplicate came after the last.
+        publish(&mut publisher, "news/end").await;
+        assert_eq!(next_topic(&mut watcher).await, "news/end");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), consumer.recv())
+                .await
+                .is_err(),
+            "no job came back"
+        );
+    });
+    assert_eq!(b.reloads("error"), 0);
+}
+
+/// An HTTP/1.0 request with extra header lines: the status and the body.
+fn http_with(port: u16, method: &str, path: &str, headers: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `GET /api/v1/config` and `POST /api/v1/reload` answer only with the admin token, and a
+/// web page of another origin cannot make a browser reload; the config shown holds neither
+/// the token (from `token_file`) nor the JWT secret.
+#[test]
+fn the_config_and_reload_routes_are_guarded_and_show_no_secret() {
+    let dir = scratch_dir("reload-guarded-secrets");
+    let token_file = dir.join("admin-token");
+    std::fs::write(&token_file, "t0ken-0f-the-admin\n").unwrap();
+    let text = format!(
+        "[admin]\ntoken_file = {:?}\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-s3cret-value\"\n",
+        token_file.display().to_string()
+    );
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(&config, text).unwrap();
+    let b = Broker::spawn(&dir, config, false);
+    let bearer = "Authorization: Bearer t0ken-0f-the-admin\r\n";
+    assert_eq!(http_with(b.http, "GET", "/api/v1/config", "").0, 401);
+    assert_eq!(http_with(b.http, "POST", "/api/v1/reload", "").0, 401);
+    let evil = format!("{bearer}Origin: http://evil.example\r\n");
+    assert_eq!(http_with(b.http, "POST", "/api/v1/reload", &evil).0, 403);
+    let (status, body) = http_with(b.http, "GET", "/api/v1/config", bearer);
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("t0ken-0f-the-admin"), "{body}");
+    assert!(!body.contains("jwt-s3cret-value"), "{body}");
+    assert_eq!(json(&body)["auth"]["jwt"]["secret"], "(redacted)");
+    assert_eq!(http_with(b.http, "POST", "/api/v1/reload", bearer).0, 200);
+    let (_, metrics) = http_with(b.http, "GET", "/metrics", bearer);
+    assert!(
+        metrics.contains("ferrymq_config_reloads_total{result=\"ok\"} 1\n"),
+        "only the one with the token reloaded: {metrics}"
+    );
+}
+
+/// A part that fails while applying (a queue declared with the disk full: the data directory
+/// is under `storage.min_free_bytes`) is reported, and its change is not taken for applied:
+/// the config shown does not list the queue, and the same file reloaded again tries again
+/// (and says so) instead of reporting nothing to do.
+#[test]
+fn a_part_that_fails_to_apply_is_tried_again_by_the_next_reload() {
+    let full = "[storage]\nmin_free_bytes = 1152921504606846976\n";
+    let (b, _dir) = Broker::start("reload-part-fails", full, false);
+    wait_for("the disk_low alarm", LIMIT, || {
+        let (_, alarms) = http(b.http, "GET", "/api/v1/alarms", "");
+        alarms.contains("disk_low").then_some(())
+    });
+    b.write_config(&format!(
+        "{full}[[queue]]\nname = \"jobs\"\nfilter = \"jobs/#\"\n"
+    ));
+    for attempt in 0..2 {
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let report = json(&body);
+        assert_eq!(
+            report["failed"][0]["part"], "queues",
+            "attempt {attempt}: {report}"
+        );
+    }
+    assert_eq!(http(b.http, "GET", "/api/v1/queues/jobs", "").0, 404);
+    let config = json(&http(b.http, "GET", "/api/v1/config", "").1);
+    assert_eq!(
+        config["queue"],
+        serde_json::json!([]),
+        "not running: {config}"
+    );
+}
+
+/// A reload that changes only keys that need a restart applies nothing, reports each of
+/// them, and none of them changes what the broker does meanwhile.
+#[test]
+fn a_reload_of_restart_only_keys_reports_them_and_changes_nothing() {
+    let (b, dir) = Broker::start("reload-restart-only", "", false);
+    let addr = b.addr();
+    let audit = dir.join("audit.jsonl");
+    runtime().block_on(async {
+        let mut watcher = watcher(&addr).await;
+        let mut publisher = connect(&addr, "publisher").await;
+        b.write_config(&format!(
+            "[mqtt]\nmax_packet_size = 128\n[audit]\nfile = {:?}\n\
+             [storage]\nsegment_bytes = 1048576\n",
+            audit.display().to_string()
+        ));
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let report = json(&body);
+        assert_eq!(report["applied"], serde_json::json!([]), "{report}");
+        assert_eq!(
+            report["restart_required"],
+            serde_json::json!([
+                "audit.file",
+                "mqtt.max_packet_size",
+                "storage.segment_bytes"
+            ]),
+            "{report}"
+        );
+        // A publish over the new packet size still goes through, and no audit file is
+        // started.
+        let p = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "news/big".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::from(vec![b'x'; 1024]),
+        };
+        let code = tokio::time::timeout(LIMIT, publisher.publish(p)).await;
+        assert_eq!(code.unwrap().unwrap(), ReasonCode::Success);
+        assert_eq!(next_topic(&mut watcher).await, "news/big");
+        let config = json(&http(b.http, "GET", "/api/v1/config", "").1);
+        assert_eq!(config["mqtt"]["max_packet_size"], 1_048_576, "{config}");
+        assert!(config["audit"]["file"].is_null(), "{config}");
+    });
+    b.log_line(&["\"message\":\"configuration reloaded\""]);
+    assert!(!audit.exists(), "the audit log waits for a restart");
+}
+
+/// What a reload refuses, `ferrymq check-config` refuses too, with the same key: a password
+/// file that cannot be read and a log filter that does not parse (it said "valid" to both).
+#[test]
+fn check_config_refuses_what_a_reload_refuses() {
+    let (b, dir) = Broker::start("reload-check-config", "", false);
+    let cases = [
+        (
+            format!(
+                "[auth]\npassword_file = {:?}\n",
+                dir.join("no-such-users").display().to_string()
+            ),
+            "auth.password_file",
+        ),
+        (
+            "[log]\nlevel = \"ferrymq=notalevel\"\n".to_string(),
+            "log.level",
+        ),
+    ];
+    for (text, key) in cases {
+        b.write_config(&text);
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 422, "{key}: {body}");
+        assert!(body.contains(key), "{body}");
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+            .arg("check-config")
+            .arg(&b.config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: check-config said valid");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+}
+
+/// `ferrymq check-config` prints the configuration it read (CI logs keep it): the admin
+/// token is not in it, as the JWT secret is not.
+#[test]
+fn check_config_does_not_print_the_admin_token() {
+    let dir = scratch_dir("check-config-secrets");
+    let file = dir.join("ferrymq.toml");
+    std::fs::write(
+        &file,
+        "[admin]\ntoken = \"adm1n-t0ken-value\"\n[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-s3cret-value\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(!stdout.contains("adm1n-t0ken-value"), "{stdout}");
+    assert!(!stdout.contains("jwt-s3cret-value"), "{stdout}");
 }

@@ -493,3 +493,55 @@ async fn a_config_reload_with_new_certificate_paths_swaps_them() {
         dir.join("renewed.pem")
     );
 }
+
+/// A reload with a valid ACL rule, limit and `$SYS` interval next to certificate files that
+/// do not load is refused whole: none of its other changes applies either (the parts are
+/// all checked before any applies).
+#[tokio::test]
+async fn a_reload_whose_certificate_fails_applies_none_of_its_other_changes() {
+    let ca = Ca::new("ferrymq test CA");
+    let dir = edge::cert_dir("tls-reload-whole");
+    let config = tls_config(&dir, &ca.issue(Role::Server, 310), None, false);
+    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
+    let source = next.clone();
+    let reloading = ferrymq_server::Reloading {
+        load: Some(std::sync::Arc::new(move || {
+            Ok(source.lock().unwrap().clone())
+        })),
+        ..Default::default()
+    };
+    let server = Server::start_with(config.clone(), reloading).await.unwrap();
+    let addr = mqtts(&server);
+    let client = edge::client_config(&ca.pem, None);
+    let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
+    let mut reader = Wire::connected(tls, "reader", ProtocolVersion::V5).await;
+    reader.subscribe(1, "secret/#").await;
+
+    let mut bad = Config::parse(
+        "[[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n\
+         [limits]\nmax_connections = 1\n[sys]\ninterval_secs = 1\n",
+    )
+    .unwrap();
+    bad.listeners = config.listeners.clone();
+    bad.data_dir = config.data_dir.clone();
+    bad.storage = config.storage.clone();
+    let mut tls_table = config.tls.clone().unwrap();
+    tls_table.key = dir.join("missing.key");
+    bad.tls = Some(tls_table);
+    *next.lock().unwrap() = bad;
+    let err = server
+        .reload(ferrymq_server::Trigger::Api)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing.key"), "{err}");
+    assert_eq!(*server.running_config(), config, "the running config stays");
+    // No connection limit of 1 (a second client gets in) and no ACL rule (it publishes).
+    let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
+    let mut writer = Wire::connected(tls, "writer", ProtocolVersion::V5).await;
+    writer.publish(1, "secret/x", b"still allowed").await;
+    assert_eq!(
+        reader.next_publish().await,
+        ("secret/x".into(), b"still allowed".to_vec())
+    );
+}
