@@ -64,8 +64,22 @@ impl TlsState {
     /// Puts a prepared table in force: new handshakes use it, and the reload task watches its
     /// files from now on. (`cert_username` is taken at start only.)
     pub(crate) fn install(&self, p: Prepared) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         self.replace(p.config);
-        *self.watched.lock().unwrap_or_else(|e| e.into_inner()) = (p.tls, p.files);
+        *watched = (p.tls, p.files);
+    }
+
+    /// Installs `p` only if the watched table is still `expected`: the file poll builds
+    /// outside the lock, and a configuration reload may install other paths meanwhile, which
+    /// the poll's older table must not overwrite. Checked and installed under one lock.
+    fn install_if_still(&self, expected: &Tls, p: Prepared) -> bool {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if watched.0 != *expected {
+            return false;
+        }
+        self.replace(p.config);
+        *watched = (p.tls, p.files);
+        true
     }
 
     /// The acceptor for a new connection (with the configuration in force now).
@@ -210,13 +224,15 @@ pub(crate) async fn reload_loop(
         }
         match build(&tls, &now) {
             Ok(config) => {
-                state.install(Prepared {
+                let prepared = Prepared {
                     tls: tls.clone(),
                     files: now,
                     config,
-                });
-                failed = None;
-                tracing::info!(cert = %tls.cert.display(), "TLS certificates reloaded");
+                };
+                if state.install_if_still(&tls, prepared) {
+                    failed = None;
+                    tracing::info!(cert = %tls.cert.display(), "TLS certificates reloaded");
+                }
             }
             Err(e) => warn_once(&mut failed, &e),
         }
@@ -402,5 +418,54 @@ mod tests {
             None
         );
         assert_eq!(names::common_name(&[]), None);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod reload_race {
+    use super::*;
+
+    /// A self-signed certificate and key for 127.0.0.1, written under `dir` as `name`.pem/key.
+    fn files(dir: &std::path::Path, name: &str) -> Tls {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        Tls {
+            cert: c,
+            key: k,
+            client_ca: None,
+            require_client_cert: false,
+            cert_username: CertUsername::None,
+        }
+    }
+
+    /// Review suspicion (issue 13): the file poll built new certificates outside the lock and
+    /// installed them after, so a configuration reload that installed other paths in between
+    /// was overwritten by the poll's older table. The poll now installs only if its table is
+    /// still the watched one.
+    #[test]
+    fn the_file_poll_does_not_overwrite_paths_a_config_reload_installed_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("ferrymq-tls-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = files(&dir, "old");
+        let new = files(&dir, "new");
+        let state = TlsState::load(&old).unwrap();
+        // The poll read the old table and built from its (changed) files ...
+        let polled = TlsState::prepare(&old).unwrap();
+        // ... while a configuration reload installed the new paths.
+        state.install(TlsState::prepare(&new).unwrap());
+        assert!(!state.install_if_still(&old, polled));
+        assert_eq!(state.watched.lock().unwrap().0, new);
+        // Without a reload in between the poll installs.
+        let polled = TlsState::prepare(&new).unwrap();
+        assert!(state.install_if_still(&new, polled));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

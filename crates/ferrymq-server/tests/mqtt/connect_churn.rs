@@ -1,4 +1,8 @@
 //! 1,000 connect/disconnect cycles leave no sessions, connections, tasks or memory behind.
+//!
+//! The cycles run in a child process (this test binary, filtered to the ignored test below):
+//! resident memory is per process, and measured in the shared test process it counted what
+//! the other tests running alongside allocated (19 MiB "grown" in a full run, 0 alone).
 
 use crate::common::*;
 use ferrymq_client::{Client, ConnectOptions};
@@ -32,8 +36,30 @@ async fn cycles(server: &ferrymq_server::Server, n: usize) {
     }
 }
 
+#[test]
+fn thousand_connect_cycles_leave_nothing_behind() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "connect_churn::churn_in_its_own_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the churn process failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Guard against the filter matching nothing (which would pass vacuously).
+    assert!(stdout.contains("1 passed"), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousand_connect_cycles_leave_nothing_behind() {
+#[ignore = "run by thousand_connect_cycles_leave_nothing_behind in a child process"]
+async fn churn_in_its_own_process() {
     let server = start().await;
     // Warm up allocator pools and the runtime first so growth is measured, not first use.
     cycles(&server, 200).await;
