@@ -107,9 +107,33 @@ pub struct Outbox {
     /// that sees a pause must stop feeding that connection's packets at once, even in the
     /// middle of a batch.
     pub flow: Vec<(ConnId, Flow)>,
-    /// Publishes the ACL refused, with their topics, for the driver's log (a 3.1.1 client is
-    /// not told: MQTT 3.1.1 has no negative acknowledgement).
-    pub denied: Vec<(ConnId, Arc<str>)>,
+    /// Publishes the ACL refused, for the driver's log (a 3.1.1 client is not told: MQTT
+    /// 3.1.1 has no negative acknowledgement).
+    pub denied: Vec<DeniedPublish>,
+    /// Messages that just became dead letters, for the driver's log.
+    pub dead_lettered: Vec<DeadLettered>,
+}
+
+/// A publish the ACL refused (see [`Outbox::denied`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedPublish {
+    pub conn: ConnId,
+    pub topic: Arc<str>,
+    /// From the publish's W3C `traceparent` user property.
+    pub trace_id: Option<String>,
+}
+
+/// A message that became a dead letter (see [`Outbox::dead_lettered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLettered {
+    pub queue: Arc<str>,
+    pub message_id: u64,
+    pub topic: Arc<str>,
+    pub cause: crate::workqueue::Cause,
+    /// The last failure's reason, if it failed a consumer.
+    pub reason: Option<Arc<str>>,
+    /// From the message's W3C `traceparent` user property.
+    pub trace_id: Option<String>,
 }
 
 /// A flow-control instruction for one connection's input (see [`Outbox::flow`]).
@@ -143,8 +167,9 @@ pub struct ConnectOutcome {
 pub struct Stats {
     pub messages_received: [u64; 3],
     pub messages_sent: [u64; 3],
-    pub payload_bytes_received: u64,
-    pub payload_bytes_sent: u64,
+    /// Payload bytes received and sent, by QoS (of the PUBLISH, of the delivery).
+    pub payload_bytes_received: [u64; 3],
+    pub payload_bytes_sent: [u64; 3],
     /// QoS 1/2 messages dropped for a full queue: the oldest under `queue_full =
     /// drop_oldest`; otherwise ones nobody could be told about (wills, in-process publishes,
     /// retained messages sent on subscribe).
@@ -332,6 +357,12 @@ impl Broker {
     /// delivery to the connection that published it through [`crate::Message::publisher`]).
     pub fn session_connection(&self, sid: SessionId) -> Option<ConnId> {
         self.sessions.get(&sid).and_then(|s| s.conn)
+    }
+
+    /// The client id of the session a connection is attached to.
+    pub fn connection_client_id(&self, conn: ConnId) -> Option<&Arc<str>> {
+        let c = self.conns.get(&conn)?;
+        self.sessions.get(&c.session).map(|s| &s.client_id)
     }
 
     pub fn session_count(&self) -> usize {
@@ -917,7 +948,7 @@ impl Broker {
         };
         let p = &f.pending;
         self.stats.messages_sent[p.qos as usize] += 1;
-        self.stats.payload_bytes_sent += p.message.payload.len() as u64;
+        self.stats.payload_bytes_sent[p.qos as usize] += p.message.payload.len() as u64;
         let d = Delivery {
             message: p.message.clone(),
             qos: p.qos,

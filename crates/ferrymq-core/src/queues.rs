@@ -322,8 +322,12 @@ pub struct DeadLetterPage {
 
 /// The trace id of a W3C `traceparent` (`00-{32 hex trace id}-{16 hex}-{2 hex}`).
 pub fn trace_id(m: &Message) -> Option<String> {
-    let tp = m
-        .properties
+    trace_id_of(&m.properties)
+}
+
+/// The trace id of the `traceparent` user property among `properties`, if well formed.
+pub fn trace_id_of(properties: &ferrymq_mqtt::Properties) -> Option<String> {
+    let tp = properties
         .user_properties
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))?;
@@ -1052,7 +1056,7 @@ impl Broker {
         };
         let qos = flight.map_or(QoS::AtMostOnce, |(_, q)| q);
         self.stats.messages_sent[qos as usize] += 1;
-        self.stats.payload_bytes_sent += body.payload.len() as u64;
+        self.stats.payload_bytes_sent[qos as usize] += body.payload.len() as u64;
         let d = Delivery {
             message: body.clone(),
             qos,
@@ -1387,6 +1391,14 @@ impl Broker {
         let Ok(view) = self.dead_letter(queue, id) else {
             return;
         };
+        out.dead_lettered.push(crate::DeadLettered {
+            queue: queue.clone(),
+            message_id: id,
+            topic: view.message.topic.clone(),
+            cause: view.dead.cause,
+            reason: view.dead.failures.last().map(|f| f.reason.clone()),
+            trace_id: view.trace_id.clone(),
+        });
         let m = dlq_message(&view, now);
         self.publish(m, now, out);
         // Dead letters are read back from the log when looked at, not kept in memory (once

@@ -290,7 +290,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         Some(s) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            render(&state.net, &s, &state.alarms.list()),
+            render(&state.net, s, state.alarms.list()),
         ),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -32,6 +32,8 @@ pub(crate) enum ToRouter {
         /// Who the client authenticated as (`auth.rs`). Boxed: 64 bytes inline would widen
         /// every message on the router's channel, packets included.
         who: Box<ferrymq_core::Identity>,
+        /// The peer's address and listener (the REST client view, metrics, logs).
+        origin: crate::peers::Origin,
         outbound: Arc<Outbound>,
         reply: oneshot::Sender<ConnectOutcome>,
     },
@@ -127,6 +129,10 @@ struct OutQueue {
     /// The router holds this connection's input back (it fed a congested subscriber, or the
     /// engine holds one of its acks): the reader does not read.
     stalled: bool,
+    /// The client id, set by the router when the CONNECT is accepted: the connection task's
+    /// log lines carry it (here, under the lock it takes anyway, rather than a field of its
+    /// own: 16 bytes in every connection instead of 24 or more).
+    client_id: Option<Arc<str>>,
 }
 
 /// Subscribers whose queues drained below their low mark, reported by their writers, and
@@ -241,6 +247,14 @@ impl Outbound {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// The client id for a log line ("" before the CONNECT is accepted).
+    pub(crate) fn client_id(&self) -> Arc<str> {
+        self.lock()
+            .client_id
+            .clone()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     /// Bytes queued and being written.
@@ -367,6 +381,8 @@ pub(crate) struct RouterSettings {
 pub(crate) struct Router {
     broker: Broker,
     conns: HashMap<ConnId, Arc<Outbound>>,
+    /// Address, listener, protocol and client id of each connection past CONNECT.
+    peers: crate::peers::Peers,
     net: Arc<NetMetrics>,
     settings: RouterSettings,
     started: Instant,
@@ -380,6 +396,8 @@ pub(crate) struct Router {
     violations: ViolationLog,
     /// Publishes the ACL refused (`auth::DenialLog`).
     denials: crate::auth::DenialLog,
+    /// Messages that became dead letters (`deadletter_log.rs`).
+    dead_letters: crate::deadletter_log::DeadLetterLog,
     /// Back-pressure: subscribers over their high mark, and connections whose input waits.
     congested: HashMap<ConnId, Congested>,
     held: HashMap<ConnId, Held>,
@@ -508,6 +526,7 @@ impl Router {
         drains: Arc<Drains>,
         overload: Overload,
     ) -> Router {
+        net.delivery.clock.start(settings.epoch_ms);
         Router {
             alarms: overload.alarms().clone(),
             overload,
@@ -515,8 +534,10 @@ impl Router {
             next_keep_alive_check: Instant::now(),
             violations: ViolationLog::new(Instant::now()),
             denials: crate::auth::DenialLog::new(Instant::now()),
+            dead_letters: Default::default(),
             broker,
             conns: HashMap::new(),
+            peers: Default::default(),
             net,
             settings,
             started: Instant::now(),
@@ -618,6 +639,7 @@ impl Router {
             let elapsed = step.elapsed();
             let took = elapsed.as_micros() as u64;
             self.net.router_step_max_us.fetch_max(took, Relaxed);
+            self.net.router_step.observe_us(took);
             if took > 10_000 {
                 self.net.router_steps_over_10ms.fetch_add(1, Relaxed);
             }
@@ -1087,6 +1109,7 @@ impl Router {
                 conn,
                 connect,
                 who,
+                origin,
                 outbound,
                 reply,
             } => {
@@ -1096,6 +1119,15 @@ impl Router {
                 if outcome.accepted {
                     let limit = u64::from(outcome.keep_alive) * 1500;
                     outbound.keep_alive_ms.store(limit, Relaxed);
+                    if let Some(client_id) = self.broker.connection_client_id(conn) {
+                        outbound.lock().client_id = Some(client_id.clone());
+                        let peer = crate::peers::ClientPeer {
+                            origin,
+                            version: outcome.version,
+                            client_id: client_id.clone(),
+                        };
+                        self.peers.insert(conn, peer);
+                    }
                 }
                 self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
@@ -1119,6 +1151,7 @@ impl Router {
             ToRouter::Closed { conn } => {
                 self.run_before_close(conn, now);
                 self.conns.remove(&conn);
+                self.peers.remove(conn);
                 self.broker.closed(conn, now, &mut self.out);
             }
             ToRouter::Violation { conn, reason } => {
@@ -1129,6 +1162,7 @@ impl Router {
                 let _ = reply.send(EngineSnapshot {
                     stats: self.broker.stats().clone(),
                     connections: self.broker.connection_count(),
+                    connections_by_listener: self.peers.counts(),
                     sessions: self.broker.session_count(),
                     subscriptions: self.broker.subscription_count(),
                     retained: self.broker.retained_count(),
@@ -1153,8 +1187,13 @@ impl Router {
             }
             ToRouter::Admin { command, reply } => {
                 let records = self.out.journal.len();
-                let result =
-                    crate::views_api::execute(&mut self.broker, command, now, &mut self.out);
+                let result = crate::views_api::execute(
+                    &mut self.broker,
+                    &self.peers,
+                    command,
+                    now,
+                    &mut self.out,
+                );
                 self.queue_answers.push(QueueAnswer {
                     send: Box::new(move || {
                         let _ = reply.send(result);
@@ -1204,9 +1243,15 @@ impl Router {
     fn dispatch(&mut self) {
         for (conn, reason) in self.out.violations.drain(..) {
             self.net.disconnects.add(reason);
-            tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
+            tracing::debug!(
+                conn = conn.0,
+                client_id = self.peers.client_id(conn),
+                ?reason,
+                "closing connection: rule broken"
+            );
         }
-        self.denials.log(&mut self.out.denied);
+        self.denials.log(&mut self.out.denied, &self.peers);
+        self.dead_letters.log(&mut self.out.dead_lettered);
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();
@@ -1307,7 +1352,11 @@ impl Router {
             let now = self.now();
             for conn in slow {
                 // Counted and summarized as a QuotaExceeded close (see `dispatch`).
-                tracing::debug!(conn = conn.0, "disconnecting slow consumer");
+                tracing::debug!(
+                    conn = conn.0,
+                    client_id = self.peers.client_id(conn),
+                    "disconnecting slow consumer"
+                );
                 self.broker
                     .kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
             }
