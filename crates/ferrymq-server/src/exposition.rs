@@ -16,7 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncod
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use ferrymq_core::queues::QueueView;
+use ferrymq_core::queues::QueueCounters;
 use ferrymq_core::workqueue::Cause;
 use ferrymq_mqtt::ReasonCode;
 
@@ -519,17 +519,15 @@ fn per_queue(
     name: &str,
     help: &str,
     kind: MetricType,
-    queues: &[QueueView],
-    value: impl Fn(&QueueView) -> u64,
+    queues: &[QueueCounters],
+    value: impl Fn(&QueueCounters) -> u64,
 ) -> fmt::Result {
     family(
         e,
         name,
         help,
         kind,
-        queues
-            .iter()
-            .map(|q| ([("queue", q.def.name.as_str())], value(q))),
+        queues.iter().map(|q| ([("queue", &*q.name)], value(q))),
     )
 }
 
@@ -550,7 +548,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Messages leased to consumers, not yet acknowledged.",
         GAUGE,
         q,
-        |v| v.leased as u64,
+        |v| v.leased,
     )?;
     per_queue(
         e,
@@ -558,7 +556,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Waiting messages not due yet (a retry backoff or a delay).",
         GAUGE,
         q,
-        |v| v.delayed as u64,
+        |v| v.delayed,
     )?;
     per_queue(
         e,
@@ -582,7 +580,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Messages whose record could not be read back from the log (dropped).",
         COUNTER,
         q,
-        |v| v.stats.unreadable,
+        |v| v.unreadable,
     )?;
     per_queue(
         e,
@@ -590,7 +588,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Dead letters kept for the queue.",
         GAUGE,
         q,
-        |v| v.dead_letters as u64,
+        |v| v.dead_letters,
     )?;
     per_queue(
         e,
@@ -598,7 +596,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Consumers subscribed to the queue.",
         GAUGE,
         q,
-        |v| v.consumers as u64,
+        |v| v.consumers,
     )?;
     let mut m = e.encode_descriptor(
         "ferrymq_queue_oldest_age_seconds",
@@ -607,8 +605,8 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         GAUGE,
     )?;
     for v in q {
-        let age = v.oldest_age_ms.unwrap_or(0) as f64 / 1000.0;
-        m.encode_family(&[("queue", v.def.name.as_str())])?
+        let age = v.oldest_age_ms as f64 / 1000.0;
+        m.encode_family(&[("queue", &*v.name)])?
             .encode_gauge(&age)?;
     }
     per_queue(
@@ -617,7 +615,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Messages that entered the queue.",
         COUNTER,
         q,
-        |v| v.stats.enqueued,
+        |v| v.enqueued,
     )?;
     per_queue(
         e,
@@ -625,7 +623,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Messages acknowledged by a consumer.",
         COUNTER,
         q,
-        |v| v.stats.acked,
+        |v| v.acked,
     )?;
     per_queue(
         e,
@@ -633,7 +631,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Failed attempts: nacks, ack timeouts, lost consumers, restarts.",
         COUNTER,
         q,
-        |v| v.stats.nacked,
+        |v| v.nacked,
     )?;
     per_queue(
         e,
@@ -641,7 +639,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Deliveries after a failed attempt.",
         COUNTER,
         q,
-        |v| v.stats.redelivered,
+        |v| v.redelivered,
     )?;
     per_queue(
         e,
@@ -649,7 +647,7 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Publishes the queue refused (full under reject_new, or nothing to displace).",
         COUNTER,
         q,
-        |v| v.stats.refused,
+        |v| v.refused,
     )?;
     family(
         e,
@@ -657,16 +655,10 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Messages dropped from the queue unconsumed, by reason.",
         COUNTER,
         q.iter().flat_map(|v| {
-            let n = v.def.name.as_str();
+            let n = &*v.name;
             [
-                (
-                    [("queue", n), ("reason", "overflow")],
-                    v.stats.dropped_overflow,
-                ),
-                (
-                    [("queue", n), ("reason", "expired")],
-                    v.stats.dropped_expired,
-                ),
+                ([("queue", n), ("reason", "overflow")], v.dropped_overflow),
+                ([("queue", n), ("reason", "expired")], v.dropped_expired),
             ]
         }),
     )?;
@@ -676,11 +668,11 @@ fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
         "Messages that became dead letters, by cause.",
         COUNTER,
         q.iter().flat_map(|v| {
-            let n = v.def.name.as_str();
-            Cause::ALL.iter().map(move |c| {
-                let count = v.stats.dead_lettered.get(c).copied().unwrap_or(0);
-                ([("queue", n), ("cause", c.as_str())], count)
-            })
+            let n = &*v.name;
+            Cause::ALL
+                .iter()
+                .zip(v.dead_lettered)
+                .map(move |(c, count)| ([("queue", n), ("cause", c.as_str())], count))
         }),
     )?;
     one(

@@ -198,8 +198,8 @@ pub struct EngineSnapshot {
     pub storage_held_actions: usize,
     /// The log found the disk full and keeps records in memory until a retry writes them.
     pub storage_blocked: bool,
-    /// Every work queue with its counters.
-    pub queues: Vec<ferrymq_core::queues::QueueView>,
+    /// Every work queue's counters.
+    pub queues: Vec<ferrymq_core::queues::QueueCounters>,
     /// Messages waiting for a `$delayed/…` publish to come due.
     pub delayed_publishes: u64,
 }

@@ -1169,7 +1169,7 @@ impl Router {
                     storage_disk_bytes: self.persist.as_ref().map_or(0, |p| p.disk_bytes()),
                     storage_held_actions: self.persist.as_ref().map_or(0, |p| p.held_actions()),
                     storage_blocked: self.persist.as_ref().is_some_and(|p| p.is_blocked()),
-                    queues: self.broker.queue_views(now),
+                    queues: self.broker.queue_counters(now),
                     delayed_publishes: self.broker.delayed_publishes(),
                 });
             }

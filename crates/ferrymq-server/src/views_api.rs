@@ -381,7 +381,7 @@ async fn overview(State(state): State<AdminState>) -> Response {
         "retained": s.retained,
         "queues": s.queues.len(),
         "queued_messages": s.queues.iter().map(|q| q.depth).sum::<u64>(),
-        "dead_letters": s.queues.iter().map(|q| q.dead_letters as u64).sum::<u64>(),
+        "dead_letters": s.queues.iter().map(|q| q.dead_letters).sum::<u64>(),
         "messages_received": s.stats.messages_received.iter().sum::<u64>(),
         "messages_sent": s.stats.messages_sent.iter().sum::<u64>(),
         "bytes_received": s.stats.payload_bytes_received.iter().sum::<u64>(),
