@@ -138,7 +138,7 @@ impl Scrape {
         family(
             e,
             "ferrymq_client_connections",
-            "Connections attached to a session, by listener and MQTT protocol version.",
+            "Connections whose CONNECT was accepted, by listener and MQTT protocol version.",
             GAUGE,
             ListenerKind::ALL.iter().flat_map(|k| {
                 PROTOCOLS.iter().enumerate().map(move |(i, v)| {
