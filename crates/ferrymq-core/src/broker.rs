@@ -112,6 +112,21 @@ pub struct Outbox {
     pub denied: Vec<DeniedPublish>,
     /// Messages that just became dead letters, for the driver's log.
     pub dead_lettered: Vec<DeadLettered>,
+    /// Messages dropped for a subscriber (expired, too large for it, its queue full) that
+    /// carry a W3C `traceparent`, for the driver's log. Untraced drops are only counted.
+    pub dropped: Vec<DroppedMessage>,
+}
+
+/// A traced message dropped for one subscriber (see [`Outbox::dropped`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedMessage {
+    pub topic: Arc<str>,
+    /// As in `ferrymq_messages_dropped_total{reason}`: `expired`, `packet_too_large`,
+    /// `queue_full`.
+    pub reason: &'static str,
+    /// The subscriber's.
+    pub client_id: Arc<str>,
+    pub trace_id: String,
 }
 
 /// A publish the ACL refused (see [`Outbox::denied`]).
@@ -146,6 +161,22 @@ pub enum Flow {
 impl Outbox {
     pub(crate) fn push(&mut self, conn: ConnId, action: Action) {
         self.actions.push((conn, action));
+    }
+
+    /// Notes a message dropped for `client_id`'s session, if it carries a `traceparent`
+    /// (most messages have no user property: one test of an empty list).
+    pub(crate) fn note_drop(&mut self, m: &Message, reason: &'static str, client_id: &Arc<str>) {
+        if m.properties.user_properties.is_empty() {
+            return;
+        }
+        if let Some(trace_id) = crate::queues::trace_id_of(&m.properties) {
+            self.dropped.push(DroppedMessage {
+                topic: m.topic.clone(),
+                reason,
+                client_id: client_id.clone(),
+                trace_id,
+            });
+        }
     }
 }
 
@@ -900,6 +931,7 @@ impl Broker {
                     self.stats.acl_denied_deliveries += 1;
                 } else {
                     self.stats.dropped_expired += 1;
+                    out.note_drop(&front.message, "expired", &s.client_id);
                 }
                 if self
                     .try_commit(Record::Removed { sid, message }, out)

@@ -37,8 +37,8 @@ pub mod workqueue;
 
 pub use acl::{AclConfig, Identity};
 pub use broker::{
-    Action, Admission, Broker, ConnectOutcome, DeadLettered, Delivery, DeniedPublish, Flow, Outbox,
-    Stats,
+    Action, Admission, Broker, ConnectOutcome, DeadLettered, Delivery, DeniedPublish,
+    DroppedMessage, Flow, Outbox, Stats,
 };
 pub use config::{BrokerConfig, QueueFull};
 pub use journal::{

@@ -475,6 +475,9 @@ impl Broker {
     ) -> Placed {
         if p.message.is_expired(now) {
             self.stats.dropped_expired += 1;
+            if let Some(s) = self.sessions.get(&sid) {
+                out.note_drop(&p.message, "expired", &s.client_id);
+            }
             return Placed::Done;
         }
         let Some(s) = self.sessions.get_mut(&sid) else {
@@ -485,6 +488,7 @@ impl Broker {
             // Too large for this client: discard as if sent (MQTT-3.1.2-25).
             if p.message.wire_size(p.subscription_ids.len()) > c.client_max_packet_size as usize {
                 self.stats.dropped_too_large += 1;
+                out.note_drop(&p.message, "packet_too_large", &s.client_id);
                 return Placed::Done;
             }
             // Every path to a subscriber passes here (routed, retained on subscribe, wills,

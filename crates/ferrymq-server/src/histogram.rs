@@ -194,4 +194,42 @@ mod tests {
         assert_eq!(s.count, 3);
         assert!((s.sum_seconds - 20.000101).abs() < 1e-9);
     }
+
+    fn delivery(received_ms: u64, retain: bool, dup: bool) -> ferrymq_core::Delivery {
+        let message =
+            ferrymq_core::Message::new("t", bytes::Bytes::new(), ferrymq_core::Time(received_ms));
+        ferrymq_core::Delivery {
+            message: std::sync::Arc::new(message),
+            qos: ferrymq_mqtt::QoS::AtMostOnce,
+            packet_id: None,
+            dup,
+            retain,
+            subscription_ids: Vec::new(),
+            expiry_remaining: None,
+            attempt: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_counts_live_deliveries_on_the_engine_clock_and_adds_them_once_flushed() {
+        let h = Histogram::new(LATENCY_BOUNDS_US);
+        let clock = EngineClock::default();
+        clock.start(1_000_000);
+        let now = clock.now_ms();
+        let mut batch = LatencyBatch::new(&h, &clock);
+        batch = batch.record(&delivery(now, false, false));
+        batch = batch.record(&delivery(now.saturating_sub(30), false, false));
+        // Retained on subscribe, and a redelivery: not a publish-to-deliver latency.
+        batch = batch.record(&delivery(now.saturating_sub(90_000), true, false));
+        batch = batch.record(&delivery(now.saturating_sub(90_000), false, true));
+        assert_eq!(h.snapshot().count, 0, "nothing shared before the flush");
+        batch.flush();
+        let s = h.snapshot();
+        assert_eq!(s.count, 2);
+        // The clock may tick between the reads: 0-1 ms lands in the first bucket or the
+        // second, 30-31 ms in the 50 ms one.
+        assert_eq!(s.buckets[0].1 + s.buckets[1].1, 1, "{s:?}");
+        assert_eq!(s.buckets[5], (0.05, 1), "{s:?}");
+        assert!(s.sum_seconds >= 0.030 && s.sum_seconds <= 0.032, "{s:?}");
+    }
 }

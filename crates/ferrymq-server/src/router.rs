@@ -396,8 +396,8 @@ pub(crate) struct Router {
     violations: ViolationLog,
     /// Publishes the ACL refused (`auth::DenialLog`).
     denials: crate::auth::DenialLog,
-    /// Messages that became dead letters (`deadletter_log.rs`).
-    dead_letters: crate::deadletter_log::DeadLetterLog,
+    /// Messages that became dead letters or were dropped (`message_log.rs`).
+    messages: crate::message_log::MessageLog,
     /// Back-pressure: subscribers over their high mark, and connections whose input waits.
     congested: HashMap<ConnId, Congested>,
     held: HashMap<ConnId, Held>,
@@ -534,7 +534,7 @@ impl Router {
             next_keep_alive_check: Instant::now(),
             violations: ViolationLog::new(Instant::now()),
             denials: crate::auth::DenialLog::new(Instant::now()),
-            dead_letters: Default::default(),
+            messages: Default::default(),
             broker,
             conns: HashMap::new(),
             peers: Default::default(),
@@ -1251,7 +1251,8 @@ impl Router {
             );
         }
         self.denials.log(&mut self.out.denied, &self.peers);
-        self.dead_letters.log(&mut self.out.dead_lettered);
+        self.messages
+            .log(&mut self.out.dead_lettered, &mut self.out.dropped);
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();

@@ -1,6 +1,7 @@
 //! With `--log-format json`, the lines about a client carry its client id, and the lines
 //! about a message with a W3C `traceparent` user property carry its trace id, which the
-//! dead-letter record keeps (issue 14). A real broker process; its stderr read line by line.
+//! dead-letter record keeps (issue 14): an ACL denial, a dead letter, a message dropped for a
+//! subscriber. A real broker process; its stderr read line by line.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,6 +13,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, http_get, scratch_dir, serve, wait_listening};
+use ferrymq_client::{Client, ConnectOptions};
+use ferrymq_mqtt::SubscriptionOptions;
 use serde_json::Value;
 
 const TRACEPARENT: &str = "traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -48,8 +51,8 @@ fn line(rx: &mpsc::Receiver<Value>, message: &str) -> Value {
     }
 }
 
-/// `ferrymq pub` as client `id`, QoS 1, with the traceparent; waits for it to finish (its
-/// PUBACKs came back, so the broker has run the publishes).
+/// `ferrymq pub` as client `id`, QoS 1, with the traceparent and a 100-byte payload; waits
+/// for it to finish (its PUBACKs came back, so the broker has run the publishes).
 fn publish(mqtt: u16, id: &str, topic: &str, times: u32) {
     let status = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
         .args([
@@ -116,6 +119,27 @@ overflow = "dead_letter"
     let body: Value =
         serde_json::from_str(&http_get(http, "/api/v1/queues/jobs/dead-letters")).unwrap();
     assert_eq!(body["items"][0]["trace_id"], TRACE_ID, "{body}");
+
+    // A subscriber that takes packets of at most 64 bytes: a larger traced message is
+    // dropped for it (MQTT-3.1.2-25), and the line says for whom.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let small = rt.block_on(async {
+        let mut o = ConnectOptions::new(format!("127.0.0.1:{mqtt}"), "small-sub");
+        o.properties.maximum_packet_size = Some(64);
+        let (mut c, _) = Client::connect(o).await.unwrap();
+        let filter = ("big/#".to_string(), SubscriptionOptions::default());
+        c.subscribe(vec![filter], Default::default()).await.unwrap();
+        c
+    });
+    publish(mqtt, "tracer-9", "big/1", 1);
+    let dropped = line(&rx, "message dropped");
+    assert_eq!(dropped["fields"]["client_id"], "small-sub", "{dropped}");
+    assert_eq!(dropped["fields"]["reason"], "packet_too_large", "{dropped}");
+    assert_eq!(dropped["fields"]["trace_id"], TRACE_ID, "{dropped}");
+    drop(small);
 
     child.kill().unwrap();
     child.wait().unwrap();
