@@ -62,8 +62,7 @@ impl Collector for Scrape {
         self.messages(e)?;
         self.state(e)?;
         queues(e, &self.engine)?;
-        self.latency(e)?;
-        self.operations(e)
+        self.latency(e)
     }
 }
 
@@ -505,11 +504,6 @@ impl Scrape {
             "Checkpoints: the router's time making their records and handing them to the log.",
             &net.storage.checkpoint.snapshot(),
         )
-    }
-
-    /// Nothing yet: room for metrics of admin operations next to the reloads above.
-    fn operations(&self, _e: &mut DescriptorEncoder) -> fmt::Result {
-        Ok(())
     }
 }
 
