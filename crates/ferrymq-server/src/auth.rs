@@ -438,12 +438,12 @@ impl DenialLog {
         }
     }
 
-    /// Logs and clears `denied`, naming each client (from `peers`) and the publish's trace
-    /// id when it carried a `traceparent`.
+    /// Logs and clears `denied`, naming each client (`client_id` of its connection) and the
+    /// publish's trace id when it carried a `traceparent`.
     pub(crate) fn log(
         &mut self,
         denied: &mut Vec<ferrymq_core::DeniedPublish>,
-        peers: &crate::peers::Peers,
+        client_id: impl Fn(ferrymq_core::ConnId) -> Arc<str>,
     ) {
         if denied.is_empty() {
             return;
@@ -451,7 +451,7 @@ impl DenialLog {
         let now = Instant::now();
         for d in denied.drain(..) {
             self.since_summary += 1;
-            let client_id = peers.client_id(d.conn);
+            let client_id = &*client_id(d.conn);
             let trace_id = d.trace_id.as_deref();
             if now >= self.next {
                 tracing::info!(

@@ -1,8 +1,7 @@
-//! What the router keeps of each connection past an accepted CONNECT: where it came from,
-//! its protocol version and its client id. For the REST client views (address, listener,
-//! protocol), the connection metrics by listener and protocol version, and the router's log
-//! lines that name a client (the engine may have forgotten the connection by the time its
-//! close is logged).
+//! What the router keeps of each connection past an accepted CONNECT: where it came from and
+//! its protocol version, for the REST client views (address, listener, protocol) and the
+//! connection metrics by listener and protocol version. (The client id for log lines is in
+//! the connection's `Outbound`, where its task reads it too.) 48 bytes a map entry.
 //!
 //! Owned by the router: entries come with [`crate::router::ToRouter::Connect`] and go with
 //! `Closed`, so a connection the engine already ended (taken over, kicked) stays until its
@@ -10,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use ferrymq_core::ConnId;
 use ferrymq_mqtt::ProtocolVersion;
@@ -25,11 +23,10 @@ pub(crate) struct Origin {
     pub listener: ListenerKind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientPeer {
     pub origin: Origin,
     pub version: ProtocolVersion,
-    pub client_id: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -64,11 +61,6 @@ impl Peers {
         self.map.get(&conn)
     }
 
-    /// The client id for a log line ("" for a connection that never got past CONNECT).
-    pub(crate) fn client_id(&self, conn: ConnId) -> &str {
-        self.map.get(&conn).map_or("", |p| &p.client_id)
-    }
-
     pub(crate) fn counts(&self) -> ConnectionsByListener {
         self.counts
     }
@@ -86,7 +78,6 @@ mod tests {
                 listener,
             },
             version,
-            client_id: "c".into(),
         }
     }
 
@@ -102,7 +93,6 @@ mod tests {
         p.remove(ConnId(1));
         p.remove(ConnId(1));
         assert_eq!(p.counts()[ListenerKind::Mqtt as usize], [0, 0]);
-        assert_eq!(p.client_id(ConnId(2)), "c");
-        assert_eq!(p.client_id(ConnId(1)), "");
+        assert!(p.get(ConnId(2)).is_some() && p.get(ConnId(1)).is_none());
     }
 }

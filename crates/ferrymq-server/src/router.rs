@@ -96,6 +96,19 @@ pub(crate) fn clock_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// The client id of a connection, for a log line ("" before its CONNECT was accepted): kept
+/// in its outbound queue, which the router holds until the connection's task is gone.
+fn client_id_of(
+    conns: &HashMap<ConnId, Arc<Outbound>>,
+    closing: &HashMap<ConnId, Arc<Outbound>>,
+    conn: ConnId,
+) -> Arc<str> {
+    conns
+        .get(&conn)
+        .or_else(|| closing.get(&conn))
+        .map_or_else(|| Arc::from(""), |o| o.client_id())
+}
+
 /// How often the router looks for connections silent past their keep alive: a timeout
 /// fires at most this late.
 const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(250);
@@ -1121,13 +1134,12 @@ impl Router {
                     outbound.keep_alive_ms.store(limit, Relaxed);
                     if let Some(client_id) = self.broker.connection_client_id(conn) {
                         outbound.lock().client_id = Some(client_id.clone());
-                        let peer = crate::peers::ClientPeer {
-                            origin,
-                            version: outcome.version,
-                            client_id: client_id.clone(),
-                        };
-                        self.peers.insert(conn, peer);
                     }
+                    let peer = crate::peers::ClientPeer {
+                        origin,
+                        version: outcome.version,
+                    };
+                    self.peers.insert(conn, peer);
                 }
                 self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
@@ -1245,12 +1257,14 @@ impl Router {
             self.net.disconnects.add(reason);
             tracing::debug!(
                 conn = conn.0,
-                client_id = self.peers.client_id(conn),
+                client_id = %client_id_of(&self.conns, &self.closing, conn),
                 ?reason,
                 "closing connection: rule broken"
             );
         }
-        self.denials.log(&mut self.out.denied, &self.peers);
+        self.denials.log(&mut self.out.denied, |conn| {
+            client_id_of(&self.conns, &self.closing, conn)
+        });
         self.messages
             .log(&mut self.out.dead_lettered, &mut self.out.dropped);
         let high = self.settings.max_outbound_bytes;
@@ -1355,7 +1369,7 @@ impl Router {
                 // Counted and summarized as a QuotaExceeded close (see `dispatch`).
                 tracing::debug!(
                     conn = conn.0,
-                    client_id = self.peers.client_id(conn),
+                    client_id = %client_id_of(&self.conns, &self.closing, conn),
                     "disconnecting slow consumer"
                 );
                 self.broker
