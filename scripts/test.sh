@@ -2,8 +2,8 @@
 # The whole test suite: unit, property and integration tests (cargo test), then interop with
 # mosquitto-clients and paho-mqtt against a freshly started broker, then the browser tests
 # (scripts/browser-test.sh: chromium driven by playwright-core). Installs the interop tools
-# when they are missing (Debian's mosquitto-clients; paho-mqtt from PyPI into the virtual
-# environment target/venv, see scripts/venv.sh); safe to rerun.
+# when they are missing (Debian's mosquitto-clients and prometheus for promtool; paho-mqtt
+# from PyPI into the virtual environment target/venv, see scripts/venv.sh); safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,11 +16,22 @@ if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/nul
   export FERRYMQ_APT_UPDATED=1
   retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients
 fi
+# promtool (Debian's prometheus, without its recommends) lints /metrics: scripts/promtool-check.sh.
+if ! command -v promtool >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  if [ -z "${FERRYMQ_APT_UPDATED:-}" ]; then
+    retry $SUDO apt-get update -qq
+    export FERRYMQ_APT_UPDATED=1
+  fi
+  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
 FERRYMQ_PYTHON=$(bash scripts/venv.sh)
 export FERRYMQ_PYTHON
 
 cargo test --workspace
 cargo build -p ferrymq
+# A live broker's /metrics after traffic (a queue, dead letters) through `promtool check metrics`.
+bash scripts/promtool-check.sh
 bash scripts/interop.sh
 # MQTT.js over WebSocket and the web dashboard in Debian's chromium (installed when missing).
 bash scripts/browser-test.sh

@@ -107,9 +107,14 @@ pub struct Outbox {
     /// that sees a pause must stop feeding that connection's packets at once, even in the
     /// middle of a batch.
     pub flow: Vec<(ConnId, Flow)>,
-    /// Publishes the ACL refused, with their topics, for the driver's log (a 3.1.1 client is
-    /// not told: MQTT 3.1.1 has no negative acknowledgement).
-    pub denied: Vec<(ConnId, Arc<str>)>,
+    /// Publishes the ACL refused, for the driver's log (a 3.1.1 client is not told: MQTT
+    /// 3.1.1 has no negative acknowledgement).
+    pub denied: Vec<DeniedPublish>,
+    /// Messages that just became dead letters, for the driver's log.
+    pub dead_lettered: Vec<DeadLettered>,
+    /// Messages dropped for a subscriber (expired, too large for it, its queue full) that
+    /// carry a W3C `traceparent`, for the driver's log. Untraced drops are only counted.
+    pub dropped: Vec<DroppedMessage>,
     /// Subscriptions the ACL refused, with their filters as requested, for the driver's log.
     pub denied_subscriptions: Vec<(ConnId, Arc<str>)>,
     /// Connections that ended, with their client id and why, for the driver's audit log.
@@ -128,6 +133,40 @@ pub enum Ended {
     ByServer(Option<ReasonCode>),
 }
 
+/// A traced message dropped for one subscriber (see [`Outbox::dropped`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedMessage {
+    pub topic: Arc<str>,
+    /// As in `ferrymq_messages_dropped_total{reason}`: `expired`, `packet_too_large`,
+    /// `queue_full`.
+    pub reason: &'static str,
+    /// The subscriber's.
+    pub client_id: Arc<str>,
+    pub trace_id: String,
+}
+
+/// A publish the ACL refused (see [`Outbox::denied`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedPublish {
+    pub conn: ConnId,
+    pub topic: Arc<str>,
+    /// From the publish's W3C `traceparent` user property.
+    pub trace_id: Option<String>,
+}
+
+/// A message that became a dead letter (see [`Outbox::dead_lettered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLettered {
+    pub queue: Arc<str>,
+    pub message_id: u64,
+    pub topic: Arc<str>,
+    pub cause: crate::workqueue::Cause,
+    /// The last failure's reason, if it failed a consumer.
+    pub reason: Option<Arc<str>>,
+    /// From the message's W3C `traceparent` user property.
+    pub trace_id: Option<String>,
+}
+
 /// A flow-control instruction for one connection's input (see [`Outbox::flow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -138,6 +177,22 @@ pub enum Flow {
 impl Outbox {
     pub(crate) fn push(&mut self, conn: ConnId, action: Action) {
         self.actions.push((conn, action));
+    }
+
+    /// Notes a message dropped for `client_id`'s session, if it carries a `traceparent`
+    /// (most messages have no user property: one test of an empty list).
+    pub(crate) fn note_drop(&mut self, m: &Message, reason: &'static str, client_id: &Arc<str>) {
+        if m.properties.user_properties.is_empty() {
+            return;
+        }
+        if let Some(trace_id) = crate::queues::trace_id_of(&m.properties) {
+            self.dropped.push(DroppedMessage {
+                topic: m.topic.clone(),
+                reason,
+                client_id: client_id.clone(),
+                trace_id,
+            });
+        }
     }
 }
 
@@ -159,8 +214,9 @@ pub struct ConnectOutcome {
 pub struct Stats {
     pub messages_received: [u64; 3],
     pub messages_sent: [u64; 3],
-    pub payload_bytes_received: u64,
-    pub payload_bytes_sent: u64,
+    /// Payload bytes received and sent, by QoS (of the PUBLISH, of the delivery).
+    pub payload_bytes_received: [u64; 3],
+    pub payload_bytes_sent: [u64; 3],
     /// QoS 1/2 messages dropped for a full queue: the oldest under `queue_full =
     /// drop_oldest`; otherwise ones nobody could be told about (wills, in-process publishes,
     /// retained messages sent on subscribe).
@@ -379,6 +435,12 @@ impl Broker {
     /// delivery to the connection that published it through [`crate::Message::publisher`]).
     pub fn session_connection(&self, sid: SessionId) -> Option<ConnId> {
         self.sessions.get(&sid).and_then(|s| s.conn)
+    }
+
+    /// The client id of the session a connection is attached to.
+    pub fn connection_client_id(&self, conn: ConnId) -> Option<&Arc<str>> {
+        let c = self.conns.get(&conn)?;
+        self.sessions.get(&c.session).map(|s| &s.client_id)
     }
 
     pub fn session_count(&self) -> usize {
@@ -934,6 +996,7 @@ impl Broker {
                     self.stats.acl_denied_deliveries += 1;
                 } else {
                     self.stats.dropped_expired += 1;
+                    out.note_drop(&front.message, "expired", &s.client_id);
                 }
                 if self
                     .try_commit(Record::Removed { sid, message }, out)
@@ -982,7 +1045,7 @@ impl Broker {
         };
         let p = &f.pending;
         self.stats.messages_sent[p.qos as usize] += 1;
-        self.stats.payload_bytes_sent += p.message.payload.len() as u64;
+        self.stats.payload_bytes_sent[p.qos as usize] += p.message.payload.len() as u64;
         let d = Delivery {
             message: p.message.clone(),
             qos: p.qos,

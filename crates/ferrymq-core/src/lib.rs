@@ -36,7 +36,10 @@ pub mod views;
 pub mod workqueue;
 
 pub use acl::{AclConfig, Identity};
-pub use broker::{Action, Admission, Broker, ConnectOutcome, Delivery, Ended, Flow, Outbox, Stats};
+pub use broker::{
+    Action, Admission, Broker, ConnectOutcome, DeadLettered, Delivery, DeniedPublish,
+    DroppedMessage, Ended, Flow, Outbox, Stats,
+};
 pub use config::{BrokerConfig, QueueFull};
 pub use journal::{
     is_checkpoint_begin, is_checkpoint_end, queue_snapshot_named, JournalBuf, JournalError,

@@ -92,6 +92,7 @@ impl Broker {
                 (QueueFull::DropOldest, _) => {
                     if let Some(oldest) = s.pending.front() {
                         let message = oldest.message.id;
+                        out.note_drop(&oldest.message, "queue_full", &s.client_id);
                         self.stats.dropped_queue_full += 1;
                         self.commit(Record::Removed { sid, message }, out);
                     }
@@ -100,6 +101,7 @@ impl Broker {
                 (_, Promise::Acked) => return Placed::Refused,
                 _ => {
                     self.stats.dropped_queue_full += 1;
+                    out.note_drop(&p.message, "queue_full", &s.client_id);
                     return Placed::Refused;
                 }
             }

@@ -262,6 +262,32 @@ pub struct QueueView {
     pub stats: crate::workqueue::QueueStats,
 }
 
+/// One queue's numbers for metrics ([`Broker::queue_counters`]); the counters are those of
+/// [`crate::workqueue::QueueStats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    pub name: Arc<str>,
+    pub depth: u64,
+    pub leased: u64,
+    pub delayed: u64,
+    pub bytes: u64,
+    pub dead_letters: u64,
+    pub consumers: u64,
+    pub cached_bytes: u64,
+    /// 0 when empty.
+    pub oldest_age_ms: u64,
+    pub enqueued: u64,
+    pub acked: u64,
+    pub nacked: u64,
+    pub redelivered: u64,
+    pub dropped_overflow: u64,
+    pub dropped_expired: u64,
+    pub refused: u64,
+    pub unreadable: u64,
+    /// By cause, in the order of [`Cause::ALL`].
+    pub dead_lettered: [u64; Cause::ALL.len()],
+}
+
 /// Which dead letters a list, redrive or discard takes.
 #[derive(Debug, Clone, Default)]
 pub struct DeadLetterQuery {
@@ -322,8 +348,12 @@ pub struct DeadLetterPage {
 
 /// The trace id of a W3C `traceparent` (`00-{32 hex trace id}-{16 hex}-{2 hex}`).
 pub fn trace_id(m: &Message) -> Option<String> {
-    let tp = m
-        .properties
+    trace_id_of(&m.properties)
+}
+
+/// The trace id of the `traceparent` user property among `properties`, if well formed.
+pub fn trace_id_of(properties: &ferrymq_mqtt::Properties) -> Option<String> {
+    let tp = properties
         .user_properties
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))?;
@@ -459,6 +489,41 @@ impl Broker {
             .filter(|n| n.as_ref() != DELAYED_QUEUE)
             .filter_map(|n| self.queue_view(n, now))
             .collect()
+    }
+
+    /// Every queue's numbers for a metrics scrape, in name order: what [`QueueView`] holds
+    /// but the definition, copied without an allocation per queue (the router runs this for
+    /// every scrape, and routing waits meanwhile: with 1,000 queues, full views took 1-2.5 ms
+    /// of a router step, this about a tenth of that).
+    pub fn queue_counters(&self, now: Time) -> Vec<QueueCounters> {
+        let mut out = Vec::with_capacity(self.queues.by_name.len());
+        for (name, q) in &self.queues.by_name {
+            if name.as_ref() == DELAYED_QUEUE {
+                continue;
+            }
+            let s = &q.stats;
+            out.push(QueueCounters {
+                name: name.clone(),
+                depth: q.depth(),
+                leased: q.leased() as u64,
+                delayed: q.delayed() as u64,
+                bytes: q.bytes(),
+                dead_letters: q.dead_count() as u64,
+                consumers: self.queues.consumer_count(name) as u64,
+                cached_bytes: q.cached_bytes(),
+                oldest_age_ms: q.oldest_enqueued().map_or(0, |t| now.0.saturating_sub(t.0)),
+                enqueued: s.enqueued,
+                acked: s.acked,
+                nacked: s.nacked,
+                redelivered: s.redelivered,
+                dropped_overflow: s.dropped_overflow,
+                dropped_expired: s.dropped_expired,
+                refused: s.refused,
+                unreadable: s.unreadable,
+                dead_lettered: Cause::ALL.map(|c| s.dead_lettered.get(&c).copied().unwrap_or(0)),
+            });
+        }
+        out
     }
 
     pub fn queue_view(&self, name: &str, now: Time) -> Option<QueueView> {
@@ -1052,7 +1117,7 @@ impl Broker {
         };
         let qos = flight.map_or(QoS::AtMostOnce, |(_, q)| q);
         self.stats.messages_sent[qos as usize] += 1;
-        self.stats.payload_bytes_sent += body.payload.len() as u64;
+        self.stats.payload_bytes_sent[qos as usize] += body.payload.len() as u64;
         let d = Delivery {
             message: body.clone(),
             qos,
@@ -1387,6 +1452,14 @@ impl Broker {
         let Ok(view) = self.dead_letter(queue, id) else {
             return;
         };
+        out.dead_lettered.push(crate::DeadLettered {
+            queue: queue.clone(),
+            message_id: id,
+            topic: view.message.topic.clone(),
+            cause: view.dead.cause,
+            reason: view.dead.failures.last().map(|f| f.reason.clone()),
+            trace_id: view.trace_id.clone(),
+        });
         let m = dlq_message(&view, now);
         self.publish(m, now, out);
         // Dead letters are read back from the log when looked at, not kept in memory (once

@@ -73,7 +73,8 @@ impl Broker {
         let qos = p.qos;
         let pid = p.packet_id.unwrap_or(0);
         if has_acl && refusal.is_none() && self.publish_denied(conn, &topic) {
-            return self.deny_publish(conn, qos, pid, topic, out);
+            let trace_id = crate::queues::trace_id_of(&p.properties);
+            return self.deny_publish(conn, qos, pid, topic, trace_id, out);
         }
         if qos == QoS::ExactlyOnce {
             let s = self
@@ -102,7 +103,7 @@ impl Broker {
             return;
         }
         self.stats.messages_received[qos as usize] += 1;
-        self.stats.payload_bytes_received += p.payload.len() as u64;
+        self.stats.payload_bytes_received[qos as usize] += p.payload.len() as u64;
         p.dup = false;
         if let Some(Ok((delay_ms, real))) = crate::queues::parse_delayed(&topic) {
             // `$delayed/{seconds}/{topic}`: held (journaled), published to `{topic}` when due.
@@ -169,10 +170,15 @@ impl Broker {
         qos: QoS,
         pid: u16,
         topic: Arc<str>,
+        trace_id: Option<String>,
         out: &mut Outbox,
     ) {
         self.stats.acl_denied_publishes += 1;
-        out.denied.push((conn, topic));
+        out.denied.push(crate::DeniedPublish {
+            conn,
+            topic,
+            trace_id,
+        });
         let v5 = self
             .conns
             .get(&conn)
@@ -469,6 +475,9 @@ impl Broker {
     ) -> Placed {
         if p.message.is_expired(now) {
             self.stats.dropped_expired += 1;
+            if let Some(s) = self.sessions.get(&sid) {
+                out.note_drop(&p.message, "expired", &s.client_id);
+            }
             return Placed::Done;
         }
         let Some(s) = self.sessions.get_mut(&sid) else {
@@ -479,6 +488,7 @@ impl Broker {
             // Too large for this client: discard as if sent (MQTT-3.1.2-25).
             if p.message.wire_size(p.subscription_ids.len()) > c.client_max_packet_size as usize {
                 self.stats.dropped_too_large += 1;
+                out.note_drop(&p.message, "packet_too_large", &s.client_id);
                 return Placed::Done;
             }
             // Every path to a subscriber passes here (routed, retained on subscribe, wills,
@@ -495,7 +505,7 @@ impl Broker {
         match (conn, p.qos) {
             (Some(conn), QoS::AtMostOnce) => {
                 self.stats.messages_sent[0] += 1;
-                self.stats.payload_bytes_sent += p.message.payload.len() as u64;
+                self.stats.payload_bytes_sent[0] += p.message.payload.len() as u64;
                 let d = Delivery {
                     expiry_remaining: p.message.expiry_remaining(now),
                     message: p.message,

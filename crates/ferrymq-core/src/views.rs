@@ -34,6 +34,8 @@ pub struct Page<T> {
 pub struct ClientView {
     pub client_id: Arc<str>,
     pub connected: bool,
+    /// The connection it is attached to (the driver knows its address and listener).
+    pub conn: Option<crate::ConnId>,
     pub version: ProtocolVersion,
     /// Seconds the session outlives its connection (`u32::MAX` = forever).
     pub session_expiry: u32,
@@ -267,6 +269,7 @@ impl Broker {
         Some(ClientView {
             client_id: s.client_id.clone(),
             connected: s.is_connected(),
+            conn: s.conn,
             version: s.version,
             session_expiry: s.expiry_interval,
             disconnected_at: s.disconnected_at,

@@ -411,19 +411,26 @@ pub(crate) fn engine_events(
     broker: &ferrymq_core::Broker,
     out: &ferrymq_core::Outbox,
 ) {
-    for (action, list) in [
-        ("publish", &out.denied),
-        ("subscribe", &out.denied_subscriptions),
-    ] {
-        for (conn, topic) in list {
-            let (client_id, user) = broker.client_of(*conn).unwrap_or(("", None));
-            audit.record_bounded(
-                Source::Conn(conn.0),
-                "acl_denied",
-                json!({ "conn": conn.0, "client_id": client_id, "user": user }),
-                json!({ "action": action, "topic": topic.as_ref() }),
-            );
+    let publishes = out
+        .denied
+        .iter()
+        .map(|d| ("publish", d.conn, &d.topic, d.trace_id.as_deref()));
+    let subscriptions = out
+        .denied_subscriptions
+        .iter()
+        .map(|(conn, filter)| ("subscribe", *conn, filter, None));
+    for (action, conn, topic, trace_id) in publishes.chain(subscriptions) {
+        let (client_id, user) = broker.client_of(conn).unwrap_or(("", None));
+        let mut detail = json!({ "action": action, "topic": topic.as_ref() });
+        if let (Some(d), Some(t)) = (detail.as_object_mut(), trace_id) {
+            d.insert("trace_id".into(), t.into());
         }
+        audit.record_bounded(
+            Source::Conn(conn.0),
+            "acl_denied",
+            json!({ "conn": conn.0, "client_id": client_id, "user": user }),
+            detail,
+        );
     }
     for (conn, client_id, why) in &out.ended {
         use ferrymq_core::Ended;

@@ -532,24 +532,40 @@ impl DenialLog {
         }
     }
 
-    pub(crate) fn log(&mut self, denied: &mut Vec<(ferrymq_core::ConnId, Arc<str>)>) {
+    /// Logs and clears `denied`, naming each client (`client_id` of its connection) and the
+    /// publish's trace id when it carried a `traceparent`.
+    pub(crate) fn log(
+        &mut self,
+        denied: &mut Vec<ferrymq_core::DeniedPublish>,
+        client_id: impl Fn(ferrymq_core::ConnId) -> Arc<str>,
+    ) {
         if denied.is_empty() {
             return;
         }
         let now = Instant::now();
-        for (conn, topic) in denied.drain(..) {
+        for d in denied.drain(..) {
             self.since_summary += 1;
+            let client_id = &*client_id(d.conn);
+            let trace_id = d.trace_id.as_deref();
             if now >= self.next {
                 tracing::info!(
-                    conn = conn.0,
-                    topic = %topic,
+                    conn = d.conn.0,
+                    client_id,
+                    topic = %d.topic,
+                    trace_id,
                     denied_since_last = self.since_summary,
                     "publish denied by the ACL"
                 );
                 self.since_summary = 0;
                 self.next = now + DENIAL_SUMMARY;
             } else {
-                tracing::debug!(conn = conn.0, topic = %topic, "publish denied by the ACL");
+                tracing::debug!(
+                    conn = d.conn.0,
+                    client_id,
+                    topic = %d.topic,
+                    trace_id,
+                    "publish denied by the ACL"
+                );
             }
         }
     }

@@ -230,6 +230,7 @@ pub(crate) fn run<T: Transport>(
         if let WriteEnd::Stalled = end {
             tracing::debug!(
                 conn = ctx.conn.0,
+                client_id = %outbound.client_id(),
                 "closing connection: no write progress within the write timeout"
             );
         }
@@ -425,7 +426,7 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         Err(refusal) => {
             NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
             crate::audit::auth_failure(&ctx.listener, &peer.addr, &connect, refusal.label());
-            tracing::debug!(conn = ctx.conn.0, ?refusal, "authentication refused");
+            tracing::debug!(conn = ctx.conn.0, client_id = %connect.client_id, ?refusal, "authentication refused");
             *buf = BytesMut::new();
             drop(share);
             refuse(wr, connect.version, refusal.reason_code(), ctx).await;
@@ -451,6 +452,10 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         conn: ctx.conn,
         connect,
         who,
+        origin: crate::peers::Origin {
+            addr: peer.addr,
+            listener: peer.listener,
+        },
         outbound: outbound.clone(),
         reply,
         audit,
@@ -551,7 +556,7 @@ fn read_loop<'a, R: ReadSide>(
                     Ok(None) => break None,
                     Err(e) => {
                         NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
-                        tracing::debug!(conn = ctx.conn.0, error = %e, "closing connection: bad packet");
+                        tracing::debug!(conn = ctx.conn.0, client_id = %outbound.client_id(), error = %e, "closing connection: bad packet");
                         break Some(Halt::Bad(e.reason_code()));
                     }
                 }
@@ -561,7 +566,7 @@ fn read_loop<'a, R: ReadSide>(
                 Some(Halt::OverRate)
                     if ctx.listener.rates.map(|r| r.exceeded) == Some(RateExceeded::Disconnect) =>
                 {
-                    tracing::debug!(conn = ctx.conn.0, "closing connection: over its rate limit");
+                    tracing::debug!(conn = ctx.conn.0, client_id = %outbound.client_id(), "closing connection: over its rate limit");
                     Some(ReasonCode::MessageRateTooHigh)
                 }
                 _ => None,
@@ -745,6 +750,9 @@ fn write_loop<'a, W: WriteSide>(
             let mut close = false;
             actions.reverse();
             while !actions.is_empty() {
+                // Publish-to-deliver latency, counted per chunk and added before the write's
+                // await (held across it, it would widen every connection's future).
+                let mut latency = listener.net.delivery.batch();
                 while out.len() < WRITE_CHUNK {
                     let Some(action) = actions.pop() else {
                         break;
@@ -752,12 +760,13 @@ fn write_loop<'a, W: WriteSide>(
                     match action {
                         Action::Send(packet) => {
                             if let Err(e) = encode(&packet, version, &mut out) {
-                                tracing::warn!(error = %e, packet = packet.name(), "cannot encode outbound packet");
+                                tracing::warn!(client_id = %outbound.client_id(), error = %e, packet = packet.name(), "cannot encode outbound packet");
                             }
                         }
                         Action::Deliver(d) => {
+                            latency = latency.record(&d);
                             if let Err(e) = encode_delivery(&d, version, &mut aliases, &mut out) {
-                                tracing::warn!(error = %e, "cannot encode outbound PUBLISH");
+                                tracing::warn!(client_id = %outbound.client_id(), error = %e, "cannot encode outbound PUBLISH");
                             }
                         }
                         Action::Close => {
@@ -766,6 +775,7 @@ fn write_loop<'a, W: WriteSide>(
                         }
                     }
                 }
+                latency.flush();
                 if out.is_empty() {
                     continue;
                 }

@@ -27,12 +27,16 @@ mod config_api;
 mod connection;
 mod dashboard;
 mod error;
+mod exposition;
 mod fdlimit;
+pub mod histogram;
 pub mod jwt;
 mod limits;
 mod listen;
+mod message_log;
 pub mod metrics;
 pub mod password_file;
+mod peers;
 mod persist;
 mod queue_admin;
 mod queue_api;
@@ -137,9 +141,10 @@ impl Server {
             let data_dir = config.data_dir.clone();
             let storage = config.storage.clone();
             let queues = config.queue_defs();
+            let metrics = net.clone();
             // Replaying a long log is blocking work.
             let (p, r, b) = tokio::task::spawn_blocking(move || {
-                Persistence::open(&data_dir, &storage, &queues, &mut broker, now)
+                Persistence::open(&data_dir, &storage, &queues, &mut broker, now, metrics)
                     .map(|(p, r)| (p, r, broker))
             })
             .await

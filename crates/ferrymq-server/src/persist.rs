@@ -53,6 +53,7 @@ use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::Notify;
 
 use crate::config::{Fsync, Storage};
+use crate::metrics::NetMetrics;
 use crate::ServerError;
 
 /// A checkpoint goes to the log in appends of about this size.
@@ -168,6 +169,7 @@ struct SyncShared {
     dirty: std::sync::atomic::AtomicBool,
     stop: std::sync::atomic::AtomicBool,
     failed: Arc<Durable>,
+    net: Arc<NetMetrics>,
 }
 
 impl Syncer {
@@ -175,6 +177,7 @@ impl Syncer {
         file: File,
         interval: std::time::Duration,
         durable: Arc<Durable>,
+        net: Arc<NetMetrics>,
     ) -> Result<Syncer, ServerError> {
         const NAME: &str = "ferrymq-sync";
         let shared = Arc::new(SyncShared {
@@ -182,6 +185,7 @@ impl Syncer {
             dirty: Default::default(),
             stop: Default::default(),
             failed: durable,
+            net,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -191,7 +195,10 @@ impl Syncer {
                     std::thread::sleep(interval);
                     if s.dirty.swap(false, Ordering::AcqRel) {
                         let file = s.file.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Err(e) = file.sync_data() {
+                        let started = Instant::now();
+                        let synced = file.sync_data();
+                        s.net.storage.fsync.observe(started.elapsed());
+                        if let Err(e) = synced {
                             s.failed.fail(format!("fdatasync: {e}"));
                         }
                     }
@@ -217,6 +224,8 @@ impl Drop for Syncer {
 
 pub(crate) struct Persistence {
     writer: Writer,
+    /// Where log writes, fsyncs and checkpoints report their durations.
+    net: Arc<NetMetrics>,
     pub(crate) durable: Arc<Durable>,
     /// Tickets handed out; ticket N is the N-th append.
     submitted: u64,
@@ -293,6 +302,7 @@ impl Persistence {
         queues: &[ferrymq_core::workqueue::QueueDef],
         broker: &mut Broker,
         now: Time,
+        net: Arc<NetMetrics>,
     ) -> Result<(Persistence, Recovered), ServerError> {
         let started = Instant::now();
         std::fs::create_dir_all(data_dir).map_err(|e| data_dir_error(data_dir, e))?;
@@ -474,12 +484,16 @@ impl Persistence {
         let durable = Arc::new(Durable::default());
         let writer = match storage.fsync {
             Fsync::Always => Writer::Group(
-                GroupCommit::start(log, FsyncPolicy::Always, COMMIT_QUEUE).map_err(
-                    |e| match e {
-                        StoreError::Thread { name, source } => ServerError::Thread { name, source },
-                        e => recovery_error(e.to_string()),
-                    },
-                )?,
+                GroupCommit::start_observed(
+                    log,
+                    FsyncPolicy::Always,
+                    COMMIT_QUEUE,
+                    Some(net.clone()),
+                )
+                .map_err(|e| match e {
+                    StoreError::Thread { name, source } => ServerError::Thread { name, source },
+                    e => recovery_error(e.to_string()),
+                })?,
             ),
             Fsync::Interval => {
                 let file = log
@@ -489,7 +503,7 @@ impl Persistence {
                 Writer::Inline {
                     synced_base: log.active_base(),
                     log,
-                    syncer: Some(Syncer::start(file, interval, durable.clone())?),
+                    syncer: Some(Syncer::start(file, interval, durable.clone(), net.clone())?),
                 }
             }
             Fsync::Os => Writer::Inline {
@@ -500,6 +514,7 @@ impl Persistence {
         };
         let persistence = Persistence {
             writer,
+            net,
             durable,
             submitted: 0,
             held: VecDeque::new(),
@@ -600,6 +615,7 @@ impl Persistence {
                     took_ms = started.elapsed().as_millis() as u64,
                     "checkpoint written"
                 );
+                self.net.storage.checkpoint.observe(started.elapsed());
                 self.checkpoint_ticket = Some(self.submitted);
             }
         }
@@ -646,7 +662,10 @@ impl Persistence {
                 syncer,
                 synced_base,
             } => {
-                match log.append_framed(&framed, count) {
+                let started = Instant::now();
+                let appended = log.append_framed(&framed, count);
+                self.net.storage.append.observe(started.elapsed());
+                match appended {
                     Ok(offset) => {
                         durable.check_numbering(first, offset.0);
                         self.written_end = self.next_offset;

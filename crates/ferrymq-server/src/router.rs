@@ -32,6 +32,8 @@ pub(crate) enum ToRouter {
         /// Who the client authenticated as (`auth.rs`). Boxed: 64 bytes inline would widen
         /// every message on the router's channel, packets included.
         who: Box<ferrymq_core::Identity>,
+        /// The peer's address and listener (the REST client view, metrics, logs).
+        origin: crate::peers::Origin,
         outbound: Arc<Outbound>,
         reply: oneshot::Sender<ConnectOutcome>,
         /// Its `connect` line, when the audit log is on: recorded here as the engine accepts
@@ -99,6 +101,19 @@ pub(crate) fn clock_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
+/// The client id of a connection, for a log line ("" before its CONNECT was accepted): kept
+/// in its outbound queue, which the router holds until the connection's task is gone.
+fn client_id_of(
+    conns: &HashMap<ConnId, Arc<Outbound>>,
+    closing: &HashMap<ConnId, Arc<Outbound>>,
+    conn: ConnId,
+) -> Arc<str> {
+    conns
+        .get(&conn)
+        .or_else(|| closing.get(&conn))
+        .map_or_else(|| Arc::from(""), |o| o.client_id())
+}
+
 /// How often the router looks for connections silent past their keep alive: a timeout
 /// fires at most this late.
 const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(250);
@@ -132,6 +147,10 @@ struct OutQueue {
     /// The router holds this connection's input back (it fed a congested subscriber, or the
     /// engine holds one of its acks): the reader does not read.
     stalled: bool,
+    /// The client id, set by the router when the CONNECT is accepted: the connection task's
+    /// log lines carry it (here, under the lock it takes anyway, rather than a field of its
+    /// own: 16 bytes in every connection instead of 24 or more).
+    client_id: Option<Arc<str>>,
 }
 
 /// Subscribers whose queues drained below their low mark, reported by their writers, and
@@ -246,6 +265,14 @@ impl Outbound {
         if let Some(w) = waker {
             w.wake();
         }
+    }
+
+    /// The client id for a log line ("" before the CONNECT is accepted).
+    pub(crate) fn client_id(&self) -> Arc<str> {
+        self.lock()
+            .client_id
+            .clone()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     /// Bytes queued and being written.
@@ -372,6 +399,8 @@ pub(crate) struct RouterSettings {
 pub(crate) struct Router {
     broker: Broker,
     conns: HashMap<ConnId, Arc<Outbound>>,
+    /// Address, listener, protocol and client id of each connection past CONNECT.
+    peers: crate::peers::Peers,
     net: Arc<NetMetrics>,
     settings: RouterSettings,
     started: Instant,
@@ -385,6 +414,8 @@ pub(crate) struct Router {
     violations: ViolationLog,
     /// Publishes the ACL refused (`auth::DenialLog`).
     denials: crate::auth::DenialLog,
+    /// Messages that became dead letters or were dropped (`message_log.rs`).
+    messages: crate::message_log::MessageLog,
     /// Back-pressure: subscribers over their high mark, and connections whose input waits.
     congested: HashMap<ConnId, Congested>,
     held: HashMap<ConnId, Held>,
@@ -517,6 +548,7 @@ impl Router {
         drains: Arc<Drains>,
         overload: Overload,
     ) -> Router {
+        net.delivery.clock.start(settings.epoch_ms);
         Router {
             alarms: overload.alarms().clone(),
             overload,
@@ -524,8 +556,10 @@ impl Router {
             next_keep_alive_check: Instant::now(),
             violations: ViolationLog::new(Instant::now()),
             denials: crate::auth::DenialLog::new(Instant::now()),
+            messages: Default::default(),
             broker,
             conns: HashMap::new(),
+            peers: Default::default(),
             net,
             settings,
             started: Instant::now(),
@@ -632,6 +666,7 @@ impl Router {
             let elapsed = step.elapsed();
             let took = elapsed.as_micros() as u64;
             self.net.router_step_max_us.fetch_max(took, Relaxed);
+            self.net.router_step.observe_us(took);
             if took > 10_000 {
                 self.net.router_steps_over_10ms.fetch_add(1, Relaxed);
             }
@@ -1101,6 +1136,7 @@ impl Router {
                 conn,
                 connect,
                 who,
+                origin,
                 outbound,
                 reply,
                 audit,
@@ -1114,6 +1150,14 @@ impl Router {
                 if outcome.accepted {
                     let limit = u64::from(outcome.keep_alive) * 1500;
                     outbound.keep_alive_ms.store(limit, Relaxed);
+                    if let Some(client_id) = self.broker.connection_client_id(conn) {
+                        outbound.lock().client_id = Some(client_id.clone());
+                    }
+                    let peer = crate::peers::ClientPeer {
+                        origin,
+                        version: outcome.version,
+                    };
+                    self.peers.insert(conn, peer);
                 }
                 self.conns.insert(conn, outbound);
                 let _ = reply.send(outcome);
@@ -1137,6 +1181,7 @@ impl Router {
             ToRouter::Closed { conn } => {
                 self.run_before_close(conn, now);
                 self.conns.remove(&conn);
+                self.peers.remove(conn);
                 self.broker.closed(conn, now, &mut self.out);
             }
             ToRouter::Violation { conn, reason } => {
@@ -1147,13 +1192,14 @@ impl Router {
                 let _ = reply.send(EngineSnapshot {
                     stats: self.broker.stats().clone(),
                     connections: self.broker.connection_count(),
+                    connections_by_listener: self.peers.counts(),
                     sessions: self.broker.session_count(),
                     subscriptions: self.broker.subscription_count(),
                     retained: self.broker.retained_count(),
                     storage_disk_bytes: self.persist.as_ref().map_or(0, |p| p.disk_bytes()),
                     storage_held_actions: self.persist.as_ref().map_or(0, |p| p.held_actions()),
                     storage_blocked: self.persist.as_ref().is_some_and(|p| p.is_blocked()),
-                    queues: self.broker.queue_views(now),
+                    queues: self.broker.queue_counters(now),
                     delayed_publishes: self.broker.delayed_publishes(),
                 });
             }
@@ -1171,8 +1217,13 @@ impl Router {
             }
             ToRouter::Admin { command, reply } => {
                 let records = self.out.journal.len();
-                let result =
-                    crate::views_api::execute(&mut self.broker, command, now, &mut self.out);
+                let result = crate::views_api::execute(
+                    &mut self.broker,
+                    &self.peers,
+                    command,
+                    now,
+                    &mut self.out,
+                );
                 self.queue_answers.push(QueueAnswer {
                     send: Box::new(move || {
                         let _ = reply.send(result);
@@ -1243,14 +1294,23 @@ impl Router {
     fn dispatch(&mut self) {
         for (conn, reason) in self.out.violations.drain(..) {
             self.net.disconnects.add(reason);
-            tracing::debug!(conn = conn.0, ?reason, "closing connection: rule broken");
+            tracing::debug!(
+                conn = conn.0,
+                client_id = %client_id_of(&self.conns, &self.closing, conn),
+                ?reason,
+                "closing connection: rule broken"
+            );
         }
         if self.audit.on() {
             crate::audit::engine_events(&self.audit, &self.broker, &self.out);
         }
         self.out.denied_subscriptions.clear();
         self.out.ended.clear();
-        self.denials.log(&mut self.out.denied);
+        self.denials.log(&mut self.out.denied, |conn| {
+            client_id_of(&self.conns, &self.closing, conn)
+        });
+        self.messages
+            .log(&mut self.out.dead_lettered, &mut self.out.dropped);
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();
@@ -1351,7 +1411,11 @@ impl Router {
             let now = self.now();
             for conn in slow {
                 // Counted and summarized as a QuotaExceeded close (see `dispatch`).
-                tracing::debug!(conn = conn.0, "disconnecting slow consumer");
+                tracing::debug!(
+                    conn = conn.0,
+                    client_id = %client_id_of(&self.conns, &self.closing, conn),
+                    "disconnecting slow consumer"
+                );
                 self.broker
                     .kill(conn, Some(ReasonCode::QuotaExceeded), now, &mut self.out);
             }

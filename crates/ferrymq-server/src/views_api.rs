@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::admin::AdminState;
+use crate::peers::Peers;
 use crate::router::ToRouter;
 
 /// How long a request waits for the router.
@@ -56,9 +57,11 @@ pub(crate) enum AdminCommand {
 /// Its answer: a status and a JSON body.
 pub(crate) type AdminReply = (StatusCode, Value);
 
-/// Runs one command on the router thread.
+/// Runs one command on the router thread. `peers` has the address and listener of each
+/// connection past CONNECT (the engine does not know them).
 pub(crate) fn execute(
     broker: &mut Broker,
+    peers: &Peers,
     command: AdminCommand,
     now: Time,
     out: &mut Outbox,
@@ -70,11 +73,11 @@ pub(crate) fn execute(
             search,
         } => {
             let page = broker.clients(after.as_deref(), limit, search.as_deref());
-            (StatusCode::OK, page_json(page, |c| client_json(&c)))
+            (StatusCode::OK, page_json(page, |c| client_json(&c, peers)))
         }
         AdminCommand::Client(id) => match broker.client(&id) {
             Some(c) => {
-                let mut body = client_json(&c);
+                let mut body = client_json(&c, peers);
                 let subs = broker.subscriptions(Some(&id), None, MAX_LIMIT);
                 body["subscriptions"] = subs.items.iter().map(subscription_json).collect();
                 (StatusCode::OK, body)
@@ -149,14 +152,15 @@ fn page_json<T>(page: Page<T>, item: impl Fn(T) -> Value) -> Value {
     })
 }
 
-fn client_json(c: &ClientView) -> Value {
+/// A client; `address` and `listener` are those of its connection (null when it has none).
+fn client_json(c: &ClientView, peers: &Peers) -> Value {
+    let peer = c.conn.and_then(|conn| peers.get(conn));
     json!({
         "client_id": &*c.client_id,
         "connected": c.connected,
-        "protocol": match c.version {
-            ferrymq_mqtt::ProtocolVersion::V311 => "3.1.1",
-            ferrymq_mqtt::ProtocolVersion::V5 => "5.0",
-        },
+        "protocol": crate::metrics::protocol_label(c.version),
+        "address": peer.map(|p| p.origin.addr.to_string()),
+        "listener": peer.map(|p| p.origin.listener.name()),
         "session_expiry_s": c.session_expiry,
         "disconnected_at_ms": c.disconnected_at.map(|t| t.0),
         "subscriptions": c.subscriptions,
@@ -377,11 +381,11 @@ async fn overview(State(state): State<AdminState>) -> Response {
         "retained": s.retained,
         "queues": s.queues.len(),
         "queued_messages": s.queues.iter().map(|q| q.depth).sum::<u64>(),
-        "dead_letters": s.queues.iter().map(|q| q.dead_letters as u64).sum::<u64>(),
+        "dead_letters": s.queues.iter().map(|q| q.dead_letters).sum::<u64>(),
         "messages_received": s.stats.messages_received.iter().sum::<u64>(),
         "messages_sent": s.stats.messages_sent.iter().sum::<u64>(),
-        "bytes_received": s.stats.payload_bytes_received,
-        "bytes_sent": s.stats.payload_bytes_sent,
+        "bytes_received": s.stats.payload_bytes_received.iter().sum::<u64>(),
+        "bytes_sent": s.stats.payload_bytes_sent.iter().sum::<u64>(),
         "storage_disk_bytes": s.storage_disk_bytes,
         "alarms": alarms,
     });

@@ -18,6 +18,7 @@
 
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -60,6 +61,15 @@ pub struct CommitStats {
     pub syncs: u64,
 }
 
+/// Where the commit thread reports how long its work took (the server's metrics); the store
+/// itself keeps no clock-based state.
+pub trait CommitObserver: Send + Sync {
+    /// One group written to the log (before its fsync).
+    fn wrote(&self, took: Duration);
+    /// One fdatasync of the log.
+    fn synced(&self, took: Duration);
+}
+
 /// Handle to the commit thread. Dropping it stops the thread after it drains the queue.
 pub struct GroupCommit {
     tx: Option<SyncSender<Request>>,
@@ -74,13 +84,23 @@ impl GroupCommit {
         policy: FsyncPolicy,
         queue_depth: usize,
     ) -> Result<GroupCommit, StoreError> {
+        GroupCommit::start_observed(log, policy, queue_depth, None)
+    }
+
+    /// Like [`GroupCommit::start`], reporting each write's and fsync's duration to `observer`.
+    pub fn start_observed(
+        log: Log,
+        policy: FsyncPolicy,
+        queue_depth: usize,
+        observer: Option<Arc<dyn CommitObserver>>,
+    ) -> Result<GroupCommit, StoreError> {
         const NAME: &str = "ferrymq-commit";
         let (tx, rx) = sync_channel(queue_depth.max(1));
         let disk_bytes = Arc::new(AtomicU64::new(log.disk_bytes()));
         let shared = disk_bytes.clone();
         let thread = std::thread::Builder::new()
             .name(NAME.into())
-            .spawn(move || run(log, policy, rx, &shared))
+            .spawn(move || run(log, policy, rx, &shared, observer.as_deref()))
             .map_err(|source| StoreError::Thread { name: NAME, source })?;
         Ok(GroupCommit {
             tx: Some(tx),
@@ -164,6 +184,7 @@ fn run(
     policy: FsyncPolicy,
     rx: Receiver<Request>,
     disk_bytes: &AtomicU64,
+    observer: Option<&dyn CommitObserver>,
 ) -> (Log, CommitStats) {
     let mut stats = CommitStats::default();
     let mut waiting: Vec<(Offset, Done)> = Vec::new();
@@ -205,6 +226,7 @@ fn run(
         stats.appends += batch.len() as u64;
         // One request goes out as is; several are joined into one batch.
         let total: u64 = batch.iter().map(|(_, n, _)| n).sum();
+        let started = Instant::now();
         let appended = match batch.as_slice() {
             [] => Ok(log.next()),
             [(framed, count, _)] => log.append_framed(framed, *count),
@@ -216,6 +238,9 @@ fn run(
                 log.append_framed(&scratch, total)
             }
         };
+        if let (Some(o), false) = (observer, batch.is_empty()) {
+            o.wrote(started.elapsed());
+        }
         match appended {
             Ok(base) => {
                 let mut next = base.0;
@@ -242,7 +267,11 @@ fn run(
             stats.writes += 1;
         }
         if policy == FsyncPolicy::Always && !waiting.is_empty() {
+            let started = Instant::now();
             let synced = log.sync();
+            if let Some(o) = observer {
+                o.synced(started.elapsed());
+            }
             stats.syncs += 1;
             if let Err(e) = synced {
                 // Nothing in this group is durable: say so to every waiter.

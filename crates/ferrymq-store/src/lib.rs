@@ -35,7 +35,7 @@ mod recover;
 mod segment;
 mod snapshot;
 
-pub use commit::{CommitStats, Done, FsyncPolicy, GroupCommit};
+pub use commit::{CommitObserver, CommitStats, Done, FsyncPolicy, GroupCommit};
 pub use error::StoreError;
 pub use log::{Log, LogConfig, Recovery, Released, TornTail};
 pub use reader::{LogReader, ReaderStats};

@@ -126,7 +126,8 @@ const loadClients = pager($('#clients-table'), $('#clients-more'),
   (c) => el('tr', { 'data-client': c.client_id },
     el('td', {}, el('a', { href: '#clients', onclick: () => showClient(c.client_id) }, c.client_id)),
     el('td', { class: c.connected ? 'yes' : '' }, c.connected ? 'yes' : 'no'),
-    el('td', {}, c.protocol), el('td', { class: 'num' }, String(c.subscriptions)),
+    el('td', {}, c.protocol), el('td', {}, c.address ? `${c.address} (${c.listener})` : ''),
+    el('td', { class: 'num' }, String(c.subscriptions)),
     el('td', { class: 'num' }, String(c.inflight)), el('td', { class: 'num' }, String(c.queued)),
     el('td', {}, c.connected ? el('button', { class: 'danger', onclick: () => kick(c.client_id) }, 'Kick') : '')));
 
@@ -141,7 +142,7 @@ async function showClient(id) {
   const d = $('#client-detail');
   d.hidden = false;
   d.replaceChildren(el('h3', {}, c.client_id),
-    el('p', {}, `${c.protocol}, ${c.connected ? 'connected' : `disconnected ${time(c.disconnected_at_ms)}`}, session expiry ${c.session_expiry_s} s, ${c.inflight} in flight, ${c.queued} queued`),
+    el('p', {}, `${c.protocol}, ${c.connected ? `connected from ${c.address} (${c.listener})` : `disconnected ${time(c.disconnected_at_ms)}`}, session expiry ${c.session_expiry_s} s, ${c.inflight} in flight, ${c.queued} queued`),
     el('table', {}, el('thead', {}, el('tr', {}, el('th', {}, 'Filter'), el('th', {}, 'QoS'), el('th', {}, 'Group'), el('th', {}, 'Queue'))),
       el('tbody', {}, ...c.subscriptions.map((s) => el('tr', {}, el('td', {}, s.filter), el('td', {}, String(s.qos)), el('td', {}, s.group ?? ''), el('td', {}, s.queue ?? ''))))));
 }

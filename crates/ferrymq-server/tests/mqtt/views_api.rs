@@ -95,6 +95,24 @@ async fn clients_subscriptions_topics_and_retained_are_listed_shown_and_acted_on
     assert_eq!(one["subscriptions"][0]["group"], "g");
     let (status, _) = api(&server, "GET", "/api/v1/clients/nobody", None).await;
     assert_eq!(status, 404);
+    // Where each connection came from, as the router kept it from the CONNECT.
+    let (_, raw) = api(&server, "GET", "/api/v1/clients/view-c", None).await;
+    let local = c.stream.local_addr().unwrap().to_string();
+    assert_eq!(
+        (&raw["address"], &raw["listener"], &raw["protocol"]),
+        (
+            &serde_json::json!(local),
+            &serde_json::json!("mqtt"),
+            &serde_json::json!("5.0")
+        ),
+        "{raw}"
+    );
+    assert_eq!(clients[0]["listener"], "mqtt");
+    for (protocol, n) in [("3.1.1", 2), ("5.0", 2)] {
+        let sample =
+            format!("ferrymq_client_connections{{listener=\"mqtt\",protocol=\"{protocol}\"}}");
+        assert_eq!(metric(&server, &sample).await, n, "{sample}");
+    }
 
     let (subs, _) = all(&server, "/api/v1/subscriptions?limit=1").await;
     assert_eq!(subs.len(), 4);

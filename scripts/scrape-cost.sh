@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# What a Prometheus scrape costs a loaded broker (issue 14): a release broker in memory with
+# 1,000 work queues and 10,000 idle connections (`ferrymq bench connections`). It times
+# /metrics scrapes (p50 and max over SCRAPES, target under 50 ms), then runs a paced latency
+# bench (`ferrymq bench latency`) ROUNDS times without and with a scrape every 100 ms, in
+# turn, and prints the p99 of each. Bounded: about 2 + ROUNDS * 2 * DURATION seconds after
+# the connections are up; every wait gives up.
+#
+#   scripts/scrape-cost.sh                        # builds target/release/ferrymq if missing
+#   CONNECTIONS=10000 QUEUES=1000 SCRAPES=50 ROUNDS=2 DURATION=10 RATE=5000 scripts/scrape-cost.sh
+#   SCRAPE_PATH=/api/v1/alarms scripts/scrape-cost.sh   # the scraper's own cost: a tiny page
+#                                                       # that does not ask the router
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONNECTIONS=${CONNECTIONS:-10000}
+QUEUES=${QUEUES:-1000}
+SCRAPES=${SCRAPES:-50}
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-10}
+RATE=${RATE:-5000}
+SCRAPE_PATH=${SCRAPE_PATH:-/metrics}
+BIN=${FERRYMQ_BIN:-target/release/ferrymq}
+[ -x "$BIN" ] || cargo build -q --release -p ferrymq
+
+# The broker and the connection bench each hold CONNECTIONS sockets.
+need=$((CONNECTIONS + 1000))
+if [ "$(ulimit -n)" -lt "$need" ]; then
+  ulimit -n "$need" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+fi
+[ "$(ulimit -n)" -ge "$need" ] || {
+  echo "scrape-cost: open files limited to $(ulimit -n), need $need" >&2
+  exit 1
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+MQTT=$(free_port)
+HTTP=$(free_port)
+{
+  cat <<TOML
+[listeners]
+mqtt = "127.0.0.1:$MQTT"
+http = "127.0.0.1:$HTTP"
+ws = []
+
+[storage]
+persistence = false
+
+[sys]
+interval_secs = 0
+TOML
+  for i in $(seq "$QUEUES"); do
+    printf '\n[[queue]]\nname = "q%d"\nfilter = "jobs/%d"\n' "$i" "$i"
+  done
+} >"$WORK/ferrymq.toml"
+"$BIN" serve --config "$WORK/ferrymq.toml" --log-level warn >"$WORK/broker.log" 2>&1 &
+BROKER=$!
+PIDS+=("$BROKER")
+
+metric() { curl -sf "http://127.0.0.1:$HTTP/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
+wait_for() { # what, seconds, command...
+  local what=$1 limit=$2
+  shift 2
+  for _ in $(seq $((limit * 10))); do
+    if "$@"; then return 0; fi
+    kill -0 "$BROKER" 2>/dev/null || { echo "scrape-cost: the broker exited" >&2; tail "$WORK/broker.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "scrape-cost: no $what within $limit s" >&2
+  exit 1
+}
+wait_for "admin listener" 30 curl -sf -o /dev/null "http://127.0.0.1:$HTTP/health"
+queues=$(curl -sf "http://127.0.0.1:$HTTP/metrics" | grep -c '^ferrymq_queue_depth{')
+[ "$queues" -eq "$QUEUES" ] || { echo "scrape-cost: $queues queues, not $QUEUES" >&2; exit 1; }
+
+# Idle connections, held until this script ends.
+"$BIN" bench --port "$MQTT" --timeout 300 connections -c "$CONNECTIONS" --hold 3600 \
+  >"$WORK/connections.log" 2>&1 &
+PIDS+=("$!")
+connected() { [ "$(metric ferrymq_connections)" -ge "$CONNECTIONS" ] 2>/dev/null; }
+wait_for "$CONNECTIONS connections" 120 connected
+
+# Scrape times as curl sees them (request sent to the last byte read, loopback).
+for _ in $(seq "$SCRAPES"); do
+  curl -sf -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$HTTP/metrics"
+done >"$WORK/scrapes.txt"
+bytes=$(curl -sf "http://127.0.0.1:$HTTP/metrics" | wc -c)
+python3 - "$WORK/scrapes.txt" "$bytes" "$CONNECTIONS" "$QUEUES" <<'PY'
+import sys
+t = sorted(float(x) * 1000 for x in open(sys.argv[1]))
+print(f"scrape ({sys.argv[3]} connections, {sys.argv[4]} queues, {int(sys.argv[2]) // 1024} KiB): "
+      f"p50 {t[len(t) // 2]:.1f} ms, max {t[-1]:.1f} ms over {len(t)} scrapes")
+PY
+
+latency() { # label
+  "$BIN" bench --port "$MQTT" --json latency --rate "$RATE" --duration "$DURATION" \
+    | python3 -c "import json, sys; d = json.loads(sys.stdin.read().strip().splitlines()[-1]); l = d['latency_us']; print(f\"$1: p50 {l['p50']} us, p99 {l['p99']} us, max {l['max']} us, lost {d['lost']}\")"
+}
+for round in $(seq "$ROUNDS"); do
+  latency "round $round, no scrapes        "
+  ( while :; do curl -sf -o /dev/null "http://127.0.0.1:$HTTP$SCRAPE_PATH"; sleep 0.1; done ) &
+  SCRAPER=$!
+  PIDS+=("$SCRAPER")
+  latency "round $round, $SCRAPE_PATH per 100 ms"
+  kill "$SCRAPER"
+  wait "$SCRAPER" 2>/dev/null || true
+done
