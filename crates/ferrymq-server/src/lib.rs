@@ -231,6 +231,7 @@ impl Server {
         // One budget for every listener: the bound is on the broker's memory.
         let preauth = Arc::new(limits::PreauthBudget::new(
             config.limits.preauth_buffer_bytes,
+            config.max_connect_size(),
             net.clone(),
         ));
         let admissions = Arc::new(listen::Admissions {

@@ -37,30 +37,48 @@ use crate::metrics::NetMetrics;
 /// ends, however it ends (CONNACK, refusal, timeout, error, close).
 ///
 /// A semaphore of bytes: FIFO, so a large request at the head is not starved by small ones
-/// behind it (and those wait behind it).
+/// behind it (and those wait behind it). A share grows in steps (it doubles, so that what a
+/// connection holds is about what it sent) and holds what it has while it waits for more:
+/// hold-and-wait. Were that the whole design, connections halfway through their CONNECTs
+/// could hold the whole budget between them, each waiting for room the others hold, and none
+/// would move until their connect timeouts (seen under load with 1,000 concurrent 64 KiB
+/// CONNECTs on a 4 MiB budget: stuck for the 120 s timeout after every client had gone). So
+/// one whole CONNECT's worth (`mqtt.max_connect_size`) is set aside as a reserve that only
+/// one connection at a time may draw from (the one holding `priority`), when the shared part
+/// has no room for it: that one can always finish its CONNECT, give everything back, and
+/// let the next one move.
 #[derive(Debug)]
 pub(crate) struct PreauthBudget {
     permits: Arc<tokio::sync::Semaphore>,
-    /// Its size, in bytes.
+    /// Its shared part's size, in bytes (the budget less the reserve).
     total: usize,
+    /// One whole CONNECT's worth, for the connection holding `priority`.
+    reserve: tokio::sync::Semaphore,
+    priority: tokio::sync::Mutex<()>,
     /// Where the bytes held are shown (`ferrymq_preauth_buffer_bytes`).
     net: Arc<NetMetrics>,
 }
 
 impl PreauthBudget {
-    /// A budget of `bytes`.
-    pub(crate) fn new(bytes: usize, net: Arc<NetMetrics>) -> PreauthBudget {
-        let total = bytes.min(tokio::sync::Semaphore::MAX_PERMITS);
+    /// A budget of `bytes`, of which `reserve` (the largest CONNECT; at most `bytes`) is the
+    /// reserve that keeps shares from deadlocking.
+    pub(crate) fn new(bytes: usize, reserve: usize, net: Arc<NetMetrics>) -> PreauthBudget {
+        let bytes = bytes.min(tokio::sync::Semaphore::MAX_PERMITS);
+        let reserve = reserve.min(bytes);
+        let total = bytes - reserve;
         PreauthBudget {
             permits: Arc::new(tokio::sync::Semaphore::new(total)),
             total,
+            reserve: tokio::sync::Semaphore::new(reserve),
+            priority: tokio::sync::Mutex::new(()),
             net,
         }
     }
 
-    /// Holds `bytes` (at most the whole budget) until the returned hold is dropped: what a
+    /// Holds `bytes` (at most the shared part) until the returned hold is dropped: what a
     /// WebSocket connection's framing layer may buffer before its CONNECT is through (a frame
     /// is read whole, up to `max_packet_size`, before the MQTT handshake sees a byte of it).
+    /// Taken whole, in one request (no hold-and-wait), and the CONNECT is then read within it.
     pub(crate) async fn hold(&self, bytes: usize) -> PreauthHold {
         let n = u32::try_from(bytes.min(self.total)).unwrap_or(u32::MAX);
         let Ok(permit) = self.permits.clone().acquire_many_owned(n).await else {
@@ -82,6 +100,8 @@ impl PreauthBudget {
         PreauthShare {
             budget: self,
             permit: None,
+            reserved: None,
+            priority: None,
         }
     }
 }
@@ -106,33 +126,69 @@ impl Drop for PreauthHold {
 #[derive(Debug)]
 pub(crate) struct PreauthShare<'a> {
     budget: &'a PreauthBudget,
+    /// From the shared part.
     permit: Option<tokio::sync::SemaphorePermit<'a>>,
+    /// From the reserve, while this share has the priority (declared before it, so given
+    /// back before the next connection can take the priority).
+    reserved: Option<tokio::sync::SemaphorePermit<'a>>,
+    priority: Option<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 impl PreauthShare<'_> {
     /// Bytes this share holds.
     pub(crate) fn held(&self) -> usize {
-        self.permit.as_ref().map_or(0, |p| p.num_permits())
+        let n = |p: &Option<tokio::sync::SemaphorePermit<'_>>| {
+            p.as_ref().map_or(0, |p| p.num_permits())
+        };
+        n(&self.permit) + n(&self.reserved)
     }
 
-    /// Waits until the share holds at least `bytes` (at once when it already does). The
-    /// caller keeps `bytes` within the budget (config validation: `limits.preauth_buffer_bytes`
-    /// is at least `mqtt.max_connect_size`), or this waits until the connect timeout.
+    /// Waits until the share holds at least `bytes` (at once when it already does): from the
+    /// shared part, or, once this share has the priority (it takes it when the shared part
+    /// has no room and no other share has it), from the reserve, whichever grants first. The
+    /// caller keeps `bytes` within the largest CONNECT (the reserve's size; config validation
+    /// keeps `limits.preauth_buffer_bytes` at least that).
     pub(crate) async fn grow_to(&mut self, bytes: usize) {
         let more = bytes.saturating_sub(self.held());
         if more == 0 {
             return;
         }
         let more = u32::try_from(more).unwrap_or(u32::MAX);
-        let Ok(granted) = self.budget.permits.acquire_many(more).await else {
-            // Never closed; should it be, waiting for ever is the connect timeout's job.
-            return std::future::pending().await;
-        };
-        let held = &self.budget.net.preauth_buffer_bytes;
-        held.fetch_add(u64::from(more), Relaxed);
-        match &mut self.permit {
-            Some(p) => p.merge(granted),
-            None => self.permit = Some(granted),
+        let budget = self.budget;
+        let net = &budget.net;
+        loop {
+            let prioritized = self.priority.is_some();
+            tokio::select! {
+                biased;
+                granted = budget.permits.acquire_many(more) => {
+                    let Ok(granted) = granted else {
+                        // Never closed; should it be, waiting is the connect timeout's job.
+                        return std::future::pending().await;
+                    };
+                    net.preauth_buffer_bytes.fetch_add(u64::from(more), Relaxed);
+                    match &mut self.permit {
+                        Some(p) => p.merge(granted),
+                        None => self.permit = Some(granted),
+                    }
+                    return;
+                }
+                // The reserve holds a whole CONNECT and only the share with the priority
+                // draws from it, so that share never waits long for a CONNECT-sized need.
+                granted = budget.reserve.acquire_many(more), if prioritized => {
+                    let Ok(granted) = granted else {
+                        return std::future::pending().await;
+                    };
+                    net.preauth_buffer_bytes.fetch_add(u64::from(more), Relaxed);
+                    match &mut self.reserved {
+                        Some(p) => p.merge(granted),
+                        None => self.reserved = Some(granted),
+                    }
+                    return;
+                }
+                guard = budget.priority.lock(), if !prioritized => {
+                    self.priority = Some(guard);
+                }
+            }
         }
     }
 }
@@ -562,7 +618,7 @@ mod tests {
     #[tokio::test]
     async fn preauth_shares_wait_for_room_and_give_it_back_when_dropped() {
         let net = Arc::new(NetMetrics::default());
-        let budget = PreauthBudget::new(1000, net.clone());
+        let budget = PreauthBudget::new(1000, 0, net.clone());
         let load = || net.preauth_buffer_bytes.load(Relaxed);
         let mut a = budget.share();
         a.grow_to(600).await;
@@ -587,6 +643,40 @@ mod tests {
         drop(c);
         assert_eq!(load(), 0, "every byte given back");
         assert_eq!(budget.permits.available_permits(), 1000);
+    }
+
+    /// Shares that grow in steps hold what they have while they wait for more. 24 of them
+    /// fill the shared part halfway through their CONNECTs and then all ask for the next step:
+    /// without the reserve none could move (each waits for room the others hold) until its
+    /// connect timeout. With it, one at a time finishes from the reserve, gives everything
+    /// back, and the rest follow.
+    #[tokio::test]
+    async fn shares_halfway_through_their_connects_do_not_deadlock() {
+        const K: usize = 1024;
+        let net = Arc::new(NetMetrics::default());
+        let budget = Arc::new(PreauthBudget::new(48 * K + 16 * K, 16 * K, net.clone()));
+        let halfway = Arc::new(tokio::sync::Barrier::new(24));
+        let mut tasks = Vec::new();
+        for _ in 0..24 {
+            let (budget, halfway) = (budget.clone(), halfway.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut share = budget.share();
+                share.grow_to(2 * K).await;
+                halfway.wait().await;
+                share.grow_to(4 * K).await;
+                share.grow_to(16 * K).await;
+                // The CONNECT is read whole: the handshake ends, the share goes back.
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .expect("every share finishes its CONNECT (no deadlock)")
+                .unwrap();
+        }
+        assert_eq!(net.preauth_buffer_bytes.load(Relaxed), 0);
+        assert_eq!(budget.permits.available_permits(), 48 * K);
+        assert_eq!(budget.reserve.available_permits(), 16 * K);
     }
 
     #[test]

@@ -434,6 +434,7 @@ mod tests {
             connect_limits: ferrymq_mqtt::Limits::default(),
             preauth: Arc::new(crate::limits::PreauthBudget::new(
                 1 << 20,
+                64 * 1024,
                 Arc::new(NetMetrics::default()),
             )),
             auth: Arc::new(
