@@ -1385,10 +1385,13 @@ impl Router {
                 }
             }
             if closing {
-                // The writer closes after flushing; the engine has already forgotten it.
+                // The writer closes after flushing; the engine has already forgotten it. Its
+                // task sends no `Closed` after a close of ours (only after a socket error or a
+                // stall), so its peer entry goes here too.
                 if let Some(o) = self.conns.remove(&conn) {
                     self.closing.insert(conn, o);
                 }
+                self.peers.remove(conn);
                 self.forget_flow(conn);
             }
         }
