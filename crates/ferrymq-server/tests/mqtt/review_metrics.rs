@@ -3,8 +3,15 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use ferrymq_client::{Client, ConnectOptions};
+use ferrymq_mqtt::{
+    Disconnect, Packet, Properties, ProtocolVersion, PubResp, Publish, QoS, ReasonCode,
+    SubscriptionOptions,
+};
+use serde_json::json;
+
 use crate::common::*;
-use ferrymq_mqtt::{Disconnect, Packet, ProtocolVersion, ReasonCode};
 
 /// Sum of every `ferrymq_client_connections{listener,protocol}` sample.
 async fn client_connections(server: &ferrymq_server::Server) -> u64 {
@@ -81,4 +88,132 @@ async fn peers_entry_goes_with_every_way_a_connection_ends() {
         .await
         .expect("closed for its keep alive");
     all_gone(&server, "keep-alive timeout").await;
+}
+
+/// Metric family names declared more than once in `/metrics` (`# TYPE name ...`): the text
+/// format allows one family per name, and Prometheus' parser rejects a second `TYPE` line.
+fn repeated_families(body: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|name| !seen.insert(name.to_string()))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_metric_family_is_declared_once() {
+    let server = start().await;
+    let (status, body) = http_get(&server, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(repeated_families(&body), Vec::<String>::new());
+}
+
+/// Publishes `topic` at QoS 1 with a `traceparent` user property; waits for the PUBACK.
+async fn publish_traced(c: &mut Client, topic: &str, traceparent: &str) {
+    let mut properties = Properties::default();
+    properties.user_properties = vec![("traceparent".into(), traceparent.into())];
+    let p = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: topic.into(),
+        packet_id: None,
+        properties,
+        payload: Bytes::from_static(b"x"),
+    };
+    assert_eq!(c.publish(p).await.unwrap(), ReasonCode::Success);
+}
+
+/// W3C Trace Context (section 3.2.2): a version of `ff`, an all-zero trace id or parent id,
+/// upper-case hex, or a malformed field make the whole `traceparent` invalid. Only a valid one
+/// may give a message its trace id (in log lines and dead-letter records).
+#[tokio::test]
+async fn only_a_valid_w3c_traceparent_gives_a_dead_letter_its_trace_id() {
+    const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    let cases: [(&str, Option<&str>); 8] = [
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some(TRACE),
+        ),
+        (
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            None,
+        ),
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            None,
+        ),
+        (
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            None,
+        ),
+        (
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            None,
+        ),
+        ("00-0af7651916cd43dd8448eb211c80319c-not-hex", None),
+        ("zz-0af7651916cd43dd8448eb211c80319c", None),
+        // A later version may append fields after the flags; version 00 may not.
+        (
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            None,
+        ),
+    ];
+    let server = start().await;
+    let def = json!({"name": "traced", "filter": "traced/#", "max_attempts": 1});
+    let (status, body) = api(&server, "POST", "/api/v1/queues", Some(def)).await;
+    assert_eq!(status, 201, "{body}");
+    let addr = server.mqtt_addr().to_string();
+    let (mut consumer, _) = Client::connect(ConnectOptions::new(addr.clone(), "tp-worker"))
+        .await
+        .unwrap();
+    let options = SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        ..Default::default()
+    };
+    let ack = consumer
+        .subscribe(
+            vec![("$queue/traced".into(), options)],
+            Properties::default(),
+        )
+        .await
+        .unwrap();
+    assert!(ack.reasons.iter().all(|r| !r.is_error()), "{ack:?}");
+    let (mut producer, _) = Client::connect(ConnectOptions::new(addr, "tp-producer"))
+        .await
+        .unwrap();
+    for (i, (tp, _)) in cases.iter().enumerate() {
+        publish_traced(&mut producer, &format!("traced/{i}"), tp).await;
+    }
+    let mut nacked = 0;
+    while nacked < cases.len() {
+        let got = tokio::time::timeout(WAIT, consumer.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Packet::Publish(p) = got {
+            let r = PubResp::new(p.packet_id.unwrap(), ReasonCode::UnspecifiedError);
+            consumer.send(&Packet::PubAck(r)).await.unwrap();
+            nacked += 1;
+        }
+    }
+    let path = "/api/v1/queues/traced/dead-letters";
+    eventually("every message dead-lettered", || async {
+        let (_, page) = api(&server, "GET", path, None).await;
+        page["items"].as_array().map_or(0, |a| a.len()) == cases.len()
+    })
+    .await;
+    let (_, page) = api(&server, "GET", path, None).await;
+    for item in page["items"].as_array().unwrap() {
+        let topic = item["topic"].as_str().unwrap();
+        let i: usize = topic.trim_start_matches("traced/").parse().unwrap();
+        let (tp, want) = cases[i];
+        assert_eq!(
+            item["trace_id"].as_str(),
+            want,
+            "traceparent {tp:?}: {item}"
+        );
+    }
 }
