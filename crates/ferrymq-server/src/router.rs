@@ -1296,7 +1296,7 @@ impl Router {
             self.net.disconnects.add(reason);
             tracing::debug!(
                 conn = conn.0,
-                client_id = %client_id_of(&self.conns, &self.closing, conn),
+                client_id = &*client_id_of(&self.conns, &self.closing, conn),
                 ?reason,
                 "closing connection: rule broken"
             );
@@ -1416,7 +1416,7 @@ impl Router {
                 // Counted and summarized as a QuotaExceeded close (see `dispatch`).
                 tracing::debug!(
                     conn = conn.0,
-                    client_id = %client_id_of(&self.conns, &self.closing, conn),
+                    client_id = &*client_id_of(&self.conns, &self.closing, conn),
                     "disconnecting slow consumer"
                 );
                 self.broker
