@@ -353,11 +353,16 @@ pub fn trace_id(m: &Message) -> Option<String> {
 
 /// The trace id of the `traceparent` user property among `properties`, if it is valid.
 pub fn trace_id_of(properties: &ferrymq_mqtt::Properties) -> Option<String> {
+    trace_id_in(properties).map(str::to_string)
+}
+
+/// [`trace_id_of`], borrowed.
+pub(crate) fn trace_id_in(properties: &ferrymq_mqtt::Properties) -> Option<&str> {
     let tp = properties
         .user_properties
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))?;
-    w3c_trace_id(&tp.1).map(str::to_string)
+    w3c_trace_id(&tp.1)
 }
 
 /// The trace id of a W3C Trace Context `traceparent` (section 3.2), or `None` when the value

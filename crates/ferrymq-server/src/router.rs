@@ -1309,8 +1309,11 @@ impl Router {
         self.denials.log(&mut self.out.denied, |conn| {
             client_id_of(&self.conns, &self.closing, conn)
         });
-        self.messages
-            .log(&mut self.out.dead_lettered, &mut self.out.dropped);
+        self.messages.log(
+            &mut self.out.dead_lettered,
+            &mut self.out.dropped,
+            &mut self.out.dropped_unlisted,
+        );
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();
