@@ -57,6 +57,9 @@ pub(crate) enum ToRouter {
         reason: ReasonCode,
     },
     Snapshot(oneshot::Sender<EngineSnapshot>),
+    /// `/health` and `/ready` (open to anyone): the router answers, with its connection and
+    /// session counts, at a cost that does not grow with the engine's state.
+    Alive(oneshot::Sender<(usize, usize)>),
     /// A queue operation from the REST API. It runs like a packet (journaled, its actions
     /// dispatched); the reply goes once its records are stored.
     Queue {
@@ -1187,6 +1190,10 @@ impl Router {
             ToRouter::Violation { conn, reason } => {
                 self.run_before_close(conn, now);
                 self.broker.kill(conn, Some(reason), now, &mut self.out);
+            }
+            ToRouter::Alive(reply) => {
+                let counts = (self.broker.connection_count(), self.broker.session_count());
+                let _ = reply.send(counts);
             }
             ToRouter::Snapshot(reply) => {
                 let _ = reply.send(EngineSnapshot {

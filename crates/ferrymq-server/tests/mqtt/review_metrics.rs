@@ -217,3 +217,44 @@ async fn only_a_valid_w3c_traceparent_gives_a_dead_letter_its_trace_id() {
         );
     }
 }
+
+/// `ferrymq_router_step_duration_seconds_sum`: the router's busy time so far.
+async fn router_busy(server: &ferrymq_server::Server) -> f64 {
+    let (_, body) = http_get(server, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with("ferrymq_router_step_duration_seconds_sum "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap()
+}
+
+/// Router time per `/health` request (open without the admin token), over `n` requests.
+async fn router_time_per_health(server: &ferrymq_server::Server, n: u32) -> f64 {
+    let before = router_busy(server).await;
+    for _ in 0..n {
+        let (status, _) = http_get(server, "/health").await;
+        assert_eq!(status, 200);
+    }
+    (router_busy(server).await - before) / f64::from(n)
+}
+
+/// `/health` and `/ready` answer anyone (they are open with a token set): what they cost the
+/// router must not grow with the number of queues, or a flood of them stalls routing.
+#[tokio::test]
+async fn health_costs_the_router_the_same_with_many_queues() {
+    const QUEUES: usize = 1_000;
+    let mut c = test_config();
+    c.storage.persistence = false;
+    let server = start_with(c).await;
+    let idle = router_time_per_health(&server, 200).await;
+    for i in 0..QUEUES {
+        let def = json!({"name": format!("q{i:04}"), "filter": format!("q/{i}")});
+        let (status, body) = api(&server, "POST", "/api/v1/queues", Some(def)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let loaded = router_time_per_health(&server, 200).await;
+    println!("router time per /health: {idle:.6} s idle, {loaded:.6} s with {QUEUES} queues");
+    assert!(
+        loaded < idle * 3.0 + 50e-6,
+        "router time per /health: {idle:.6} s idle, {loaded:.6} s with {QUEUES} queues"
+    );
+}
