@@ -258,3 +258,38 @@ async fn health_costs_the_router_the_same_with_many_queues() {
         "router time per /health: {idle:.6} s idle, {loaded:.6} s with {QUEUES} queues"
     );
 }
+
+/// Fifty scrapes at once with 1,000 queues: every one answers whole (a sample per queue), and
+/// the router's share stays a snapshot per scrape (printed: router time, wall time).
+#[tokio::test]
+async fn fifty_parallel_scrapes_all_answer_whole() {
+    const QUEUES: usize = 1_000;
+    let mut c = test_config();
+    c.storage.persistence = false;
+    let server = std::sync::Arc::new(start_with(c).await);
+    for i in 0..QUEUES {
+        let def = json!({"name": format!("q{i:04}"), "filter": format!("q/{i}")});
+        let (status, body) = api(&server, "POST", "/api/v1/queues", Some(def)).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let before = router_busy(&server).await;
+    let started = std::time::Instant::now();
+    let scrapes: Vec<_> = (0..50)
+        .map(|_| {
+            let server = server.clone();
+            tokio::spawn(async move { http_get(&server, "/metrics").await })
+        })
+        .collect();
+    for s in scrapes {
+        let (status, body) = tokio::time::timeout(WAIT, s).await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        let depth = body
+            .lines()
+            .filter(|l| l.starts_with("ferrymq_queue_depth{"))
+            .count();
+        assert_eq!(depth, QUEUES);
+    }
+    let wall = started.elapsed();
+    let busy = router_busy(&server).await - before;
+    println!("50 parallel scrapes, {QUEUES} queues: router {busy:.4} s, wall {wall:?}");
+}
