@@ -114,7 +114,11 @@ pub struct Outbox {
     pub dead_lettered: Vec<DeadLettered>,
     /// Messages dropped for a subscriber (expired, too large for it, its queue full) that
     /// carry a W3C `traceparent`, for the driver's log. Untraced drops are only counted.
+    /// At most [`Outbox::MAX_DROPPED_LISTED`] until the driver empties it: one message
+    /// dropped for many subscribers would list each (an allocation and a log call apiece).
     pub dropped: Vec<DroppedMessage>,
+    /// Traced drops past [`Outbox::MAX_DROPPED_LISTED`], only counted (the driver resets it).
+    pub dropped_unlisted: u64,
     /// Subscriptions the ACL refused, with their filters as requested, for the driver's log.
     pub denied_subscriptions: Vec<(ConnId, Arc<str>)>,
     /// Connections that ended, with their client id and why, for the driver's audit log.
@@ -179,20 +183,28 @@ impl Outbox {
         self.actions.push((conn, action));
     }
 
+    /// Traced drops listed in [`Outbox::dropped`] at most (the log shows 20 a second).
+    pub const MAX_DROPPED_LISTED: usize = 100;
+
     /// Notes a message dropped for `client_id`'s session, if it carries a `traceparent`
     /// (most messages have no user property: one test of an empty list).
     pub(crate) fn note_drop(&mut self, m: &Message, reason: &'static str, client_id: &Arc<str>) {
         if m.properties.user_properties.is_empty() {
             return;
         }
-        if let Some(trace_id) = crate::queues::trace_id_of(&m.properties) {
-            self.dropped.push(DroppedMessage {
-                topic: m.topic.clone(),
-                reason,
-                client_id: client_id.clone(),
-                trace_id,
-            });
+        let Some(trace_id) = crate::queues::trace_id_in(&m.properties) else {
+            return;
+        };
+        if self.dropped.len() >= Outbox::MAX_DROPPED_LISTED {
+            self.dropped_unlisted += 1;
+            return;
         }
+        self.dropped.push(DroppedMessage {
+            topic: m.topic.clone(),
+            reason,
+            client_id: client_id.clone(),
+            trace_id: trace_id.to_string(),
+        });
     }
 }
 

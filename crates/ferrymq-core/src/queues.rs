@@ -351,14 +351,45 @@ pub fn trace_id(m: &Message) -> Option<String> {
     trace_id_of(&m.properties)
 }
 
-/// The trace id of the `traceparent` user property among `properties`, if well formed.
+/// The trace id of the `traceparent` user property among `properties`, if it is valid.
 pub fn trace_id_of(properties: &ferrymq_mqtt::Properties) -> Option<String> {
+    trace_id_in(properties).map(str::to_string)
+}
+
+/// [`trace_id_of`], borrowed.
+pub(crate) fn trace_id_in(properties: &ferrymq_mqtt::Properties) -> Option<&str> {
     let tp = properties
         .user_properties
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))?;
-    let id = tp.1.split('-').nth(1)?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+    w3c_trace_id(&tp.1)
+}
+
+/// The trace id of a W3C Trace Context `traceparent` (section 3.2), or `None` when the value
+/// is invalid there: fields of lower-case hex (version 2, trace id 32, parent id 16, flags 2),
+/// a version other than `ff`, a trace id and a parent id not all zeros, and nothing after the
+/// flags in version `00` (a later version may append `-` and more).
+fn w3c_trace_id(tp: &str) -> Option<&str> {
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let zero = |s: &str| s.bytes().all(|b| b == b'0');
+    let mut fields = tp.splitn(5, '-');
+    let (version, trace, parent, flags) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && !zero(trace)
+        && hex(parent, 16)
+        && !zero(parent)
+        && hex(flags, 2)
+        && !(version == "00" && fields.next().is_some());
+    valid.then_some(trace)
 }
 
 fn user_property<'a>(m: &'a Message, key: &str) -> Option<&'a str> {

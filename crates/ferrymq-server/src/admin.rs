@@ -313,17 +313,25 @@ pub(crate) async fn snapshot(state: &AdminState) -> Option<crate::metrics::Engin
         .ok()
 }
 
+/// Whether the router answers, with its connection and session counts: what `/health` and
+/// `/ready` ask, open to anyone, so not a full [`snapshot`] (whose cost grows with the queues).
+async fn alive(state: &AdminState) -> Option<(usize, usize)> {
+    let (tx, rx) = oneshot::channel();
+    state.router.send(ToRouter::Alive(tx)).await.ok()?;
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+        .await
+        .ok()?
+        .ok()
+}
+
 /// 200 when the router answers, 503 when it does not.
 async fn health(State(state): State<AdminState>) -> impl IntoResponse {
     let json = [(header::CONTENT_TYPE, "application/json")];
-    match snapshot(&state).await {
-        Some(s) => (
+    match alive(&state).await {
+        Some((connections, sessions)) => (
             StatusCode::OK,
             json,
-            format!(
-                "{{\"status\":\"ok\",\"connections\":{},\"sessions\":{}}}",
-                s.connections, s.sessions
-            ),
+            format!("{{\"status\":\"ok\",\"connections\":{connections},\"sessions\":{sessions}}}"),
         ),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -348,7 +356,7 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
     if *state.stopping.borrow() {
         return not_ready("shutting down");
     }
-    if snapshot(&state).await.is_none() {
+    if alive(&state).await.is_none() {
         return not_ready("the router does not answer");
     }
     (StatusCode::OK, json(), "{\"status\":\"ready\"}".to_string())

@@ -551,7 +551,7 @@ impl DenialLog {
                 tracing::info!(
                     conn = d.conn.0,
                     client_id,
-                    topic = %d.topic,
+                    topic = &*d.topic,
                     trace_id,
                     denied_since_last = self.since_summary,
                     "publish denied by the ACL"
@@ -562,7 +562,7 @@ impl DenialLog {
                 tracing::debug!(
                     conn = d.conn.0,
                     client_id,
-                    topic = %d.topic,
+                    topic = &*d.topic,
                     trace_id,
                     "publish denied by the ACL"
                 );

@@ -230,7 +230,7 @@ pub(crate) fn run<T: Transport>(
         if let WriteEnd::Stalled = end {
             tracing::debug!(
                 conn = ctx.conn.0,
-                client_id = %outbound.client_id(),
+                client_id = &*outbound.client_id(),
                 "closing connection: no write progress within the write timeout"
             );
         }
@@ -426,7 +426,12 @@ async fn handshake<R: ReadSide, W: WriteSide>(
         Err(refusal) => {
             NetMetrics::add(&ctx.listener.net.auth_refused[refusal as usize], 1);
             crate::audit::auth_failure(&ctx.listener, &peer.addr, &connect, refusal.label());
-            tracing::debug!(conn = ctx.conn.0, client_id = %connect.client_id, ?refusal, "authentication refused");
+            tracing::debug!(
+                conn = ctx.conn.0,
+                client_id = connect.client_id.as_str(),
+                ?refusal,
+                "authentication refused"
+            );
             *buf = BytesMut::new();
             drop(share);
             refuse(wr, connect.version, refusal.reason_code(), ctx).await;
@@ -556,7 +561,7 @@ fn read_loop<'a, R: ReadSide>(
                     Ok(None) => break None,
                     Err(e) => {
                         NetMetrics::add(&ctx.listener.net.malformed_packets, 1);
-                        tracing::debug!(conn = ctx.conn.0, client_id = %outbound.client_id(), error = %e, "closing connection: bad packet");
+                        tracing::debug!(conn = ctx.conn.0, client_id = &*outbound.client_id(), error = %e, "closing connection: bad packet");
                         break Some(Halt::Bad(e.reason_code()));
                     }
                 }
@@ -566,7 +571,11 @@ fn read_loop<'a, R: ReadSide>(
                 Some(Halt::OverRate)
                     if ctx.listener.rates.map(|r| r.exceeded) == Some(RateExceeded::Disconnect) =>
                 {
-                    tracing::debug!(conn = ctx.conn.0, client_id = %outbound.client_id(), "closing connection: over its rate limit");
+                    tracing::debug!(
+                        conn = ctx.conn.0,
+                        client_id = &*outbound.client_id(),
+                        "closing connection: over its rate limit"
+                    );
                     Some(ReasonCode::MessageRateTooHigh)
                 }
                 _ => None,
@@ -760,13 +769,13 @@ fn write_loop<'a, W: WriteSide>(
                     match action {
                         Action::Send(packet) => {
                             if let Err(e) = encode(&packet, version, &mut out) {
-                                tracing::warn!(client_id = %outbound.client_id(), error = %e, packet = packet.name(), "cannot encode outbound packet");
+                                tracing::warn!(client_id = &*outbound.client_id(), error = %e, packet = packet.name(), "cannot encode outbound packet");
                             }
                         }
                         Action::Deliver(d) => {
                             latency = latency.record(&d);
                             if let Err(e) = encode_delivery(&d, version, &mut aliases, &mut out) {
-                                tracing::warn!(client_id = %outbound.client_id(), error = %e, "cannot encode outbound PUBLISH");
+                                tracing::warn!(client_id = &*outbound.client_id(), error = %e, "cannot encode outbound PUBLISH");
                             }
                         }
                         Action::Close => {

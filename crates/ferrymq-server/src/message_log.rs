@@ -6,7 +6,8 @@
 //! `GET /api/v1/queues/{q}/dead-letters/{id}` shows the same `trace_id`.
 //!
 //! At most [`PER_SECOND`] lines a second at info level; the rest go to debug, and the next
-//! info line says how many were not shown (`not_shown_before`).
+//! info line says how many were not shown (`not_shown_before`: those at debug, and the traced
+//! drops the engine only counted, past `Outbox::MAX_DROPPED_LISTED` in one router step).
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +51,15 @@ impl MessageLog {
         }
     }
 
-    pub(crate) fn log(&mut self, dead: &mut Vec<DeadLettered>, dropped: &mut Vec<DroppedMessage>) {
+    /// Logs and clears `dead` and `dropped`; `unlisted` (traced drops the engine only
+    /// counted, past `Outbox::MAX_DROPPED_LISTED` in a step) is reset and counts as not shown.
+    pub(crate) fn log(
+        &mut self,
+        dead: &mut Vec<DeadLettered>,
+        dropped: &mut Vec<DroppedMessage>,
+        unlisted: &mut u64,
+    ) {
+        self.not_shown += std::mem::take(unlisted);
         if dead.is_empty() && dropped.is_empty() {
             return;
         }

@@ -3,9 +3,10 @@
 //! connection metrics by listener and protocol version. (The client id for log lines is in
 //! the connection's `Outbound`, where its task reads it too.) 48 bytes a map entry.
 //!
-//! Owned by the router: entries come with [`crate::router::ToRouter::Connect`] and go with
-//! `Closed`, so a connection the engine already ended (taken over, kicked) stays until its
-//! task is gone.
+//! Owned by the router: entries come with [`crate::router::ToRouter::Connect`] and go when
+//! the router hands the connection its `Close` (a DISCONNECT, a takeover, a kick, a keep-alive
+//! timeout, a broken rule: its task sends no `Closed` then), or with `Closed` (a socket that
+//! failed or stalled).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

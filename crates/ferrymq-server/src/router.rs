@@ -57,6 +57,9 @@ pub(crate) enum ToRouter {
         reason: ReasonCode,
     },
     Snapshot(oneshot::Sender<EngineSnapshot>),
+    /// `/health` and `/ready` (open to anyone): the router answers, with its connection and
+    /// session counts, at a cost that does not grow with the engine's state.
+    Alive(oneshot::Sender<(usize, usize)>),
     /// A queue operation from the REST API. It runs like a packet (journaled, its actions
     /// dispatched); the reply goes once its records are stored.
     Queue {
@@ -1188,6 +1191,10 @@ impl Router {
                 self.run_before_close(conn, now);
                 self.broker.kill(conn, Some(reason), now, &mut self.out);
             }
+            ToRouter::Alive(reply) => {
+                let counts = (self.broker.connection_count(), self.broker.session_count());
+                let _ = reply.send(counts);
+            }
             ToRouter::Snapshot(reply) => {
                 let _ = reply.send(EngineSnapshot {
                     stats: self.broker.stats().clone(),
@@ -1296,7 +1303,7 @@ impl Router {
             self.net.disconnects.add(reason);
             tracing::debug!(
                 conn = conn.0,
-                client_id = %client_id_of(&self.conns, &self.closing, conn),
+                client_id = &*client_id_of(&self.conns, &self.closing, conn),
                 ?reason,
                 "closing connection: rule broken"
             );
@@ -1309,8 +1316,11 @@ impl Router {
         self.denials.log(&mut self.out.denied, |conn| {
             client_id_of(&self.conns, &self.closing, conn)
         });
-        self.messages
-            .log(&mut self.out.dead_lettered, &mut self.out.dropped);
+        self.messages.log(
+            &mut self.out.dead_lettered,
+            &mut self.out.dropped,
+            &mut self.out.dropped_unlisted,
+        );
         let high = self.settings.max_outbound_bytes;
         let mut actions = std::mem::take(&mut self.out.actions);
         let mut slow: Vec<ConnId> = Vec::new();
@@ -1385,10 +1395,13 @@ impl Router {
                 }
             }
             if closing {
-                // The writer closes after flushing; the engine has already forgotten it.
+                // The writer closes after flushing; the engine has already forgotten it. Its
+                // task sends no `Closed` after a close of ours (only after a socket error or a
+                // stall), so its peer entry goes here too.
                 if let Some(o) = self.conns.remove(&conn) {
                     self.closing.insert(conn, o);
                 }
+                self.peers.remove(conn);
                 self.forget_flow(conn);
             }
         }
@@ -1413,7 +1426,7 @@ impl Router {
                 // Counted and summarized as a QuotaExceeded close (see `dispatch`).
                 tracing::debug!(
                     conn = conn.0,
-                    client_id = %client_id_of(&self.conns, &self.closing, conn),
+                    client_id = &*client_id_of(&self.conns, &self.closing, conn),
                     "disconnecting slow consumer"
                 );
                 self.broker

@@ -33,6 +33,7 @@ mod queue_depth_alarm;
 mod queued_messages_limit;
 mod retained;
 mod review_flow;
+mod review_metrics;
 mod review_queues;
 mod session_resume;
 mod shared_subscription;
