@@ -298,7 +298,7 @@ impl Audit {
         let Some(inner) = &self.inner else {
             return;
         };
-        let mut line = json!({ "ts": timestamp(std::time::SystemTime::now()), "event": event });
+        let mut line = json!({ "ts": crate::utc::now(), "event": event });
         if let (Some(l), Value::Object(f)) = (line.as_object_mut(), fields) {
             l.extend(f);
         }
@@ -586,30 +586,6 @@ impl Writer {
     }
 }
 
-/// RFC 3339 UTC with milliseconds (`2026-11-30T01:02:03.456Z`).
-fn timestamp(t: std::time::SystemTime) -> String {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -676,14 +652,5 @@ mod tests {
         assert_eq!(ended[0]["fields"]["unrecorded"], 4);
         assert_eq!(ended[0]["fields"]["conn"], 1);
         assert!(!b.by_source.contains_key(&me), "forgotten");
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_000_523_456);
-        assert_eq!(timestamp(t), "2026-11-30T01:02:03.456Z");
-        assert_eq!(timestamp(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
-        assert_eq!(timestamp(leap), "2000-02-29T00:00:00.000Z");
     }
 }

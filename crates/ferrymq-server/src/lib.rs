@@ -46,6 +46,7 @@ mod resources;
 mod router;
 mod tls;
 mod transport;
+pub mod utc;
 mod views_api;
 mod violations;
 pub mod websocket;
