@@ -543,8 +543,14 @@ impl DenialLog {
             return;
         }
         let now = Instant::now();
+        // Most denials are not logged (one info line per 10 s, the rest at debug): name the
+        // client only for a line that will be written (a map lookup and a lock in `Outbound`).
+        let debug = tracing::enabled!(tracing::Level::DEBUG);
         for d in denied.drain(..) {
             self.since_summary += 1;
+            if now < self.next && !debug {
+                continue;
+            }
             let client_id = &*client_id(d.conn);
             let trace_id = d.trace_id.as_deref();
             if now >= self.next {
