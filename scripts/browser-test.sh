@@ -18,18 +18,9 @@ ROOT=$PWD
 BROKER=${BROKER:-ferrymq}
 DIR=tests/browser
 
-retry() { "$@" || { sleep 3; "$@"; }; }
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-# scripts/test.sh may have updated the package lists already (one `apt-get update`).
-updated=${FERRYMQ_APT_UPDATED:-}
-apt_install() {
-  if [ -z "$updated" ]; then
-    retry $SUDO apt-get update -qq
-    updated=1
-  fi
-  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
+# retry, apt_install (scripts/test.sh may have updated the package lists already), free_port,
+# scratch_dir.
+source scripts/lib.sh
 
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || apt_install chromium
 # Emoji in screenshots (the tests themselves read text, not pixels).
@@ -45,20 +36,7 @@ if ! cmp -s "$DIR/package-lock.json" "$DIR/node_modules/.ferrymq-lock" 2>/dev/nu
   cp "$DIR/package-lock.json" "$DIR/node_modules/.ferrymq-lock"
 fi
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-WORK=$(mktemp -d)
-PID=
-cleanup() {
-  if [ -n "$PID" ]; then
-    kill "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+scratch_dir
 
 WS_PORT=$(free_port)
 case "$BROKER" in
@@ -74,6 +52,7 @@ allow_anonymous true
 EOF
     "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/broker.log" 2>&1 &
     PID=$!
+    PIDS+=("$PID")
     ;;
   ferrymq)
     BIN=${FERRYMQ_BIN:-}
@@ -109,6 +88,7 @@ interval_secs = 0
 EOF
     "$BIN" serve --config "$WORK/ferrymq.toml" --data-dir "$WORK/data" >"$WORK/broker.log" 2>&1 &
     PID=$!
+    PIDS+=("$PID")
     ;;
   *)
     echo "BROKER must be ferrymq or mosquitto, not $BROKER" >&2

@@ -12,34 +12,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-retry() { "$@" || { sleep 3; "$@"; }; }
-if ! command -v promtool >/dev/null; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  # scripts/test.sh may have updated the package lists already (one `apt-get update`).
-  [ -n "${FERRYMQ_APT_UPDATED:-}" ] || retry $SUDO apt-get update -qq
-  retry $SUDO env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
+source scripts/lib.sh
+command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 
 BIN=${FERRYMQ_BIN:-target/debug/ferrymq}
 if [ ! -x "$BIN" ]; then
   cargo build -q -p ferrymq
 fi
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-WORK=$(mktemp -d)
-PID=
-cleanup() {
-  if [ -n "$PID" ]; then
-    kill "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+scratch_dir
 
 MQTT=$(free_port)
 HTTP=$(free_port)
@@ -67,6 +48,7 @@ overflow = "dead_letter"
 TOML
 "$BIN" serve --config "$WORK/ferrymq.toml" --data-dir "$WORK/data" >"$WORK/broker.log" 2>&1 &
 PID=$!
+PIDS+=("$PID")
 
 fail() {
   echo "promtool-check: $*" >&2

@@ -7,24 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-retry() { "$@" || { sleep 3; "$@"; }; }
+# retry and apt_install (one `apt-get update` for this script and the ones it starts).
+source scripts/lib.sh
 
 if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto_sub >/dev/null; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  retry $SUDO apt-get update -qq
-  # The browser tests install with the same package lists (one `apt-get update`).
-  export FERRYMQ_APT_UPDATED=1
-  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto-clients
+  apt_install mosquitto-clients
 fi
 # promtool (Debian's prometheus, without its recommends) lints /metrics: scripts/promtool-check.sh.
-if ! command -v promtool >/dev/null; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  if [ -z "${FERRYMQ_APT_UPDATED:-}" ]; then
-    retry $SUDO apt-get update -qq
-    export FERRYMQ_APT_UPDATED=1
-  fi
-  retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
-fi
+command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 FERRYMQ_PYTHON=$(bash scripts/venv.sh)
 export FERRYMQ_PYTHON
 
