@@ -18,9 +18,22 @@ apt_install() {
   retry $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
-# A free TCP port on loopback.
+# A free TCP port on loopback, from below the kernel's ephemeral range: a port the kernel
+# hands out for ":0" may become the source port of any client socket before the broker binds
+# it (crates/ferrymq/tests/common/mod.rs has the same rule).
 free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+for port in random.sample(range(10000, low), min(2000, low - 10000)) if low > 11000 else [0]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(s.getsockname()[1])
+    break
+PY
 }
 
 # Makes WORK, a scratch directory removed at exit after the processes in PIDS are stopped.

@@ -19,9 +19,9 @@ cargo build --release -q -p ferrymq
 BIN=$PWD/target/release/ferrymq
 rm -rf "$DATA"
 mkdir -p "$DATA"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-MQTT=$(port)
-HTTP=$(port)
+source scripts/lib.sh # free_port
+MQTT=$(free_port)
+HTTP=$(free_port)
 cat > "$DATA/ferrymq.toml" <<EOF
 [sys]
 interval_secs = 0

@@ -8,10 +8,10 @@
 mod common;
 
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{free_port, scratch_dir, wait_listening};
+use common::{free_port, scratch_dir};
 use ferrymq_client::{Client, ClientError, ConnectOptions, TlsOptions, WsOptions};
 use ferrymq_mqtt::{Packet, Publish, QoS, ReasonCode, SubscriptionOptions};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
@@ -91,15 +91,27 @@ impl Broker {
                 key.to_str().unwrap()
             ),
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
+        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferrymq"))
             .args(["serve", "--in-memory", "--log-level", "warn", "--config"])
             .arg(&config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("ferrymq starts");
         for port in [mqtt, mqtts, ws, wss] {
-            wait_listening(port, Duration::from_secs(20));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let log = std::fs::read_to_string(dir.join("broker.log")).unwrap();
+                    panic!("the broker exited ({status}) before listening on {port}:\n{log}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "broker did not listen on {port} in 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         Broker {
             child,

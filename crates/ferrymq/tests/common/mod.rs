@@ -10,12 +10,37 @@ use std::time::{Duration, Instant};
 use ferrymq_client::ConnectOptions;
 
 /// A loopback port that was free a moment ago (kept for every restart of one broker).
+///
+/// It comes from below the kernel's ephemeral range: a port the kernel hands out for `:0` is
+/// one it may hand out again as the source port of any client socket, and tests running next
+/// to each other open hundreds of those, so the broker's bind lost the port now and then
+/// (`broker did not come up`). Ports in this process never repeat, and the start depends on
+/// the process id so that test binaries run side by side mostly try different ones.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.min(65_536));
+    if high <= low + 1_000 {
+        return TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(low + offset).unwrap();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 /// Waits until the broker accepts TCP connections on `mqtt`, at most `limit`.
