@@ -2,24 +2,27 @@
 # What a Prometheus scrape costs a loaded broker (issue 14): a release broker in memory with
 # 1,000 work queues and 10,000 idle connections (`ferrymq bench connections`). It times
 # /metrics scrapes (p50 and max over SCRAPES, target under 50 ms), then runs a paced latency
-# bench (`ferrymq bench latency`) ROUNDS times without and with a scrape every 100 ms, in
-# turn, and prints the p99 of each. Bounded: about 2 + ROUNDS * 2 * DURATION seconds after
-# the connections are up; every wait gives up.
+# bench (`ferrymq bench latency`) ROUNDS times for each arm, in turn: no scrapes, then a
+# scrape every 100 ms of each of ARMS, and prints each run's p99 and each arm's median p99.
+# The arms that are not /metrics are controls for what any scraper costs on two cores:
+#   /api/v1/alarms  a tiny page that does not ask the router (the scraper waking up)
+#   static          one /metrics body served by another process (the scraper reading 1 MB)
+# Bounded: about 2 + ROUNDS * (1 + arms) * DURATION seconds after the connections are up;
+# every wait gives up.
 #
 #   scripts/scrape-cost.sh                        # builds target/release/ferrymq if missing
-#   CONNECTIONS=10000 QUEUES=1000 SCRAPES=50 ROUNDS=2 DURATION=10 RATE=5000 scripts/scrape-cost.sh
-#   SCRAPE_PATH=/api/v1/alarms scripts/scrape-cost.sh   # the scraper's own cost: a tiny page
-#                                                       # that does not ask the router
+#   CONNECTIONS=10000 QUEUES=1000 SCRAPES=50 ROUNDS=4 DURATION=10 RATE=5000 scripts/scrape-cost.sh
+#   ARMS=/metrics scripts/scrape-cost.sh          # only /metrics against no scrapes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONNECTIONS=${CONNECTIONS:-10000}
 QUEUES=${QUEUES:-1000}
 SCRAPES=${SCRAPES:-50}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-4}
 DURATION=${DURATION:-10}
 RATE=${RATE:-5000}
-SCRAPE_PATH=${SCRAPE_PATH:-/metrics}
+ARMS=${ARMS:-/api/v1/alarms static /metrics}
 BIN=${FERRYMQ_BIN:-target/release/ferrymq}
 [ -x "$BIN" ] || cargo build -q --release -p ferrymq
 
@@ -94,15 +97,29 @@ print(f"scrape ({sys.argv[3]} connections, {sys.argv[4]} queues, {int(sys.argv[2
       f"p50 {t[len(t) // 2]:.1f} ms, max {t[-1]:.1f} ms over {len(t)} scrapes")
 PY
 
-latency() { # label
+# One p99 per arm and round in $WORK/p99.txt ("arm p99"), and a line per run on stdout.
+latency() { # arm
   "$BIN" bench --port "$MQTT" --json latency --rate "$RATE" --duration "$DURATION" \
-    | python3 -c "import json, sys; d = json.loads(sys.stdin.read().strip().splitlines()[-1]); l = d['latency_us']; print(f\"$1: p50 {l['p50']} us, p99 {l['p99']} us, max {l['max']} us, lost {d['lost']}\")"
+    | python3 -c "import json, sys; d = json.loads(sys.stdin.read().strip().splitlines()[-1]); l = d['latency_us']; print(f\"$1 {l['p99']}\", file=open('$WORK/p99.txt', 'a')); print(f\"round $round, $1: p50 {l['p50']} us, p99 {l['p99']} us, max {l['max']} us, lost {d['lost']}\")"
 }
+# A copy of one /metrics body served by another process, for the `static` arm.
+mkdir -p "$WORK/static"
+curl -sf "http://127.0.0.1:$HTTP/metrics" >"$WORK/static/metrics"
+STATIC_PORT=$(free_port)
+python3 -m http.server --protocol HTTP/1.1 --bind 127.0.0.1 --directory "$WORK/static" \
+  "$STATIC_PORT" >/dev/null 2>&1 &
+PIDS+=("$!")
+wait_for "static server" 10 curl -sf -o /dev/null "http://127.0.0.1:$STATIC_PORT/metrics"
+
+# Every round runs each arm once, in turn, so that the machine's drift reaches them alike.
 for round in $(seq "$ROUNDS"); do
-  latency "round $round, no scrapes        "
-  # One long-lived scraper on one kept-alive connection, as Prometheus scrapes (a shell loop
-  # forking curl and sleep every 100 ms moved the p99 as much for a trivial page).
-  python3 - "$HTTP" "$SCRAPE_PATH" <<'PY' &
+  latency "none"
+  for arm in $ARMS; do
+    port=$HTTP path=$arm
+    [ "$arm" = static ] && port=$STATIC_PORT path=/metrics
+    # One long-lived scraper on one kept-alive connection, as Prometheus scrapes (a shell
+    # loop forking curl and sleep every 100 ms moved the p99 as much for a trivial page).
+    python3 - "$port" "$path" <<'PY' &
 import http.client, sys, time
 conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
 while True:
@@ -111,9 +128,21 @@ while True:
     conn.getresponse().read()
     time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
 PY
-  SCRAPER=$!
-  PIDS+=("$SCRAPER")
-  latency "round $round, $SCRAPE_PATH per 100 ms"
-  kill "$SCRAPER"
-  wait "$SCRAPER" 2>/dev/null || true
+    SCRAPER=$!
+    PIDS+=("$SCRAPER")
+    latency "$arm"
+    kill "$SCRAPER"
+    wait "$SCRAPER" 2>/dev/null || true
+  done
 done
+python3 - "$WORK/p99.txt" <<'PY'
+import statistics, sys
+by_arm = {}
+for line in open(sys.argv[1]):
+    arm, p99 = line.split()
+    by_arm.setdefault(arm, []).append(int(p99))
+base = statistics.median(by_arm["none"])
+for arm, values in by_arm.items():
+    m = statistics.median(values)
+    print(f"median p99 over {len(values)} rounds, {arm}: {m:.0f} us ({m - base:+.0f} us)")
+PY

@@ -12,12 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
+use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use ferrymq_core::queues::QueueCounters;
-use ferrymq_core::workqueue::Cause;
 use ferrymq_mqtt::ReasonCode;
 
 use crate::alarms::AlarmState;
@@ -26,11 +25,20 @@ use crate::histogram::HistogramSnapshot;
 use crate::limits::Refusal;
 use crate::metrics::{protocol_label, reason_label, EngineSnapshot, NetMetrics, PROTOCOLS};
 
-const COUNTER: MetricType = MetricType::Counter;
-const GAUGE: MetricType = MetricType::Gauge;
+mod queue_block;
+
+pub(super) const COUNTER: MetricType = MetricType::Counter;
+pub(super) const GAUGE: MetricType = MetricType::Gauge;
 
 /// Renders every metric in the Prometheus text format (version 0.0.4).
-pub fn render(net: &Arc<NetMetrics>, engine: EngineSnapshot, alarms: Vec<AlarmState>) -> String {
+pub fn render(
+    net: &Arc<NetMetrics>,
+    mut engine: EngineSnapshot,
+    alarms: Vec<AlarmState>,
+) -> String {
+    // The per-queue families are most of the text and are written without the library
+    // (queue_block.rs says why); everything else goes through it.
+    let queues = std::mem::take(&mut engine.queues);
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Scrape {
         net: net.clone(),
@@ -39,10 +47,11 @@ pub fn render(net: &Arc<NetMetrics>, engine: EngineSnapshot, alarms: Vec<AlarmSt
         rss: crate::resources::rss_bytes().unwrap_or(0),
     }));
     let mut out = String::with_capacity(16 * 1024);
-    if prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).is_err() {
+    if prometheus_text::encode(&mut out, &registry).is_err() {
         // Writing to a String does not fail; an encoder error would be a bug of ours.
         out.push_str("# encoding failed\n");
     }
+    queue_block::write(&mut out, &queues);
     out
 }
 
@@ -61,7 +70,13 @@ impl Collector for Scrape {
         self.connections(e)?;
         self.messages(e)?;
         self.state(e)?;
-        queues(e, &self.engine)?;
+        one(
+            e,
+            "ferrymq_delayed_publishes",
+            "$delayed publishes waiting to come due.",
+            GAUGE,
+            self.engine.delayed_publishes,
+        )?;
         self.latency(e)
     }
 }
@@ -79,7 +94,7 @@ fn one(e: &mut DescriptorEncoder, name: &str, help: &str, kind: MetricType, v: u
 }
 
 /// A metric with one sample per label set.
-fn family<L: EncodeLabelSet>(
+pub(super) fn family<L: EncodeLabelSet>(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -505,175 +520,4 @@ impl Scrape {
             &net.storage.checkpoint.snapshot(),
         )
     }
-}
-
-/// One sample per queue (`queue="name"`).
-fn per_queue(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    queues: &[QueueCounters],
-    value: impl Fn(&QueueCounters) -> u64,
-) -> fmt::Result {
-    family(
-        e,
-        name,
-        help,
-        kind,
-        queues.iter().map(|q| ([("queue", &*q.name)], value(q))),
-    )
-}
-
-/// The work-queue metrics (docs/queues.md).
-fn queues(e: &mut DescriptorEncoder, en: &EngineSnapshot) -> fmt::Result {
-    let q = &en.queues;
-    per_queue(
-        e,
-        "ferrymq_queue_depth",
-        "Messages waiting in the queue (ready or delayed).",
-        GAUGE,
-        q,
-        |v| v.depth,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_leased",
-        "Messages leased to consumers, not yet acknowledged.",
-        GAUGE,
-        q,
-        |v| v.leased,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_delayed",
-        "Waiting messages not due yet (a retry backoff or a delay).",
-        GAUGE,
-        q,
-        |v| v.delayed,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_bytes",
-        "Topic and payload bytes held (waiting and leased).",
-        GAUGE,
-        q,
-        |v| v.bytes,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_cached_bytes",
-        "Bytes of its messages held in memory (the rest are read back from the log).",
-        GAUGE,
-        q,
-        |v| v.cached_bytes,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_unreadable",
-        "Messages whose record could not be read back from the log (dropped).",
-        COUNTER,
-        q,
-        |v| v.unreadable,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_dead_letters",
-        "Dead letters kept for the queue.",
-        GAUGE,
-        q,
-        |v| v.dead_letters,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_consumers",
-        "Consumers subscribed to the queue.",
-        GAUGE,
-        q,
-        |v| v.consumers,
-    )?;
-    let mut m = e.encode_descriptor(
-        "ferrymq_queue_oldest_age_seconds",
-        "Age of the oldest message held (0 when empty).",
-        None,
-        GAUGE,
-    )?;
-    for v in q {
-        let age = v.oldest_age_ms as f64 / 1000.0;
-        m.encode_family(&[("queue", &*v.name)])?
-            .encode_gauge(&age)?;
-    }
-    per_queue(
-        e,
-        "ferrymq_queue_enqueued",
-        "Messages that entered the queue.",
-        COUNTER,
-        q,
-        |v| v.enqueued,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_acked",
-        "Messages acknowledged by a consumer.",
-        COUNTER,
-        q,
-        |v| v.acked,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_nacked",
-        "Failed attempts: nacks, ack timeouts, lost consumers, restarts.",
-        COUNTER,
-        q,
-        |v| v.nacked,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_redelivered",
-        "Deliveries after a failed attempt.",
-        COUNTER,
-        q,
-        |v| v.redelivered,
-    )?;
-    per_queue(
-        e,
-        "ferrymq_queue_refused",
-        "Publishes the queue refused (full under reject_new, or nothing to displace).",
-        COUNTER,
-        q,
-        |v| v.refused,
-    )?;
-    family(
-        e,
-        "ferrymq_queue_dropped",
-        "Messages dropped from the queue unconsumed, by reason.",
-        COUNTER,
-        q.iter().flat_map(|v| {
-            let n = &*v.name;
-            [
-                ([("queue", n), ("reason", "overflow")], v.dropped_overflow),
-                ([("queue", n), ("reason", "expired")], v.dropped_expired),
-            ]
-        }),
-    )?;
-    family(
-        e,
-        "ferrymq_queue_dead_lettered",
-        "Messages that became dead letters, by cause.",
-        COUNTER,
-        q.iter().flat_map(|v| {
-            let n = &*v.name;
-            Cause::ALL
-                .iter()
-                .zip(v.dead_lettered)
-                .map(move |(c, count)| ([("queue", n), ("cause", c.as_str())], count))
-        }),
-    )?;
-    one(
-        e,
-        "ferrymq_delayed_publishes",
-        "$delayed publishes waiting to come due.",
-        GAUGE,
-        en.delayed_publishes,
-    )
 }
