@@ -27,8 +27,8 @@ use crate::metrics::{protocol_label, reason_label, EngineSnapshot, NetMetrics, P
 
 mod queue_block;
 
-pub(super) const COUNTER: MetricType = MetricType::Counter;
-pub(super) const GAUGE: MetricType = MetricType::Gauge;
+const COUNTER: MetricType = MetricType::Counter;
+const GAUGE: MetricType = MetricType::Gauge;
 
 /// Renders every metric in the Prometheus text format (version 0.0.4).
 pub fn render(
@@ -94,7 +94,7 @@ fn one(e: &mut DescriptorEncoder, name: &str, help: &str, kind: MetricType, v: u
 }
 
 /// A metric with one sample per label set.
-pub(super) fn family<L: EncodeLabelSet>(
+fn family<L: EncodeLabelSet>(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
