@@ -75,6 +75,10 @@ pub(crate) struct Listener {
     /// Per-client message and byte rates; `None` when unlimited (the reader then has no
     /// buckets and reads no clock for them).
     pub rates: Option<RateLimits>,
+    /// The rates in force now, for connections that outlive this listener state (a reload
+    /// of the rates reaches them), and the epoch `rates` are of.
+    pub live_rates: Arc<crate::limits::LiveRates>,
+    pub rates_epoch: u64,
     /// Open connections per source address, when `limits.max_connections_per_address` is set.
     pub addresses: Option<Arc<AddressCounts>>,
     /// Limits of the first packet: `limits` with `max_packet_size` cut to the largest CONNECT
@@ -528,12 +532,20 @@ fn read_loop<'a, R: ReadSide>(
         // few times a second): a timer here would be ~112 bytes in every idle connection.
         let mut chunk = MIN_READ;
         // Boxed, and only with a rate limit: the future carries a pointer.
-        let mut rates = ctx
-            .listener
-            .rates
-            .as_ref()
-            .map(|r| Box::new(ClientRates::new(r, Instant::now())));
+        let mut rates = ClientRates::at_start(
+            ctx.listener.rates.as_ref(),
+            ctx.listener.rates_epoch,
+            Instant::now(),
+        );
         loop {
+            // A reload changed the rates: this connection takes them too.
+            if let Some(fresh) = ClientRates::for_epoch(
+                &ctx.listener.live_rates,
+                rates.as_deref(),
+                ctx.listener.rates_epoch,
+            ) {
+                rates = fresh;
+            }
             if let Some(r) = rates.as_deref_mut() {
                 r.refill(Instant::now());
             }
@@ -569,7 +581,7 @@ fn read_loop<'a, R: ReadSide>(
             let violation = match halt {
                 Some(Halt::Bad(reason)) => Some(reason),
                 Some(Halt::OverRate)
-                    if ctx.listener.rates.map(|r| r.exceeded) == Some(RateExceeded::Disconnect) =>
+                    if rates.as_deref().map(|r| r.exceeded) == Some(RateExceeded::Disconnect) =>
                 {
                     tracing::debug!(
                         conn = ctx.conn.0,

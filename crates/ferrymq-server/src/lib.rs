@@ -257,6 +257,9 @@ impl Server {
             preauth,
             auth: auth.clone(),
             audit: audit.clone(),
+            live_rates: Arc::new(limits::LiveRates::new(limits::RateLimits::from_config(
+                &config.limits,
+            ))),
         };
         let mut live_listeners = Vec::new();
         for b in bound {
@@ -264,7 +267,10 @@ impl Server {
                 continue;
             };
             let shared: reload::LiveListener = Arc::new(std::sync::RwLock::new(listener_shared(
-                &config, b.kind, &deps,
+                &config,
+                b.kind,
+                &deps,
+                deps.live_rates.epoch(),
             )));
             live_listeners.push((b.kind, shared.clone()));
             mqtt_addrs.push((b.kind, b.addr));
@@ -563,13 +569,17 @@ pub(crate) struct ListenerDeps {
     pub preauth: Arc<limits::PreauthBudget>,
     pub auth: Arc<auth::Authenticator>,
     pub audit: audit::Audit,
+    /// The per-client rates in force, for connections already open when a reload changes them.
+    pub live_rates: Arc<limits::LiveRates>,
 }
 
-/// What the connections of one listener share (built again by a reload of `limits`).
+/// What the connections of one listener share (built again by a reload of `limits`), with
+/// the per-client rates as of `rates_epoch` ([`limits::LiveRates::epoch`]).
 pub(crate) fn listener_shared(
     config: &Config,
     kind: ListenerKind,
     deps: &ListenerDeps,
+    rates_epoch: u64,
 ) -> Arc<connection::Listener> {
     Arc::new(connection::Listener {
         kind,
@@ -583,6 +593,8 @@ pub(crate) fn listener_shared(
         max_outbound_bytes: config.limits.max_outbound_bytes,
         drains: deps.drains.clone(),
         rates: limits::RateLimits::from_config(&config.limits),
+        live_rates: deps.live_rates.clone(),
+        rates_epoch,
         addresses: deps.addresses.clone(),
         connect_limits: Limits {
             max_packet_size: config.max_connect_size(),

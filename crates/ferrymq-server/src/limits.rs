@@ -10,7 +10,9 @@
 //!
 //! Invariants:
 //! - With every rate at 0 (the default) nothing here runs on the publish path: the reader has
-//!   no [`ClientRates`] and reads no clock for it.
+//!   no [`ClientRates`] and reads no clock for it (but one relaxed load of
+//!   [`LiveRates::epoch`] per read; a connection open across a reload of the rates carries
+//!   buckets, empty if the new rates are unlimited).
 //! - Every table is bounded: [`AddressCounts`] holds only addresses with an open connection
 //!   (an entry goes when its count reaches 0), and [`ConnectionLimits`] forgets an address's
 //!   rate bucket once it has refilled (a fresh bucket would behave the same), and tracks at
@@ -277,7 +279,7 @@ impl Bucket {
 
 /// The per-client rate limits of a listener; `None` from [`RateLimits::from_config`] when
 /// both rates are unlimited.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct RateLimits {
     messages_per_sec: u64,
     bytes_per_sec: u64,
@@ -299,6 +301,46 @@ impl RateLimits {
     }
 }
 
+/// The per-client rates in force, shared by every listener and every connection, so that a
+/// reload reaches connections already open: each reader compares [`LiveRates::epoch`] (one
+/// relaxed load per read) with the epoch its buckets were made for, and on a change takes
+/// the new rates with fresh buckets ([`ClientRates::for_epoch`]).
+#[derive(Debug, Default)]
+pub(crate) struct LiveRates {
+    epoch: std::sync::atomic::AtomicU64,
+    current: Mutex<Option<RateLimits>>,
+}
+
+impl LiveRates {
+    pub(crate) fn new(rates: Option<RateLimits>) -> LiveRates {
+        LiveRates {
+            epoch: 0.into(),
+            current: Mutex::new(rates),
+        }
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Relaxed)
+    }
+
+    /// The rates from now on, for new and open connections.
+    pub(crate) fn set(&self, rates: Option<RateLimits>) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current = rates;
+        self.epoch.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn current(&self) -> Option<RateLimits> {
+        self.get().1
+    }
+
+    /// The rates in force and their epoch, read together.
+    fn get(&self) -> (u64, Option<RateLimits>) {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        (self.epoch(), *current)
+    }
+}
+
 /// One connection's buckets, boxed by the reader (a connection future carries only the
 /// pointer). A packet is over the rate when, as it arrives, a PUBLISH finds less than one
 /// message token, or any packet finds the byte bucket in debt: a packet passing takes its
@@ -308,6 +350,10 @@ impl RateLimits {
 pub(crate) struct ClientRates {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
+    /// What to do with a client over its rate.
+    pub exceeded: RateExceeded,
+    /// The [`LiveRates::epoch`] these buckets were made for.
+    epoch: u64,
     /// Since when the broker has not been reading this client for reasons of its own
     /// (back-pressure), if it is not.
     paused_since: Option<Instant>,
@@ -319,13 +365,54 @@ fn is_publish(first_byte: u8) -> bool {
 }
 
 impl ClientRates {
+    #[cfg(test)]
     pub(crate) fn new(limits: &RateLimits, now: Instant) -> ClientRates {
-        let bucket = |rate| (rate > 0).then(|| Bucket::new(rate, limits.burst, now));
+        Self::with_epoch(Some(limits), 0, now)
+    }
+
+    /// Buckets for `limits` (none: everything is admitted) as of `epoch`.
+    fn with_epoch(limits: Option<&RateLimits>, epoch: u64, now: Instant) -> ClientRates {
+        let bucket = |rate, burst| (rate > 0).then(|| Bucket::new(rate, burst, now));
         ClientRates {
-            messages: bucket(limits.messages_per_sec),
-            bytes: bucket(limits.bytes_per_sec),
+            messages: limits.and_then(|l| bucket(l.messages_per_sec, l.burst)),
+            bytes: limits.and_then(|l| bucket(l.bytes_per_sec, l.burst)),
+            exceeded: limits.map_or(RateExceeded::Throttle, |l| l.exceeded),
+            epoch,
             paused_since: None,
         }
+    }
+
+    /// A connection's buckets when it starts: those of the rates its listener was built
+    /// with (as of `epoch`), or none when they are unlimited.
+    pub(crate) fn at_start(
+        limits: Option<&RateLimits>,
+        epoch: u64,
+        now: Instant,
+    ) -> Option<Box<ClientRates>> {
+        limits.map(|l| Box::new(Self::with_epoch(Some(l), epoch, now)))
+    }
+
+    /// New buckets when the rates changed since `current` was made (or, without buckets,
+    /// since `start_epoch`, the listener's); `None` when they did not. Fresh buckets start
+    /// full: a reload grants one burst.
+    pub(crate) fn for_epoch(
+        live: &LiveRates,
+        current: Option<&ClientRates>,
+        start_epoch: u64,
+    ) -> Option<Option<Box<ClientRates>>> {
+        let mine = current.map_or(start_epoch, |r| r.epoch);
+        if live.epoch() == mine {
+            return None;
+        }
+        let (epoch, limits) = live.get();
+        let now = Instant::now();
+        // Without limits and without buckets, stay without: but remember the epoch, or the
+        // next read would ask again.
+        Some(Some(Box::new(Self::with_epoch(
+            limits.as_ref(),
+            epoch,
+            now,
+        ))))
     }
 
     /// The reader waits for back-pressure (not for these rates) from now: the buckets are

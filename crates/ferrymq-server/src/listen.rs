@@ -430,6 +430,8 @@ mod tests {
             max_outbound_bytes: 1 << 20,
             drains: Arc::default(),
             rates: None,
+            live_rates: Default::default(),
+            rates_epoch: 0,
             addresses: None,
             connect_limits: ferrymq_mqtt::Limits::default(),
             preauth: Arc::new(crate::limits::PreauthBudget::new(

@@ -862,3 +862,83 @@ fn check_config_does_not_print_the_admin_token() {
     assert!(!stdout.contains("adm1n-t0ken-value"), "{stdout}");
     assert!(!stdout.contains("jwt-s3cret-value"), "{stdout}");
 }
+
+/// `n` QoS 0 publishes to `rate/data` written back to back, then a QoS 1 one: its
+/// acknowledgement, or how the connection ended.
+async fn burst_then_ack(c: &mut Client, n: usize) -> Result<ReasonCode, String> {
+    let data = Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "rate/data".into(),
+        packet_id: None,
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"x"),
+    });
+    for _ in 0..n {
+        c.queue(&data).map_err(|e| e.to_string())?;
+    }
+    c.flush().await.map_err(|e| e.to_string())?;
+    let end = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: "rate/end".into(),
+        packet_id: None,
+        properties: Properties::default(),
+        payload: Bytes::from_static(b"end"),
+    };
+    match tokio::time::timeout(LIMIT, c.publish(end)).await {
+        Ok(Ok(reason)) => Ok(reason),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => panic!("no acknowledgement and no close in {LIMIT:?}"),
+    }
+}
+
+/// The per-client rates reach connections already open: one connected without a limit is
+/// closed for going over the rate a reload set (`rate_exceeded = "disconnect"`), and one
+/// connected under that rate may burst freely once a reload lifts it.
+#[test]
+fn a_reload_of_the_rates_reaches_connections_already_open() {
+    const LIMITED: &str = "[limits]\nmax_messages_per_sec = 5\nrate_burst_ms = 1000\n\
+                           rate_exceeded = \"disconnect\"\n";
+    let (b, _dir) = Broker::start("reload-rates", "", false);
+    let addr = b.addr();
+    runtime().block_on(async {
+        // Unlimited at first: 200 at once pass.
+        let mut early = connect(&addr, "early").await;
+        assert_eq!(
+            burst_then_ack(&mut early, 200).await,
+            Ok(ReasonCode::Success)
+        );
+
+        b.write_config(LIMITED);
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            json(&body)["applied"],
+            serde_json::json!(["limits"]),
+            "{body}"
+        );
+        // The same connection, now over 5 messages a second with a one-second burst.
+        let ended = burst_then_ack(&mut early, 200).await;
+        assert!(
+            ended.is_err(),
+            "the open connection kept its old rates: {ended:?}"
+        );
+        wait_for("the rate disconnect counted", LIMIT, || {
+            let sample = "ferrymq_disconnects_total{reason=\"message_rate_too_high\"}";
+            (metric(b.http, sample) == 1).then_some(())
+        });
+
+        // Connected under the limit; a reload lifts it; the same connection bursts freely.
+        let mut late = connect(&addr, "late").await;
+        b.write_config("");
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            burst_then_ack(&mut late, 200).await,
+            Ok(ReasonCode::Success)
+        );
+    });
+}

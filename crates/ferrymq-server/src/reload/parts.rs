@@ -321,16 +321,28 @@ impl LivePart for LimitsPart {
         if changed.is_empty() {
             return Ok(None);
         }
+        // Connections already open take new per-client rates through `LiveRates` (their
+        // other limits stay as they were when they connected).
+        let live_rates = self.deps.live_rates.clone();
+        let new_rates = crate::limits::RateLimits::from_config(&new.limits);
+        let rates_changed = new_rates != live_rates.current();
+        let epoch = live_rates.epoch() + u64::from(rates_changed);
         let fresh: Vec<_> = self
             .listeners
             .iter()
-            .map(|(kind, live)| (live.clone(), crate::listener_shared(new, *kind, &self.deps)))
+            .map(|(kind, live)| {
+                let shared = crate::listener_shared(new, *kind, &self.deps, epoch);
+                (live.clone(), shared)
+            })
             .collect();
         let configured = new.limits.max_connections as u64;
         let max = self.fd_room.map_or(configured, |room| room.min(configured));
         let admissions = self.admissions.clone();
         let rates = crate::limits::ConnectionLimits::new(&new.limits, tokio::time::Instant::now());
         Ok(Some(Box::pin(async move {
+            if rates_changed {
+                live_rates.set(new_rates);
+            }
             for (live, shared) in fresh {
                 *live.write().unwrap_or_else(|e| e.into_inner()) = shared;
             }
