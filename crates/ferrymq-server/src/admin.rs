@@ -407,7 +407,9 @@ mod tests {
     fn the_token_is_compared_whole() {
         let t = AdminToken::new(
             "s3cret-token",
-            FailureLimiter::new(&crate::auth::AuthConfig::default()),
+            FailureLimiter::new(std::sync::Arc::new(crate::auth::FailurePolicy::new(
+                &crate::auth::AuthConfig::default(),
+            ))),
         );
         let with = |v: &str| {
             let mut h = HeaderMap::new();

@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -147,12 +149,48 @@ const MAX_CACHED: usize = 16_384;
 const UNKNOWN_USER_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$ZDnDYI7h8NVNJVBgrpBQvUQyNSiNDNG2MMSjdQ0yYDQ";
 
+/// How many failures within what window ban an address for how long (`[auth]`
+/// `max_failures`, `failure_window_ms`, `ban_ms`). Shared by the MQTT limiter and the admin
+/// API's, and changed in place by a reload, so that both follow it.
+#[derive(Debug)]
+pub(crate) struct FailurePolicy {
+    max_failures: AtomicU32,
+    window_ms: AtomicU64,
+    ban_ms: AtomicU64,
+}
+
+impl FailurePolicy {
+    pub(crate) fn new(cfg: &AuthConfig) -> FailurePolicy {
+        FailurePolicy {
+            max_failures: cfg.max_failures.into(),
+            window_ms: cfg.failure_window_ms.into(),
+            ban_ms: cfg.ban_ms.into(),
+        }
+    }
+
+    fn set(&self, (max_failures, window_ms, ban_ms): (u32, u64, u64)) {
+        self.max_failures.store(max_failures, Relaxed);
+        self.window_ms.store(window_ms, Relaxed);
+        self.ban_ms.store(ban_ms, Relaxed);
+    }
+
+    fn max_failures(&self) -> u32 {
+        self.max_failures.load(Relaxed)
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms.load(Relaxed))
+    }
+
+    fn ban(&self) -> Duration {
+        Duration::from_millis(self.ban_ms.load(Relaxed))
+    }
+}
+
 /// Failures per source address, and bans (MQTT passwords and tokens here; the admin API's
-/// token guesses in `admin`).
+/// token guesses in `admin`, with the same policy and a table of its own).
 pub(crate) struct FailureLimiter {
-    max_failures: u32,
-    window: Duration,
-    ban: Duration,
+    policy: Arc<FailurePolicy>,
     by_address: Mutex<HashMap<IpAddr, Failures>>,
 }
 
@@ -164,17 +202,15 @@ struct Failures {
 }
 
 impl FailureLimiter {
-    pub(crate) fn new(cfg: &AuthConfig) -> FailureLimiter {
+    pub(crate) fn new(policy: Arc<FailurePolicy>) -> FailureLimiter {
         FailureLimiter {
-            max_failures: cfg.max_failures,
-            window: Duration::from_millis(cfg.failure_window_ms),
-            ban: Duration::from_millis(cfg.ban_ms),
+            policy,
             by_address: Mutex::new(HashMap::new()),
         }
     }
 
     pub(crate) fn ban_time(&self) -> Duration {
-        self.ban
+        self.policy.ban()
     }
 
     pub(crate) fn is_banned(&self, ip: IpAddr, now: Instant) -> bool {
@@ -186,9 +222,9 @@ impl FailureLimiter {
 
     /// Counts a failure; true when it starts a ban.
     pub(crate) fn fail(&self, ip: IpAddr, now: Instant) -> bool {
+        let (window, ban) = (self.policy.window(), self.policy.ban());
         let mut map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
-            let window = self.window;
             map.retain(|_, f| {
                 now.duration_since(f.window_start) < window
                     || f.banned_until.is_some_and(|u| now < u)
@@ -207,13 +243,13 @@ impl FailureLimiter {
             f.count = 0;
             f.window_start = now;
         }
-        if now.duration_since(f.window_start) >= self.window {
+        if now.duration_since(f.window_start) >= window {
             f.window_start = now;
             f.count = 0;
         }
         f.count += 1;
-        if f.count >= self.max_failures && f.banned_until.is_none() {
-            f.banned_until = Some(now + self.ban);
+        if f.count >= self.policy.max_failures() && f.banned_until.is_none() {
+            f.banned_until = Some(now + ban);
             return true;
         }
         false
@@ -225,7 +261,7 @@ impl FailureLimiter {
 /// ([`Authenticator::replace`]); failure counts and bans carry over.
 pub(crate) struct Authenticator {
     credentials: RwLock<Arc<Credentials>>,
-    limiter: RwLock<FailureLimiter>,
+    limiter: FailureLimiter,
     checks: Arc<Semaphore>,
     /// Successful password checks: user → keyed digest of the password. Emptied by a
     /// reload (a changed password must be checked again).
@@ -325,7 +361,7 @@ impl Authenticator {
             n => n,
         };
         Ok(Authenticator {
-            limiter: RwLock::new(FailureLimiter::new(cfg)),
+            limiter: FailureLimiter::new(Arc::new(FailurePolicy::new(cfg))),
             credentials: RwLock::new(Arc::new(credentials)),
             checks: Arc::new(Semaphore::new(permits)),
             verified: Mutex::new(HashMap::new()),
@@ -349,13 +385,7 @@ impl Authenticator {
     /// Puts `new` in force for every authentication that starts from now on (one under way
     /// finishes with what it started with); forgets remembered password checks.
     pub(crate) fn replace(&self, new: Credentials) {
-        let (max_failures, window, ban) = new.policy;
-        {
-            let mut l = self.limiter.write().unwrap_or_else(|e| e.into_inner());
-            l.max_failures = max_failures;
-            l.window = Duration::from_millis(window);
-            l.ban = Duration::from_millis(ban);
-        }
+        self.limiter.policy.set(new.policy);
         *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         self.verified
             .lock()
@@ -363,8 +393,9 @@ impl Authenticator {
             .clear();
     }
 
-    fn limiter(&self) -> std::sync::RwLockReadGuard<'_, FailureLimiter> {
-        self.limiter.read().unwrap_or_else(|e| e.into_inner())
+    /// The failure policy in force, for another limiter to follow (the admin API's).
+    pub(crate) fn failure_policy(&self) -> Arc<FailurePolicy> {
+        self.limiter.policy.clone()
     }
 
     /// The identity of a client, or why it is refused. `source` is the peer's address (None
@@ -385,18 +416,18 @@ impl Authenticator {
             });
         }
         let key = source.map(crate::limits::source_key);
-        if key.is_some_and(|ip| self.limiter().is_banned(ip, Instant::now())) {
+        if key.is_some_and(|ip| self.limiter.is_banned(ip, Instant::now())) {
             return Err(AuthRefusal::Banned);
         }
         let result = self.check_credentials(connect).await;
         if result == Err(AuthRefusal::BadCredentials) {
             if let Some(ip) = key {
-                let limiter = self.limiter();
+                let limiter = &self.limiter;
                 if limiter.fail(ip, Instant::now()) {
                     tracing::warn!(
                         source = %ip,
-                        failures = limiter.max_failures,
-                        ban_ms = limiter.ban.as_millis() as u64,
+                        failures = limiter.policy.max_failures(),
+                        ban_ms = limiter.ban_time().as_millis() as u64,
                         "address banned after repeated authentication failures"
                     );
                 }
@@ -582,14 +613,17 @@ impl DenialLog {
 mod tests {
     use super::*;
 
+    fn limiter(max_failures: u32, window: Duration, ban: Duration) -> FailureLimiter {
+        FailureLimiter::new(Arc::new(FailurePolicy {
+            max_failures: max_failures.into(),
+            window_ms: (window.as_millis() as u64).into(),
+            ban_ms: (ban.as_millis() as u64).into(),
+        }))
+    }
+
     #[test]
     fn failures_ban_for_the_ban_time_then_count_afresh() {
-        let l = FailureLimiter {
-            max_failures: 3,
-            window: Duration::from_secs(60),
-            ban: Duration::from_secs(10),
-            by_address: Mutex::new(HashMap::new()),
-        };
+        let l = limiter(3, Duration::from_secs(60), Duration::from_secs(10));
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let other: IpAddr = "10.0.0.2".parse().unwrap();
         let t0 = Instant::now();
@@ -605,12 +639,7 @@ mod tests {
 
     #[test]
     fn failures_outside_the_window_do_not_add_up() {
-        let l = FailureLimiter {
-            max_failures: 2,
-            window: Duration::from_secs(1),
-            ban: Duration::from_secs(10),
-            by_address: Mutex::new(HashMap::new()),
-        };
+        let l = limiter(2, Duration::from_secs(1), Duration::from_secs(10));
         let ip: IpAddr = "::1".parse().unwrap();
         let t0 = Instant::now();
         assert!(!l.fail(ip, t0));

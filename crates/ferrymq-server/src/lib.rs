@@ -102,9 +102,7 @@ impl Server {
     pub async fn start_with(config: Config, reloading: Reloading) -> Result<Server, ServerError> {
         config.validate()?;
         // Read before anything starts, so that an unreadable token file stops nothing.
-        let token = config
-            .admin_token()?
-            .map(|t| admin::AdminToken::new(&t, auth::FailureLimiter::new(&config.auth)));
+        let token = config.admin_token()?;
         // TLS first: a bad certificate or key is reported before anything starts.
         let tls = match &config.tls {
             Some(t) => Some(tls::TlsState::load(t)?),
@@ -187,6 +185,10 @@ impl Server {
             &config.auth,
             config.allow_anonymous(),
         )?);
+        // Wrong admin tokens are limited with the `[auth]` failure policy, and follow its
+        // reloads.
+        let token = token
+            .map(|t| admin::AdminToken::new(&t, auth::FailureLimiter::new(auth.failure_policy())));
         tracing::info!(
             anonymous = config.allow_anonymous(),
             password_file = config.auth.password_file.is_some(),

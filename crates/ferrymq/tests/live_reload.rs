@@ -942,3 +942,30 @@ fn a_reload_of_the_rates_reaches_connections_already_open() {
         );
     });
 }
+
+/// The admin API's limit on wrong tokens follows a reload of the `[auth]` failure policy:
+/// three wrong tokens under `max_failures = 100` ban nothing; after a reload to 4, the next
+/// wrong one bans the address, the right token included (429).
+#[test]
+fn the_admin_token_guess_limit_follows_a_reload() {
+    let text = |max: u32| {
+        format!("[admin]\ntoken = \"right-token\"\n[auth]\nmax_failures = {max}\nban_ms = 60000\n")
+    };
+    let (b, _dir) = Broker::start("reload-admin-guesses", &text(100), false);
+    let right = "Authorization: Bearer right-token\r\n";
+    let wrong = "Authorization: Bearer wrong-token\r\n";
+    for _ in 0..3 {
+        assert_eq!(http_with(b.http, "GET", "/api/v1/overview", wrong).0, 401);
+    }
+    assert_eq!(http_with(b.http, "GET", "/api/v1/overview", right).0, 200);
+
+    b.write_config(&text(4));
+    let (status, body) = http_with(b.http, "POST", "/api/v1/reload", right);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_with(b.http, "GET", "/api/v1/overview", wrong).0, 401);
+    let (status, _) = http_with(b.http, "GET", "/api/v1/overview", right);
+    assert_eq!(
+        status, 429,
+        "the fourth wrong token bans the address under the reloaded policy"
+    );
+}
