@@ -17,6 +17,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::alarms::Alarms;
@@ -35,6 +37,41 @@ pub(crate) struct AdminState {
     pub reloader: Arc<crate::reload::Reloader>,
     /// Calls that change something are recorded here (`audit.rs`).
     pub audit: crate::audit::Audit,
+    /// The `/metrics` render under way, shared by the scrapes that arrive meanwhile.
+    pub scrapes: Arc<ScrapeFlight>,
+}
+
+/// A `/metrics` render: the text, or `None` when the router did not answer.
+type Render = Shared<BoxFuture<'static, Option<Bytes>>>;
+
+/// Scrapes that arrive while a render is under way wait for it and answer with its text,
+/// instead of each asking the router for a snapshot and encoding ~1 MB (with 1,000 queues)
+/// of their own: a burst of scrapes costs one render. The slot is emptied when the render
+/// is done, so a later scrape renders afresh and no old text is kept.
+#[derive(Default)]
+pub(crate) struct ScrapeFlight(std::sync::Mutex<Option<Render>>);
+
+impl ScrapeFlight {
+    /// The render under way, or a new one started with `start`.
+    fn join(&self, start: impl FnOnce() -> Render) -> Render {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref().filter(|r| r.peek().is_none()) {
+            Some(r) => r.clone(),
+            None => {
+                let r = start();
+                *slot = Some(r.clone());
+                r
+            }
+        }
+    }
+
+    /// `render` is done: forget it, unless a newer one took its place.
+    fn done(&self, render: &Render) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|r| r.ptr_eq(render)) {
+            *slot = None;
+        }
+    }
 }
 
 /// Paths answered without the token: liveness and readiness probes (load balancers and
@@ -363,16 +400,23 @@ async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    // Encoding is milliseconds of work with many queues (~1 MB for 1,000): on the blocking
-    // pool, not on a worker that connection tasks wait for.
-    let net = state.net.clone();
-    let alarms = state.alarms.list();
-    let body = match snapshot(&state).await {
-        Some(s) => tokio::task::spawn_blocking(move || render(&net, s, alarms))
-            .await
-            .ok(),
-        None => None,
-    };
+    let render = state.scrapes.join(|| {
+        let state = state.clone();
+        async move {
+            // Encoding is most of a millisecond with many queues (~1 MB for 1,000): on the
+            // blocking pool, not on a worker that connection tasks wait for.
+            let net = state.net.clone();
+            let alarms = state.alarms.list();
+            let snapshot = snapshot(&state).await?;
+            tokio::task::spawn_blocking(move || Bytes::from(render(&net, snapshot, alarms)))
+                .await
+                .ok()
+        }
+        .boxed()
+        .shared()
+    });
+    let body = render.clone().await;
+    state.scrapes.done(&render);
     match body {
         Some(body) => (
             StatusCode::OK,
@@ -382,7 +426,7 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            String::from("# router unavailable\n"),
+            Bytes::from_static(b"# router unavailable\n"),
         ),
     }
 }
@@ -402,6 +446,30 @@ async fn alarms(State(state): State<AdminState>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn scrapes_during_a_render_share_it_and_a_later_one_renders_again() {
+        let flight = ScrapeFlight::default();
+        let (tx, rx) = oneshot::channel::<()>();
+        let mut started = 0;
+        let mut start = |rx: oneshot::Receiver<()>| {
+            started += 1;
+            async move { rx.await.ok().map(|()| Bytes::from_static(b"text")) }
+                .boxed()
+                .shared()
+        };
+        let first = flight.join(|| start(rx));
+        let second = flight.join(|| panic!("a second render while the first is under way"));
+        assert!(first.ptr_eq(&second));
+        tx.send(()).unwrap();
+        assert_eq!(second.clone().await.as_deref(), Some(&b"text"[..]));
+        flight.done(&second);
+        flight.done(&first);
+        let (_tx, rx) = oneshot::channel::<()>();
+        let third = flight.join(|| start(rx));
+        assert!(!third.ptr_eq(&first));
+        assert_eq!(started, 2);
+    }
 
     #[test]
     fn the_token_is_compared_whole() {

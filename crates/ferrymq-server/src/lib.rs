@@ -333,6 +333,7 @@ impl Server {
             stopping: stop_rx.clone(),
             reloader: reloader.clone(),
             audit: audit.clone(),
+            scrapes: Default::default(),
         };
         let http_addrs: Vec<SocketAddr> = http.iter().map(|(_, a)| *a).collect();
         for (socket, _) in http {
