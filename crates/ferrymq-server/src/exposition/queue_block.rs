@@ -25,42 +25,50 @@ struct PerQueue {
 
 /// The families before `ferrymq_queue_oldest_age_seconds`, in the order they are written.
 const BEFORE_AGE: &[PerQueue] = &[
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_depth",
         "Messages waiting in the queue (ready or delayed).",
         |q| q.depth,
     ),
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_leased",
         "Messages leased to consumers, not yet acknowledged.",
         |q| q.leased,
     ),
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_delayed",
         "Waiting messages not due yet (a retry backoff or a delay).",
         |q| q.delayed,
     ),
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_bytes",
         "Topic and payload bytes held (waiting and leased).",
         |q| q.bytes,
     ),
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_cached_bytes",
         "Bytes of its messages held in memory (the rest are read back from the log).",
         |q| q.cached_bytes,
     ),
-    counter(
+    per_queue(
+        Kind::Counter,
         "ferrymq_queue_unreadable",
         "Messages whose record could not be read back from the log (dropped).",
         |q| q.unreadable,
     ),
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_dead_letters",
         "Dead letters kept for the queue.",
         |q| q.dead_letters,
     ),
-    gauge(
+    per_queue(
+        Kind::Gauge,
         "ferrymq_queue_consumers",
         "Consumers subscribed to the queue.",
         |q| q.consumers,
@@ -69,34 +77,40 @@ const BEFORE_AGE: &[PerQueue] = &[
 
 /// The families after it.
 const AFTER_AGE: &[PerQueue] = &[
-    counter(
+    per_queue(
+        Kind::Counter,
         "ferrymq_queue_enqueued",
         "Messages that entered the queue.",
         |q| q.enqueued,
     ),
-    counter(
+    per_queue(
+        Kind::Counter,
         "ferrymq_queue_acked",
         "Messages acknowledged by a consumer.",
         |q| q.acked,
     ),
-    counter(
+    per_queue(
+        Kind::Counter,
         "ferrymq_queue_nacked",
         "Failed attempts: nacks, ack timeouts, lost consumers, restarts.",
         |q| q.nacked,
     ),
-    counter(
+    per_queue(
+        Kind::Counter,
         "ferrymq_queue_redelivered",
         "Deliveries after a failed attempt.",
         |q| q.redelivered,
     ),
-    counter(
+    per_queue(
+        Kind::Counter,
         "ferrymq_queue_refused",
         "Publishes the queue refused (full under reject_new, or nothing to displace).",
         |q| q.refused,
     ),
 ];
 
-const fn gauge(
+const fn per_queue(
+    kind: Kind,
     name: &'static str,
     help: &'static str,
     value: fn(&QueueCounters) -> u64,
@@ -104,20 +118,7 @@ const fn gauge(
     PerQueue {
         name,
         help,
-        kind: Kind::Gauge,
-        value,
-    }
-}
-
-const fn counter(
-    name: &'static str,
-    help: &'static str,
-    value: fn(&QueueCounters) -> u64,
-) -> PerQueue {
-    PerQueue {
-        name,
-        help,
-        kind: Kind::Counter,
+        kind,
         value,
     }
 }
