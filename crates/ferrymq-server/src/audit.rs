@@ -389,18 +389,23 @@ impl Connected {
         }
     }
 
-    /// `connect` (an empty client id is one the broker assigned: see `conn` in later lines).
-    pub(crate) fn record(self, audit: &Audit, conn: ferrymq_core::ConnId) {
+    /// `connect`, with the client id the session has (`engine_id`): for a client that sent
+    /// an empty one, the id the broker assigned it (and `"assigned": true`), so that this line
+    /// and the later ones of the connection name the same client.
+    pub(crate) fn record(self, audit: &Audit, conn: ferrymq_core::ConnId, engine_id: Option<&str>) {
         let protocol = match self.version {
             ferrymq_mqtt::ProtocolVersion::V5 => "5.0",
             ferrymq_mqtt::ProtocolVersion::V311 => "3.1.1",
         };
-        audit.record(
-            "connect",
-            json!({ "conn": conn.0, "client_id": self.client_id, "user": self.user.as_deref(),
-                "address": self.address.to_string(), "listener": self.listener,
-                "protocol": protocol }),
-        );
+        let assigned = self.client_id.is_empty() && engine_id.is_some_and(|id| !id.is_empty());
+        let client_id = engine_id.unwrap_or(&self.client_id);
+        let mut line = json!({ "conn": conn.0, "client_id": client_id,
+            "user": self.user.as_deref(), "address": self.address.to_string(),
+            "listener": self.listener, "protocol": protocol });
+        if assigned {
+            line["assigned"] = true.into();
+        }
+        audit.record("connect", line);
     }
 }
 

@@ -1148,7 +1148,8 @@ impl Router {
                     .broker
                     .connect_as(conn, *connect, *who, now, &mut self.out);
                 if let (Some(a), true) = (audit, outcome.accepted) {
-                    a.record(&self.audit, conn);
+                    let id = self.broker.connection_client_id(conn);
+                    a.record(&self.audit, conn, id.map(|id| &**id));
                 }
                 if outcome.accepted {
                     let limit = u64::from(outcome.keep_alive) * 1500;

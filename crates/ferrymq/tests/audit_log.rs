@@ -101,7 +101,7 @@ fn every_event_kind_is_one_json_line() {
         .enable_all()
         .build()
         .unwrap();
-    let _bystander = rt.block_on(async {
+    let (_bystander, assigned) = rt.block_on(async {
         let bystander = login(&addr, "bystander", "alice", "pw").await.unwrap();
         let mut alice = login(&addr, "alice-1", "alice", "pw").await.unwrap();
         assert!(matches!(
@@ -127,7 +127,15 @@ fn every_event_kind_is_one_json_line() {
             .unwrap();
         assert!(ack.reasons[0].is_error());
         alice.disconnect().await.unwrap();
-        bystander
+        // No client id: the connect line names the one the broker assigned.
+        let mut o = ConnectOptions::new(&addr, "");
+        o.timeout = LIMIT;
+        o.username = Some("alice".into());
+        o.password = Some(Bytes::from_static(b"pw"));
+        let (nameless, ack) = Client::connect(o).await.unwrap();
+        let assigned = ack.properties.assigned_client_identifier.clone().unwrap();
+        drop(nameless);
+        (bystander, assigned)
     });
     assert_eq!(
         post(
@@ -141,7 +149,10 @@ fn every_event_kind_is_one_json_line() {
     std::fs::write(&config, format!("{text}[limits]\nrate_burst_ms = 0\n")).unwrap();
     assert_eq!(post(http, "/api/v1/reload", ""), 422);
 
+    let nameless = event(&audit, "connect", |l| l["client_id"] == assigned.as_str());
+    assert_eq!(nameless["assigned"], true, "{nameless}");
     let connect = event(&audit, "connect", |l| l["client_id"] == "alice-1");
+    assert!(connect.get("assigned").is_none(), "{connect}");
     assert_eq!(connect["user"], "alice");
     assert_eq!(connect["listener"], "mqtt");
     assert_eq!(connect["protocol"], "5.0");
