@@ -87,18 +87,40 @@ const COOKIE: &str = "ferrymq_admin_token";
 pub(crate) struct AdminToken {
     token: Arc<[u8]>,
     guesses: Arc<FailureLimiter>,
+    /// Wrong tokens and banned requests are recorded as `auth_failure` (bounded per
+    /// address, as MQTT's are).
+    audit: crate::audit::Audit,
 }
 
 impl AdminToken {
-    pub(crate) fn new(token: &str, guesses: FailureLimiter) -> AdminToken {
+    pub(crate) fn new(
+        token: &str,
+        guesses: FailureLimiter,
+        audit: crate::audit::Audit,
+    ) -> AdminToken {
         AdminToken {
             token: Arc::from(token.as_bytes()),
             guesses: Arc::new(guesses),
+            audit,
         }
     }
 
+    /// An `auth_failure` line for the admin API (`listener: "http"`).
+    fn audit_refusal(&self, source: Option<IpAddr>, path: &str, reason: &str) {
+        let Some(ip) = source.filter(|_| self.audit.on()) else {
+            return;
+        };
+        self.audit.record_bounded(
+            crate::audit::Source::Address(ip),
+            "auth_failure",
+            serde_json::json!({ "address": ip.to_string() }),
+            serde_json::json!({ "listener": "http", "path": path, "reason": reason }),
+        );
+    }
+
     /// Counts a wrong token from `source` (nothing without an address).
-    fn wrong_guess(&self, source: Option<IpAddr>) {
+    fn wrong_guess(&self, source: Option<IpAddr>, path: &str) {
+        self.audit_refusal(source, path, "bad_token");
         if let Some(ip) = source {
             if self.guesses.fail(ip, Instant::now()) {
                 tracing::warn!(
@@ -264,6 +286,7 @@ async fn require_token(token: AdminToken, req: Request, next: Next) -> Response 
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| crate::limits::source_key(c.0.ip()));
     if source.is_some_and(|ip| token.guesses.is_banned(ip, Instant::now())) {
+        token.audit_refusal(source, path, "banned");
         let retry = token.guesses.ban_time().as_secs().max(1).to_string();
         let body = serde_json::json!({
             "error": "too many wrong admin API tokens from this address; try again later"
@@ -290,7 +313,7 @@ async fn require_token(token: AdminToken, req: Request, next: Next) -> Response 
     }
     let offered = AdminToken::offered(req.headers());
     if offered {
-        token.wrong_guess(source);
+        token.wrong_guess(source, path);
     }
     if path == "/" || path.starts_with("/dashboard/") {
         // A browser: to the sign-in page, not a bare 401.
@@ -326,7 +349,7 @@ async fn sign_in(token: &AdminToken, source: Option<IpAddr>, req: Request) -> Re
         .map(|(_, v)| v)
         .unwrap_or_default();
     if !constant_time_eq(given.as_bytes(), &token.token) {
-        token.wrong_guess(source);
+        token.wrong_guess(source, "/login");
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login?failed")]).into_response();
     }
     let value = percent_encoding::utf8_percent_encode(&given, percent_encoding::NON_ALPHANUMERIC);
@@ -478,6 +501,7 @@ mod tests {
             FailureLimiter::new(std::sync::Arc::new(crate::auth::FailurePolicy::new(
                 &crate::auth::AuthConfig::default(),
             ))),
+            Default::default(),
         );
         let with = |v: &str| {
             let mut h = HeaderMap::new();

@@ -187,8 +187,10 @@ impl Server {
         )?);
         // Wrong admin tokens are limited with the `[auth]` failure policy, and follow its
         // reloads.
-        let token = token
-            .map(|t| admin::AdminToken::new(&t, auth::FailureLimiter::new(auth.failure_policy())));
+        let token = token.map(|t| {
+            let guesses = auth::FailureLimiter::new(auth.failure_policy());
+            admin::AdminToken::new(&t, guesses, audit.clone())
+        });
         tracing::info!(
             anonymous = config.allow_anonymous(),
             password_file = config.auth.password_file.is_some(),

@@ -601,3 +601,60 @@ fn a_connection_taken_over_at_once_has_its_connect_line_before_its_disconnect_li
     );
     assert_eq!(metric(http, "ferrymq_audit_dropped_total"), 0);
 }
+
+/// `GET path` with an `Authorization: Bearer` token: the status.
+fn get_with_token(port: u16, path: &str, token: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Wrong admin API tokens are authentication failures too: each is an `auth_failure` line
+/// (`listener: "http"`, `reason: "bad_token"`, the path), and a request from the address
+/// once it is banned is one with `reason: "banned"`.
+#[test]
+fn wrong_admin_tokens_and_banned_requests_are_audited() {
+    let dir = scratch_dir("audit-admin-token");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("ferrymq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[audit]\nfile = {:?}\n[admin]\ntoken = \"right\"\n[auth]\nmax_failures = 2\n",
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    assert_eq!(get_with_token(http, "/api/v1/overview", "right"), 200);
+    assert_eq!(get_with_token(http, "/api/v1/clients", "guess-1"), 401);
+    assert_eq!(get_with_token(http, "/api/v1/clients", "guess-2"), 401);
+    assert_eq!(get_with_token(http, "/api/v1/overview", "right"), 429);
+
+    let wrong = event(&audit, "auth_failure", |l| l["reason"] == "bad_token");
+    assert_eq!(
+        (&wrong["listener"], &wrong["path"], &wrong["address"]),
+        (
+            &"http".into(),
+            &"/api/v1/clients".into(),
+            &"127.0.0.1".into()
+        ),
+        "{wrong}"
+    );
+    let banned = event(&audit, "auth_failure", |l| l["reason"] == "banned");
+    assert_eq!(banned["path"], "/api/v1/overview", "{banned}");
+    let failures = lines(&audit)
+        .into_iter()
+        .filter(|l| l["event"] == "auth_failure")
+        .count();
+    assert_eq!(failures, 3, "two wrong tokens and one banned request");
+}
