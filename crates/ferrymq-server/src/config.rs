@@ -118,6 +118,13 @@ pub struct Listeners {
     pub ws_origins: Vec<String>,
     /// Admin HTTP: REST API, `/health`, `/metrics`. Off with `[]`.
     pub http: ListenAddrs,
+    /// MQTT listeners (`mqtt`, `mqtts`, `ws`, `wss`) whose connections start with a PROXY
+    /// protocol header (v1 or v2) from a load balancer: its client address becomes the
+    /// connection's (`proxy_protocol.rs`).
+    pub proxy_protocol: Vec<String>,
+    /// Peers allowed to connect to those listeners (`"10.0.0.0/8"`, `"192.0.2.1"`); required
+    /// with `proxy_protocol`, since anyone else could claim any address.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// A listener's addresses: `"127.0.0.1:1883"` or `["0.0.0.0:1883", "[::]:1883"]` in the file,
@@ -609,6 +616,8 @@ impl Default for Listeners {
             ws_path: "/mqtt".into(),
             ws_origins: Vec::new(),
             http: SocketAddr::from(([127, 0, 0, 1], 8080)).into(),
+            proxy_protocol: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -1062,6 +1071,23 @@ impl Config {
         if !l.ws_path.starts_with('/') {
             return Err(invalid("listeners.ws_path", "must start with '/'"));
         }
+        for name in &l.proxy_protocol {
+            if !ListenerKind::ALL.iter().any(|k| k.name() == name) {
+                return Err(invalid(
+                    "listeners.proxy_protocol",
+                    format!("{name:?} is not an MQTT listener (mqtt, mqtts, ws, wss)"),
+                ));
+            }
+        }
+        self.trusted_proxies()
+            .map_err(|e| invalid("listeners.trusted_proxies", e))?;
+        if !l.proxy_protocol.is_empty() && l.trusted_proxies.is_empty() {
+            return Err(invalid(
+                "listeners.trusted_proxies",
+                "must list the load balancers' addresses when listeners.proxy_protocol is set \
+                 (anyone else could claim any client address)",
+            ));
+        }
         let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
         let mqtt = l.mqtt_listeners(self.tls.is_some());
         let all = mqtt
@@ -1084,6 +1110,23 @@ impl Config {
             seen.push((addr, key));
         }
         Ok(())
+    }
+
+    /// `listeners.trusted_proxies`, parsed.
+    pub(crate) fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.listeners
+            .trusted_proxies
+            .iter()
+            .map(|t| crate::proxy_protocol::parse_net(t))
+            .collect()
+    }
+
+    /// Whether connections to the `kind` listener start with a PROXY header.
+    pub(crate) fn proxied(&self, kind: ListenerKind) -> bool {
+        self.listeners
+            .proxy_protocol
+            .iter()
+            .any(|n| n == kind.name())
     }
 
     /// The largest CONNECT read, in bytes: `mqtt.max_connect_size`, or `mqtt.max_packet_size`

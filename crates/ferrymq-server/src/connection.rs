@@ -120,6 +120,8 @@ pub(crate) struct Admission {
     /// A WebSocket connection's part of the pre-auth budget for its framing layer, given
     /// back when the handshake ends (`listen.rs`).
     pub preauth: Option<crate::limits::PreauthHold>,
+    /// The client's address from a PROXY header (the socket's is the load balancer's).
+    pub peer: Option<SocketAddr>,
 }
 
 /// Who is at the other end, as the transport knows it: what authentication may use besides
@@ -395,7 +397,10 @@ async fn handshake<R: ReadSide, W: WriteSide>(
     };
     let admission = admission.map(|a| *a).unwrap_or_default();
     let peer = PeerIdentity {
-        addr: rd.peer_addr()?,
+        addr: match admission.peer {
+            Some(addr) => addr,
+            None => rd.peer_addr()?,
+        },
         listener: ctx.listener.kind,
         cert_user: admission.cert_user,
     };

@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod password_file;
 mod peers;
 mod persist;
+mod proxy_protocol;
 mod queue_admin;
 mod queue_api;
 pub mod queue_spec;
@@ -278,11 +279,16 @@ impl Server {
             )));
             live_listeners.push((b.kind, shared.clone()));
             mqtt_addrs.push((b.kind, b.addr));
+            let proxy = config.proxied(b.kind).then(|| {
+                let nets = config.trusted_proxies().unwrap_or_default();
+                Arc::new(proxy_protocol::TrustedProxies::new(nets))
+            });
             tasks.push(tokio::spawn(listen::accept_loop(
                 b.socket,
                 shared,
                 edge,
                 admissions.clone(),
+                proxy,
                 stop_rx.clone(),
             )));
         }

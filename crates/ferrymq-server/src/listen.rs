@@ -20,6 +20,7 @@ use crate::config::{Config, ListenerKind};
 use crate::connection::{self, Admission, ConnContext};
 use crate::limits;
 use crate::metrics::NetMetrics;
+use crate::proxy_protocol::{read_header, TrustedProxies};
 use crate::tls::TlsState;
 use crate::transport::Split;
 use crate::websocket;
@@ -121,14 +122,17 @@ pub(crate) struct Admissions {
     pub rates: Mutex<Option<limits::ConnectionLimits>>,
 }
 
+/// Accepts `socket`'s connections until `stop`. With `proxy`, each must come from a trusted
+/// proxy and start with a PROXY header, read in the connection's own task; the client
+/// address in it is the one every limit, ban and view sees.
 pub(crate) async fn accept_loop(
     socket: TcpListener,
     live: crate::reload::LiveListener,
     edge: Edge,
     admissions: Arc<Admissions>,
+    proxy: Option<Arc<TrustedProxies>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
     let first = crate::reload::current(&live);
     let (net, kind) = (first.net.clone(), first.kind);
     drop(first);
@@ -147,60 +151,111 @@ pub(crate) async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        // The listener state in force now (a reload replaces it): this connection keeps it.
-        let shared = crate::reload::current(&live);
         NetMetrics::add(&net.connections_accepted, 1);
         NetMetrics::add(&net.listener_accepted[kind as usize], 1);
-        let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
-        // Per-address limits count an IPv6 client per /64 prefix.
-        let ip = limits::source_key(peer.ip());
-        // Counted as open (per address too) until its task ends, refused or not.
-        let address = match &shared.addresses {
-            Some(a) => a.open(conn, ip),
-            None => limits::AddressCheck::Allowed,
+        let Some(trusted) = &proxy else {
+            admit(stream, peer, None, &live, &admissions, &edge);
+            continue;
         };
-        if address == limits::AddressCheck::Drop {
-            // Twice over its limit: a client ignoring the refusals gets no more of our time.
-            let refused = &net.connections_refused[limits::Refusal::AddressConnections as usize];
-            NetMetrics::add(refused, 1);
-            tracing::debug!(conn = conn.0, %peer, "dropped: too many connections from its address");
+        if !trusted.trusts(peer.ip()) {
+            NetMetrics::add(&net.handshake_failures[kind as usize], 1);
+            tracing::debug!(%peer, listener = kind.name(), "closed: not a trusted proxy (listeners.trusted_proxies)");
             continue;
         }
-        let open = net.connections_open.fetch_add(1, Relaxed) + 1;
-        net.listener_open[kind as usize].fetch_add(1, Relaxed);
-        tracing::debug!(conn = conn.0, %peer, listener = kind.name(), "accepted");
-        // Limits in order; a refused connection takes no connection-rate token.
-        let refusal = if open > admissions.max_connections.load(Relaxed) {
-            Some(limits::Refusal::MaxConnections)
-        } else if address == limits::AddressCheck::Busy {
-            Some(limits::Refusal::AddressConnections)
-        } else {
-            let now = tokio::time::Instant::now();
-            let mut rates = match admissions.rates.lock() {
-                Ok(r) => r,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            rates.as_mut().and_then(|r| r.admit(ip, now).err())
-        };
-        let admission = refusal.map(|refusal| {
-            Box::new(Admission {
-                refusal: Some(refusal),
-                ..Admission::default()
-            })
+        let (live, admissions, edge, net) =
+            (live.clone(), admissions.clone(), edge.clone(), net.clone());
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let timeout = crate::reload::current(&live).connect_timeout;
+            let client = tokio::time::timeout(timeout, read_header(&mut stream)).await;
+            match client {
+                Ok(Ok(client)) => admit(
+                    stream,
+                    client.unwrap_or(peer),
+                    Some(peer),
+                    &live,
+                    &admissions,
+                    &edge,
+                ),
+                Ok(Err(e)) => {
+                    NetMetrics::add(&net.handshake_failures[kind as usize], 1);
+                    tracing::debug!(%peer, listener = kind.name(), error = %e, "PROXY header refused");
+                }
+                Err(_) => {
+                    NetMetrics::add(&net.handshake_failures[kind as usize], 1);
+                    tracing::debug!(%peer, listener = kind.name(), "no PROXY header within limits.connect_timeout_secs");
+                }
+            }
         });
-        let ctx = ConnContext {
-            conn,
-            listener: shared.clone(),
-            admission,
+    }
+}
+
+/// Applies the connection limits to a connection from `peer` (the client's address; `proxy`
+/// is the balancer's when it came through one) and starts its task.
+fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Option<SocketAddr>,
+    live: &crate::reload::LiveListener,
+    admissions: &Admissions,
+    edge: &Edge,
+) {
+    static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+    // The listener state in force now (a reload replaces it): this connection keeps it.
+    let shared = crate::reload::current(live);
+    let (net, kind) = (&shared.net, shared.kind);
+    let conn = ConnId(NEXT_CONN.fetch_add(1, Relaxed));
+    // Per-address limits count an IPv6 client per /64 prefix.
+    let ip = limits::source_key(peer.ip());
+    // Counted as open (per address too) until its task ends, refused or not.
+    let address = match &shared.addresses {
+        Some(a) => a.open(conn, ip),
+        None => limits::AddressCheck::Allowed,
+    };
+    if address == limits::AddressCheck::Drop {
+        // Twice over its limit: a client ignoring the refusals gets no more of our time.
+        let refused = &net.connections_refused[limits::Refusal::AddressConnections as usize];
+        NetMetrics::add(refused, 1);
+        tracing::debug!(conn = conn.0, %peer, "dropped: too many connections from its address");
+        return;
+    }
+    let open = net.connections_open.fetch_add(1, Relaxed) + 1;
+    net.listener_open[kind as usize].fetch_add(1, Relaxed);
+    tracing::debug!(conn = conn.0, %peer, proxy = ?proxy, listener = kind.name(), "accepted");
+    // Limits in order; a refused connection takes no connection-rate token.
+    let refusal = if open > admissions.max_connections.load(Relaxed) {
+        Some(limits::Refusal::MaxConnections)
+    } else if address == limits::AddressCheck::Busy {
+        Some(limits::Refusal::AddressConnections)
+    } else {
+        let now = tokio::time::Instant::now();
+        let mut rates = match admissions.rates.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        match &edge {
-            // The plain TCP task is exactly the connection future: nothing wraps it.
-            Edge::Tcp => {
-                tokio::spawn(connection::run(stream, ctx));
-            }
-            other => {
-                tokio::spawn(upgrade(stream, peer, ctx, other.clone()));
-            }
+        rates.as_mut().and_then(|r| r.admit(ip, now).err())
+    };
+    // A proxied connection always carries its client's address (the socket's is the
+    // balancer's); a direct one only a refusal, if any.
+    let admission = (refusal.is_some() || proxy.is_some()).then(|| {
+        Box::new(Admission {
+            refusal,
+            peer: proxy.map(|_| peer),
+            ..Admission::default()
+        })
+    });
+    let ctx = ConnContext {
+        conn,
+        listener: shared.clone(),
+        admission,
+    };
+    match edge {
+        // The plain TCP task is exactly the connection future: nothing wraps it.
+        Edge::Tcp => {
+            tokio::spawn(connection::run(stream, ctx));
+        }
+        other => {
+            tokio::spawn(upgrade(stream, peer, ctx, other.clone()));
         }
     }
 }
@@ -452,7 +507,7 @@ mod tests {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let (_stop, stop_rx) = watch::channel(false);
-        let accept = accept_loop(socket, shared, Edge::Tls(state), admissions, stop_rx);
+        let accept = accept_loop(socket, shared, Edge::Tls(state), admissions, None, stop_rx);
         let accept = tokio::spawn(accept);
 
         let mut roots = rustls::RootCertStore::empty();

@@ -27,6 +27,7 @@ mod keep_alive;
 mod limits;
 mod malformed_burst;
 mod never_reading_client;
+mod proxy_protocol;
 mod qos_flows;
 mod queue_api;
 mod queue_depth_alarm;

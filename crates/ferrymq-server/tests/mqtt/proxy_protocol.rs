@@ -1,0 +1,170 @@
+//! `listeners.proxy_protocol`: connections from a trusted load balancer start with a PROXY
+//! header (v1 or v2), and the client address in it is the one the broker knows the client
+//! by (the client view, per-address limits); a connection without one, or from a peer that
+//! is not a trusted proxy, is closed before its CONNECT is read.
+
+use ferrymq_mqtt::{Packet, ProtocolVersion, ReasonCode};
+use ferrymq_server::{Config, Server};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+fn proxied_config(trusted: &str) -> Config {
+    let mut c = test_config();
+    c.listeners.proxy_protocol = vec!["mqtt".into()];
+    c.listeners.trusted_proxies = vec![trusted.into()];
+    c
+}
+
+fn v2_header(client: &str) -> Vec<u8> {
+    let addresses = (
+        client.parse::<std::net::SocketAddr>().unwrap(),
+        "10.0.0.1:1883".parse::<std::net::SocketAddr>().unwrap(),
+    );
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        addresses,
+    )
+    .build()
+    .unwrap()
+}
+
+/// Connects through the "balancer": `header`, then CONNECT in the same write (as a client's
+/// first bytes follow the balancer's header); the CONNACK's reason, or None when closed.
+async fn connect_behind(server: &Server, header: &[u8], id: &str) -> (Raw, Option<ReasonCode>) {
+    let mut stream = TcpStream::connect(server.mqtt_addr()).await.unwrap();
+    let mut bytes = bytes::BytesMut::from(header);
+    let connect = connect_packet(id, ProtocolVersion::V5);
+    ferrymq_mqtt::encode(&connect, ProtocolVersion::V5, &mut bytes).unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let mut raw = Raw::from_stream(stream, ProtocolVersion::V5);
+    let reason = match raw.recv().await {
+        Some(Packet::ConnAck(a)) => Some(a.reason),
+        None => None,
+        Some(other) => panic!("{id}: {other:?}"),
+    };
+    (raw, reason)
+}
+
+async fn address_of(server: &Server, id: &str) -> String {
+    let (status, body) = http_get(server, &format!("/api/v1/clients/{id}")).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["address"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_client_behind_a_proxy_is_known_by_the_address_in_its_header() {
+    let server = start_with(proxied_config("127.0.0.1")).await;
+    let (_v2, reason) = connect_behind(&server, &v2_header("203.0.113.7:50000"), "via-v2").await;
+    assert_eq!(reason, Some(ReasonCode::Success));
+    assert_eq!(address_of(&server, "via-v2").await, "203.0.113.7:50000");
+    let v1 = b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 1883\r\n";
+    let (_v1, reason) = connect_behind(&server, v1, "via-v1").await;
+    assert_eq!(reason, Some(ReasonCode::Success));
+    assert_eq!(address_of(&server, "via-v1").await, "[2001:db8::7]:40001");
+    // The balancer's own health check: LOCAL, the proxy's address stands.
+    let local = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+    .unwrap();
+    let (_local, reason) = connect_behind(&server, &local, "via-local").await;
+    assert_eq!(reason, Some(ReasonCode::Success));
+    assert!(address_of(&server, "via-local")
+        .await
+        .starts_with("127.0.0.1:"));
+}
+
+#[tokio::test]
+async fn a_connection_without_a_header_or_from_an_untrusted_peer_is_closed() {
+    let server = start_with(proxied_config("127.0.0.1")).await;
+    // Straight to the broker, skipping the balancer: the CONNECT is not a PROXY header.
+    let (_raw, reason) = connect_behind(&server, b"", "direct").await;
+    assert_eq!(reason, None, "closed without a CONNACK");
+    let (_raw, reason) = connect_behind(&server, b"PROXY TCP4 bad\r\n", "garbled").await;
+    assert_eq!(reason, None);
+
+    // Only 10.0.0.0/8 may send headers: a loopback peer is closed whatever it claims.
+    let server = start_with(proxied_config("10.0.0.0/8")).await;
+    let (_raw, reason) = connect_behind(&server, &v2_header("203.0.113.7:50000"), "x").await;
+    assert_eq!(reason, None);
+    assert!(
+        metric(
+            &server,
+            "ferrymq_listener_handshake_failures_total{listener=\"mqtt\"}"
+        )
+        .await
+            >= 1
+    );
+}
+
+/// Per-address limits count the client's address, not the balancer's: every connection
+/// here comes from 127.0.0.1, and with one connection per address two clients get in and a
+/// second from the same client address is refused.
+#[tokio::test]
+async fn per_address_limits_count_the_client_address() {
+    let mut c = proxied_config("127.0.0.1");
+    c.limits.max_connections_per_address = 1;
+    let server = start_with(c).await;
+    let (_a, first) = connect_behind(&server, &v2_header("198.51.100.1:1000"), "a").await;
+    let (_b, other) = connect_behind(&server, &v2_header("198.51.100.2:1000"), "b").await;
+    let (_c, again) = connect_behind(&server, &v2_header("198.51.100.1:2000"), "c").await;
+    assert_eq!(first, Some(ReasonCode::Success));
+    assert_eq!(other, Some(ReasonCode::Success));
+    assert_eq!(again, Some(ReasonCode::ServerBusy));
+}
+
+#[test]
+fn proxy_settings_are_checked() {
+    let mut c = test_config();
+    c.listeners.proxy_protocol = vec!["mqtt".into()];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("listeners.trusted_proxies"), "{e}");
+    c.listeners.trusted_proxies = vec!["10.0.0.0/40".into()];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("listeners.trusted_proxies") && e.contains("10.0.0.0/40"),
+        "{e}"
+    );
+    c.listeners.trusted_proxies = vec!["10.0.0.0/8".into()];
+    c.listeners.proxy_protocol = vec!["mqtt".into(), "http".into()];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("listeners.proxy_protocol") && e.contains("http"),
+        "{e}"
+    );
+    c.listeners.proxy_protocol = vec!["mqtt".into()];
+    c.validate().unwrap();
+}
+
+/// The header comes before TLS and the WebSocket upgrade: a `wss` client behind the
+/// balancer gets through both and is known by its own address.
+#[tokio::test]
+async fn the_header_comes_before_tls_and_websocket() {
+    use crate::edge::{self, Ca, Role, Wire};
+    use ferrymq_server::ListenerKind;
+    let ca = Ca::new("ferrymq proxy test CA");
+    let dir = edge::cert_dir("proxied-wss");
+    let mut c = crate::tls::tls_config(&dir, &ca.issue(Role::Server, 1), None, false);
+    c.listeners.wss = Some("127.0.0.1:0".parse().unwrap());
+    c.listeners.proxy_protocol = vec!["wss".into()];
+    c.listeners.trusted_proxies = vec!["127.0.0.1".into()];
+    let server = start_with(c).await;
+    let addr = server.listener_addr(ListenerKind::Wss).unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&v2_header("192.0.2.77:44444")).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(edge::client_config(&ca.pem, None))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let url = format!("wss://127.0.0.1:{}/mqtt", addr.port());
+    let (ws, _) = edge::ws_connect(tls, &url, Some("mqtt")).await.unwrap();
+    let _client = Wire::connected(ws, "proxied-wss", ProtocolVersion::V5).await;
+    assert_eq!(address_of(&server, "proxied-wss").await, "192.0.2.77:44444");
+}
