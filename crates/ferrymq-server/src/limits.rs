@@ -270,6 +270,20 @@ impl Bucket {
         Duration::from_secs_f64((level - self.tokens) / self.rate)
     }
 
+    /// Takes over the level of `old` (the same kind, under the rates before a reload) as of
+    /// `now`: a debt stays owed and what was used stays used, cut to this burst, and credit
+    /// for a pause of ours ([`Bucket::excuse`]) is kept.
+    fn carry(&mut self, old: &Bucket, now: Instant) {
+        let mut level = old.tokens;
+        if level < old.capacity {
+            let elapsed = now.saturating_duration_since(old.last).as_secs_f64();
+            level = (level + elapsed * old.rate).min(old.capacity);
+        }
+        let credit = (level - old.capacity).max(0.0);
+        self.tokens = level.min(old.capacity).min(self.capacity) + credit;
+        self.last = now;
+    }
+
     /// Full again by `now`: it may be forgotten, since a new bucket would be the same.
     fn full_at(&self, now: Instant) -> bool {
         self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.rate
@@ -393,8 +407,10 @@ impl ClientRates {
     }
 
     /// New buckets when the rates changed since `current` was made (or, without buckets,
-    /// since `start_epoch`, the listener's); `None` when they did not. Fresh buckets start
-    /// full: a reload grants one burst.
+    /// since `start_epoch`, the listener's); `None` when they did not. A bucket the old
+    /// rates had too keeps its level ([`Bucket::carry`]): a client over its rate must not
+    /// have its debt forgiven by a reload (an operator lowering a rate in an incident);
+    /// one they did not have starts full.
     pub(crate) fn for_epoch(
         live: &LiveRates,
         current: Option<&ClientRates>,
@@ -406,13 +422,25 @@ impl ClientRates {
         }
         let (epoch, limits) = live.get();
         let now = Instant::now();
-        // Without limits and without buckets, stay without: but remember the epoch, or the
-        // next read would ask again.
-        Some(Some(Box::new(Self::with_epoch(
-            limits.as_ref(),
-            epoch,
-            now,
-        ))))
+        // Without limits, no buckets: but remember the epoch, or the next read would ask
+        // again.
+        let mut fresh = Self::with_epoch(limits.as_ref(), epoch, now);
+        if let Some(old) = current {
+            for (new, old) in [
+                (&mut fresh.messages, &old.messages),
+                (&mut fresh.bytes, &old.bytes),
+            ] {
+                if let (Some(new), Some(old)) = (new, old) {
+                    new.carry(old, now);
+                }
+            }
+        }
+        Some(Some(Box::new(fresh)))
+    }
+
+    /// Whether a reload changed the rates since these buckets were made.
+    pub(crate) fn is_stale(&self, live: &LiveRates) -> bool {
+        live.epoch() != self.epoch
     }
 
     /// The reader waits for back-pressure (not for these rates) from now: the buckets are
@@ -854,6 +882,46 @@ mod tests {
         assert_eq!(r.refilled(), Some(t0));
         r.refill(t0 + Duration::from_millis(500));
         assert!(r.admits(PINGREQ));
+    }
+
+    #[test]
+    fn a_reload_of_the_rates_keeps_what_a_connection_already_used() {
+        let mut l = limits();
+        l.max_bytes_per_sec = 1000;
+        l.max_messages_per_sec = 100;
+        l.rate_burst_ms = 100;
+        let live = LiveRates::new(RateLimits::from_config(&l));
+        let t0 = Instant::now();
+        let mut r = ClientRates::at_start(live.current().as_ref(), live.epoch(), t0).unwrap();
+        r.charge(true, 10_000);
+        // ~9,900 bytes of debt: ~10 s at 1000 B/s.
+        assert!(!r.admits(PINGREQ));
+        // Same rates but another reaction: no fresh burst for the client over its rate.
+        l.rate_exceeded = RateExceeded::Disconnect;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        assert_eq!(r.exceeded, RateExceeded::Disconnect);
+        assert!(!r.admits(PINGREQ), "a reload forgave the debt");
+        assert!(r.wait(PINGREQ) > Duration::from_secs(9));
+        // A lower rate: the same debt, repaid more slowly.
+        l.max_bytes_per_sec = 500;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        assert!(r.wait(PINGREQ) > Duration::from_secs(18));
+        // A higher one: repaid faster.
+        l.max_bytes_per_sec = 1_000_000;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        assert!(r.wait(PINGREQ) < Duration::from_millis(20));
+        // A level over the new burst is cut to it (9 messages of 10 left; the new burst is 1).
+        l.max_messages_per_sec = 10;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        let messages = r.messages.as_ref().unwrap();
+        assert!(messages.tokens <= 1.0 + 1e-9, "{}", messages.tokens);
+        // A connection that had no buckets gets full ones.
+        let r = ClientRates::for_epoch(&live, None, 0).unwrap().unwrap();
+        assert!((r.messages.as_ref().unwrap().tokens - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -969,3 +969,47 @@ fn the_admin_token_guess_limit_follows_a_reload() {
         "the fourth wrong token bans the address under the reloaded policy"
     );
 }
+
+/// A connection already waiting out its debt under the old rates (~30 s of it) is freed by
+/// a reload that lifts them within a throttle tick, not when the old debt would be repaid.
+#[test]
+fn a_reload_that_lifts_the_rates_frees_a_connection_being_throttled() {
+    let (b, _dir) = Broker::start(
+        "reload-throttled",
+        "[limits]\nmax_bytes_per_sec = 1000\nrate_burst_ms = 100\n",
+        false,
+    );
+    let addr = b.addr();
+    let received = || metric(b.http, "ferrymq_bytes_received_total ");
+    runtime().block_on(async {
+        let mut c = connect(&addr, "throttled").await;
+        let publish = |payload: Bytes| Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "rate/big".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload,
+        };
+        // The bucket is full: 30,000 bytes pass and leave ~30 s of debt at 1000 B/s.
+        let big = publish(Bytes::from(vec![b'x'; 30_000]));
+        assert_eq!(c.publish(big).await.unwrap(), ReasonCode::Success);
+        let before = received();
+        let mut next = publish(Bytes::from_static(b"next"));
+        next.packet_id = Some(c.next_packet_id());
+        c.send(&Packet::Publish(next)).await.unwrap();
+        // Read by the broker, which now waits out the debt before decoding it.
+        wait_for("the next publish read", LIMIT, || {
+            (received() > before).then_some(())
+        });
+        b.write_config("");
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let acked = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
+        assert!(
+            matches!(acked, Ok(Ok(Packet::PubAck(_)))),
+            "still throttled by the rates a reload lifted: {acked:?}"
+        );
+    });
+}
