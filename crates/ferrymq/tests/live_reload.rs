@@ -1013,3 +1013,51 @@ fn a_reload_that_lifts_the_rates_frees_a_connection_being_throttled() {
         );
     });
 }
+
+/// A reload that changes only `max_connections` leaves the connection-rate buckets as they
+/// are: an address that used its burst of new connections does not get another.
+#[test]
+fn a_reload_of_max_connections_alone_grants_no_fresh_connection_burst() {
+    let text = |max: u32| {
+        format!(
+            "[limits]\nmax_connections = {max}\nmax_connection_rate_per_address = 1\n\
+             rate_burst_ms = 1000\n"
+        )
+    };
+    let (b, _dir) = Broker::start("reload-connection-rate", &text(100), false);
+    let addr = b.addr();
+    let attempt = |id: &str| {
+        let mut o = ConnectOptions::new(&addr, id);
+        o.timeout = LIMIT;
+        runtime().block_on(Client::connect(o)).map(|(c, _)| c)
+    };
+    // One new connection a second: the burst is one. The refill gives a token back a second
+    // after it is taken, so an attempt that takes longer than that proves nothing: again.
+    let mut max = 100;
+    for round in 0.. {
+        assert!(round < 5, "never within a second of the last admission");
+        let _first = wait_for("a connection admitted", LIMIT, || attempt("first").ok());
+        let taken = std::time::Instant::now();
+        assert!(matches!(
+            attempt("second"),
+            Err(ClientError::Refused(ReasonCode::ConnectionRateExceeded))
+        ));
+        max += 1;
+        b.write_config(&text(max));
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let after = attempt("after-reload");
+        if taken.elapsed() >= Duration::from_millis(900) {
+            continue;
+        }
+        assert!(
+            matches!(
+                after,
+                Err(ClientError::Refused(ReasonCode::ConnectionRateExceeded))
+            ),
+            "a reload of max_connections alone reset the connection-rate buckets: {:?}",
+            after.map(|_| ())
+        );
+        break;
+    }
+}
