@@ -11,8 +11,9 @@
 //! Invariants:
 //! - With every rate at 0 (the default) nothing here runs on the publish path: the reader has
 //!   no [`ClientRates`] and reads no clock for it (but one relaxed load of
-//!   [`LiveRates::epoch`] per read; a connection open across a reload of the rates carries
-//!   buckets, empty if the new rates are unlimited).
+//!   [`LiveRates::epoch`] per read, and, once a reload changed the rates, one more of
+//!   whether they limit anything; a reload that lifts them frees the buckets of the open
+//!   connections).
 //! - Every table is bounded: [`AddressCounts`] holds only addresses with an open connection
 //!   (an entry goes when its count reaches 0), and [`ConnectionLimits`] forgets an address's
 //!   rate bucket once it has refilled (a fresh bucket would behave the same), and tracks at
@@ -322,6 +323,9 @@ impl RateLimits {
 #[derive(Debug, Default)]
 pub(crate) struct LiveRates {
     epoch: std::sync::atomic::AtomicU64,
+    /// Whether `current` limits anything: a reader without buckets whose epoch is behind
+    /// stays without, on one more relaxed load, while the rates are unlimited.
+    limited: std::sync::atomic::AtomicBool,
     current: Mutex<Option<RateLimits>>,
 }
 
@@ -329,6 +333,7 @@ impl LiveRates {
     pub(crate) fn new(rates: Option<RateLimits>) -> LiveRates {
         LiveRates {
             epoch: 0.into(),
+            limited: rates.is_some().into(),
             current: Mutex::new(rates),
         }
     }
@@ -337,10 +342,15 @@ impl LiveRates {
         self.epoch.load(Relaxed)
     }
 
+    fn limited(&self) -> bool {
+        self.limited.load(Relaxed)
+    }
+
     /// The rates from now on, for new and open connections.
     pub(crate) fn set(&self, rates: Option<RateLimits>) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         *current = rates;
+        self.limited.store(rates.is_some(), Relaxed);
         self.epoch.fetch_add(1, Relaxed);
     }
 
@@ -381,16 +391,16 @@ fn is_publish(first_byte: u8) -> bool {
 impl ClientRates {
     #[cfg(test)]
     pub(crate) fn new(limits: &RateLimits, now: Instant) -> ClientRates {
-        Self::with_epoch(Some(limits), 0, now)
+        Self::with_epoch(limits, 0, now)
     }
 
-    /// Buckets for `limits` (none: everything is admitted) as of `epoch`.
-    fn with_epoch(limits: Option<&RateLimits>, epoch: u64, now: Instant) -> ClientRates {
-        let bucket = |rate, burst| (rate > 0).then(|| Bucket::new(rate, burst, now));
+    /// Buckets for `limits` as of `epoch`.
+    fn with_epoch(limits: &RateLimits, epoch: u64, now: Instant) -> ClientRates {
+        let bucket = |rate| (rate > 0).then(|| Bucket::new(rate, limits.burst, now));
         ClientRates {
-            messages: limits.and_then(|l| bucket(l.messages_per_sec, l.burst)),
-            bytes: limits.and_then(|l| bucket(l.bytes_per_sec, l.burst)),
-            exceeded: limits.map_or(RateExceeded::Throttle, |l| l.exceeded),
+            messages: bucket(limits.messages_per_sec),
+            bytes: bucket(limits.bytes_per_sec),
+            exceeded: limits.exceeded,
             epoch,
             paused_since: None,
         }
@@ -403,28 +413,32 @@ impl ClientRates {
         epoch: u64,
         now: Instant,
     ) -> Option<Box<ClientRates>> {
-        limits.map(|l| Box::new(Self::with_epoch(Some(l), epoch, now)))
+        limits.map(|l| Box::new(Self::with_epoch(l, epoch, now)))
     }
 
     /// New buckets when the rates changed since `current` was made (or, without buckets,
-    /// since `start_epoch`, the listener's); `None` when they did not. A bucket the old
-    /// rates had too keeps its level ([`Bucket::carry`]): a client over its rate must not
-    /// have its debt forgiven by a reload (an operator lowering a rate in an incident);
-    /// one they did not have starts full.
+    /// since `start_epoch`, the listener's, and they now limit something); `None` when they
+    /// did not; `Some(None)` when they are now unlimited (no buckets, no clock: the reader
+    /// is then as one that started unlimited). A bucket the old rates had too keeps its
+    /// level ([`Bucket::carry`]): a client over its rate must not have its debt forgiven by
+    /// a reload (an operator lowering a rate in an incident); one they did not have starts
+    /// full.
     pub(crate) fn for_epoch(
         live: &LiveRates,
         current: Option<&ClientRates>,
         start_epoch: u64,
     ) -> Option<Option<Box<ClientRates>>> {
-        let mine = current.map_or(start_epoch, |r| r.epoch);
-        if live.epoch() == mine {
-            return None;
+        match current {
+            Some(r) if live.epoch() == r.epoch => return None,
+            None if live.epoch() == start_epoch || !live.limited() => return None,
+            _ => {}
         }
         let (epoch, limits) = live.get();
+        let Some(limits) = limits else {
+            return Some(None);
+        };
         let now = Instant::now();
-        // Without limits, no buckets: but remember the epoch, or the next read would ask
-        // again.
-        let mut fresh = Self::with_epoch(limits.as_ref(), epoch, now);
+        let mut fresh = Self::with_epoch(&limits, epoch, now);
         if let Some(old) = current {
             for (new, old) in [
                 (&mut fresh.messages, &old.messages),
@@ -922,6 +936,28 @@ mod tests {
         // A connection that had no buckets gets full ones.
         let r = ClientRates::for_epoch(&live, None, 0).unwrap().unwrap();
         assert!((r.messages.as_ref().unwrap().tokens - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_reload_that_lifts_the_rates_leaves_a_connection_no_buckets() {
+        let mut l = limits();
+        l.max_messages_per_sec = 10;
+        let live = LiveRates::new(RateLimits::from_config(&l));
+        let r = ClientRates::at_start(live.current().as_ref(), live.epoch(), Instant::now());
+        assert!(r.is_some());
+        live.set(None);
+        let r = ClientRates::for_epoch(&live, r.as_deref(), 0).expect("the rates changed");
+        assert!(
+            r.is_none(),
+            "unlimited, yet the connection keeps a box of buckets (and reads the clock per read)"
+        );
+        // Without buckets, and unlimited: nothing to do at the next reads either.
+        assert!(ClientRates::for_epoch(&live, None, 0).is_none());
+        // Limited again: full buckets.
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, None, 0).unwrap().unwrap();
+        assert!(r.admits(PUBLISH));
+        assert!(ClientRates::for_epoch(&live, Some(&r), 0).is_none());
     }
 
     #[test]
