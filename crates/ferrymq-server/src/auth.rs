@@ -22,8 +22,6 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -151,39 +149,39 @@ const UNKNOWN_USER_HASH: &str =
 
 /// How many failures within what window ban an address for how long (`[auth]`
 /// `max_failures`, `failure_window_ms`, `ban_ms`). Shared by the MQTT limiter and the admin
-/// API's, and changed in place by a reload, so that both follow it.
+/// API's, and changed in place by a reload, so that both follow it. The three are read and
+/// written together (a lock, taken only when a check fails): a failure counted during a
+/// reload must not take the count of one policy and the ban of the other (a day's ban on
+/// the first failure, which neither asked for).
 #[derive(Debug)]
-pub(crate) struct FailurePolicy {
-    max_failures: AtomicU32,
-    window_ms: AtomicU64,
-    ban_ms: AtomicU64,
-}
+pub(crate) struct FailurePolicy(Mutex<(u32, Duration, Duration)>);
 
 impl FailurePolicy {
     pub(crate) fn new(cfg: &AuthConfig) -> FailurePolicy {
-        FailurePolicy {
-            max_failures: cfg.max_failures.into(),
-            window_ms: cfg.failure_window_ms.into(),
-            ban_ms: cfg.ban_ms.into(),
-        }
+        let policy = FailurePolicy(Mutex::new((0, Duration::ZERO, Duration::ZERO)));
+        policy.set((cfg.max_failures, cfg.failure_window_ms, cfg.ban_ms));
+        policy
     }
 
     fn set(&self, (max_failures, window_ms, ban_ms): (u32, u64, u64)) {
-        self.max_failures.store(max_failures, Relaxed);
-        self.window_ms.store(window_ms, Relaxed);
-        self.ban_ms.store(ban_ms, Relaxed);
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (
+            max_failures,
+            Duration::from_millis(window_ms),
+            Duration::from_millis(ban_ms),
+        );
+    }
+
+    /// `max_failures`, the window and the ban, of one policy.
+    fn get(&self) -> (u32, Duration, Duration) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn max_failures(&self) -> u32 {
-        self.max_failures.load(Relaxed)
-    }
-
-    fn window(&self) -> Duration {
-        Duration::from_millis(self.window_ms.load(Relaxed))
+        self.get().0
     }
 
     fn ban(&self) -> Duration {
-        Duration::from_millis(self.ban_ms.load(Relaxed))
+        self.get().2
     }
 }
 
@@ -222,7 +220,7 @@ impl FailureLimiter {
 
     /// Counts a failure; true when it starts a ban.
     pub(crate) fn fail(&self, ip: IpAddr, now: Instant) -> bool {
-        let (window, ban) = (self.policy.window(), self.policy.ban());
+        let (max_failures, window, ban) = self.policy.get();
         let mut map = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
             map.retain(|_, f| {
@@ -248,7 +246,7 @@ impl FailureLimiter {
             f.count = 0;
         }
         f.count += 1;
-        if f.count >= self.policy.max_failures() && f.banned_until.is_none() {
+        if f.count >= max_failures && f.banned_until.is_none() {
             f.banned_until = Some(now + ban);
             return true;
         }
@@ -614,11 +612,11 @@ mod tests {
     use super::*;
 
     fn limiter(max_failures: u32, window: Duration, ban: Duration) -> FailureLimiter {
-        FailureLimiter::new(Arc::new(FailurePolicy {
-            max_failures: max_failures.into(),
-            window_ms: (window.as_millis() as u64).into(),
-            ban_ms: (ban.as_millis() as u64).into(),
-        }))
+        FailureLimiter::new(Arc::new(FailurePolicy(Mutex::new((
+            max_failures,
+            window,
+            ban,
+        )))))
     }
 
     #[test]
@@ -645,6 +643,46 @@ mod tests {
         assert!(!l.fail(ip, t0));
         assert!(!l.fail(ip, t0 + Duration::from_secs(2)));
         assert!(l.fail(ip, t0 + Duration::from_millis(2500)));
+    }
+
+    /// A reload between two policies (many failures for a day's ban, or the first failure
+    /// for a millisecond's) while failures are counted: no ban takes the count of one and
+    /// the length of the other (a day's ban on the first failure, which neither asked for).
+    #[test]
+    fn a_ban_never_mixes_the_policies_before_and_after_a_reload() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let strict = (1000, 60_000, 86_400_000);
+        let lenient = (1, 60_000, 1);
+        let policy = Arc::new(FailurePolicy::new(&AuthConfig::default()));
+        policy.set(strict);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reloads = {
+            let (policy, stop) = (policy.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    policy.set(strict);
+                    policy.set(lenient);
+                }
+            })
+        };
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let mut mixed = 0;
+        let mut tries = 0u64;
+        while Instant::now() < deadline && mixed == 0 {
+            let l = FailureLimiter::new(policy.clone());
+            let now = Instant::now();
+            if l.fail(ip, now) && l.is_banned(ip, now + Duration::from_secs(1)) {
+                mixed += 1;
+            }
+            tries += 1;
+        }
+        stop.store(true, Relaxed);
+        reloads.join().unwrap();
+        assert_eq!(
+            mixed, 0,
+            "a ban mixed the two policies (after {tries} tries)"
+        );
     }
 }
 

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::{ListenerKind, RateExceeded};
-use crate::limits::{AddressCounts, ClientRates, PreauthBudget, RateLimits, Refusal};
+use crate::limits::{AddressCounts, ClientRates, LiveRates, PreauthBudget, RateLimits, Refusal};
 use crate::metrics::NetMetrics;
 use crate::router::{Drains, Outbound, ToRouter};
 use crate::transport::{ReadSide, Transport, WriteSide, MIN_READ};
@@ -643,7 +643,7 @@ fn read_loop<'a, R: ReadSide>(
             // widen every connection's future.)
             if let (Some(r), Some(&first)) = (rates.as_deref(), buf.first()) {
                 if !r.admits(first) {
-                    Box::pin(throttle(r, first, outbound)).await;
+                    Box::pin(throttle(r, first, outbound, &ctx.listener.live_rates)).await;
                     continue;
                 }
             }
@@ -683,8 +683,10 @@ fn read_loop<'a, R: ReadSide>(
 
 /// Waits until `rates` admit the packet starting with `first_byte`, marking the connection as
 /// read every [`THROTTLE_MARK`]: keep alive must not close a client for a silence that is
-/// our throttle (the router's check reads `Outbound::mark_read`'s stamps).
-async fn throttle(rates: &ClientRates, first_byte: u8, outbound: &Outbound) {
+/// our throttle (the router's check reads `Outbound::mark_read`'s stamps). Ends early, at
+/// the next mark, when a reload changed the rates (`live`): the wait was for the old ones,
+/// and a reload that lifts them must not leave the client waiting out an old debt.
+async fn throttle(rates: &ClientRates, first_byte: u8, outbound: &Outbound, live: &LiveRates) {
     let Some(refilled) = rates.refilled() else {
         return;
     };
@@ -692,7 +694,7 @@ async fn throttle(rates: &ClientRates, first_byte: u8, outbound: &Outbound) {
     loop {
         outbound.mark_read();
         let now = Instant::now();
-        if now >= until {
+        if now >= until || rates.is_stale(live) {
             return;
         }
         tokio::time::sleep_until(until.min(now + THROTTLE_MARK)).await;

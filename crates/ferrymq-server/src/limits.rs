@@ -11,8 +11,9 @@
 //! Invariants:
 //! - With every rate at 0 (the default) nothing here runs on the publish path: the reader has
 //!   no [`ClientRates`] and reads no clock for it (but one relaxed load of
-//!   [`LiveRates::epoch`] per read; a connection open across a reload of the rates carries
-//!   buckets, empty if the new rates are unlimited).
+//!   [`LiveRates::epoch`] per read, and, once a reload changed the rates, one more of
+//!   whether they limit anything; a reload that lifts them frees the buckets of the open
+//!   connections).
 //! - Every table is bounded: [`AddressCounts`] holds only addresses with an open connection
 //!   (an entry goes when its count reaches 0), and [`ConnectionLimits`] forgets an address's
 //!   rate bucket once it has refilled (a fresh bucket would behave the same), and tracks at
@@ -270,6 +271,20 @@ impl Bucket {
         Duration::from_secs_f64((level - self.tokens) / self.rate)
     }
 
+    /// Takes over the level of `old` (the same kind, under the rates before a reload) as of
+    /// `now`: a debt stays owed and what was used stays used, cut to this burst, and credit
+    /// for a pause of ours ([`Bucket::excuse`]) is kept.
+    fn carry(&mut self, old: &Bucket, now: Instant) {
+        let mut level = old.tokens;
+        if level < old.capacity {
+            let elapsed = now.saturating_duration_since(old.last).as_secs_f64();
+            level = (level + elapsed * old.rate).min(old.capacity);
+        }
+        let credit = (level - old.capacity).max(0.0);
+        self.tokens = level.min(old.capacity).min(self.capacity) + credit;
+        self.last = now;
+    }
+
     /// Full again by `now`: it may be forgotten, since a new bucket would be the same.
     fn full_at(&self, now: Instant) -> bool {
         self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.rate
@@ -308,6 +323,9 @@ impl RateLimits {
 #[derive(Debug, Default)]
 pub(crate) struct LiveRates {
     epoch: std::sync::atomic::AtomicU64,
+    /// Whether `current` limits anything: a reader without buckets whose epoch is behind
+    /// stays without, on one more relaxed load, while the rates are unlimited.
+    limited: std::sync::atomic::AtomicBool,
     current: Mutex<Option<RateLimits>>,
 }
 
@@ -315,6 +333,7 @@ impl LiveRates {
     pub(crate) fn new(rates: Option<RateLimits>) -> LiveRates {
         LiveRates {
             epoch: 0.into(),
+            limited: rates.is_some().into(),
             current: Mutex::new(rates),
         }
     }
@@ -323,10 +342,15 @@ impl LiveRates {
         self.epoch.load(Relaxed)
     }
 
+    fn limited(&self) -> bool {
+        self.limited.load(Relaxed)
+    }
+
     /// The rates from now on, for new and open connections.
     pub(crate) fn set(&self, rates: Option<RateLimits>) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         *current = rates;
+        self.limited.store(rates.is_some(), Relaxed);
         self.epoch.fetch_add(1, Relaxed);
     }
 
@@ -367,16 +391,16 @@ fn is_publish(first_byte: u8) -> bool {
 impl ClientRates {
     #[cfg(test)]
     pub(crate) fn new(limits: &RateLimits, now: Instant) -> ClientRates {
-        Self::with_epoch(Some(limits), 0, now)
+        Self::with_epoch(limits, 0, now)
     }
 
-    /// Buckets for `limits` (none: everything is admitted) as of `epoch`.
-    fn with_epoch(limits: Option<&RateLimits>, epoch: u64, now: Instant) -> ClientRates {
-        let bucket = |rate, burst| (rate > 0).then(|| Bucket::new(rate, burst, now));
+    /// Buckets for `limits` as of `epoch`.
+    fn with_epoch(limits: &RateLimits, epoch: u64, now: Instant) -> ClientRates {
+        let bucket = |rate| (rate > 0).then(|| Bucket::new(rate, limits.burst, now));
         ClientRates {
-            messages: limits.and_then(|l| bucket(l.messages_per_sec, l.burst)),
-            bytes: limits.and_then(|l| bucket(l.bytes_per_sec, l.burst)),
-            exceeded: limits.map_or(RateExceeded::Throttle, |l| l.exceeded),
+            messages: bucket(limits.messages_per_sec),
+            bytes: bucket(limits.bytes_per_sec),
+            exceeded: limits.exceeded,
             epoch,
             paused_since: None,
         }
@@ -389,30 +413,48 @@ impl ClientRates {
         epoch: u64,
         now: Instant,
     ) -> Option<Box<ClientRates>> {
-        limits.map(|l| Box::new(Self::with_epoch(Some(l), epoch, now)))
+        limits.map(|l| Box::new(Self::with_epoch(l, epoch, now)))
     }
 
     /// New buckets when the rates changed since `current` was made (or, without buckets,
-    /// since `start_epoch`, the listener's); `None` when they did not. Fresh buckets start
-    /// full: a reload grants one burst.
+    /// since `start_epoch`, the listener's, and they now limit something); `None` when they
+    /// did not; `Some(None)` when they are now unlimited (no buckets, no clock: the reader
+    /// is then as one that started unlimited). A bucket the old rates had too keeps its
+    /// level ([`Bucket::carry`]): a client over its rate must not have its debt forgiven by
+    /// a reload (an operator lowering a rate in an incident); one they did not have starts
+    /// full.
     pub(crate) fn for_epoch(
         live: &LiveRates,
         current: Option<&ClientRates>,
         start_epoch: u64,
     ) -> Option<Option<Box<ClientRates>>> {
-        let mine = current.map_or(start_epoch, |r| r.epoch);
-        if live.epoch() == mine {
-            return None;
+        match current {
+            Some(r) if live.epoch() == r.epoch => return None,
+            None if live.epoch() == start_epoch || !live.limited() => return None,
+            _ => {}
         }
         let (epoch, limits) = live.get();
+        let Some(limits) = limits else {
+            return Some(None);
+        };
         let now = Instant::now();
-        // Without limits and without buckets, stay without: but remember the epoch, or the
-        // next read would ask again.
-        Some(Some(Box::new(Self::with_epoch(
-            limits.as_ref(),
-            epoch,
-            now,
-        ))))
+        let mut fresh = Self::with_epoch(&limits, epoch, now);
+        if let Some(old) = current {
+            for (new, old) in [
+                (&mut fresh.messages, &old.messages),
+                (&mut fresh.bytes, &old.bytes),
+            ] {
+                if let (Some(new), Some(old)) = (new, old) {
+                    new.carry(old, now);
+                }
+            }
+        }
+        Some(Some(Box::new(fresh)))
+    }
+
+    /// Whether a reload changed the rates since these buckets were made.
+    pub(crate) fn is_stale(&self, live: &LiveRates) -> bool {
+        live.epoch() != self.epoch
     }
 
     /// The reader waits for back-pressure (not for these rates) from now: the buckets are
@@ -854,6 +896,68 @@ mod tests {
         assert_eq!(r.refilled(), Some(t0));
         r.refill(t0 + Duration::from_millis(500));
         assert!(r.admits(PINGREQ));
+    }
+
+    #[test]
+    fn a_reload_of_the_rates_keeps_what_a_connection_already_used() {
+        let mut l = limits();
+        l.max_bytes_per_sec = 1000;
+        l.max_messages_per_sec = 100;
+        l.rate_burst_ms = 100;
+        let live = LiveRates::new(RateLimits::from_config(&l));
+        let t0 = Instant::now();
+        let mut r = ClientRates::at_start(live.current().as_ref(), live.epoch(), t0).unwrap();
+        r.charge(true, 10_000);
+        // ~9,900 bytes of debt: ~10 s at 1000 B/s.
+        assert!(!r.admits(PINGREQ));
+        // Same rates but another reaction: no fresh burst for the client over its rate.
+        l.rate_exceeded = RateExceeded::Disconnect;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        assert_eq!(r.exceeded, RateExceeded::Disconnect);
+        assert!(!r.admits(PINGREQ), "a reload forgave the debt");
+        assert!(r.wait(PINGREQ) > Duration::from_secs(9));
+        // A lower rate: the same debt, repaid more slowly.
+        l.max_bytes_per_sec = 500;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        assert!(r.wait(PINGREQ) > Duration::from_secs(18));
+        // A higher one: repaid faster.
+        l.max_bytes_per_sec = 1_000_000;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        assert!(r.wait(PINGREQ) < Duration::from_millis(20));
+        // A level over the new burst is cut to it (9 messages of 10 left; the new burst is 1).
+        l.max_messages_per_sec = 10;
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, Some(&r), 0).unwrap().unwrap();
+        let messages = r.messages.as_ref().unwrap();
+        assert!(messages.tokens <= 1.0 + 1e-9, "{}", messages.tokens);
+        // A connection that had no buckets gets full ones.
+        let r = ClientRates::for_epoch(&live, None, 0).unwrap().unwrap();
+        assert!((r.messages.as_ref().unwrap().tokens - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_reload_that_lifts_the_rates_leaves_a_connection_no_buckets() {
+        let mut l = limits();
+        l.max_messages_per_sec = 10;
+        let live = LiveRates::new(RateLimits::from_config(&l));
+        let r = ClientRates::at_start(live.current().as_ref(), live.epoch(), Instant::now());
+        assert!(r.is_some());
+        live.set(None);
+        let r = ClientRates::for_epoch(&live, r.as_deref(), 0).expect("the rates changed");
+        assert!(
+            r.is_none(),
+            "unlimited, yet the connection keeps a box of buckets (and reads the clock per read)"
+        );
+        // Without buckets, and unlimited: nothing to do at the next reads either.
+        assert!(ClientRates::for_epoch(&live, None, 0).is_none());
+        // Limited again: full buckets.
+        live.set(RateLimits::from_config(&l));
+        let r = ClientRates::for_epoch(&live, None, 0).unwrap().unwrap();
+        assert!(r.admits(PUBLISH));
+        assert!(ClientRates::for_epoch(&live, Some(&r), 0).is_none());
     }
 
     #[test]

@@ -223,14 +223,16 @@ impl Overload {
         let now = Instant::now();
         self.check_queues(broker, now);
         let alarms = &self.alarms;
-        let received: u64 = broker.stats().payload_bytes_received.iter().sum();
-        let since = received.saturating_sub(self.received_at_sample);
+        // Without a mark, nothing is read (not even the engine's counters).
+        let received = || -> u64 { broker.stats().payload_bytes_received.iter().sum() };
         let due = |mark: &u64| {
-            now >= self.next_memory || since >= memory_sample_bytes(*mark, self.last_rss)
+            now >= self.next_memory
+                || received().saturating_sub(self.received_at_sample)
+                    >= memory_sample_bytes(*mark, self.last_rss)
         };
         if let Some(mark) = self.memory_mark.filter(due) {
             self.next_memory = now + MEMORY_EVERY;
-            self.received_at_sample = received;
+            self.received_at_sample = received();
             if let Some(rss) = rss_bytes() {
                 self.last_rss = rss;
                 let every = if rss >= mark / 2 {

@@ -969,3 +969,95 @@ fn the_admin_token_guess_limit_follows_a_reload() {
         "the fourth wrong token bans the address under the reloaded policy"
     );
 }
+
+/// A connection already waiting out its debt under the old rates (~30 s of it) is freed by
+/// a reload that lifts them within a throttle tick, not when the old debt would be repaid.
+#[test]
+fn a_reload_that_lifts_the_rates_frees_a_connection_being_throttled() {
+    let (b, _dir) = Broker::start(
+        "reload-throttled",
+        "[limits]\nmax_bytes_per_sec = 1000\nrate_burst_ms = 100\n",
+        false,
+    );
+    let addr = b.addr();
+    let received = || metric(b.http, "ferrymq_bytes_received_total ");
+    runtime().block_on(async {
+        let mut c = connect(&addr, "throttled").await;
+        let publish = |payload: Bytes| Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: "rate/big".into(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload,
+        };
+        // The bucket is full: 30,000 bytes pass and leave ~30 s of debt at 1000 B/s.
+        let big = publish(Bytes::from(vec![b'x'; 30_000]));
+        assert_eq!(c.publish(big).await.unwrap(), ReasonCode::Success);
+        let before = received();
+        let mut next = publish(Bytes::from_static(b"next"));
+        next.packet_id = Some(c.next_packet_id());
+        c.send(&Packet::Publish(next)).await.unwrap();
+        // Read by the broker, which now waits out the debt before decoding it.
+        wait_for("the next publish read", LIMIT, || {
+            (received() > before).then_some(())
+        });
+        b.write_config("");
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let acked = tokio::time::timeout(Duration::from_secs(5), c.recv()).await;
+        assert!(
+            matches!(acked, Ok(Ok(Packet::PubAck(_)))),
+            "still throttled by the rates a reload lifted: {acked:?}"
+        );
+    });
+}
+
+/// A reload that changes only `max_connections` leaves the connection-rate buckets as they
+/// are: an address that used its burst of new connections does not get another.
+#[test]
+fn a_reload_of_max_connections_alone_grants_no_fresh_connection_burst() {
+    let text = |max: u32| {
+        format!(
+            "[limits]\nmax_connections = {max}\nmax_connection_rate_per_address = 1\n\
+             rate_burst_ms = 1000\n"
+        )
+    };
+    let (b, _dir) = Broker::start("reload-connection-rate", &text(100), false);
+    let addr = b.addr();
+    let attempt = |id: &str| {
+        let mut o = ConnectOptions::new(&addr, id);
+        o.timeout = LIMIT;
+        runtime().block_on(Client::connect(o)).map(|(c, _)| c)
+    };
+    // One new connection a second: the burst is one. The refill gives a token back a second
+    // after it is taken, so an attempt that takes longer than that proves nothing: again.
+    let mut max = 100;
+    for round in 0.. {
+        assert!(round < 5, "never within a second of the last admission");
+        let _first = wait_for("a connection admitted", LIMIT, || attempt("first").ok());
+        let taken = std::time::Instant::now();
+        assert!(matches!(
+            attempt("second"),
+            Err(ClientError::Refused(ReasonCode::ConnectionRateExceeded))
+        ));
+        max += 1;
+        b.write_config(&text(max));
+        let (status, body) = http(b.http, "POST", "/api/v1/reload", "");
+        assert_eq!(status, 200, "{body}");
+        let after = attempt("after-reload");
+        if taken.elapsed() >= Duration::from_millis(900) {
+            continue;
+        }
+        assert!(
+            matches!(
+                after,
+                Err(ClientError::Refused(ReasonCode::ConnectionRateExceeded))
+            ),
+            "a reload of max_connections alone reset the connection-rate buckets: {:?}",
+            after.map(|_| ())
+        );
+        break;
+    }
+}

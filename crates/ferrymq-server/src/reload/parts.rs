@@ -338,7 +338,19 @@ impl LivePart for LimitsPart {
         let configured = new.limits.max_connections as u64;
         let max = self.fd_room.map_or(configured, |room| room.min(configured));
         let admissions = self.admissions.clone();
-        let rates = crate::limits::ConnectionLimits::new(&new.limits, tokio::time::Instant::now());
+        // The connection-rate buckets are made again only when their settings change: a
+        // reload of `max_connections` alone must not give every address a fresh burst.
+        let connection_rates = [
+            "limits.max_connection_rate",
+            "limits.max_connection_rate_per_address",
+            "limits.rate_burst_ms",
+        ];
+        let rates = changed
+            .iter()
+            .any(|k| under(k, &connection_rates))
+            .then(|| {
+                crate::limits::ConnectionLimits::new(&new.limits, tokio::time::Instant::now())
+            });
         Ok(Some(Box::pin(async move {
             if rates_changed {
                 live_rates.set(new_rates);
@@ -349,7 +361,9 @@ impl LivePart for LimitsPart {
             admissions
                 .max_connections
                 .store(max, std::sync::atomic::Ordering::Relaxed);
-            *admissions.rates.lock().unwrap_or_else(|e| e.into_inner()) = rates;
+            if let Some(rates) = rates {
+                *admissions.rates.lock().unwrap_or_else(|e| e.into_inner()) = rates;
+            }
             Ok(())
         })))
     }
