@@ -168,3 +168,109 @@ async fn the_header_comes_before_tls_and_websocket() {
     let _client = Wire::connected(ws, "proxied-wss", ProtocolVersion::V5).await;
     assert_eq!(address_of(&server, "proxied-wss").await, "192.0.2.77:44444");
 }
+
+/// Like [`connect_behind`], with a user name and password in the CONNECT.
+async fn login_behind(server: &Server, client: &str, password: &[u8]) -> Option<ReasonCode> {
+    let mut stream = TcpStream::connect(server.mqtt_addr()).await.unwrap();
+    let mut bytes = bytes::BytesMut::from(&v2_header(client)[..]);
+    let Packet::Connect(mut connect) = connect_packet("login", ProtocolVersion::V5) else {
+        unreachable!()
+    };
+    connect.username = Some("alice".into());
+    connect.password = Some(bytes::Bytes::copy_from_slice(password));
+    let connect = Packet::Connect(connect);
+    ferrymq_mqtt::encode(&connect, ProtocolVersion::V5, &mut bytes).unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    match Raw::from_stream(stream, ProtocolVersion::V5).recv().await {
+        Some(Packet::ConnAck(a)) => Some(a.reason),
+        None => None,
+        Some(other) => panic!("{client}: {other:?}"),
+    }
+}
+
+/// Two clients behind one balancer: the one guessing passwords bans its own address, and
+/// the other still gets in (before PROXY support, both were the balancer's address).
+#[tokio::test]
+async fn a_password_guesser_behind_the_proxy_bans_only_itself() {
+    let dir = fresh_data_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let passwd = dir.join("passwd");
+    let hash = ferrymq_server::password_file::hash_password(b"wonderland").unwrap();
+    std::fs::write(&passwd, format!("alice:{hash}\n")).unwrap();
+    let mut c = proxied_config("127.0.0.1");
+    c.auth.password_file = Some(passwd);
+    c.auth.max_failures = 3;
+    let server = start_with(c).await;
+    let guesser = "198.51.100.66:1000";
+    for _ in 0..3 {
+        let r = login_behind(&server, guesser, b"guess").await;
+        assert_eq!(r, Some(ReasonCode::BadUserNameOrPassword));
+    }
+    let r = login_behind(&server, guesser, b"wonderland").await;
+    assert_eq!(
+        r,
+        Some(ReasonCode::Banned),
+        "the guesser's address is banned"
+    );
+    let r = login_behind(&server, "198.51.100.67:1000", b"wonderland").await;
+    assert_eq!(r, Some(ReasonCode::Success), "its neighbour is not");
+}
+
+/// A connection still reading its PROXY header counts as open, as one in its TLS handshake
+/// does: `max_connections` and the open gauges see it, and it is uncounted when the connect
+/// timeout closes it. Before, a balancer's stalled connections were invisible to both.
+#[tokio::test]
+async fn a_connection_reading_its_header_counts_as_open_until_it_ends() {
+    let mut c = proxied_config("127.0.0.1");
+    c.limits.max_connections = 2;
+    c.limits.connect_timeout_secs = 1;
+    let server = start_with(c).await;
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(server.mqtt_addr()).await.unwrap();
+        s.write_all(b"PROXY TCP4 198.51.").await.unwrap();
+        stalled.push(s);
+    }
+    let open = || async { metric(&server, "ferrymq_connections_open ").await };
+    eventually("the stalled headers count as open", || async {
+        open().await == 2
+    })
+    .await;
+    let (_raw, busy) = connect_behind(&server, &v2_header("203.0.113.1:1"), "third").await;
+    assert_eq!(busy, Some(ReasonCode::ServerBusy), "over max_connections");
+    // The connect timeout closes the stalled ones and uncounts them.
+    for mut s in stalled {
+        let mut b = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut s, &mut b));
+        assert!(
+            matches!(read.await, Ok(Ok(0) | Err(_))),
+            "closed by the broker"
+        );
+    }
+    eventually("every count back to zero", || async { open().await == 0 }).await;
+    let (_raw, ok) = connect_behind(&server, &v2_header("203.0.113.1:2"), "after").await;
+    assert_eq!(ok, Some(ReasonCode::Success));
+}
+
+/// A v1 header sent a byte at a time and the CONNECT after it: nothing of either is lost.
+/// A v1 line ended by a bare `\n` is not a header.
+#[tokio::test]
+async fn a_v1_header_byte_by_byte_then_the_connect() {
+    let server = start_with(proxied_config("127.0.0.1")).await;
+    let mut s = TcpStream::connect(server.mqtt_addr()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for b in b"PROXY TCP4 192.0.2.5 10.0.0.1 40000 1883\r\n" {
+        s.write_all(&[*b]).await.unwrap();
+        s.flush().await.unwrap();
+    }
+    let mut raw = Raw::from_stream(s, ProtocolVersion::V5);
+    raw.send(&connect_packet("slow-v1", ProtocolVersion::V5))
+        .await;
+    assert!(
+        matches!(raw.recv().await, Some(Packet::ConnAck(a)) if a.reason == ReasonCode::Success)
+    );
+    assert_eq!(address_of(&server, "slow-v1").await, "192.0.2.5:40000");
+    let lf = b"PROXY TCP4 192.0.2.5 10.0.0.1 40000 1883\n";
+    let (_raw, reason) = connect_behind(&server, lf, "lf-only").await;
+    assert_eq!(reason, None, "closed without a CONNACK");
+}
