@@ -12,6 +12,8 @@ use crate::common::*;
 
 fn proxied_config(trusted: &str) -> Config {
     let mut c = test_config();
+    // A proxied listener's clients are remote: anonymous ones only when allowed.
+    c.auth.allow_anonymous = Some(true);
     c.listeners.proxy_protocol = vec!["mqtt".into()];
     c.listeners.trusted_proxies = vec![trusted.into()];
     c
@@ -154,6 +156,7 @@ async fn the_header_comes_before_tls_and_websocket() {
     c.listeners.wss = Some("127.0.0.1:0".parse().unwrap());
     c.listeners.proxy_protocol = vec!["wss".into()];
     c.listeners.trusted_proxies = vec!["127.0.0.1".into()];
+    c.auth.allow_anonymous = Some(true);
     let server = start_with(c).await;
     let addr = server.listener_addr(ListenerKind::Wss).unwrap();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -273,4 +276,70 @@ async fn a_v1_header_byte_by_byte_then_the_connect() {
     let lf = b"PROXY TCP4 192.0.2.5 10.0.0.1 40000 1883\n";
     let (_raw, reason) = connect_behind(&server, lf, "lf-only").await;
     assert_eq!(reason, None, "closed without a CONNACK");
+}
+
+/// `listeners.proxy_protocol` and `listeners.trusted_proxies` are read at start: a reload
+/// that changes them reports them as waiting for a restart, and the listener keeps its
+/// running trust (a peer the new list drops still gets in).
+#[tokio::test]
+async fn a_reload_of_the_proxy_keys_waits_for_a_restart() {
+    let config = proxied_config("127.0.0.1");
+    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
+    let source = next.clone();
+    let reloading = ferrymq_server::Reloading {
+        load: Some(std::sync::Arc::new(move || {
+            Ok(source.lock().unwrap().clone())
+        })),
+        ..Default::default()
+    };
+    let server = Server::start_with(config.clone(), reloading).await.unwrap();
+    let mut changed = config;
+    changed.listeners.trusted_proxies = vec!["10.0.0.0/8".into()];
+    changed.listeners.proxy_protocol = vec!["mqtt".into(), "ws".into()];
+    *next.lock().unwrap() = changed;
+    let report = server.reload(ferrymq_server::Trigger::Api).await.unwrap();
+    let mut keys = report.restart_required.clone();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["listeners.proxy_protocol", "listeners.trusted_proxies"],
+        "{report:?}"
+    );
+    let (_raw, reason) = connect_behind(&server, &v2_header("203.0.113.5:5"), "kept").await;
+    assert_eq!(reason, Some(ReasonCode::Success));
+}
+
+/// On a dual-stack listener an IPv4 balancer's address comes in IPv4-mapped
+/// (`::ffff:127.0.0.1`); it is trusted by its IPv4 entry.
+#[tokio::test]
+async fn a_dual_stack_listener_trusts_a_mapped_balancer() {
+    let mut c = proxied_config("127.0.0.1");
+    c.listeners.mqtt = "[::]:0".parse::<std::net::SocketAddr>().unwrap().into();
+    let Ok(server) = Server::start(c).await else {
+        eprintln!("no IPv6 here: skipped");
+        return;
+    };
+    let port = server.mqtt_addr().port();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut bytes = bytes::BytesMut::from(&v2_header("203.0.113.8:8")[..]);
+    let connect = connect_packet("mapped", ProtocolVersion::V5);
+    ferrymq_mqtt::encode(&connect, ProtocolVersion::V5, &mut bytes).unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let mut raw = Raw::from_stream(stream, ProtocolVersion::V5);
+    match raw.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.reason, ReasonCode::Success),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(address_of(&server, "mapped").await, "203.0.113.8:8");
+}
+
+/// A loopback listener behind a balancer on the same host has remote clients: with
+/// `auth.allow_anonymous` unset, an anonymous one is refused (0x87), as on a public address.
+#[tokio::test]
+async fn a_proxied_loopback_listener_refuses_anonymous_clients_by_default() {
+    let mut c = proxied_config("127.0.0.1");
+    c.auth.allow_anonymous = None;
+    let server = start_with(c).await;
+    let (_raw, reason) = connect_behind(&server, &v2_header("203.0.113.9:9"), "anon").await;
+    assert_eq!(reason, Some(ReasonCode::NotAuthorized));
 }
