@@ -203,6 +203,8 @@ async fn a_password_guesser_behind_the_proxy_bans_only_itself() {
     let mut c = proxied_config("127.0.0.1");
     c.auth.password_file = Some(passwd);
     c.auth.max_failures = 3;
+    let audit = dir.join("audit.log");
+    c.audit.file = Some(audit.clone());
     let server = start_with(c).await;
     let guesser = "198.51.100.66:1000";
     for _ in 0..3 {
@@ -217,6 +219,20 @@ async fn a_password_guesser_behind_the_proxy_bans_only_itself() {
     );
     let r = login_behind(&server, "198.51.100.67:1000", b"wonderland").await;
     assert_eq!(r, Some(ReasonCode::Success), "its neighbour is not");
+    // The audit log names each by its own address, never the balancer's.
+    server.shutdown().await;
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let lines = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let failures = lines("auth_failure");
+    assert!(!failures.is_empty(), "{log}");
+    assert!(failures.iter().all(|l| l.contains("198.51.100.66")), "{log}");
+    assert!(lines("198.51.100.67").iter().any(|l| l.contains("\"connect")), "{log}");
+    assert!(!log.contains("127.0.0.1"), "{log}");
 }
 
 /// A connection still reading its PROXY header counts as open, as one in its TLS handshake
