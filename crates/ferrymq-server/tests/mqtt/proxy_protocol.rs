@@ -113,12 +113,23 @@ async fn per_address_limits_count_the_client_address() {
     let mut c = proxied_config("127.0.0.1");
     c.limits.max_connections_per_address = 1;
     let server = start_with(c).await;
-    let (_a, first) = connect_behind(&server, &v2_header("198.51.100.1:1000"), "a").await;
+    let (a, first) = connect_behind(&server, &v2_header("198.51.100.1:1000"), "a").await;
     let (_b, other) = connect_behind(&server, &v2_header("198.51.100.2:1000"), "b").await;
-    let (_c, again) = connect_behind(&server, &v2_header("198.51.100.1:2000"), "c").await;
+    let (mut c, again) = connect_behind(&server, &v2_header("198.51.100.1:2000"), "c").await;
     assert_eq!(first, Some(ReasonCode::Success));
     assert_eq!(other, Some(ReasonCode::Success));
     assert_eq!(again, Some(ReasonCode::ServerBusy));
+    // Its count is given back when it closes (and the refused one's too): the address may
+    // connect again.
+    drop(a);
+    let _ = c.until_closed().await;
+    eventually("the client address's count given back", || async {
+        connect_behind(&server, &v2_header("198.51.100.1:3000"), "d")
+            .await
+            .1
+            == Some(ReasonCode::Success)
+    })
+    .await;
 }
 
 #[test]
