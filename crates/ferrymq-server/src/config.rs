@@ -1029,7 +1029,8 @@ impl Config {
 
     /// Whether clients that do not authenticate are let in: `auth.allow_anonymous` (or its
     /// older spelling `mqtt.allow_anonymous`), or, when unset, only when every MQTT listener
-    /// is on a loopback address.
+    /// is on a loopback address and none is behind a PROXY-protocol balancer (whose clients
+    /// are remote, whatever address it connects from).
     pub fn allow_anonymous(&self) -> bool {
         self.auth
             .allow_anonymous
@@ -1038,8 +1039,9 @@ impl Config {
                 self.listeners
                     .mqtt_listeners(self.tls.is_some())
                     .iter()
-                    .flat_map(|l| &l.addrs.0)
-                    .all(|a| a.ip().is_loopback())
+                    .all(|l| {
+                        !self.proxied(l.kind) && l.addrs.0.iter().all(|a| a.ip().is_loopback())
+                    })
             })
     }
 
@@ -1511,5 +1513,16 @@ mod tests {
             Config::parse("[listeners]\nmqtt = \"0.0.0.0:1883\"\n[mqtt]\nallow_anonymous = true\n")
                 .unwrap();
         assert!(c.allow_anonymous());
+    }
+
+    /// A loopback listener behind a PROXY-protocol balancer (HAProxy on the same host) has
+    /// remote clients: by default it lets no anonymous one in.
+    #[test]
+    fn a_proxied_loopback_listener_is_not_loopback_for_anonymous_clients() {
+        let proxied =
+            "[listeners]\nproxy_protocol = [\"mqtt\"]\ntrusted_proxies = [\"127.0.0.1\"]\n";
+        assert!(!Config::parse(proxied).unwrap().allow_anonymous());
+        let allowed = format!("{proxied}[auth]\nallow_anonymous = true\n");
+        assert!(Config::parse(&allowed).unwrap().allow_anonymous());
     }
 }

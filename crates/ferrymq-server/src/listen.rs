@@ -162,12 +162,15 @@ pub(crate) async fn accept_loop(
             tracing::debug!(%peer, listener = kind.name(), "closed: not a trusted proxy (listeners.trusted_proxies)");
             continue;
         }
+        let pending = ReadingHeader::new(net.clone(), kind);
         let (live, admissions, edge, net) =
             (live.clone(), admissions.clone(), edge.clone(), net.clone());
         tokio::spawn(async move {
             let mut stream = stream;
             let timeout = crate::reload::current(&live).connect_timeout;
             let client = tokio::time::timeout(timeout, read_header(&mut stream)).await;
+            // `admit` counts it again, as any connection.
+            drop(pending);
             match client {
                 Ok(Ok(client)) => admit(
                     stream,
@@ -187,6 +190,27 @@ pub(crate) async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// A proxied connection reading its PROXY header counts as open (as one in its TLS handshake
+/// does) until this is dropped, however its task ends: `limits.max_connections` and the open
+/// gauges see a balancer's stalled connections. Its address is not known yet, so no
+/// per-address count has it.
+struct ReadingHeader(Arc<NetMetrics>, ListenerKind);
+
+impl ReadingHeader {
+    fn new(net: Arc<NetMetrics>, kind: ListenerKind) -> ReadingHeader {
+        net.connections_open.fetch_add(1, Relaxed);
+        net.listener_open[kind as usize].fetch_add(1, Relaxed);
+        ReadingHeader(net, kind)
+    }
+}
+
+impl Drop for ReadingHeader {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Relaxed);
+        self.0.listener_open[self.1 as usize].fetch_sub(1, Relaxed);
     }
 }
 

@@ -43,14 +43,26 @@ impl TrustedProxies {
     }
 }
 
-/// `"10.0.0.0/8"`, `"fd00::/8"` or a single address (`"192.0.2.1"`, a /32 or /128).
+/// `"10.0.0.0/8"`, `"fd00::/8"` or a single address (`"192.0.2.1"`, a /32 or /128). An
+/// IPv4-mapped block (`"::ffff:10.0.0.1"`, `/96` or longer) is its IPv4 block, since
+/// [`TrustedProxies::trusts`] sees mapped peers as IPv4.
 pub(crate) fn parse_net(text: &str) -> Result<IpNet, String> {
-    if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => text
+            .parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("{text:?} is not an IP address or a CIDR block (10.0.0.0/8)"))?,
+    };
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), Some(len)) = (v6.addr().to_ipv4_mapped(), v6.prefix_len().checked_sub(96))
+        {
+            return ipnet::Ipv4Net::new(v4, len)
+                .map(IpNet::V4)
+                .map_err(|e| format!("{text:?}: {e}"));
+        }
     }
-    text.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{text:?} is not an IP address or a CIDR block (10.0.0.0/8)"))
+    Ok(net)
 }
 
 /// Why a connection's PROXY header was refused.
@@ -82,6 +94,11 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(
         while !line.ends_with(b"\r\n") {
             if line.len() == V1_MAX {
                 return Err(HeaderError::TooLong);
+            }
+            // A bare `\n` ends the line too: refused now rather than read on into the
+            // CONNECT until the connect timeout.
+            if line.ends_with(b"\n") {
+                return Err(HeaderError::Invalid("a v1 line not ended by \\r\\n".into()));
             }
             line.push(stream.read_u8().await?);
         }
@@ -211,6 +228,63 @@ mod tests {
             read(&bad_version).await.0,
             Err(HeaderError::Invalid(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn v2_unix_short_and_tlv_headers() {
+        // AF_UNIX (216 bytes of paths): no client address, the proxy's stands.
+        let mut unix = V2_SIGNATURE.to_vec();
+        unix.extend_from_slice(&[0x21, 0x31]);
+        unix.extend_from_slice(&216u16.to_be_bytes());
+        unix.extend_from_slice(&[0; 216]);
+        unix.push(0x10);
+        let (r, rest) = read(&unix).await;
+        assert_eq!(r.unwrap(), None);
+        assert_eq!(rest, b"\x10");
+        // IPv4 claimed with 4 bytes of addresses instead of 12: refused, not read past.
+        let mut short = V2_SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x11, 0, 4, 1, 2, 3, 4, 0x10]);
+        let (r, rest) = read(&short).await;
+        assert!(matches!(r, Err(HeaderError::Invalid(_))), "{r:?}");
+        assert_eq!(rest, b"\x10");
+        // The largest length field (65535) is refused before anything is allocated.
+        let mut huge = V2_SIGNATURE.to_vec();
+        huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert!(matches!(
+            read(&huge).await.0,
+            Err(HeaderError::TooLarge(65535))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_v1_line_ended_by_a_bare_newline_is_refused_at_once() {
+        // Not read on to 107 bytes (into the CONNECT), waiting for a `\r\n` that never comes.
+        let (r, rest) = read(b"PROXY TCP4 192.0.2.5 10.0.0.1 40000 1883\n\x10\x0c").await;
+        assert!(matches!(r, Err(HeaderError::Invalid(_))), "{r:?}");
+        assert_eq!(rest, b"\x10\x0c");
+        let (r, _) = read(b"PROXY TCP4 192.0.2.5 10.0.0.1 40000 1883\r\r\n").await;
+        assert!(matches!(r, Err(HeaderError::Invalid(_))), "{r:?}");
+    }
+
+    /// A trusted address written IPv4-mapped (`::ffff:10.0.0.1`, as a dual-stack socket shows
+    /// it) matches the balancer however its address comes in.
+    #[test]
+    fn a_mapped_trusted_address_matches() {
+        let t = TrustedProxies::new(vec![
+            parse_net("::ffff:10.0.0.1").unwrap(),
+            parse_net("::ffff:192.0.2.0/120").unwrap(),
+        ]);
+        for ok in [
+            "10.0.0.1",
+            "::ffff:10.0.0.1",
+            "192.0.2.9",
+            "::ffff:192.0.2.9",
+        ] {
+            assert!(t.trusts(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.0.0.2", "192.0.3.1"] {
+            assert!(!t.trusts(no.parse().unwrap()), "{no}");
+        }
     }
 
     #[test]
