@@ -1080,6 +1080,13 @@ impl Config {
                     format!("{name:?} is not an MQTT listener (mqtt, mqtts, ws, wss)"),
                 ));
             }
+            let on = l.mqtt_listeners(self.tls.is_some());
+            if !on.iter().any(|m| m.kind.name() == name) {
+                return Err(invalid(
+                    "listeners.proxy_protocol",
+                    format!("names {name}, which is off (no address, or no [tls] for it)"),
+                ));
+            }
         }
         self.trusted_proxies()
             .map_err(|e| invalid("listeners.trusted_proxies", e))?;

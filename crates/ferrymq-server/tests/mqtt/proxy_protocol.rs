@@ -151,6 +151,9 @@ fn proxy_settings_are_checked() {
         e.contains("listeners.proxy_protocol") && e.contains("http"),
         "{e}"
     );
+    c.listeners.proxy_protocol = vec!["mqtts".into()];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("names mqtts, which is off"), "{e}");
     c.listeners.proxy_protocol = vec!["mqtt".into()];
     c.validate().unwrap();
 }
