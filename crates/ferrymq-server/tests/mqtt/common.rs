@@ -515,3 +515,21 @@ pub async fn api_with_token(
     };
     (status, json)
 }
+
+/// A server whose reloads read the configuration from the returned cell (set it, then
+/// reload through the admin API or the server).
+#[allow(dead_code)]
+pub async fn start_reloadable(
+    config: Config,
+) -> (Server, std::sync::Arc<std::sync::Mutex<Config>>) {
+    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
+    let source = next.clone();
+    let reloading = ferrymq_server::Reloading {
+        load: Some(std::sync::Arc::new(move || {
+            Ok(source.lock().unwrap().clone())
+        })),
+        ..Default::default()
+    };
+    let server = Server::start_with(config, reloading).await.unwrap();
+    (server, next)
+}

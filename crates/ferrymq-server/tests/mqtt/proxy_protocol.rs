@@ -322,15 +322,7 @@ async fn a_v1_header_byte_by_byte_then_the_connect() {
 #[tokio::test]
 async fn a_reload_of_the_proxy_keys_waits_for_a_restart() {
     let config = proxied_config("127.0.0.1");
-    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
-    let source = next.clone();
-    let reloading = ferrymq_server::Reloading {
-        load: Some(std::sync::Arc::new(move || {
-            Ok(source.lock().unwrap().clone())
-        })),
-        ..Default::default()
-    };
-    let server = Server::start_with(config.clone(), reloading).await.unwrap();
+    let (server, next) = crate::common::start_reloadable(config.clone()).await;
     let mut changed = config;
     changed.listeners.trusted_proxies = vec!["10.0.0.0/8".into()];
     changed.listeners.proxy_protocol = vec!["mqtt".into(), "ws".into()];

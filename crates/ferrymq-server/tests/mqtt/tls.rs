@@ -442,17 +442,7 @@ async fn a_config_reload_with_new_certificate_paths_swaps_them() {
     let dir = edge::cert_dir("tls-config-reload");
     let first = ca.issue(Role::Server, 300);
     let config = tls_config(&dir, &first, None, false);
-    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
-    let source = next.clone();
-    let reloading = ferrymq_server::Reloading {
-        load: Some(std::sync::Arc::new(move || {
-            Ok(source.lock().unwrap().clone())
-        })),
-        ..Default::default()
-    };
-    let server = ferrymq_server::Server::start_with(config.clone(), reloading)
-        .await
-        .unwrap();
+    let (server, next) = crate::common::start_reloadable(config.clone()).await;
     let addr = mqtts(&server);
     let client = edge::client_config(&ca.pem, None);
     let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
@@ -502,15 +492,7 @@ async fn a_reload_whose_certificate_fails_applies_none_of_its_other_changes() {
     let ca = Ca::new("ferrymq test CA");
     let dir = edge::cert_dir("tls-reload-whole");
     let config = tls_config(&dir, &ca.issue(Role::Server, 310), None, false);
-    let next = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
-    let source = next.clone();
-    let reloading = ferrymq_server::Reloading {
-        load: Some(std::sync::Arc::new(move || {
-            Ok(source.lock().unwrap().clone())
-        })),
-        ..Default::default()
-    };
-    let server = Server::start_with(config.clone(), reloading).await.unwrap();
+    let (server, next) = crate::common::start_reloadable(config.clone()).await;
     let addr = mqtts(&server);
     let client = edge::client_config(&ca.pem, None);
     let tls = edge::tls_connect(addr, client.clone()).await.unwrap();
