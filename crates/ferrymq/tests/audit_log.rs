@@ -36,6 +36,44 @@ fn serve(config: &Path, mqtt: u16, http: u16, data: &Path) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// A broker in `dir` whose audit log is `dir/audit.jsonl`, configured by `rest` after that
+/// `file` line (it may go on with the `[audit]` table).
+struct Audited {
+    audit: std::path::PathBuf,
+    mqtt: u16,
+    http: u16,
+    broker: KillOnDrop,
+}
+
+impl Audited {
+    fn start(dir: &Path, rest: &str) -> Audited {
+        let audit = dir.join("audit.jsonl");
+        let config = dir.join("ferrymq.toml");
+        let text = format!("[audit]\nfile = {:?}\n{rest}", audit.display().to_string());
+        std::fs::write(&config, text).unwrap();
+        let (mqtt, http) = (free_port(), free_port());
+        let broker = serve(&config, mqtt, http, &dir.join("data"));
+        Audited {
+            audit,
+            mqtt,
+            http,
+            broker,
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.mqtt)
+    }
+}
+
+/// A password file in `dir` with the user alice (password "pw").
+fn alice(dir: &Path) -> std::path::PathBuf {
+    let users = dir.join("users");
+    let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
+    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
+    users
+}
+
 fn post(port: u16, path: &str, body: &str) -> u16 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -81,21 +119,21 @@ async fn login(addr: &str, id: &str, user: &str, password: &str) -> Result<Clien
 #[test]
 fn every_event_kind_is_one_json_line() {
     let dir = scratch_dir("audit-events");
-    let users = dir.join("users");
-    let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
-    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    let text = format!(
-        "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
+    let users = alice(&dir);
+    let rest = format!(
+        "[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
          [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n\
          [[acl.rule]]\npermission = \"deny\"\naction = \"subscribe\"\ntopic = \"private/#\"\n",
-        audit.display().to_string(),
         users.display().to_string()
     );
-    std::fs::write(&config, &text).unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let mut broker = serve(&config, mqtt, http, &dir.join("data"));
+    let Audited {
+        audit,
+        mqtt,
+        http,
+        mut broker,
+    } = Audited::start(&dir, &rest);
+    let config = dir.join("ferrymq.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
     let addr = format!("127.0.0.1:{mqtt}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -216,19 +254,8 @@ fn every_event_kind_is_one_json_line() {
 #[test]
 fn the_audit_file_rotates_at_max_bytes_and_keeps_keep_files() {
     let dir = scratch_dir("audit-rotation");
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[audit]\nfile = {:?}\nmax_bytes = 2048\nkeep = 2\n",
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
-    let addr = format!("127.0.0.1:{mqtt}");
+    let b = Audited::start(&dir, "max_bytes = 2048\nkeep = 2\n");
+    let (audit, http, addr) = (b.audit.clone(), b.http, b.addr());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -266,19 +293,8 @@ fn the_audit_file_rotates_at_max_bytes_and_keeps_keep_files() {
 #[test]
 fn a_deleted_audit_file_is_started_again_at_the_next_rotation() {
     let dir = scratch_dir("audit-deleted");
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[audit]\nfile = {:?}\nmax_bytes = 2048\nkeep = 2\n",
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
-    let addr = format!("127.0.0.1:{mqtt}");
+    let b = Audited::start(&dir, "max_bytes = 2048\nkeep = 2\n");
+    let (audit, addr) = (b.audit.clone(), b.addr());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -324,20 +340,12 @@ fn all_lines(file: &Path, keep: u32) -> Vec<Value> {
 #[test]
 fn a_flood_of_acl_denials_does_not_rotate_the_audit_history_away() {
     let dir = scratch_dir("audit-denial-flood");
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[audit]\nfile = {:?}\nmax_bytes = 16384\nkeep = 1\n\
-             [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
-    let addr = format!("127.0.0.1:{mqtt}");
+    let b = Audited::start(
+        &dir,
+        "max_bytes = 16384\nkeep = 1\n\
+         [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
+    );
+    let (audit, http, addr) = (b.audit.clone(), b.http, b.addr());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -403,24 +411,16 @@ fn a_flood_of_acl_denials_does_not_rotate_the_audit_history_away() {
 #[test]
 fn a_banned_address_reconnecting_in_a_loop_writes_a_bounded_number_of_lines() {
     let dir = scratch_dir("audit-auth-flood");
-    let users = dir.join("users");
-    let hash = ferrymq_server::password_file::hash_password(b"pw").unwrap();
-    std::fs::write(&users, format!("alice:{hash}\n")).unwrap();
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
+    let users = alice(&dir);
+    let b = Audited::start(
+        &dir,
+        &format!(
+            "[auth]\nallow_anonymous = false\npassword_file = {:?}\n\
              max_failures = 3\nban_ms = 600000\n",
-            audit.display().to_string(),
             users.display().to_string()
         ),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
-    let addr = format!("127.0.0.1:{mqtt}");
+    );
+    let (audit, http, addr) = (b.audit.clone(), b.http, b.addr());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -493,20 +493,12 @@ fn an_audit_file_on_a_full_disk_counts_its_lost_lines_and_the_broker_serves_on()
 #[test]
 fn a_client_cannot_write_a_line_of_its_own_into_the_audit_log() {
     let dir = scratch_dir("audit-injection");
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[audit]\nfile = {:?}\n[auth]\nallow_anonymous = true\n\
-             [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
-    let addr = format!("127.0.0.1:{mqtt}");
+    let b = Audited::start(
+        &dir,
+        "[auth]\nallow_anonymous = true\n\
+         [[acl.rule]]\npermission = \"deny\"\naction = \"publish\"\ntopic = \"secret/#\"\n",
+    );
+    let (audit, http, addr) = (b.audit.clone(), b.http, b.addr());
     let forged = "x\"}\n{\"event\":\"admin\",\"forged\":true}\r\n\u{2028}";
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -544,16 +536,8 @@ fn a_client_cannot_write_a_line_of_its_own_into_the_audit_log() {
 #[test]
 fn a_connection_taken_over_at_once_has_its_connect_line_before_its_disconnect_line() {
     let dir = scratch_dir("audit-takeover-order");
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!("[audit]\nfile = {:?}\n", audit.display().to_string()),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
-    let addr = format!("127.0.0.1:{mqtt}");
+    let b = Audited::start(&dir, "");
+    let (audit, http, addr) = (b.audit.clone(), b.http, b.addr());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -623,18 +607,11 @@ fn get_with_token(port: u16, path: &str, token: &str) -> u16 {
 #[test]
 fn wrong_admin_tokens_and_banned_requests_are_audited() {
     let dir = scratch_dir("audit-admin-token");
-    let audit = dir.join("audit.jsonl");
-    let config = dir.join("ferrymq.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[audit]\nfile = {:?}\n[admin]\ntoken = \"right\"\n[auth]\nmax_failures = 2\n",
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let _broker = serve(&config, mqtt, http, &dir.join("data"));
+    let b = Audited::start(
+        &dir,
+        "[admin]\ntoken = \"right\"\n[auth]\nmax_failures = 2\n",
+    );
+    let (audit, http) = (b.audit.clone(), b.http);
     assert_eq!(get_with_token(http, "/api/v1/overview", "right"), 200);
     assert_eq!(get_with_token(http, "/api/v1/clients", "guess-1"), 401);
     assert_eq!(get_with_token(http, "/api/v1/clients", "guess-2"), 401);
